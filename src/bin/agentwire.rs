@@ -1,0 +1,131 @@
+//! The `agentwire` binary: parse configuration (file, env, flags), set up logging,
+//! then either run the gateway (`serve`, the default) or print a token (`token`).
+//! Exit codes: 0 on a clean shutdown, 2 for bad configuration or usage, 1 when the
+//! gateway could not start or its loop failed.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use agentwire::cli::{self, Command};
+use agentwire::{auth, Config, Gateway};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    match cli::parse(args, env) {
+        Ok(Command::Serve { config, warnings }) => {
+            for w in warnings {
+                log::warn!("{w}");
+            }
+            serve(config)
+        }
+        Ok(Command::Token { config, sub, ttl_s }) => token(&config, &sub, ttl_s),
+        Err(e) => e.exit(),
+    }
+}
+
+fn token(config: &Config, sub: &str, ttl_s: u64) -> ExitCode {
+    let minted = agentwire::auth_settings(config)
+        .map_err(|e| e.to_string())
+        .and_then(|s| auth::Authenticator::new(&s).map_err(|e| e.to_string()))
+        .and_then(|a| a.mint(sub, ttl_s).map_err(|e| e.to_string()));
+    match minted {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentwire token: {e} (token needs jwt_secret with jwt_algorithm HS256)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(mut config: Config) -> ExitCode {
+    let dev = config.dev_mode();
+    if dev {
+        config.jwt_secret = Some(auth::generate_secret());
+        if config.publish_key.is_none() {
+            config.publish_key = Some(format!("pk-dev-{}", &auth::generate_secret()[..24]));
+        }
+    }
+    let mut gateway = match Gateway::new(config.clone()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("agentwire: {e}");
+            return ExitCode::from(match e {
+                agentwire::Error::Config(_) => 2,
+                _ => 1,
+            });
+        }
+    };
+    if let Err(e) = gateway.handle_signals() {
+        eprintln!("agentwire: cannot install signal handlers: {e}");
+        return ExitCode::from(1);
+    }
+    let addr = gateway.local_addr();
+    if gateway.demo_agent_enabled() {
+        if let Some(inbound) = gateway.inbound() {
+            if let Err(e) = agentwire::demo::spawn(gateway.emitter(), inbound) {
+                eprintln!("agentwire: cannot start the demo agent: {e}");
+                return ExitCode::from(1);
+            }
+            log::info!("demo agent on: every user_message gets a demo run");
+        }
+    }
+    if dev {
+        print_dev_banner(&config, addr);
+    }
+    log::info!(
+        "agentwire {} listening on {addr} (epoch {})",
+        env!("CARGO_PKG_VERSION"),
+        gateway.epoch()
+    );
+    match gateway.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
+    let token = agentwire::auth_settings(config)
+        .ok()
+        .and_then(|s| auth::Authenticator::new(&s).ok())
+        .and_then(|a| a.mint("demo-user", 24 * 3600).ok())
+        .unwrap_or_default();
+    let secret = config.jwt_secret.as_deref().unwrap_or("");
+    let key = config.publish_key.as_deref().unwrap_or("");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        r#"
+================================================================================
+ agentwire DEV MODE: NOT FOR PRODUCTION
+ No JWT key was configured, so a random secret was generated for this run.
+ Set --jwt-secret (or AGENTWIRE_JWT_SECRET / jwt_public_key_file) in production.
+================================================================================
+ jwt secret : {secret}
+ publish key: {key}
+ token (sub=demo-user, 24 h):
+   {token}
+
+ Try it (the demo agent answers every user_message with a run):
+   python3 -m websockets "ws://{addr}/ws?token={token}"
+   then type:  {{"type":"user_message","thread_id":"t1","text":"hello"}}
+
+ Publish an event from another process:
+   curl -s -X POST http://{addr}/api/events -H 'Authorization: Bearer {key}' \
+     -H 'Content-Type: application/json' \
+     -d '{{"type":"agent_thinking","user_id":"demo-user","run_id":"r-1","agent_name":"cli","data":{{"step":1}}}}'
+
+ Health and figures:  curl http://{addr}/health   curl http://{addr}/ws/stats
+================================================================================
+"#
+    );
+}

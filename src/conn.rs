@@ -1,0 +1,289 @@
+//! One TCP connection owned by the reactor: its phase (HTTP head -> open WebSocket ->
+//! closing), its bounded output queue, and the adapter that lets tungstenite parse
+//! client frames while every byte the gateway sends goes through that one queue.
+//!
+//! Output design: event frames are built once per event and shared (`Bytes`) between
+//! every recipient, so queuing an event for a connection is a reference-count bump.
+//! tungstenite's own frames (pongs, close replies) are written through [`Wire`], which
+//! appends them to the same queue, so byte order on the socket is always the order in
+//! which frames were queued. [`OutQueue::write_to`] sends everything queued with
+//! `writev`, many frames per syscall.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+use tungstenite::protocol::WebSocketContext;
+
+use crate::http::Mode;
+use crate::timer_wheel::TimerId;
+
+/// A connection's identity beyond one callback: its slab key plus a serial number that
+/// is never reused, so a stale id (timer, registry entry, run owner) never reaches the
+/// connection that took over the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub key: usize,
+    pub serial: u64,
+}
+
+impl ConnId {
+    /// The `connection_id` shown to clients.
+    pub fn public_id(&self) -> String {
+        format!("c{:08x}", self.serial)
+    }
+}
+
+/// Most iovecs handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
+/// Bytes waiting to be written to one socket, as shared frames.
+#[derive(Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Bytes>,
+    /// Bytes of the front chunk already written.
+    head_written: usize,
+    /// Unwritten bytes in total.
+    pending: usize,
+}
+
+impl OutQueue {
+    pub fn push(&mut self, frame: Bytes) {
+        if frame.is_empty() {
+            return;
+        }
+        self.pending += frame.len();
+        self.chunks.push_back(frame);
+    }
+
+    /// Unwritten bytes.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending == 0
+    }
+
+    /// True when the front frame is partly written (it must be finished before anything
+    /// else may be dropped from the queue).
+    pub fn mid_frame(&self) -> bool {
+        self.head_written > 0
+    }
+
+    /// Drop every queued frame not yet started (used when a slow consumer is closed).
+    pub fn discard_unstarted(&mut self) {
+        let keep = usize::from(self.head_written > 0);
+        while self.chunks.len() > keep {
+            if let Some(c) = self.chunks.pop_back() {
+                self.pending -= c.len();
+            }
+        }
+    }
+
+    /// Write as much as the socket takes. Returns the bytes written; stops quietly at
+    /// `WouldBlock` (the rest stays queued for the next writable edge).
+    pub fn write_to<W: Write>(&mut self, sink: &mut W) -> io::Result<usize> {
+        let mut total = 0;
+        while self.pending > 0 {
+            let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                let part = if i == 0 { chunk.get(self.head_written..).unwrap_or(&[]) } else { chunk };
+                if let Some(slot) = slices.get_mut(n) {
+                    *slot = IoSlice::new(part);
+                    n += 1;
+                }
+            }
+            let written = match sink.write_vectored(slices.get(..n).unwrap_or(&[])) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            total += written;
+            self.consume(written);
+        }
+        if self.pending == 0 {
+            self.give_back_memory();
+        }
+        Ok(total)
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        self.pending -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front() else { break };
+            let left = front.len() - self.head_written;
+            if n >= left {
+                n -= left;
+                self.head_written = 0;
+                self.chunks.pop_front();
+            } else {
+                self.head_written += n;
+                n = 0;
+            }
+        }
+    }
+
+    /// After a burst the deque may hold a large allocation: give it back.
+    fn give_back_memory(&mut self) {
+        if self.chunks.capacity() > 16 {
+            self.chunks = VecDeque::new();
+        }
+    }
+}
+
+/// The stream handed to tungstenite for one call: reads come from the socket, writes go
+/// to the connection's [`OutQueue`] (never blocking, never interleaving with events).
+pub struct Wire<'a> {
+    pub tcp: &'a mut TcpStream,
+    pub out: &'a mut OutQueue,
+    pub bytes_in: &'a mut u64,
+}
+
+impl Read for Wire<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        *self.bytes_in += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Wire<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push(Bytes::copy_from_slice(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a connection is in its life.
+pub enum Phase {
+    /// Reading an HTTP request head (and, for the publish API, its body).
+    Http(Box<HttpState>),
+    /// An authenticated WebSocket session.
+    Open(Box<Session>),
+    /// The gateway is done with it: flush what is queued (close frame, HTTP answer),
+    /// then shut the socket down; a linger timer bounds the wait.
+    Closing,
+}
+
+/// Bytes of a request read so far.
+#[derive(Default)]
+pub struct HttpState {
+    pub buf: Vec<u8>,
+    /// Requests answered on this connection (keep-alive).
+    pub served: u32,
+}
+
+/// An open WebSocket session of one user.
+pub struct Session {
+    pub ws: WebSocketContext,
+    pub user: Arc<str>,
+    pub mode: Mode,
+    pub thread: Option<Arc<str>>,
+    /// Token `exp` (seconds since the Unix epoch).
+    pub token_exp: u64,
+    pub token_timer: Option<TimerId>,
+    /// Consecutive bad client messages (close 1008 after 10).
+    pub bad_in_row: u8,
+    pub opened: Instant,
+    /// A heartbeat Ping was sent and nothing has arrived since.
+    pub ping_outstanding: bool,
+}
+
+/// One connection in the reactor's slab.
+pub struct Conn {
+    pub serial: u64,
+    pub tcp: TcpStream,
+    pub out: OutQueue,
+    pub phase: Phase,
+    /// The phase timer: handshake deadline, heartbeat check, or closing linger.
+    pub timer: Option<TimerId>,
+    /// Tick (ms) when something last arrived from the peer.
+    pub last_rx: u64,
+    /// Registered for WRITABLE edges too (only while output is pending... see reactor).
+    pub bytes_in: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that takes at most `cap` bytes per call, then WouldBlock after `budget`.
+    struct Trickle {
+        got: Vec<u8>,
+        cap: usize,
+        budget: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                for &byte in b.iter() {
+                    if n == self.cap || self.budget == 0 {
+                        return Ok(n);
+                    }
+                    self.got.push(byte);
+                    n += 1;
+                    self.budget -= 1;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_byte_order() {
+        let mut q = OutQueue::default();
+        let mut want = Vec::new();
+        for i in 0..200u32 {
+            let chunk: Vec<u8> = (0..(i % 13 + 1)).map(|j| (i + j) as u8).collect();
+            want.extend_from_slice(&chunk);
+            q.push(Bytes::from(chunk));
+        }
+        let mut sink = Trickle { got: Vec::new(), cap: 7, budget: 100 };
+        q.write_to(&mut sink).unwrap();
+        assert_eq!(sink.got.len(), 100);
+        assert_eq!(q.pending(), want.len() - 100);
+        sink.budget = usize::MAX;
+        q.write_to(&mut sink).unwrap();
+        assert_eq!(sink.got, want);
+        assert!(q.is_empty());
+        assert!(q.chunks.capacity() <= 16);
+    }
+
+    #[test]
+    fn discard_keeps_a_started_frame() {
+        let mut q = OutQueue::default();
+        q.push(Bytes::from_static(b"abcdef"));
+        q.push(Bytes::from_static(b"ghi"));
+        let mut sink = Trickle { got: Vec::new(), cap: 2, budget: 2 };
+        q.write_to(&mut sink).unwrap();
+        assert!(q.mid_frame());
+        q.discard_unstarted();
+        assert_eq!(q.pending(), 4);
+        q.push(Bytes::from_static(b"XY"));
+        sink.budget = usize::MAX;
+        q.write_to(&mut sink).unwrap();
+        assert_eq!(sink.got, b"abcdefXY");
+    }
+}

@@ -1,0 +1,437 @@
+//! Agent events: the kinds, the wire envelope of PROTOCOL.md section 2, and their
+//! serialization.
+//!
+//! An event is serialized once, on the thread that emits it (a worker, or the reactor
+//! for the publish API), into an [`Event`] whose JSON body lacks only the per-user
+//! `seq`. The reactor assigns `seq` and builds one WebSocket text frame per event
+//! ([`Event::frame`]); that frame (a reference-counted [`Bytes`]) is shared by every
+//! connection and the replay buffer of the user.
+
+use std::fmt;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+/// Longest accepted `user_id` / JWT `sub`, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 128;
+/// Longest accepted `run_id`, `agent_name` and `thread_id`, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// What happened in an agent run. The five critical kinds and `AgentError` are
+/// first-class; anything else is a validated custom type such as `text_delta`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    AgentStarted,
+    AgentThinking,
+    ToolExecuting,
+    ToolCompleted,
+    AgentCompleted,
+    /// The run failed; ends the run like `AgentCompleted`.
+    AgentError,
+    /// A worker-defined type matching `^[a-z][a-z0-9_]{0,63}$`.
+    Custom(Box<str>),
+}
+
+impl EventKind {
+    /// Parse a type name; `Err` says why a name is not acceptable.
+    pub fn parse(name: &str) -> Result<EventKind, EventError> {
+        Ok(match name {
+            "agent_started" => EventKind::AgentStarted,
+            "agent_thinking" => EventKind::AgentThinking,
+            "tool_executing" => EventKind::ToolExecuting,
+            "tool_completed" => EventKind::ToolCompleted,
+            "agent_completed" => EventKind::AgentCompleted,
+            "agent_error" => EventKind::AgentError,
+            other if valid_custom_type(other) => {
+                if RESERVED_TYPES.contains(&other) {
+                    return Err(EventError::ReservedType(other.to_owned()));
+                }
+                EventKind::Custom(other.into())
+            }
+            other => return Err(EventError::BadType(truncate_for_message(other))),
+        })
+    }
+
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::AgentStarted => "agent_started",
+            EventKind::AgentThinking => "agent_thinking",
+            EventKind::ToolExecuting => "tool_executing",
+            EventKind::ToolCompleted => "tool_completed",
+            EventKind::AgentCompleted => "agent_completed",
+            EventKind::AgentError => "agent_error",
+            EventKind::Custom(name) => name,
+        }
+    }
+
+    /// True for the kinds that end a run.
+    pub fn ends_run(&self) -> bool {
+        matches!(self, EventKind::AgentCompleted | EventKind::AgentError)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Frame types the gateway itself sends; a worker may not emit them, so a client can
+/// always tell gateway frames from events.
+const RESERVED_TYPES: &[&str] = &[
+    "connected",
+    "pong",
+    "ack",
+    "error",
+    "refreshed",
+    "cancel_requested",
+];
+
+fn valid_custom_type(name: &str) -> bool {
+    let b = name.as_bytes();
+    match b.split_first() {
+        Some((first, rest)) => {
+            first.is_ascii_lowercase()
+                && rest.len() <= 63
+                && rest
+                    .iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+        }
+        None => false,
+    }
+}
+
+fn truncate_for_message(s: &str) -> String {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Why an event was refused before it reached the reactor.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum EventError {
+    /// The type is not one of ours and does not match `^[a-z][a-z0-9_]{0,63}$`.
+    #[error("event type {0:?} is not valid (expected ^[a-z][a-z0-9_]{{0,63}}$)")]
+    BadType(String),
+    /// The type names a frame the gateway sends itself (`connected`, `ack`, ...).
+    #[error("event type {0:?} is reserved for gateway frames")]
+    ReservedType(String),
+    /// `user_id` is empty or longer than 128 bytes.
+    #[error("user_id must be a non-empty string of at most 128 bytes")]
+    BadUser,
+    /// `run_id` is empty or too long.
+    #[error("run_id must be a non-empty string of at most 256 bytes")]
+    BadRunId,
+    /// `agent_name` is too long.
+    #[error("agent_name must be a string of at most 256 bytes")]
+    BadAgentName,
+    /// `thread_id` is empty or too long.
+    #[error("thread_id must be null or a non-empty string of at most 256 bytes")]
+    BadThreadId,
+    /// The payload could not be serialized to JSON.
+    #[error("data is not serializable to JSON: {0}")]
+    BadData(String),
+}
+
+/// Identity of a run's events: who receives them and which run they belong to.
+#[derive(Clone, Debug)]
+pub struct RunKey {
+    pub user_id: Arc<str>,
+    pub thread_id: Option<Arc<str>>,
+    pub run_id: Arc<str>,
+    pub agent_name: Arc<str>,
+}
+
+impl RunKey {
+    /// Validate the identifiers (lengths, non-empty) of a run.
+    pub fn new(
+        user_id: &str,
+        thread_id: Option<&str>,
+        run_id: &str,
+        agent_name: &str,
+    ) -> Result<RunKey, EventError> {
+        if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
+            return Err(EventError::BadUser);
+        }
+        if run_id.is_empty() || run_id.len() > MAX_NAME_BYTES {
+            return Err(EventError::BadRunId);
+        }
+        if agent_name.len() > MAX_NAME_BYTES {
+            return Err(EventError::BadAgentName);
+        }
+        if let Some(t) = thread_id {
+            if t.is_empty() || t.len() > MAX_NAME_BYTES {
+                return Err(EventError::BadThreadId);
+            }
+        }
+        Ok(RunKey {
+            user_id: user_id.into(),
+            thread_id: thread_id.map(Into::into),
+            run_id: run_id.into(),
+            agent_name: agent_name.into(),
+        })
+    }
+}
+
+/// One serialized event on its way to the reactor.
+pub struct Event {
+    pub key: RunKey,
+    pub kind: EventKind,
+    /// Milliseconds since the Unix epoch at emit (the envelope's `ts`).
+    pub ts_ms: u64,
+    /// Monotonic emit time, for the emit-to-write latency figure.
+    pub emitted: Instant,
+    /// Set on the first event of an in-process run: the run handle's cancel flag.
+    pub cancel_flag: Option<Arc<AtomicBool>>,
+    /// The JSON object without `seq`: `{"type":"..."` + `,"user_id":...}`; `seq` goes at `split`.
+    body: Bytes,
+    split: usize,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("kind", &self.kind)
+            .field("user", &self.key.user_id)
+            .field("run", &self.key.run_id)
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Event {
+    /// Serialize an event whose `data` is any serializable value.
+    pub fn new<D: Serialize + ?Sized>(
+        key: RunKey,
+        kind: EventKind,
+        data: &D,
+    ) -> Result<Event, EventError> {
+        let ts_ms = now_ms();
+        let mut body = Vec::with_capacity(160);
+        let split = write_head(&mut body, &kind);
+        write_tail_fields(&mut body, &key, ts_ms);
+        serde_json::to_writer(&mut body, data).map_err(|e| EventError::BadData(e.to_string()))?;
+        body.push(b'}');
+        Ok(Event {
+            key,
+            kind,
+            ts_ms,
+            emitted: Instant::now(),
+            cancel_flag: None,
+            body: Bytes::from(body),
+            split,
+        })
+    }
+
+    /// Serialize an event whose `data` is already JSON text (the publish API passes it
+    /// through byte for byte).
+    pub fn from_raw_data(key: RunKey, kind: EventKind, data: &str) -> Event {
+        let ts_ms = now_ms();
+        let mut body = Vec::with_capacity(128 + data.len());
+        let split = write_head(&mut body, &kind);
+        write_tail_fields(&mut body, &key, ts_ms);
+        body.extend_from_slice(data.as_bytes());
+        body.push(b'}');
+        Event {
+            key,
+            kind,
+            ts_ms,
+            emitted: Instant::now(),
+            cancel_flag: None,
+            body: Bytes::from(body),
+            split,
+        }
+    }
+
+    /// The complete server-to-client WebSocket text frame for this event with `seq`.
+    pub fn frame(&self, seq: u64) -> Bytes {
+        let mut digits = itoa::Buffer::new();
+        let seq_text = digits.format(seq).as_bytes();
+        let (head, tail) = self.body.split_at(self.split.min(self.body.len()));
+        let len = head.len() + seq_text.len() + tail.len();
+        let mut frame = BytesMut::with_capacity(len + 10);
+        put_text_frame_header(&mut frame, len);
+        frame.put_slice(head);
+        frame.put_slice(seq_text);
+        frame.put_slice(tail);
+        frame.freeze()
+    }
+
+    /// Length of the JSON body with a seq of `seq_digits` digits (for stats).
+    pub fn json_len(&self) -> usize {
+        self.body.len()
+    }
+}
+
+/// `{"type":"<kind>","seq":` — returns the split point (where seq digits go).
+fn write_head(out: &mut Vec<u8>, kind: &EventKind) -> usize {
+    out.extend_from_slice(b"{\"type\":\"");
+    // Kind names are validated to [a-z0-9_]: no escaping needed.
+    out.extend_from_slice(kind.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    out.len()
+}
+
+fn write_tail_fields(out: &mut Vec<u8>, key: &RunKey, ts_ms: u64) {
+    out.extend_from_slice(b",\"user_id\":");
+    write_json_str(out, &key.user_id);
+    out.extend_from_slice(b",\"thread_id\":");
+    match &key.thread_id {
+        Some(t) => write_json_str(out, t),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"run_id\":");
+    write_json_str(out, &key.run_id);
+    out.extend_from_slice(b",\"agent_name\":");
+    write_json_str(out, &key.agent_name);
+    out.extend_from_slice(b",\"ts\":");
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(digits.format(ts_ms).as_bytes());
+    out.extend_from_slice(b",\"data\":");
+}
+
+/// Append `s` as a JSON string literal.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json's string escaping cannot fail when writing into a Vec.
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// Append a server-to-client (unmasked, FIN) text frame header for `len` payload bytes.
+pub fn put_text_frame_header(out: &mut BytesMut, len: usize) {
+    out.put_u8(0x81);
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if len <= u16::MAX as usize {
+        out.put_u8(126);
+        out.put_u16(len as u16);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+}
+
+/// A complete text frame around a JSON value the gateway sends itself
+/// (`connected`, `pong`, `ack`, `error`, ...).
+pub fn control_frame(json: &serde_json::Value) -> Bytes {
+    let body = serde_json::to_vec(json).unwrap_or_else(|_| b"{}".to_vec());
+    text_frame(&body)
+}
+
+/// A complete text frame around `payload`.
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(payload.len() + 10);
+    put_text_frame_header(&mut frame, payload.len());
+    frame.put_slice(payload);
+    frame.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> RunKey {
+        RunKey::new("u1", Some("t1"), "r-9", "data_agent").unwrap()
+    }
+
+    fn payload(frame: &[u8]) -> &[u8] {
+        let n = frame[1] & 0x7f;
+        match n {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
+    #[test]
+    fn kinds_round_trip_and_custom_types_are_validated() {
+        for name in [
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_completed",
+            "agent_completed",
+            "agent_error",
+            "text_delta",
+            "a",
+        ] {
+            assert_eq!(EventKind::parse(name).unwrap().as_str(), name);
+        }
+        let long_ok = format!("a{}", "b".repeat(63));
+        assert!(EventKind::parse(&long_ok).is_ok());
+        for bad in ["", "Text", "1abc", "text-delta", "tëxt", &format!("a{}", "b".repeat(64))] {
+            assert!(matches!(EventKind::parse(bad), Err(EventError::BadType(_))), "{bad}");
+        }
+        assert!(matches!(EventKind::parse("connected"), Err(EventError::ReservedType(_))));
+        assert!(EventKind::AgentError.ends_run());
+        assert!(EventKind::AgentCompleted.ends_run());
+        assert!(!EventKind::AgentThinking.ends_run());
+    }
+
+    #[test]
+    fn envelope_has_every_field_and_seq() {
+        let ev = Event::new(key(), EventKind::ToolExecuting, &serde_json::json!({"tool":"sql","args":{}})).unwrap();
+        let frame = ev.frame(43);
+        assert_eq!(frame[0], 0x81);
+        let v: serde_json::Value = serde_json::from_slice(payload(&frame)).unwrap();
+        assert_eq!(v["type"], "tool_executing");
+        assert_eq!(v["seq"], 43);
+        assert_eq!(v["user_id"], "u1");
+        assert_eq!(v["thread_id"], "t1");
+        assert_eq!(v["run_id"], "r-9");
+        assert_eq!(v["agent_name"], "data_agent");
+        assert_eq!(v["ts"], ev.ts_ms);
+        assert_eq!(v["data"], serde_json::json!({"tool":"sql","args":{}}));
+    }
+
+    #[test]
+    fn null_thread_and_escaped_strings() {
+        let k = RunKey::new("u\"1\\", None, "r\n", "ag\u{2713}").unwrap();
+        let ev = Event::from_raw_data(k, EventKind::Custom("text_delta".into()), r#"{"t":"héllo"}"#);
+        let v: serde_json::Value = serde_json::from_slice(payload(&ev.frame(1))).unwrap();
+        assert_eq!(v["thread_id"], serde_json::Value::Null);
+        assert_eq!(v["user_id"], "u\"1\\");
+        assert_eq!(v["run_id"], "r\n");
+        assert_eq!(v["agent_name"], "ag\u{2713}");
+        assert_eq!(v["data"]["t"], "héllo");
+    }
+
+    #[test]
+    fn frame_lengths_use_all_three_header_forms() {
+        for size in [10usize, 200, 70_000] {
+            let data = "x".repeat(size);
+            let ev = Event::new(key(), EventKind::AgentThinking, &data).unwrap();
+            let frame = ev.frame(u64::MAX);
+            let v: serde_json::Value = serde_json::from_slice(payload(&frame)).unwrap();
+            assert_eq!(v["seq"], u64::MAX);
+            assert_eq!(v["data"].as_str().unwrap().len(), size);
+        }
+    }
+
+    #[test]
+    fn run_key_limits() {
+        assert_eq!(RunKey::new("", None, "r", "a").unwrap_err(), EventError::BadUser);
+        assert_eq!(RunKey::new(&"u".repeat(129), None, "r", "a").unwrap_err(), EventError::BadUser);
+        assert!(RunKey::new(&"u".repeat(128), None, "r", "a").is_ok());
+        assert_eq!(RunKey::new("u", None, "", "a").unwrap_err(), EventError::BadRunId);
+        assert_eq!(RunKey::new("u", Some(""), "r", "a").unwrap_err(), EventError::BadThreadId);
+        assert_eq!(
+            RunKey::new("u", None, "r", &"a".repeat(257)).unwrap_err(),
+            EventError::BadAgentName
+        );
+    }
+}

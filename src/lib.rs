@@ -1,0 +1,287 @@
+//! agentwire: a real-time gateway that streams AI-agent run events to the right user's
+//! browser tabs over WebSocket.
+//!
+//! # Architecture
+//!
+//! ```text
+//! worker threads ──Emitter (bounded crossbeam channel)──┐  one mio::Waker, woken once per burst
+//! HTTP publish API (POST /api/events) ──────────────────┤
+//!                                                       ▼
+//!                   ┌──────────── reactor thread (mio::Poll) ─────────────┐
+//!   TcpListener ──► │ conns: Slab<Conn>      registry: user -> [ConnId]    │ ──► sockets
+//!                   │ wheel: TimerWheel      runs / replay / stats         │
+//!                   └──────────────────────────────────────────────────────┘
+//!                           │ inbound channel (user_message, cancel)
+//!                           ▼
+//!                      agent workers
+//! ```
+//!
+//! There is no async runtime. One thread ([`reactor`]) owns every socket and all
+//! routing state and passes `&mut` around; workers serialize events on their own
+//! threads ([`event`], [`emitter`]) so the loop only assigns the per-user `seq`, builds
+//! one frame per event and queues that shared frame on each receiving connection
+//! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
+//! HTTP requests share the port ([`http`]): health, config, stats, metrics ([`stats`])
+//! and the publish API ([`publish`]). Tokens are checked once at the upgrade
+//! ([`auth`]); heartbeats, handshake deadlines, token expiry and lingering closes run on
+//! a hashed timer wheel ([`timer_wheel`]). Per-user state (connections, seq, replay
+//! buffer, runs) lives in the [`registry`].
+//!
+//! # Library use
+//!
+//! ```no_run
+//! use agentwire::{Config, Gateway};
+//!
+//! let mut config = Config::default();
+//! config.jwt_secret = Some("a-long-enough-development-secret".into());
+//! let mut gateway = Gateway::new(config)?;
+//! let emitter = gateway.emitter();
+//! let inbound = gateway.inbound().expect("taken once");
+//! let handle = gateway.spawn()?;
+//! // A worker: answer each user message with a run.
+//! while let Ok(agentwire::Inbound::UserMessage { user_id, thread_id, run_id, text, .. }) = inbound.recv() {
+//!     let mut run = emitter.run(&user_id, thread_id.as_deref(), &run_id, "echo_agent")?;
+//!     run.agent_started(&serde_json::json!({"message": text}))?;
+//!     run.agent_completed(&serde_json::json!({"answer": text}))?;
+//! }
+//! handle.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod demo;
+pub mod emitter;
+pub mod event;
+pub mod http;
+pub mod publish;
+mod reactor;
+pub mod registry;
+pub mod stats;
+pub mod timer_wheel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Waker};
+use tungstenite::protocol::WebSocketConfig;
+
+pub use crate::auth::{AuthSettings, Authenticator, JwtAlgorithm};
+pub use crate::config::{Config, ConfigError, PerUserPolicy};
+pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
+pub use crate::event::{EventError, EventKind};
+
+use crate::emitter::WakeSignal;
+use crate::reactor::{Reactor, Settings};
+
+/// Capacity of the workers' channel into the reactor (events).
+pub const CHANNEL_CAPACITY: usize = 65_536;
+/// Capacity of the inbound channel to the workers (client messages).
+pub const INBOUND_CAPACITY: usize = 4096;
+/// Listen backlog: large enough for reconnect storms.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Setup failures: the only errors that leave [`Gateway::new`] or [`Gateway::run`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Auth(#[from] auth::AuthSetupError),
+    #[error("cannot read jwt_public_key_file {path}: {source}")]
+    KeyFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("event loop failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A configured gateway, bound to its address, not yet running.
+pub struct Gateway {
+    reactor: Reactor,
+    emitter: Emitter,
+    inbound: Option<Receiver<Inbound>>,
+    local_addr: SocketAddr,
+    epoch: String,
+    demo_agent: bool,
+}
+
+/// Build the authenticator settings from the configuration (reads the key file).
+pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
+    let public_key_pem = match &config.jwt_public_key_file {
+        Some(path) => Some(std::fs::read(path).map_err(|source| Error::KeyFile {
+            path: path.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    Ok(AuthSettings {
+        algorithm: config.jwt_algorithm,
+        secret: config.jwt_secret.clone(),
+        public_key_pem,
+        issuer: config.jwt_issuer.clone(),
+        audience: config.jwt_audience.clone(),
+        leeway_s: config.jwt_leeway_s,
+    })
+}
+
+impl Gateway {
+    /// Validate the configuration, build the authenticator and bind the listener.
+    ///
+    /// # Errors
+    /// A bad setting, unreadable key material, or an address that cannot be bound.
+    pub fn new(config: Config) -> Result<Gateway, Error> {
+        config.validate()?;
+        let auth = Authenticator::new(&auth_settings(&config)?)?;
+        let poll = Poll::new()?;
+        let listener = bind(config.listen).map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, reactor::LISTENER, Interest::READABLE)?;
+        let local_addr = listener.local_addr()?;
+        let waker = Waker::new(poll.registry(), reactor::WAKER)?;
+        let wake = Arc::new(WakeSignal::new(waker));
+        let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
+        let (in_tx, in_rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
+        let demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(reactor::READ_BUFFER_BYTES)
+            .write_buffer_size(0)
+            .max_write_buffer_size(usize::MAX)
+            .max_message_size(Some(config.max_message_bytes))
+            .max_frame_size(Some(config.max_message_bytes));
+        let config_json = Bytes::from(
+            serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default(),
+        );
+        let epoch = Reactor::new_epoch();
+        let settings = Settings {
+            config,
+            ws_config,
+            config_json,
+        };
+        let reactor = Reactor::new(poll, listener, wake.clone(), rx, in_tx, auth, settings, epoch.clone());
+        Ok(Gateway {
+            reactor,
+            emitter: Emitter::new(tx, wake),
+            inbound: Some(in_rx),
+            local_addr,
+            epoch,
+            demo_agent,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The random epoch of this gateway process (PROTOCOL.md section 3).
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// True when the configuration asks for the built-in demo agent (explicitly, or
+    /// by dev mode).
+    pub fn demo_agent_enabled(&self) -> bool {
+        self.demo_agent
+    }
+
+    /// A cloneable handle for worker threads.
+    pub fn emitter(&self) -> Emitter {
+        self.emitter.clone()
+    }
+
+    /// The channel of client messages for the workers (`user_message`, `cancel`).
+    /// Returns `None` after the first call. If it is never taken, or every receiver
+    /// is dropped, clients get `error` `no_agent` for `user_message`.
+    pub fn inbound(&mut self) -> Option<Receiver<Inbound>> {
+        self.inbound.take()
+    }
+
+    /// Shut down gracefully on SIGTERM / SIGINT (the signal is read by the loop).
+    pub fn handle_signals(&mut self) -> Result<(), Error> {
+        Ok(self.reactor.handle_signals()?)
+    }
+
+    /// Run the reactor on this thread until a shutdown completes.
+    ///
+    /// # Errors
+    /// Only if the poller itself fails.
+    pub fn run(mut self) -> Result<(), Error> {
+        // Not taken by the embedder: nobody consumes user messages.
+        self.inbound = None;
+        Ok(self.reactor.run()?)
+    }
+
+    /// Run the reactor on its own thread.
+    pub fn spawn(self) -> Result<GatewayHandle, Error> {
+        let emitter = self.emitter.clone();
+        let local_addr = self.local_addr;
+        let thread = std::thread::Builder::new()
+            .name("agentwire-reactor".into())
+            .spawn(move || self.run())?;
+        Ok(GatewayHandle {
+            emitter,
+            local_addr,
+            thread,
+        })
+    }
+}
+
+/// A running gateway (see [`Gateway::spawn`]).
+pub struct GatewayHandle {
+    emitter: Emitter,
+    local_addr: SocketAddr,
+    thread: JoinHandle<Result<(), Error>>,
+}
+
+impl GatewayHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn emitter(&self) -> Emitter {
+        self.emitter.clone()
+    }
+
+    /// Graceful shutdown: close 1001 to every client, flush within
+    /// `shutdown_grace_ms`, then wait for the reactor thread to end.
+    pub fn shutdown(self) -> Result<(), Error> {
+        let _ = self.emitter.shutdown();
+        self.join()
+    }
+
+    /// Wait for the reactor thread to end.
+    pub fn join(self) -> Result<(), Error> {
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Io(std::io::Error::other("reactor thread panicked"))),
+        }
+    }
+}
+
+/// Bind with a large backlog (mio's `bind` uses 128) and SO_REUSEADDR.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,183 @@
+//! `POST /api/events`: parsing and validating a publish body (one event object or an
+//! array of at most [`MAX_BATCH`]) into serialized [`Event`]s. All or nothing: the
+//! first bad event refuses the whole request with its index. `data` is passed through
+//! byte for byte (a `RawValue`), never re-serialized.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::event::{Event, EventKind, RunKey};
+
+/// Most events in one publish request.
+pub const MAX_BATCH: usize = 1000;
+
+/// Why a publish body was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchError {
+    /// More than [`MAX_BATCH`] events (413).
+    TooMany(usize),
+    /// Event `index` (from 0) is invalid, or the body is not JSON (index 0) (400).
+    Bad { index: usize, message: String },
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    user_id: Option<Value>,
+    #[serde(default)]
+    thread_id: Option<Value>,
+    run_id: Option<Value>,
+    agent_name: Option<Value>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+fn field<'v>(v: &'v Option<Value>, name: &str) -> Result<&'v str, String> {
+    match v {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(format!("{name} must be a string")),
+        None => Err(format!("missing field {name}")),
+    }
+}
+
+fn one(raw: &RawValue) -> Result<Event, String> {
+    let text = raw.get();
+    if !text.trim_start().starts_with('{') {
+        return Err("each event must be a JSON object".into());
+    }
+    let w: Wire<'_> = serde_json::from_str(text).map_err(|e| format!("bad event: {e}"))?;
+    let kind = EventKind::parse(field(&w.kind, "type")?).map_err(|e| e.to_string())?;
+    let user = field(&w.user_id, "user_id")?;
+    let run = field(&w.run_id, "run_id")?;
+    let agent = field(&w.agent_name, "agent_name")?;
+    let thread = match &w.thread_id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(t.as_str()),
+        Some(_) => return Err("thread_id must be a string or null".into()),
+    };
+    let key = RunKey::new(user, thread, run, agent).map_err(|e| e.to_string())?;
+    let data = w.data.map_or("null", RawValue::get);
+    Ok(Event::from_raw_data(key, kind, data))
+}
+
+/// Parse and validate a whole publish body.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<Event>, BatchError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let bad_body = |e: serde_json::Error| BatchError::Bad {
+        index: 0,
+        message: format!("body is not valid JSON: {e}"),
+    };
+    match first {
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(bad_body)?;
+            if items.len() > MAX_BATCH {
+                return Err(BatchError::TooMany(items.len()));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(index, raw)| one(raw).map_err(|message| BatchError::Bad { index, message }))
+                .collect()
+        }
+        Some(b'{') => {
+            let raw: &RawValue = serde_json::from_slice(body).map_err(bad_body)?;
+            one(raw)
+                .map(|e| vec![e])
+                .map_err(|message| BatchError::Bad { index: 0, message })
+        }
+        _ => Err(BatchError::Bad {
+            index: 0,
+            message: "body must be a JSON object or an array of objects".into(),
+        }),
+    }
+}
+
+/// Constant-time comparison of the presented key with the configured one.
+pub fn key_matches(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, y) in b.iter().enumerate() {
+        let x = a.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(body: &str) -> (usize, String) {
+        match parse_batch(body.as_bytes()) {
+            Err(BatchError::Bad { index, message }) => (index, message),
+            other => panic!("expected Bad for {body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn single_and_batch() {
+        let one = r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a","data":{"x": [1, 2]}}"#;
+        let evs = parse_batch(one.as_bytes()).unwrap();
+        assert_eq!(evs.len(), 1);
+        let frame = evs[0].frame(5);
+        let v: Value = serde_json::from_slice(&frame[2..]).unwrap();
+        assert_eq!(v["data"], serde_json::json!({"x": [1, 2]}));
+        assert_eq!(v["thread_id"], Value::Null);
+        let batch = format!("[{one}, {one}]");
+        assert_eq!(parse_batch(batch.as_bytes()).unwrap().len(), 2);
+        assert_eq!(parse_batch(b"[]").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn data_passes_through_byte_for_byte() {
+        let body = r#"{"type":"text_delta","user_id":"u","run_id":"r","agent_name":"a","data":{"b":1.50,"a":"\u00e9"}}"#;
+        let evs = parse_batch(body.as_bytes()).unwrap();
+        let frame = evs[0].frame(1);
+        let text = std::str::from_utf8(&frame[2..]).unwrap();
+        assert!(text.ends_with(r#""data":{"b":1.50,"a":"\u00e9"}}"#), "{text}");
+    }
+
+    #[test]
+    fn bad_events_name_their_index() {
+        let ok = r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a"}"#;
+        let cases = [
+            (r#"{"type":"Bad Type","user_id":"u","run_id":"r","agent_name":"a"}"#, "type"),
+            (r#"{"type":"agent_thinking","run_id":"r","agent_name":"a"}"#, "user_id"),
+            (r#"{"type":"agent_thinking","user_id":7,"run_id":"r","agent_name":"a"}"#, "user_id"),
+            (r#"{"type":"agent_thinking","user_id":"u","agent_name":"a"}"#, "run_id"),
+            (r#"{"type":"agent_thinking","user_id":"u","run_id":"r"}"#, "agent_name"),
+            (r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a","thread_id":5}"#, "thread_id"),
+            (r#"{"type":"agent_thinking","user_id":"","run_id":"r","agent_name":"a"}"#, "user_id"),
+            (r#"{"type":"connected","user_id":"u","run_id":"r","agent_name":"a"}"#, "reserved"),
+            (r#"17"#, "object"),
+        ];
+        for (event, word) in cases {
+            let (index, message) = bad(&format!("[{ok},{ok},{event}]"));
+            assert_eq!(index, 2, "{event}");
+            assert!(message.contains(word), "{event}: {message}");
+        }
+        assert_eq!(bad("not json").0, 0);
+        assert_eq!(bad("[1,").0, 0);
+        assert_eq!(bad("").0, 0);
+    }
+
+    #[test]
+    fn too_many_events() {
+        let ok = r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a"}"#;
+        let body = format!("[{}]", vec![ok; MAX_BATCH + 1].join(","));
+        assert_eq!(parse_batch(body.as_bytes()).err(), Some(BatchError::TooMany(MAX_BATCH + 1)));
+        let body = format!("[{}]", vec![ok; MAX_BATCH].join(","));
+        assert_eq!(parse_batch(body.as_bytes()).unwrap().len(), MAX_BATCH);
+    }
+
+    #[test]
+    fn key_comparison() {
+        assert!(key_matches("pk-abc", "pk-abc"));
+        assert!(!key_matches("pk-abd", "pk-abc"));
+        assert!(!key_matches("pk-ab", "pk-abc"));
+        assert!(!key_matches("pk-abcd", "pk-abc"));
+        assert!(!key_matches("", "pk-abc"));
+    }
+}

@@ -1,0 +1,1474 @@
+//! The reactor: one thread, one `mio::Poll`, owning every socket and all routing state.
+//!
+//! One loop iteration, in order:
+//! 1. poll, with the timeout of the next timer (0 when the channel budget ran out);
+//! 2. dispatch readiness: accept new sockets, read HTTP heads and WebSocket frames,
+//!    write queued output on writable edges;
+//! 3. drain the workers' channel up to [`DRAIN_BUDGET`] commands, routing each event to
+//!    its user's connections (frames are shared, queued per connection);
+//! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
+//!    closes, housekeeping (replay expiry, run watchdog);
+//! 5. flush every connection that got output in this iteration: one `writev` each;
+//! 6. record the iteration time.
+//!
+//! Every per-connection failure ends in [`Reactor::close`], which unregisters the
+//! session, counts and logs the reason once, and sends the close frame when one is due.
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use serde_json::{json, Value};
+use slab::Slab;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, PerUserPolicy};
+use crate::conn::{Conn, ConnId, OutQueue, Phase, Session, Wire};
+use crate::emitter::{Command, Inbound, WakeSignal};
+use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
+use crate::http::{self, Method, Mode, Refusal, Route};
+use crate::publish;
+use crate::registry::{ConnEntry, Registry, Replayed, Resume, Run};
+use crate::stats::{DropReason, Gauges, RefusalReason, Stats};
+use crate::timer_wheel::TimerWheel;
+
+pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
+pub(crate) const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// Commands drained from the channel per iteration before polling again.
+const DRAIN_BUDGET: usize = 4096;
+/// Connections accepted per readiness event before serving others.
+const ACCEPT_BUDGET: usize = 1024;
+/// How long a closing connection may take to flush and see the peer's FIN.
+const LINGER_MS: u64 = 2000;
+/// Retry delay for accept after EMFILE/ENFILE.
+const ACCEPT_RETRY_MS: u64 = 20;
+/// Housekeeping period: replay expiry, run watchdog.
+const HOUSEKEEPING_MS: u64 = 1000;
+/// tungstenite read buffer per connection (grows on demand for larger frames).
+pub(crate) const READ_BUFFER_BYTES: usize = 256;
+/// Bad client messages in a row before close 1008.
+const MAX_BAD_IN_ROW: u8 = 10;
+/// Most bytes of a plain HTTP request we buffer beyond the head (publish bodies are
+/// bounded separately by `max_publish_bytes`).
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a timer on the wheel is for.
+#[derive(Clone, Copy, Debug)]
+enum Timer {
+    /// The connection's phase timer: handshake deadline, heartbeat check or linger.
+    Phase(ConnId),
+    /// The session's token expiry.
+    Token(ConnId),
+    AcceptRetry,
+    Housekeeping,
+    ShutdownDeadline,
+}
+
+/// Why a connection ended: decides the close code, the log line and the counter.
+#[derive(Clone, Debug)]
+pub(crate) enum CloseReason {
+    /// The client sent a close frame or closed TCP.
+    ClientClosed,
+    /// The peer reset or an I/O error happened.
+    Io(io::ErrorKind),
+    /// No complete request within `handshake_timeout_ms`.
+    HandshakeTimeout,
+    /// A plain HTTP exchange finished (or was refused) and the socket is done.
+    HttpDone,
+    /// Nothing arrived for `heartbeat_timeout_ms` (1001).
+    HeartbeatTimeout,
+    /// Another connection of the user replaced this one (4002).
+    Evicted,
+    /// The token expired without a refresh (4001).
+    TokenExpired,
+    /// A refresh carried another user's token (4003).
+    RefreshOtherUser,
+    /// The gateway is shutting down (1001).
+    Shutdown,
+    /// A binary frame (1003).
+    Binary,
+    /// A message over `max_message_bytes` (1009).
+    TooBig,
+    /// A protocol violation (1002).
+    Protocol,
+    /// Invalid UTF-8 in a text message (1007).
+    BadUtf8,
+    /// Too many bad messages in a row (1008).
+    PolicyViolation,
+    /// Output over `max_pending_bytes` (1013).
+    SlowConsumer,
+}
+
+impl CloseReason {
+    fn label(&self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::Io(io::ErrorKind::ConnectionReset) => "connection_reset",
+            CloseReason::Io(_) => "io_error",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::HttpDone => "http_done",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::Evicted => "evicted",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RefreshOtherUser => "refresh_other_user",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Binary => "binary_frame",
+            CloseReason::TooBig => "message_too_big",
+            CloseReason::Protocol => "protocol_error",
+            CloseReason::BadUtf8 => "invalid_utf8",
+            CloseReason::PolicyViolation => "bad_messages",
+            CloseReason::SlowConsumer => "slow_consumer",
+        }
+    }
+
+    /// The close frame to send, if any.
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            CloseReason::HeartbeatTimeout => (1001, "heartbeat timeout"),
+            CloseReason::Shutdown => (1001, "going away"),
+            CloseReason::Evicted => (4002, "evicted by a newer connection"),
+            CloseReason::TokenExpired => (4001, "token_expired"),
+            CloseReason::RefreshOtherUser => (4003, "refresh for another user"),
+            CloseReason::Binary => (1003, "binary frames are not accepted"),
+            CloseReason::TooBig => (1009, "message too big"),
+            CloseReason::Protocol => (1002, "protocol error"),
+            CloseReason::BadUtf8 => (1007, "invalid utf-8"),
+            CloseReason::PolicyViolation => (1008, "too many bad messages"),
+            CloseReason::SlowConsumer => (1013, "slow consumer"),
+            _ => return None,
+        })
+    }
+}
+
+/// Settings derived once from [`Config`], in the units the loop uses.
+pub(crate) struct Settings {
+    pub config: Config,
+    pub ws_config: WebSocketConfig,
+    pub config_json: Bytes,
+}
+
+/// The event loop and everything it owns.
+pub(crate) struct Reactor {
+    poll: Poll,
+    listener: TcpListener,
+    signals: Option<UnixStream>,
+    wake: Arc<WakeSignal>,
+    rx: Receiver<Command>,
+    inbound: Sender<Inbound>,
+    auth: Authenticator,
+    s: Settings,
+    conns: Slab<Conn>,
+    registry: Registry,
+    wheel: TimerWheel<Timer>,
+    stats: Stats,
+    epoch: Arc<str>,
+    start: Instant,
+    next_serial: u64,
+    open_sessions: usize,
+    /// Connections with output queued in this iteration.
+    dirty: Vec<ConnId>,
+    /// Emit instants of events routed in this iteration (latency recorded after flush).
+    routed: Vec<Instant>,
+    scratch_targets: Vec<ConnId>,
+    /// Sessions with client input left unread after their per-iteration share.
+    read_again: Vec<ConnId>,
+    accept_paused: bool,
+    draining: bool,
+    drain_deadline_passed: bool,
+}
+
+fn new_epoch() -> String {
+    let mut b = [0u8; 4];
+    if getrandom::fill(&mut b).is_err() {
+        let t = now_ms();
+        b = (t as u32 ^ std::process::id()).to_be_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn new_run_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        b = now_ms().to_be_bytes();
+    }
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("r-{hex}")
+}
+
+impl Reactor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        poll: Poll,
+        listener: TcpListener,
+        wake: Arc<WakeSignal>,
+        rx: Receiver<Command>,
+        inbound: Sender<Inbound>,
+        auth: Authenticator,
+        s: Settings,
+        epoch: String,
+    ) -> Reactor {
+        let mut wheel = TimerWheel::new(4096, 0);
+        wheel.insert(HOUSEKEEPING_MS, Timer::Housekeeping);
+        Reactor {
+            poll,
+            listener,
+            signals: None,
+            wake,
+            rx,
+            inbound,
+            auth,
+            s,
+            conns: Slab::new(),
+            registry: Registry::default(),
+            wheel,
+            stats: Stats::new(),
+            epoch: epoch.into(),
+            start: Instant::now(),
+            next_serial: 0,
+            open_sessions: 0,
+            dirty: Vec::new(),
+            routed: Vec::new(),
+            scratch_targets: Vec::new(),
+            read_again: Vec::new(),
+            accept_paused: false,
+            draining: false,
+            drain_deadline_passed: false,
+        }
+    }
+
+    pub(crate) fn new_epoch() -> String {
+        new_epoch()
+    }
+
+    /// Install SIGTERM/SIGINT handling: a self-pipe read by the loop.
+    pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
+        let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        let writer2 = writer.try_clone()?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, writer)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, writer2)?;
+        let mut reader = UnixStream::from_std(reader);
+        self.poll
+            .registry()
+            .register(&mut reader, SIGNALS, Interest::READABLE)?;
+        self.signals = Some(reader);
+        Ok(())
+    }
+
+    fn tick(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Run until a shutdown completes. Only setup-level failures return `Err`.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut expired = Vec::new();
+        let mut budget_exhausted = false;
+        loop {
+            let timeout = if budget_exhausted || !self.dirty.is_empty() || !self.read_again.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.wheel.next_expiry().map(|at| {
+                    let now = self.tick();
+                    Duration::from_millis(at.saturating_sub(now))
+                })
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            let iteration = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    SIGNALS => self.on_signal(),
+                    Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
+                }
+            }
+            for id in std::mem::take(&mut self.read_again) {
+                self.read_ws(id);
+            }
+            budget_exhausted = self.drain_channel();
+            let now = self.tick();
+            self.wheel.advance(now, &mut expired);
+            for timer in expired.drain(..) {
+                self.on_timer(timer);
+            }
+            self.flush_dirty();
+            self.stats
+                .record_loop_us(iteration.elapsed().as_micros() as u64);
+            if self.draining && (self.drain_deadline_passed || self.open_sessions_flushed()) {
+                log::info!("shutdown complete; {} connections closed", self.stats.connections_closed);
+                return Ok(());
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- accept
+
+    fn accept(&mut self) {
+        if self.accept_paused {
+            return;
+        }
+        for _ in 0..ACCEPT_BUDGET {
+            match self.listener.accept() {
+                Ok((stream, _peer)) => self.add_conn(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: the pending connection stays in the
+                    // backlog with no new edge, so retry from a timer, not a busy loop.
+                    log::warn!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY_MS} ms");
+                    self.accept_paused = true;
+                    let at = self.tick() + ACCEPT_RETRY_MS;
+                    self.wheel.insert(at, Timer::AcceptRetry);
+                    return;
+                }
+            }
+        }
+        // Budget used up: more may be waiting with no new edge; come back next iteration.
+        let at = self.tick();
+        self.accept_paused = true;
+        self.wheel.insert(at, Timer::AcceptRetry);
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream) {
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("set_nodelay failed: {e}");
+        }
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("register failed: {e}");
+            return;
+        }
+        let now = self.start.elapsed().as_millis() as u64;
+        let id = ConnId { key, serial };
+        let timer = self
+            .wheel
+            .insert(now + self.s.config.handshake_timeout_ms, Timer::Phase(id));
+        entry.insert(Conn {
+            serial,
+            tcp: stream,
+            out: OutQueue::default(),
+            phase: Phase::Http(Box::default()),
+            timer: Some(timer),
+            last_rx: now,
+            bytes_in: 0,
+        });
+    }
+
+    // -------------------------------------------------------------- readiness
+
+    fn ready(&mut self, key: usize, readable: bool, writable: bool) {
+        let Some(conn) = self.conns.get(key) else { return };
+        let id = ConnId { key, serial: conn.serial };
+        if writable {
+            self.flush_conn(id);
+        }
+        if readable {
+            match self.conns.get(key).map(|c| &c.phase) {
+                Some(Phase::Http(_)) => self.read_http(id),
+                Some(Phase::Open(_)) => self.read_ws(id),
+                Some(Phase::Closing) => self.read_closing(id),
+                None => {}
+            }
+        }
+    }
+
+    fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(id.key).filter(|c| c.serial == id.serial)
+    }
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        self.dirty.push(id);
+    }
+
+    // ------------------------------------------------------------------- HTTP
+
+    fn read_http(&mut self, id: ConnId) {
+        let now = self.tick();
+        let max_body = self.s.config.max_publish_bytes;
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut eof = false;
+        let mut err = None;
+        {
+            let Some(conn) = self.conn_mut(id) else { return };
+            let Phase::Http(st) = &mut conn.phase else { return };
+            loop {
+                // Cap what we buffer: the head limit plus the largest body we accept.
+                let cap = http::MAX_HEAD_BYTES + max_body;
+                if st.buf.len() >= cap {
+                    break;
+                }
+                let room = (cap - st.buf.len()).min(READ_CHUNK);
+                match conn.tcp.read(&mut chunk[..room]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        conn.bytes_in += n as u64;
+                        conn.last_rx = now;
+                        st.buf.extend_from_slice(&chunk[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        err = Some(e.kind());
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(kind) = err {
+            self.close(id, CloseReason::Io(kind));
+            return;
+        }
+        self.process_http(id);
+        if eof {
+            // Half-closed client: answer what was complete, then finish.
+            if matches!(self.conn_mut(id).map(|c| &c.phase), Some(Phase::Http(_))) {
+                self.close(id, CloseReason::ClientClosed);
+            }
+        }
+    }
+
+    /// Answer every complete request in the buffer (keep-alive, pipelining).
+    fn process_http(&mut self, id: ConnId) {
+        let publish_enabled = self.s.config.publish_key.is_some();
+        let max_publish = self.s.config.max_publish_bytes;
+        loop {
+            let Some(conn) = self.conn_mut(id) else { return };
+            let Phase::Http(st) = &mut conn.phase else { return };
+            let parsed = http::parse_head(&st.buf);
+            let (req, head_len) = match parsed {
+                Ok(None) => return,
+                Ok(Some(done)) => done,
+                Err(refusal) => {
+                    self.refuse(id, &refusal);
+                    return;
+                }
+            };
+            let route = http::route(req.method, &req.path);
+            match route {
+                Route::WebSocket(path_mode) => {
+                    let leftover = st.buf.get(head_len..).unwrap_or(&[]).to_vec();
+                    st.buf = Vec::new();
+                    self.upgrade(id, &req, path_mode, leftover);
+                    return;
+                }
+                Route::Publish => {
+                    let Some(len) = req.content_length else {
+                        let r = if req.chunked {
+                            Refusal::bad_request("chunked bodies are not supported; send Content-Length")
+                        } else {
+                            Refusal::bad_request("Content-Length required")
+                        };
+                        self.refuse(id, &r);
+                        return;
+                    };
+                    if !publish_enabled {
+                        self.refuse(id, &Refusal::not_found());
+                        return;
+                    }
+                    if len > max_publish {
+                        let body = json!({"error": "payload_too_large", "message": format!("body over max_publish_bytes ({max_publish})")});
+                        self.respond_json(id, 413, &body, true, false);
+                        return;
+                    }
+                    if st.buf.len() < head_len + len {
+                        return; // wait for the rest of the body
+                    }
+                    let body: Vec<u8> = st.buf.get(head_len..head_len + len).unwrap_or(&[]).to_vec();
+                    st.buf.drain(..head_len + len);
+                    st.served += 1;
+                    let keep = http::keep_alive(&req);
+                    let (status, answer) = self.publish(&req, &body);
+                    self.respond_json(id, status, &answer, !keep, false);
+                    if !keep {
+                        return;
+                    }
+                }
+                other => {
+                    st.buf.drain(..head_len);
+                    st.served += 1;
+                    if req.content_length.unwrap_or(0) > 0 || req.chunked {
+                        // Bodies on GET are not read: answer, then close.
+                        self.answer_get(id, other, &req, true);
+                        return;
+                    }
+                    let keep = http::keep_alive(&req);
+                    self.answer_get(id, other, &req, !keep);
+                    if !keep {
+                        return;
+                    }
+                }
+            }
+            // Keep-alive: the idle deadline restarts after each answered request.
+            self.rearm_phase(id, self.s.config.handshake_timeout_ms);
+        }
+    }
+
+    fn answer_get(&mut self, id: ConnId, route: Route, req: &http::Request, close: bool) {
+        self.stats.http_requests += 1;
+        let head_only = req.method == Method::Head;
+        match route {
+            Route::Health => {
+                let status = if self.draining { 503 } else { 200 };
+                let body = json!({
+                    "status": if self.draining { "draining" } else { "healthy" },
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_s": self.start.elapsed().as_secs(),
+                    "connections": self.open_sessions,
+                    "epoch": &*self.epoch,
+                });
+                self.respond_json(id, status, &body, close, head_only);
+            }
+            Route::Config => {
+                let body = self.s.config_json.clone();
+                let resp = http::json_response(200, &body, close, head_only, &[]);
+                self.respond_raw(id, resp, close);
+            }
+            Route::Stats => {
+                let body = self.stats.to_json(&self.gauges());
+                self.respond_json(id, 200, &body, close, head_only);
+            }
+            Route::Metrics => {
+                let text = self.stats.to_prometheus(&self.gauges());
+                let resp = http::text_response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text.as_bytes(),
+                    close,
+                    head_only,
+                );
+                self.respond_raw(id, resp, close);
+            }
+            Route::MethodNotAllowed => {
+                let resp = http::method_not_allowed_response(&req.path, head_only);
+                self.respond_raw(id, resp, true);
+            }
+            Route::NotFound | Route::Publish | Route::WebSocket(_) => {
+                self.refuse(id, &Refusal::not_found());
+            }
+        }
+    }
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            connections_open: self.open_sessions,
+            users_online: self.registry.online(),
+            users_known: self.registry.len(),
+            active_runs: self.registry.active_runs(),
+            timers: self.wheel.len(),
+            pending_out_bytes: self.conns.iter().map(|(_, c)| c.out.pending()).sum(),
+            uptime_s: self.start.elapsed().as_secs(),
+        }
+    }
+
+    fn respond_json(&mut self, id: ConnId, status: u16, body: &Value, close: bool, head_only: bool) {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let resp = http::json_response(status, &bytes, close, head_only, &[]);
+        self.respond_raw(id, resp, close);
+    }
+
+    fn respond_raw(&mut self, id: ConnId, resp: Vec<u8>, close: bool) {
+        let Some(conn) = self.conn_mut(id) else { return };
+        conn.out.push(Bytes::from(resp));
+        self.mark_dirty(id);
+        if close {
+            self.close(id, CloseReason::HttpDone);
+        }
+    }
+
+    /// Answer a refusal (status + JSON body) and close.
+    fn refuse(&mut self, id: ConnId, refusal: &Refusal) {
+        self.stats.refused(RefusalReason::from_status(refusal.status));
+        log::info!(
+            "conn={} refused status={} error={} reason={:?}",
+            id.public_id(),
+            refusal.status,
+            refusal.code,
+            refusal.message
+        );
+        if let Some(conn) = self.conn_mut(id) {
+            conn.out.push(Bytes::from(refusal.to_response()));
+            self.mark_dirty(id);
+        }
+        self.close(id, CloseReason::HttpDone);
+    }
+
+    // ---------------------------------------------------------------- publish
+
+    fn publish(&mut self, req: &http::Request, body: &[u8]) -> (u16, Value) {
+        self.stats.http_requests += 1;
+        let key_ok = match (&self.s.config.publish_key, req.header("authorization")) {
+            (Some(key), Some(h)) => h
+                .strip_prefix("Bearer ")
+                .is_some_and(|given| publish::key_matches(given.trim(), key)),
+            _ => false,
+        };
+        if !key_ok {
+            return (401, json!({"error": "invalid_key", "message": "missing or wrong publish key"}));
+        }
+        let parsed = match publish::parse_batch(body) {
+            Ok(events) => events,
+            Err(publish::BatchError::TooMany(n)) => {
+                return (413, json!({"error": "payload_too_large", "message": format!("{n} events; at most {} per request", publish::MAX_BATCH)}));
+            }
+            Err(publish::BatchError::Bad { index, message }) => {
+                self.stats.dropped(DropReason::Invalid, 1);
+                return (400, json!({"error": "bad_event", "message": message, "index": index}));
+            }
+        };
+        // Refuse the whole batch when one event belongs to an ended run (simulating the
+        // runs this batch itself ends), so nothing of a bad request takes a seq.
+        let mut ending: Vec<(&str, &str)> = Vec::new();
+        for (index, ev) in parsed.iter().enumerate() {
+            let user = &*ev.key.user_id;
+            let run = &*ev.key.run_id;
+            let ended = self.registry.get(user).is_some_and(|u| u.run_ended(run))
+                || ending.iter().any(|(u, r)| *u == user && *r == run);
+            if ended {
+                self.stats.dropped(DropReason::RunEnded, 1);
+                return (400, json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}));
+            }
+            if ev.kind.ends_run() {
+                ending.push((user, run));
+            }
+        }
+        let n = parsed.len();
+        for ev in parsed {
+            self.stats.events_published += 1;
+            self.route(ev);
+        }
+        (202, json!({"accepted": n}))
+    }
+
+    // ---------------------------------------------------------------- upgrade
+
+    fn upgrade(&mut self, id: ConnId, req: &http::Request, path_mode: Option<Mode>, leftover: Vec<u8>) {
+        if self.draining {
+            self.refuse(id, &Refusal::shutting_down());
+            return;
+        }
+        let up = match http::check_upgrade(req, path_mode, self.s.config.allow_query_token) {
+            Ok(up) => up,
+            Err(r) => return self.refuse(id, &r),
+        };
+        if !http::origin_allowed(up.origin.as_deref(), &self.s.config.allowed_origins) {
+            return self.refuse(id, &Refusal::forbidden("origin not allowed"));
+        }
+        let Some((token, _source)) = &up.token else {
+            return self.refuse(id, &Refusal::unauthorized("token missing"));
+        };
+        let claims = match self.auth.verify(token) {
+            Ok(c) => c,
+            Err(e) => return self.refuse(id, &Refusal::unauthorized(e.to_string())),
+        };
+        if let Some(uid) = &up.user_id {
+            if *uid != claims.sub {
+                return self.refuse(id, &Refusal::forbidden("user_id does not match the token"));
+            }
+        }
+        // Limits: the per-user policy first (eviction frees a slot), then the total.
+        let per_user = self.s.config.max_connections_per_user;
+        let user_conns: Vec<ConnId> = self
+            .registry
+            .get(&claims.sub)
+            .map(|u| u.conns.iter().map(|c| c.id).collect())
+            .unwrap_or_default();
+        if user_conns.len() >= per_user {
+            match self.s.config.per_user_policy {
+                PerUserPolicy::Reject => {
+                    return self.refuse(id, &Refusal::too_many("per-user connection limit reached"));
+                }
+                PerUserPolicy::EvictOldest => {
+                    let excess = user_conns.len() + 1 - per_user;
+                    for old in user_conns.into_iter().take(excess) {
+                        self.close(old, CloseReason::Evicted);
+                    }
+                }
+            }
+        }
+        if self.open_sessions >= self.s.config.max_connections {
+            return self.refuse(id, &Refusal::too_many("gateway connection limit reached"));
+        }
+        self.open_session(id, up, claims, leftover);
+    }
+
+    fn open_session(&mut self, id: ConnId, up: http::Upgrade, claims: crate::auth::Claims, leftover: Vec<u8>) {
+        let now = self.tick();
+        let resume_ask = up
+            .last_seq
+            .map(|n| (n, up.epoch.as_deref().unwrap_or("")));
+        let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
+        let entry = ConnEntry {
+            id,
+            thread: thread.clone(),
+            isolated: up.mode.is_isolated(),
+        };
+        let epoch = self.epoch.clone();
+        let user = self.registry.entry(&claims.sub);
+        let user_name = user.name.clone();
+        let resume = user.resume(resume_ask, &epoch);
+        let mut replay: Vec<Bytes> = Vec::new();
+        if let (Resume::Exact, Some((after, _))) = (&resume, resume_ask) {
+            replay = user.replay_after(after, &entry).map(|r| r.frame.clone()).collect();
+        }
+        let active_runs: Vec<Value> = if entry.isolated {
+            Vec::new()
+        } else {
+            let mut runs: Vec<(&Arc<str>, &Run)> = user
+                .runs
+                .iter()
+                .filter(|(_, r)| r.begun && r.owner.is_none())
+                .filter(|(_, r)| match (&thread, &r.thread) {
+                    (Some(want), Some(got)) => want == got,
+                    _ => true,
+                })
+                .collect();
+            runs.sort_by_key(|(_, r)| r.started_ts);
+            runs.into_iter()
+                .map(|(run_id, r)| {
+                    json!({
+                        "run_id": &**run_id,
+                        "thread_id": r.thread.as_deref(),
+                        "agent_name": &*r.agent_name,
+                        "started_ts": r.started_ts,
+                        "last_seq": r.last_seq,
+                        "last_type": &*r.last_type,
+                    })
+                })
+                .collect()
+        };
+        let connected = json!({
+            "type": "connected",
+            "connection_id": id.public_id(),
+            "user_id": &*user_name,
+            "mode": up.mode.as_str(),
+            "thread_id": up.thread_id,
+            "epoch": &*epoch,
+            "last_seq": user.seq,
+            "resumed": match resume { Resume::NotAsked => Value::Null, Resume::Exact => Value::Bool(true), Resume::Lost => Value::Bool(false) },
+            "heartbeat_interval_ms": self.s.config.heartbeat_interval_ms,
+            "token_exp": claims.exp,
+            "active_runs": active_runs,
+        });
+        self.registry.add_conn(&claims.sub, entry);
+        self.open_sessions += 1;
+        self.stats.connections_opened += 1;
+        self.stats.events_replayed += replay.len() as u64;
+
+        let token_at = now + (claims.exp * 1000).saturating_sub(now_ms());
+        let token_timer = self.wheel.insert(token_at, Timer::Token(id));
+        let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
+        let ws_config = self.s.ws_config;
+        let log_mode = up.mode.as_str();
+        let replayed = replay.len();
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        if let Some(t) = conn.timer.take() {
+            self.wheel.cancel(t);
+        }
+        conn.timer = Some(self.wheel.insert(heartbeat_at, Timer::Phase(id)));
+        conn.out
+            .push(Bytes::from(http::upgrade_response(&up.accept_key, up.subprotocol)));
+        conn.out.push(control_frame(&connected));
+        for frame in replay {
+            conn.out.push(frame);
+        }
+        conn.last_rx = now;
+        conn.phase = Phase::Open(Box::new(Session {
+            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
+            user: user_name,
+            mode: up.mode,
+            thread,
+            token_exp: claims.exp,
+            token_timer: Some(token_timer),
+            bad_in_row: 0,
+            opened: Instant::now(),
+            ping_outstanding: false,
+        }));
+        log::info!(
+            "conn={} user={} open mode={} resumed={} replayed={}",
+            id.public_id(),
+            claims.sub,
+            log_mode,
+            match resume { Resume::NotAsked => "-", Resume::Exact => "true", Resume::Lost => "false" },
+            replayed
+        );
+        self.mark_dirty(id);
+        // Frames pipelined behind the upgrade request are already buffered: read them.
+        self.read_ws(id);
+    }
+
+    // -------------------------------------------------------------- WebSocket
+
+    fn read_ws(&mut self, id: ConnId) {
+        let now = self.tick();
+        let mut texts: Vec<String> = Vec::new();
+        let mut ending: Option<CloseReason> = None;
+        {
+            let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+            let Phase::Open(session) = &mut conn.phase else { return };
+            let before = conn.bytes_in;
+            loop {
+                let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+                match session.ws.read(&mut wire) {
+                    Ok(Message::Text(t)) => texts.push(t.as_str().to_owned()),
+                    Ok(Message::Binary(_)) => {
+                        ending = Some(CloseReason::Binary);
+                        break;
+                    }
+                    Ok(Message::Close(_)) => {
+                        // tungstenite queued the echo; the next read reports the end.
+                        continue;
+                    }
+                    Ok(_) => {} // ping (answered by tungstenite), pong, raw frame
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        ending = Some(classify_ws_error(&e));
+                        break;
+                    }
+                }
+                if texts.len() >= 64 {
+                    // Fairness: one chatty client must not starve the others. No new
+                    // edge will come for what is left, so the connection is put on
+                    // `read_again` and read on the next iteration.
+                    break;
+                }
+            }
+            if conn.bytes_in > before {
+                conn.last_rx = now;
+                session.ping_outstanding = false;
+            }
+            self.stats.bytes_in += conn.bytes_in - before;
+            // Push queued pongs into the output queue.
+            let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+            let _ = session.ws.flush(&mut wire);
+        }
+        self.mark_dirty(id);
+        let more = texts.len() >= 64 && ending.is_none();
+        for text in texts {
+            self.stats.client_messages += 1;
+            self.client_message(id, &text);
+            if self.conn_mut(id).is_none_or(|c| !matches!(c.phase, Phase::Open(_))) {
+                return;
+            }
+        }
+        if let Some(reason) = ending {
+            self.close(id, reason);
+        } else if more {
+            self.read_again.push(id);
+        }
+    }
+
+    fn read_closing(&mut self, id: ConnId) {
+        let mut done = false;
+        {
+            let Some(conn) = self.conn_mut(id) else { return };
+            let mut sink = [0u8; 4096];
+            loop {
+                match conn.tcp.read(&mut sink) {
+                    Ok(0) => {
+                        done = true;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if done {
+            self.finish(id);
+        }
+    }
+
+    fn send_frame(&mut self, id: ConnId, frame: Bytes) {
+        if let Some(conn) = self.conn_mut(id) {
+            conn.out.push(frame);
+            self.mark_dirty(id);
+        }
+    }
+
+    fn send_error(&mut self, id: ConnId, code: &str, message: &str) {
+        self.send_frame(id, control_frame(&json!({"type": "error", "code": code, "message": message})));
+    }
+
+    fn bad_message(&mut self, id: ConnId, message: &str) {
+        self.stats.bad_client_messages += 1;
+        let too_many = match self.conn_mut(id).map(|c| &mut c.phase) {
+            Some(Phase::Open(s)) => {
+                s.bad_in_row = s.bad_in_row.saturating_add(1);
+                s.bad_in_row > MAX_BAD_IN_ROW
+            }
+            _ => return,
+        };
+        if too_many {
+            self.close(id, CloseReason::PolicyViolation);
+        } else {
+            self.send_error(id, "bad_message", message);
+        }
+    }
+
+    fn client_message(&mut self, id: ConnId, text: &str) {
+        let msg: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(_) => return self.bad_message(id, "not JSON"),
+        };
+        let Some(obj) = msg.as_object() else {
+            return self.bad_message(id, "not a JSON object");
+        };
+        let kind = match obj.get("type").and_then(Value::as_str) {
+            Some(k) => k,
+            None => return self.bad_message(id, "missing field type"),
+        };
+        let reference = obj.get("ref").cloned().unwrap_or(Value::Null);
+        let ok = match kind {
+            "ping" => {
+                self.send_frame(id, control_frame(&json!({"type": "pong", "ts": now_ms()})));
+                true
+            }
+            "user_message" => {
+                let text_field = obj.get("text").and_then(Value::as_str);
+                let thread = obj.get("thread_id");
+                let thread = match thread {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(t)) if !t.is_empty() && t.len() <= crate::event::MAX_NAME_BYTES => Ok(Some(t.clone())),
+                    Some(_) => Err(()),
+                };
+                match (text_field, thread) {
+                    (Some(t), Ok(thread)) => {
+                        self.user_message(id, t, thread, reference);
+                        true
+                    }
+                    (None, _) => {
+                        self.bad_message(id, "user_message needs a string field text");
+                        false
+                    }
+                    (_, Err(())) => {
+                        self.bad_message(id, "thread_id must be null or a non-empty string");
+                        false
+                    }
+                }
+            }
+            "cancel" => match obj.get("run_id").and_then(Value::as_str) {
+                Some(run_id) => {
+                    self.cancel(id, run_id);
+                    true
+                }
+                None => {
+                    self.bad_message(id, "cancel needs a string field run_id");
+                    false
+                }
+            },
+            "refresh" => match obj.get("token").and_then(Value::as_str) {
+                Some(token) => {
+                    self.refresh(id, token);
+                    true
+                }
+                None => {
+                    self.bad_message(id, "refresh needs a string field token");
+                    false
+                }
+            },
+            _ => {
+                self.bad_message(id, "unknown message type");
+                false
+            }
+        };
+        if ok {
+            if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
+                s.bad_in_row = 0;
+            }
+        }
+    }
+
+    fn session(&self, id: ConnId) -> Option<&Session> {
+        match self.conns.get(id.key).filter(|c| c.serial == id.serial).map(|c| &c.phase) {
+            Some(Phase::Open(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn user_message(&mut self, id: ConnId, text: &str, thread: Option<String>, reference: Value) {
+        let Some(session) = self.session(id) else { return };
+        let user = session.user.clone();
+        let isolated = session.mode.is_isolated();
+        let run_id = new_run_id();
+        let msg = Inbound::UserMessage {
+            user_id: user.to_string(),
+            thread_id: thread.clone(),
+            text: text.to_owned(),
+            run_id: run_id.clone(),
+            connection_id: id.public_id(),
+        };
+        match self.inbound.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                return self.send_error(id, "no_agent", "no agent is consuming user messages");
+            }
+            Err(TrySendError::Full(_)) => {
+                return self.send_error(id, "busy", "agent queue full; try again");
+            }
+        }
+        let now = self.tick();
+        let u = self.registry.entry(&user);
+        u.runs.insert(
+            Arc::from(run_id.as_str()),
+            Run {
+                thread: thread.as_deref().map(Arc::from),
+                agent_name: Arc::from(""),
+                started_ts: now_ms(),
+                last_seq: 0,
+                last_type: Arc::from(""),
+                last_event: now,
+                owner: isolated.then_some(id),
+                cancel: None,
+                begun: false,
+                cancel_requested: false,
+            },
+        );
+        self.send_frame(id, control_frame(&json!({"type": "ack", "ref": reference, "run_id": run_id})));
+    }
+
+    fn cancel(&mut self, id: ConnId, run_id: &str) {
+        let Some(session) = self.session(id) else { return };
+        let user = session.user.clone();
+        let found = match self.registry.get_mut(&user).and_then(|u| u.runs.get_mut(run_id)) {
+            Some(run) => {
+                if let Some(flag) = &run.cancel {
+                    flag.store(true, Ordering::Release);
+                }
+                run.cancel_requested = true;
+                true
+            }
+            None => false,
+        };
+        if !found {
+            return self.send_error(id, "not_found", "no active run with this run_id");
+        }
+        let _ = self.inbound.try_send(Inbound::Cancel {
+            user_id: user.to_string(),
+            run_id: run_id.to_owned(),
+        });
+        self.send_frame(id, control_frame(&json!({"type": "cancel_requested", "run_id": run_id})));
+    }
+
+    fn refresh(&mut self, id: ConnId, token: &str) {
+        let Some(session) = self.session(id) else { return };
+        let user = session.user.clone();
+        match self.auth.verify(token) {
+            Err(e) => self.send_error(id, "invalid_token", &e.to_string()),
+            Ok(claims) if *claims.sub != *user => self.close(id, CloseReason::RefreshOtherUser),
+            Ok(claims) => {
+                let now = self.tick();
+                let at = now + (claims.exp * 1000).saturating_sub(now_ms());
+                let timer = self.wheel.insert(at, Timer::Token(id));
+                if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
+                    s.token_exp = claims.exp;
+                    let old = s.token_timer.replace(timer);
+                    if let Some(old) = old {
+                        self.wheel.cancel(old);
+                    }
+                }
+                self.send_frame(id, control_frame(&json!({"type": "refreshed", "exp": claims.exp})));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- routing
+
+    /// Drain the channel up to the budget; true when the budget ran out.
+    fn drain_channel(&mut self) -> bool {
+        self.wake.reset();
+        for _ in 0..DRAIN_BUDGET {
+            match self.rx.try_recv() {
+                Ok(Command::Event(ev)) => {
+                    self.stats.events_emitted += 1;
+                    self.route(*ev);
+                }
+                Ok(Command::Shutdown) => self.begin_shutdown(),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Assign the user's next seq, keep the event for replay, queue it on every
+    /// connection that takes it.
+    fn route(&mut self, ev: Event) {
+        let now = self.tick();
+        let replay_max = self.s.config.replay_events;
+        let user = self.registry.entry(&ev.key.user_id);
+        if user.run_ended(&ev.key.run_id) {
+            self.stats.dropped(DropReason::RunEnded, 1);
+            log::debug!("user={} run={} event after the run ended: dropped", ev.key.user_id, ev.key.run_id);
+            return;
+        }
+        user.seq += 1;
+        let seq = user.seq;
+        let frame = ev.frame(seq);
+        let run = user.runs.entry(ev.key.run_id.clone()).or_insert_with(|| Run {
+            thread: ev.key.thread_id.clone(),
+            agent_name: ev.key.agent_name.clone(),
+            started_ts: ev.ts_ms,
+            last_seq: seq,
+            last_type: Arc::from(""),
+            last_event: now,
+            owner: None,
+            cancel: None,
+            begun: true,
+            cancel_requested: false,
+        });
+        if !run.begun {
+            run.begun = true;
+            run.started_ts = ev.ts_ms;
+            run.agent_name = ev.key.agent_name.clone();
+            run.thread = ev.key.thread_id.clone();
+        }
+        if let Some(flag) = &ev.cancel_flag {
+            if run.cancel_requested {
+                flag.store(true, Ordering::Release);
+            }
+            run.cancel = Some(flag.clone());
+        }
+        run.last_seq = seq;
+        run.last_event = now;
+        if &*run.last_type != ev.kind.as_str() {
+            run.last_type = Arc::from(ev.kind.as_str());
+        }
+        let owner = run.owner;
+        if ev.kind.ends_run() {
+            user.end_run(&ev.key.run_id);
+        }
+        user.keep(
+            Replayed {
+                seq,
+                frame: frame.clone(),
+                thread: ev.key.thread_id.clone(),
+                owner,
+                at: now,
+            },
+            replay_max,
+        );
+        self.scratch_targets.clear();
+        self.scratch_targets
+            .extend(user.targets(ev.key.thread_id.as_deref(), owner));
+        let mut delivered = 0;
+        for i in 0..self.scratch_targets.len() {
+            let Some(&target) = self.scratch_targets.get(i) else { break };
+            if let Some(conn) = self.conns.get_mut(target.key).filter(|c| c.serial == target.serial) {
+                if matches!(conn.phase, Phase::Open(_)) {
+                    conn.out.push(frame.clone());
+                    self.dirty.push(target);
+                    delivered += 1;
+                }
+            }
+        }
+        self.stats.events_delivered += delivered;
+        if delivered == 0 {
+            self.stats.dropped(DropReason::NoConnection, 1);
+        }
+        self.routed.push(ev.emitted);
+    }
+
+    // ----------------------------------------------------------------- output
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable_by_key(|c| c.key);
+        dirty.dedup();
+        for id in dirty.drain(..) {
+            self.flush_conn(id);
+        }
+        self.dirty = dirty;
+        if !self.routed.is_empty() {
+            let now = Instant::now();
+            for t in self.routed.drain(..) {
+                self.stats
+                    .record_latency_us(now.saturating_duration_since(t).as_micros() as u64);
+            }
+        }
+    }
+
+    fn flush_conn(&mut self, id: ConnId) {
+        let max_pending = self.s.config.max_pending_bytes;
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        let result = conn.out.write_to(&mut conn.tcp);
+        let closing = matches!(conn.phase, Phase::Closing);
+        let pending = conn.out.pending();
+        match result {
+            Ok(n) => self.stats.bytes_out += n as u64,
+            Err(e) => {
+                let kind = e.kind();
+                if closing {
+                    self.finish(id);
+                } else {
+                    self.close(id, CloseReason::Io(kind));
+                }
+                return;
+            }
+        }
+        if closing {
+            if pending == 0 {
+                let Some(conn) = self.conn_mut(id) else { return };
+                let _ = conn.tcp.shutdown(Shutdown::Write);
+            }
+        } else if pending > max_pending {
+            self.close(id, CloseReason::SlowConsumer);
+        }
+    }
+
+    // ----------------------------------------------------------------- timers
+
+    fn rearm_phase(&mut self, id: ConnId, after_ms: u64) {
+        let at = self.tick() + after_ms;
+        let timer = self.wheel.insert(at, Timer::Phase(id));
+        if let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) {
+            if let Some(old) = conn.timer.replace(timer) {
+                self.wheel.cancel(old);
+            }
+        } else {
+            self.wheel.cancel(timer);
+        }
+    }
+
+    fn on_timer(&mut self, timer: Timer) {
+        match timer {
+            Timer::Phase(id) => self.on_phase_timer(id),
+            Timer::Token(id) => {
+                let expired = self
+                    .session(id)
+                    .is_some_and(|s| s.token_exp * 1000 <= now_ms() + 5);
+                if expired {
+                    self.close(id, CloseReason::TokenExpired);
+                }
+            }
+            Timer::AcceptRetry => {
+                self.accept_paused = false;
+                self.accept();
+            }
+            Timer::Housekeeping => {
+                self.housekeeping();
+                let at = self.tick() + HOUSEKEEPING_MS;
+                self.wheel.insert(at, Timer::Housekeeping);
+            }
+            Timer::ShutdownDeadline => {
+                self.drain_deadline_passed = true;
+            }
+        }
+    }
+
+    fn on_phase_timer(&mut self, id: ConnId) {
+        let now = self.tick();
+        let interval = self.s.config.heartbeat_interval_ms;
+        let timeout = self.s.config.heartbeat_timeout_ms;
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        conn.timer = None;
+        let session = match &mut conn.phase {
+            Phase::Http(_) => return self.close(id, CloseReason::HandshakeTimeout),
+            Phase::Closing => return self.finish(id),
+            Phase::Open(session) => session,
+        };
+        let silent = now.saturating_sub(conn.last_rx);
+        if silent >= timeout {
+            return self.close(id, CloseReason::HeartbeatTimeout);
+        }
+        // Lazy heartbeat: the timer fires once per interval whatever the traffic, and
+        // only a connection that has been silent gets a Ping; busy connections cost no
+        // timer work per frame.
+        if silent + 5 >= interval || !session.ping_outstanding {
+            let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+            let _ = session.ws.write(&mut wire, Message::Ping(Bytes::new()));
+            let _ = session.ws.flush(&mut wire);
+            session.ping_outstanding = true;
+            self.dirty.push(id);
+        }
+        let next = (now + interval).min(conn.last_rx + timeout).max(now + 1);
+        conn.timer = Some(self.wheel.insert(next, Timer::Phase(id)));
+    }
+
+    fn housekeeping(&mut self) {
+        let now = self.tick();
+        let cutoff = now.saturating_sub(self.s.config.replay_ttl_ms);
+        self.registry.sweep(cutoff);
+        // Run watchdog: end runs with no event for run_idle_timeout_ms.
+        let idle_cutoff = now.saturating_sub(self.s.config.run_idle_timeout_ms);
+        let mut stale: Vec<RunKey> = Vec::new();
+        for (name, user) in self.registry.users() {
+            for (run_id, run) in user.runs.iter() {
+                if run.last_event < idle_cutoff {
+                    stale.push(RunKey {
+                        user_id: name.clone(),
+                        thread_id: run.thread.clone(),
+                        run_id: run_id.clone(),
+                        agent_name: run.agent_name.clone(),
+                    });
+                }
+            }
+        }
+        for key in stale {
+            log::info!("user={} run={} idle for run_idle_timeout_ms: ending it", key.user_id, key.run_id);
+            match Event::new(key, EventKind::AgentError, &json!({"reason": "run_timeout"})) {
+                Ok(ev) => self.route(ev),
+                Err(e) => log::error!("synthetic run_timeout event failed: {e}"),
+            }
+        }
+    }
+
+    // -------------------------------------------------------------- shutdown
+
+    fn on_signal(&mut self) {
+        let mut buf = [0u8; 64];
+        if let Some(s) = self.signals.as_mut() {
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        log::info!("signal received: draining");
+        self.begin_shutdown();
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let at = self.tick() + self.s.config.shutdown_grace_ms;
+        self.wheel.insert(at, Timer::ShutdownDeadline);
+        let open: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Open(_)))
+            .map(|(key, c)| ConnId { key, serial: c.serial })
+            .collect();
+        for id in open {
+            self.close(id, CloseReason::Shutdown);
+        }
+    }
+
+    fn open_sessions_flushed(&self) -> bool {
+        self.conns.iter().all(|(_, c)| match c.phase {
+            Phase::Open(_) => false,
+            Phase::Closing => c.out.is_empty(),
+            Phase::Http(_) => true,
+        })
+    }
+
+    // ------------------------------------------------------------------ close
+
+    /// The one close path: unregister the session, queue the close frame, count and
+    /// log the reason once, then let the output drain (bounded by a linger timer).
+    pub(crate) fn close(&mut self, id: ConnId, reason: CloseReason) {
+        let linger_at = self.tick() + LINGER_MS;
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
+        match phase {
+            Phase::Closing => {
+                conn.phase = Phase::Closing;
+                return;
+            }
+            Phase::Http(_) => {}
+            Phase::Open(mut session) => {
+                if let Some((code, text)) = reason.close_frame() {
+                    if matches!(reason, CloseReason::SlowConsumer) {
+                        let dropped = conn.out.pending();
+                        conn.out.discard_unstarted();
+                        if dropped > conn.out.pending() {
+                            self.stats.dropped(DropReason::SlowConsumer, 1);
+                        }
+                    }
+                    let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: text.into() };
+                    let _ = session.ws.close(&mut wire, Some(frame));
+                    let _ = session.ws.flush(&mut wire);
+                }
+                if let Some(t) = session.token_timer.take() {
+                    self.wheel.cancel(t);
+                }
+                self.registry.remove_conn(&session.user, id);
+                self.open_sessions -= 1;
+                self.stats.closed(reason.label());
+                log::info!(
+                    "conn={} user={} closed reason={} code={} after_ms={}",
+                    id.public_id(),
+                    session.user,
+                    reason.label(),
+                    reason.close_frame().map_or(0, |(c, _)| c),
+                    session.opened.elapsed().as_millis()
+                );
+                let user = session.user.clone();
+                self.registry.retire_if_idle(&user);
+            }
+        }
+        if let Some(t) = conn.timer.take() {
+            self.wheel.cancel(t);
+        }
+        if matches!(reason, CloseReason::Io(_) | CloseReason::ClientClosed | CloseReason::HandshakeTimeout) && conn.out.is_empty() {
+            self.finish(id);
+            return;
+        }
+        conn.timer = Some(self.wheel.insert(linger_at, Timer::Phase(id)));
+        self.dirty.push(id);
+    }
+
+    /// Drop the socket and free the slot.
+    fn finish(&mut self, id: ConnId) {
+        if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
+            return;
+        }
+        if matches!(self.conns.get(id.key).map(|c| &c.phase), Some(Phase::Open(_))) {
+            // Unregister the session first (this may already free the slot).
+            self.close(id, CloseReason::ClientClosed);
+            if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
+                return;
+            }
+        }
+        if let Some(mut conn) = self.conns.try_remove(id.key) {
+            if let Some(t) = conn.timer.take() {
+                self.wheel.cancel(t);
+            }
+            let _ = self.poll.registry().deregister(&mut conn.tcp);
+        }
+    }
+}
+
+fn classify_ws_error(e: &tungstenite::Error) -> CloseReason {
+    use tungstenite::error::{CapacityError, ProtocolError};
+    match e {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => CloseReason::ClientClosed,
+        tungstenite::Error::Io(e) => CloseReason::Io(e.kind()),
+        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
+        tungstenite::Error::Capacity(_) => CloseReason::TooBig,
+        tungstenite::Error::Utf8(_) => CloseReason::BadUtf8,
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientClosed,
+        tungstenite::Error::Protocol(_) => CloseReason::Protocol,
+        _ => CloseReason::Protocol,
+    }
+}

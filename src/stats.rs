@@ -1,0 +1,478 @@
+//! Counters and latency histograms owned by the reactor, and their two renderings:
+//! JSON for `GET /ws/stats` and Prometheus text for `GET /metrics` (names prefixed
+//! `agentwire_`). Only the reactor thread touches them: no atomics on the hot path.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+/// Why an upgrade was refused (one counter each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    BadRequest,
+    InvalidToken,
+    Forbidden,
+    NotFound,
+    UpgradeRequired,
+    TooManyConnections,
+    HeadersTooLarge,
+    ShuttingDown,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 8] = [
+        RefusalReason::BadRequest,
+        RefusalReason::InvalidToken,
+        RefusalReason::Forbidden,
+        RefusalReason::NotFound,
+        RefusalReason::UpgradeRequired,
+        RefusalReason::TooManyConnections,
+        RefusalReason::HeadersTooLarge,
+        RefusalReason::ShuttingDown,
+    ];
+
+    /// The refusal's `error` code, used as the label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::BadRequest => "bad_request",
+            RefusalReason::InvalidToken => "invalid_token",
+            RefusalReason::Forbidden => "forbidden",
+            RefusalReason::NotFound => "not_found",
+            RefusalReason::UpgradeRequired => "upgrade_required",
+            RefusalReason::TooManyConnections => "too_many_connections",
+            RefusalReason::HeadersTooLarge => "headers_too_large",
+            RefusalReason::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Map an HTTP refusal status to its reason.
+    pub fn from_status(status: u16) -> RefusalReason {
+        match status {
+            401 => RefusalReason::InvalidToken,
+            403 => RefusalReason::Forbidden,
+            404 => RefusalReason::NotFound,
+            426 => RefusalReason::UpgradeRequired,
+            429 => RefusalReason::TooManyConnections,
+            431 => RefusalReason::HeadersTooLarge,
+            503 => RefusalReason::ShuttingDown,
+            _ => RefusalReason::BadRequest,
+        }
+    }
+}
+
+/// Why an event was not delivered (one counter each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The event's run had already ended.
+    RunEnded,
+    /// The user had no connection that takes it (still kept for replay).
+    NoConnection,
+    /// Refused at the publish API (bad event).
+    Invalid,
+    /// The connection was closed as a slow consumer before the event went out.
+    SlowConsumer,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::RunEnded,
+        DropReason::NoConnection,
+        DropReason::Invalid,
+        DropReason::SlowConsumer,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::RunEnded => "run_ended",
+            DropReason::NoConnection => "no_connection",
+            DropReason::Invalid => "invalid",
+            DropReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// Live figures the reactor passes in when rendering (they are not counters).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gauges {
+    pub connections_open: usize,
+    pub users_online: usize,
+    pub users_known: usize,
+    pub active_runs: usize,
+    pub timers: usize,
+    pub pending_out_bytes: usize,
+    pub uptime_s: u64,
+}
+
+/// Every counter of PROTOCOL.md section 6.
+pub struct Stats {
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub closed_by_reason: Vec<(&'static str, u64)>,
+    refused: [u64; 8],
+    pub http_requests: u64,
+    pub events_emitted: u64,
+    pub events_published: u64,
+    pub events_delivered: u64,
+    pub events_replayed: u64,
+    dropped: [u64; 4],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub client_messages: u64,
+    pub bad_client_messages: u64,
+    pub loop_iterations: u64,
+    latency_us: Histogram,
+    loop_us: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats::new()
+    }
+}
+
+/// A log-linear latency histogram: exact below 64, then 64 linear sub-buckets per
+/// power of two (relative error under 1.6 %). Fixed size (about 11 KiB), never
+/// allocates after construction, never fails.
+pub struct Histogram {
+    buckets: Vec<u64>,
+    count: u64,
+    sum: u64,
+    max: u64,
+}
+
+const SUB_BITS: u32 = 6;
+const SUB: u64 = 1 << SUB_BITS;
+/// Values are clamped to 2^27 - 1 us (~134 s).
+const MAX_VALUE: u64 = (1 << 27) - 1;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
+}
+
+impl Histogram {
+    pub fn new() -> Histogram {
+        Histogram {
+            buckets: vec![0; Self::index(MAX_VALUE) + 1],
+            count: 0,
+            sum: 0,
+            max: 0,
+        }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < SUB {
+            return v as usize;
+        }
+        let e = 63 - v.leading_zeros(); // >= SUB_BITS
+        let sub = (v >> (e - SUB_BITS)) & (SUB - 1);
+        ((e - SUB_BITS + 1) as u64 * SUB + sub) as usize
+    }
+
+    /// Highest value that maps to bucket `i`.
+    fn upper(i: usize) -> u64 {
+        let i = i as u64;
+        if i < SUB {
+            return i;
+        }
+        let e = i / SUB + SUB_BITS as u64 - 1;
+        let sub = i % SUB;
+        let shift = e - SUB_BITS as u64;
+        ((SUB + sub) << shift) + (1 << shift) - 1
+    }
+
+    pub fn record(&mut self, v: u64) {
+        let v = v.min(MAX_VALUE);
+        if let Some(b) = self.buckets.get_mut(Self::index(v)) {
+            *b += 1;
+        }
+        self.count += 1;
+        self.sum = self.sum.saturating_add(v);
+        self.max = self.max.max(v);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.count as f64
+        }
+    }
+
+    /// The value at quantile `q` (0..=1): the upper bound of the bucket holding it,
+    /// never above the maximum seen.
+    pub fn value_at_quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Self::upper(i).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        Stats {
+            connections_opened: 0,
+            connections_closed: 0,
+            closed_by_reason: Vec::new(),
+            refused: [0; 8],
+            http_requests: 0,
+            events_emitted: 0,
+            events_published: 0,
+            events_delivered: 0,
+            events_replayed: 0,
+            dropped: [0; 4],
+            bytes_in: 0,
+            bytes_out: 0,
+            client_messages: 0,
+            bad_client_messages: 0,
+            loop_iterations: 0,
+            latency_us: Histogram::new(),
+            loop_us: Histogram::new(),
+        }
+    }
+
+    pub fn refused(&mut self, reason: RefusalReason) {
+        if let Some(c) = self.refused.get_mut(reason as usize) {
+            *c += 1;
+        }
+    }
+
+    pub fn refused_count(&self, reason: RefusalReason) -> u64 {
+        self.refused.get(reason as usize).copied().unwrap_or(0)
+    }
+
+    pub fn dropped(&mut self, reason: DropReason, n: u64) {
+        if let Some(c) = self.dropped.get_mut(reason as usize) {
+            *c += n;
+        }
+    }
+
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        self.dropped.get(reason as usize).copied().unwrap_or(0)
+    }
+
+    /// Count one closed connection under `reason` (a close reason's label).
+    pub fn closed(&mut self, reason: &'static str) {
+        self.connections_closed += 1;
+        match self.closed_by_reason.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.closed_by_reason.push((reason, 1)),
+        }
+    }
+
+    pub fn record_latency_us(&mut self, us: u64) {
+        self.latency_us.record(us);
+    }
+
+    pub fn record_loop_us(&mut self, us: u64) {
+        self.loop_iterations += 1;
+        self.loop_us.record(us);
+    }
+
+    fn percentiles(h: &Histogram) -> Value {
+        if h.is_empty() {
+            return json!({"count": 0, "p50": 0, "p90": 0, "p99": 0, "p999": 0, "max": 0, "mean": 0.0});
+        }
+        json!({
+            "count": h.len(),
+            "p50": h.value_at_quantile(0.5),
+            "p90": h.value_at_quantile(0.9),
+            "p99": h.value_at_quantile(0.99),
+            "p999": h.value_at_quantile(0.999),
+            "max": h.max(),
+            "mean": (h.mean() * 10.0).round() / 10.0,
+        })
+    }
+
+    /// `GET /ws/stats`.
+    pub fn to_json(&self, g: &Gauges) -> Value {
+        let refused: serde_json::Map<String, Value> = RefusalReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), json!(self.refused_count(*r))))
+            .collect();
+        let dropped: serde_json::Map<String, Value> = DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), json!(self.dropped_count(*r))))
+            .collect();
+        let closed: serde_json::Map<String, Value> = self
+            .closed_by_reason
+            .iter()
+            .map(|(r, n)| ((*r).to_owned(), json!(n)))
+            .collect();
+        json!({
+            "uptime_s": g.uptime_s,
+            "connections": {
+                "open": g.connections_open,
+                "opened": self.connections_opened,
+                "closed": self.connections_closed,
+                "closed_by_reason": closed,
+                "refused": refused,
+                "refused_total": self.refused.iter().sum::<u64>(),
+            },
+            "users": {"online": g.users_online, "known": g.users_known},
+            "users_online": g.users_online,
+            "runs": {"active": g.active_runs},
+            "events": {
+                "emitted": self.events_emitted,
+                "published": self.events_published,
+                "delivered": self.events_delivered,
+                "replayed": self.events_replayed,
+                "dropped": dropped,
+                "dropped_total": self.dropped.iter().sum::<u64>(),
+            },
+            "client_messages": {"total": self.client_messages, "bad": self.bad_client_messages},
+            "http_requests": self.http_requests,
+            "bytes": {"in": self.bytes_in, "out": self.bytes_out, "pending_out": g.pending_out_bytes},
+            "latency_us": Self::percentiles(&self.latency_us),
+            "loop": {
+                "iterations": self.loop_iterations,
+                "iteration_us": Self::percentiles(&self.loop_us),
+            },
+            "timers": g.timers,
+        })
+    }
+
+    /// `GET /metrics`, Prometheus text exposition format 0.0.4.
+    pub fn to_prometheus(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP agentwire_{name} {help}");
+            let _ = writeln!(out, "# TYPE agentwire_{name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "agentwire_{name}{labels} {v}");
+            }
+        };
+        let one = |v: f64| vec![(String::new(), v)];
+        metric("uptime_seconds", "gauge", "Seconds since the gateway started.", &one(g.uptime_s as f64));
+        metric("connections_open", "gauge", "Open WebSocket connections.", &one(g.connections_open as f64));
+        metric("users_online", "gauge", "Users with at least one open connection.", &one(g.users_online as f64));
+        metric("runs_active", "gauge", "Agent runs started and not yet ended.", &one(g.active_runs as f64));
+        metric("timers", "gauge", "Timers armed on the reactor's wheel.", &one(g.timers as f64));
+        metric("connections_opened_total", "counter", "WebSocket connections accepted.", &one(self.connections_opened as f64));
+        let closed: Vec<(String, f64)> = self
+            .closed_by_reason
+            .iter()
+            .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
+            .collect();
+        metric("connections_closed_total", "counter", "WebSocket connections closed, by reason.", &closed);
+        let refused: Vec<(String, f64)> = RefusalReason::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), self.refused_count(*r) as f64))
+            .collect();
+        metric("connections_refused_total", "counter", "Upgrades refused before the handshake, by reason.", &refused);
+        metric("http_requests_total", "counter", "Plain HTTP requests answered.", &one(self.http_requests as f64));
+        metric("events_emitted_total", "counter", "Events accepted from workers and the publish API.", &one(self.events_emitted as f64));
+        metric("events_published_total", "counter", "Events accepted through POST /api/events.", &one(self.events_published as f64));
+        metric("events_delivered_total", "counter", "Event frames queued to connections (one per connection).", &one(self.events_delivered as f64));
+        metric("events_replayed_total", "counter", "Event frames sent from the replay buffer on resume.", &one(self.events_replayed as f64));
+        let dropped: Vec<(String, f64)> = DropReason::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), self.dropped_count(*r) as f64))
+            .collect();
+        metric("events_dropped_total", "counter", "Events not delivered, by reason.", &dropped);
+        metric("client_messages_total", "counter", "Text messages received from clients.", &one(self.client_messages as f64));
+        metric("client_messages_bad_total", "counter", "Client messages answered with a bad_message error.", &one(self.bad_client_messages as f64));
+        metric("bytes_in_total", "counter", "Bytes read from sockets.", &one(self.bytes_in as f64));
+        metric("bytes_out_total", "counter", "Bytes written to sockets.", &one(self.bytes_out as f64));
+        metric("pending_out_bytes", "gauge", "Bytes queued and not yet written, all connections.", &one(g.pending_out_bytes as f64));
+        for (name, help, h) in [
+            ("emit_to_write_latency_microseconds", "Latency from emit to socket write.", &self.latency_us),
+            ("loop_iteration_microseconds", "Reactor loop iteration time.", &self.loop_us),
+        ] {
+            let _ = writeln!(out, "# HELP agentwire_{name} {help}");
+            let _ = writeln!(out, "# TYPE agentwire_{name} summary");
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let v = if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+                let _ = writeln!(out, "agentwire_{name}{{quantile=\"{q}\"}} {v}");
+            }
+            let _ = writeln!(out, "agentwire_{name}_sum {}", h.sum());
+            let _ = writeln!(out, "agentwire_{name}_count {}", h.len());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_two_percent() {
+        let mut h = Histogram::new();
+        for v in 1..=100_000u64 {
+            h.record(v);
+        }
+        for (q, want) in [(0.5, 50_000.0), (0.99, 99_000.0), (0.999, 99_900.0)] {
+            let got = h.value_at_quantile(q) as f64;
+            assert!((got - want).abs() / want < 0.02, "q{q}: {got} vs {want}");
+        }
+        assert_eq!(h.value_at_quantile(1.0), 100_000);
+        assert_eq!(h.max(), 100_000);
+        for v in [0u64, 1, 63, 64, 65, 127, 128, 1000, 123_456, MAX_VALUE] {
+            let i = Histogram::index(v);
+            assert!(Histogram::upper(i) >= v, "{v}");
+            if i > 0 {
+                assert!(Histogram::upper(i - 1) < v, "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_and_prometheus_reflect_counters() {
+        let mut s = Stats::new();
+        s.connections_opened = 3;
+        s.closed("client_close");
+        s.closed("client_close");
+        s.closed("evicted");
+        s.refused(RefusalReason::InvalidToken);
+        s.dropped(DropReason::RunEnded, 2);
+        for us in 1..=100 {
+            s.record_latency_us(us);
+        }
+        let g = Gauges { connections_open: 1, users_online: 1, ..Gauges::default() };
+        let j = s.to_json(&g);
+        assert_eq!(j["connections"]["opened"], 3);
+        assert_eq!(j["connections"]["closed"], 3);
+        assert_eq!(j["connections"]["closed_by_reason"]["client_close"], 2);
+        assert_eq!(j["connections"]["refused"]["invalid_token"], 1);
+        assert_eq!(j["events"]["dropped"]["run_ended"], 2);
+        assert_eq!(j["latency_us"]["p50"], 50);
+        assert_eq!(j["latency_us"]["max"], 100);
+        let p = s.to_prometheus(&g);
+        assert!(p.contains("agentwire_connections_open 1\n"));
+        assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
+        assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_microseconds_count 100\n"));
+        for line in p.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("agentwire_"), "{line}");
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}
