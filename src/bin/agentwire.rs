@@ -46,6 +46,8 @@ fn token(config: &Config, sub: &str, ttl_s: u64) -> ExitCode {
 
 fn serve(mut config: Config) -> ExitCode {
     let dev = config.dev_mode();
+    // Decide the demo agent before a dev secret makes the config look configured.
+    config.demo_agent = Some(config.demo_agent_effective());
     if dev {
         config.jwt_secret = Some(auth::generate_secret());
         if config.publish_key.is_none() {
