@@ -899,7 +899,7 @@ pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
     match origin {
         _ if allowed.is_empty() => true,
         None => true,
-        Some(o) => allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        Some(o) => allowed.iter().any(|a| a == o),
     }
 }
 

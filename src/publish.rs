@@ -109,6 +109,15 @@ pub fn key_matches(given: &str, expected: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The payload of a server text frame.
+    fn payload(frame: &[u8]) -> &[u8] {
+        match frame[1] & 0x7f {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
     fn bad(body: &str) -> (usize, String) {
         match parse_batch(body.as_bytes()) {
             Err(BatchError::Bad { index, message }) => (index, message),
@@ -122,7 +131,7 @@ mod tests {
         let evs = parse_batch(one.as_bytes()).unwrap();
         assert_eq!(evs.len(), 1);
         let frame = evs[0].frame(5);
-        let v: Value = serde_json::from_slice(&frame[2..]).unwrap();
+        let v: Value = serde_json::from_slice(payload(&frame)).unwrap();
         assert_eq!(v["data"], serde_json::json!({"x": [1, 2]}));
         assert_eq!(v["thread_id"], Value::Null);
         let batch = format!("[{one}, {one}]");
@@ -135,7 +144,7 @@ mod tests {
         let body = r#"{"type":"text_delta","user_id":"u","run_id":"r","agent_name":"a","data":{"b":1.50,"a":"\u00e9"}}"#;
         let evs = parse_batch(body.as_bytes()).unwrap();
         let frame = evs[0].frame(1);
-        let text = std::str::from_utf8(&frame[2..]).unwrap();
+        let text = std::str::from_utf8(payload(&frame)).unwrap();
         assert!(text.ends_with(r#""data":{"b":1.50,"a":"\u00e9"}}"#), "{text}");
     }
 
