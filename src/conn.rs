@@ -132,7 +132,7 @@ impl OutQueue {
 
     /// After a burst the deque may hold a large allocation: give it back.
     fn give_back_memory(&mut self) {
-        if self.chunks.capacity() > 16 {
+        if self.chunks.capacity() > 4 {
             self.chunks = VecDeque::new();
         }
     }
@@ -198,6 +198,9 @@ pub struct Session {
     pub opened: Instant,
     /// A heartbeat Ping was sent and nothing has arrived since.
     pub ping_outstanding: bool,
+    /// Replay bytes still unwritten: allowed on top of `max_pending_bytes`, so a client
+    /// that keeps reading is never closed as slow because its replay is large.
+    pub replay_grace: usize,
 }
 
 /// One connection in the reactor's slab.
@@ -210,7 +213,7 @@ pub struct Conn {
     pub timer: Option<TimerId>,
     /// Tick (ms) when something last arrived from the peer.
     pub last_rx: u64,
-    /// Registered for WRITABLE edges too (only while output is pending... see reactor).
+    /// Bytes read from the socket (for stats).
     pub bytes_in: u64,
 }
 

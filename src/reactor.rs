@@ -787,6 +787,7 @@ impl Reactor {
         let ws_config = self.s.ws_config;
         let log_mode = up.mode.as_str();
         let replayed = replay.len();
+        let replay_grace: usize = replay.iter().map(Bytes::len).sum();
         let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
         if let Some(t) = conn.timer.take() {
             self.wheel.cancel(t);
@@ -809,6 +810,7 @@ impl Reactor {
             bad_in_row: 0,
             opened: Instant::now(),
             ping_outstanding: false,
+            replay_grace,
         }));
         log::info!(
             "conn={} user={} open mode={} resumed={} replayed={}",
@@ -1223,27 +1225,33 @@ impl Reactor {
         let max_pending = self.s.config.max_pending_bytes;
         let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
         let result = conn.out.write_to(&mut conn.tcp);
-        let closing = matches!(conn.phase, Phase::Closing);
         let pending = conn.out.pending();
-        match result {
-            Ok(n) => self.stats.bytes_out += n as u64,
+        let written = match result {
+            Ok(n) => n,
             Err(e) => {
                 let kind = e.kind();
-                if closing {
+                if matches!(conn.phase, Phase::Closing) {
                     self.finish(id);
                 } else {
                     self.close(id, CloseReason::Io(kind));
                 }
                 return;
             }
-        }
-        if closing {
-            if pending == 0 {
-                let Some(conn) = self.conn_mut(id) else { return };
-                let _ = conn.tcp.shutdown(Shutdown::Write);
+        };
+        self.stats.bytes_out += written as u64;
+        match &mut conn.phase {
+            Phase::Closing => {
+                if pending == 0 {
+                    let _ = conn.tcp.shutdown(Shutdown::Write);
+                }
             }
-        } else if pending > max_pending {
-            self.close(id, CloseReason::SlowConsumer);
+            Phase::Open(session) => {
+                session.replay_grace = session.replay_grace.saturating_sub(written);
+                if pending > max_pending + session.replay_grace {
+                    self.close(id, CloseReason::SlowConsumer);
+                }
+            }
+            Phase::Http(_) => {}
         }
     }
 

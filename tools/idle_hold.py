@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Hold N idle authenticated WebSocket connections to a gateway and report its memory.
+
+Starts `target/release/agentwire serve` (or uses --pid/--port of a running one), opens N
+connections for U users (tokens minted with PyJWT), waits for every `connected` frame,
+then samples the gateway's VmRSS from /proc and prints the time to open them and the
+resident memory per connection (RSS after minus RSS before, divided by N).
+
+    python3 tools/idle_hold.py --conns 10000 --users 3400
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jwt
+from websockets.asyncio.client import connect
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def open_one(url: str, token: str, sem: asyncio.Semaphore, held: list, failures: list) -> None:
+    async with sem:
+        try:
+            ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                               ping_interval=None, open_timeout=30, compression=None,
+                               max_queue=4)
+            first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if first.get("type") != "connected":
+                failures.append(f"first frame {first.get('type')}")
+            held.append(ws)
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            failures.append(repr(e))
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conns", type=int, default=10000)
+    ap.add_argument("--users", type=int, default=0, help="default: conns/3 (3 connections per user)")
+    ap.add_argument("--hold-s", type=float, default=3.0, help="seconds to hold before sampling")
+    ap.add_argument("--binary", default="target/release/agentwire")
+    ap.add_argument("--concurrency", type=int, default=200)
+    ap.add_argument("--json", action="store_true", help="print a JSON record too")
+    args = ap.parse_args()
+    users = args.users or max(1, (args.conns + 2) // 3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    secret = "idle-hold-" + os.urandom(16).hex()
+    port = free_port()
+    log = open("/tmp/agentwire-idle-hold.log", "w")
+    cmd = [args.binary, "serve", "--listen", f"127.0.0.1:{port}", "--jwt-secret", secret,
+           "--max-connections", str(args.conns + 10), "--demo-agent", "false"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    print("gateway did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+        before = rss_kib(proc.pid)
+        tokens = [jwt.encode({"sub": f"idle-{u}", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+                  for u in range(users)]
+        url = f"ws://127.0.0.1:{port}/ws"
+        held: list = []
+        failures: list = []
+        sem = asyncio.Semaphore(args.concurrency)
+        t0 = time.monotonic()
+        await asyncio.gather(*(open_one(url, tokens[i % users], sem, held, failures) for i in range(args.conns)))
+        open_s = time.monotonic() - t0
+        await asyncio.sleep(args.hold_s)
+        after = rss_kib(proc.pid)
+        stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/stats", timeout=5).read())
+        per_conn = (after - before) * 1024 / max(1, len(held))
+        record = {
+            "connections": len(held), "users": users, "failed": len(failures),
+            "open_s": round(open_s, 2), "conns_per_s": round(len(held) / open_s, 1) if open_s else None,
+            "rss_before_kib": before, "rss_after_kib": after,
+            "bytes_per_connection": round(per_conn),
+            "gateway_open": stats["connections"]["open"],
+        }
+        print(f"held {len(held)} idle connections ({users} users, {len(failures)} failed) "
+              f"opened in {open_s:.2f} s ({record['conns_per_s']} conn/s)")
+        print(f"gateway RSS {before} KiB -> {after} KiB: {per_conn:.0f} bytes per connection; "
+              f"/ws/stats connections.open = {record['gateway_open']}")
+        if failures:
+            print("first failures:", failures[:3])
+        if args.json:
+            print(json.dumps(record))
+        for ws in held:
+            ws.transport.abort()
+        return 0 if not failures else 1
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
