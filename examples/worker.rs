@@ -16,9 +16,11 @@ use serde_json::json;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:8080".parse()?;
-    config.jwt_secret = Some("example-secret-change-me-0123456789".into());
+    let config = Config {
+        listen: "127.0.0.1:8080".parse()?,
+        jwt_secret: Some("example-secret-change-me-0123456789".into()),
+        ..Config::default()
+    };
     let mut gateway = Gateway::new(config.clone())?;
     let emitter = gateway.emitter();
     let inbound = gateway.inbound().ok_or("inbound channel already taken")?;
@@ -36,7 +38,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let emitter = emitter.clone();
             thread::spawn(move || {
                 for msg in inbound.iter() {
-                    let Inbound::UserMessage { user_id, thread_id, text, run_id, .. } = msg else {
+                    let Inbound::UserMessage {
+                        user_id,
+                        thread_id,
+                        text,
+                        run_id,
+                        ..
+                    } = msg
+                    else {
                         continue; // cancels arrive on the run handle
                     };
                     let run = emitter.run(&user_id, thread_id.as_deref(), &run_id, "calculator");

@@ -92,7 +92,11 @@ impl OutQueue {
             let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
             for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let part = if i == 0 { chunk.get(self.head_written..).unwrap_or(&[]) } else { chunk };
+                let part = if i == 0 {
+                    chunk.get(self.head_written..).unwrap_or(&[])
+                } else {
+                    chunk
+                };
                 if let Some(slot) = slices.get_mut(n) {
                     *slot = IoSlice::new(part);
                     n += 1;
@@ -117,7 +121,9 @@ impl OutQueue {
     fn consume(&mut self, mut n: usize) {
         self.pending -= n;
         while n > 0 {
-            let Some(front) = self.chunks.front() else { break };
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
             let left = front.len() - self.head_written;
             if n >= left {
                 n -= left;
@@ -263,7 +269,11 @@ mod tests {
             want.extend_from_slice(&chunk);
             q.push(Bytes::from(chunk));
         }
-        let mut sink = Trickle { got: Vec::new(), cap: 7, budget: 100 };
+        let mut sink = Trickle {
+            got: Vec::new(),
+            cap: 7,
+            budget: 100,
+        };
         q.write_to(&mut sink).unwrap();
         assert_eq!(sink.got.len(), 100);
         assert_eq!(q.pending(), want.len() - 100);
@@ -279,7 +289,11 @@ mod tests {
         let mut q = OutQueue::default();
         q.push(Bytes::from_static(b"abcdef"));
         q.push(Bytes::from_static(b"ghi"));
-        let mut sink = Trickle { got: Vec::new(), cap: 2, budget: 2 };
+        let mut sink = Trickle {
+            got: Vec::new(),
+            cap: 2,
+            budget: 2,
+        };
         q.write_to(&mut sink).unwrap();
         assert!(q.mid_frame());
         q.discard_unstarted();

@@ -23,7 +23,10 @@ pub const MAX_CONCURRENT_RUNS: usize = 64;
 pub const STEP_DELAY: Duration = Duration::from_millis(120);
 
 /// Start the demo agent on its own thread; it ends when the inbound channel closes.
-pub fn spawn(emitter: Emitter, inbound: Receiver<Inbound>) -> std::io::Result<thread::JoinHandle<()>> {
+pub fn spawn(
+    emitter: Emitter,
+    inbound: Receiver<Inbound>,
+) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("agentwire-demo".into())
         .spawn(move || serve(emitter, inbound))
@@ -32,25 +35,36 @@ pub fn spawn(emitter: Emitter, inbound: Receiver<Inbound>) -> std::io::Result<th
 fn serve(emitter: Emitter, inbound: Receiver<Inbound>) {
     let running = Arc::new(AtomicUsize::new(0));
     for msg in inbound.iter() {
-        let Inbound::UserMessage { user_id, thread_id, text, run_id, .. } = msg else {
+        let Inbound::UserMessage {
+            user_id,
+            thread_id,
+            text,
+            run_id,
+            ..
+        } = msg
+        else {
             // Cancels reach the run through its handle's flag.
             continue;
         };
         if running.load(Ordering::Acquire) >= MAX_CONCURRENT_RUNS {
-            if let Ok(mut run) = emitter.run(&user_id, thread_id.as_deref(), &run_id, "demo_agent") {
-                let _ = run.agent_error(&json!({"reason": "busy", "message": "demo agent at capacity"}));
+            if let Ok(mut run) = emitter.run(&user_id, thread_id.as_deref(), &run_id, "demo_agent")
+            {
+                let _ = run
+                    .agent_error(&json!({"reason": "busy", "message": "demo agent at capacity"}));
             }
             continue;
         }
         running.fetch_add(1, Ordering::AcqRel);
         let emitter = emitter.clone();
         let running = running.clone();
-        let spawned = thread::Builder::new().name("agentwire-demo-run".into()).spawn(move || {
-            if let Err(e) = demo_run(&emitter, &user_id, thread_id.as_deref(), &run_id, &text) {
-                log::warn!("demo run={run_id} user={user_id} ended early: {e}");
-            }
-            running.fetch_sub(1, Ordering::AcqRel);
-        });
+        let spawned = thread::Builder::new()
+            .name("agentwire-demo-run".into())
+            .spawn(move || {
+                if let Err(e) = demo_run(&emitter, &user_id, thread_id.as_deref(), &run_id, &text) {
+                    log::warn!("demo run={run_id} user={user_id} ended early: {e}");
+                }
+                running.fetch_sub(1, Ordering::AcqRel);
+            });
         if let Err(e) = spawned {
             log::error!("demo agent could not start a run thread: {e}");
         }

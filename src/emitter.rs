@@ -242,7 +242,11 @@ impl RunHandle {
     ///
     /// # Errors
     /// [`EmitError::Invalid`] for a bad type name; the other variants as for every emit.
-    pub fn emit<D: Serialize + ?Sized>(&mut self, event_type: &str, data: &D) -> Result<(), EmitError> {
+    pub fn emit<D: Serialize + ?Sized>(
+        &mut self,
+        event_type: &str,
+        data: &D,
+    ) -> Result<(), EmitError> {
         let kind = EventKind::parse(event_type)?;
         self.send(kind, data)
     }

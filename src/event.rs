@@ -373,10 +373,23 @@ mod tests {
         }
         let long_ok = format!("a{}", "b".repeat(63));
         assert!(EventKind::parse(&long_ok).is_ok());
-        for bad in ["", "Text", "1abc", "text-delta", "tëxt", &format!("a{}", "b".repeat(64))] {
-            assert!(matches!(EventKind::parse(bad), Err(EventError::BadType(_))), "{bad}");
+        for bad in [
+            "",
+            "Text",
+            "1abc",
+            "text-delta",
+            "tëxt",
+            &format!("a{}", "b".repeat(64)),
+        ] {
+            assert!(
+                matches!(EventKind::parse(bad), Err(EventError::BadType(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(EventKind::parse("connected"), Err(EventError::ReservedType(_))));
+        assert!(matches!(
+            EventKind::parse("connected"),
+            Err(EventError::ReservedType(_))
+        ));
         assert!(EventKind::AgentError.ends_run());
         assert!(EventKind::AgentCompleted.ends_run());
         assert!(!EventKind::AgentThinking.ends_run());
@@ -384,7 +397,12 @@ mod tests {
 
     #[test]
     fn envelope_has_every_field_and_seq() {
-        let ev = Event::new(key(), EventKind::ToolExecuting, &serde_json::json!({"tool":"sql","args":{}})).unwrap();
+        let ev = Event::new(
+            key(),
+            EventKind::ToolExecuting,
+            &serde_json::json!({"tool":"sql","args":{}}),
+        )
+        .unwrap();
         let frame = ev.frame(43);
         assert_eq!(frame[0], 0x81);
         let v: serde_json::Value = serde_json::from_slice(payload(&frame)).unwrap();
@@ -401,7 +419,11 @@ mod tests {
     #[test]
     fn null_thread_and_escaped_strings() {
         let k = RunKey::new("u\"1\\", None, "r\n", "ag\u{2713}").unwrap();
-        let ev = Event::from_raw_data(k, EventKind::Custom("text_delta".into()), r#"{"t":"héllo"}"#);
+        let ev = Event::from_raw_data(
+            k,
+            EventKind::Custom("text_delta".into()),
+            r#"{"t":"héllo"}"#,
+        );
         let v: serde_json::Value = serde_json::from_slice(payload(&ev.frame(1))).unwrap();
         assert_eq!(v["thread_id"], serde_json::Value::Null);
         assert_eq!(v["user_id"], "u\"1\\");
@@ -424,11 +446,23 @@ mod tests {
 
     #[test]
     fn run_key_limits() {
-        assert_eq!(RunKey::new("", None, "r", "a").unwrap_err(), EventError::BadUser);
-        assert_eq!(RunKey::new(&"u".repeat(129), None, "r", "a").unwrap_err(), EventError::BadUser);
+        assert_eq!(
+            RunKey::new("", None, "r", "a").unwrap_err(),
+            EventError::BadUser
+        );
+        assert_eq!(
+            RunKey::new(&"u".repeat(129), None, "r", "a").unwrap_err(),
+            EventError::BadUser
+        );
         assert!(RunKey::new(&"u".repeat(128), None, "r", "a").is_ok());
-        assert_eq!(RunKey::new("u", None, "", "a").unwrap_err(), EventError::BadRunId);
-        assert_eq!(RunKey::new("u", Some(""), "r", "a").unwrap_err(), EventError::BadThreadId);
+        assert_eq!(
+            RunKey::new("u", None, "", "a").unwrap_err(),
+            EventError::BadRunId
+        );
+        assert_eq!(
+            RunKey::new("u", Some(""), "r", "a").unwrap_err(),
+            EventError::BadThreadId
+        );
         assert_eq!(
             RunKey::new("u", None, "r", &"a".repeat(257)).unwrap_err(),
             EventError::BadAgentName

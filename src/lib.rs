@@ -32,8 +32,10 @@
 //! ```no_run
 //! use agentwire::{Config, Gateway};
 //!
-//! let mut config = Config::default();
-//! config.jwt_secret = Some("a-long-enough-development-secret".into());
+//! let config = Config {
+//!     jwt_secret: Some("a-long-enough-development-secret".into()),
+//!     ..Config::default()
+//! };
 //! let mut gateway = Gateway::new(config)?;
 //! let emitter = gateway.emitter();
 //! let inbound = gateway.inbound().expect("taken once");
@@ -165,16 +167,24 @@ impl Gateway {
             .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
-        let config_json = Bytes::from(
-            serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default(),
-        );
+        let config_json =
+            Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
         let epoch = Reactor::new_epoch();
         let settings = Settings {
             config,
             ws_config,
             config_json,
         };
-        let reactor = Reactor::new(poll, listener, wake.clone(), rx, in_tx, auth, settings, epoch.clone());
+        let reactor = Reactor::new(
+            poll,
+            listener,
+            wake.clone(),
+            rx,
+            in_tx,
+            auth,
+            settings,
+            epoch.clone(),
+        );
         Ok(Gateway {
             reactor,
             emitter: Emitter::new(tx, wake),

@@ -94,6 +94,13 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Event>, BatchError> {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <key>` header (the scheme is
+/// case-insensitive, RFC 7235).
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
 /// Constant-time comparison of the presented key with the configured one.
 pub fn key_matches(given: &str, expected: &str) -> bool {
     let (a, b) = (given.as_bytes(), expected.as_bytes());
@@ -145,21 +152,48 @@ mod tests {
         let evs = parse_batch(body.as_bytes()).unwrap();
         let frame = evs[0].frame(1);
         let text = std::str::from_utf8(payload(&frame)).unwrap();
-        assert!(text.ends_with(r#""data":{"b":1.50,"a":"\u00e9"}}"#), "{text}");
+        assert!(
+            text.ends_with(r#""data":{"b":1.50,"a":"\u00e9"}}"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn bad_events_name_their_index() {
         let ok = r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a"}"#;
         let cases = [
-            (r#"{"type":"Bad Type","user_id":"u","run_id":"r","agent_name":"a"}"#, "type"),
-            (r#"{"type":"agent_thinking","run_id":"r","agent_name":"a"}"#, "user_id"),
-            (r#"{"type":"agent_thinking","user_id":7,"run_id":"r","agent_name":"a"}"#, "user_id"),
-            (r#"{"type":"agent_thinking","user_id":"u","agent_name":"a"}"#, "run_id"),
-            (r#"{"type":"agent_thinking","user_id":"u","run_id":"r"}"#, "agent_name"),
-            (r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a","thread_id":5}"#, "thread_id"),
-            (r#"{"type":"agent_thinking","user_id":"","run_id":"r","agent_name":"a"}"#, "user_id"),
-            (r#"{"type":"connected","user_id":"u","run_id":"r","agent_name":"a"}"#, "reserved"),
+            (
+                r#"{"type":"Bad Type","user_id":"u","run_id":"r","agent_name":"a"}"#,
+                "type",
+            ),
+            (
+                r#"{"type":"agent_thinking","run_id":"r","agent_name":"a"}"#,
+                "user_id",
+            ),
+            (
+                r#"{"type":"agent_thinking","user_id":7,"run_id":"r","agent_name":"a"}"#,
+                "user_id",
+            ),
+            (
+                r#"{"type":"agent_thinking","user_id":"u","agent_name":"a"}"#,
+                "run_id",
+            ),
+            (
+                r#"{"type":"agent_thinking","user_id":"u","run_id":"r"}"#,
+                "agent_name",
+            ),
+            (
+                r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a","thread_id":5}"#,
+                "thread_id",
+            ),
+            (
+                r#"{"type":"agent_thinking","user_id":"","run_id":"r","agent_name":"a"}"#,
+                "user_id",
+            ),
+            (
+                r#"{"type":"connected","user_id":"u","run_id":"r","agent_name":"a"}"#,
+                "reserved",
+            ),
             (r#"17"#, "object"),
         ];
         for (event, word) in cases {
@@ -176,9 +210,21 @@ mod tests {
     fn too_many_events() {
         let ok = r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a"}"#;
         let body = format!("[{}]", vec![ok; MAX_BATCH + 1].join(","));
-        assert_eq!(parse_batch(body.as_bytes()).err(), Some(BatchError::TooMany(MAX_BATCH + 1)));
+        assert_eq!(
+            parse_batch(body.as_bytes()).err(),
+            Some(BatchError::TooMany(MAX_BATCH + 1))
+        );
         let body = format!("[{}]", vec![ok; MAX_BATCH].join(","));
         assert_eq!(parse_batch(body.as_bytes()).unwrap().len(), MAX_BATCH);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer pk-1"), Some("pk-1"));
+        assert_eq!(bearer("bearer  pk-1 "), Some("pk-1"));
+        assert_eq!(bearer("BEARER pk-1"), Some("pk-1"));
+        assert_eq!(bearer("Basic pk-1"), None);
+        assert_eq!(bearer("Bearer"), None);
     }
 
     #[test]

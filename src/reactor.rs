@@ -277,14 +277,15 @@ impl Reactor {
         let mut expired = Vec::new();
         let mut budget_exhausted = false;
         loop {
-            let timeout = if budget_exhausted || !self.dirty.is_empty() || !self.read_again.is_empty() {
-                Some(Duration::ZERO)
-            } else {
-                self.wheel.next_expiry().map(|at| {
-                    let now = self.tick();
-                    Duration::from_millis(at.saturating_sub(now))
-                })
-            };
+            let timeout =
+                if budget_exhausted || !self.dirty.is_empty() || !self.read_again.is_empty() {
+                    Some(Duration::ZERO)
+                } else {
+                    self.wheel.next_expiry().map(|at| {
+                        let now = self.tick();
+                        Duration::from_millis(at.saturating_sub(now))
+                    })
+                };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -312,7 +313,10 @@ impl Reactor {
             self.stats
                 .record_loop_us(iteration.elapsed().as_micros() as u64);
             if self.draining && (self.drain_deadline_passed || self.open_sessions_flushed()) {
-                log::info!("shutdown complete; {} connections closed", self.stats.connections_closed);
+                log::info!(
+                    "shutdown complete; {} connections closed",
+                    self.stats.connections_closed
+                );
                 return Ok(());
             }
         }
@@ -381,8 +385,13 @@ impl Reactor {
     // -------------------------------------------------------------- readiness
 
     fn ready(&mut self, key: usize, readable: bool, writable: bool) {
-        let Some(conn) = self.conns.get(key) else { return };
-        let id = ConnId { key, serial: conn.serial };
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let id = ConnId {
+            key,
+            serial: conn.serial,
+        };
         if writable {
             self.flush_conn(id);
         }
@@ -413,8 +422,12 @@ impl Reactor {
         let mut eof = false;
         let mut err = None;
         {
-            let Some(conn) = self.conn_mut(id) else { return };
-            let Phase::Http(st) = &mut conn.phase else { return };
+            let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+                return;
+            };
+            let Phase::Http(st) = &mut conn.phase else {
+                return;
+            };
             loop {
                 // Cap what we buffer: the head limit plus the largest body we accept.
                 let cap = http::MAX_HEAD_BYTES + max_body;
@@ -429,6 +442,7 @@ impl Reactor {
                     }
                     Ok(n) => {
                         conn.bytes_in += n as u64;
+                        self.stats.bytes_in += n as u64;
                         conn.last_rx = now;
                         st.buf.extend_from_slice(&chunk[..n]);
                     }
@@ -459,8 +473,12 @@ impl Reactor {
         let publish_enabled = self.s.config.publish_key.is_some();
         let max_publish = self.s.config.max_publish_bytes;
         loop {
-            let Some(conn) = self.conn_mut(id) else { return };
-            let Phase::Http(st) = &mut conn.phase else { return };
+            let Some(conn) = self.conn_mut(id) else {
+                return;
+            };
+            let Phase::Http(st) = &mut conn.phase else {
+                return;
+            };
             let parsed = http::parse_head(&st.buf);
             let (req, head_len) = match parsed {
                 Ok(None) => return,
@@ -481,7 +499,9 @@ impl Reactor {
                 Route::Publish => {
                     let Some(len) = req.content_length else {
                         let r = if req.chunked {
-                            Refusal::bad_request("chunked bodies are not supported; send Content-Length")
+                            Refusal::bad_request(
+                                "chunked bodies are not supported; send Content-Length",
+                            )
                         } else {
                             Refusal::bad_request("Content-Length required")
                         };
@@ -500,7 +520,8 @@ impl Reactor {
                     if st.buf.len() < head_len + len {
                         return; // wait for the rest of the body
                     }
-                    let body: Vec<u8> = st.buf.get(head_len..head_len + len).unwrap_or(&[]).to_vec();
+                    let body: Vec<u8> =
+                        st.buf.get(head_len..head_len + len).unwrap_or(&[]).to_vec();
                     st.buf.drain(..head_len + len);
                     st.served += 1;
                     let keep = http::keep_alive(&req);
@@ -587,14 +608,23 @@ impl Reactor {
         }
     }
 
-    fn respond_json(&mut self, id: ConnId, status: u16, body: &Value, close: bool, head_only: bool) {
+    fn respond_json(
+        &mut self,
+        id: ConnId,
+        status: u16,
+        body: &Value,
+        close: bool,
+        head_only: bool,
+    ) {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
         let resp = http::json_response(status, &bytes, close, head_only, &[]);
         self.respond_raw(id, resp, close);
     }
 
     fn respond_raw(&mut self, id: ConnId, resp: Vec<u8>, close: bool) {
-        let Some(conn) = self.conn_mut(id) else { return };
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
         conn.out.push(Bytes::from(resp));
         self.mark_dirty(id);
         if close {
@@ -604,7 +634,8 @@ impl Reactor {
 
     /// Answer a refusal (status + JSON body) and close.
     fn refuse(&mut self, id: ConnId, refusal: &Refusal) {
-        self.stats.refused(RefusalReason::from_status(refusal.status));
+        self.stats
+            .refused(RefusalReason::from_status(refusal.status));
         log::info!(
             "conn={} refused status={} error={} reason={:?}",
             id.public_id(),
@@ -624,22 +655,31 @@ impl Reactor {
     fn publish(&mut self, req: &http::Request, body: &[u8]) -> (u16, Value) {
         self.stats.http_requests += 1;
         let key_ok = match (&self.s.config.publish_key, req.header("authorization")) {
-            (Some(key), Some(h)) => h
-                .strip_prefix("Bearer ")
-                .is_some_and(|given| publish::key_matches(given.trim(), key)),
+            (Some(key), Some(h)) => {
+                publish::bearer(h).is_some_and(|given| publish::key_matches(given, key))
+            }
             _ => false,
         };
         if !key_ok {
-            return (401, json!({"error": "invalid_key", "message": "missing or wrong publish key"}));
+            return (
+                401,
+                json!({"error": "invalid_key", "message": "missing or wrong publish key"}),
+            );
         }
         let parsed = match publish::parse_batch(body) {
             Ok(events) => events,
             Err(publish::BatchError::TooMany(n)) => {
-                return (413, json!({"error": "payload_too_large", "message": format!("{n} events; at most {} per request", publish::MAX_BATCH)}));
+                return (
+                    413,
+                    json!({"error": "payload_too_large", "message": format!("{n} events; at most {} per request", publish::MAX_BATCH)}),
+                );
             }
             Err(publish::BatchError::Bad { index, message }) => {
                 self.stats.dropped(DropReason::Invalid, 1);
-                return (400, json!({"error": "bad_event", "message": message, "index": index}));
+                return (
+                    400,
+                    json!({"error": "bad_event", "message": message, "index": index}),
+                );
             }
         };
         // Refuse the whole batch when one event belongs to an ended run (simulating the
@@ -652,7 +692,10 @@ impl Reactor {
                 || ending.iter().any(|(u, r)| *u == user && *r == run);
             if ended {
                 self.stats.dropped(DropReason::RunEnded, 1);
-                return (400, json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}));
+                return (
+                    400,
+                    json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}),
+                );
             }
             if ev.kind.ends_run() {
                 ending.push((user, run));
@@ -668,7 +711,13 @@ impl Reactor {
 
     // ---------------------------------------------------------------- upgrade
 
-    fn upgrade(&mut self, id: ConnId, req: &http::Request, path_mode: Option<Mode>, leftover: Vec<u8>) {
+    fn upgrade(
+        &mut self,
+        id: ConnId,
+        req: &http::Request,
+        path_mode: Option<Mode>,
+        leftover: Vec<u8>,
+    ) {
         if self.draining {
             self.refuse(id, &Refusal::shutting_down());
             return;
@@ -702,7 +751,8 @@ impl Reactor {
         if user_conns.len() >= per_user {
             match self.s.config.per_user_policy {
                 PerUserPolicy::Reject => {
-                    return self.refuse(id, &Refusal::too_many("per-user connection limit reached"));
+                    return self
+                        .refuse(id, &Refusal::too_many("per-user connection limit reached"));
                 }
                 PerUserPolicy::EvictOldest => {
                     let excess = user_conns.len() + 1 - per_user;
@@ -718,11 +768,15 @@ impl Reactor {
         self.open_session(id, up, claims, leftover);
     }
 
-    fn open_session(&mut self, id: ConnId, up: http::Upgrade, claims: crate::auth::Claims, leftover: Vec<u8>) {
+    fn open_session(
+        &mut self,
+        id: ConnId,
+        up: http::Upgrade,
+        claims: crate::auth::Claims,
+        leftover: Vec<u8>,
+    ) {
         let now = self.tick();
-        let resume_ask = up
-            .last_seq
-            .map(|n| (n, up.epoch.as_deref().unwrap_or("")));
+        let resume_ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
         let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
         let entry = ConnEntry {
             id,
@@ -735,7 +789,10 @@ impl Reactor {
         let resume = user.resume(resume_ask, &epoch);
         let mut replay: Vec<Bytes> = Vec::new();
         if let (Resume::Exact, Some((after, _))) = (&resume, resume_ask) {
-            replay = user.replay_after(after, &entry).map(|r| r.frame.clone()).collect();
+            replay = user
+                .replay_after(after, &entry)
+                .map(|r| r.frame.clone())
+                .collect();
         }
         let active_runs: Vec<Value> = if entry.isolated {
             Vec::new()
@@ -781,20 +838,24 @@ impl Reactor {
         self.stats.connections_opened += 1;
         self.stats.events_replayed += replay.len() as u64;
 
-        let token_at = now + (claims.exp * 1000).saturating_sub(now_ms());
+        let token_at = now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
         let token_timer = self.wheel.insert(token_at, Timer::Token(id));
         let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
         let ws_config = self.s.ws_config;
         let log_mode = up.mode.as_str();
         let replayed = replay.len();
         let replay_grace: usize = replay.iter().map(Bytes::len).sum();
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            return;
+        };
         if let Some(t) = conn.timer.take() {
             self.wheel.cancel(t);
         }
         conn.timer = Some(self.wheel.insert(heartbeat_at, Timer::Phase(id)));
-        conn.out
-            .push(Bytes::from(http::upgrade_response(&up.accept_key, up.subprotocol)));
+        conn.out.push(Bytes::from(http::upgrade_response(
+            &up.accept_key,
+            up.subprotocol,
+        )));
         conn.out.push(control_frame(&connected));
         for frame in replay {
             conn.out.push(frame);
@@ -817,7 +878,11 @@ impl Reactor {
             id.public_id(),
             claims.sub,
             log_mode,
-            match resume { Resume::NotAsked => "-", Resume::Exact => "true", Resume::Lost => "false" },
+            match resume {
+                Resume::NotAsked => "-",
+                Resume::Exact => "true",
+                Resume::Lost => "false",
+            },
             replayed
         );
         self.mark_dirty(id);
@@ -832,11 +897,19 @@ impl Reactor {
         let mut texts: Vec<String> = Vec::new();
         let mut ending: Option<CloseReason> = None;
         {
-            let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
-            let Phase::Open(session) = &mut conn.phase else { return };
+            let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+                return;
+            };
+            let Phase::Open(session) = &mut conn.phase else {
+                return;
+            };
             let before = conn.bytes_in;
             loop {
-                let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+                let mut wire = Wire {
+                    tcp: &mut conn.tcp,
+                    out: &mut conn.out,
+                    bytes_in: &mut conn.bytes_in,
+                };
                 match session.ws.read(&mut wire) {
                     Ok(Message::Text(t)) => texts.push(t.as_str().to_owned()),
                     Ok(Message::Binary(_)) => {
@@ -848,8 +921,12 @@ impl Reactor {
                         continue;
                     }
                     Ok(_) => {} // ping (answered by tungstenite), pong, raw frame
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        break
+                    }
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                        continue
+                    }
                     Err(e) => {
                         ending = Some(classify_ws_error(&e));
                         break;
@@ -868,7 +945,11 @@ impl Reactor {
             }
             self.stats.bytes_in += conn.bytes_in - before;
             // Push queued pongs into the output queue.
-            let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+            let mut wire = Wire {
+                tcp: &mut conn.tcp,
+                out: &mut conn.out,
+                bytes_in: &mut conn.bytes_in,
+            };
             let _ = session.ws.flush(&mut wire);
         }
         self.mark_dirty(id);
@@ -876,7 +957,10 @@ impl Reactor {
         for text in texts {
             self.stats.client_messages += 1;
             self.client_message(id, &text);
-            if self.conn_mut(id).is_none_or(|c| !matches!(c.phase, Phase::Open(_))) {
+            if self
+                .conn_mut(id)
+                .is_none_or(|c| !matches!(c.phase, Phase::Open(_)))
+            {
                 return;
             }
         }
@@ -890,7 +974,9 @@ impl Reactor {
     fn read_closing(&mut self, id: ConnId) {
         let mut done = false;
         {
-            let Some(conn) = self.conn_mut(id) else { return };
+            let Some(conn) = self.conn_mut(id) else {
+                return;
+            };
             let mut sink = [0u8; 4096];
             loop {
                 match conn.tcp.read(&mut sink) {
@@ -921,7 +1007,10 @@ impl Reactor {
     }
 
     fn send_error(&mut self, id: ConnId, code: &str, message: &str) {
-        self.send_frame(id, control_frame(&json!({"type": "error", "code": code, "message": message})));
+        self.send_frame(
+            id,
+            control_frame(&json!({"type": "error", "code": code, "message": message})),
+        );
     }
 
     fn bad_message(&mut self, id: ConnId, message: &str) {
@@ -963,7 +1052,11 @@ impl Reactor {
                 let thread = obj.get("thread_id");
                 let thread = match thread {
                     None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(t)) if !t.is_empty() && t.len() <= crate::event::MAX_NAME_BYTES => Ok(Some(t.clone())),
+                    Some(Value::String(t))
+                        if !t.is_empty() && t.len() <= crate::event::MAX_NAME_BYTES =>
+                    {
+                        Ok(Some(t.clone()))
+                    }
                     Some(_) => Err(()),
                 };
                 match (text_field, thread) {
@@ -1014,14 +1107,21 @@ impl Reactor {
     }
 
     fn session(&self, id: ConnId) -> Option<&Session> {
-        match self.conns.get(id.key).filter(|c| c.serial == id.serial).map(|c| &c.phase) {
+        match self
+            .conns
+            .get(id.key)
+            .filter(|c| c.serial == id.serial)
+            .map(|c| &c.phase)
+        {
             Some(Phase::Open(s)) => Some(s),
             _ => None,
         }
     }
 
     fn user_message(&mut self, id: ConnId, text: &str, thread: Option<String>, reference: Value) {
-        let Some(session) = self.session(id) else { return };
+        let Some(session) = self.session(id) else {
+            return;
+        };
         let user = session.user.clone();
         let isolated = session.mode.is_isolated();
         let run_id = new_run_id();
@@ -1058,13 +1158,22 @@ impl Reactor {
                 cancel_requested: false,
             },
         );
-        self.send_frame(id, control_frame(&json!({"type": "ack", "ref": reference, "run_id": run_id})));
+        self.send_frame(
+            id,
+            control_frame(&json!({"type": "ack", "ref": reference, "run_id": run_id})),
+        );
     }
 
     fn cancel(&mut self, id: ConnId, run_id: &str) {
-        let Some(session) = self.session(id) else { return };
+        let Some(session) = self.session(id) else {
+            return;
+        };
         let user = session.user.clone();
-        let found = match self.registry.get_mut(&user).and_then(|u| u.runs.get_mut(run_id)) {
+        let found = match self
+            .registry
+            .get_mut(&user)
+            .and_then(|u| u.runs.get_mut(run_id))
+        {
             Some(run) => {
                 if let Some(flag) = &run.cancel {
                     flag.store(true, Ordering::Release);
@@ -1081,18 +1190,24 @@ impl Reactor {
             user_id: user.to_string(),
             run_id: run_id.to_owned(),
         });
-        self.send_frame(id, control_frame(&json!({"type": "cancel_requested", "run_id": run_id})));
+        self.send_frame(
+            id,
+            control_frame(&json!({"type": "cancel_requested", "run_id": run_id})),
+        );
     }
 
     fn refresh(&mut self, id: ConnId, token: &str) {
-        let Some(session) = self.session(id) else { return };
+        let Some(session) = self.session(id) else {
+            return;
+        };
         let user = session.user.clone();
         match self.auth.verify(token) {
             Err(e) => self.send_error(id, "invalid_token", &e.to_string()),
             Ok(claims) if *claims.sub != *user => self.close(id, CloseReason::RefreshOtherUser),
             Ok(claims) => {
                 let now = self.tick();
-                let at = now + (claims.exp * 1000).saturating_sub(now_ms());
+                let at =
+                    now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
                 let timer = self.wheel.insert(at, Timer::Token(id));
                 if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
                     s.token_exp = claims.exp;
@@ -1101,7 +1216,10 @@ impl Reactor {
                         self.wheel.cancel(old);
                     }
                 }
-                self.send_frame(id, control_frame(&json!({"type": "refreshed", "exp": claims.exp})));
+                self.send_frame(
+                    id,
+                    control_frame(&json!({"type": "refreshed", "exp": claims.exp})),
+                );
             }
         }
     }
@@ -1113,10 +1231,7 @@ impl Reactor {
         self.wake.reset();
         for _ in 0..DRAIN_BUDGET {
             match self.rx.try_recv() {
-                Ok(Command::Event(ev)) => {
-                    self.stats.events_emitted += 1;
-                    self.route(*ev);
-                }
+                Ok(Command::Event(ev)) => self.route(*ev),
                 Ok(Command::Shutdown) => self.begin_shutdown(),
                 Err(_) => return false,
             }
@@ -1127,29 +1242,37 @@ impl Reactor {
     /// Assign the user's next seq, keep the event for replay, queue it on every
     /// connection that takes it.
     fn route(&mut self, ev: Event) {
+        self.stats.events_emitted += 1;
         let now = self.tick();
         let replay_max = self.s.config.replay_events;
         let user = self.registry.entry(&ev.key.user_id);
         if user.run_ended(&ev.key.run_id) {
             self.stats.dropped(DropReason::RunEnded, 1);
-            log::debug!("user={} run={} event after the run ended: dropped", ev.key.user_id, ev.key.run_id);
+            log::debug!(
+                "user={} run={} event after the run ended: dropped",
+                ev.key.user_id,
+                ev.key.run_id
+            );
             return;
         }
         user.seq += 1;
         let seq = user.seq;
         let frame = ev.frame(seq);
-        let run = user.runs.entry(ev.key.run_id.clone()).or_insert_with(|| Run {
-            thread: ev.key.thread_id.clone(),
-            agent_name: ev.key.agent_name.clone(),
-            started_ts: ev.ts_ms,
-            last_seq: seq,
-            last_type: Arc::from(""),
-            last_event: now,
-            owner: None,
-            cancel: None,
-            begun: true,
-            cancel_requested: false,
-        });
+        let run = user
+            .runs
+            .entry(ev.key.run_id.clone())
+            .or_insert_with(|| Run {
+                thread: ev.key.thread_id.clone(),
+                agent_name: ev.key.agent_name.clone(),
+                started_ts: ev.ts_ms,
+                last_seq: seq,
+                last_type: Arc::from(""),
+                last_event: now,
+                owner: None,
+                cancel: None,
+                begun: true,
+                cancel_requested: false,
+            });
         if !run.begun {
             run.begun = true;
             run.started_ts = ev.ts_ms;
@@ -1186,8 +1309,14 @@ impl Reactor {
             .extend(user.targets(ev.key.thread_id.as_deref(), owner));
         let mut delivered = 0;
         for i in 0..self.scratch_targets.len() {
-            let Some(&target) = self.scratch_targets.get(i) else { break };
-            if let Some(conn) = self.conns.get_mut(target.key).filter(|c| c.serial == target.serial) {
+            let Some(&target) = self.scratch_targets.get(i) else {
+                break;
+            };
+            if let Some(conn) = self
+                .conns
+                .get_mut(target.key)
+                .filter(|c| c.serial == target.serial)
+            {
                 if matches!(conn.phase, Phase::Open(_)) {
                     conn.out.push(frame.clone());
                     self.dirty.push(target);
@@ -1223,7 +1352,9 @@ impl Reactor {
 
     fn flush_conn(&mut self, id: ConnId) {
         let max_pending = self.s.config.max_pending_bytes;
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            return;
+        };
         let result = conn.out.write_to(&mut conn.tcp);
         let pending = conn.out.pending();
         let written = match result {
@@ -1275,7 +1406,7 @@ impl Reactor {
             Timer::Token(id) => {
                 let expired = self
                     .session(id)
-                    .is_some_and(|s| s.token_exp * 1000 <= now_ms() + 5);
+                    .is_some_and(|s| s.token_exp.saturating_mul(1000) <= now_ms() + 5);
                 if expired {
                     self.close(id, CloseReason::TokenExpired);
                 }
@@ -1299,7 +1430,9 @@ impl Reactor {
         let now = self.tick();
         let interval = self.s.config.heartbeat_interval_ms;
         let timeout = self.s.config.heartbeat_timeout_ms;
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            return;
+        };
         conn.timer = None;
         let session = match &mut conn.phase {
             Phase::Http(_) => return self.close(id, CloseReason::HandshakeTimeout),
@@ -1314,7 +1447,11 @@ impl Reactor {
         // only a connection that has been silent gets a Ping; busy connections cost no
         // timer work per frame.
         if silent + 5 >= interval || !session.ping_outstanding {
-            let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
+            let mut wire = Wire {
+                tcp: &mut conn.tcp,
+                out: &mut conn.out,
+                bytes_in: &mut conn.bytes_in,
+            };
             let _ = session.ws.write(&mut wire, Message::Ping(Bytes::new()));
             let _ = session.ws.flush(&mut wire);
             session.ping_outstanding = true;
@@ -1344,8 +1481,16 @@ impl Reactor {
             }
         }
         for key in stale {
-            log::info!("user={} run={} idle for run_idle_timeout_ms: ending it", key.user_id, key.run_id);
-            match Event::new(key, EventKind::AgentError, &json!({"reason": "run_timeout"})) {
+            log::info!(
+                "user={} run={} idle for run_idle_timeout_ms: ending it",
+                key.user_id,
+                key.run_id
+            );
+            match Event::new(
+                key,
+                EventKind::AgentError,
+                &json!({"reason": "run_timeout"}),
+            ) {
                 Ok(ev) => self.route(ev),
                 Err(e) => log::error!("synthetic run_timeout event failed: {e}"),
             }
@@ -1374,7 +1519,10 @@ impl Reactor {
             .conns
             .iter()
             .filter(|(_, c)| matches!(c.phase, Phase::Open(_)))
-            .map(|(key, c)| ConnId { key, serial: c.serial })
+            .map(|(key, c)| ConnId {
+                key,
+                serial: c.serial,
+            })
             .collect();
         for id in open {
             self.close(id, CloseReason::Shutdown);
@@ -1395,7 +1543,9 @@ impl Reactor {
     /// log the reason once, then let the output drain (bounded by a linger timer).
     pub(crate) fn close(&mut self, id: ConnId, reason: CloseReason) {
         let linger_at = self.tick() + LINGER_MS;
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else { return };
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            return;
+        };
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
         match phase {
             Phase::Closing => {
@@ -1412,8 +1562,15 @@ impl Reactor {
                             self.stats.dropped(DropReason::SlowConsumer, 1);
                         }
                     }
-                    let mut wire = Wire { tcp: &mut conn.tcp, out: &mut conn.out, bytes_in: &mut conn.bytes_in };
-                    let frame = CloseFrame { code: CloseCode::from(code), reason: text.into() };
+                    let mut wire = Wire {
+                        tcp: &mut conn.tcp,
+                        out: &mut conn.out,
+                        bytes_in: &mut conn.bytes_in,
+                    };
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: text.into(),
+                    };
                     let _ = session.ws.close(&mut wire, Some(frame));
                     let _ = session.ws.flush(&mut wire);
                 }
@@ -1438,7 +1595,11 @@ impl Reactor {
         if let Some(t) = conn.timer.take() {
             self.wheel.cancel(t);
         }
-        if matches!(reason, CloseReason::Io(_) | CloseReason::ClientClosed | CloseReason::HandshakeTimeout) && conn.out.is_empty() {
+        if matches!(
+            reason,
+            CloseReason::Io(_) | CloseReason::ClientClosed | CloseReason::HandshakeTimeout
+        ) && conn.out.is_empty()
+        {
             self.finish(id);
             return;
         }
@@ -1451,7 +1612,10 @@ impl Reactor {
         if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
             return;
         }
-        if matches!(self.conns.get(id.key).map(|c| &c.phase), Some(Phase::Open(_))) {
+        if matches!(
+            self.conns.get(id.key).map(|c| &c.phase),
+            Some(Phase::Open(_))
+        ) {
             // Unregister the session first (this may already free the slot).
             self.close(id, CloseReason::ClientClosed);
             if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
@@ -1470,12 +1634,16 @@ impl Reactor {
 fn classify_ws_error(e: &tungstenite::Error) -> CloseReason {
     use tungstenite::error::{CapacityError, ProtocolError};
     match e {
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => CloseReason::ClientClosed,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            CloseReason::ClientClosed
+        }
         tungstenite::Error::Io(e) => CloseReason::Io(e.kind()),
         tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
         tungstenite::Error::Capacity(_) => CloseReason::TooBig,
         tungstenite::Error::Utf8(_) => CloseReason::BadUtf8,
-        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientClosed,
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            CloseReason::ClientClosed
+        }
         tungstenite::Error::Protocol(_) => CloseReason::Protocol,
         _ => CloseReason::Protocol,
     }

@@ -242,7 +242,9 @@ impl Registry {
 
     /// Remove a connection; returns true if it was registered.
     pub fn remove_conn(&mut self, user: &str, id: ConnId) -> bool {
-        let Some(u) = self.users.get_mut(user) else { return false };
+        let Some(u) = self.users.get_mut(user) else {
+            return false;
+        };
         let removed = u.remove_conn(id);
         if removed && u.conns.is_empty() {
             self.online -= 1;
@@ -307,11 +309,21 @@ mod tests {
     }
 
     fn entry(key: usize, serial: u64, thread: Option<&str>, isolated: bool) -> ConnEntry {
-        ConnEntry { id: id(key, serial), thread: thread.map(Arc::from), isolated }
+        ConnEntry {
+            id: id(key, serial),
+            thread: thread.map(Arc::from),
+            isolated,
+        }
     }
 
     fn replayed(seq: u64, thread: Option<&str>, owner: Option<ConnId>, at: u64) -> Replayed {
-        Replayed { seq, frame: Bytes::new(), thread: thread.map(Arc::from), owner, at }
+        Replayed {
+            seq,
+            frame: Bytes::new(),
+            thread: thread.map(Arc::from),
+            owner,
+            at,
+        }
     }
 
     #[test]

@@ -369,46 +369,163 @@ impl Stats {
             }
         };
         let one = |v: f64| vec![(String::new(), v)];
-        metric("uptime_seconds", "gauge", "Seconds since the gateway started.", &one(g.uptime_s as f64));
-        metric("connections_open", "gauge", "Open WebSocket connections.", &one(g.connections_open as f64));
-        metric("users_online", "gauge", "Users with at least one open connection.", &one(g.users_online as f64));
-        metric("runs_active", "gauge", "Agent runs started and not yet ended.", &one(g.active_runs as f64));
-        metric("timers", "gauge", "Timers armed on the reactor's wheel.", &one(g.timers as f64));
-        metric("connections_opened_total", "counter", "WebSocket connections accepted.", &one(self.connections_opened as f64));
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since the gateway started.",
+            &one(g.uptime_s as f64),
+        );
+        metric(
+            "connections_open",
+            "gauge",
+            "Open WebSocket connections.",
+            &one(g.connections_open as f64),
+        );
+        metric(
+            "users_online",
+            "gauge",
+            "Users with at least one open connection.",
+            &one(g.users_online as f64),
+        );
+        metric(
+            "runs_active",
+            "gauge",
+            "Agent runs started and not yet ended.",
+            &one(g.active_runs as f64),
+        );
+        metric(
+            "timers",
+            "gauge",
+            "Timers armed on the reactor's wheel.",
+            &one(g.timers as f64),
+        );
+        metric(
+            "connections_opened_total",
+            "counter",
+            "WebSocket connections accepted.",
+            &one(self.connections_opened as f64),
+        );
         let closed: Vec<(String, f64)> = self
             .closed_by_reason
             .iter()
             .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
             .collect();
-        metric("connections_closed_total", "counter", "WebSocket connections closed, by reason.", &closed);
+        metric(
+            "connections_closed_total",
+            "counter",
+            "WebSocket connections closed, by reason.",
+            &closed,
+        );
         let refused: Vec<(String, f64)> = RefusalReason::ALL
             .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), self.refused_count(*r) as f64))
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.as_str()),
+                    self.refused_count(*r) as f64,
+                )
+            })
             .collect();
-        metric("connections_refused_total", "counter", "Upgrades refused before the handshake, by reason.", &refused);
-        metric("http_requests_total", "counter", "Plain HTTP requests answered.", &one(self.http_requests as f64));
-        metric("events_emitted_total", "counter", "Events accepted from workers and the publish API.", &one(self.events_emitted as f64));
-        metric("events_published_total", "counter", "Events accepted through POST /api/events.", &one(self.events_published as f64));
-        metric("events_delivered_total", "counter", "Event frames queued to connections (one per connection).", &one(self.events_delivered as f64));
-        metric("events_replayed_total", "counter", "Event frames sent from the replay buffer on resume.", &one(self.events_replayed as f64));
+        metric(
+            "connections_refused_total",
+            "counter",
+            "Upgrades refused before the handshake, by reason.",
+            &refused,
+        );
+        metric(
+            "http_requests_total",
+            "counter",
+            "Plain HTTP requests answered.",
+            &one(self.http_requests as f64),
+        );
+        metric(
+            "events_emitted_total",
+            "counter",
+            "Events accepted from workers and the publish API.",
+            &one(self.events_emitted as f64),
+        );
+        metric(
+            "events_published_total",
+            "counter",
+            "Events accepted through POST /api/events.",
+            &one(self.events_published as f64),
+        );
+        metric(
+            "events_delivered_total",
+            "counter",
+            "Event frames queued to connections (one per connection).",
+            &one(self.events_delivered as f64),
+        );
+        metric(
+            "events_replayed_total",
+            "counter",
+            "Event frames sent from the replay buffer on resume.",
+            &one(self.events_replayed as f64),
+        );
         let dropped: Vec<(String, f64)> = DropReason::ALL
             .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.as_str()), self.dropped_count(*r) as f64))
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.as_str()),
+                    self.dropped_count(*r) as f64,
+                )
+            })
             .collect();
-        metric("events_dropped_total", "counter", "Events not delivered, by reason.", &dropped);
-        metric("client_messages_total", "counter", "Text messages received from clients.", &one(self.client_messages as f64));
-        metric("client_messages_bad_total", "counter", "Client messages answered with a bad_message error.", &one(self.bad_client_messages as f64));
-        metric("bytes_in_total", "counter", "Bytes read from sockets.", &one(self.bytes_in as f64));
-        metric("bytes_out_total", "counter", "Bytes written to sockets.", &one(self.bytes_out as f64));
-        metric("pending_out_bytes", "gauge", "Bytes queued and not yet written, all connections.", &one(g.pending_out_bytes as f64));
+        metric(
+            "events_dropped_total",
+            "counter",
+            "Events not delivered, by reason.",
+            &dropped,
+        );
+        metric(
+            "client_messages_total",
+            "counter",
+            "Text messages received from clients.",
+            &one(self.client_messages as f64),
+        );
+        metric(
+            "client_messages_bad_total",
+            "counter",
+            "Client messages answered with a bad_message error.",
+            &one(self.bad_client_messages as f64),
+        );
+        metric(
+            "bytes_in_total",
+            "counter",
+            "Bytes read from sockets.",
+            &one(self.bytes_in as f64),
+        );
+        metric(
+            "bytes_out_total",
+            "counter",
+            "Bytes written to sockets.",
+            &one(self.bytes_out as f64),
+        );
+        metric(
+            "pending_out_bytes",
+            "gauge",
+            "Bytes queued and not yet written, all connections.",
+            &one(g.pending_out_bytes as f64),
+        );
         for (name, help, h) in [
-            ("emit_to_write_latency_microseconds", "Latency from emit to socket write.", &self.latency_us),
-            ("loop_iteration_microseconds", "Reactor loop iteration time.", &self.loop_us),
+            (
+                "emit_to_write_latency_microseconds",
+                "Latency from emit to socket write.",
+                &self.latency_us,
+            ),
+            (
+                "loop_iteration_microseconds",
+                "Reactor loop iteration time.",
+                &self.loop_us,
+            ),
         ] {
             let _ = writeln!(out, "# HELP agentwire_{name} {help}");
             let _ = writeln!(out, "# TYPE agentwire_{name} summary");
             for q in [0.5, 0.9, 0.99, 0.999] {
-                let v = if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+                let v = if h.is_empty() {
+                    0
+                } else {
+                    h.value_at_quantile(q)
+                };
                 let _ = writeln!(out, "agentwire_{name}{{quantile=\"{q}\"}} {v}");
             }
             let _ = writeln!(out, "agentwire_{name}_sum {}", h.sum());
@@ -455,7 +572,11 @@ mod tests {
         for us in 1..=100 {
             s.record_latency_us(us);
         }
-        let g = Gauges { connections_open: 1, users_online: 1, ..Gauges::default() };
+        let g = Gauges {
+            connections_open: 1,
+            users_online: 1,
+            ..Gauges::default()
+        };
         let j = s.to_json(&g);
         assert_eq!(j["connections"]["opened"], 3);
         assert_eq!(j["connections"]["closed"], 3);
