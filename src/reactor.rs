@@ -305,9 +305,15 @@ impl Reactor {
             }
             budget_exhausted = self.drain_channel();
             let now = self.tick();
+            let timers_started = Instant::now();
             self.wheel.advance(now, &mut expired);
+            let fired = expired.len();
             for timer in expired.drain(..) {
                 self.on_timer(timer);
+            }
+            if fired > 0 {
+                self.stats
+                    .record_timers(fired as u64, timers_started.elapsed().as_micros() as u64);
             }
             self.flush_dirty();
             self.stats

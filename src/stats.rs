@@ -120,6 +120,9 @@ pub struct Stats {
     pub client_messages: u64,
     pub bad_client_messages: u64,
     pub loop_iterations: u64,
+    /// Timers fired, and microseconds spent advancing the wheel and handling them.
+    pub timers_fired: u64,
+    pub timer_handling_us: u64,
     latency_us: Histogram,
     loop_us: Histogram,
 }
@@ -252,6 +255,8 @@ impl Stats {
             client_messages: 0,
             bad_client_messages: 0,
             loop_iterations: 0,
+            timers_fired: 0,
+            timer_handling_us: 0,
             latency_us: Histogram::new(),
             loop_us: Histogram::new(),
         }
@@ -288,6 +293,12 @@ impl Stats {
 
     pub fn record_latency_us(&mut self, us: u64) {
         self.latency_us.record(us);
+    }
+
+    /// One loop iteration's timer work: `fired` timers handled in `us` microseconds.
+    pub fn record_timers(&mut self, fired: u64, us: u64) {
+        self.timers_fired += fired;
+        self.timer_handling_us += us;
     }
 
     pub fn record_loop_us(&mut self, us: u64) {
@@ -352,9 +363,14 @@ impl Stats {
             "latency_us": Self::percentiles(&self.latency_us),
             "loop": {
                 "iterations": self.loop_iterations,
+                "busy_us": self.loop_us.sum(),
                 "iteration_us": Self::percentiles(&self.loop_us),
             },
-            "timers": g.timers,
+            "timers": {
+                "armed": g.timers,
+                "fired": self.timers_fired,
+                "handling_us": self.timer_handling_us,
+            },
         })
     }
 

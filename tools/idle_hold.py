@@ -62,6 +62,8 @@ async def main() -> int:
     ap.add_argument("--binary", default="target/release/agentwire")
     ap.add_argument("--concurrency", type=int, default=200)
     ap.add_argument("--json", action="store_true", help="print a JSON record too")
+    ap.add_argument("--gateway-arg", action="append", default=[],
+                    help="extra argument for `agentwire serve` (repeatable), e.g. --gateway-arg=--heartbeat-interval-ms=1000")
     args = ap.parse_args()
     users = args.users or max(1, (args.conns + 2) // 3)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -71,7 +73,7 @@ async def main() -> int:
     port = free_port()
     log = open("/tmp/agentwire-idle-hold.log", "w")
     cmd = [args.binary, "serve", "--listen", f"127.0.0.1:{port}", "--jwt-secret", secret,
-           "--max-connections", str(args.conns + 10), "--demo-agent", "false"]
+           "--max-connections", str(args.conns + 10), "--demo-agent", "false", *args.gateway_arg]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
     try:
@@ -98,6 +100,13 @@ async def main() -> int:
         await asyncio.sleep(args.hold_s)
         after = rss_kib(proc.pid)
         stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/stats", timeout=5).read())
+        t_stats = time.monotonic()
+        await asyncio.sleep(args.hold_s)
+        stats2 = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/stats", timeout=5).read())
+        window_us = (time.monotonic() - t_stats) * 1e6
+        timer_us = stats2["timers"]["handling_us"] - stats["timers"]["handling_us"]
+        busy_us = stats2["loop"]["busy_us"] - stats["loop"]["busy_us"]
+        fired = stats2["timers"]["fired"] - stats["timers"]["fired"]
         per_conn = (after - before) * 1024 / max(1, len(held))
         record = {
             "connections": len(held), "users": users, "failed": len(failures),
@@ -105,11 +114,19 @@ async def main() -> int:
             "rss_before_kib": before, "rss_after_kib": after,
             "bytes_per_connection": round(per_conn),
             "gateway_open": stats["connections"]["open"],
+            "timers_armed": stats2["timers"]["armed"],
+            "timers_fired_per_s": round(fired / (window_us / 1e6), 1),
+            "timer_handling_share": round(timer_us / window_us, 5),
+            "loop_busy_share": round(busy_us / window_us, 5),
         }
         print(f"held {len(held)} idle connections ({users} users, {len(failures)} failed) "
               f"opened in {open_s:.2f} s ({record['conns_per_s']} conn/s)")
         print(f"gateway RSS {before} KiB -> {after} KiB: {per_conn:.0f} bytes per connection; "
               f"/ws/stats connections.open = {record['gateway_open']}")
+        print(f"over {window_us / 1e6:.1f} s: {record['timers_fired_per_s']} timers fired/s, "
+              f"{record['timers_armed']} armed; timer handling {timer_us / 1000:.1f} ms "
+              f"({record['timer_handling_share'] * 100:.3f} % of wall time), loop busy "
+              f"{record['loop_busy_share'] * 100:.3f} %")
         if failures:
             print("first failures:", failures[:3])
         if args.json:
