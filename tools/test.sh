@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The test command of agentwire: everything a change must pass, from any directory.
+#
+#   bash tools/test.sh           Rust unit + integration + doc tests, then the release
+#                                build and the Python interop checks against it
+#   bash tools/test.sh --quick   Rust tests only (no release build, no interop)
+#
+# Steps:
+#   1. target/test-venv: a Python venv (python3 -m venv) holding the pinned packages of
+#      tools/requirements-test.txt; reinstalled only when that file changes.
+#   2. cargo test --all-targets --no-fail-fast (unit, integration, bins, benches in test
+#      mode), then cargo test --doc (--all-targets leaves doc tests out).
+#   3. cargo build --release, then tests/interop/test_interop.py against
+#      target/release/agentwire with the venv's python.
+# Every step runs even when an earlier one failed (except what depends on it), so one run
+# shows all failures. The last line is `N passed, M failed`: Rust tests and interop
+# checks summed, plus one failure per step that failed without reporting counts (a
+# compile error, a timeout). Exit 0 only when M is 0.
+#
+# Environment: PYTHON (default python3) creates the venv; AGENTWIRE_CARGO_TEST_TIMEOUT_S,
+# AGENTWIRE_BUILD_TIMEOUT_S (default 1200 each) and AGENTWIRE_INTEROP_TIMEOUT_S (default
+# 120) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
+# kept in target/test-logs/.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/target/test-venv
+REQS=$ROOT/tools/requirements-test.txt
+LOGDIR=$ROOT/target/test-logs
+PYTHON=${PYTHON:-python3}
+CARGO_TEST_TIMEOUT_S=${AGENTWIRE_CARGO_TEST_TIMEOUT_S:-1200}
+INTEROP_TIMEOUT_S=${AGENTWIRE_INTEROP_TIMEOUT_S:-120}
+BUILD_TIMEOUT_S=${AGENTWIRE_BUILD_TIMEOUT_S:-1200}
+export PYTHONUNBUFFERED=1
+
+quick=0
+for arg in "$@"; do
+    case $arg in
+        --quick) quick=1 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "tools/test.sh: unknown argument '$arg' (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+mkdir -p "$LOGDIR"
+rm -f "$LOGDIR"/*.log
+passed=0
+failed=0
+failures=()
+summary=()
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Add the counts of cargo's "test result:" lines in log $2 for step $1; a failed command
+# ($3 = its exit code) whose log holds no failing test result counts as one failure.
+count_cargo() {
+    local name=$1 log=$2 rc=$3 p f
+    read -r p f < <(awk '/^test result: /{for(i=1;i<NF;i++){if($(i+1)~/^passed/)p+=$i; if($(i+1)~/^failed/)f+=$i}} END{print p+0, f+0}' "$log")
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        f=1
+        failures+=("$name: exit code $rc without a failing test (compile error, crash or timeout), see above")
+    elif [ "$f" -ne 0 ]; then
+        failures+=("$name: $f failed")
+    fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    summary+=("$name: $p passed, $f failed")
+}
+
+# run_logged LOG LIMIT_S CMD...: run CMD under `timeout LIMIT_S`, its output shown and
+# kept in LOG; sets rc (124 on timeout). timeout puts CMD in its own process group and
+# kills all of it (a hung test binary too); Ctrl-C or SIGTERM here kills that group.
+child=""
+tailer=""
+run_logged() {
+    local log=$1 limit=$2
+    shift 2
+    : >"$log"
+    timeout --kill-after=30 "$limit" "$@" >"$log" 2>&1 &
+    child=$!
+    tail -n +1 -f --pid="$child" "$log" &
+    tailer=$!
+    rc=0
+    wait "$child" || rc=$?
+    wait "$tailer" || true
+    child=""
+    tailer=""
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "tools/test.sh: '$*' timed out after ${limit}s" | tee -a "$log"
+    fi
+}
+on_signal() {
+    [ -n "$child" ] && kill -TERM -- "-$child" 2>/dev/null
+    [ -n "$tailer" ] && kill "$tailer" 2>/dev/null
+    echo "tools/test.sh: interrupted" >&2
+    exit 130
+}
+trap on_signal INT TERM
+
+# 1. Python venv for the interop checks.
+venv_ok=0
+if [ "$quick" -eq 0 ]; then
+    step "Python test venv ($VENV)"
+    if [ ! -x "$VENV/bin/python" ]; then
+        rm -rf "$VENV"
+        if ! "$PYTHON" -m venv "$VENV"; then
+            # A Python without ensurepip (Debian without python3-venv): virtualenv, from
+            # PyPI, brings its own pip.
+            rm -rf "$VENV"
+            echo "tools/test.sh: '$PYTHON -m venv' failed; trying virtualenv from PyPI" >&2
+            if ! { "$PYTHON" -m pip install --quiet --user --disable-pip-version-check virtualenv &&
+                "$PYTHON" -m virtualenv --quiet "$VENV"; }; then
+                rm -rf "$VENV"
+                echo "tools/test.sh: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+            fi
+        fi
+    fi
+    if [ -x "$VENV/bin/python" ]; then
+        want=$(sha256sum "$REQS" | cut -d' ' -f1)
+        have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
+        if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets' 2>/dev/null; then
+            echo "up to date with tools/requirements-test.txt"
+            venv_ok=1
+        elif "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQS"; then
+            echo "$want" >"$VENV/.requirements.sha256"
+            venv_ok=1
+        fi
+    fi
+    if [ "$venv_ok" -eq 1 ]; then
+        echo "$("$VENV/bin/python" --version 2>&1): $("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | tr '\n' ' ')"
+    else
+        failed=$((failed + 1))
+        failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
+        summary+=("python venv: FAILED")
+    fi
+fi
+
+# 2. Rust tests: unit, integration, bins, benches in test mode; then doc tests.
+step "cargo test --all-targets --no-fail-fast"
+run_logged "$LOGDIR/cargo-test.log" "$CARGO_TEST_TIMEOUT_S" cargo test --all-targets --no-fail-fast
+count_cargo "cargo test --all-targets" "$LOGDIR/cargo-test.log" "$rc"
+
+step "cargo test --doc"
+run_logged "$LOGDIR/cargo-doctest.log" "$CARGO_TEST_TIMEOUT_S" cargo test --doc --no-fail-fast
+count_cargo "cargo test --doc" "$LOGDIR/cargo-doctest.log" "$rc"
+
+# 3. Release build and interop checks against it.
+if [ "$quick" -eq 0 ]; then
+    step "cargo build --release"
+    run_logged "$LOGDIR/cargo-build-release.log" "$BUILD_TIMEOUT_S" cargo build --release
+    build_rc=$rc
+    if [ "$build_rc" -ne 0 ]; then
+        failed=$((failed + 1))
+        failures+=("cargo build --release: exit code $build_rc")
+        summary+=("cargo build --release: FAILED")
+    fi
+
+    step "interop: tests/interop/test_interop.py against target/release/agentwire"
+    if [ "$build_rc" -ne 0 ] || [ "$venv_ok" -ne 1 ]; then
+        echo "skipped: needs the release build and the venv"
+        failed=$((failed + 1))
+        failures+=("interop: not run (release build or venv failed)")
+        summary+=("interop: not run")
+    else
+        run_logged "$LOGDIR/interop.log" "$INTEROP_TIMEOUT_S" \
+            "$VENV/bin/python" tests/interop/test_interop.py --bin "$ROOT/target/release/agentwire"
+        last=$(tail -n 1 "$LOGDIR/interop.log")
+        if [[ $last =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+            p=${BASH_REMATCH[1]}
+            f=${BASH_REMATCH[2]}
+            if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+        else
+            p=0
+            f=1
+        fi
+        passed=$((passed + p))
+        failed=$((failed + f))
+        summary+=("interop: $p passed, $f failed")
+        if [ "$f" -ne 0 ]; then
+            failures+=("interop: exit code $rc; $(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above")
+        fi
+    fi
+fi
+
+step "summary"
+grep -hE '^ *Running |^ *Doc-tests |^test result: ' "$LOGDIR/cargo-test.log" "$LOGDIR/cargo-doctest.log" || true
+[ "$quick" -eq 0 ] && [ -f "$LOGDIR/interop.log" ] && grep -E '^(PASS|FAIL) ' "$LOGDIR/interop.log" | cut -c1-160 || true
+echo
+printf '%s\n' "${summary[@]}"
+if [ "${#failures[@]}" -gt 0 ]; then
+    echo "failures:"
+    printf '  %s\n' "${failures[@]}"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
