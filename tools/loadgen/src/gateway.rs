@@ -1,0 +1,266 @@
+//! The gateway under test: started as a child (`agentwire serve`, or the
+//! `bench_gateway` example when events come from in-process emitters) or an already
+//! running one (`--connect ADDR --pid PID`); and the [`Monitor`] sampling its RSS and
+//! CPU time from /proc while the run goes on.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::driver::{self, BenchChild};
+use crate::sys;
+
+/// How the gateway process came to be.
+pub enum Process {
+    /// `agentwire serve` started by us.
+    Binary(Child),
+    /// `bench_gateway` started by us (it is also the emitter driver).
+    Bench(Box<BenchChild>),
+    /// Started by someone else.
+    External,
+}
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    /// For /proc sampling (None: an external gateway without `--pid`).
+    pub pid: Option<u32>,
+    /// The reactor thread, when known (bench_gateway reports it).
+    pub reactor_tid: Option<u32>,
+    pub process: Process,
+    pub log: Option<PathBuf>,
+}
+
+/// Every online CPU (to undo the load's affinity inherited by a child).
+pub fn all_cpus() -> Vec<usize> {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    (0..n.max(1) as usize).collect()
+}
+
+/// Pin the child (all its future threads) to `cpus` before it runs.
+pub fn pin_child(cmd: &mut Command, cpus: Vec<usize>) {
+    // SAFETY: the closure only calls sched_setaffinity, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || sys::set_affinity(0, &cpus));
+    }
+}
+
+/// A free loopback port (bound and released; the child binds it right after).
+pub fn free_port() -> io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub fn log_file(scenario: &str, what: &str) -> io::Result<(std::fs::File, PathBuf)> {
+    let dir = std::env::temp_dir().join("agentwire-loadgen");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{scenario}-{what}-{}.log", std::process::id()));
+    Ok((std::fs::File::create(&path)?, path))
+}
+
+/// Start `agentwire serve` and wait until /health answers 200.
+pub fn start_binary(
+    bin: &Path,
+    args: &[String],
+    cpus: Vec<usize>,
+    log: (std::fs::File, PathBuf),
+    deadline: Instant,
+) -> io::Result<Gateway> {
+    let port = free_port()?;
+    let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("LOADGEN_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.0.try_clone()?)
+        .stderr(log.0);
+    pin_child(&mut cmd, cpus);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| io::Error::other(format!("cannot start {}: {e}", bin.display())))?;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(io::Error::other(format!(
+                "{} exited at start ({status}); see {}",
+                bin.display(),
+                log.1.display()
+            )));
+        }
+        if matches!(driver::http_get(addr, "/health"), Ok((200, _))) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(format!(
+                "{} did not answer /health in time; see {}",
+                bin.display(),
+                log.1.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Gateway {
+        addr,
+        pid: Some(child.id()),
+        reactor_tid: None,
+        process: Process::Binary(child),
+        log: Some(log.1),
+    })
+}
+
+impl Gateway {
+    /// Stop a gateway we started (SIGTERM / quit, then SIGKILL after `wait`).
+    pub fn stop(self, wait: Duration) -> String {
+        match self.process {
+            Process::Binary(mut child) => {
+                sys::terminate(child.id());
+                driver::wait_child(&mut child, wait)
+            }
+            Process::Bench(b) => b.stop(wait),
+            Process::External => "left running (external)".into(),
+        }
+    }
+
+    pub fn bench(&mut self) -> Option<&mut BenchChild> {
+        match &mut self.process {
+            Process::Bench(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// CPU-time and clock readings at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    pub at: Instant,
+    pub proc_ticks: u64,
+    pub reactor_ticks: Option<u64>,
+    pub own_cpu_us: u64,
+    /// Busy ticks of the whole machine.
+    pub machine_busy: u64,
+}
+
+/// CPU use between two marks, in percent of one core.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuUse {
+    /// The gateway process (with bench_gateway: reactor and emitters).
+    pub gateway_proc: Option<f64>,
+    /// The reactor thread alone, when known.
+    pub reactor: Option<f64>,
+    pub loadgen: f64,
+    /// Everything else on the machine (other processes, kernel threads): noise.
+    pub other: f64,
+}
+
+/// Samples the gateway's RSS every 100 ms (latest and peak) on its own thread.
+pub struct Monitor {
+    pid: Option<u32>,
+    reactor_tid: Option<u32>,
+    latest_rss: Arc<AtomicU64>,
+    peak_rss: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    tck: u64,
+}
+
+impl Monitor {
+    pub fn start(pid: Option<u32>, reactor_tid: Option<u32>) -> Monitor {
+        let latest_rss = Arc::new(AtomicU64::new(0));
+        let peak_rss = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = pid.and_then(|pid| {
+            let (l, p, s) = (latest_rss.clone(), peak_rss.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("rss-sampler".into())
+                .spawn(move || {
+                    while !s.load(Ordering::Relaxed) {
+                        if let Some(kib) = sys::rss_kib(pid) {
+                            l.store(kib, Ordering::Relaxed);
+                            p.fetch_max(kib, Ordering::Relaxed);
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                })
+                .ok()
+        });
+        Monitor {
+            pid,
+            reactor_tid,
+            latest_rss,
+            peak_rss,
+            stop,
+            thread,
+            tck: sys::clk_tck(),
+        }
+    }
+
+    /// Current RSS in KiB (read now).
+    pub fn rss_now(&self) -> Option<u64> {
+        self.pid.and_then(sys::rss_kib)
+    }
+
+    pub fn latest_rss(&self) -> u64 {
+        self.latest_rss.load(Ordering::Relaxed)
+    }
+
+    pub fn peak_rss(&self) -> u64 {
+        self.peak_rss.load(Ordering::Relaxed)
+    }
+
+    pub fn mark(&self) -> Mark {
+        Mark {
+            at: Instant::now(),
+            proc_ticks: self.pid.and_then(|p| sys::cpu_ticks(p, None)).unwrap_or(0),
+            reactor_ticks: self
+                .pid
+                .zip(self.reactor_tid)
+                .and_then(|(p, t)| sys::cpu_ticks(p, Some(t))),
+            own_cpu_us: sys::own_cpu_us(),
+            machine_busy: sys::machine_ticks().map_or(0, |t| t.0),
+        }
+    }
+
+    /// CPU use between two marks.
+    pub fn cpu(&self, a: &Mark, b: &Mark) -> CpuUse {
+        let wall = b.at.duration_since(a.at).as_secs_f64().max(1e-6);
+        let pct = |t: u64| t as f64 / self.tck as f64 / wall * 100.0;
+        let gateway_proc = self
+            .pid
+            .map(|_| pct(b.proc_ticks.saturating_sub(a.proc_ticks)));
+        let reactor = a
+            .reactor_ticks
+            .zip(b.reactor_ticks)
+            .map(|(x, y)| pct(y.saturating_sub(x)));
+        let loadgen = b.own_cpu_us.saturating_sub(a.own_cpu_us) as f64 / 1e6 / wall * 100.0;
+        let machine = pct(b.machine_busy.saturating_sub(a.machine_busy));
+        let other = (machine - gateway_proc.unwrap_or(0.0) - loadgen).max(0.0);
+        CpuUse {
+            gateway_proc,
+            reactor,
+            loadgen,
+            other,
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
