@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Load-generator smoke test for CI: every loadgen scenario at small scale (about 200
+# connections, 1-2 s, low rates), asserting delivery only: no handshake failure, no
+# connection closed early, lost=0, duplicates=0, out-of-order=0 (`--strict`). Timings
+# are printed, never asserted (CI machines are noisy).
+#
+#   bash tools/loadgen/smoke.sh          build (release) and run every scenario
+#   SMOKE_NO_BUILD=1 bash ...             use the binaries already in target/release
+#
+# Each scenario runs under a 90 s timeout; its full output goes to
+# target/loadgen-smoke/<name>.log and is printed when it fails. Ends with
+# `loadgen smoke: N passed, M failed`; exits 0 only when M is 0.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+LOGDIR=target/loadgen-smoke
+mkdir -p "$LOGDIR"
+start=$SECONDS
+
+if [[ -z "${SMOKE_NO_BUILD:-}" ]]; then
+    echo "loadgen smoke: building (release): agentwire, examples/bench_gateway, loadgen"
+    cargo build --release --locked -p agentwire --bin agentwire --example bench_gateway
+    cargo build --release --locked -p loadgen
+fi
+LOADGEN=target/release/loadgen
+
+passed=0
+failed=0
+failures=()
+
+run() {
+    local name=$1
+    shift
+    local log="$LOGDIR/$name.log"
+    local t0=$SECONDS
+    if timeout 90 "$LOADGEN" "$@" --strict --quiet >"$log" 2>&1; then
+        passed=$((passed + 1))
+        echo "ok   $name ($((SECONDS - t0)) s): $(grep -m1 -E '^  (checks|delivered)' "$log" | sed 's/^ *//')"
+    else
+        local rc=$?
+        failed=$((failed + 1))
+        failures+=("$name")
+        echo "FAIL $name (exit $rc after $((SECONDS - t0)) s): $LOADGEN $* --strict"
+        sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -40
+    fi
+}
+
+run idle idle --conns 200 --hold-s 1
+run fanout-emitter fanout --users 67 --conns-per-user 3 --rate 600 --duration-s 2
+run fanout-publish fanout --driver publish --users 67 --conns-per-user 3 --rate 600 --duration-s 2
+run burst burst --users 4 --conns-per-user 1 --events 20000
+run burst-publish burst --driver publish --users 4 --conns-per-user 1 --events 20000
+run storm storm --conns 150 --rate 300 --duration-s 2 --concurrency 8 --churn-users 200
+run ramp ramp --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 1200 --step-s 1 --bound 60s
+
+echo "loadgen smoke: $passed passed, $failed failed ($((SECONDS - start)) s)"
+if ((failed > 0)); then
+    echo "loadgen smoke: failed: ${failures[*]} (logs in $LOGDIR)" >&2
+    exit 1
+fi
