@@ -8,6 +8,8 @@ mod support;
 
 #[path = "integration/client_input.rs"]
 mod client_input;
+#[path = "integration/fd_limit.rs"]
+mod fd_limit;
 #[path = "integration/golden.rs"]
 mod golden;
 #[path = "integration/isolated.rs"]
@@ -20,6 +22,8 @@ mod jwt;
 mod library;
 #[path = "integration/limits.rs"]
 mod limits;
+#[path = "integration/model.rs"]
+mod model;
 #[path = "integration/publish_api.rs"]
 mod publish_api;
 #[path = "integration/refusals.rs"]
