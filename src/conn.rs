@@ -198,12 +198,13 @@ pub struct Session {
     pub thread: Option<Arc<str>>,
     /// Token `exp` (seconds since the Unix epoch).
     pub token_exp: u64,
-    pub token_timer: Option<TimerId>,
+    /// Tick (ms) at which the token expires; the phase timer fires no later.
+    pub token_deadline: u64,
+    /// Tick (ms) of the next heartbeat Ping.
+    pub next_ping: u64,
     /// Consecutive bad client messages (close 1008 after 10).
     pub bad_in_row: u8,
     pub opened: Instant,
-    /// A heartbeat Ping was sent and nothing has arrived since.
-    pub ping_outstanding: bool,
     /// Replay bytes still unwritten: allowed on top of `max_pending_bytes`, so a client
     /// that keeps reading is never closed as slow because its replay is large.
     pub replay_grace: usize,

@@ -69,8 +69,6 @@ const READ_CHUNK: usize = 16 * 1024;
 enum Timer {
     /// The connection's phase timer: handshake deadline, heartbeat check or linger.
     Phase(ConnId),
-    /// The session's token expiry.
-    Token(ConnId),
     AcceptRetry,
     Housekeeping,
     ShutdownDeadline,
@@ -845,7 +843,6 @@ impl Reactor {
         self.stats.events_replayed += replay.len() as u64;
 
         let token_at = now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
-        let token_timer = self.wheel.insert(token_at, Timer::Token(id));
         let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
         let ws_config = self.s.ws_config;
         let log_mode = up.mode.as_str();
@@ -857,7 +854,11 @@ impl Reactor {
         if let Some(t) = conn.timer.take() {
             self.wheel.cancel(t);
         }
-        conn.timer = Some(self.wheel.insert(heartbeat_at, Timer::Phase(id)));
+        // One timer per session: the earlier of the next heartbeat and token expiry.
+        conn.timer = Some(
+            self.wheel
+                .insert(heartbeat_at.min(token_at), Timer::Phase(id)),
+        );
         conn.out.push(Bytes::from(http::upgrade_response(
             &up.accept_key,
             up.subprotocol,
@@ -873,10 +874,10 @@ impl Reactor {
             mode: up.mode,
             thread,
             token_exp: claims.exp,
-            token_timer: Some(token_timer),
+            token_deadline: token_at,
+            next_ping: heartbeat_at,
             bad_in_row: 0,
             opened: Instant::now(),
-            ping_outstanding: false,
             replay_grace,
         }));
         log::info!(
@@ -947,7 +948,6 @@ impl Reactor {
             }
             if conn.bytes_in > before {
                 conn.last_rx = now;
-                session.ping_outstanding = false;
             }
             self.stats.bytes_in += conn.bytes_in - before;
             // Push queued pongs into the output queue.
@@ -1214,13 +1214,22 @@ impl Reactor {
                 let now = self.tick();
                 let at =
                     now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
-                let timer = self.wheel.insert(at, Timer::Token(id));
-                if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
+                let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial)
+                else {
+                    return;
+                };
+                if let Phase::Open(s) = &mut conn.phase {
                     s.token_exp = claims.exp;
-                    let old = s.token_timer.replace(timer);
-                    if let Some(old) = old {
+                    s.token_deadline = at;
+                }
+                // A refresh normally extends the token: the phase timer then simply
+                // finds the later deadline when it fires. Only an earlier one re-arms it.
+                let armed = conn.timer.and_then(|t| self.wheel.deadline(t));
+                if armed.is_none_or(|d| at < d) {
+                    if let Some(old) = conn.timer.take() {
                         self.wheel.cancel(old);
                     }
+                    conn.timer = Some(self.wheel.insert(at, Timer::Phase(id)));
                 }
                 self.send_frame(
                     id,
@@ -1409,14 +1418,6 @@ impl Reactor {
     fn on_timer(&mut self, timer: Timer) {
         match timer {
             Timer::Phase(id) => self.on_phase_timer(id),
-            Timer::Token(id) => {
-                let expired = self
-                    .session(id)
-                    .is_some_and(|s| s.token_exp.saturating_mul(1000) <= now_ms() + 5);
-                if expired {
-                    self.close(id, CloseReason::TokenExpired);
-                }
-            }
             Timer::AcceptRetry => {
                 self.accept_paused = false;
                 self.accept();
@@ -1445,14 +1446,24 @@ impl Reactor {
             Phase::Closing => return self.finish(id),
             Phase::Open(session) => session,
         };
+        if now >= session.token_deadline {
+            let left_ms = session
+                .token_exp
+                .saturating_mul(1000)
+                .saturating_sub(now_ms());
+            if left_ms <= 5 {
+                return self.close(id, CloseReason::TokenExpired);
+            }
+            // The wall clock moved against the monotonic one: aim again.
+            session.token_deadline = now + left_ms;
+        }
         let silent = now.saturating_sub(conn.last_rx);
         if silent >= timeout {
             return self.close(id, CloseReason::HeartbeatTimeout);
         }
-        // Lazy heartbeat: the timer fires once per interval whatever the traffic, and
-        // only a connection that has been silent gets a Ping; busy connections cost no
-        // timer work per frame.
-        if silent + 5 >= interval || !session.ping_outstanding {
+        // Lazy heartbeat: the timer fires once per interval whatever the traffic (a
+        // frame only updates `last_rx`), so busy connections cost no timer work per frame.
+        if now + 1 >= session.next_ping {
             let mut wire = Wire {
                 tcp: &mut conn.tcp,
                 out: &mut conn.out,
@@ -1460,10 +1471,14 @@ impl Reactor {
             };
             let _ = session.ws.write(&mut wire, Message::Ping(Bytes::new()));
             let _ = session.ws.flush(&mut wire);
-            session.ping_outstanding = true;
+            session.next_ping = now + interval;
             self.dirty.push(id);
         }
-        let next = (now + interval).min(conn.last_rx + timeout).max(now + 1);
+        let next = session
+            .next_ping
+            .min(conn.last_rx + timeout)
+            .min(session.token_deadline.max(now + 1))
+            .max(now + 1);
         conn.timer = Some(self.wheel.insert(next, Timer::Phase(id)));
     }
 
@@ -1579,9 +1594,6 @@ impl Reactor {
                     };
                     let _ = session.ws.close(&mut wire, Some(frame));
                     let _ = session.ws.flush(&mut wire);
-                }
-                if let Some(t) = session.token_timer.take() {
-                    self.wheel.cancel(t);
                 }
                 self.registry.remove_conn(&session.user, id);
                 self.open_sessions -= 1;
