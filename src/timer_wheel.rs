@@ -48,7 +48,7 @@
 //!   pending at once (the slab reuses freed entries and does not shrink). An entry is 24
 //!   bytes of bookkeeping plus `Option<T>`: **48 bytes for a 16-byte `T`** without a niche
 //!   (e.g. `(usize, u64)`), 40 when `T` has one. The number of live timers is the caller's
-//!   bound (the reactor keeps at most a phase timer and a token timer per connection, plus a
+//!   bound (the reactor keeps one timer per connection, plus a
 //!   few globals).
 //! - Work: `insert`, `cancel` and `deadline` are O(1); `next_expiry` is O(levels) (at most
 //!   11, 6 for 4096 slots), independent of the number of timers and of elapsed time;
