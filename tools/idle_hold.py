@@ -62,6 +62,8 @@ async def main() -> int:
     ap.add_argument("--binary", default="target/release/agentwire")
     ap.add_argument("--concurrency", type=int, default=200)
     ap.add_argument("--json", action="store_true", help="print a JSON record too")
+    ap.add_argument("--time-v", action="store_true",
+                    help="run the gateway under /usr/bin/time -v and report its maximum RSS too")
     ap.add_argument("--gateway-arg", action="append", default=[],
                     help="extra argument for `agentwire serve` (repeatable), e.g. --gateway-arg=--heartbeat-interval-ms=1000")
     args = ap.parse_args()
@@ -74,6 +76,8 @@ async def main() -> int:
     log = open("/tmp/agentwire-idle-hold.log", "w")
     cmd = [args.binary, "serve", "--listen", f"127.0.0.1:{port}", "--jwt-secret", secret,
            "--max-connections", str(args.conns + 10), "--demo-agent", "false", *args.gateway_arg]
+    if args.time_v:
+        cmd = ["/usr/bin/time", "-v", *cmd]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
     try:
@@ -87,7 +91,11 @@ async def main() -> int:
                     print("gateway did not start", file=sys.stderr)
                     return 1
                 time.sleep(0.05)
-        before = rss_kib(proc.pid)
+        gw_pid = proc.pid
+        if args.time_v:  # the gateway is /usr/bin/time's child
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                gw_pid = int(f.read().split()[0])
+        before = rss_kib(gw_pid)
         tokens = [jwt.encode({"sub": f"idle-{u}", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
                   for u in range(users)]
         url = f"ws://127.0.0.1:{port}/ws"
@@ -98,7 +106,7 @@ async def main() -> int:
         await asyncio.gather(*(open_one(url, tokens[i % users], sem, held, failures) for i in range(args.conns)))
         open_s = time.monotonic() - t0
         await asyncio.sleep(args.hold_s)
-        after = rss_kib(proc.pid)
+        after = rss_kib(gw_pid)
         stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/stats", timeout=5).read())
         t_stats = time.monotonic()
         await asyncio.sleep(args.hold_s)
@@ -135,11 +143,19 @@ async def main() -> int:
             ws.transport.abort()
         return 0 if not failures else 1
     finally:
-        proc.terminate()
+        if args.time_v:
+            os.kill(gw_pid, 15)
+        else:
+            proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if args.time_v:
+            log.flush()
+            for line in open("/tmp/agentwire-idle-hold.log"):
+                if "Maximum resident set size" in line or "Elapsed (wall clock)" in line or "Exit status" in line:
+                    print("/usr/bin/time -v:", line.strip())
 
 
 if __name__ == "__main__":
