@@ -192,7 +192,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn start(threads: usize, target: Arc<Target>) -> io::Result<Pool> {
+    /// `rt_prio`: run the client threads in SCHED_FIFO at that priority.
+    pub fn start(threads: usize, target: Arc<Target>, rt_prio: Option<i32>) -> io::Result<Pool> {
         let (res_tx, results) = crossbeam_channel::bounded(threads);
         let mut txs = Vec::new();
         let mut counters = Vec::new();
@@ -207,6 +208,11 @@ impl Pool {
                     .name(format!("client-{i}"))
                     .spawn(move || {
                         sys::set_own_timerslack(1000);
+                        if let Some(p) = rt_prio {
+                            if let Err(e) = sys::set_fifo(0, p) {
+                                eprintln!("loadgen: client thread: SCHED_FIFO {p}: {e}");
+                            }
+                        }
                         let r = worker.run(rx);
                         let _ = res_tx.send(r);
                     })?,

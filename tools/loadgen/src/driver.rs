@@ -232,6 +232,8 @@ pub struct PublishConfig {
     /// Events per request in the unpaced mode (rate 0).
     pub burst_batch: usize,
     pub pad: String,
+    /// Run the publisher threads in SCHED_FIFO at this priority.
+    pub rt_prio: Option<i32>,
 }
 
 impl Publisher {
@@ -254,11 +256,17 @@ impl Publisher {
                 next_user: 0,
             };
             let res_tx = res_tx.clone();
+            let rt_prio = cfg.rt_prio;
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("publish-{t}"))
                     .spawn(move || {
                         sys::set_own_timerslack(1000);
+                        if let Some(p) = rt_prio {
+                            if let Err(e) = sys::set_fifo(0, p) {
+                                eprintln!("loadgen: publisher thread: SCHED_FIFO {p}: {e}");
+                            }
+                        }
                         for phase in rx.iter() {
                             let done = worker.phase(&phase);
                             if res_tx.send((t, done)).is_err() {

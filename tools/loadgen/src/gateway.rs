@@ -43,11 +43,19 @@ pub fn all_cpus() -> Vec<usize> {
     (0..n.max(1) as usize).collect()
 }
 
-/// Pin the child (all its future threads) to `cpus` before it runs.
-pub fn pin_child(cmd: &mut Command, cpus: Vec<usize>) {
-    // SAFETY: the closure only calls sched_setaffinity, which is async-signal-safe.
+/// Pin the child (all its future threads) to `cpus` and set its nice value before it
+/// runs.
+pub fn pin_child(cmd: &mut Command, cpus: Vec<usize>, nice: Option<i32>) {
+    // SAFETY: the closure only calls sched_setaffinity and setpriority, both
+    // async-signal-safe.
     unsafe {
-        cmd.pre_exec(move || sys::set_affinity(0, &cpus));
+        cmd.pre_exec(move || {
+            sys::set_affinity(0, &cpus)?;
+            if let Some(n) = nice {
+                sys::set_own_nice(n)?;
+            }
+            Ok(())
+        });
     }
 }
 
@@ -69,6 +77,7 @@ pub fn start_binary(
     bin: &Path,
     args: &[String],
     cpus: Vec<usize>,
+    nice: Option<i32>,
     log: (std::fs::File, PathBuf),
     deadline: Instant,
 ) -> io::Result<Gateway> {
@@ -86,7 +95,7 @@ pub fn start_binary(
         .stdin(Stdio::null())
         .stdout(log.0.try_clone()?)
         .stderr(log.0);
-    pin_child(&mut cmd, cpus);
+    pin_child(&mut cmd, cpus, nice);
     let mut child = cmd
         .spawn()
         .map_err(|e| io::Error::other(format!("cannot start {}: {e}", bin.display())))?;
@@ -151,6 +160,8 @@ pub struct Mark {
     pub own_cpu_us: u64,
     /// Busy ticks of the whole machine.
     pub machine_busy: u64,
+    /// The reactor thread's run-queue wait (ns) and involuntary switches.
+    pub reactor_sched: Option<(u64, u64)>,
 }
 
 /// CPU use between two marks, in percent of one core.
@@ -163,6 +174,10 @@ pub struct CpuUse {
     pub loadgen: f64,
     /// Everything else on the machine (other processes, kernel threads): noise.
     pub other: f64,
+    /// Time the reactor thread was runnable but waited for a CPU, in ms.
+    pub reactor_wait_ms: Option<f64>,
+    /// Times the reactor thread was preempted.
+    pub reactor_preempted: Option<u64>,
 }
 
 /// Samples the gateway's RSS every 100 ms (latest and peak) on its own thread.
@@ -230,6 +245,10 @@ impl Monitor {
                 .and_then(|(p, t)| sys::cpu_ticks(p, Some(t))),
             own_cpu_us: sys::own_cpu_us(),
             machine_busy: sys::machine_ticks().map_or(0, |t| t.0),
+            reactor_sched: self
+                .pid
+                .zip(self.reactor_tid)
+                .and_then(|(p, t)| sys::sched_wait(p, t)),
         }
     }
 
@@ -247,11 +266,14 @@ impl Monitor {
         let loadgen = b.own_cpu_us.saturating_sub(a.own_cpu_us) as f64 / 1e6 / wall * 100.0;
         let machine = pct(b.machine_busy.saturating_sub(a.machine_busy));
         let other = (machine - gateway_proc.unwrap_or(0.0) - loadgen).max(0.0);
+        let sched = a.reactor_sched.zip(b.reactor_sched);
         CpuUse {
             gateway_proc,
             reactor,
             loadgen,
             other,
+            reactor_wait_ms: sched.map(|(x, y)| y.0.saturating_sub(x.0) as f64 / 1e6),
+            reactor_preempted: sched.map(|(x, y)| y.1.saturating_sub(x.1)),
         }
     }
 }

@@ -40,6 +40,27 @@ pub fn set_affinity(tid: i32, cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
+/// Set the nice value of the calling thread (threads it starts inherit it).
+pub fn set_own_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: plain syscall on the calling thread (who = 0).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Put thread `tid` (0: the calling thread) in SCHED_FIFO at `prio` (1..=99).
+pub fn set_fifo(tid: i32, prio: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: sched_setscheduler reads the param struct we pass.
+    if unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Parse a CPU list such as `1`, `0-1` or `0,2-3`.
 pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
@@ -129,6 +150,19 @@ pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// Scheduler figures of a thread: (nanoseconds waiting on a run queue while runnable,
+/// involuntary context switches). Both only grow.
+pub fn sched_wait(pid: u32, tid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    let wait: u64 = stat.split_whitespace().nth(1)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let nonvol = status
+        .lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    Some((wait, nonvol))
 }
 
 /// Clock ticks per second (for [`cpu_ticks`]).
