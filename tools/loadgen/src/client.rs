@@ -493,7 +493,7 @@ impl Worker {
                 }
             }
             for ev in events.iter() {
-                self.on_event(ev.token().0);
+                self.on_event(ev.token().0, ev.is_read_closed());
             }
             if last_sweep.elapsed() >= Duration::from_millis(100) {
                 last_sweep = Instant::now();
@@ -616,14 +616,15 @@ impl Worker {
         }
     }
 
-    fn on_event(&mut self, key: usize) {
-        let outcome = self.step(key);
+    fn on_event(&mut self, key: usize, read_closed: bool) {
+        let outcome = self.step(key, read_closed);
         if let Outcome::Drop(reason) = outcome {
             self.remove(key, reason);
         }
     }
 
-    fn step(&mut self, key: usize) -> Outcome {
+    /// Handle readiness; `read_closed`: the peer's FIN is known to be there.
+    fn step(&mut self, key: usize, read_closed: bool) -> Outcome {
         let Some(conn) = self.conns.get_mut(key) else {
             return Outcome::Keep;
         };
@@ -664,6 +665,15 @@ impl Worker {
                     let outcome = self.input(key, n);
                     if let Outcome::Drop(_) = outcome {
                         return outcome;
+                    }
+                    // A short read drained the socket: data (or a FIN) arriving later
+                    // raises a new edge, so skip the read that would only say
+                    // WouldBlock; it halves the syscalls per frame. Not when the FIN
+                    // may already be queued behind the data (read-closed event, or
+                    // a close handshake under way): then read on to the EOF.
+                    let open = self.conns.get(key).is_some_and(|c| c.state == State::Open);
+                    if n < self.scratch.len() && open && !read_closed {
+                        return Outcome::Keep;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Keep,
