@@ -68,6 +68,10 @@ pub struct ChurnPlan {
     /// Percentage of churn connections closed by dropping the socket (no close frame).
     pub abrupt_pct: u32,
     pub src: Option<IpAddr>,
+    /// Open loop: start this many connections per second (still at most
+    /// `concurrency` in flight); `None`: closed loop at `concurrency`.
+    pub rate: Option<f64>,
+    pub start: Instant,
 }
 
 pub enum Command {
@@ -503,6 +507,7 @@ impl Worker {
                 match rx.try_recv() {
                     Ok(Command::Open(plans)) => self.pending.extend(plans),
                     Ok(Command::Churn(plan)) => {
+                        self.churn_next = 0;
                         self.churn = Some(plan);
                     }
                     Ok(Command::Finish { expected }) => return Ok(self.finish(&expected)),
@@ -546,7 +551,10 @@ impl Worker {
             return;
         }
         let (concurrency, src) = (plan.concurrency, plan.src);
-        while self.churn_in_flight < concurrency {
+        let due = plan
+            .rate
+            .map(|r| (plan.start.elapsed().as_secs_f64() * r) as usize);
+        while self.churn_in_flight < concurrency && due.is_none_or(|d| self.churn_next < d) {
             let Some(plan) = &self.churn else { return };
             if plan.users.is_empty() {
                 return;

@@ -231,9 +231,13 @@ struct StormArgs {
     rate: f64,
     #[arg(long, default_value_t = 10.0)]
     duration_s: f64,
-    /// Churn connections in flight per client thread.
+    /// Churn connections in flight per client thread (with --cps: the most in flight).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Open loop: attempt this many churn connections per second in total (0: closed
+    /// loop, a new connection as soon as one ends, --concurrency per thread).
+    #[arg(long, default_value_t = 0.0)]
+    cps: f64,
     /// Distinct users the churn connections cycle through.
     #[arg(long, default_value_t = 2000)]
     churn_users: usize,
@@ -1350,8 +1354,17 @@ fn storm(a: StormArgs) -> RunResult<bool> {
         },
     )?;
     let mut lines = vec![format!(
-        "loadgen storm: {} steady connections ({users} users, {per_user}/user) at {} events/s, churn {} in flight over {} users for {} s ({}% dropped without close)",
-        a.conns, a.rate, churn_max, a.churn_users, a.duration_s, a.abrupt_pct
+        "loadgen storm: {} steady connections ({users} users, {per_user}/user) at {} events/s, churn {} over {} users for {} s ({}% dropped without close)",
+        a.conns,
+        a.rate,
+        if a.cps > 0.0 {
+            format!("at {} connections/s (at most {churn_max} in flight)", a.cps)
+        } else {
+            format!("closed loop, {churn_max} in flight")
+        },
+        a.churn_users,
+        a.duration_s,
+        a.abrupt_pct
     )];
     lines.push(format!(
         "  {}",
@@ -1387,6 +1400,8 @@ fn storm(a: StormArgs) -> RunResult<bool> {
                     users: mine,
                     abrupt_pct: a.abrupt_pct.min(100),
                     src,
+                    rate: (a.cps > 0.0).then(|| a.cps / threads as f64),
+                    start: Instant::now(),
                 }),
             )
             .map_err(io_err("client thread"))?;
@@ -1430,6 +1445,7 @@ fn storm(a: StormArgs) -> RunResult<bool> {
             "connects_per_s": cps.round(),
             "seconds": churn_s,
             "in_flight": churn_max,
+            "cps_offered": (a.cps > 0.0).then_some(a.cps),
             "abrupt_pct": a.abrupt_pct,
             "close_timeouts": fin.close_timeouts,
             "handshake_us": percentiles(&fin.churn_handshake),
