@@ -1420,7 +1420,9 @@ fn storm(a: StormArgs) -> RunResult<bool> {
         std::thread::sleep(Duration::from_millis(20));
         run.progress("storm");
     }
-    let churn_s = t0.elapsed().as_secs_f64().min(duration.as_secs_f64() + 0.2);
+    // The storm's window: connections started within it (the last ones complete
+    // just after it).
+    let churn_s = t0.elapsed().as_secs_f64().min(duration.as_secs_f64());
     let churned = run.pool()?.sum(|c| &c.churned);
     let churn_failed = run.pool()?.sum(|c| &c.failed) - failed_before;
     let expected_frames: u64 = done.counts.iter().map(|c| c * per_user as u64).sum();
