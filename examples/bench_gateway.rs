@@ -56,11 +56,12 @@ struct Args {
     /// Address to bind (port 0: any free port; the ready line says which).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
-    /// HS256 secret the clients' tokens are signed with.
-    #[arg(long)]
+    /// HS256 secret the clients' tokens are signed with (also from the environment, so
+    /// it stays out of `ps`).
+    #[arg(long, env = "AGENTWIRE_JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
     /// Enables POST /api/events with this key.
-    #[arg(long)]
+    #[arg(long, env = "AGENTWIRE_PUBLISH_KEY", hide_env_values = true)]
     publish_key: Option<String>,
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,

@@ -43,13 +43,20 @@ pub fn all_cpus() -> Vec<usize> {
     (0..n.max(1) as usize).collect()
 }
 
-/// Pin the child (all its future threads) to `cpus` and set its nice value before it
-/// runs.
+/// Pin the child (all its future threads) to `cpus`, set its nice value, and have it
+/// get SIGTERM if the load generator dies first (no orphaned gateway), before it runs.
 pub fn pin_child(cmd: &mut Command, cpus: Vec<usize>, nice: Option<i32>) {
-    // SAFETY: the closure only calls sched_setaffinity and setpriority, both
+    // SAFETY: the closure only calls prctl, sched_setaffinity and setpriority, all
     // async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             sys::set_affinity(0, &cpus)?;
             if let Some(n) = nice {
                 sys::set_own_nice(n)?;
@@ -76,6 +83,7 @@ pub fn log_file(scenario: &str, what: &str) -> io::Result<(std::fs::File, PathBu
 pub fn start_binary(
     bin: &Path,
     args: &[String],
+    env: &[(&str, &str)],
     cpus: Vec<usize>,
     nice: Option<i32>,
     log: (std::fs::File, PathBuf),
@@ -88,6 +96,7 @@ pub fn start_binary(
         .arg("--listen")
         .arg(addr.to_string())
         .args(args)
+        .envs(env.iter().copied())
         .env(
             "RUST_LOG",
             std::env::var("LOADGEN_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),

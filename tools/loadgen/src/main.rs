@@ -452,7 +452,9 @@ impl Run {
                 ));
             }
             let mut cmd = Command::new(bin);
-            cmd.args(["--jwt-secret", &secret, "--publish-key", &publish_key])
+            // Secrets through the environment: they stay out of `ps`.
+            cmd.env("AGENTWIRE_JWT_SECRET", &secret)
+                .env("AGENTWIRE_PUBLISH_KEY", &publish_key)
                 .args(["--max-connections", &max_connections.to_string()])
                 .args(["--max-connections-per-user", &per_user.to_string()])
                 .args(["--users", &event_users.max(1).to_string()])
@@ -507,10 +509,6 @@ impl Run {
                 ));
             }
             let mut args: Vec<String> = vec![
-                "--jwt-secret".into(),
-                secret.clone(),
-                "--publish-key".into(),
-                publish_key.clone(),
                 "--max-connections".into(),
                 max_connections.to_string(),
                 "--max-connections-per-user".into(),
@@ -526,8 +524,14 @@ impl Run {
                 args.push(v.to_owned());
             }
             let log = gateway::log_file(scenario, "agentwire").map_err(io_err("log file"))?;
-            let gw = gateway::start_binary(bin, &args, child_cpus, common.nice, log, deadline)
-                .map_err(io_err("starting the gateway"))?;
+            // Secrets through the environment (PROTOCOL.md section 8): out of `ps`.
+            let env = [
+                ("AGENTWIRE_JWT_SECRET", secret.as_str()),
+                ("AGENTWIRE_PUBLISH_KEY", publish_key.as_str()),
+            ];
+            let gw =
+                gateway::start_binary(bin, &args, &env, child_cpus, common.nice, log, deadline)
+                    .map_err(io_err("starting the gateway"))?;
             if let (Some(p), Some(pid)) = (common.rt_prio, gw.pid) {
                 // The reactor is agentwire's main thread.
                 sys::set_fifo(pid as i32, p).map_err(io_err("SCHED_FIFO for the gateway"))?;
