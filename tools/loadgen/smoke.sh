@@ -2,7 +2,8 @@
 # Load-generator smoke test for CI: every loadgen scenario at small scale (about 200
 # connections, 1-2 s, low rates), asserting delivery only: no handshake failure, no
 # connection closed early, lost=0, duplicates=0, out-of-order=0 (`--strict`). Timings
-# are printed, never asserted (CI machines are noisy).
+# are printed, never asserted (CI machines are noisy). A last run checks the checker:
+# evictions must be reported as losses.
 #
 #   bash tools/loadgen/smoke.sh          build (release) and run every scenario
 #   SMOKE_NO_BUILD=1 bash ...             use the binaries already in target/release
@@ -52,6 +53,25 @@ run burst burst --users 4 --conns-per-user 1 --events 20000
 run burst-publish burst --driver publish --users 4 --conns-per-user 1 --events 20000
 run storm storm --conns 150 --rate 300 --duration-s 2 --concurrency 8 --churn-users 200
 run ramp ramp --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 1200 --step-s 1 --bound 60s
+
+# The checker itself: with a per-user limit of 2 and 3 connections per user, every
+# user's oldest connection is evicted (4002) and misses the events after it; the run
+# must report them and exit 1 (a missed target), not 0.
+log="$LOGDIR/checker-detects-loss.log"
+set +e
+timeout 90 "$LOADGEN" fanout --users 20 --conns-per-user 3 --rate 200 --duration-s 1 \
+    --gateway-set max_connections_per_user=2 --strict --quiet >"$log" 2>&1
+rc=$?
+set -e
+if [[ $rc -eq 1 ]] && grep -q '^FAIL closed' "$log" && grep -q '^FAIL lost' "$log"; then
+    passed=$((passed + 1))
+    echo "ok   checker-detects-loss: evictions reported as closed and lost, exit 1"
+else
+    failed=$((failed + 1))
+    failures+=("checker-detects-loss")
+    echo "FAIL checker-detects-loss: expected exit 1 with FAIL closed and FAIL lost, got exit $rc"
+    sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -20
+fi
 
 echo "loadgen smoke: $passed passed, $failed failed ($((SECONDS - start)) s)"
 if ((failed > 0)); then
