@@ -6,8 +6,12 @@
 #[path = "integration/support.rs"]
 mod support;
 
+#[path = "integration/chaos.rs"]
+mod chaos;
 #[path = "integration/client_input.rs"]
 mod client_input;
+#[path = "integration/deadlines.rs"]
+mod deadlines;
 #[path = "integration/fd_limit.rs"]
 mod fd_limit;
 #[path = "integration/golden.rs"]

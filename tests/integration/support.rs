@@ -3,7 +3,8 @@
 //! ([`Client`]), a raw HTTP client for refusals and the plain endpoints
 //! ([`http_request`], [`upgrade`]), a byte-level WebSocket for malformed frames and
 //! silent peers ([`RawWs`]), the publish API ([`publish`]) and JWT minting, good and
-//! bad ([`token`], [`token_with`], [`token_alg`], [`token_alg_none`]).
+//! bad ([`token`], [`token_with`], [`token_alg`], [`token_alg_none`]). Slow readers and
+//! non-panicking raw reads: [`slow_reader_stream`], [`raw_upgrade`], [`RawWs::try_next`].
 //!
 //! Nothing here sleeps to synchronize: waits read a socket with a timeout, or poll an
 //! HTTP endpoint until a condition holds, and panic with a description when their
@@ -974,4 +975,120 @@ fn parse_server_frame(buf: &[u8]) -> Option<((u8, Vec<u8>), usize)> {
     let payload = buf.get(at..at + len)?.to_vec();
     at += len;
     Some(((b0 & 0x0f, payload), at))
+}
+
+// ------------------------------------------------- slow readers, raw polling
+
+/// A client socket that drains slowly on purpose: a receive buffer of `rcvbuf` bytes
+/// and, when given, a maximum segment size of `mss`, both set before connecting (the
+/// window scale and the MSS are negotiated in the handshake).
+///
+/// Why the MSS: on loopback the gateway's send buffer autotunes to megabytes (it grows
+/// with the congestion window, measured in 64 KiB segments), so a tiny receive buffer
+/// alone still lets several MB pile up in the kernel before the gateway's own queue
+/// grows. With 536-byte segments the gateway's socket stops taking data after some
+/// tens of KiB, so `max_pending_bytes` is reached by a modest burst.
+pub fn slow_reader_stream(addr: SocketAddr, rcvbuf: usize, mss: Option<u32>) -> TcpStream {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+    if let Some(mss) = mss {
+        socket.set_tcp_mss(mss).expect("TCP_MAXSEG");
+    }
+    socket
+        .connect_timeout(&addr.into(), WAIT)
+        .expect("tcp connect");
+    let stream: TcpStream = socket.into();
+    stream.set_nodelay(true).expect("nodelay");
+    stream.set_write_timeout(Some(WAIT)).expect("write timeout");
+    stream
+}
+
+/// Upgrade an already connected `stream` as `user` to `path_and_query` (bearer token)
+/// and read the `connected` frame. `Err` describes a refusal or a failure.
+pub fn raw_upgrade(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    user: &str,
+    path_and_query: &str,
+) -> Result<(RawWs, Value), String> {
+    stream
+        .write_all(upgrade_head(addr, path_and_query, &[bearer(&token(user))]).as_bytes())
+        .map_err(|e| format!("write upgrade: {e}"))?;
+    let r = read_response(&mut stream);
+    if r.status != 101 {
+        return Err(format!("upgrade answered {}: {}", r.status, r.text()));
+    }
+    let mut raw = RawWs::from_parts(stream, r.body);
+    match raw.try_next(WAIT) {
+        RawNext::Frame(0x1, payload) => {
+            let v: Value = serde_json::from_slice(&payload)
+                .map_err(|e| format!("connected frame is not JSON: {e}"))?;
+            if v["type"] != "connected" {
+                return Err(format!("first frame is not connected: {v}"));
+            }
+            Ok((raw, v))
+        }
+        other => Err(format!("expected the connected frame, got {other:?}")),
+    }
+}
+
+/// What [`RawWs::try_next`] found.
+#[derive(Debug)]
+pub enum RawNext {
+    /// A complete server frame: opcode and payload.
+    Frame(u8, Vec<u8>),
+    /// EOF, reset or another read error (the text says which).
+    Eof(String),
+    /// Nothing complete before the deadline.
+    Timeout,
+}
+
+impl RawWs {
+    /// The next complete server frame without panicking: a zero `within` only takes
+    /// what the socket already holds (a non-blocking read).
+    pub fn try_next(&mut self, within: Duration) -> RawNext {
+        let deadline = Instant::now() + within;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some(((op, payload), used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return RawNext::Frame(op, payload);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let read = if remaining.is_zero() {
+                if let Err(e) = self.stream.set_nonblocking(true) {
+                    return RawNext::Eof(format!("set_nonblocking: {e}"));
+                }
+                let r = self.stream.read(&mut chunk);
+                let _ = self.stream.set_nonblocking(false);
+                r
+            } else {
+                if let Err(e) = self.stream.set_read_timeout(Some(remaining)) {
+                    return RawNext::Eof(format!("set_read_timeout: {e}"));
+                }
+                self.stream.read(&mut chunk)
+            };
+            match read {
+                Ok(0) => return RawNext::Eof("eof".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if remaining.is_zero() || Instant::now() >= deadline {
+                        return RawNext::Timeout;
+                    }
+                }
+                Err(e) => return RawNext::Eof(format!("{e}")),
+            }
+        }
+    }
+
+    /// Answer a Ping (a masked Pong with the same payload); errors are ignored (the
+    /// next read reports a dead socket).
+    pub fn pong(&mut self, payload: &[u8]) {
+        let _ = self
+            .stream
+            .write_all(&client_frame(0xA, payload, true, true));
+    }
 }
