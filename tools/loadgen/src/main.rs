@@ -269,7 +269,8 @@ struct RampArgs {
     /// A step passes while its p99 stays at or below this (e.g. 5ms).
     #[arg(long, default_value = "5ms")]
     bound: String,
-    #[arg(long, default_value_t = 12)]
+    /// Most steps (each --step-s long).
+    #[arg(long, default_value_t = 8)]
     max_steps: usize,
 }
 
