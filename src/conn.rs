@@ -205,9 +205,9 @@ pub struct Session {
     /// Consecutive bad client messages (close 1008 after 10).
     pub bad_in_row: u8,
     pub opened: Instant,
-    /// Replay bytes still unwritten: allowed on top of `max_pending_bytes`, so a client
-    /// that keeps reading is never closed as slow because its replay is large.
-    pub replay_grace: usize,
+    /// While resuming: the next seq to send from the user's replay buffer (live events
+    /// wait there until the connection has caught up); `None` once live.
+    pub replay_next: Option<u64>,
 }
 
 /// One connection in the reactor's slab.

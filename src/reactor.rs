@@ -601,6 +601,14 @@ impl Reactor {
     }
 
     fn gauges(&self) -> Gauges {
+        let replaying: Vec<(&str, u64)> = self
+            .conns
+            .iter()
+            .filter_map(|(_, c)| match &c.phase {
+                Phase::Open(s) => s.replay_next.map(|n| (&*s.user, n)),
+                _ => None,
+            })
+            .collect();
         Gauges {
             connections_open: self.open_sessions,
             users_online: self.registry.online(),
@@ -608,6 +616,19 @@ impl Reactor {
             active_runs: self.registry.active_runs(),
             timers: self.wheel.len(),
             pending_out_bytes: self.conns.iter().map(|(_, c)| c.out.pending()).sum(),
+            replaying: replaying.len(),
+            replay_backlog_bytes: replaying
+                .iter()
+                .filter_map(|(user, next)| {
+                    let kept = &self.registry.get(user)?.replay;
+                    Some(
+                        kept.iter()
+                            .filter(|r| r.seq >= *next)
+                            .map(|r| r.frame.len())
+                            .sum::<usize>(),
+                    )
+                })
+                .sum(),
             uptime_s: self.start.elapsed().as_secs(),
         }
     }
@@ -791,13 +812,15 @@ impl Reactor {
         let user = self.registry.entry(&claims.sub);
         let user_name = user.name.clone();
         let resume = user.resume(resume_ask, &epoch);
-        let mut replay: Vec<Bytes> = Vec::new();
-        if let (Resume::Exact, Some((after, _))) = (&resume, resume_ask) {
-            replay = user
-                .replay_after(after, &entry)
-                .map(|r| r.frame.clone())
-                .collect();
-        }
+        // A resume streams the kept events from the replay buffer as the socket drains
+        // (see `pump_replay`), never more than half of max_pending_bytes queued at once.
+        let replay_next = match (&resume, resume_ask) {
+            (Resume::Exact, Some((after, _))) if after < user.seq => Some(after + 1),
+            _ => None,
+        };
+        let replayed = user
+            .seq
+            .saturating_sub(replay_next.map_or(user.seq, |n| n - 1));
         let active_runs: Vec<Value> = if entry.isolated {
             Vec::new()
         } else {
@@ -840,14 +863,11 @@ impl Reactor {
         self.registry.add_conn(&claims.sub, entry);
         self.open_sessions += 1;
         self.stats.connections_opened += 1;
-        self.stats.events_replayed += replay.len() as u64;
 
         let token_at = now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
         let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
         let ws_config = self.s.ws_config;
         let log_mode = up.mode.as_str();
-        let replayed = replay.len();
-        let replay_grace: usize = replay.iter().map(Bytes::len).sum();
         let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
             return;
         };
@@ -864,9 +884,6 @@ impl Reactor {
             up.subprotocol,
         )));
         conn.out.push(control_frame(&connected));
-        for frame in replay {
-            conn.out.push(frame);
-        }
         conn.last_rx = now;
         conn.phase = Phase::Open(Box::new(Session {
             ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
@@ -878,7 +895,7 @@ impl Reactor {
             next_ping: heartbeat_at,
             bad_in_row: 0,
             opened: Instant::now(),
-            replay_grace,
+            replay_next,
         }));
         log::info!(
             "conn={} user={} open mode={} resumed={} replayed={}",
@@ -892,6 +909,7 @@ impl Reactor {
             },
             replayed
         );
+        self.pump_replay(id);
         self.mark_dirty(id);
         // Frames pipelined behind the upgrade request are already buffered: read them.
         self.read_ws(id);
@@ -1332,10 +1350,14 @@ impl Reactor {
                 .get_mut(target.key)
                 .filter(|c| c.serial == target.serial)
             {
-                if matches!(conn.phase, Phase::Open(_)) {
-                    conn.out.push(frame.clone());
+                if let Phase::Open(session) = &conn.phase {
+                    // A connection still catching up on its replay takes this event
+                    // from the replay buffer (it was just kept there), in order.
+                    if session.replay_next.is_none() {
+                        conn.out.push(frame.clone());
+                        delivered += 1;
+                    }
                     self.dirty.push(target);
-                    delivered += 1;
                 }
             }
         }
@@ -1355,6 +1377,9 @@ impl Reactor {
         for id in dirty.drain(..) {
             self.flush_conn(id);
         }
+        // Flushing can queue more (a replay's next part, a close frame): keep those
+        // for the next iteration, which then polls with a zero timeout.
+        dirty.append(&mut self.dirty);
         self.dirty = dirty;
         if !self.routed.is_empty() {
             let now = Instant::now();
@@ -1392,12 +1417,63 @@ impl Reactor {
                 }
             }
             Phase::Open(session) => {
-                session.replay_grace = session.replay_grace.saturating_sub(written);
-                if pending > max_pending + session.replay_grace {
+                if pending > max_pending {
                     self.close(id, CloseReason::SlowConsumer);
+                } else if session.replay_next.is_some() {
+                    self.pump_replay(id);
                 }
             }
             Phase::Http(_) => {}
+        }
+    }
+
+    /// Queue the next part of a resuming connection's replay: kept events after its
+    /// cursor, until half of `max_pending_bytes` is queued. Live events for the
+    /// connection wait in the replay buffer meanwhile, so a client that keeps reading
+    /// is never closed as slow because of its replay. If the buffer dropped events the
+    /// cursor has not reached, the connection cannot continue without a gap: 1013.
+    fn pump_replay(&mut self, id: ConnId) {
+        let limit = (self.s.config.max_pending_bytes / 2).max(1);
+        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            return;
+        };
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
+        let Some(next) = session.replay_next else {
+            return;
+        };
+        let Some(user) = self.registry.get(&session.user) else {
+            session.replay_next = None;
+            return;
+        };
+        if next > user.seq {
+            session.replay_next = None;
+            return;
+        }
+        if user.replay.front().is_none_or(|first| first.seq > next) {
+            self.close(id, CloseReason::SlowConsumer);
+            return;
+        }
+        let Some(entry) = user.conns.iter().find(|c| c.id == id) else {
+            return;
+        };
+        let mut cursor = next;
+        let mut sent = 0u64;
+        let mut caught_up = true;
+        for kept in user.replay_after(next - 1, entry) {
+            if conn.out.pending() >= limit {
+                caught_up = false;
+                break;
+            }
+            conn.out.push(kept.frame.clone());
+            cursor = kept.seq + 1;
+            sent += 1;
+        }
+        session.replay_next = if caught_up { None } else { Some(cursor) };
+        self.stats.events_replayed += sent;
+        if sent > 0 {
+            self.dirty.push(id);
         }
     }
 

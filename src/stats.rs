@@ -100,6 +100,9 @@ pub struct Gauges {
     pub active_runs: usize,
     pub timers: usize,
     pub pending_out_bytes: usize,
+    /// Connections catching up on a resume, and the kept bytes they have yet to be sent.
+    pub replaying: usize,
+    pub replay_backlog_bytes: usize,
     pub uptime_s: u64,
 }
 
@@ -340,6 +343,7 @@ impl Stats {
             "uptime_s": g.uptime_s,
             "connections": {
                 "open": g.connections_open,
+                "replaying": g.replaying,
                 "opened": self.connections_opened,
                 "closed": self.connections_closed,
                 "closed_by_reason": closed,
@@ -359,7 +363,7 @@ impl Stats {
             },
             "client_messages": {"total": self.client_messages, "bad": self.bad_client_messages},
             "http_requests": self.http_requests,
-            "bytes": {"in": self.bytes_in, "out": self.bytes_out, "pending_out": g.pending_out_bytes},
+            "bytes": {"in": self.bytes_in, "out": self.bytes_out, "pending_out": g.pending_out_bytes, "replay_backlog": g.replay_backlog_bytes},
             "latency_us": Self::percentiles(&self.latency_us),
             "loop": {
                 "iterations": self.loop_iterations,

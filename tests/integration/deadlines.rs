@@ -401,7 +401,10 @@ fn replay_under_live_traffic() -> ReplayRun {
             let deadline = Instant::now() + Duration::from_secs(1);
             let held = loop {
                 let s = get_json(addr, "/ws/stats").1;
-                let held = s["bytes"]["pending_out"].as_u64().unwrap_or(0);
+                // Held by the gateway: queued on the socket, or kept and not yet
+                // queued (a replay is streamed as the socket drains).
+                let held = s["bytes"]["pending_out"].as_u64().unwrap_or(0)
+                    + s["bytes"]["replay_backlog"].as_u64().unwrap_or(0);
                 if held >= HELD || Instant::now() >= deadline {
                     break held;
                 }
