@@ -61,7 +61,7 @@ fn serve(emitter: Emitter, inbound: Receiver<Inbound>) {
             .name("agentwire-demo-run".into())
             .spawn(move || {
                 if let Err(e) = demo_run(&emitter, &user_id, thread_id.as_deref(), &run_id, &text) {
-                    log::warn!("demo run={run_id} user={user_id} ended early: {e}");
+                    log::warn!("demo run={run_id:?} user={user_id:?} ended early: {e}");
                 }
                 running.fetch_sub(1, Ordering::AcqRel);
             });

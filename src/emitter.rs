@@ -277,7 +277,7 @@ impl Drop for RunHandle {
         let reason = serde_json::json!({"reason": "worker_dropped"});
         if let Err(e) = self.send(EventKind::AgentError, &reason) {
             log::error!(
-                "run={} user={}: worker dropped its run handle and the worker_dropped event could not be sent: {e}",
+                "run={:?} user={:?}: worker dropped its run handle and the worker_dropped event could not be sent: {e}",
                 self.key.run_id,
                 self.key.user_id
             );

@@ -898,7 +898,7 @@ impl Reactor {
             replay_next,
         }));
         log::info!(
-            "conn={} user={} open mode={} resumed={} replayed={}",
+            "conn={} user={:?} open mode={} resumed={} replayed={}",
             id.public_id(),
             claims.sub,
             log_mode,
@@ -1282,7 +1282,7 @@ impl Reactor {
         if user.run_ended(&ev.key.run_id) {
             self.stats.dropped(DropReason::RunEnded, 1);
             log::debug!(
-                "user={} run={} event after the run ended: dropped",
+                "user={:?} run={:?} event after the run ended: dropped",
                 ev.key.user_id,
                 ev.key.run_id
             );
@@ -1579,7 +1579,7 @@ impl Reactor {
         }
         for key in stale {
             log::info!(
-                "user={} run={} idle for run_idle_timeout_ms: ending it",
+                "user={:?} run={:?} idle for run_idle_timeout_ms: ending it",
                 key.user_id,
                 key.run_id
             );
@@ -1675,7 +1675,7 @@ impl Reactor {
                 self.open_sessions -= 1;
                 self.stats.closed(reason.label());
                 log::info!(
-                    "conn={} user={} closed reason={} code={} after_ms={}",
+                    "conn={} user={:?} closed reason={} code={} after_ms={}",
                     id.public_id(),
                     session.user,
                     reason.label(),
