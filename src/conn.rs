@@ -222,6 +222,9 @@ pub struct Conn {
     pub last_rx: u64,
     /// Bytes read from the socket (for stats).
     pub bytes_in: u64,
+    /// The write side was shut down (closing): done once, since every `shutdown`
+    /// raises a new writable edge.
+    pub write_shut: bool,
 }
 
 #[cfg(test)]

@@ -383,6 +383,7 @@ impl Reactor {
             timer: Some(timer),
             last_rx: now,
             bytes_in: 0,
+            write_shut: false,
         });
     }
 
@@ -1412,7 +1413,8 @@ impl Reactor {
         self.stats.bytes_out += written as u64;
         match &mut conn.phase {
             Phase::Closing => {
-                if pending == 0 {
+                if pending == 0 && !conn.write_shut {
+                    conn.write_shut = true;
                     let _ = conn.tcp.shutdown(Shutdown::Write);
                 }
             }

@@ -336,3 +336,35 @@ fn refresh_to_a_far_future_exp_keeps_the_gateway_up() {
     let (status, _) = crate::support::get_json(gw.addr, "/health");
     assert_eq!(status, 200);
 }
+
+/// Regression: a closing connection whose peer keeps its socket open (no FIN) must not
+/// make the loop spin until the linger ends (every `shutdown(Write)` raised a new
+/// writable edge, and the flush shut the socket down again on each one).
+#[test]
+fn a_lingering_close_does_not_spin_the_loop() {
+    let gw = TestGateway::plain();
+    let mut raw = crate::support::raw_connect(gw.addr, "linger-spin");
+    raw.send(&crate::support::client_frame(
+        0x8,
+        &1000u16.to_be_bytes(),
+        true,
+        true,
+    ));
+    assert_eq!(raw.expect_close(Duration::from_secs(5)), 1000);
+    // The socket stays open: the gateway lingers (up to 2 s) waiting for our FIN.
+    let before = gw.stats()["loop"]["iterations"]
+        .as_u64()
+        .expect("iterations");
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = gw.stats()["loop"]["iterations"]
+        .as_u64()
+        .expect("iterations");
+    // Idle, the loop wakes for the housekeeping timer, the linger timer and these
+    // two stats requests: a handful of iterations, not thousands.
+    assert!(
+        after - before < 100,
+        "{} loop iterations in 1 s while lingering",
+        after - before
+    );
+    drop(raw);
+}
