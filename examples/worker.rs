@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = gateway.local_addr();
     let handle = gateway.spawn()?;
 
-    let auth = agentwire::Authenticator::new(&agentwire::auth_settings(&config)?)?;
+    let auth = agentwire::authenticator(&config)?;
     println!("gateway on ws://{addr}/ws");
     println!("token for user alice: {}", auth.mint("alice", 3600)?);
 

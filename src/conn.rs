@@ -225,6 +225,8 @@ pub struct Conn {
     /// The write side was shut down (closing): done once, since every `shutdown`
     /// raises a new writable edge.
     pub write_shut: bool,
+    /// On the reactor's flush list for this iteration.
+    pub flush_queued: bool,
 }
 
 #[cfg(test)]

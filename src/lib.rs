@@ -139,6 +139,12 @@ pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
     })
 }
 
+/// The authenticator the configuration describes (also what `agentwire token` and dev
+/// mode mint with).
+pub fn authenticator(config: &Config) -> Result<Authenticator, Error> {
+    Ok(Authenticator::new(&auth_settings(config)?)?)
+}
+
 impl Gateway {
     /// Validate the configuration, build the authenticator and bind the listener.
     ///
@@ -146,7 +152,7 @@ impl Gateway {
     /// A bad setting, unreadable key material, or an address that cannot be bound.
     pub fn new(config: Config) -> Result<Gateway, Error> {
         config.validate()?;
-        let auth = Authenticator::new(&auth_settings(&config)?)?;
+        let auth = authenticator(&config)?;
         let poll = Poll::new()?;
         let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
@@ -169,7 +175,7 @@ impl Gateway {
             .max_frame_size(Some(config.max_message_bytes));
         let config_json =
             Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
-        let epoch = Reactor::new_epoch();
+        let epoch = reactor::new_epoch();
         let settings = Settings {
             config,
             ws_config,

@@ -175,7 +175,7 @@ pub(crate) struct Reactor {
     start: Instant,
     next_serial: u64,
     open_sessions: usize,
-    /// Connections with output queued in this iteration.
+    /// Connections with output queued in this iteration (each at most once).
     dirty: Vec<ConnId>,
     /// Emit instants of events routed in this iteration (latency recorded after flush).
     routed: Vec<Instant>,
@@ -187,7 +187,8 @@ pub(crate) struct Reactor {
     drain_deadline_passed: bool,
 }
 
-fn new_epoch() -> String {
+/// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
+pub(crate) fn new_epoch() -> String {
     let mut b = [0u8; 4];
     if getrandom::fill(&mut b).is_err() {
         let t = now_ms();
@@ -244,10 +245,6 @@ impl Reactor {
             draining: false,
             drain_deadline_passed: false,
         }
-    }
-
-    pub(crate) fn new_epoch() -> String {
-        new_epoch()
     }
 
     /// Install SIGTERM/SIGINT handling: a self-pipe read by the loop.
@@ -384,6 +381,7 @@ impl Reactor {
             last_rx: now,
             bytes_in: 0,
             write_shut: false,
+            flush_queued: false,
         });
     }
 
@@ -411,11 +409,13 @@ impl Reactor {
     }
 
     fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns.get_mut(id.key).filter(|c| c.serial == id.serial)
+        live(&mut self.conns, id)
     }
 
     fn mark_dirty(&mut self, id: ConnId) {
-        self.dirty.push(id);
+        if let Some(conn) = live(&mut self.conns, id) {
+            mark(&mut conn.flush_queued, &mut self.dirty, id);
+        }
     }
 
     // ------------------------------------------------------------------- HTTP
@@ -427,7 +427,7 @@ impl Reactor {
         let mut eof = false;
         let mut err = None;
         {
-            let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
             let Phase::Http(st) = &mut conn.phase else {
@@ -869,7 +869,7 @@ impl Reactor {
         let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
         let ws_config = self.s.ws_config;
         let log_mode = up.mode.as_str();
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+        let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
         if let Some(t) = conn.timer.take() {
@@ -923,7 +923,7 @@ impl Reactor {
         let mut texts: Vec<String> = Vec::new();
         let mut ending: Option<CloseReason> = None;
         {
-            let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+            let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
             let Phase::Open(session) = &mut conn.phase else {
@@ -1170,18 +1170,11 @@ impl Reactor {
         let u = self.registry.entry(&user);
         u.runs.insert(
             Arc::from(run_id.as_str()),
-            Run {
-                thread: thread.as_deref().map(Arc::from),
-                agent_name: Arc::from(""),
-                started_ts: now_ms(),
-                last_seq: 0,
-                last_type: Arc::from(""),
-                last_event: now,
-                owner: isolated.then_some(id),
-                cancel: None,
-                begun: false,
-                cancel_requested: false,
-            },
+            Run::pending(
+                thread.as_deref().map(Arc::from),
+                isolated.then_some(id),
+                now,
+            ),
         );
         self.send_frame(
             id,
@@ -1233,8 +1226,7 @@ impl Reactor {
                 let now = self.tick();
                 let at =
                     now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
-                let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial)
-                else {
+                let Some(conn) = live(&mut self.conns, id) else {
                     return;
                 };
                 if let Phase::Open(s) = &mut conn.phase {
@@ -1295,18 +1287,8 @@ impl Reactor {
         let run = user
             .runs
             .entry(ev.key.run_id.clone())
-            .or_insert_with(|| Run {
-                thread: ev.key.thread_id.clone(),
-                agent_name: ev.key.agent_name.clone(),
-                started_ts: ev.ts_ms,
-                last_seq: seq,
-                last_type: Arc::from(""),
-                last_event: now,
-                owner: None,
-                cancel: None,
-                begun: true,
-                cancel_requested: false,
-            });
+            .or_insert_with(|| Run::pending(ev.key.thread_id.clone(), None, now));
+        // A run begins with its first event (a `user_message` only pre-registers it).
         if !run.begun {
             run.begun = true;
             run.started_ts = ev.ts_ms;
@@ -1346,11 +1328,7 @@ impl Reactor {
             let Some(&target) = self.scratch_targets.get(i) else {
                 break;
             };
-            if let Some(conn) = self
-                .conns
-                .get_mut(target.key)
-                .filter(|c| c.serial == target.serial)
-            {
+            if let Some(conn) = live(&mut self.conns, target) {
                 if let Phase::Open(session) = &conn.phase {
                     // A connection still catching up on its replay takes this event
                     // from the replay buffer (it was just kept there), in order.
@@ -1358,7 +1336,7 @@ impl Reactor {
                         conn.out.push(frame.clone());
                         delivered += 1;
                     }
-                    self.dirty.push(target);
+                    mark(&mut conn.flush_queued, &mut self.dirty, target);
                 }
             }
         }
@@ -1372,11 +1350,14 @@ impl Reactor {
     // ----------------------------------------------------------------- output
 
     fn flush_dirty(&mut self) {
+        // Each connection is on the list at most once (its `flush_queued` flag), so
+        // there is nothing to sort or dedupe.
         let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.sort_unstable_by_key(|c| c.key);
-        dirty.dedup();
         for id in dirty.drain(..) {
-            self.flush_conn(id);
+            if let Some(conn) = live(&mut self.conns, id) {
+                conn.flush_queued = false;
+                self.flush_conn(id);
+            }
         }
         // Flushing can queue more (a replay's next part, a close frame): keep those
         // for the next iteration, which then polls with a zero timeout.
@@ -1393,7 +1374,7 @@ impl Reactor {
 
     fn flush_conn(&mut self, id: ConnId) {
         let max_pending = self.s.config.max_pending_bytes;
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+        let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
         let result = conn.out.write_to(&mut conn.tcp);
@@ -1436,7 +1417,7 @@ impl Reactor {
     /// cursor has not reached, the connection cannot continue without a gap: 1013.
     fn pump_replay(&mut self, id: ConnId) {
         let limit = (self.s.config.max_pending_bytes / 2).max(1);
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+        let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
         let Phase::Open(session) = &mut conn.phase else {
@@ -1475,7 +1456,7 @@ impl Reactor {
         session.replay_next = if caught_up { None } else { Some(cursor) };
         self.stats.events_replayed += sent;
         if sent > 0 {
-            self.dirty.push(id);
+            mark(&mut conn.flush_queued, &mut self.dirty, id);
         }
     }
 
@@ -1484,7 +1465,7 @@ impl Reactor {
     fn rearm_phase(&mut self, id: ConnId, after_ms: u64) {
         let at = self.tick() + after_ms;
         let timer = self.wheel.insert(at, Timer::Phase(id));
-        if let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) {
+        if let Some(conn) = live(&mut self.conns, id) {
             if let Some(old) = conn.timer.replace(timer) {
                 self.wheel.cancel(old);
             }
@@ -1515,7 +1496,7 @@ impl Reactor {
         let now = self.tick();
         let interval = self.s.config.heartbeat_interval_ms;
         let timeout = self.s.config.heartbeat_timeout_ms;
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+        let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
         conn.timer = None;
@@ -1550,12 +1531,12 @@ impl Reactor {
             let _ = session.ws.write(&mut wire, Message::Ping(Bytes::new()));
             let _ = session.ws.flush(&mut wire);
             session.next_ping = now + interval;
-            self.dirty.push(id);
+            mark(&mut conn.flush_queued, &mut self.dirty, id);
         }
         let next = session
             .next_ping
             .min(conn.last_rx + timeout)
-            .min(session.token_deadline.max(now + 1))
+            .min(session.token_deadline)
             .max(now + 1);
         conn.timer = Some(self.wheel.insert(next, Timer::Phase(id)));
     }
@@ -1642,7 +1623,7 @@ impl Reactor {
     /// log the reason once, then let the output drain (bounded by a linger timer).
     pub(crate) fn close(&mut self, id: ConnId, reason: CloseReason) {
         let linger_at = self.tick() + LINGER_MS;
-        let Some(conn) = self.conns.get_mut(id.key).filter(|c| c.serial == id.serial) else {
+        let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
@@ -1700,7 +1681,7 @@ impl Reactor {
             return;
         }
         conn.timer = Some(self.wheel.insert(linger_at, Timer::Phase(id)));
-        self.dirty.push(id);
+        mark(&mut conn.flush_queued, &mut self.dirty, id);
     }
 
     /// Drop the socket and free the slot.
@@ -1727,14 +1708,27 @@ impl Reactor {
     }
 }
 
+/// Put connection `id` on the flush list unless it already is.
+fn mark(flush_queued: &mut bool, list: &mut Vec<ConnId>, id: ConnId) {
+    if !*flush_queued {
+        *flush_queued = true;
+        list.push(id);
+    }
+}
+
+/// The connection `id` names, if its slot still holds it (a free function over the
+/// slab so callers can borrow other reactor fields at the same time).
+fn live(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
+    conns.get_mut(id.key).filter(|c| c.serial == id.serial)
+}
+
 fn classify_ws_error(e: &tungstenite::Error) -> CloseReason {
-    use tungstenite::error::{CapacityError, ProtocolError};
+    use tungstenite::error::ProtocolError;
     match e {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             CloseReason::ClientClosed
         }
         tungstenite::Error::Io(e) => CloseReason::Io(e.kind()),
-        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::TooBig,
         tungstenite::Error::Capacity(_) => CloseReason::TooBig,
         tungstenite::Error::Utf8(_) => CloseReason::BadUtf8,
         tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {

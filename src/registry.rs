@@ -68,6 +68,26 @@ pub struct Run {
     pub cancel_requested: bool,
 }
 
+impl Run {
+    /// A run not yet begun: registered by a `user_message` (with its thread and, on an
+    /// isolated connection, its owner) or by its first event, which then fills in the
+    /// rest (`route` in the reactor).
+    pub fn pending(thread: Option<Arc<str>>, owner: Option<ConnId>, now: u64) -> Run {
+        Run {
+            thread,
+            agent_name: Arc::from(""),
+            started_ts: 0,
+            last_seq: 0,
+            last_type: Arc::from(""),
+            last_event: now,
+            owner,
+            cancel: None,
+            begun: false,
+            cancel_requested: false,
+        }
+    }
+}
+
 /// How many ended run ids a user remembers, to refuse late events of ended runs.
 const ENDED_RUNS_KEPT: usize = 256;
 

@@ -28,9 +28,8 @@ fn main() -> ExitCode {
 }
 
 fn token(config: &Config, sub: &str, ttl_s: u64) -> ExitCode {
-    let minted = agentwire::auth_settings(config)
+    let minted = agentwire::authenticator(config)
         .map_err(|e| e.to_string())
-        .and_then(|s| auth::Authenticator::new(&s).map_err(|e| e.to_string()))
         .and_then(|a| a.mint(sub, ttl_s).map_err(|e| e.to_string()));
     match minted {
         Ok(t) => {
@@ -96,9 +95,8 @@ fn serve(mut config: Config) -> ExitCode {
 }
 
 fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
-    let token = agentwire::auth_settings(config)
+    let token = agentwire::authenticator(config)
         .ok()
-        .and_then(|s| auth::Authenticator::new(&s).ok())
         .and_then(|a| a.mint("demo-user", 24 * 3600).ok())
         .unwrap_or_default();
     let secret = config.jwt_secret.as_deref().unwrap_or("");
