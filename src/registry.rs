@@ -100,8 +100,16 @@ pub struct User {
     pub seq: u64,
     pub replay: VecDeque<Replayed>,
     pub runs: HashMap<Arc<str>, Run>,
-    ended: VecDeque<Arc<str>>,
-    ended_set: HashSet<Arc<str>>,
+    /// Allocated at the first ended run: a user who never ran anything (most idle
+    /// connections) pays one pointer for it.
+    ended: Option<Box<EndedRuns>>,
+}
+
+/// The ids of a user's last [`ENDED_RUNS_KEPT`] ended runs: arrival order and a set.
+#[derive(Debug, Default)]
+struct EndedRuns {
+    order: VecDeque<Arc<str>>,
+    set: HashSet<Arc<str>>,
 }
 
 /// The answer to a resume request (`last_seq` + `epoch`).
@@ -178,17 +186,18 @@ impl User {
     }
 
     pub fn run_ended(&self, run_id: &str) -> bool {
-        self.ended_set.contains(run_id)
+        self.ended.as_ref().is_some_and(|e| e.set.contains(run_id))
     }
 
     /// Record that a run ended (and forget the oldest ended run past the bound).
     pub fn end_run(&mut self, run_id: &Arc<str>) -> Option<Run> {
         let run = self.runs.remove(run_id);
-        if self.ended_set.insert(run_id.clone()) {
-            self.ended.push_back(run_id.clone());
-            if self.ended.len() > ENDED_RUNS_KEPT {
-                if let Some(old) = self.ended.pop_front() {
-                    self.ended_set.remove(&old);
+        let ended = self.ended.get_or_insert_with(Box::default);
+        if ended.set.insert(run_id.clone()) {
+            ended.order.push_back(run_id.clone());
+            if ended.order.len() > ENDED_RUNS_KEPT {
+                if let Some(old) = ended.order.pop_front() {
+                    ended.set.remove(&old);
                 }
             }
         }
@@ -212,18 +221,21 @@ impl User {
 /// entry: the id and a u64).
 #[derive(Debug, Default)]
 pub struct Registry {
-    users: HashMap<Arc<str>, User>,
+    /// Boxed: a table slot is then a pointer, not a whole `User`, and hashbrown's
+    /// power-of-two table (all of it resident, slots are spread) costs ~40 B per user
+    /// instead of ~370 B.
+    users: HashMap<Arc<str>, Box<User>>,
     retired: HashMap<Arc<str>, u64>,
     online: usize,
 }
 
 impl Registry {
     pub fn get(&self, user: &str) -> Option<&User> {
-        self.users.get(user)
+        self.users.get(user).map(|u| &**u)
     }
 
     pub fn get_mut(&mut self, user: &str) -> Option<&mut User> {
-        self.users.get_mut(user)
+        self.users.get_mut(user).map(|u| &mut **u)
     }
 
     /// The user's entry, created (with its retired seq, if any) when missing.
@@ -235,10 +247,15 @@ impl Registry {
                 None => (Arc::from(user), 0),
             },
         };
-        self.users.entry(name.clone()).or_insert_with(|| User {
-            name,
-            seq,
-            ..User::default()
+        self.users.entry(name.clone()).or_insert_with(|| {
+            Box::new(User {
+                name,
+                seq,
+                // Most users have one tab: room for exactly one connection (a Vec's
+                // first growth makes room for four).
+                conns: Vec::with_capacity(1),
+                ..User::default()
+            })
         })
     }
 
@@ -316,7 +333,7 @@ impl Registry {
     }
 
     pub fn users(&self) -> impl Iterator<Item = (&Arc<str>, &User)> {
-        self.users.iter()
+        self.users.iter().map(|(name, u)| (name, &**u))
     }
 }
 
@@ -427,6 +444,8 @@ mod tests {
         }
         assert!(!u.run_ended("r0"));
         assert!(u.run_ended(&format!("r{}", ENDED_RUNS_KEPT + 9)));
-        assert_eq!(u.ended.len(), ENDED_RUNS_KEPT);
+        let ended = u.ended.as_ref().expect("allocated at the first end");
+        assert_eq!(ended.order.len(), ENDED_RUNS_KEPT);
+        assert_eq!(ended.set.len(), ENDED_RUNS_KEPT);
     }
 }
