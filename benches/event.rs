@@ -46,7 +46,7 @@ fn large_data() -> Value {
         "tool": "sql",
         "status": "ok",
         "rows": rows,
-        "excerpt": line.repeat(15),
+        "excerpt": line.repeat(18),
         "elapsed_ms": 42
     })
 }
