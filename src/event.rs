@@ -220,7 +220,9 @@ impl Event {
         data: &D,
     ) -> Result<Event, EventError> {
         let ts_ms = now_ms();
-        let mut body = Vec::with_capacity(160);
+        // Room for the envelope plus a typical small payload: one allocation for most
+        // events (a larger payload grows it by doubling).
+        let mut body = Vec::with_capacity(envelope_len_hint(&key, &kind) + 128);
         let split = write_head(&mut body, &kind);
         write_tail_fields(&mut body, &key, ts_ms);
         serde_json::to_writer(&mut body, data).map_err(|e| EventError::BadData(e.to_string()))?;
@@ -240,7 +242,7 @@ impl Event {
     /// through byte for byte).
     pub fn from_raw_data(key: RunKey, kind: EventKind, data: &str) -> Event {
         let ts_ms = now_ms();
-        let mut body = Vec::with_capacity(128 + data.len());
+        let mut body = Vec::with_capacity(envelope_len_hint(&key, &kind) + data.len());
         let split = write_head(&mut body, &kind);
         write_tail_fields(&mut body, &key, ts_ms);
         body.extend_from_slice(data.as_bytes());
@@ -274,6 +276,16 @@ impl Event {
     pub fn json_len(&self) -> usize {
         self.body.len()
     }
+}
+
+/// Bytes of the envelope without `seq` and `data`: the fixed keys and punctuation with
+/// a 13-digit `ts` (101 B), the names, and a little room for escapes.
+fn envelope_len_hint(key: &RunKey, kind: &EventKind) -> usize {
+    112 + kind.as_str().len()
+        + key.user_id.len()
+        + key.thread_id.as_ref().map_or(4, |t| t.len())
+        + key.run_id.len()
+        + key.agent_name.len()
 }
 
 /// `{"type":"<kind>","seq":` — returns the split point (where seq digits go).
