@@ -1043,6 +1043,12 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
             &hs(&json!({"sub": "u1", "exp": exp, "iss": 42})),
             AuthError::BadIssuer,
         );
+        // RFC 7519: one string; an array holding the issuer is not it.
+        refused(
+            &a,
+            &hs(&json!({"sub": "u1", "exp": exp, "iss": ["https://idp.example"]})),
+            AuthError::BadIssuer,
+        );
     }
 
     #[test]
