@@ -230,6 +230,8 @@ struct RawClaims {
     sub: Option<Value>,
     #[serde(default)]
     exp: Option<Value>,
+    #[serde(default)]
+    iss: Option<Value>,
 }
 
 /// The claims `mint` signs.
@@ -382,6 +384,12 @@ impl Authenticator {
         // understand none.
         if data.header.crit.is_some() {
             return Err(AuthError::Malformed);
+        }
+
+        // RFC 7519 section 4.1.1: `iss` is one string. jsonwebtoken also takes an array
+        // holding the configured issuer; a configured issuer is only met by exactly it.
+        if self.issuer.is_some() && !matches!(data.claims.iss, Some(Value::String(_))) {
+            return Err(AuthError::BadIssuer);
         }
 
         let sub = match data.claims.sub {
@@ -1033,6 +1041,12 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
         refused(
             &a,
             &hs(&json!({"sub": "u1", "exp": exp, "iss": 42})),
+            AuthError::BadIssuer,
+        );
+        // RFC 7519: one string; an array holding the issuer is not it.
+        refused(
+            &a,
+            &hs(&json!({"sub": "u1", "exp": exp, "iss": ["https://idp.example"]})),
             AuthError::BadIssuer,
         );
     }

@@ -171,6 +171,40 @@ impl Write for Wire<'_> {
     }
 }
 
+/// A [`Wire`] that reads at most `left` more bytes, then reports `WouldBlock` and sets
+/// `exhausted`: bounds what one connection reads per loop iteration even inside a
+/// single tungstenite `read` (a message of a million tiny fragments, a ping flood).
+/// Safe because tungstenite keeps its partial state across `WouldBlock`, as it does
+/// for a real one.
+pub struct Budgeted<'a> {
+    pub wire: Wire<'a>,
+    pub left: usize,
+    pub exhausted: bool,
+}
+
+impl Read for Budgeted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            self.exhausted = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let cap = buf.len().min(self.left);
+        let n = self.wire.read(buf.get_mut(..cap).unwrap_or_default())?;
+        self.left -= n;
+        Ok(n)
+    }
+}
+
+impl Write for Budgeted<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wire.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.wire.flush()
+    }
+}
+
 /// Where a connection is in its life.
 pub enum Phase {
     /// Reading an HTTP request head (and, for the publish API, its body).

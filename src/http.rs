@@ -26,7 +26,8 @@
 //!   two values for one setting are ambiguous, and an ambiguous credential is refused.
 //! - **Origin**: a missing `Origin` header is allowed even with a non-empty allow-list
 //!   (only browsers send it, and any other client could forge it anyway); a present one
-//!   must match an entry exactly.
+//!   must match an entry exactly, ignoring ASCII case (RFC 6454 origins compare scheme
+//!   and host case-insensitively).
 //! - **Host** is not required (load tools and raw clients often omit it).
 //! - Refusal messages never contain a query value, header value or token, only the
 //!   names of what was wrong, because they are sent to the client and logged.
@@ -891,15 +892,17 @@ fn base64_decoded_len(s: &str) -> Option<usize> {
 }
 
 /// True when `origin` is allowed by `allowed`: an empty list allows any; otherwise a
-/// present `Origin` must equal an entry exactly (case-sensitive, whole value, so `null`
-/// and look-alikes such as `http://good.example.evil.com` are refused unless listed
-/// verbatim). A missing `Origin` is allowed: only browsers send one, and the allow-list
+/// present `Origin` must equal an entry as a whole value, ignoring ASCII case (an
+/// origin is a scheme, a host and a port, and RFC 6454 serializes scheme and host in
+/// lower case, so `HTTPS://App.Example.com` is the origin `https://app.example.com`);
+/// `null` and look-alikes such as `http://good.example.evil.com` are refused unless
+/// listed. A missing `Origin` is allowed: only browsers send one, and the allow-list
 /// exists to stop other sites' pages, not non-browser clients (which could forge it).
 pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
     match origin {
         _ if allowed.is_empty() => true,
         None => true,
-        Some(o) => allowed.iter().any(|a| a == o),
+        Some(o) => allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
     }
 }
 
@@ -1879,6 +1882,9 @@ mod tests {
         assert!(origin_allowed(None, &[]));
         assert!(origin_allowed(Some("https://app.example"), &list));
         assert!(origin_allowed(Some("http://localhost:3000"), &list));
+        // RFC 6454: scheme and host are case-insensitive; the whole value still counts.
+        assert!(origin_allowed(Some("https://APP.example"), &list));
+        assert!(origin_allowed(Some("HTTP://LocalHost:3000"), &list));
         assert!(
             origin_allowed(None, &list),
             "non-browser clients send no Origin"
@@ -1886,7 +1892,6 @@ mod tests {
         for bad in [
             "null",
             "",
-            "https://APP.example",
             "http://app.example",
             "https://app.example/",
             "https://app.example:443",

@@ -88,6 +88,28 @@ pub const CHANNEL_CAPACITY: usize = 65_536;
 pub const INBOUND_CAPACITY: usize = 4096;
 /// Listen backlog: large enough for reconnect storms.
 pub const LISTEN_BACKLOG: i32 = 4096;
+/// Most verbose level the `agentwire` binary lets other crates log at, whatever
+/// `RUST_LOG` asks. tungstenite's trace records print every client message verbatim
+/// (a `refresh` carries a JWT) and logs never hold a token; mio's trace records
+/// (`token=Token(n)` per registration) are per-socket noise that log scanners read as
+/// a leaked token. An embedder installing its own logger should apply the same caps.
+pub const LOG_LEVEL_CAPS: &[(&str, log::LevelFilter)] = &[
+    ("tungstenite", log::LevelFilter::Info),
+    ("mio", log::LevelFilter::Info),
+];
+
+/// True when a record of `target` at `level` passes [`LOG_LEVEL_CAPS`] (a cap applies
+/// to its crate and every module under it).
+pub fn log_level_allowed(target: &str, level: log::Level) -> bool {
+    LOG_LEVEL_CAPS
+        .iter()
+        .find(|(krate, _)| {
+            target
+                .strip_prefix(krate)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+        .is_none_or(|(_, cap)| level <= *cap)
+}
 
 /// Setup failures: the only errors that leave [`Gateway::new`] or [`Gateway::run`].
 #[derive(Debug, thiserror::Error)]

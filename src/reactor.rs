@@ -33,7 +33,7 @@ use tungstenite::Message;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, PerUserPolicy};
-use crate::conn::{Conn, ConnId, OutQueue, Phase, Session, Wire};
+use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
 use crate::http::{self, Method, Mode, Refusal, Route};
@@ -62,6 +62,10 @@ const HOUSEKEEPING_MS: u64 = 1000;
 /// small (pongs, pings, a user message), so idle memory wins: 256 -> 64 bytes took an
 /// idle connection from 1,157 to 957 bytes at one user each (10,000 connections).
 pub(crate) const READ_BUFFER_BYTES: usize = 64;
+/// Most client messages (of any kind) one connection's read handles per iteration.
+const MESSAGES_PER_READ: usize = 64;
+/// Most bytes one connection's read takes from its socket per iteration.
+const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Bad client messages in a row before close 1008.
 const MAX_BAD_IN_ROW: u8 = 10;
 /// Most bytes of a plain HTTP request we buffer beyond the head (publish bodies are
@@ -926,6 +930,10 @@ impl Reactor {
         let now = self.tick();
         let mut texts: Vec<String> = Vec::new();
         let mut ending: Option<CloseReason> = None;
+        // Messages of any kind (pings too) and bytes read this turn; past either
+        // budget the rest waits for the next iteration.
+        let mut handled = 0usize;
+        let mut budget_spent = false;
         {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
@@ -934,13 +942,22 @@ impl Reactor {
                 return;
             };
             let before = conn.bytes_in;
+            let mut read_left = READ_BUDGET_BYTES;
             loop {
-                let mut wire = Wire {
-                    tcp: &mut conn.tcp,
-                    out: &mut conn.out,
-                    bytes_in: &mut conn.bytes_in,
+                let mut wire = Budgeted {
+                    wire: Wire {
+                        tcp: &mut conn.tcp,
+                        out: &mut conn.out,
+                        bytes_in: &mut conn.bytes_in,
+                    },
+                    left: read_left,
+                    exhausted: false,
                 };
-                match session.ws.read(&mut wire) {
+                let read = session.ws.read(&mut wire);
+                read_left = wire.left;
+                budget_spent |= wire.exhausted;
+                handled += 1;
+                match read {
                     Ok(Message::Text(t)) => texts.push(t.as_str().to_owned()),
                     Ok(Message::Binary(_)) => {
                         ending = Some(CloseReason::Binary);
@@ -962,7 +979,7 @@ impl Reactor {
                         break;
                     }
                 }
-                if texts.len() >= 64 {
+                if handled >= MESSAGES_PER_READ {
                     // Fairness: one chatty client must not starve the others. No new
                     // edge will come for what is left, so the connection is put on
                     // `read_again` and read on the next iteration.
@@ -982,7 +999,7 @@ impl Reactor {
             let _ = session.ws.flush(&mut wire);
         }
         self.mark_dirty(id);
-        let more = texts.len() >= 64 && ending.is_none();
+        let more = (handled >= MESSAGES_PER_READ || budget_spent) && ending.is_none();
         for text in texts {
             self.stats.client_messages += 1;
             self.client_message(id, &text);

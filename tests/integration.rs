@@ -16,6 +16,14 @@ mod deadlines;
 mod fd_limit;
 #[path = "integration/golden.rs"]
 mod golden;
+#[path = "integration/hostile_auth.rs"]
+mod hostile_auth;
+#[path = "integration/hostile_frames.rs"]
+mod hostile_frames;
+#[path = "integration/hostile_handshake.rs"]
+mod hostile_handshake;
+#[path = "integration/hostile_limits.rs"]
+mod hostile_limits;
 #[path = "integration/isolated.rs"]
 mod isolated;
 #[path = "integration/isolation.rs"]

@@ -71,6 +71,7 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub fn start(cfg: Config, agent: Agent) -> TestGateway {
+        log_capture::install();
         let mut gateway = Gateway::new(cfg).expect("gateway config is valid and binds");
         let addr = gateway.local_addr();
         let emitter = gateway.emitter();
@@ -219,12 +220,16 @@ pub fn token_with(claims: &Value) -> String {
 
 /// A token signed with an HMAC algorithm and secret of the caller's choice.
 pub fn token_alg(alg: Algorithm, secret: &str, claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &Header::new(alg),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("token encodes")
+    token_header(&Header::new(alg), secret, claims)
+}
+
+/// A token with this exact JOSE header, HMAC-signed with `secret` (the header's `alg`
+/// picks the HMAC; see [`token_forged`] for a header that lies about it).
+pub fn token_header(header: &Header, secret: &str, claims: &Value) -> String {
+    let t = jsonwebtoken::encode(header, claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .expect("token encodes");
+    log_capture::register_secret(&t);
+    t
 }
 
 /// An unsigned token: header `{"alg":"none","typ":"JWT"}`, these claims, and an
@@ -232,7 +237,29 @@ pub fn token_alg(alg: Algorithm, secret: &str, claims: &Value) -> String {
 pub fn token_alg_none(claims: &Value) -> String {
     let header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = b64url(claims.to_string().as_bytes());
-    format!("{header}.{payload}.")
+    let t = format!("{header}.{payload}.");
+    log_capture::register_secret(&t);
+    t
+}
+
+/// A token whose header is `header_json` verbatim, signed HMAC-SHA256 with `secret`
+/// whatever the header claims (alg confusion: `{"alg":"RS256"}` with an HMAC signature,
+/// `kid` and `jku` tricks). Registered with [`log_capture`].
+pub fn token_forged(header_json: &str, secret: &[u8], claims: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header_json.as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(
+        signing_input.as_bytes(),
+        &EncodingKey::from_secret(secret),
+        Algorithm::HS256,
+    )
+    .expect("HMAC signs");
+    let t = format!("{signing_input}.{sig}");
+    log_capture::register_secret(&t);
+    t
 }
 
 /// Unpadded base64url (RFC 4648 section 5).
@@ -1091,4 +1118,270 @@ impl RawWs {
             .stream
             .write_all(&client_frame(0xA, payload, true, true));
     }
+}
+
+// -------------------------------------------------------- process figures
+
+/// This process's resident set size in bytes (`VmRSS` of `/proc/self/status`). The
+/// gateways of the tests run in-process, so their memory is in it.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// CPU time (user + system) of one thread of this process, from
+/// `/proc/self/task/TID/stat` (clock ticks of 10 ms).
+pub fn thread_cpu(tid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .unwrap_or_else(|e| panic!("read stat of thread {tid}: {e}"));
+    // Fields after the parenthesised name (which may hold spaces): state is field 3,
+    // utime 14 and stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .expect("stat has a name");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .map(|(u, s)| u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0))
+        .expect("utime and stime");
+    Duration::from_millis(ticks * 10)
+}
+
+fn task_ids() -> std::collections::BTreeSet<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("list /proc/self/task")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn task_name(tid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Serializes [`TestGateway::start_watched`], so the one new reactor thread between
+/// two listings of `/proc/self/task` is this gateway's.
+static WATCHED_START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl TestGateway {
+    /// As [`TestGateway::start`], also returning the OS thread id of this gateway's
+    /// reactor thread, for [`thread_cpu`].
+    pub fn start_watched(cfg: Config, agent: Agent) -> (TestGateway, u32) {
+        let _one_at_a_time = WATCHED_START.lock().unwrap_or_else(|e| e.into_inner());
+        let before = task_ids();
+        let gw = TestGateway::start(cfg, agent);
+        // The thread names itself once it runs ("agentwire-reactor", cut to 15 bytes).
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let new: Vec<u32> = task_ids()
+                .difference(&before)
+                .copied()
+                .filter(|&t| task_name(t) == "agentwire-react")
+                .collect();
+            match new.as_slice() {
+                [tid] => return (gw, *tid),
+                [] => assert!(Instant::now() < deadline, "reactor thread not found"),
+                many => panic!("more than one new reactor thread: {many:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+// ------------------------------------------------------------ log capture
+
+/// Every log record the gateways of this test binary write, kept for checking that no
+/// token, token signature or query string is ever logged (PROTOCOL.md section 3).
+///
+/// [`install`] (called by every [`TestGateway::start`]) installs a `log` logger at
+/// trace level that keeps, as one line each, every record whose target is the
+/// gateway's (`agentwire::*`, from any thread) and every record another crate
+/// (tungstenite, mio) writes on one of the gateway's own threads (named
+/// `agentwire-*`), at the levels the `agentwire` binary lets through for it
+/// ([`agentwire::log_level_allowed`]). Records of the test clients (which also use
+/// tungstenite, on the test threads) are not the gateway's and are not kept.
+///
+/// Every token the harness mints is registered ([`register_secret`]): its segments
+/// of 16 characters or more (the signature always is). [`violations`] lists the lines
+/// holding a registered segment, `token=` or a `?`; [`assert_clean`] fails a test with
+/// them, and a process-exit hook runs the same check over the log of the whole run
+/// (every test of the binary), failing the run with exit status 1.
+pub mod log_capture {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, Once};
+
+    use log::{Level, LevelFilter, Log, Metadata, Record};
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static SECRETS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    static INSTALL: Once = Once::new();
+
+    /// Segments shorter than this are not registered (`a.b.c` would match any "a").
+    const MIN_SEGMENT: usize = 16;
+
+    struct Capture;
+
+    fn kept(target: &str, level: Level) -> bool {
+        if target.starts_with("agentwire") {
+            return true;
+        }
+        let on_gateway_thread = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("agentwire-"));
+        if !on_gateway_thread {
+            return false;
+        }
+        agentwire::log_level_allowed(target, level)
+    }
+
+    impl Log for Capture {
+        fn enabled(&self, m: &Metadata) -> bool {
+            kept(m.target(), m.level())
+        }
+
+        fn log(&self, r: &Record) {
+            if !kept(r.target(), r.level()) {
+                return;
+            }
+            let line = format!("{} {} {}", r.level(), r.target(), r.args());
+            LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+
+        fn flush(&self) {}
+    }
+
+    static LOGGER: Capture = Capture;
+
+    extern "C" {
+        fn atexit(callback: extern "C" fn()) -> std::os::raw::c_int;
+        fn _exit(status: std::os::raw::c_int) -> !;
+    }
+
+    /// At process exit: the check over the whole run's log. No panic may cross this
+    /// `extern "C"` boundary, so nothing here unwraps.
+    extern "C" fn check_at_exit() {
+        let bad = violations();
+        let lines = LINES.lock().map(|l| l.len()).unwrap_or(0);
+        let secrets = SECRETS
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(HashSet::len))
+            .unwrap_or(0);
+        if bad.is_empty() {
+            eprintln!(
+                "log capture: {lines} gateway log lines checked against {secrets} token \
+                 segments, token= and '?': clean"
+            );
+            return;
+        }
+        eprintln!(
+            "log capture: {} of {lines} gateway log lines leak a token, a signature or a \
+             query string:",
+            bad.len()
+        );
+        for line in bad.iter().take(20) {
+            eprintln!("  {line}");
+        }
+        // SAFETY: `_exit` ends the process at once; nothing runs after it.
+        unsafe { _exit(1) }
+    }
+
+    /// Install the capturing logger (once per process; a no-op afterwards). If another
+    /// logger was installed first, capture is off and the process-exit check says so.
+    pub fn install() {
+        INSTALL.call_once(|| {
+            if log::set_logger(&LOGGER).is_ok() {
+                log::set_max_level(LevelFilter::Trace);
+                // SAFETY: registers a plain function with the C runtime's exit hooks.
+                let rc = unsafe { atexit(check_at_exit) };
+                assert_eq!(rc, 0, "atexit registration");
+            } else {
+                eprintln!("log capture: another logger is installed; gateway logs not checked");
+            }
+        });
+    }
+
+    /// Remember a token: none of its long segments may ever appear in a log line.
+    pub fn register_secret(token: &str) {
+        let mut secrets = SECRETS.lock().unwrap_or_else(|e| e.into_inner());
+        let set = secrets.get_or_insert_with(HashSet::new);
+        for segment in token.split('.').filter(|s| s.len() >= MIN_SEGMENT) {
+            set.insert(segment.to_owned());
+        }
+    }
+
+    /// Captured lines so far (a copy).
+    pub fn lines() -> Vec<String> {
+        LINES.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The captured lines holding a registered token segment (as a whole run of
+    /// base64url characters, the way a token or its parts would be printed), the text
+    /// `token=`, or a `?` (the start of a query string).
+    pub fn violations() -> Vec<String> {
+        let lines = LINES.lock().unwrap_or_else(|e| e.into_inner());
+        let secrets = SECRETS.lock().unwrap_or_else(|e| e.into_inner());
+        let empty = HashSet::new();
+        let secrets = secrets.as_ref().unwrap_or(&empty);
+        let is_b64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        lines
+            .iter()
+            .filter(|line| {
+                line.contains("token=")
+                    || line.contains('?')
+                    || line
+                        .split(|c: char| !is_b64url(c))
+                        .any(|run| run.len() >= MIN_SEGMENT && secrets.contains(run))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Fail the calling test if any captured line so far leaks a secret.
+    pub fn assert_clean() {
+        let bad = violations();
+        assert!(
+            bad.is_empty(),
+            "gateway log lines leak a token, a signature or a query string:\n{}",
+            bad.join("\n")
+        );
+    }
+}
+
+// ------------------------------------------------------------ huge requests
+
+/// Send `raw` (any size) from a writer thread while this thread reads one response,
+/// so a gateway that answers before the request is complete (431) is read rather than
+/// deadlocked against a full socket buffer. Write errors after the answer (the
+/// gateway closed) are expected and ignored. Returns the response and how long it took
+/// from the first byte written.
+pub fn http_request_streamed(addr: SocketAddr, raw: Vec<u8>) -> (HttpResponse, Duration) {
+    let mut stream = TcpStream::connect_timeout(&addr, WAIT).expect("tcp connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream.set_write_timeout(Some(WAIT)).expect("write timeout");
+    let mut writer = stream.try_clone().expect("clone socket");
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        for chunk in raw.chunks(64 * 1024) {
+            if writer.write_all(chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let r = read_response(&mut stream);
+    let took = started.elapsed();
+    // Unblocks the writer if it is still sending.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = sender.join();
+    (r, took)
 }
