@@ -134,8 +134,10 @@ def main(argv: list[str]) -> int:
         if bad:
             print(f"autobahn: --update refused: {expected_path} only holds allowed results")
             return 1
-        doc = {"_about": HEADER, "cases": run}
-        expected_path.write_text(json.dumps(doc, indent=1) + "\n")
+        # One case per line, so a change of behavior reads as a one-line diff.
+        rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in run.items())
+        text = f'{{\n "_about": {json.dumps(HEADER)},\n "cases": {{\n{rows}\n }}\n}}\n'
+        expected_path.write_text(text)
         print(f"autobahn: wrote {len(run)} cases to {expected_path}")
         return 0
 
