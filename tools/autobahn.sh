@@ -75,7 +75,9 @@ sys.exit(m.version('kosoku') != '$KOSOKU_VERSION')" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "kosoku==$KOSOKU_VERSION"
 fi
 
-# 2. The conformance build, in its own target dir.
+# 2. The conformance build, in its own target dir. Warnings are errors: CI's clippy
+# stage only sees the default build, so this is where feature-gated code is checked.
+export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 log "cargo build --release --features conformance --target-dir $TARGET_DIR"
 timeout "$BUILD_TIMEOUT_S" cargo build --release --locked --quiet --features conformance \
     --target-dir "$TARGET_DIR" --bin agentwire
