@@ -65,16 +65,24 @@ pub enum Mode {
     Legacy,
     /// Only events of runs started from this very connection.
     Isolated,
+    /// Conformance builds only: `GET /conformance/echo`, a session that receives no
+    /// events and echoes every client message back (Autobahn|Testsuite runs). Never
+    /// parsed from `mode=`; it exists only as that path's mode.
+    #[cfg(feature = "conformance")]
+    Echo,
 }
 
 impl Mode {
-    /// The query-parameter spelling: `main`, `factory`, `legacy` or `isolated`.
+    /// The query-parameter spelling: `main`, `factory`, `legacy` or `isolated` (`echo`
+    /// for the conformance echo path, which no `mode=` selects).
     pub fn as_str(&self) -> &'static str {
         match self {
             Mode::Main => "main",
             Mode::Factory => "factory",
             Mode::Legacy => "legacy",
             Mode::Isolated => "isolated",
+            #[cfg(feature = "conformance")]
+            Mode::Echo => "echo",
         }
     }
 
@@ -551,6 +559,8 @@ fn known_path(path: &str) -> Option<Route> {
         "/ws/stats" => Some(Route::Stats),
         "/metrics" => Some(Route::Metrics),
         "/api/events" => Some(Route::Publish),
+        #[cfg(feature = "conformance")]
+        "/conformance/echo" => Some(Route::WebSocket(Some(Mode::Echo))),
         _ => None,
     }
 }

@@ -42,6 +42,9 @@ use crate::registry::{ConnEntry, Registry, Replayed, Resume, Run};
 use crate::stats::{DropReason, Gauges, RefusalReason, Stats};
 use crate::timer_wheel::TimerWheel;
 
+#[cfg(feature = "conformance")]
+mod echo;
+
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
@@ -775,6 +778,10 @@ impl Reactor {
                 return self.refuse(id, &Refusal::forbidden("user_id does not match the token"));
             }
         }
+        #[cfg(feature = "conformance")]
+        if up.mode == Mode::Echo {
+            return self.open_echo(id, up, claims, leftover);
+        }
         // Limits: the per-user policy first (eviction frees a slot), then the total.
         let per_user = self.s.config.max_connections_per_user;
         let user_conns: Vec<ConnId> = self
@@ -927,6 +934,10 @@ impl Reactor {
     // -------------------------------------------------------------- WebSocket
 
     fn read_ws(&mut self, id: ConnId) {
+        #[cfg(feature = "conformance")]
+        if self.session(id).is_some_and(|s| s.mode == Mode::Echo) {
+            return self.read_echo(id);
+        }
         let now = self.tick();
         let mut texts: Vec<String> = Vec::new();
         let mut ending: Option<CloseReason> = None;

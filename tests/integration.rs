@@ -10,6 +10,8 @@ mod support;
 mod chaos;
 #[path = "integration/client_input.rs"]
 mod client_input;
+#[path = "integration/conformance_route.rs"]
+mod conformance_route;
 #[path = "integration/deadlines.rs"]
 mod deadlines;
 #[path = "integration/fd_limit.rs"]
