@@ -74,8 +74,53 @@ enum DriverKind {
     Publish,
 }
 
+/// The server under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ServerKind {
+    /// agentwire (`agentwire serve`, or `bench_gateway` for the emitter driver).
+    Agentwire,
+    /// tools/peers/tokio: tokio + tokio-tungstenite (publish driver only).
+    Tokio,
+    /// tools/peers/node: Node + ws (publish driver only).
+    Node,
+    /// tools/peers/python: Python asyncio + websockets (publish driver only).
+    Python,
+}
+
+impl ServerKind {
+    fn name(self) -> &'static str {
+        match self {
+            ServerKind::Agentwire => "agentwire",
+            ServerKind::Tokio => "tokio",
+            ServerKind::Node => "node",
+            ServerKind::Python => "python",
+        }
+    }
+
+    fn parse(s: &str) -> Option<ServerKind> {
+        ServerKind::from_str(s.trim(), true).ok()
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 struct Common {
+    /// The server under test: agentwire, or a comparison peer from tools/peers (set
+    /// them up with `bash tools/peers/setup.sh`). Peers take events from the publish
+    /// API only: with a peer the driver defaults to (and must be) `publish`.
+    #[arg(long, value_enum, default_value_t = ServerKind::Agentwire)]
+    server: ServerKind,
+    /// Peer binary for `--server tokio`.
+    #[arg(long, default_value = "target/release/peer-tokio")]
+    peer_tokio_bin: PathBuf,
+    /// Node for `--server node` (runs tools/peers/node/server.js).
+    #[arg(long, default_value = "node")]
+    peer_node: PathBuf,
+    /// Python for `--server python` (runs tools/peers/python/server.py).
+    #[arg(long, default_value = "target/peers-venv/bin/python")]
+    peer_python: PathBuf,
+    /// Where the peers' sources are.
+    #[arg(long, default_value = "tools/peers")]
+    peers_dir: PathBuf,
     /// `agentwire` binary started for `--driver publish` and `idle`.
     #[arg(long, default_value = "target/release/agentwire")]
     gateway_bin: PathBuf,
@@ -277,6 +322,44 @@ struct RampArgs {
 /// A failure of the run itself (not a missed target).
 type RunResult<T> = Result<T, String>;
 
+impl Common {
+    /// The driver when `--driver` is not given: in-process emitters for agentwire, the
+    /// publish API for a peer.
+    fn default_driver(&self) -> DriverKind {
+        self.driver.unwrap_or(if self.server == ServerKind::Agentwire {
+            DriverKind::Emitter
+        } else {
+            DriverKind::Publish
+        })
+    }
+
+    /// How to start the peer of `--server` (None for agentwire).
+    fn peer(&self) -> Option<gateway::PeerCommand> {
+        let script = |rel: &str| self.peers_dir.join(rel).display().to_string();
+        match self.server {
+            ServerKind::Agentwire => None,
+            ServerKind::Tokio => Some(gateway::PeerCommand {
+                name: "tokio",
+                program: self.peer_tokio_bin.clone(),
+                args: Vec::new(),
+                setup_hint: "bash tools/peers/setup.sh --only tokio",
+            }),
+            ServerKind::Node => Some(gateway::PeerCommand {
+                name: "node",
+                program: self.peer_node.clone(),
+                args: vec![script("node/server.js")],
+                setup_hint: "bash tools/peers/setup.sh --only node",
+            }),
+            ServerKind::Python => Some(gateway::PeerCommand {
+                name: "python",
+                program: self.peer_python.clone(),
+                args: vec![script("python/server.py")],
+                setup_hint: "bash tools/peers/setup.sh --only python",
+            }),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.scenario {
@@ -432,7 +515,38 @@ impl Run {
         let per_user = conns_per_user.max(3);
         let child_cpus = gateway_cpus.clone().unwrap_or_else(gateway::all_cpus);
         let deadline = Instant::now() + Duration::from_secs(20);
-        let (gateway, publisher) = if let Some(addr) = common.connect {
+        let peer = common.peer();
+        if peer.is_some() && common.connect.is_some() {
+            return Err("--server PEER starts the peer itself: leave out --connect".into());
+        }
+        let (gateway, publisher) = if let Some(peer) = &peer {
+            if driver == Some(DriverKind::Emitter) {
+                return Err(format!(
+                    "the {} peer takes events from the publish API only: use --driver publish",
+                    peer.name
+                ));
+            }
+            if !common.gateway_set.is_empty() {
+                return Err("--gateway-set applies to agentwire only, not to a peer".into());
+            }
+            let log = gateway::log_file(scenario, &format!("peer-{}", peer.name))
+                .map_err(io_err("log file"))?;
+            // Secrets through the environment, as for agentwire: out of `ps`.
+            let env = [
+                ("AGENTWIRE_JWT_SECRET", secret.as_str()),
+                ("AGENTWIRE_PUBLISH_KEY", publish_key.as_str()),
+            ];
+            let gw = gateway::start_peer(peer, &env, child_cpus, common.nice, log, deadline)
+                .map_err(io_err("starting the peer"))?;
+            if let (Some(p), Some(pid)) = (common.rt_prio, gw.pid) {
+                // Every thread of the peer: its event loop is not always the main thread
+                // (tokio's workers).
+                for tid in sys::threads(pid) {
+                    sys::set_fifo(tid as i32, p).map_err(io_err("SCHED_FIFO for the peer"))?;
+                }
+            }
+            (gw, None::<Publisher>)
+        } else if let Some(addr) = common.connect {
             if driver == Some(DriverKind::Emitter) {
                 return Err("--connect works with --driver publish (or idle) only: the emitter driver is its own gateway".into());
             }
@@ -610,7 +724,20 @@ impl Run {
                 b.emitter_tids.len(),
                 b.pid
             ),
-            Some(Process::Binary(c)) => format!("agentwire serve, pid {}", c.id()),
+            Some(Process::Binary(c)) => match self.common.peer() {
+                Some(p) => format!(
+                    "peer {} (tools/peers/{}: {}), pid {}",
+                    p.name,
+                    p.name,
+                    match self.common.server {
+                        ServerKind::Tokio => "tokio + tokio-tungstenite",
+                        ServerKind::Node => "Node + ws",
+                        _ => "Python asyncio + websockets",
+                    },
+                    c.id()
+                ),
+                None => format!("agentwire serve, pid {}", c.id()),
+            },
             Some(Process::External) => format!(
                 "external gateway at {}{}",
                 self.common
@@ -672,6 +799,7 @@ impl Run {
         self.record.insert(
             "ran".into(),
             json!({
+                "server": self.common.server.name(),
                 "gateway": gw,
                 "driver": driver,
                 "gateway_cpus": self.gateway_cpus,
@@ -1224,7 +1352,7 @@ fn steady(
     if users == 0 || per_user == 0 {
         return Err("--users and --conns-per-user must be at least 1".into());
     }
-    let driver = Some(common.driver.unwrap_or(DriverKind::Emitter));
+    let driver = Some(common.default_driver());
     let conns = users * per_user;
     let mut run = Run::setup(
         scenario,
@@ -1344,7 +1472,7 @@ fn burst(a: BurstArgs) -> RunResult<bool> {
 fn storm(a: StormArgs) -> RunResult<bool> {
     let per_user = a.conns_per_user.max(1);
     let users = a.conns.div_ceil(per_user).max(1);
-    let driver = Some(a.common.driver.unwrap_or(DriverKind::Emitter));
+    let driver = Some(a.common.default_driver());
     let threads = a.common.threads.max(1);
     let churn_max = threads * a.concurrency;
     let mut run = Run::setup(
@@ -1493,7 +1621,7 @@ fn ramp(a: RampArgs) -> RunResult<bool> {
     let users = a.users.max(1);
     let per_user = a.conns_per_user.max(1);
     let conns = users * per_user;
-    let driver = Some(a.common.driver.unwrap_or(DriverKind::Emitter));
+    let driver = Some(a.common.default_driver());
     let mut run = Run::setup(
         "ramp",
         a.common,
