@@ -21,6 +21,7 @@
 //! gateway that falls behind shows as latency, never as a slower offered rate.
 
 mod client;
+mod compare;
 mod driver;
 mod gateway;
 mod report;
@@ -64,6 +65,46 @@ enum Scenario {
     Storm(StormArgs),
     /// Raise the rate step by step until p99 crosses --bound: the sustainable rate.
     Ramp(RampArgs),
+    /// Run one scenario against agentwire and each comparison peer, one after another:
+    /// a table side by side and agentwire's ratios. Compare's own options come first,
+    /// then the scenario and its options, e.g.
+    /// `loadgen compare --servers agentwire,tokio ramp --users 1000 --pin-gateway 0 --pin-load 1`.
+    /// Events come from the publish driver (the peers have no in-process emitters).
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Servers to run, comma-separated, in this order: agentwire, tokio, node, python.
+    #[arg(long, default_value = "agentwire,tokio,node,python")]
+    servers: String,
+    /// Runs per server; the servers take turns, and each one's median run (by the
+    /// scenario's headline figure) is reported with the range.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Write the comparison (every run's record, the medians, the ratios) to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The scenario and its options.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "SCENARIO [OPTIONS]")]
+    scenario: Vec<String>,
+}
+
+fn compare_cmd(a: CompareArgs) -> RunResult<bool> {
+    let mut servers = Vec::new();
+    for s in a.servers.split(',').filter(|s| !s.trim().is_empty()) {
+        servers.push(
+            ServerKind::parse(s)
+                .ok_or_else(|| format!("--servers: unknown server {s:?} (agentwire, tokio, node, python)"))?,
+        );
+    }
+    let code = compare::run(compare::CompareSpec {
+        servers,
+        repeat: a.repeat,
+        json: a.json,
+        scenario: a.scenario,
+    })?;
+    Ok(code == 0)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -368,6 +409,7 @@ fn main() -> ExitCode {
         Scenario::Burst(a) => burst(a),
         Scenario::Storm(a) => storm(a),
         Scenario::Ramp(a) => ramp(a),
+        Scenario::Compare(a) => compare_cmd(a),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
