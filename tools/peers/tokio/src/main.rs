@@ -137,7 +137,10 @@ struct Connected<'a> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("peer-tokio: cannot start the runtime: {e}");
@@ -269,19 +272,29 @@ async fn connection(mut stream: TcpStream, hub: Arc<Hub>) {
             match parse_head(&buf) {
                 Ok(Some(h)) => break h,
                 Ok(None) if buf.len() > MAX_HEAD => {
-                    let _ = respond(&mut stream, "431 Request Header Fields Too Large", &error_body("headers_too_large", "request head too large")).await;
+                    let _ = respond(
+                        &mut stream,
+                        "431 Request Header Fields Too Large",
+                        &error_body("headers_too_large", "request head too large"),
+                    )
+                    .await;
                     return;
                 }
                 Ok(None) => {}
                 Err(()) => {
-                    let _ = respond(&mut stream, "400 Bad Request", &error_body("bad_request", "malformed request")).await;
+                    let _ = respond(
+                        &mut stream,
+                        "400 Bad Request",
+                        &error_body("bad_request", "malformed request"),
+                    )
+                    .await;
                     return;
                 }
             }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
+            buf.reserve(1024);
+            match stream.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
+                Ok(_) => {}
             }
         };
         let rest = buf.split_off(head.len);
@@ -302,18 +315,28 @@ async fn connection(mut stream: TcpStream, hub: Arc<Hub>) {
                     .header("content-length")
                     .and_then(|v| v.trim().parse::<usize>().ok());
                 let Some(len) = len else {
-                    let _ = respond(&mut stream, "411 Length Required", &error_body("bad_request", "Content-Length required")).await;
+                    let _ = respond(
+                        &mut stream,
+                        "411 Length Required",
+                        &error_body("bad_request", "Content-Length required"),
+                    )
+                    .await;
                     return;
                 };
                 if len > MAX_BODY {
-                    let _ = respond(&mut stream, "413 Payload Too Large", &error_body("payload_too_large", "body over 1 MiB")).await;
+                    let _ = respond(
+                        &mut stream,
+                        "413 Payload Too Large",
+                        &error_body("payload_too_large", "body over 1 MiB"),
+                    )
+                    .await;
                     return;
                 }
+                buf.reserve(len.saturating_sub(buf.len()));
                 while buf.len() < len {
-                    let mut chunk = [0u8; 16384];
-                    match stream.read(&mut chunk).await {
+                    match stream.read_buf(&mut buf).await {
                         Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
+                        Ok(_) => {}
                     }
                 }
                 let rest = buf.split_off(len);
@@ -321,7 +344,14 @@ async fn connection(mut stream: TcpStream, hub: Arc<Hub>) {
                 let (status, text) = publish(&hub, &head, &body);
                 respond(&mut stream, status, &text).await
             }
-            _ => respond(&mut stream, "404 Not Found", &error_body("not_found", "unknown path")).await,
+            _ => {
+                respond(
+                    &mut stream,
+                    "404 Not Found",
+                    &error_body("not_found", "unknown path"),
+                )
+                .await
+            }
         };
         if result.is_err() || close_after {
             return;
@@ -378,15 +408,30 @@ async fn upgrade(mut stream: TcpStream, head: Head, leftover: Vec<u8>, hub: Arc<
         .header("upgrade")
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let Some(key) = head.header("sec-websocket-key").filter(|_| is_upgrade) else {
-        let _ = respond(&mut stream, "400 Bad Request", &error_body("bad_request", "not a WebSocket upgrade")).await;
+        let _ = respond(
+            &mut stream,
+            "400 Bad Request",
+            &error_body("bad_request", "not a WebSocket upgrade"),
+        )
+        .await;
         return;
     };
     if head.header("sec-websocket-version") != Some("13") {
-        let _ = respond(&mut stream, "426 Upgrade Required", &error_body("upgrade_required", "Sec-WebSocket-Version must be 13")).await;
+        let _ = respond(
+            &mut stream,
+            "426 Upgrade Required",
+            &error_body("upgrade_required", "Sec-WebSocket-Version must be 13"),
+        )
+        .await;
         return;
     }
     let Some(user) = token(&head).and_then(|t| verify(&hub, &t)) else {
-        let _ = respond(&mut stream, "401 Unauthorized", &error_body("invalid_token", "missing or invalid token")).await;
+        let _ = respond(
+            &mut stream,
+            "401 Unauthorized",
+            &error_body("invalid_token", "missing or invalid token"),
+        )
+        .await;
         return;
     };
     let accept = derive_accept_key(key.as_bytes());
@@ -517,10 +562,16 @@ fn publish(hub: &Hub, head: &Head, body: &[u8]) -> (&'static str, String) {
         .header("authorization")
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(expected) = hub.publish_key.as_deref() else {
-        return ("404 Not Found", error_body("not_found", "publishing is off"));
+        return (
+            "404 Not Found",
+            error_body("not_found", "publishing is off"),
+        );
     };
     if key.map(str::trim) != Some(expected) {
-        return ("401 Unauthorized", error_body("invalid_key", "bad publish key"));
+        return (
+            "401 Unauthorized",
+            error_body("invalid_key", "bad publish key"),
+        );
     }
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let events: Vec<Incoming<'_>> = if first == Some(&b'[') {
@@ -548,7 +599,10 @@ fn publish(hub: &Hub, head: &Head, body: &[u8]) -> (&'static str, String) {
     let empty = RawValue::from_string("{}".into()).ok();
     let ts = now_ms();
     let Ok(mut users) = hub.users.lock() else {
-        return ("500 Internal Server Error", error_body("internal", "lock poisoned"));
+        return (
+            "500 Internal Server Error",
+            error_body("internal", "lock poisoned"),
+        );
     };
     for e in &events {
         let user = users.entry(e.user_id.to_string()).or_default();
@@ -571,7 +625,8 @@ fn publish(hub: &Hub, head: &Head, body: &[u8]) -> (&'static str, String) {
         };
         let frame = Utf8Bytes::from(text);
         // A full queue: drop the connection's sender; its task closes it with 1013.
-        user.conns.retain(|(_, tx)| tx.try_send(frame.clone()).is_ok());
+        user.conns
+            .retain(|(_, tx)| tx.try_send(frame.clone()).is_ok());
     }
     ("202 Accepted", format!("{{\"accepted\":{}}}", events.len()))
 }
@@ -579,7 +634,6 @@ fn publish(hub: &Hub, head: &Head, body: &[u8]) -> (&'static str, String) {
 fn bad_event(message: &str, index: usize) -> (&'static str, String) {
     (
         "400 Bad Request",
-        serde_json::json!({"error": "bad_event", "message": message, "index": index})
-            .to_string(),
+        serde_json::json!({"error": "bad_event", "message": message, "index": index}).to_string(),
     )
 }
