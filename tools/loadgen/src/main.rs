@@ -713,7 +713,14 @@ impl Run {
             (_, p) => p,
         };
 
-        let monitor = Monitor::start(gateway.pid, gateway.reactor_tid.or(gateway.pid));
+        // agentwire's reactor is its main thread; a peer's event loop may be another
+        // thread (tokio's workers) or several: its CPU is the whole process's.
+        let reactor_tid = match (&peer, gateway.reactor_tid) {
+            (_, Some(t)) => Some(t),
+            (Some(_), None) => None,
+            (None, None) => gateway.pid,
+        };
+        let monitor = Monitor::start(gateway.pid, reactor_tid);
         let target = Arc::new(ClientTarget {
             addr: gateway.addr,
             path: common.path.clone(),
