@@ -71,8 +71,7 @@ impl Row {
             let steps = r.get("steps").and_then(Value::as_array);
             let best = steps.and_then(|s| {
                 s.iter()
-                    .filter(|st| st.get("pass").and_then(Value::as_bool) == Some(true))
-                    .next_back()
+                    .rfind(|st| st.get("pass").and_then(Value::as_bool) == Some(true))
             });
             if let Some(st) = best {
                 row.offered = num(st, "/rate_offered");
@@ -111,6 +110,9 @@ impl Row {
     }
 }
 
+/// A server, its median run (row and record) and every run's headline figure.
+type Median = (ServerKind, Option<(Row, Value)>, Vec<f64>);
+
 /// One finished child run.
 struct Outcome {
     server: ServerKind,
@@ -128,7 +130,9 @@ fn scenario_has(args: &[String], flag: &str) -> bool {
 /// missed).
 pub fn run(spec: CompareSpec) -> Result<u8, String> {
     let Some(scenario) = spec.scenario.first().cloned() else {
-        return Err("compare needs a scenario: loadgen compare [--servers ...] SCENARIO [options]".into());
+        return Err(
+            "compare needs a scenario: loadgen compare [--servers ...] SCENARIO [options]".into(),
+        );
     };
     if !["idle", "fanout", "burst", "storm", "ramp"].contains(&scenario.as_str()) {
         return Err(format!(
@@ -138,7 +142,9 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
     let rest: Vec<String> = spec.scenario.iter().skip(1).cloned().collect();
     for f in ["--server", "--json", "--connect"] {
         if scenario_has(&rest, f) {
-            return Err(format!("compare sets {f} for each run itself: leave it out"));
+            return Err(format!(
+                "compare sets {f} for each run itself: leave it out"
+            ));
         }
     }
     if spec.servers.is_empty() {
@@ -175,7 +181,9 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
             let log = dir.join(format!("compare-{tag}-{name}-{k}.log"));
             let _ = std::fs::remove_file(&json_path);
             let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-            let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+            let err = out
+                .try_clone()
+                .map_err(|e| format!("{}: {e}", log.display()))?;
             let n = outcomes.len() + 1;
             eprintln!("  [{n}/{total}] {name} ...");
             let status = Command::new(&exe)
@@ -208,7 +216,14 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
             );
             if record.is_none() {
                 if let Ok(text) = std::fs::read_to_string(&log) {
-                    for line in text.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev() {
+                    for line in text
+                        .lines()
+                        .rev()
+                        .take(8)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
                         eprintln!("      | {line}");
                     }
                 }
@@ -223,7 +238,7 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
     }
 
     // Per server: the median run by the headline figure, and the range.
-    let mut medians: Vec<(ServerKind, Option<(Row, Value)>, Vec<f64>)> = Vec::new();
+    let mut medians: Vec<Median> = Vec::new();
     for server in &spec.servers {
         let mut runs: Vec<(Row, Value)> = outcomes
             .iter()
@@ -341,17 +356,15 @@ fn cell(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or_else(|| "-".to_owned(), f)
 }
 
-fn render(
-    scenario: &str,
-    rest: &[String],
-    repeat: usize,
-    medians: &[(ServerKind, Option<(Row, Value)>, Vec<f64>)],
-) -> Vec<String> {
+fn render(scenario: &str, rest: &[String], repeat: usize, medians: &[Median]) -> Vec<String> {
     let mut lines = vec![format!(
         "loadgen compare: {scenario} {}{}",
         rest.join(" "),
         if repeat > 1 {
-            format!(" (median of {repeat} runs by {}; range in the last column)", headline_name(scenario))
+            format!(
+                " (median of {repeat} runs by {}; range in the last column)",
+                headline_name(scenario)
+            )
         } else {
             String::new()
         }
@@ -363,7 +376,19 @@ fn render(
     };
     lines.push(format!(
         "  {:<10} {:>7} {:>13} {:>12} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6}  {}",
-        "server", "conns", rate_head, "delivered/s", "lost", "p50", "p99", "p99.9", "max", "RSS peak", "B/conn", "CPU", "range"
+        "server",
+        "conns",
+        rate_head,
+        "delivered/s",
+        "lost",
+        "p50",
+        "p99",
+        "p99.9",
+        "max",
+        "RSS peak",
+        "B/conn",
+        "CPU",
+        "range"
     ));
     for (server, chosen, heads) in medians {
         let Some((r, _)) = chosen else {
@@ -422,7 +447,7 @@ fn headline_name(scenario: &str) -> &'static str {
 }
 
 /// agentwire's advantage over each peer, per figure (above 1: agentwire better).
-fn ratios(scenario: &str, medians: &[(ServerKind, Option<(Row, Value)>, Vec<f64>)]) -> Value {
+fn ratios(scenario: &str, medians: &[Median]) -> Value {
     let Some(aw) = medians
         .iter()
         .find(|m| m.0 == ServerKind::Agentwire)
@@ -472,24 +497,29 @@ fn ratios(scenario: &str, medians: &[(ServerKind, Option<(Row, Value)>, Vec<f64>
     Value::Object(out)
 }
 
-fn ratio_lines(
-    medians: &[(ServerKind, Option<(Row, Value)>, Vec<f64>)],
-    ratios: &Value,
-) -> Vec<String> {
+fn ratio_lines(medians: &[Median], ratios: &Value) -> Vec<String> {
     let Some(obj) = ratios.as_object().filter(|o| !o.is_empty()) else {
         return vec!["  ratios: none (agentwire must be among --servers and have run)".into()];
     };
     let mut lines =
         vec!["  agentwire's advantage over each peer (above 1: agentwire better):".to_owned()];
     let names: &[(&str, &str)] = &[
-        ("sustainable_rate", "sustainable events/s at the p99 bound (agentwire / peer)"),
+        (
+            "sustainable_rate",
+            "sustainable events/s at the p99 bound (agentwire / peer)",
+        ),
         ("delivered", "events/s delivered (agentwire / peer)"),
         ("p99", "p99 latency (peer / agentwire)"),
-        ("cpu_per_event", "CPU per delivered event (peer / agentwire)"),
+        (
+            "cpu_per_event",
+            "CPU per delivered event (peer / agentwire)",
+        ),
         ("bytes_per_conn", "memory per connection (peer / agentwire)"),
     ];
     for (server, _, _) in medians {
-        let Some(m) = obj.get(server.name()) else { continue };
+        let Some(m) = obj.get(server.name()) else {
+            continue;
+        };
         let parts: Vec<String> = names
             .iter()
             .filter_map(|(k, label)| {

@@ -91,7 +91,15 @@ pub fn start_binary(
 ) -> io::Result<Gateway> {
     let mut cmd = Command::new(bin);
     cmd.arg("serve").args(args);
-    start_process(cmd, &bin.display().to_string(), env, cpus, nice, log, deadline)
+    start_process(
+        cmd,
+        &bin.display().to_string(),
+        env,
+        cpus,
+        nice,
+        log,
+        deadline,
+    )
 }
 
 /// A comparison peer (tools/peers): which one, and where its pieces are.
@@ -130,10 +138,8 @@ pub fn start_peer(
     }
     for a in &peer.args {
         let p = Path::new(a);
-        if a.ends_with(".js") || a.ends_with(".py") {
-            if !p.exists() {
-                return Err(missing(p));
-            }
+        if (a.ends_with(".js") || a.ends_with(".py")) && !p.exists() {
+            return Err(missing(p));
         }
     }
     let mut cmd = Command::new(&peer.program);

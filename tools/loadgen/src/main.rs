@@ -86,17 +86,21 @@ struct CompareArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// The scenario and its options.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "SCENARIO [OPTIONS]")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "SCENARIO [OPTIONS]"
+    )]
     scenario: Vec<String>,
 }
 
 fn compare_cmd(a: CompareArgs) -> RunResult<bool> {
     let mut servers = Vec::new();
     for s in a.servers.split(',').filter(|s| !s.trim().is_empty()) {
-        servers.push(
-            ServerKind::parse(s)
-                .ok_or_else(|| format!("--servers: unknown server {s:?} (agentwire, tokio, node, python)"))?,
-        );
+        servers.push(ServerKind::parse(s).ok_or_else(|| {
+            format!("--servers: unknown server {s:?} (agentwire, tokio, node, python)")
+        })?);
     }
     let code = compare::run(compare::CompareSpec {
         servers,
@@ -120,7 +124,8 @@ enum DriverKind {
 enum ServerKind {
     /// agentwire (`agentwire serve`, or `bench_gateway` for the emitter driver).
     Agentwire,
-    /// tools/peers/tokio: tokio + tokio-tungstenite (publish driver only).
+    /// tools/peers/tokio: tokio + tokio-tungstenite (publish driver, or emitter driver
+    /// through its `--bench` mode).
     Tokio,
     /// tools/peers/node: Node + ws (publish driver only).
     Node,
@@ -146,8 +151,8 @@ impl ServerKind {
 #[derive(Args, Clone, Debug)]
 struct Common {
     /// The server under test: agentwire, or a comparison peer from tools/peers (set
-    /// them up with `bash tools/peers/setup.sh`). Peers take events from the publish
-    /// API only: with a peer the driver defaults to (and must be) `publish`.
+    /// them up with `bash tools/peers/setup.sh`). With a peer the driver defaults to
+    /// `publish`; node and python have no other, tokio also runs `--driver emitter`.
     #[arg(long, value_enum, default_value_t = ServerKind::Agentwire)]
     server: ServerKind,
     /// Peer binary for `--server tokio`.
@@ -358,6 +363,11 @@ struct RampArgs {
     /// Most steps (each --step-s long).
     #[arg(long, default_value_t = 8)]
     max_steps: usize,
+    /// A step over the bound on latency alone (nothing lost) is run again at the same
+    /// rate, at most this many times in the whole ramp, before the ramp stops: on a
+    /// shared machine one step can catch another process's burst.
+    #[arg(long, default_value_t = 0)]
+    step_retries: usize,
 }
 
 /// A failure of the run itself (not a missed target).
@@ -367,11 +377,12 @@ impl Common {
     /// The driver when `--driver` is not given: in-process emitters for agentwire, the
     /// publish API for a peer.
     fn default_driver(&self) -> DriverKind {
-        self.driver.unwrap_or(if self.server == ServerKind::Agentwire {
-            DriverKind::Emitter
-        } else {
-            DriverKind::Publish
-        })
+        self.driver
+            .unwrap_or(if self.server == ServerKind::Agentwire {
+                DriverKind::Emitter
+            } else {
+                DriverKind::Publish
+            })
     }
 
     /// How to start the peer of `--server` (None for agentwire).
@@ -561,7 +572,10 @@ impl Run {
         if peer.is_some() && common.connect.is_some() {
             return Err("--server PEER starts the peer itself: leave out --connect".into());
         }
-        let (gateway, publisher) = if let Some(peer) = &peer {
+        // The tokio peer has an in-process emitter mode (`peer-tokio --bench`, the
+        // bench_gateway line protocol); node and python take published events only.
+        let bench_peer = common.server == ServerKind::Tokio && driver == Some(DriverKind::Emitter);
+        let (gateway, publisher) = if let (Some(peer), false) = (&peer, bench_peer) {
             if driver == Some(DriverKind::Emitter) {
                 return Err(format!(
                     "the {} peer takes events from the publish API only: use --driver publish",
@@ -601,19 +615,37 @@ impl Run {
             };
             (gw, None)
         } else if driver == Some(DriverKind::Emitter) {
-            let bin = &common.bench_bin;
+            let bin = if bench_peer {
+                &common.peer_tokio_bin
+            } else {
+                &common.bench_bin
+            };
             if !bin.exists() {
-                return Err(format!(
-                    "{} not found: build it with `cargo build --release --example bench_gateway` (or pass --bench-bin)",
-                    bin.display()
-                ));
+                return Err(if bench_peer {
+                    format!(
+                        "{} not found: run `bash tools/peers/setup.sh --only tokio`",
+                        bin.display()
+                    )
+                } else {
+                    format!(
+                        "{} not found: build it with `cargo build --release --example bench_gateway` (or pass --bench-bin)",
+                        bin.display()
+                    )
+                });
             }
             let mut cmd = Command::new(bin);
+            if bench_peer {
+                if !common.gateway_set.is_empty() {
+                    return Err("--gateway-set applies to agentwire only, not to a peer".into());
+                }
+                cmd.args(["--bench", "--listen", "127.0.0.1:0"]);
+            } else {
+                cmd.args(["--max-connections", &max_connections.to_string()])
+                    .args(["--max-connections-per-user", &per_user.to_string()]);
+            }
             // Secrets through the environment: they stay out of `ps`.
             cmd.env("AGENTWIRE_JWT_SECRET", &secret)
                 .env("AGENTWIRE_PUBLISH_KEY", &publish_key)
-                .args(["--max-connections", &max_connections.to_string()])
-                .args(["--max-connections-per-user", &per_user.to_string()])
                 .args(["--users", &event_users.max(1).to_string()])
                 .args(["--user-prefix", &prefix])
                 .args(["--emitter-threads", &common.emitter_threads.to_string()])
@@ -626,8 +658,15 @@ impl Run {
                 cmd.args(["--set", s]);
             }
             gateway::pin_child(&mut cmd, child_cpus, common.nice);
-            let (log, log_path) =
-                gateway::log_file(scenario, "bench_gateway").map_err(io_err("log file"))?;
+            let (log, log_path) = gateway::log_file(
+                scenario,
+                if bench_peer {
+                    "peer-tokio-bench"
+                } else {
+                    "bench_gateway"
+                },
+            )
+            .map_err(io_err("log file"))?;
             let bench = BenchChild::spawn(cmd, log, deadline)
                 .map_err(|e| format!("{e} (log: {})", log_path.display()))?;
             // The emitters are load: pin them with the clients; the reactor stays put.
@@ -768,6 +807,11 @@ impl Run {
     /// How it ran, for the table and the record.
     fn describe(&mut self) -> String {
         let gw = match self.gateway.as_ref().map(|g| &g.process) {
+            Some(Process::Bench(b)) if self.common.server == ServerKind::Tokio => format!(
+                "peer tokio --bench (tools/peers/tokio: tokio + tokio-tungstenite, {} in-process emitter threads), pid {}",
+                b.emitter_tids.len(),
+                b.pid
+            ),
             Some(Process::Bench(b)) => format!(
                 "bench_gateway (gateway + {} in-process emitter threads), pid {}",
                 b.emitter_tids.len(),
@@ -1699,7 +1743,8 @@ fn ramp(a: RampArgs) -> RunResult<bool> {
     let mut sustainable: Option<f64> = None;
     let mut rate = a.start_rate;
     let mut stop_reason = format!("reached --max-steps {}", a.max_steps);
-    for step in 0..a.max_steps.min(client::MAX_PHASES) {
+    let mut retries_left = a.step_retries;
+    for step in 0..(a.max_steps + a.step_retries).min(client::MAX_PHASES) {
         let spec = PhaseSpec {
             id: step as u32,
             rate,
@@ -1762,6 +1807,11 @@ fn ramp(a: RampArgs) -> RunResult<bool> {
         counts = done.counts;
         if pass {
             sustainable = Some(rate);
+        } else if retries_left > 0 && lost == 0 && done.failed == 0 {
+            // Over the bound on latency alone: on a shared machine one step can catch
+            // someone else's burst; run the same rate once more (the record keeps both).
+            retries_left -= 1;
+            continue;
         } else {
             stop_reason = format!(
                 "step {step} at {rate:.0}/s: p99 {} (bound {}), lost {lost}, send failures {}",

@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod bench;
+
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -67,6 +69,13 @@ struct Args {
     /// Enables POST /api/events with this key.
     #[arg(long, env = "AGENTWIRE_PUBLISH_KEY", hide_env_values = true)]
     publish_key: Option<String>,
+    /// In-process emitter mode for the load generator's `emitter` driver: paced
+    /// emitter threads driven over stdin/stdout with the line protocol of agentwire's
+    /// examples/bench_gateway.rs (see src/bench.rs).
+    #[arg(long)]
+    bench: bool,
+    #[command(flatten)]
+    bench_args: bench::BenchArgs,
 }
 
 /// One user's routing state.
@@ -147,6 +156,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    if args.bench {
+        return match bench::run(&runtime, args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("peer-tokio: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     match runtime.block_on(serve(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -156,7 +174,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(args: Args) -> Result<(), String> {
+fn new_hub(args: &Args) -> Result<Arc<Hub>, String> {
     if args.jwt_secret.is_empty() {
         return Err("--jwt-secret (AGENTWIRE_JWT_SECRET) must not be empty".into());
     }
@@ -169,14 +187,34 @@ async fn serve(args: Args) -> Result<(), String> {
             .build_hasher()
             .finish() as u32
     );
-    let hub = Arc::new(Hub {
+    Ok(Arc::new(Hub {
         users: Mutex::new(HashMap::new()),
         key: DecodingKey::from_secret(args.jwt_secret.as_bytes()),
         validation,
-        publish_key: args.publish_key,
+        publish_key: args.publish_key.clone(),
         epoch,
         next_conn: AtomicU64::new(1),
-    });
+    }))
+}
+
+/// Accept connections, one task each, until the listener fails for good.
+async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, hub.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                eprintln!("peer-tokio: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve(args: Args) -> Result<(), String> {
+    let hub = new_hub(&args)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot bind {}: {e}", args.listen))?;
@@ -184,21 +222,10 @@ async fn serve(args: Args) -> Result<(), String> {
     eprintln!("peer-tokio: listening on {addr}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(connection(stream, hub.clone()));
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off a little instead of spinning.
-                    eprintln!("peer-tokio: accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-            },
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
+    tokio::select! {
+        _ = accept_loop(listener, hub) => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
     eprintln!("peer-tokio: stopping");
     Ok(())
@@ -605,14 +632,12 @@ fn publish(hub: &Hub, head: &Head, body: &[u8]) -> (&'static str, String) {
         );
     };
     for e in &events {
-        let user = users.entry(e.user_id.to_string()).or_default();
-        user.seq += 1;
         let Some(data) = e.data.or(empty.as_deref()) else {
             continue;
         };
         let env = Envelope {
             kind: &e.kind,
-            seq: user.seq,
+            seq: 0,
             user_id: &e.user_id,
             thread_id: e.thread_id.as_deref(),
             run_id: &e.run_id,
@@ -620,15 +645,27 @@ fn publish(hub: &Hub, head: &Head, body: &[u8]) -> (&'static str, String) {
             ts,
             data,
         };
-        let Ok(text) = serde_json::to_string(&env) else {
-            continue;
-        };
-        let frame = Utf8Bytes::from(text);
-        // A full queue: drop the connection's sender; its task closes it with 1013.
-        user.conns
-            .retain(|(_, tx)| tx.try_send(frame.clone()).is_ok());
+        deliver(&mut users, env);
     }
     ("202 Accepted", format!("{{\"accepted\":{}}}", events.len()))
+}
+
+/// Route one event to its user (under the users lock): the next `seq`, serialized once,
+/// queued on every connection of the user. A full queue drops that connection's sender:
+/// its task then closes it with 1013.
+fn deliver(users: &mut HashMap<String, User>, mut env: Envelope<'_>) {
+    let user = match users.get_mut(env.user_id) {
+        Some(u) => u,
+        None => users.entry(env.user_id.to_owned()).or_default(),
+    };
+    user.seq += 1;
+    env.seq = user.seq;
+    let Ok(text) = serde_json::to_string(&env) else {
+        return;
+    };
+    let frame = Utf8Bytes::from(text);
+    user.conns
+        .retain(|(_, tx)| tx.try_send(frame.clone()).is_ok());
 }
 
 fn bad_event(message: &str, index: usize) -> (&'static str, String) {
