@@ -12,8 +12,9 @@ comparison peer, from the step records of `loadgen ramp` runs, into a PNG.
         --save-json target/sweep.json -o docs/bench-latency-vs-rate.png
 
 matplotlib is pinned in tools/peers/requirements-plot.txt; `bash tools/peers/setup.sh
---plot` installs it into target/peers-venv. Several runs of one server at the same rate
-(`compare --repeat N`) are drawn as their median. Steps that lost events are marked x.
+--plot` installs it into target/peers-venv. Several runs of one server (`compare --repeat N`) are drawn as their median over the
+steps every run reached, each run's own p99 faint beside it; steps that lost events are
+marked x.
 """
 
 import argparse
@@ -60,54 +61,61 @@ def server_of(record):
 
 
 def collect(records):
-    """server -> sorted [(rate, p50_ms, p99_ms, lost)] (medians over runs), bound_us."""
-    points = defaultdict(lambda: defaultdict(list))
+    """server -> list of runs, each {rate: (p50_ms, p99_ms, lost)} (a retried step: its
+    last try); and the ramp bound (us)."""
+    runs = defaultdict(list)
     bound = None
     for r in records:
         if r.get("scenario") != "ramp":
             continue
         bound = bound or r.get("bound_us")
+        steps = {}
         for st in r.get("steps", []):
             lat = st.get("latency_us") or {}
-            if "p50" not in lat or "p99" not in lat:
-                continue
-            points[server_of(r)][st["rate_offered"]].append(
-                (lat["p50"] / 1000.0, lat["p99"] / 1000.0, st.get("lost", 0))
-            )
-    series = {}
-    for server, by_rate in points.items():
-        rows = []
-        for rate, vals in sorted(by_rate.items()):
-            rows.append(
-                (
-                    rate,
-                    statistics.median(v[0] for v in vals),
-                    statistics.median(v[1] for v in vals),
-                    max(v[2] for v in vals),
-                )
-            )
-        series[server] = rows
-    return series, bound
+            if "p50" in lat and "p99" in lat:
+                steps[st["rate_offered"]] = (lat["p50"] / 1000.0, lat["p99"] / 1000.0, st.get("lost", 0))
+        if steps:
+            runs[server_of(r)].append(steps)
+    return runs, bound
 
 
-def plot(series, bound_us, out: Path, title: str):
+def medians(server_runs):
+    """[(rate, p50, p99, lost)] over the rates every run reached (medians of the runs)."""
+    common = set.intersection(*(set(r) for r in server_runs))
+    out = []
+    for rate in sorted(common):
+        vals = [r[rate] for r in server_runs]
+        out.append((rate, statistics.median(v[0] for v in vals),
+                    statistics.median(v[1] for v in vals), max(v[2] for v in vals)))
+    return out
+
+
+def plot(runs, bound_us, out: Path, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=120)
-    servers = sorted(series, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
+    fig, ax = plt.subplots(figsize=(11, 5.8), dpi=120)
+    servers = sorted(runs, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
     for s in servers:
-        rows = series[s]
-        x = [r[0] for r in rows]
         color = COLORS.get(s, None)
-        ax.plot(x, [r[2] for r in rows], "-o", color=color, ms=4, label=f"{LABELS.get(s, s)}: p99")
-        ax.plot(x, [r[1] for r in rows], "--", color=color, alpha=0.7, label=f"{LABELS.get(s, s)}: p50")
-        lossy = [r for r in rows if r[3] > 0]
+        n = len(runs[s])
+        for one in runs[s]:
+            # Every run's own p99 curve, faint: where it went past the bound.
+            xs = sorted(one)
+            ax.plot(xs, [one[x][1] for x in xs], "-", color=color, lw=0.8, alpha=0.3)
+        rows = medians(runs[s])
+        x = [r[0] for r in rows]
+        what = f"median of {n} runs" if n > 1 else "1 run"
+        ax.plot(x, [r[2] for r in rows], "-o", color=color, ms=4, lw=2,
+                label=f"{LABELS.get(s, s)}: p99 ({what})")
+        ax.plot(x, [r[1] for r in rows], "--", color=color, alpha=0.8,
+                label=f"{LABELS.get(s, s)}: p50")
+        lossy = [(x, one[x][1]) for one in runs[s] for x in one if one[x][2] > 0]
         if lossy:
-            ax.plot([r[0] for r in lossy], [r[2] for r in lossy], "x", color=color, ms=10, mew=2)
+            ax.plot([p[0] for p in lossy], [p[1] for p in lossy], "x", color=color, ms=10, mew=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     if bound_us:
@@ -118,12 +126,14 @@ def plot(series, bound_us, out: Path, title: str):
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if str(int(v))[0] in "25" else ""))
     ax.yaxis.set_major_formatter(plain)
-    ax.set_xlabel("offered rate (events/s, publish API; each event to 3 connections)")
+    ax.set_xlabel("offered rate (events/s; each event to 3 connections)")
     ax.set_ylabel("emit-to-receive latency (ms)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
+    fig.text(0.99, 0.01, "bold: median over the steps every run reached; faint: each run's p99; "
+             "x: a step that lost events", ha="right", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     print(f"plot_bench: wrote {out}")
@@ -133,7 +143,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", type=Path, help="compare/ramp JSON files or logs")
     ap.add_argument("-o", "--output", type=Path, default=Path("docs/bench-latency-vs-rate.png"))
-    ap.add_argument("--title", default=None)
+    ap.add_argument("--title", default=None, help="plot title (\\n for a line break)")
     ap.add_argument("--sweep", action="store_true", help="run `loadgen compare ... ramp` first")
     ap.add_argument("--loadgen", default="target/release/loadgen")
     ap.add_argument("--servers", default="agentwire,tokio,node,python")
@@ -160,11 +170,11 @@ def main():
     if not inputs:
         sys.exit("plot_bench: give ramp/compare JSON files, or --sweep")
     records = [r for p in inputs for r in records_from_file(p)]
-    series, bound = collect(records)
-    if not series:
+    runs, bound = collect(records)
+    if not runs:
         sys.exit("plot_bench: no ramp steps in the inputs")
-    title = args.title or "Latency vs offered rate (loadgen ramp, publish driver; server on CPU 0, load on CPU 1)"
-    plot(series, bound, args.output, title)
+    title = args.title or "Latency vs offered rate (loadgen ramp; server on CPU 0, load on CPU 1)"
+    plot(runs, bound, args.output, title.replace("\\n", "\n"))
 
 
 if __name__ == "__main__":
