@@ -43,6 +43,8 @@ struct Row {
     bytes_per_conn: Option<f64>,
     cpu: Option<f64>,
     sustainable: Option<f64>,
+    /// ramp: every step as (offered rate, p99 us, CPU %, within the bound).
+    steps: Vec<(f64, f64, f64, bool)>,
 }
 
 fn num(v: &Value, ptr: &str) -> Option<f64> {
@@ -64,11 +66,26 @@ impl Row {
             bytes_per_conn: num(r, "/bytes_per_conn"),
             cpu: num(r, "/gateway_cpu_pct"),
             sustainable: None,
+            steps: Vec::new(),
         };
         if scenario == "ramp" {
             // The figures of the last step within the bound (the sustainable rate).
             row.sustainable = num(r, "/sustainable_rate");
             let steps = r.get("steps").and_then(Value::as_array);
+            row.steps = steps
+                .map(|s| {
+                    s.iter()
+                        .map(|st| {
+                            (
+                                num(st, "/rate_offered").unwrap_or(0.0),
+                                num(st, "/latency_us/p99").unwrap_or(f64::NAN),
+                                num(st, "/gateway_cpu_pct").unwrap_or(f64::NAN),
+                                st.get("pass").and_then(Value::as_bool) == Some(true),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let best = steps.and_then(|s| {
                 s.iter()
                     .rfind(|st| st.get("pass").and_then(Value::as_bool) == Some(true))
@@ -237,9 +254,103 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
         }
     }
 
+    report(&Report {
+        scenario: &scenario,
+        rest: &rest,
+        repeat,
+        servers: &spec.servers,
+        outcomes: &outcomes,
+        driver_added: !extra.is_empty(),
+        json: spec.json.as_ref(),
+    })?;
+    if outcomes.iter().any(|o| o.record.is_none() || o.exit >= 2) {
+        return Err("at least one run failed (see its log above)".into());
+    }
+    Ok(u8::from(outcomes.iter().any(|o| o.exit == 1)))
+}
+
+/// `compare --render FILE`: the table and ratios of a saved comparison, again (with
+/// this build's rendering).
+pub fn render_saved(path: &std::path::Path) -> Result<u8, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let scenario = v
+        .get("scenario")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let rest: Vec<String> = v
+        .get("args")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let servers: Vec<ServerKind> = v
+        .get("servers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().and_then(ServerKind::parse))
+                .collect()
+        })
+        .unwrap_or_default();
+    let outcomes: Vec<Outcome> = v
+        .get("runs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| {
+                    Some(Outcome {
+                        server: ServerKind::parse(r.get("server")?.as_str()?)?,
+                        exit: r.get("exit").and_then(Value::as_i64).unwrap_or(-1) as i32,
+                        record: r.get("record").filter(|x| !x.is_null()).cloned(),
+                        log: PathBuf::from(r.get("log").and_then(Value::as_str).unwrap_or("")),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let repeat = v.get("repeat").and_then(Value::as_u64).unwrap_or(1) as usize;
+    report(&Report {
+        scenario: &scenario,
+        rest: &rest,
+        repeat,
+        servers: &servers,
+        outcomes: &outcomes,
+        driver_added: v.get("driver_added").and_then(Value::as_bool) == Some(true),
+        json: None,
+    })?;
+    Ok(0)
+}
+
+/// What the table, the ratios and the JSON are made from.
+struct Report<'a> {
+    scenario: &'a str,
+    rest: &'a [String],
+    repeat: usize,
+    servers: &'a [ServerKind],
+    outcomes: &'a [Outcome],
+    driver_added: bool,
+    json: Option<&'a PathBuf>,
+}
+
+fn report(rep: &Report<'_>) -> Result<(), String> {
+    let Report {
+        scenario,
+        rest,
+        repeat,
+        servers,
+        outcomes,
+        driver_added,
+        json,
+    } = *rep;
+    let scenario = scenario.to_owned();
     // Per server: the median run by the headline figure, and the range.
     let mut medians: Vec<Median> = Vec::new();
-    for server in &spec.servers {
+    for server in servers {
         let mut runs: Vec<(Row, Value)> = outcomes
             .iter()
             .filter(|o| o.server == *server)
@@ -268,7 +379,7 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
         medians.push((*server, chosen, heads));
     }
 
-    let human = render(&scenario, &rest, repeat, &medians);
+    let human = render(&scenario, rest, repeat, &medians);
     println!();
     for line in &human {
         println!("{line}");
@@ -282,11 +393,11 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
     record.insert("compare".into(), json!(true));
     record.insert("scenario".into(), json!(scenario));
     record.insert("args".into(), json!(rest));
-    record.insert("driver_added".into(), json!(!extra.is_empty()));
+    record.insert("driver_added".into(), json!(driver_added));
     record.insert("repeat".into(), json!(repeat));
     record.insert(
         "servers".into(),
-        json!(spec.servers.iter().map(|s| s.name()).collect::<Vec<_>>()),
+        json!(servers.iter().map(|s| s.name()).collect::<Vec<_>>()),
     );
     record.insert(
         "runs".into(),
@@ -318,14 +429,11 @@ pub fn run(spec: CompareSpec) -> Result<u8, String> {
     record.insert("ratios".into(), ratios);
     let text = Value::Object(record).to_string();
     println!("JSON {text}");
-    if let Some(path) = &spec.json {
+    if let Some(path) = json {
         std::fs::write(path, format!("{text}\n"))
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
-    if outcomes.iter().any(|o| o.record.is_none() || o.exit >= 2) {
-        return Err("at least one run failed (see its log above)".into());
-    }
-    Ok(u8::from(outcomes.iter().any(|o| o.exit == 1)))
+    Ok(())
 }
 
 fn one_line(scenario: &str, r: &Row) -> String {
@@ -407,7 +515,7 @@ fn render(scenario: &str, rest: &[String], repeat: usize, medians: &[Median]) ->
             String::new()
         };
         let rate = if scenario == "ramp" {
-            cell(r.sustainable, |v| format!("{v:.0}"))
+            r.sustainable.map_or("none".into(), |v| format!("{v:.0}"))
         } else {
             cell(r.offered, |v| format!("{v:.0}"))
         };
@@ -476,7 +584,30 @@ fn ratios(scenario: &str, medians: &[Median]) -> Value {
             "bytes_per_conn".into(),
             json!(div(p.bytes_per_conn, aw.bytes_per_conn)),
         );
-        if scenario != "idle" {
+        if scenario == "ramp" {
+            // Latency and CPU at the same offered rate: the highest step both passed
+            // (CPU per event falls as the rate rises, so different rates do not compare).
+            let common = aw
+                .steps
+                .iter()
+                .filter(|a| a.3)
+                .filter_map(|a| {
+                    p.steps
+                        .iter()
+                        .find(|b| b.3 && (b.0 - a.0).abs() < 1.0)
+                        .map(|b| (*a, *b))
+                })
+                .max_by(|x, y| x.0 .0.total_cmp(&y.0 .0));
+            m.insert("common_rate".into(), json!(common.map(|c| c.0 .0)));
+            m.insert(
+                "p99".into(),
+                json!(common.and_then(|(a, b)| div(Some(b.1), Some(a.1)))),
+            );
+            m.insert(
+                "cpu_per_event".into(),
+                json!(common.and_then(|(a, b)| div(Some(b.2), Some(a.2)))),
+            );
+        } else if scenario != "idle" {
             m.insert("p99".into(), json!(div(p.p99, aw.p99)));
             m.insert(
                 "cpu_per_event".into(),
@@ -520,6 +651,11 @@ fn ratio_lines(medians: &[Median], ratios: &Value) -> Vec<String> {
         let Some(m) = obj.get(server.name()) else {
             continue;
         };
+        let at = m
+            .get("common_rate")
+            .and_then(Value::as_f64)
+            .map(|r| format!("(latency and CPU at {r:.0} events/s, the highest step both passed) "))
+            .unwrap_or_default();
         let parts: Vec<String> = names
             .iter()
             .filter_map(|(k, label)| {
@@ -530,7 +666,11 @@ fn ratio_lines(medians: &[Median], ratios: &Value) -> Vec<String> {
                 })
             })
             .collect();
-        lines.push(format!("    vs {:<7} {}", server.name(), parts.join("; ")));
+        lines.push(format!(
+            "    vs {:<7} {at}{}",
+            server.name(),
+            parts.join("; ")
+        ));
     }
     lines
 }

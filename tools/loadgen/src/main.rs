@@ -85,17 +85,23 @@ struct CompareArgs {
     /// Write the comparison (every run's record, the medians, the ratios) to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run nothing: print the table and ratios of a comparison saved with --json.
+    #[arg(long, value_name = "FILE")]
+    render: Option<PathBuf>,
     /// The scenario and its options.
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        required = true,
+        required_unless_present = "render",
         value_name = "SCENARIO [OPTIONS]"
     )]
     scenario: Vec<String>,
 }
 
 fn compare_cmd(a: CompareArgs) -> RunResult<bool> {
+    if let Some(path) = &a.render {
+        return compare::render_saved(path).map(|c| c == 0);
+    }
     let mut servers = Vec::new();
     for s in a.servers.split(',').filter(|s| !s.trim().is_empty()) {
         servers.push(ServerKind::parse(s).ok_or_else(|| {
