@@ -674,3 +674,101 @@ fn ratio_lines(medians: &[Median], ratios: &Value) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp_record(sustainable: Option<f64>, steps: &[(f64, u64, f64, bool)]) -> Value {
+        json!({
+            "scenario": "ramp",
+            "connections": 30,
+            "bytes_per_conn": 1000,
+            "sustainable_rate": sustainable,
+            "steps": steps.iter().map(|(rate, p99, cpu, pass)| json!({
+                "rate_offered": rate,
+                "rate_delivered": rate,
+                "latency_us": {"p50": 100, "p99": p99, "p999": p99, "max": p99},
+                "gateway_cpu_pct": cpu,
+                "pass": pass,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    #[test]
+    fn ramp_row_takes_the_last_step_within_the_bound() {
+        let r = ramp_record(
+            Some(2000.0),
+            &[
+                (1000.0, 500, 10.0, true),
+                (2000.0, 900, 20.0, true),
+                (4000.0, 9000, 40.0, false),
+            ],
+        );
+        let row = Row::from_record("ramp", &r);
+        assert_eq!(row.sustainable, Some(2000.0));
+        assert_eq!(row.offered, Some(2000.0));
+        assert_eq!(row.p99, Some(900.0));
+        assert_eq!(row.cpu, Some(20.0));
+    }
+
+    #[test]
+    fn ramp_ratios_compare_latency_and_cpu_at_the_highest_common_passed_step() {
+        let aw = ramp_record(
+            Some(4000.0),
+            &[
+                (1000.0, 500, 10.0, true),
+                (2000.0, 600, 20.0, true),
+                (4000.0, 800, 40.0, true),
+            ],
+        );
+        let peer = ramp_record(
+            Some(2000.0),
+            &[
+                (1000.0, 700, 15.0, true),
+                (2000.0, 1200, 30.0, true),
+                (4000.0, 9000, 90.0, false),
+            ],
+        );
+        let medians: Vec<Median> = vec![
+            (
+                ServerKind::Agentwire,
+                Some((Row::from_record("ramp", &aw), aw)),
+                vec![4000.0],
+            ),
+            (
+                ServerKind::Tokio,
+                Some((Row::from_record("ramp", &peer), peer)),
+                vec![2000.0],
+            ),
+        ];
+        let r = ratios("ramp", &medians);
+        let t = &r["tokio"];
+        assert_eq!(t["sustainable_rate"], json!(2.0));
+        assert_eq!(t["common_rate"], json!(2000.0));
+        assert_eq!(t["p99"], json!(2.0));
+        assert_eq!(t["cpu_per_event"], json!(1.5));
+        assert_eq!(t["bytes_per_conn"], json!(1.0));
+    }
+
+    #[test]
+    fn no_ratios_without_agentwire() {
+        let peer = ramp_record(Some(2000.0), &[(2000.0, 900, 20.0, true)]);
+        let medians: Vec<Median> = vec![(
+            ServerKind::Node,
+            Some((Row::from_record("ramp", &peer), peer)),
+            vec![2000.0],
+        )];
+        assert_eq!(ratios("ramp", &medians), json!({}));
+    }
+
+    #[test]
+    fn compare_flags_are_found_with_and_without_a_value_sign() {
+        let args: Vec<String> = ["--users", "3", "--driver=publish"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(scenario_has(&args, "--driver"));
+        assert!(!scenario_has(&args, "--server"));
+    }
+}
