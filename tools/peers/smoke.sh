@@ -4,7 +4,8 @@
 # - tools/peers/check_protocol.py: the protocol subset the comparison relies on (401s,
 #   connected frame, publish answers, per-user routing and seq, envelope);
 # - one tiny fanout through the publish driver (20 users x 3, 200 events/s, 2 s),
-#   asserting completeness and order (`--strict`);
+#   asserting completeness and order (`--strict`); the same through the tokio peer's
+#   in-process emitter mode;
 # and one tiny `loadgen compare` over all four, which must produce a ratio for every
 # peer. Timings are printed, never asserted.
 #
@@ -91,6 +92,16 @@ for server in tokio node python; do
         fail "fanout-$server (exit $?)" "$log"
     fi
 done
+
+# The tokio peer's in-process emitter mode (the bench_gateway line protocol).
+log="$LOGDIR/fanout-tokio-emitter.log"
+t0=$SECONDS
+if timeout 90 "$LOADGEN" fanout --server tokio --driver emitter --users 20 --conns-per-user 3 \
+    --rate 200 --duration-s 2 --strict --quiet >"$log" 2>&1; then
+    ok "fanout-tokio-emitter ($((SECONDS - t0)) s): $(grep -m1 -E '^  checks' "$log" | sed 's/^ *//')"
+else
+    fail "fanout-tokio-emitter (exit $?)" "$log"
+fi
 
 log="$LOGDIR/compare.log"
 json="$LOGDIR/compare.json"
