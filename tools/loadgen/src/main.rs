@@ -7,6 +7,11 @@
 //! - `storm`: reconnect storm (connect/close churn) beside steady connections;
 //!   connections per second, failed handshakes.
 //! - `ramp`: raise the rate step by step until p99 crosses a bound; the sustainable rate.
+//! - `compare`: one scenario against agentwire and the comparison peers of tools/peers,
+//!   one after another; a table side by side and agentwire's ratios (src/compare.rs).
+//!
+//! `--server tokio|node|python` runs any scenario against a comparison peer instead of
+//! agentwire (started, pinned and sampled the same way).
 //!
 //! Every run checks per-connection order and completeness (seq strictly increasing,
 //! every event of the connection's user received exactly once), records emit-to-receive
