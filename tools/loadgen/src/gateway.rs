@@ -1,7 +1,7 @@
-//! The gateway under test: started as a child (`agentwire serve`, or the
-//! `bench_gateway` example when events come from in-process emitters) or an already
-//! running one (`--connect ADDR --pid PID`); and the [`Monitor`] sampling its RSS and
-//! CPU time from /proc while the run goes on.
+//! The gateway under test: started as a child (`agentwire serve`, the
+//! `bench_gateway` example when events come from in-process emitters, or a comparison
+//! peer from tools/peers) or an already running one (`--connect ADDR --pid PID`); and
+//! the [`Monitor`] sampling its RSS and CPU time from /proc while the run goes on.
 
 use std::io;
 use std::net::SocketAddr;
@@ -89,13 +89,80 @@ pub fn start_binary(
     log: (std::fs::File, PathBuf),
     deadline: Instant,
 ) -> io::Result<Gateway> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve").args(args);
+    start_process(
+        cmd,
+        &bin.display().to_string(),
+        env,
+        cpus,
+        nice,
+        log,
+        deadline,
+    )
+}
+
+/// A comparison peer (tools/peers): which one, and where its pieces are.
+#[derive(Clone, Debug)]
+pub struct PeerCommand {
+    /// `tokio`, `node` or `python`.
+    pub name: &'static str,
+    /// The program started (the peer binary, `node` or the venv's python).
+    pub program: PathBuf,
+    /// Arguments before `--listen` (the script, for node and python).
+    pub args: Vec<String>,
+    /// What to run when the program or script is missing.
+    pub setup_hint: &'static str,
+}
+
+/// Start a comparison peer (`PROGRAM ARGS --listen ADDR`, secrets in the environment
+/// as `AGENTWIRE_JWT_SECRET` / `AGENTWIRE_PUBLISH_KEY`) and wait for /health.
+pub fn start_peer(
+    peer: &PeerCommand,
+    env: &[(&str, &str)],
+    cpus: Vec<usize>,
+    nice: Option<i32>,
+    log: (std::fs::File, PathBuf),
+    deadline: Instant,
+) -> io::Result<Gateway> {
+    let missing = |p: &Path| {
+        io::Error::other(format!(
+            "{} not found: run `{}`",
+            p.display(),
+            peer.setup_hint
+        ))
+    };
+    // A bare program name (`node`) is looked up in PATH by the spawn itself.
+    if peer.program.components().count() > 1 && !peer.program.exists() {
+        return Err(missing(&peer.program));
+    }
+    for a in &peer.args {
+        let p = Path::new(a);
+        if (a.ends_with(".js") || a.ends_with(".py")) && !p.exists() {
+            return Err(missing(p));
+        }
+    }
+    let mut cmd = Command::new(&peer.program);
+    cmd.args(&peer.args);
+    let what = format!("peer {} ({})", peer.name, peer.program.display());
+    start_process(cmd, &what, env, cpus, nice, log, deadline)
+}
+
+/// Start `cmd --listen ADDR` on a free port (pinned, niced, output to `log`) and wait
+/// until /health answers 200.
+fn start_process(
+    mut cmd: Command,
+    what: &str,
+    env: &[(&str, &str)],
+    cpus: Vec<usize>,
+    nice: Option<i32>,
+    log: (std::fs::File, PathBuf),
+    deadline: Instant,
+) -> io::Result<Gateway> {
     let port = free_port()?;
     let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut cmd = Command::new(bin);
-    cmd.arg("serve")
-        .arg("--listen")
+    cmd.arg("--listen")
         .arg(addr.to_string())
-        .args(args)
         .envs(env.iter().copied())
         .env(
             "RUST_LOG",
@@ -107,12 +174,11 @@ pub fn start_binary(
     pin_child(&mut cmd, cpus, nice);
     let mut child = cmd
         .spawn()
-        .map_err(|e| io::Error::other(format!("cannot start {}: {e}", bin.display())))?;
+        .map_err(|e| io::Error::other(format!("cannot start {what}: {e}")))?;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(io::Error::other(format!(
-                "{} exited at start ({status}); see {}",
-                bin.display(),
+                "{what} exited at start ({status}); see {}",
                 log.1.display()
             )));
         }
@@ -123,8 +189,7 @@ pub fn start_binary(
             let _ = child.kill();
             let _ = child.wait();
             return Err(io::Error::other(format!(
-                "{} did not answer /health in time; see {}",
-                bin.display(),
+                "{what} did not answer /health in time; see {}",
                 log.1.display()
             )));
         }
