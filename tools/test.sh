@@ -3,7 +3,8 @@
 #
 #   bash tools/test.sh           Rust unit + integration + doc tests, then the release
 #                                build and the Python interop checks against it
-#   bash tools/test.sh --quick   Rust tests only (no release build, no interop)
+#   bash tools/test.sh --quick   Rust tests only (no release build, no interop, no
+#                                conformance)
 #
 # Steps:
 #   1. target/test-venv: a Python venv (python3 -m venv) holding the pinned packages of
@@ -12,14 +13,17 @@
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
 #      target/release/agentwire with the venv's python.
+#   4. tools/autobahn.sh: the Autobahn|Testsuite cases (kosoku, pinned, in its own venv)
+#      against the conformance build, compared with tests/autobahn/expected.json
+#      (docs/CONFORMANCE.md).
 # Every step runs even when an earlier one failed (except what depends on it), so one run
 # shows all failures. The last line is `N passed, M failed`: Rust tests and interop
 # checks summed, plus one failure per step that failed without reporting counts (a
 # compile error, a timeout). Exit 0 only when M is 0.
 #
 # Environment: PYTHON (default python3) creates the venv; AGENTWIRE_CARGO_TEST_TIMEOUT_S,
-# AGENTWIRE_BUILD_TIMEOUT_S (default 1200 each) and AGENTWIRE_INTEROP_TIMEOUT_S (default
-# 120) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
+# AGENTWIRE_BUILD_TIMEOUT_S, AGENTWIRE_CONFORMANCE_TIMEOUT_S (default 1200 each) and
+# AGENTWIRE_INTEROP_TIMEOUT_S (default 120) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
 # kept in target/test-logs/.
 set -euo pipefail
 
@@ -32,6 +36,7 @@ PYTHON=${PYTHON:-python3}
 CARGO_TEST_TIMEOUT_S=${AGENTWIRE_CARGO_TEST_TIMEOUT_S:-1200}
 INTEROP_TIMEOUT_S=${AGENTWIRE_INTEROP_TIMEOUT_S:-120}
 BUILD_TIMEOUT_S=${AGENTWIRE_BUILD_TIMEOUT_S:-1200}
+CONFORMANCE_TIMEOUT_S=${AGENTWIRE_CONFORMANCE_TIMEOUT_S:-1200}
 export PYTHONUNBUFFERED=1
 
 quick=0
@@ -186,6 +191,27 @@ if [ "$quick" -eq 0 ]; then
         if [ "$f" -ne 0 ]; then
             failures+=("interop: exit code $rc; $(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above")
         fi
+    fi
+fi
+
+# 4. WebSocket conformance (Autobahn|Testsuite) against the conformance build.
+if [ "$quick" -eq 0 ]; then
+    step "conformance: tools/autobahn.sh (Autobahn|Testsuite via kosoku)"
+    run_logged "$LOGDIR/autobahn.log" "$CONFORMANCE_TIMEOUT_S" bash tools/autobahn.sh
+    last=$(tail -n 1 "$LOGDIR/autobahn.log")
+    if [[ $last =~ ^autobahn:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+        p=${BASH_REMATCH[1]}
+        f=${BASH_REMATCH[2]}
+        if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    else
+        p=0
+        f=1
+    fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    summary+=("conformance: $p passed, $f failed")
+    if [ "$f" -ne 0 ]; then
+        failures+=("conformance: exit code $rc, see $LOGDIR/autobahn.log")
     fi
 fi
 
