@@ -127,9 +127,14 @@ impl Method {
     }
 }
 
+/// Longest header or query name a `Debug` rendering prints (longer ones show as their
+/// length: every JWT is longer).
+const MAX_LOGGED_NAME_BYTES: usize = 32;
+
 /// A parsed request head (owned; small).
 ///
-/// `Debug` prints header and query *names* only, so a request can be logged without
+/// `Debug` prints header and query *names* only (names over 32 bytes as their length),
+/// and the path only when it is a known one, so a request can be logged without
 /// leaking a token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Request {
@@ -194,8 +199,17 @@ impl Request {
 
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        let query_names: Vec<&str> = self.query.iter().map(|(n, _)| n.as_str()).collect();
+        // Names are client text too (`/ws?<jwt>` makes a query name of a token, and a
+        // JWT is a valid header name): names over 32 bytes show as their length.
+        let short = |n: &String| {
+            if n.len() <= MAX_LOGGED_NAME_BYTES {
+                n.clone()
+            } else {
+                format!("<{}-byte name>", n.len())
+            }
+        };
+        let header_names: Vec<String> = self.headers.iter().map(|(n, _)| short(n)).collect();
+        let query_names: Vec<String> = self.query.iter().map(|(n, _)| short(n)).collect();
         // Only a known path is printed: an unknown one is client text that may carry a
         // token (`/ws;token=...`, `/ws&token=...`, found by fuzzing).
         let path = if known_path(&self.path).is_some() {
@@ -1417,6 +1431,19 @@ mod tests {
         }
         let dbg = format!("{:?}", parse(&head(&["GET /ws/factory/ HTTP/1.1"])));
         assert!(dbg.contains("\"/ws/factory/\""), "{dbg}");
+        // A token as a query name (`/ws?<jwt>`) or as a header name.
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.SECRETSECRETSECRETSECRETSECRETSECRET";
+        let req = parse(&head(&[
+            &format!("GET /ws?{jwt}&mode=main HTTP/1.1"),
+            &format!("{jwt}: x"),
+            "Host: h",
+        ]));
+        let dbg = format!("{req:?}");
+        assert!(!dbg.to_lowercase().contains("secret"), "{dbg}");
+        assert!(
+            dbg.contains("<74-byte name>") && dbg.contains("\"mode\"") && dbg.contains("\"host\""),
+            "{dbg}"
+        );
     }
 
     // -------------------------------------------------------------- routing
