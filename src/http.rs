@@ -5,7 +5,8 @@
 //! and the bytes of every plain HTTP answer (refusals, JSON and text responses, the 101).
 //!
 //! The reactor feeds it the bytes read so far and writes what it returns; nothing here
-//! blocks, logs or verifies a token. Nothing here panics on any input.
+//! blocks or logs, and a token is only verified through the [`Authenticator`] handed to
+//! [`admit_upgrade`]. Nothing here panics on any input (fuzzed: `fuzz/`).
 //!
 //! Choices where the protocol is silent:
 //! - **Trailing slash**: one trailing `/` is tolerated on every known path (`/ws/` is
@@ -36,6 +37,8 @@ use std::fmt;
 use std::io::Write as _;
 
 use httparse::Status;
+
+use crate::auth::{Authenticator, Claims};
 
 /// Largest request head (request line + headers + blank line) in bytes; over it: 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -133,9 +136,14 @@ impl Method {
     }
 }
 
+/// Longest header or query name a `Debug` rendering prints (longer ones show as their
+/// length: every JWT is longer).
+const MAX_LOGGED_NAME_BYTES: usize = 32;
+
 /// A parsed request head (owned; small).
 ///
-/// `Debug` prints header and query *names* only, so a request can be logged without
+/// `Debug` prints header and query *names* only (names over 32 bytes as their length),
+/// and the path only when it is a known one, so a request can be logged without
 /// leaking a token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Request {
@@ -200,11 +208,27 @@ impl Request {
 
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
-        let query_names: Vec<&str> = self.query.iter().map(|(n, _)| n.as_str()).collect();
+        // Names are client text too (`/ws?<jwt>` makes a query name of a token, and a
+        // JWT is a valid header name): names over 32 bytes show as their length.
+        let short = |n: &String| {
+            if n.len() <= MAX_LOGGED_NAME_BYTES {
+                n.clone()
+            } else {
+                format!("<{}-byte name>", n.len())
+            }
+        };
+        let header_names: Vec<String> = self.headers.iter().map(|(n, _)| short(n)).collect();
+        let query_names: Vec<String> = self.query.iter().map(|(n, _)| short(n)).collect();
+        // Only a known path is printed: an unknown one is client text that may carry a
+        // token (`/ws;token=...`, `/ws&token=...`, found by fuzzing).
+        let path = if known_path(&self.path).is_some() {
+            self.path.clone()
+        } else {
+            format!("<unknown path, {} bytes>", self.path.len())
+        };
         f.debug_struct("Request")
             .field("method", &self.method)
-            .field("path", &self.path)
+            .field("path", &path)
             .field("query_names", &query_names)
             .field("http_minor", &self.http_minor)
             .field("header_names", &header_names)
@@ -625,7 +649,7 @@ impl TokenSource {
 
 /// A valid WebSocket upgrade request, with the connection parameters of section 3.
 ///
-/// `Debug` redacts the token.
+/// `Debug` redacts the token and shows only the lengths of the client's text values.
 #[derive(Clone)]
 pub struct Upgrade {
     /// `Sec-WebSocket-Accept` value derived from the client's key.
@@ -652,19 +676,22 @@ pub struct Upgrade {
 
 impl fmt::Debug for Upgrade {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Query and header values are client text (a token pasted into `thread_id`
+        // would be logged, found by fuzzing): only their lengths are shown.
+        let len = |v: &Option<String>| v.as_ref().map(|s| format!("<{} bytes>", s.len()));
         f.debug_struct("Upgrade")
             .field("accept_key", &self.accept_key)
             .field("mode", &self.mode)
-            .field("thread_id", &self.thread_id)
+            .field("thread_id", &len(&self.thread_id))
             .field("last_seq", &self.last_seq)
-            .field("epoch", &self.epoch)
-            .field("user_id", &self.user_id)
+            .field("epoch", &len(&self.epoch))
+            .field("user_id", &len(&self.user_id))
             .field(
                 "token",
                 &self.token.as_ref().map(|(_, src)| ("<redacted>", *src)),
             )
             .field("subprotocol", &self.subprotocol)
-            .field("origin", &self.origin)
+            .field("origin", &len(&self.origin))
             .finish()
     }
 }
@@ -856,6 +883,38 @@ pub fn check_upgrade(
         subprotocol,
         origin,
     })
+}
+
+/// Admit an upgrade as far as the request decides: [`check_upgrade`], then the Origin
+/// allow-list ([`origin_allowed`]), then a token that `auth` verifies, then `user_id`
+/// (when given) equal to the token's `sub`. Connection limits and draining are the
+/// reactor's. An `Ok` always carries verified claims (fuzzed: `fuzz/`, target
+/// `http_head`).
+///
+/// # Errors
+/// Those of [`check_upgrade`]; 403 for an Origin not allowed; 401 for no token or one
+/// that does not verify; 403 for a `user_id` other than the token's `sub`.
+pub fn admit_upgrade(
+    req: &Request,
+    path_mode: Option<Mode>,
+    allow_query_token: bool,
+    allowed_origins: &[String],
+    auth: &Authenticator,
+) -> Result<(Upgrade, Claims), Refusal> {
+    let up = check_upgrade(req, path_mode, allow_query_token)?;
+    if !origin_allowed(up.origin.as_deref(), allowed_origins) {
+        return Err(Refusal::forbidden("origin not allowed"));
+    }
+    let Some((token, _source)) = &up.token else {
+        return Err(Refusal::unauthorized("token missing"));
+    };
+    let claims = auth
+        .verify(token)
+        .map_err(|e| Refusal::unauthorized(e.to_string()))?;
+    if up.user_id.as_ref().is_some_and(|uid| *uid != claims.sub) {
+        return Err(Refusal::forbidden("user_id does not match the token"));
+    }
+    Ok((up, claims))
 }
 
 /// Decimal digits only (no sign, no spaces), fitting a u64.
@@ -1373,6 +1432,33 @@ mod tests {
         );
     }
 
+    /// Regression (fuzz target http_head): a token in an unknown path, as in a
+    /// mistyped `?`, must not reach a `Debug` rendering (logs).
+    #[test]
+    fn request_debug_hides_unknown_paths() {
+        for target in ["/ws;token=SECRETP", "/ws&token=SECRETP", "/SECRETP"] {
+            let req = parse(&head(&[&format!("GET {target} HTTP/1.1")]));
+            let dbg = format!("{req:?}");
+            assert!(!dbg.contains("SECRET"), "{dbg}");
+            assert!(dbg.contains("<unknown path"), "{dbg}");
+        }
+        let dbg = format!("{:?}", parse(&head(&["GET /ws/factory/ HTTP/1.1"])));
+        assert!(dbg.contains("\"/ws/factory/\""), "{dbg}");
+        // A token as a query name (`/ws?<jwt>`) or as a header name.
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.SECRETSECRETSECRETSECRETSECRETSECRET";
+        let req = parse(&head(&[
+            &format!("GET /ws?{jwt}&mode=main HTTP/1.1"),
+            &format!("{jwt}: x"),
+            "Host: h",
+        ]));
+        let dbg = format!("{req:?}");
+        assert!(!dbg.to_lowercase().contains("secret"), "{dbg}");
+        assert!(
+            dbg.contains("<74-byte name>") && dbg.contains("\"mode\"") && dbg.contains("\"host\""),
+            "{dbg}"
+        );
+    }
+
     // -------------------------------------------------------------- routing
 
     #[test]
@@ -1777,6 +1863,62 @@ mod tests {
         assert_eq!(up_status("/ws", &["Content-Length: 5"]), 400);
         assert_eq!(up_status("/ws", &["Transfer-Encoding: chunked"]), 400);
         assert!(up("/ws", &["Content-Length: 0"]).is_ok());
+    }
+
+    /// Regression (fuzz target http_head): a token pasted into a query value or the
+    /// Origin must not reach a `Debug` rendering (logs); only lengths are shown.
+    #[test]
+    fn upgrade_debug_hides_client_values() {
+        let u = up(
+            "/ws?thread_id=SECRET1&epoch=SECRET2&user_id=SECRET3&token=SECRET4",
+            &["Origin: SECRET5"],
+        )
+        .unwrap();
+        let dbg = format!("{u:?}");
+        assert!(!dbg.contains("SECRET"), "{dbg}");
+        assert!(dbg.contains("<7 bytes>") && dbg.contains("Query"), "{dbg}");
+    }
+
+    #[test]
+    fn admission_needs_a_verifying_token() {
+        use crate::auth::{AuthSettings, JwtAlgorithm};
+        let auth = Authenticator::new(&AuthSettings {
+            algorithm: JwtAlgorithm::Hs256,
+            secret: Some("admission-test-secret-0123456789abcdef".into()),
+            public_key_pem: None,
+            issuer: None,
+            audience: None,
+            leeway_s: 5,
+        })
+        .unwrap();
+        let good = auth.mint("u1", 600).unwrap();
+        let admit = |target: &str, extra: &[&str], origins: &[String]| {
+            let req = parse(&upgrade_head(target, extra));
+            admit_upgrade(&req, None, true, origins, &auth)
+        };
+        let status =
+            |r: Result<(Upgrade, Claims), Refusal>| r.map(|_| 101).unwrap_or_else(|r| r.status);
+        let (u, claims) = admit(&format!("/ws?user_id=u1&token={good}"), &[], &[]).unwrap();
+        assert_eq!((claims.sub.as_str(), u.mode), ("u1", Mode::Main));
+        assert_eq!(status(admit("/ws", &[], &[])), 401);
+        assert_eq!(status(admit(&format!("/ws?token={good}x"), &[], &[])), 401);
+        assert_eq!(
+            status(admit(&format!("/ws?user_id=u2&token={good}"), &[], &[])),
+            403
+        );
+        let origins = ["https://app.example".to_owned()];
+        let bearer = format!("Authorization: Bearer {good}");
+        assert_eq!(status(admit("/ws", &[&bearer], &origins)), 101);
+        assert_eq!(
+            status(admit(
+                "/ws",
+                &[&bearer, "Origin: https://evil.example"],
+                &origins
+            )),
+            403
+        );
+        // The upgrade checks come first: no token is looked at for a bad request.
+        assert_eq!(status(admit("/ws?mode=nope", &[&bearer], &origins)), 400);
     }
 
     #[test]

@@ -52,6 +52,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod client_message;
 pub mod config;
 pub mod conn;
 pub mod demo;
@@ -167,6 +168,19 @@ pub fn authenticator(config: &Config) -> Result<Authenticator, Error> {
     Ok(Authenticator::new(&auth_settings(config)?)?)
 }
 
+/// The tungstenite settings of every session: a small read buffer (it grows for larger
+/// frames), no write buffering (the gateway queues output itself, see [`conn`]), and
+/// `max_message_bytes` as the largest frame and message. Public for the fuzz targets.
+#[doc(hidden)]
+pub fn websocket_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(reactor::READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(usize::MAX)
+        .max_message_size(Some(config.max_message_bytes))
+        .max_frame_size(Some(config.max_message_bytes))
+}
+
 impl Gateway {
     /// Validate the configuration, build the authenticator and bind the listener.
     ///
@@ -189,12 +203,7 @@ impl Gateway {
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let (in_tx, in_rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
         let demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(reactor::READ_BUFFER_BYTES)
-            .write_buffer_size(0)
-            .max_write_buffer_size(usize::MAX)
-            .max_message_size(Some(config.max_message_bytes))
-            .max_frame_size(Some(config.max_message_bytes));
+        let ws_config = websocket_config(&config);
         let config_json =
             Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
         let epoch = reactor::new_epoch();

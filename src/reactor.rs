@@ -32,6 +32,7 @@ use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message;
 
 use crate::auth::Authenticator;
+use crate::client_message::{BadMessage, ClientMessage};
 use crate::config::{Config, PerUserPolicy};
 use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
@@ -759,25 +760,18 @@ impl Reactor {
             self.refuse(id, &Refusal::shutting_down());
             return;
         }
-        let up = match http::check_upgrade(req, path_mode, self.s.config.allow_query_token) {
-            Ok(up) => up,
+        let c = &self.s.config;
+        let admitted = http::admit_upgrade(
+            req,
+            path_mode,
+            c.allow_query_token,
+            &c.allowed_origins,
+            &self.auth,
+        );
+        let (up, claims) = match admitted {
+            Ok(admitted) => admitted,
             Err(r) => return self.refuse(id, &r),
         };
-        if !http::origin_allowed(up.origin.as_deref(), &self.s.config.allowed_origins) {
-            return self.refuse(id, &Refusal::forbidden("origin not allowed"));
-        }
-        let Some((token, _source)) = &up.token else {
-            return self.refuse(id, &Refusal::unauthorized("token missing"));
-        };
-        let claims = match self.auth.verify(token) {
-            Ok(c) => c,
-            Err(e) => return self.refuse(id, &Refusal::unauthorized(e.to_string())),
-        };
-        if let Some(uid) = &up.user_id {
-            if *uid != claims.sub {
-                return self.refuse(id, &Refusal::forbidden("user_id does not match the token"));
-            }
-        }
         #[cfg(feature = "conformance")]
         if up.mode == Mode::Echo {
             return self.open_echo(id, up, claims, leftover);
@@ -1087,79 +1081,24 @@ impl Reactor {
     }
 
     fn client_message(&mut self, id: ConnId, text: &str) {
-        let msg: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(_) => return self.bad_message(id, "not JSON"),
+        let msg = match ClientMessage::parse(text) {
+            Ok(msg) => msg,
+            Err(BadMessage(why)) => return self.bad_message(id, why),
         };
-        let Some(obj) = msg.as_object() else {
-            return self.bad_message(id, "not a JSON object");
-        };
-        let kind = match obj.get("type").and_then(Value::as_str) {
-            Some(k) => k,
-            None => return self.bad_message(id, "missing field type"),
-        };
-        let reference = obj.get("ref").cloned().unwrap_or(Value::Null);
-        let ok = match kind {
-            "ping" => {
-                self.send_frame(id, control_frame(&json!({"type": "pong", "ts": now_ms()})));
-                true
+        match msg {
+            ClientMessage::Ping => {
+                self.send_frame(id, control_frame(&json!({"type": "pong", "ts": now_ms()})))
             }
-            "user_message" => {
-                let text_field = obj.get("text").and_then(Value::as_str);
-                let thread = obj.get("thread_id");
-                let thread = match thread {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(t))
-                        if !t.is_empty() && t.len() <= crate::event::MAX_NAME_BYTES =>
-                    {
-                        Ok(Some(t.clone()))
-                    }
-                    Some(_) => Err(()),
-                };
-                match (text_field, thread) {
-                    (Some(t), Ok(thread)) => {
-                        self.user_message(id, t, thread, reference);
-                        true
-                    }
-                    (None, _) => {
-                        self.bad_message(id, "user_message needs a string field text");
-                        false
-                    }
-                    (_, Err(())) => {
-                        self.bad_message(id, "thread_id must be null or a non-empty string");
-                        false
-                    }
-                }
-            }
-            "cancel" => match obj.get("run_id").and_then(Value::as_str) {
-                Some(run_id) => {
-                    self.cancel(id, run_id);
-                    true
-                }
-                None => {
-                    self.bad_message(id, "cancel needs a string field run_id");
-                    false
-                }
-            },
-            "refresh" => match obj.get("token").and_then(Value::as_str) {
-                Some(token) => {
-                    self.refresh(id, token);
-                    true
-                }
-                None => {
-                    self.bad_message(id, "refresh needs a string field token");
-                    false
-                }
-            },
-            _ => {
-                self.bad_message(id, "unknown message type");
-                false
-            }
-        };
-        if ok {
-            if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
-                s.bad_in_row = 0;
-            }
+            ClientMessage::UserMessage {
+                text,
+                thread_id,
+                reference,
+            } => self.user_message(id, &text, thread_id, reference),
+            ClientMessage::Cancel { run_id } => self.cancel(id, &run_id),
+            ClientMessage::Refresh { token } => self.refresh(id, &token),
+        }
+        if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
+            s.bad_in_row = 0;
         }
     }
 

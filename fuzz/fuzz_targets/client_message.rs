@@ -1,0 +1,116 @@
+//! Fuzz target `client_message`: one text frame -> the gateway's client-message parser
+//! (`agentwire::client_message::ClientMessage::parse`, what the reactor calls for every
+//! text frame of an open session).
+//!
+//! Asserted:
+//! - no panic (deep nesting included: serde_json's recursion limit);
+//! - every error is one of the fixed `bad_message` texts (the reactor answers each with
+//!   `{"type":"error","code":"bad_message",...}`), never client input, and it is the
+//!   one PROTOCOL.md section 4 names for that input: not JSON, not an object, no string
+//!   `type`, unknown `type`, or the missing/mistyped field of that type;
+//! - a parsed message carries exactly the fields of the JSON object (checked against
+//!   `serde_json::Value`), and the frames the reactor answers with (`error`, `ack`)
+//!   are single unmasked text frames holding a JSON object.
+//!
+//! Input: the bytes of the frame; non-UTF-8 input is skipped, as tungstenite closes
+//! with 1007 before the parser sees it.
+
+#![no_main]
+
+use agentwire::client_message::{BadMessage, ClientMessage};
+use agentwire::event::{control_frame, MAX_NAME_BYTES};
+use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Value};
+
+const BAD_MESSAGES: [&str; 8] = [
+    "not JSON",
+    "not a JSON object",
+    "missing field type",
+    "unknown message type",
+    "user_message needs a string field text",
+    "thread_id must be null or a non-empty string",
+    "cancel needs a string field run_id",
+    "refresh needs a string field token",
+];
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let parsed = ClientMessage::parse(text);
+    match &parsed {
+        Err(BadMessage(why)) => {
+            assert!(
+                BAD_MESSAGES.contains(why),
+                "unlisted bad_message text {why:?}"
+            );
+            let frame =
+                control_frame(&json!({"type": "error", "code": "bad_message", "message": why}));
+            check_text_frame(&frame);
+        }
+        Ok(ClientMessage::UserMessage { reference, .. }) => {
+            let frame = control_frame(&json!({"type": "ack", "ref": reference, "run_id": "r-1"}));
+            check_text_frame(&frame);
+        }
+        Ok(_) => {}
+    }
+    assert_eq!(parsed, expected(text), "for {text:?}");
+});
+
+/// What section 4 says `text` is, read off `serde_json::Value`.
+fn expected(text: &str) -> Result<ClientMessage, BadMessage> {
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return Err(BadMessage("not JSON"));
+    };
+    let Some(obj) = value.as_object() else {
+        return Err(BadMessage("not a JSON object"));
+    };
+    let Some(kind) = obj.get("type").and_then(Value::as_str) else {
+        return Err(BadMessage("missing field type"));
+    };
+    let string = |name: &str| obj.get(name).and_then(Value::as_str).map(str::to_owned);
+    match kind {
+        "ping" => Ok(ClientMessage::Ping),
+        "user_message" => {
+            let text =
+                string("text").ok_or(BadMessage("user_message needs a string field text"))?;
+            let thread_id = match obj.get("thread_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) if (1..=MAX_NAME_BYTES).contains(&t.len()) => {
+                    Some(t.clone())
+                }
+                Some(_) => return Err(BadMessage("thread_id must be null or a non-empty string")),
+            };
+            Ok(ClientMessage::UserMessage {
+                text,
+                thread_id,
+                reference: obj.get("ref").cloned().unwrap_or(Value::Null),
+            })
+        }
+        "cancel" => string("run_id")
+            .map(|run_id| ClientMessage::Cancel { run_id })
+            .ok_or(BadMessage("cancel needs a string field run_id")),
+        "refresh" => string("token")
+            .map(|token| ClientMessage::Refresh { token })
+            .ok_or(BadMessage("refresh needs a string field token")),
+        _ => Err(BadMessage("unknown message type")),
+    }
+}
+
+/// One FIN text frame, unmasked, with a correct length, holding a JSON object.
+fn check_text_frame(frame: &[u8]) {
+    assert_eq!(frame[0], 0x81, "not a FIN text frame");
+    assert_eq!(frame[1] & 0x80, 0, "server frames are not masked");
+    let (len, start) = match frame[1] & 0x7f {
+        126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&frame[2..10]);
+            (usize::try_from(u64::from_be_bytes(b)).expect("fits"), 10)
+        }
+        n => (usize::from(n), 2),
+    };
+    assert_eq!(frame.len(), start + len, "frame length field is wrong");
+    let v: Value = serde_json::from_slice(&frame[start..]).expect("frame payload is JSON");
+    assert!(v.is_object());
+}

@@ -1,0 +1,180 @@
+//! Client-to-gateway messages (PROTOCOL.md section 4): parsing one text frame into a
+//! [`ClientMessage`], without I/O or state. The reactor acts on the result; every
+//! [`BadMessage`] becomes an `error` frame with code `bad_message` (and, after ten in a
+//! row, close 1008). Nothing here panics on any input (fuzzed: `fuzz/`, target
+//! `client_message`).
+
+use serde_json::{Map, Value};
+
+use crate::event::MAX_NAME_BYTES;
+
+/// One valid client message. Strings are moved out of the parsed JSON, not copied.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientMessage {
+    /// `{"type":"ping"}`: answered with `pong`.
+    Ping,
+    /// `{"type":"user_message","text":S,"thread_id":T?,"ref":R?}`.
+    UserMessage {
+        text: String,
+        /// `None` for a missing or null `thread_id`; otherwise non-empty and at most
+        /// [`MAX_NAME_BYTES`].
+        thread_id: Option<String>,
+        /// The optional `ref`, echoed in the `ack` (null when absent).
+        reference: Value,
+    },
+    /// `{"type":"cancel","run_id":R}`.
+    Cancel { run_id: String },
+    /// `{"type":"refresh","token":JWT}`.
+    Refresh { token: String },
+}
+
+/// Why a text frame is not a valid client message: the fixed `message` of the
+/// `bad_message` error sent back (never contains client input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadMessage(pub &'static str);
+
+impl ClientMessage {
+    /// Parse one text frame.
+    ///
+    /// # Errors
+    /// [`BadMessage`] when the text is not JSON, not an object, has no string `type`,
+    /// an unknown `type`, or a missing or mistyped field of that type (`text` is checked
+    /// before `thread_id`).
+    pub fn parse(text: &str) -> Result<ClientMessage, BadMessage> {
+        let msg: Value = serde_json::from_str(text).map_err(|_| BadMessage("not JSON"))?;
+        let Value::Object(mut obj) = msg else {
+            return Err(BadMessage("not a JSON object"));
+        };
+        let kind = match obj.get("type") {
+            Some(Value::String(k)) => k.as_str(),
+            _ => return Err(BadMessage("missing field type")),
+        };
+        match kind {
+            "ping" => Ok(ClientMessage::Ping),
+            "user_message" => {
+                let text = take_string(&mut obj, "text")
+                    .ok_or(BadMessage("user_message needs a string field text"))?;
+                let thread_id = match obj.remove("thread_id") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(t)) if !t.is_empty() && t.len() <= MAX_NAME_BYTES => Some(t),
+                    Some(_) => {
+                        return Err(BadMessage("thread_id must be null or a non-empty string"))
+                    }
+                };
+                let reference = obj.remove("ref").unwrap_or(Value::Null);
+                Ok(ClientMessage::UserMessage {
+                    text,
+                    thread_id,
+                    reference,
+                })
+            }
+            "cancel" => take_string(&mut obj, "run_id")
+                .map(|run_id| ClientMessage::Cancel { run_id })
+                .ok_or(BadMessage("cancel needs a string field run_id")),
+            "refresh" => take_string(&mut obj, "token")
+                .map(|token| ClientMessage::Refresh { token })
+                .ok_or(BadMessage("refresh needs a string field token")),
+            _ => Err(BadMessage("unknown message type")),
+        }
+    }
+}
+
+/// Move string field `name` out of `obj`; `None` when missing or not a string.
+fn take_string(obj: &mut Map<String, Value>, name: &str) -> Option<String> {
+    match obj.remove(name) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(text: &str) -> &'static str {
+        match ClientMessage::parse(text) {
+            Err(BadMessage(m)) => m,
+            Ok(m) => panic!("expected bad_message for {text}: {m:?}"),
+        }
+    }
+
+    #[test]
+    fn every_message_type() {
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"ping"}"#),
+            Ok(ClientMessage::Ping)
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"user_message","text":"hi","thread_id":"t1","ref":7}"#),
+            Ok(ClientMessage::UserMessage {
+                text: "hi".into(),
+                thread_id: Some("t1".into()),
+                reference: Value::from(7),
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"user_message","text":"","thread_id":null}"#),
+            Ok(ClientMessage::UserMessage {
+                text: String::new(),
+                thread_id: None,
+                reference: Value::Null,
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"run_id":"r-1","type":"cancel"}"#),
+            Ok(ClientMessage::Cancel {
+                run_id: "r-1".into()
+            })
+        );
+        assert_eq!(
+            ClientMessage::parse(r#"{"type":"refresh","token":"a.b.c"}"#),
+            Ok(ClientMessage::Refresh {
+                token: "a.b.c".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_messages_name_what_is_wrong() {
+        assert_eq!(bad("nope"), "not JSON");
+        assert_eq!(bad(""), "not JSON");
+        assert_eq!(bad(r#"{"type":"ping"} x"#), "not JSON");
+        assert_eq!(bad("[1]"), "not a JSON object");
+        assert_eq!(bad("\"ping\""), "not a JSON object");
+        assert_eq!(bad("{}"), "missing field type");
+        assert_eq!(bad(r#"{"type":1}"#), "missing field type");
+        assert_eq!(bad(r#"{"type":"PING"}"#), "unknown message type");
+        assert_eq!(
+            bad(r#"{"type":"user_message","thread_id":5}"#),
+            "user_message needs a string field text"
+        );
+        for thread in [r#""""#, "5", "[]", &format!("\"{}\"", "t".repeat(257))] {
+            assert_eq!(
+                bad(&format!(
+                    r#"{{"type":"user_message","text":"x","thread_id":{thread}}}"#
+                )),
+                "thread_id must be null or a non-empty string"
+            );
+        }
+        assert_eq!(
+            bad(r#"{"type":"cancel","run_id":3}"#),
+            "cancel needs a string field run_id"
+        );
+        assert_eq!(
+            bad(r#"{"type":"refresh"}"#),
+            "refresh needs a string field token"
+        );
+    }
+
+    /// serde_json's recursion limit turns deep nesting into an error, not a stack
+    /// overflow of the reactor thread.
+    #[test]
+    fn deep_nesting_is_a_bad_message() {
+        let deep = format!(
+            r#"{{"type":"ping","x":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(bad(&deep), "not JSON");
+    }
+}
