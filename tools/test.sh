@@ -79,6 +79,28 @@ count_cargo() {
     summary+=("$name: $p passed, $f failed")
 }
 
+# count_summary NAME LOG RC DETAIL: add the counts of the last line of LOG, which a suite
+# ends with `[PREFIX: ]N passed, M failed`; a missing line, or a failing exit code RC with
+# no failure counted, is one failure. DETAIL goes into the failure list.
+count_summary() {
+    local name=$1 log=$2 rc=$3 detail=$4 last p f
+    last=$(tail -n 1 "$log")
+    if [[ $last =~ ^([a-z]+:\ )?([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+        p=${BASH_REMATCH[2]}
+        f=${BASH_REMATCH[3]}
+        if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    else
+        p=0
+        f=1
+    fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    summary+=("$name: $p passed, $f failed")
+    if [ "$f" -ne 0 ]; then
+        failures+=("$name: exit code $rc; $detail")
+    fi
+}
+
 # run_logged LOG LIMIT_S CMD...: run CMD under `timeout LIMIT_S`, its output shown and
 # kept in LOG; sets rc (124 on timeout). timeout puts CMD in its own process group and
 # kills all of it (a hung test binary too); Ctrl-C or SIGTERM here kills that group.
@@ -176,21 +198,8 @@ if [ "$quick" -eq 0 ]; then
     else
         run_logged "$LOGDIR/interop.log" "$INTEROP_TIMEOUT_S" \
             "$VENV/bin/python" tests/interop/test_interop.py --bin "$ROOT/target/release/agentwire"
-        last=$(tail -n 1 "$LOGDIR/interop.log")
-        if [[ $last =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
-            p=${BASH_REMATCH[1]}
-            f=${BASH_REMATCH[2]}
-            if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-        else
-            p=0
-            f=1
-        fi
-        passed=$((passed + p))
-        failed=$((failed + f))
-        summary+=("interop: $p passed, $f failed")
-        if [ "$f" -ne 0 ]; then
-            failures+=("interop: exit code $rc; $(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above")
-        fi
+        count_summary interop "$LOGDIR/interop.log" "$rc" \
+            "$(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above"
     fi
 fi
 
@@ -198,21 +207,7 @@ fi
 if [ "$quick" -eq 0 ]; then
     step "conformance: tools/autobahn.sh (Autobahn|Testsuite via kosoku)"
     run_logged "$LOGDIR/autobahn.log" "$CONFORMANCE_TIMEOUT_S" bash tools/autobahn.sh
-    last=$(tail -n 1 "$LOGDIR/autobahn.log")
-    if [[ $last =~ ^autobahn:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
-        p=${BASH_REMATCH[1]}
-        f=${BASH_REMATCH[2]}
-        if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-    else
-        p=0
-        f=1
-    fi
-    passed=$((passed + p))
-    failed=$((failed + f))
-    summary+=("conformance: $p passed, $f failed")
-    if [ "$f" -ne 0 ]; then
-        failures+=("conformance: exit code $rc, see $LOGDIR/autobahn.log")
-    fi
+    count_summary conformance "$LOGDIR/autobahn.log" "$rc" "see $LOGDIR/autobahn.log"
 fi
 
 step "summary"
