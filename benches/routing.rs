@@ -3,13 +3,12 @@
 //! bookkeeping, the replay keep, the target list, and queueing the shared frame on each
 //! connection's output queue.
 //!
-//! `Reactor::route` is private and owns sockets, so this benchmark runs the same steps
-//! in the same order with the public pieces it is made of: [`Registry::entry`],
-//! [`User::run_ended`], [`Event::frame`], [`Run::pending`], [`User::end_run`],
-//! [`User::keep`], [`User::targets`] and [`OutQueue::push`]. What it leaves out: the
-//! stats counters and the `Phase::Open` match of a real `Conn` (a connection here is its
-//! output queue, serial and flush flag in a slab, looked up by `ConnId` as the reactor
-//! does). Keep it in step with `Reactor::route` in src/reactor.rs.
+//! `Reactor::route` is private and owns sockets, so this benchmark runs what it is made
+//! of: [`Registry::entry`], [`User::route`] (the ended-run check, `seq`, the frame, the
+//! run's bookkeeping, the replay keep: the same code the reactor runs), [`User::targets`]
+//! and [`OutQueue::push`]. What it leaves out: the stats counters and the `Phase::Open`
+//! match of a real `Conn` (a connection here is its output queue, serial and flush flag
+//! in a slab, looked up by `ConnId` as the reactor does).
 //!
 //! Two registries: the user alone, and the user among 10,000 users with 3 connections
 //! each (30,000 queues), so the hash lookup and the slab accesses miss caches as they
@@ -17,12 +16,11 @@
 //! (worker side) and flushing the queues are outside the timed part.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentwire::conn::{ConnId, OutQueue};
 use agentwire::event::{Event, RunKey};
-use agentwire::registry::{ConnEntry, Registry, Replayed, Run};
+use agentwire::registry::{ConnEntry, Registry, Routed};
 use agentwire::EventKind;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::json;
@@ -138,45 +136,13 @@ impl Router {
         .expect("serializable")
     }
 
-    /// `Reactor::route`, step for step (without stats and logging).
+    /// `Reactor::route` (without stats and logging): the user's own routing, then the
+    /// frame queued on every target connection.
     fn route(&mut self, ev: Event) {
-        let now = self.now;
         let user = self.registry.entry(&ev.key.user_id);
-        if user.run_ended(&ev.key.run_id) {
+        let Some(Routed { frame, owner }) = user.route(&ev, self.now, REPLAY_KEPT) else {
             return;
-        }
-        user.seq += 1;
-        let seq = user.seq;
-        let frame = ev.frame(seq);
-        let run = user
-            .runs
-            .entry(ev.key.run_id.clone())
-            .or_insert_with(|| Run::pending(ev.key.thread_id.clone(), None, now));
-        if !run.begun {
-            run.begun = true;
-            run.started_ts = ev.ts_ms;
-            run.agent_name = ev.key.agent_name.clone();
-            run.thread = ev.key.thread_id.clone();
-        }
-        run.last_seq = seq;
-        run.last_event = now;
-        if &*run.last_type != ev.kind.as_str() {
-            run.last_type = Arc::from(ev.kind.as_str());
-        }
-        let owner = run.owner;
-        if ev.kind.ends_run() {
-            user.end_run(&ev.key.run_id);
-        }
-        user.keep(
-            Replayed {
-                seq,
-                frame: frame.clone(),
-                thread: ev.key.thread_id.clone(),
-                owner,
-                at: now,
-            },
-            REPLAY_KEPT,
-        );
+        };
         self.scratch_targets.clear();
         self.scratch_targets
             .extend(user.targets(ev.key.thread_id.as_deref(), owner));

@@ -39,7 +39,7 @@ use crate::emitter::{Command, Inbound, WakeSignal};
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
 use crate::http::{self, Method, Mode, Refusal, Route};
 use crate::publish;
-use crate::registry::{ConnEntry, Registry, Replayed, Resume, Run};
+use crate::registry::{ConnEntry, Registry, Resume, Routed, Run};
 use crate::stats::{DropReason, Gauges, RefusalReason, Stats};
 use crate::timer_wheel::TimerWheel;
 
@@ -1243,7 +1243,7 @@ impl Reactor {
         let now = self.tick();
         let replay_max = self.s.config.replay_events;
         let user = self.registry.entry(&ev.key.user_id);
-        if user.run_ended(&ev.key.run_id) {
+        let Some(Routed { frame, owner }) = user.route(&ev, now, replay_max) else {
             self.stats.dropped(DropReason::RunEnded, 1);
             log::debug!(
                 "user={:?} run={:?} event after the run ended: dropped",
@@ -1251,46 +1251,7 @@ impl Reactor {
                 ev.key.run_id
             );
             return;
-        }
-        user.seq += 1;
-        let seq = user.seq;
-        let frame = ev.frame(seq);
-        let run = user
-            .runs
-            .entry(ev.key.run_id.clone())
-            .or_insert_with(|| Run::pending(ev.key.thread_id.clone(), None, now));
-        // A run begins with its first event (a `user_message` only pre-registers it).
-        if !run.begun {
-            run.begun = true;
-            run.started_ts = ev.ts_ms;
-            run.agent_name = ev.key.agent_name.clone();
-            run.thread = ev.key.thread_id.clone();
-        }
-        if let Some(flag) = &ev.cancel_flag {
-            if run.cancel_requested {
-                flag.store(true, Ordering::Release);
-            }
-            run.cancel = Some(flag.clone());
-        }
-        run.last_seq = seq;
-        run.last_event = now;
-        if &*run.last_type != ev.kind.as_str() {
-            run.last_type = Arc::from(ev.kind.as_str());
-        }
-        let owner = run.owner;
-        if ev.kind.ends_run() {
-            user.end_run(&ev.key.run_id);
-        }
-        user.keep(
-            Replayed {
-                seq,
-                frame: frame.clone(),
-                thread: ev.key.thread_id.clone(),
-                owner,
-                at: now,
-            },
-            replay_max,
-        );
+        };
         self.scratch_targets.clear();
         self.scratch_targets
             .extend(user.targets(ev.key.thread_id.as_deref(), owner));

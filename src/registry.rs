@@ -7,12 +7,13 @@
 //! ([`User::resume`]), and when a user's state can be retired.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::conn::ConnId;
+use crate::event::Event;
 
 /// One open connection as routing sees it.
 #[derive(Clone, Debug)]
@@ -88,6 +89,15 @@ impl Run {
     }
 }
 
+/// What routing an event within its user decided ([`User::route`]).
+#[derive(Debug)]
+pub struct Routed {
+    /// The event's complete WebSocket frame with that `seq`, shared by every receiver.
+    pub frame: Bytes,
+    /// The connection that started the run, for runs of an isolated connection.
+    pub owner: Option<ConnId>,
+}
+
 /// How many ended run ids a user remembers, to refuse late events of ended runs.
 const ENDED_RUNS_KEPT: usize = 256;
 
@@ -134,6 +144,57 @@ impl User {
             .iter()
             .filter(move |c| c.takes(thread, owner))
             .map(|c| c.id)
+    }
+
+    /// Route `ev` within this user at tick `now`: `None` when its run already ended
+    /// (refused, takes no `seq`). Otherwise the event takes the next `seq` and its
+    /// frame is built; its run begins (a `user_message` only pre-registers it) or is
+    /// updated (last seq, type, time, the worker's cancel flag, set at once if a cancel
+    /// already arrived) and ends when `ev` ends it; the event is kept for replay (at
+    /// most `replay_max`).
+    pub fn route(&mut self, ev: &Event, now: u64, replay_max: usize) -> Option<Routed> {
+        if self.run_ended(&ev.key.run_id) {
+            return None;
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        let frame = ev.frame(seq);
+        let run = self
+            .runs
+            .entry(ev.key.run_id.clone())
+            .or_insert_with(|| Run::pending(ev.key.thread_id.clone(), None, now));
+        if !run.begun {
+            run.begun = true;
+            run.started_ts = ev.ts_ms;
+            run.agent_name = ev.key.agent_name.clone();
+            run.thread = ev.key.thread_id.clone();
+        }
+        if let Some(flag) = &ev.cancel_flag {
+            if run.cancel_requested {
+                flag.store(true, Ordering::Release);
+            }
+            run.cancel = Some(flag.clone());
+        }
+        run.last_seq = seq;
+        run.last_event = now;
+        if &*run.last_type != ev.kind.as_str() {
+            run.last_type = Arc::from(ev.kind.as_str());
+        }
+        let owner = run.owner;
+        if ev.kind.ends_run() {
+            self.end_run(&ev.key.run_id);
+        }
+        self.keep(
+            Replayed {
+                seq,
+                frame: frame.clone(),
+                thread: ev.key.thread_id.clone(),
+                owner,
+                at: now,
+            },
+            replay_max,
+        );
+        Some(Routed { frame, owner })
     }
 
     /// Decide a resume: `Exact` when every event after `last_seq` is in the buffer.
