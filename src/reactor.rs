@@ -86,6 +86,14 @@ enum Timer {
     ShutdownDeadline,
 }
 
+/// What a session's reader does after `on_data` took one message ([`Reactor::read_turn`]).
+enum Step {
+    /// Read on.
+    Go,
+    /// Close the session.
+    End(CloseReason),
+}
+
 /// Why a connection ended: decides the close code, the log line and the counter.
 #[derive(Clone, Debug)]
 pub(crate) enum CloseReason {
@@ -810,7 +818,6 @@ impl Reactor {
         claims: crate::auth::Claims,
         leftover: Vec<u8>,
     ) {
-        let now = self.tick();
         let resume_ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
         let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
         let entry = ConnEntry {
@@ -871,47 +878,25 @@ impl Reactor {
             "active_runs": active_runs,
         });
         self.registry.add_conn(&claims.sub, entry);
-        self.open_sessions += 1;
-        self.stats.connections_opened += 1;
-
-        let token_at = now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
-        let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
-        let ws_config = self.s.ws_config;
-        let log_mode = up.mode.as_str();
-        let Some(conn) = live(&mut self.conns, id) else {
-            return;
-        };
-        if let Some(t) = conn.timer.take() {
-            self.wheel.cancel(t);
-        }
-        // One timer per session: the earlier of the next heartbeat and token expiry.
-        conn.timer = Some(
-            self.wheel
-                .insert(heartbeat_at.min(token_at), Timer::Phase(id)),
-        );
-        conn.out.push(Bytes::from(http::upgrade_response(
-            &up.accept_key,
-            up.subprotocol,
-        )));
-        conn.out.push(control_frame(&connected));
-        conn.last_rx = now;
-        conn.phase = Phase::Open(Box::new(Session {
-            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
-            user: user_name,
-            mode: up.mode,
+        if !self.begin_session(
+            id,
+            &up,
+            user_name,
             thread,
-            token_exp: claims.exp,
-            token_deadline: token_at,
-            next_ping: heartbeat_at,
-            bad_in_row: 0,
-            opened: Instant::now(),
+            claims.exp,
             replay_next,
-        }));
+            leftover,
+        ) {
+            return;
+        }
+        if let Some(conn) = live(&mut self.conns, id) {
+            conn.out.push(control_frame(&connected));
+        }
         log::info!(
             "conn={} user={:?} open mode={} resumed={} replayed={}",
             id.public_id(),
             claims.sub,
-            log_mode,
+            up.mode.as_str(),
             match resume {
                 Resume::NotAsked => "-",
                 Resume::Exact => "true",
@@ -925,6 +910,58 @@ impl Reactor {
         self.read_ws(id);
     }
 
+    /// The part of opening a session every kind shares: the 101 answer queued, one
+    /// phase timer for the earlier of the next heartbeat and the token's expiry (`exp`,
+    /// seconds), the tungstenite context over the bytes read past the request head, and
+    /// the open-session counters. False when the connection is gone.
+    #[allow(clippy::too_many_arguments)] // the session's fields, each from its caller
+    fn begin_session(
+        &mut self,
+        id: ConnId,
+        up: &http::Upgrade,
+        user: Arc<str>,
+        thread: Option<Arc<str>>,
+        exp: u64,
+        replay_next: Option<u64>,
+        leftover: Vec<u8>,
+    ) -> bool {
+        self.open_sessions += 1;
+        self.stats.connections_opened += 1;
+        let now = self.tick();
+        let token_at = now.saturating_add(exp.saturating_mul(1000).saturating_sub(now_ms()));
+        let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
+        let ws_config = self.s.ws_config;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        if let Some(t) = conn.timer.take() {
+            self.wheel.cancel(t);
+        }
+        // One timer per session: the earlier of the next heartbeat and token expiry.
+        conn.timer = Some(
+            self.wheel
+                .insert(heartbeat_at.min(token_at), Timer::Phase(id)),
+        );
+        conn.out.push(Bytes::from(http::upgrade_response(
+            &up.accept_key,
+            up.subprotocol,
+        )));
+        conn.last_rx = now;
+        conn.phase = Phase::Open(Box::new(Session {
+            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
+            user,
+            mode: up.mode,
+            thread,
+            token_exp: exp,
+            token_deadline: token_at,
+            next_ping: heartbeat_at,
+            bad_in_row: 0,
+            opened: Instant::now(),
+            replay_next,
+        }));
+        true
+    }
+
     // -------------------------------------------------------------- WebSocket
 
     fn read_ws(&mut self, id: ConnId) {
@@ -932,19 +969,54 @@ impl Reactor {
         if self.session(id).is_some_and(|s| s.mode == Mode::Echo) {
             return self.read_echo(id);
         }
+        let mut texts = Vec::new();
+        let Some((ending, more)) = self.read_turn(id, |_, _, msg| match msg {
+            Message::Text(t) => {
+                texts.push(t);
+                Step::Go
+            }
+            _ => Step::End(CloseReason::Binary),
+        }) else {
+            return;
+        };
+        for text in texts {
+            self.stats.client_messages += 1;
+            self.client_message(id, text.as_str());
+            if self
+                .conn_mut(id)
+                .is_none_or(|c| !matches!(c.phase, Phase::Open(_)))
+            {
+                return;
+            }
+        }
+        if let Some(reason) = ending {
+            self.close(id, reason);
+        } else if more {
+            self.read_again.push(id);
+        }
+    }
+
+    /// One turn of reading open session `id`: every complete data message (text or
+    /// binary) goes to `on_data` with the session's context and wire, in order; pings
+    /// are answered and pongs taken by tungstenite, a close is answered and ends the
+    /// read. At most [`MESSAGES_PER_READ`] messages of any kind and
+    /// [`READ_BUDGET_BYTES`] from the socket per turn, so one chatty or flooding client
+    /// cannot starve the others. Queues tungstenite's replies, records the arrival
+    /// (`last_rx`, bytes in) and marks the connection for flushing. Returns why the
+    /// session must end (if it must) and whether a budget stopped the read before the socket was drained (no new edge will come for what is left: read it
+    /// again next iteration); `None` when the connection is gone or not open.
+    fn read_turn<F>(&mut self, id: ConnId, mut on_data: F) -> Option<(Option<CloseReason>, bool)>
+    where
+        F: FnMut(&mut WebSocketContext, &mut Wire<'_>, Message) -> Step,
+    {
         let now = self.tick();
-        let mut texts: Vec<String> = Vec::new();
         let mut ending: Option<CloseReason> = None;
-        // Messages of any kind (pings too) and bytes read this turn; past either
-        // budget the rest waits for the next iteration.
         let mut handled = 0usize;
-        let mut budget_spent = false;
+        let mut stopped_early = false;
         {
-            let Some(conn) = live(&mut self.conns, id) else {
-                return;
-            };
+            let conn = live(&mut self.conns, id)?;
             let Phase::Open(session) = &mut conn.phase else {
-                return;
+                return None;
             };
             let before = conn.bytes_in;
             let mut read_left = READ_BUDGET_BYTES;
@@ -960,13 +1032,17 @@ impl Reactor {
                 };
                 let read = session.ws.read(&mut wire);
                 read_left = wire.left;
-                budget_spent |= wire.exhausted;
+                stopped_early |= wire.exhausted;
                 handled += 1;
                 match read {
-                    Ok(Message::Text(t)) => texts.push(t.as_str().to_owned()),
-                    Ok(Message::Binary(_)) => {
-                        ending = Some(CloseReason::Binary);
-                        break;
+                    Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                        match on_data(&mut session.ws, &mut wire.wire, msg) {
+                            Step::Go => {}
+                            Step::End(reason) => {
+                                ending = Some(reason);
+                                break;
+                            }
+                        }
                     }
                     Ok(Message::Close(_)) => {
                         // tungstenite queued the echo; the next read reports the end.
@@ -985,9 +1061,7 @@ impl Reactor {
                     }
                 }
                 if handled >= MESSAGES_PER_READ {
-                    // Fairness: one chatty client must not starve the others. No new
-                    // edge will come for what is left, so the connection is put on
-                    // `read_again` and read on the next iteration.
+                    stopped_early = true;
                     break;
                 }
             }
@@ -1004,22 +1078,8 @@ impl Reactor {
             let _ = session.ws.flush(&mut wire);
         }
         self.mark_dirty(id);
-        let more = (handled >= MESSAGES_PER_READ || budget_spent) && ending.is_none();
-        for text in texts {
-            self.stats.client_messages += 1;
-            self.client_message(id, &text);
-            if self
-                .conn_mut(id)
-                .is_none_or(|c| !matches!(c.phase, Phase::Open(_)))
-            {
-                return;
-            }
-        }
-        if let Some(reason) = ending {
-            self.close(id, reason);
-        } else if more {
-            self.read_again.push(id);
-        }
+        let more = stopped_early && ending.is_none();
+        Some((ending, more))
     }
 
     fn read_closing(&mut self, id: ConnId) {

@@ -12,22 +12,12 @@
 //! text or binary message (fragments reassembled by tungstenite) goes straight back,
 //! text as text, binary as binary.
 
-use std::io;
 use std::sync::Arc;
-use std::time::Instant;
 
-use bytes::Bytes;
-use tungstenite::protocol::{Role, WebSocketContext};
-use tungstenite::Message;
-
-use super::{classify_ws_error, live, Reactor, Timer};
+use super::{classify_ws_error, Reactor, Step};
 use crate::auth::Claims;
-use crate::conn::{ConnId, Phase, Session, Wire};
-use crate::event::now_ms;
-use crate::http::{self, Mode, Refusal};
-
-/// Messages echoed per connection per iteration before serving others (as `read_ws`).
-const ECHO_BUDGET: usize = 64;
+use crate::conn::ConnId;
+use crate::http::{self, Refusal};
 
 impl Reactor {
     /// Open the echo session for an upgrade that passed every production check.
@@ -41,39 +31,10 @@ impl Reactor {
         if self.open_sessions >= self.s.config.max_connections {
             return self.refuse(id, &Refusal::too_many("gateway connection limit reached"));
         }
-        let now = self.tick();
-        let token_at = now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
-        let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
-        let ws_config = self.s.ws_config;
-        let Some(conn) = live(&mut self.conns, id) else {
+        let user = Arc::from(claims.sub.as_str());
+        if !self.begin_session(id, &up, user, None, claims.exp, None, leftover) {
             return;
-        };
-        if let Some(t) = conn.timer.take() {
-            self.wheel.cancel(t);
         }
-        conn.timer = Some(
-            self.wheel
-                .insert(heartbeat_at.min(token_at), Timer::Phase(id)),
-        );
-        conn.out.push(Bytes::from(http::upgrade_response(
-            &up.accept_key,
-            up.subprotocol,
-        )));
-        conn.last_rx = now;
-        conn.phase = Phase::Open(Box::new(Session {
-            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
-            user: Arc::from(claims.sub.as_str()),
-            mode: Mode::Echo,
-            thread: None,
-            token_exp: claims.exp,
-            token_deadline: token_at,
-            next_ping: heartbeat_at,
-            bad_in_row: 0,
-            opened: Instant::now(),
-            replay_next: None,
-        }));
-        self.open_sessions += 1;
-        self.stats.connections_opened += 1;
         log::info!(
             "conn={} user={:?} open mode=echo",
             id.public_id(),
@@ -84,70 +45,18 @@ impl Reactor {
         self.read_echo(id);
     }
 
-    /// Read what the client sent and queue each message back; errors end the session
-    /// through the production close path (same close codes as a normal session).
+    /// Read what the client sent and queue each message back, text as text, binary as
+    /// binary, with the production read budgets ([`Reactor::read_turn`]); errors end the
+    /// session through the production close path (same close codes as a normal session).
+    /// A client that does not read its echoes is closed with 1013 by the flush, like any
+    /// slow consumer.
     pub(super) fn read_echo(&mut self, id: ConnId) {
-        let now = self.tick();
-        let max_pending = self.s.config.max_pending_bytes;
-        let mut ending = None;
-        let mut more = false;
-        {
-            let Some(conn) = live(&mut self.conns, id) else {
-                return;
-            };
-            let Phase::Open(session) = &mut conn.phase else {
-                return;
-            };
-            let before = conn.bytes_in;
-            let mut echoed = 0;
-            loop {
-                let mut wire = Wire {
-                    tcp: &mut conn.tcp,
-                    out: &mut conn.out,
-                    bytes_in: &mut conn.bytes_in,
-                };
-                match session.ws.read(&mut wire) {
-                    Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
-                        if let Err(e) = session.ws.write(&mut wire, msg) {
-                            ending = Some(classify_ws_error(&e));
-                            break;
-                        }
-                        echoed += 1;
-                    }
-                    // Close: tungstenite queued the reply and the next read reports the
-                    // end; pings are answered by tungstenite; pongs need nothing.
-                    Ok(_) => {}
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        break
-                    }
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {
-                        continue
-                    }
-                    Err(e) => {
-                        ending = Some(classify_ws_error(&e));
-                        break;
-                    }
-                }
-                // Fairness and the output bound: no new edge comes for what is left, so
-                // the connection is read again next iteration, after its flush (which
-                // closes it with 1013 if the client lets over max_pending_bytes pile up).
-                if echoed >= ECHO_BUDGET || conn.out.pending() > max_pending {
-                    more = true;
-                    break;
-                }
-            }
-            if conn.bytes_in > before {
-                conn.last_rx = now;
-            }
-            self.stats.bytes_in += conn.bytes_in - before;
-            let mut wire = Wire {
-                tcp: &mut conn.tcp,
-                out: &mut conn.out,
-                bytes_in: &mut conn.bytes_in,
-            };
-            let _ = session.ws.flush(&mut wire);
-        }
-        self.mark_dirty(id);
+        let Some((ending, more)) = self.read_turn(id, |ws, wire, msg| match ws.write(wire, msg) {
+            Ok(()) => Step::Go,
+            Err(e) => Step::End(classify_ws_error(&e)),
+        }) else {
+            return;
+        };
         if let Some(reason) = ending {
             self.close(id, reason);
         } else if more {
