@@ -48,6 +48,23 @@ fn segments(t: &str) -> (String, String, String) {
     (next(), next(), next())
 }
 
+/// Run `(name, path and query, extra header lines, expected status)` upgrade cases;
+/// collect every mismatch, so one run reports them all.
+fn expect_upgrade_statuses(gw: &TestGateway, cases: &[(&str, String, Vec<String>, u16)]) {
+    let mut failures = Vec::new();
+    for (name, path, extra, want) in cases {
+        let r = upgrade(gw.addr, path, extra);
+        if r.status != *want {
+            failures.push(format!(
+                "{name}: expected {want}, got {} {}",
+                r.status,
+                r.text()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// Run `(name, token, expected status)` cases against `/ws` as bearer tokens; collect
 /// every mismatch, so one run reports the whole matrix.
 fn run_matrix(gw: &TestGateway, cases: &[(&str, String, u16)]) {
@@ -394,18 +411,7 @@ fn hostile_token_in_two_places() {
             401,
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, path, extra, want) in &cases {
-        let r = upgrade(gw.addr, path, extra);
-        if r.status != *want {
-            failures.push(format!(
-                "{name}: expected {want}, got {} {}",
-                r.status,
-                r.text()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    expect_upgrade_statuses(&gw, &cases);
     log_capture::assert_clean();
 }
 
@@ -454,18 +460,11 @@ fn hostile_bearer_scheme_spellings() {
             401,
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, line, want) in &cases {
-        let r = upgrade(gw.addr, "/ws", std::slice::from_ref(line));
-        if r.status != *want {
-            failures.push(format!(
-                "{name}: expected {want}, got {} {}",
-                r.status,
-                r.text()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let cases: Vec<(&str, String, Vec<String>, u16)> = cases
+        .into_iter()
+        .map(|(name, line, want)| (name, "/ws".to_owned(), vec![line], want))
+        .collect();
+    expect_upgrade_statuses(&gw, &cases);
     log_capture::assert_clean();
 }
 
