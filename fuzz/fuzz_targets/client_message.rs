@@ -99,18 +99,7 @@ fn expected(text: &str) -> Result<ClientMessage, BadMessage> {
 
 /// One FIN text frame, unmasked, with a correct length, holding a JSON object.
 fn check_text_frame(frame: &[u8]) {
-    assert_eq!(frame[0], 0x81, "not a FIN text frame");
-    assert_eq!(frame[1] & 0x80, 0, "server frames are not masked");
-    let (len, start) = match frame[1] & 0x7f {
-        126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
-        127 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&frame[2..10]);
-            (usize::try_from(u64::from_be_bytes(b)).expect("fits"), 10)
-        }
-        n => (usize::from(n), 2),
-    };
-    assert_eq!(frame.len(), start + len, "frame length field is wrong");
-    let v: Value = serde_json::from_slice(&frame[start..]).expect("frame payload is JSON");
+    let (_, payload) = agentwire_fuzz::text_frame_payload(frame);
+    let v: Value = serde_json::from_slice(payload).expect("frame payload is JSON");
     assert!(v.is_object());
 }

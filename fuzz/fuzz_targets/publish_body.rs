@@ -118,22 +118,12 @@ fn check_event(got: &Fields, item: &Fields, seq: u64) {
 
 /// The payload of one unmasked FIN text frame, parsed as a JSON object.
 fn frame_fields(frame: &[u8]) -> Fields {
-    assert_eq!(frame[0], 0x81, "not a FIN text frame");
-    assert_eq!(frame[1] & 0x80, 0, "server frames are not masked");
-    let (len, start) = match frame[1] & 0x7f {
-        126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
-        127 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&frame[2..10]);
-            (usize::try_from(u64::from_be_bytes(b)).expect("fits"), 10)
-        }
-        n => (usize::from(n), 2),
-    };
+    let (start, payload) = agentwire_fuzz::text_frame_payload(frame);
+    let len = payload.len();
     assert!(start == 2 || len >= 126, "length not in its shortest form");
     assert!(
         start != 10 || len > 65_535,
         "length not in its shortest form"
     );
-    assert_eq!(frame.len(), start + len, "frame length field is wrong");
-    serde_json::from_slice(&frame[start..]).expect("event frame payload is a JSON object")
+    serde_json::from_slice(payload).expect("event frame payload is a JSON object")
 }

@@ -1,6 +1,7 @@
 //! Shared pieces of the agentwire fuzz targets: the fixed HS256 secret and the tokens
 //! signed with it (valid until 2100, so committed seeds stay valid), the authenticator
-//! built from them, and the checks every plain HTTP answer must pass.
+//! built from them, the checks every plain HTTP answer must pass, and the split of a
+//! text frame the gateway built.
 //!
 //! The tokens were made once with a few lines of Python (`hmac` over the base64url
 //! header and claims); [`authenticator`] checks at start that the two valid ones verify
@@ -186,4 +187,23 @@ pub fn check_refusal(refusal: &agentwire::http::Refusal) {
     assert_eq!(v["message"], refusal.message.as_str());
     let head = refusal.response(true);
     check_response(&head, refusal.status, true);
+}
+
+/// Split one server-to-client frame the gateway built: asserts it is a FIN text frame,
+/// unmasked, whose length field matches the bytes; returns the header's length (2, 4
+/// or 10, telling which length form was used) and the payload.
+pub fn text_frame_payload(frame: &[u8]) -> (usize, &[u8]) {
+    assert_eq!(frame[0], 0x81, "not a FIN text frame");
+    assert_eq!(frame[1] & 0x80, 0, "server frames are not masked");
+    let (len, start) = match frame[1] & 0x7f {
+        126 => (usize::from(u16::from_be_bytes([frame[2], frame[3]])), 4),
+        127 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&frame[2..10]);
+            (usize::try_from(u64::from_be_bytes(b)).expect("fits"), 10)
+        }
+        n => (usize::from(n), 2),
+    };
+    assert_eq!(frame.len(), start + len, "frame length field is wrong");
+    (start, &frame[start..])
 }
