@@ -50,7 +50,7 @@ if want python; then
     reqs=(-r tools/peers/requirements.txt)
     if ((plot)); then reqs+=(-r tools/peers/requirements-plot.txt); fi
     stamp="$venv/.setup-stamp-$plot"
-    if [[ ! -f $stamp || tools/peers/requirements.txt -nt $stamp || tools/peers/requirements-plot.txt -nt $stamp ]]; then
+    if [[ ! -f $stamp || tools/peers/requirements.txt -nt $stamp || tools/requirements-test.txt -nt $stamp || tools/peers/requirements-plot.txt -nt $stamp ]]; then
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${reqs[@]}"
         touch "$stamp"
     fi
