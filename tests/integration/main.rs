@@ -1,0 +1,30 @@
+//! The one integration test binary. Every test starts its own gateway in-process on
+//! `127.0.0.1:0` (see `support/`) and talks to it with real sockets:
+//! WebSocket clients, raw HTTP, the publish API and the library's emitter. Every wait
+//! has a deadline, so a misbehaving gateway fails a test instead of hanging it.
+
+mod support;
+
+mod chaos;
+mod client_input;
+mod conformance_route;
+mod deadlines;
+mod fd_limit;
+mod golden;
+mod hostile_auth;
+mod hostile_frames;
+mod hostile_handshake;
+mod hostile_limits;
+mod isolated_mode;
+mod jwt;
+mod library;
+mod limits;
+mod model;
+mod publish_api;
+mod refusals;
+mod resume;
+mod session;
+mod slot_reuse;
+mod stats;
+mod thread_filter;
+mod user_isolation;
