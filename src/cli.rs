@@ -131,10 +131,8 @@ pub fn parse(args: Vec<OsString>, env: Vec<(String, String)>) -> Result<Command,
         }
     }
     let file = config_path.as_deref().zip(text.as_deref());
+    // `load` runs `Config::validate`: the config returned here has passed it.
     let (config, warnings) = Config::load(file, &env, &flags)?;
-    // `load` validates already; checked again here so this function's guarantee does not
-    // hang on another function's documentation.
-    config.validate()?;
 
     match name {
         "serve" => Ok(Command::Serve { config, warnings }),
@@ -219,7 +217,9 @@ fn setting_args() -> Vec<Arg> {
                 .value_name(s.value_name())
                 .help(format!(
                     "{} [default: {}] [env: {}]",
-                    s.help, s.default, s.env
+                    s.help,
+                    s.default_text(),
+                    s.env
                 ))
                 .help_heading("Settings")
                 .global(true)
@@ -600,7 +600,7 @@ mod tests {
         for s in Config::SETTINGS {
             assert!(help.contains(&format!("--{}", s.flag)), "{}", s.flag);
             assert!(
-                help.contains(&format!("[default: {}]", s.default)),
+                help.contains(&format!("[default: {}]", s.default_text())),
                 "{}",
                 s.name
             );
