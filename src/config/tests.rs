@@ -139,7 +139,10 @@ fn names_match_settings_table() {
         assert!(!s.help.is_empty() && !s.default_text().is_empty());
     }
     for (i, name) in Config::NAMES.iter().enumerate() {
-        assert!(!Config::NAMES[..i].contains(name), "{name} is declared twice");
+        assert!(
+            !Config::NAMES[..i].contains(name),
+            "{name} is declared twice"
+        );
     }
     // The settings of section 8 in v1; later issues add more.
     for name in [
@@ -777,7 +780,10 @@ fn default_text_reads_back_as_the_default() {
 #[test]
 fn optional_integer_kind() {
     // No v1 setting has this kind yet (the next issues add some); its value type directly.
-    let kind = SettingKind::OptionalInteger { min: 1, max: 86_400 };
+    let kind = SettingKind::OptionalInteger {
+        min: 1,
+        max: 86_400,
+    };
     let mut v: Option<u64> = None;
     assert_eq!(v.shown(), "none");
     assert_eq!(v.json(), serde_json::Value::Null);

@@ -119,45 +119,31 @@ impl Value for SocketAddr {
     }
 }
 
-impl Value for JwtAlgorithm {
-    fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
-        match kind {
-            SettingKind::Algorithm => {
+/// `Algorithm` and `Policy`: enums read with `FromStr` and shown by their `as_str`.
+macro_rules! named_value {
+    ($($ty:ty => $kind:ident),*) => {$(
+        impl Value for $ty {
+            fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
+                if kind != SettingKind::$kind {
+                    return wrong_kind(kind);
+                }
                 *self = text.trim().parse().map_err(|_| kind.expected())?;
+                Ok(())
             }
-            _ => return wrong_kind(kind),
+            fn fits(&self, kind: SettingKind) -> bool {
+                kind == SettingKind::$kind
+            }
+            fn json(&self) -> Json {
+                Json::String(self.as_str().into())
+            }
+            fn shown(&self) -> String {
+                self.as_str().into()
+            }
         }
-        Ok(())
-    }
-    fn fits(&self, kind: SettingKind) -> bool {
-        kind == SettingKind::Algorithm
-    }
-    fn json(&self) -> Json {
-        Json::String(self.as_str().into())
-    }
-    fn shown(&self) -> String {
-        self.as_str().into()
-    }
+    )*};
 }
 
-impl Value for PerUserPolicy {
-    fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
-        match kind {
-            SettingKind::Policy => *self = text.parse().map_err(|_| kind.expected())?,
-            _ => return wrong_kind(kind),
-        }
-        Ok(())
-    }
-    fn fits(&self, kind: SettingKind) -> bool {
-        kind == SettingKind::Policy
-    }
-    fn json(&self) -> Json {
-        Json::String(self.as_str().into())
-    }
-    fn shown(&self) -> String {
-        self.as_str().into()
-    }
-}
+named_value!(JwtAlgorithm => Algorithm, PerUserPolicy => Policy);
 
 /// `Secret` (verbatim) or `Text` (trimmed); empty unsets.
 impl Value for Option<String> {
@@ -267,51 +253,37 @@ impl Value for Option<bool> {
     }
 }
 
-impl Value for u64 {
-    fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
-        match kind {
-            SettingKind::Integer { .. } => *self = parse_integer(kind, text)?,
-            _ => return wrong_kind(kind),
+/// `Integer`: `u64` and `usize` fields read, show and check alike.
+macro_rules! integer_value {
+    ($($ty:ty),*) => {$(
+        impl Value for $ty {
+            fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
+                match kind {
+                    SettingKind::Integer { .. } => {
+                        let n = parse_integer(kind, text)?;
+                        *self = <$ty>::try_from(n).map_err(|_| kind.expected())?;
+                    }
+                    _ => return wrong_kind(kind),
+                }
+                Ok(())
+            }
+            fn fits(&self, kind: SettingKind) -> bool {
+                matches!(kind, SettingKind::Integer { .. })
+            }
+            fn json(&self) -> Json {
+                Json::from(*self)
+            }
+            fn shown(&self) -> String {
+                self.to_string()
+            }
+            fn integer(&self) -> Option<u64> {
+                Some(u64::try_from(*self).unwrap_or(u64::MAX))
+            }
         }
-        Ok(())
-    }
-    fn fits(&self, kind: SettingKind) -> bool {
-        matches!(kind, SettingKind::Integer { .. })
-    }
-    fn json(&self) -> Json {
-        Json::from(*self)
-    }
-    fn shown(&self) -> String {
-        self.to_string()
-    }
-    fn integer(&self) -> Option<u64> {
-        Some(*self)
-    }
+    )*};
 }
 
-impl Value for usize {
-    fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
-        match kind {
-            SettingKind::Integer { .. } => {
-                *self = usize::try_from(parse_integer(kind, text)?).map_err(|_| kind.expected())?
-            }
-            _ => return wrong_kind(kind),
-        }
-        Ok(())
-    }
-    fn fits(&self, kind: SettingKind) -> bool {
-        matches!(kind, SettingKind::Integer { .. })
-    }
-    fn json(&self) -> Json {
-        Json::from(*self)
-    }
-    fn shown(&self) -> String {
-        self.to_string()
-    }
-    fn integer(&self) -> Option<u64> {
-        Some(u64::try_from(*self).unwrap_or(u64::MAX))
-    }
-}
+integer_value!(u64, usize);
 
 /// `OptionalInteger`: `None` is `none` (also the empty string).
 impl Value for Option<u64> {
