@@ -209,7 +209,7 @@ macro_rules! settings {
     (@shown $text:literal) => {
         Some($text)
     };
-    // A name derived from the setting's at compile time (`flag_name`, `env_name`).
+    // A name derived from the setting's name at compile time (`flag_name`, `env_name`).
     (@derived $derive:ident, $len:expr, $name:expr) => {{
         const BYTES: [u8; $len] = $derive($name);
         match ::std::str::from_utf8(&BYTES) {
