@@ -131,10 +131,8 @@ pub fn parse(args: Vec<OsString>, env: Vec<(String, String)>) -> Result<Command,
         }
     }
     let file = config_path.as_deref().zip(text.as_deref());
+    // `load` runs `Config::validate`: the config returned here has passed it.
     let (config, warnings) = Config::load(file, &env, &flags)?;
-    // `load` validates already; checked again here so this function's guarantee does not
-    // hang on another function's documentation.
-    config.validate()?;
 
     match name {
         "serve" => Ok(Command::Serve { config, warnings }),
@@ -219,7 +217,9 @@ fn setting_args() -> Vec<Arg> {
                 .value_name(s.value_name())
                 .help(format!(
                     "{} [default: {}] [env: {}]",
-                    s.help, s.default, s.env
+                    s.help,
+                    s.default_text(),
+                    s.env
                 ))
                 .help_heading("Settings")
                 .global(true)
@@ -300,7 +300,7 @@ fn internal(message: &str) -> clap::Error {
 mod tests {
     use super::*;
     use crate::auth::JwtAlgorithm;
-    use crate::config::PerUserPolicy;
+    use crate::config::{PerUserPolicy, SettingKind};
 
     const SECRET: &str = "0123456789abcdef-secret";
 
@@ -388,6 +388,14 @@ mod tests {
     #[test]
     fn every_setting_has_a_flag() {
         for s in Config::SETTINGS {
+            // Settings without their own value below: 42 within the row's range, or false.
+            let fallback = match s.kind {
+                SettingKind::Integer { min, max } | SettingKind::OptionalInteger { min, max } => {
+                    min.max(42).min(max).to_string()
+                }
+                SettingKind::Bool | SettingKind::AutoBool => "false".to_owned(),
+                _ => "42".to_owned(),
+            };
             let value = match s.name {
                 "listen" => "0.0.0.0:1",
                 "jwt_algorithm" => "HS256",
@@ -397,7 +405,7 @@ mod tests {
                 "allowed_origins" => "https://x.example",
                 "per_user_policy" => "reject",
                 "heartbeat_timeout_ms" => "70000",
-                _ => "42",
+                _ => &fallback,
             };
             let flag = format!("--{}", s.flag);
             let c = serve(&[&flag, value]);
@@ -411,7 +419,7 @@ mod tests {
                 "allow_query_token" | "demo_agent" => assert_eq!(json[s.name], false, "{}", s.name),
                 "allowed_origins" => assert_eq!(json[s.name][0], value),
                 "heartbeat_timeout_ms" => assert_eq!(json[s.name], 70_000),
-                _ => assert_eq!(json[s.name], 42, "{}", s.name),
+                _ => assert_eq!(json[s.name].to_string(), fallback, "{}", s.name),
             }
         }
     }
@@ -600,7 +608,7 @@ mod tests {
         for s in Config::SETTINGS {
             assert!(help.contains(&format!("--{}", s.flag)), "{}", s.flag);
             assert!(
-                help.contains(&format!("[default: {}]", s.default)),
+                help.contains(&format!("[default: {}]", s.default_text())),
                 "{}",
                 s.name
             );

@@ -1,0 +1,345 @@
+//! Gateway configuration: every setting of PROTOCOL.md section 8, declared once in the
+//! table below, and the checks between settings.
+//!
+//! # The table
+//!
+//! Each setting is one row of the `settings!` table in this file, written like a struct
+//! field with three more columns:
+//!
+//! ```text
+//! /// Doc of the field: meaning, unit, default.
+//! name: Type = default, Kind, "one-line help for --help";
+//! name: Type = default, Integer(min, max), "help", shown "default as --help shows it";
+//! ```
+//!
+//! From the rows the macro (`config/setting.rs`) makes the [`Config`] struct (fields with
+//! their docs, public, names and types as written), `Default`, [`Config::NAMES`] and
+//! [`Config::SETTINGS`]: per setting its flag `--name-with-dashes`, its environment
+//! variable `AGENTWIRE_NAME`, its help line, its [`SettingKind`], its default as shown in
+//! `--help` (the default value written as the setting is written, unless `shown` says
+//! more) and accessors to its field. Everything else is generic over the table: parsing
+//! from strings ([`Config::set`], the same for the TOML file, the environment and the
+//! flags, `config/value.rs`), range checks against the row's bounds and the cross-setting
+//! checks ([`Config::validate`], run once by [`Config::load`]), `Debug` (secrets shown only
+//! as set or unset), the `--help` settings (`src/cli.rs`) and `GET /ws/config`
+//! ([`Config::to_public_json`], secrets only as `<name>_set`).
+//!
+//! Kinds and the field types that store them: `Address` (`SocketAddr`), `Algorithm`
+//! (`JwtAlgorithm`), `Secret` and `Text` (`Option<String>`), `Path` (`Option<PathBuf>`),
+//! `Bool` (`bool`), `AutoBool` (`Option<bool>`), `Origins` (`Vec<String>`), `Policy`
+//! ([`PerUserPolicy`]), `Integer(min, max)` (`u64` or `usize`) and
+//! `OptionalInteger(min, max)` (`Option<u64>`, default `None` shown as `none`). A unit test
+//! checks that every row's type stores its kind.
+//!
+//! # Adding a setting
+//!
+//! Add one row where it belongs in the table, with its `///` doc, for example
+//!
+//! ```text
+//! /// Open HTTP connections (not yet upgraded) in total. Default 1024.
+//! max_http_connections: usize = 1_024, Integer(1, 10_000_000), "Open HTTP connections";
+//! ```
+//!
+//! and it is a field of [`Config`], a flag, an environment variable, a TOML key, a line of
+//! `--help` and a key of `GET /ws/config`. A check involving other settings goes in
+//! [`Config::validate`]. The unit tests cover every row generically; the README's settings
+//! table is written by hand.
+//!
+//! Choices this module makes where the protocol is silent:
+//! - An empty string unsets an optional setting (`jwt_secret`, `jwt_public_key_file`,
+//!   `jwt_issuer`, `jwt_audience`, `publish_key`); `demo_agent` also takes `auto`.
+//! - `heartbeat_timeout_ms` left unset by every source is twice `heartbeat_interval_ms`
+//!   (section 5), which is 60000 with the default interval; a timeout given alone at or
+//!   below the default interval halves the interval instead of failing the start.
+//! - Numbers are plain decimal digits within a per-setting range (see [`SettingKind`]);
+//!   `replay_events`, `replay_ttl_ms`, `jwt_leeway_s` and `shutdown_grace_ms` may be 0.
+//! - Origins are stored lower-cased with the scheme's default port dropped, the way
+//!   browsers send them; `*` is refused (leave the list empty to accept any origin).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use crate::auth::JwtAlgorithm;
+
+#[macro_use]
+mod setting;
+mod load;
+mod value;
+
+#[cfg(test)]
+mod tests;
+
+pub use load::{ConfigError, Source};
+pub use setting::{Setting, SettingKind};
+pub use value::PerUserPolicy;
+
+use load::invalid_value;
+use setting::{env_name, flag_name};
+use value::Value;
+
+/// Prefix of the environment variables that carry settings: `AGENTWIRE_<NAME>`.
+pub const ENV_PREFIX: &str = "AGENTWIRE_";
+
+/// Environment variable naming the TOML file (the `--config` flag wins over it). Not a
+/// setting, so [`Config::load`] skips it without a warning.
+pub const ENV_CONFIG_FILE: &str = "AGENTWIRE_CONFIG";
+
+/// Shortest accepted HS256 `jwt_secret`, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+const DAY_MS: u64 = 86_400_000;
+const GIB: u64 = 1 << 30;
+const LOCALHOST_8080: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+
+settings! {
+    /// Every setting of PROTOCOL.md section 8. Units are in the field names; build one with
+    /// [`Config::default`] and [`Config::set`], or with [`Config::load`]. Its `Debug` output
+    /// shows whether `jwt_secret` and `publish_key` are set, never their values.
+    #[derive(Clone)]
+    pub struct Config {
+        /// Address to bind. Default `127.0.0.1:8080`.
+        listen: SocketAddr = LOCALHOST_8080, Address, "Address to bind";
+        /// Algorithm every token must use; any other `alg` is refused. Default HS256.
+        jwt_algorithm: JwtAlgorithm = JwtAlgorithm::Hs256, Algorithm,
+            "JWT algorithm every token must use: HS256, RS256 or ES256";
+        /// HS256 shared secret, at least 16 bytes. Default none (dev mode when no key at all).
+        jwt_secret: Option<String> = None, Secret,
+            "HS256 shared secret, at least 16 bytes; no JWT key at all means dev mode";
+        /// PEM public key for RS256/ES256. Default none.
+        jwt_public_key_file: Option<PathBuf> = None, Path, "PEM public key file for RS256/ES256";
+        /// When set, tokens must carry this `iss`. Default none.
+        jwt_issuer: Option<String> = None, Text, "When set, tokens must carry this iss";
+        /// When set, tokens must carry this `aud`. Default none.
+        jwt_audience: Option<String> = None, Text, "When set, tokens must carry this aud";
+        /// Clock-skew allowance for `exp`/`nbf`, in seconds. Default 5.
+        jwt_leeway_s: u64 = 5, Integer(0, 86_400), "Clock-skew allowance for exp/nbf, in seconds";
+        /// Accept the token from the `?token=` query parameter. Default true.
+        allow_query_token: bool = true, Bool, "Accept the token from the ?token= query parameter";
+        /// Exact origins allowed to connect (lower-case, default port dropped). Default empty:
+        /// any origin.
+        allowed_origins: Vec<String> = Vec::new(), Origins,
+            "Comma-separated exact origins allowed to connect", shown "empty (any origin)";
+        /// Bearer key for `POST /api/events`; without one the endpoint answers 404. Default none.
+        publish_key: Option<String> = None, Secret, "Bearer key that enables POST /api/events";
+        /// Open connections in total. Default 10000.
+        max_connections: usize = 10_000, Integer(1, 10_000_000), "Open connections in total";
+        /// Open connections per user. Default 3.
+        max_connections_per_user: usize = 3, Integer(1, 10_000_000), "Open connections per user";
+        /// What happens when a user exceeds `max_connections_per_user`. Default evict_oldest.
+        per_user_policy: PerUserPolicy = PerUserPolicy::EvictOldest, Policy,
+            "Over the per-user limit: evict_oldest (close 4002) or reject (429)";
+        /// Largest client message, in bytes; larger ones close with 1009. Default 65536.
+        max_message_bytes: usize = 65_536, Integer(1, GIB), "Largest client message, in bytes";
+        /// Largest `POST /api/events` body, in bytes; larger ones get 413. Default 1048576.
+        max_publish_bytes: usize = 1_048_576, Integer(1, GIB),
+            "Largest publish request body, in bytes";
+        /// Unsent output per connection, in bytes, before it is closed with 1013.
+        /// Default 1048576.
+        max_pending_bytes: usize = 1_048_576, Integer(1, GIB),
+            "Unsent output per connection, in bytes, before it is closed";
+        /// Interval between WebSocket Pings, in milliseconds. Default 30000.
+        heartbeat_interval_ms: u64 = 30_000, Integer(1, DAY_MS),
+            "Interval between WebSocket Pings, in milliseconds";
+        /// Silence after which a connection is closed, in milliseconds. Default 60000 (twice the
+        /// interval when loaded without an explicit value).
+        heartbeat_timeout_ms: u64 = 60_000, Integer(1, 2 * DAY_MS),
+            "Silence after which a connection is closed, in milliseconds",
+            shown "60000 (2 x interval)";
+        /// Time allowed to finish the HTTP upgrade, in milliseconds. Default 5000.
+        handshake_timeout_ms: u64 = 5_000, Integer(1, DAY_MS),
+            "Time allowed to finish the WebSocket handshake, in milliseconds";
+        /// Events kept per user for resume; 0 disables replay. Default 1024.
+        replay_events: usize = 1_024, Integer(0, 1_000_000),
+            "Events kept per user for resume (0 disables replay)";
+        /// How long kept events stay replayable, in milliseconds. Default 120000.
+        replay_ttl_ms: u64 = 120_000, Integer(0, 7 * DAY_MS),
+            "How long kept events stay replayable, in milliseconds";
+        /// A run with no event for this long is ended with `agent_error`, in milliseconds.
+        /// Default 300000.
+        run_idle_timeout_ms: u64 = 300_000, Integer(1, 7 * DAY_MS),
+            "A run with no event for this long is ended with agent_error, in milliseconds";
+        /// Time to flush on shutdown before exiting, in milliseconds. Default 5000.
+        shutdown_grace_ms: u64 = 5_000, Integer(0, DAY_MS),
+            "Time to flush on shutdown before exiting, in milliseconds";
+        /// Built-in demo agent. Default none: auto, on in dev mode (no JWT key configured),
+        /// off otherwise; see [`Config::demo_agent_effective`].
+        demo_agent: Option<bool> = None, AutoBool,
+            "Built-in demo agent answering user_message with a realistic run",
+            shown "auto (on in dev mode)";
+    }
+}
+
+impl fmt::Debug for Config {
+    /// Every setting in table order; a secret shows as `Some("<redacted>")` or `None`, so a
+    /// `{:?}` in a log line can never leak it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = f.debug_struct("Config");
+        for setting in Self::SETTINGS {
+            let value = setting.value(self);
+            if setting.is_secret() {
+                out.field(setting.name, &value.is_set().then_some("<redacted>"));
+            } else {
+                out.field(setting.name, &value);
+            }
+        }
+        out.finish()
+    }
+}
+
+impl Config {
+    /// The setting called `name`, snake_case or dashed; `None` when there is none.
+    pub fn setting(name: &str) -> Option<&'static Setting> {
+        let name = name.trim();
+        Self::SETTINGS
+            .iter()
+            .find(|s| s.name == name || s.flag == name)
+    }
+
+    /// Set one setting from its string form (the same parser serves file, env and flags).
+    ///
+    /// `name` is snake_case or dashed. Booleans accept true/false/1/0/yes/no/on/off;
+    /// `allowed_origins` splits on commas and trims, and an empty string is the empty list;
+    /// an empty string unsets an optional string setting. Numbers reject negatives,
+    /// garbage and values out of the setting's range.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnknownSetting`] for an unknown name, [`ConfigError::InvalidValue`]
+    /// for a bad value; the config is unchanged on error.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
+        let setting = Self::setting(name).ok_or_else(|| ConfigError::UnknownSetting {
+            name: name.to_owned(),
+            origin: Source::Code,
+        })?;
+        self.set_from(setting, value, Source::Code)
+    }
+
+    /// Range, form and cross-setting checks; a config from [`Config::load`] has passed
+    /// them.
+    ///
+    /// Checks every number against its row's range (so limits that make no sense at 0
+    /// are at least 1), that no optional string is set to the empty string, the form of
+    /// `allowed_origins`, `heartbeat_timeout_ms > heartbeat_interval_ms`,
+    /// `max_connections_per_user <= max_connections`, that RS256 and ES256 have a
+    /// `jwt_public_key_file`, that HS256 has a `jwt_secret` when a public key file is
+    /// given, and that an HS256 `jwt_secret` has at least 16 bytes. Does not touch the
+    /// file system.
+    ///
+    /// # Errors
+    /// The first failed check, naming the setting to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for setting in Self::SETTINGS {
+            let value = setting.value(self);
+            if !value.fits(setting.kind) {
+                // A row of the table whose type cannot store its kind: caught by any test.
+                return Err(ConfigError::Inconsistent {
+                    name: setting.name,
+                    message: format!("the settings table gives it kind {:?}", setting.kind),
+                });
+            }
+            if let (Some((min, max)), Some(v)) = (setting.kind.bounds(), value.integer()) {
+                if !(min..=max).contains(&v) {
+                    return Err(invalid_value(
+                        setting,
+                        &v.to_string(),
+                        setting.kind.expected(),
+                        Source::Code,
+                    ));
+                }
+            }
+            value
+                .check_form()
+                .map_err(|message| ConfigError::Inconsistent {
+                    name: setting.name,
+                    message,
+                })?;
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(ConfigError::Inconsistent {
+                name: "heartbeat_timeout_ms",
+                message: format!(
+                    "{} must be greater than heartbeat_interval_ms ({})",
+                    self.heartbeat_timeout_ms, self.heartbeat_interval_ms
+                ),
+            });
+        }
+        if self.max_connections_per_user > self.max_connections {
+            return Err(ConfigError::Inconsistent {
+                name: "max_connections_per_user",
+                message: format!(
+                    "{} must not exceed max_connections ({})",
+                    self.max_connections_per_user, self.max_connections
+                ),
+            });
+        }
+        match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 => {
+                if self.jwt_secret.is_none() && self.jwt_public_key_file.is_some() {
+                    let message = "HS256 verifies with jwt_secret, but only \
+                                   jwt_public_key_file is set; set jwt_algorithm to RS256 or \
+                                   ES256, or set jwt_secret";
+                    return Err(ConfigError::Inconsistent {
+                        name: "jwt_algorithm",
+                        message: message.into(),
+                    });
+                }
+                if let Some(secret) = &self.jwt_secret {
+                    if secret.len() < MIN_SECRET_BYTES {
+                        return Err(ConfigError::Inconsistent {
+                            name: "jwt_secret",
+                            message: format!(
+                                "must be at least {MIN_SECRET_BYTES} bytes for HS256, got {} bytes",
+                                secret.len()
+                            ),
+                        });
+                    }
+                }
+            }
+            alg @ (JwtAlgorithm::Rs256 | JwtAlgorithm::Es256) => {
+                if self.jwt_public_key_file.is_none() {
+                    return Err(ConfigError::Inconsistent {
+                        name: "jwt_public_key_file",
+                        message: format!("required when jwt_algorithm is {}", alg.as_str()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when no JWT key is configured (no `jwt_secret` and no `jwt_public_key_file`):
+    /// dev mode, where the gateway generates a secret at start.
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key_file.is_none()
+    }
+
+    /// Whether the demo agent runs: `demo_agent` when set, else [`Config::dev_mode`].
+    /// Call it before filling in a generated dev-mode secret.
+    pub fn demo_agent_effective(&self) -> bool {
+        self.demo_agent.unwrap_or_else(|| self.dev_mode())
+    }
+
+    /// The effective configuration for `GET /ws/config`: every setting by its section 8
+    /// name with its value, except the secrets (`jwt_secret`, `publish_key`), which are
+    /// replaced by `<name>_set` booleans. Addresses, algorithms, policies and paths are
+    /// strings, unset optional values null, `allowed_origins` an array, `demo_agent` the
+    /// effective boolean passed in.
+    pub fn to_public_json(&self, demo_agent_effective: bool) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for setting in Self::SETTINGS {
+            let value = setting.value(self);
+            if setting.is_secret() {
+                let set = serde_json::Value::Bool(value.is_set());
+                map.insert(format!("{}_set", setting.name), set);
+            } else {
+                map.insert(setting.name.into(), value.json());
+            }
+        }
+        // What runs, rather than `auto`.
+        map.insert(
+            "demo_agent".into(),
+            serde_json::Value::Bool(demo_agent_effective),
+        );
+        serde_json::Value::Object(map)
+    }
+}
