@@ -94,6 +94,10 @@ pub struct Config {
     pub jwt_audience: Option<String>,
     /// Clock-skew allowance for `exp`/`nbf`, in seconds. Default 5.
     pub jwt_leeway_s: u64,
+    /// Longest token lifetime accepted, in seconds: tokens whose `exp` lies further
+    /// ahead than this (plus the leeway), or whose `exp - iat` exceeds it, are refused.
+    /// Default none (any lifetime).
+    pub jwt_max_lifetime_s: Option<u64>,
     /// Accept the token from the `?token=` query parameter. Default true.
     pub allow_query_token: bool,
     /// Exact origins allowed to connect (lower-case, default port dropped). Default empty:
@@ -114,6 +118,12 @@ pub struct Config {
     /// Unsent output per connection, in bytes, before it is closed with 1013.
     /// Default 1048576.
     pub max_pending_bytes: usize,
+    /// Unsent output over all connections, in bytes; past it the connections holding
+    /// the most are closed with 1013 until the total is back under. Default 536870912.
+    pub max_pending_total_bytes: usize,
+    /// `SO_SNDBUF` of accepted sockets, in bytes: bounds what the kernel holds per
+    /// connection; 0 leaves the kernel default (autotuning). Default 262144.
+    pub socket_send_buffer_bytes: usize,
     /// Interval between WebSocket Pings, in milliseconds. Default 30000.
     pub heartbeat_interval_ms: u64,
     /// Silence after which a connection is closed, in milliseconds. Default 60000 (twice the
@@ -147,6 +157,7 @@ impl fmt::Debug for Config {
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_leeway_s", &self.jwt_leeway_s)
+            .field("jwt_max_lifetime_s", &self.jwt_max_lifetime_s)
             .field("allow_query_token", &self.allow_query_token)
             .field("allowed_origins", &self.allowed_origins)
             .field("publish_key", &redacted(&self.publish_key))
@@ -156,6 +167,8 @@ impl fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_publish_bytes", &self.max_publish_bytes)
             .field("max_pending_bytes", &self.max_pending_bytes)
+            .field("max_pending_total_bytes", &self.max_pending_total_bytes)
+            .field("socket_send_buffer_bytes", &self.socket_send_buffer_bytes)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms)
             .field("handshake_timeout_ms", &self.handshake_timeout_ms)
@@ -178,6 +191,7 @@ impl Default for Config {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway_s: 5,
+            jwt_max_lifetime_s: None,
             allow_query_token: true,
             allowed_origins: Vec::new(),
             publish_key: None,
@@ -187,6 +201,8 @@ impl Default for Config {
             max_message_bytes: 65_536,
             max_publish_bytes: 1_048_576,
             max_pending_bytes: 1_048_576,
+            max_pending_total_bytes: 536_870_912,
+            socket_send_buffer_bytes: 262_144,
             heartbeat_interval_ms: 30_000,
             heartbeat_timeout_ms: 60_000,
             handshake_timeout_ms: 5_000,
@@ -260,6 +276,7 @@ enum Field {
     JwtIssuer,
     JwtAudience,
     JwtLeewayS,
+    JwtMaxLifetimeS,
     AllowQueryToken,
     AllowedOrigins,
     PublishKey,
@@ -269,6 +286,8 @@ enum Field {
     MaxMessageBytes,
     MaxPublishBytes,
     MaxPendingBytes,
+    MaxPendingTotalBytes,
+    SocketSendBufferBytes,
     HeartbeatIntervalMs,
     HeartbeatTimeoutMs,
     HandshakeTimeoutMs,
@@ -327,6 +346,8 @@ impl Setting {
 
 const DAY_MS: u64 = 86_400_000;
 const GIB: u64 = 1 << 30;
+/// Largest `jwt_max_lifetime_s`: ten years.
+const MAX_LIFETIME_S: u64 = 10 * 365 * 86_400;
 
 const fn int(min: u64, max: u64) -> SettingKind {
     SettingKind::Integer { min, max }
@@ -431,6 +452,7 @@ impl Config {
         "jwt_issuer",
         "jwt_audience",
         "jwt_leeway_s",
+        "jwt_max_lifetime_s",
         "allow_query_token",
         "allowed_origins",
         "publish_key",
@@ -440,6 +462,8 @@ impl Config {
         "max_message_bytes",
         "max_publish_bytes",
         "max_pending_bytes",
+        "max_pending_total_bytes",
+        "socket_send_buffer_bytes",
         "heartbeat_interval_ms",
         "heartbeat_timeout_ms",
         "handshake_timeout_ms",
@@ -515,6 +539,15 @@ impl Config {
             kind: int(0, 86_400),
             help: "Clock-skew allowance for exp/nbf, in seconds",
             key: Field::JwtLeewayS,
+        },
+        Setting {
+            name: "jwt_max_lifetime_s",
+            flag: "jwt-max-lifetime-s",
+            env: "AGENTWIRE_JWT_MAX_LIFETIME_S",
+            default: "none",
+            kind: int(1, MAX_LIFETIME_S),
+            help: "When set, tokens whose exp lies further ahead (or exp - iat) than this many seconds are refused",
+            key: Field::JwtMaxLifetimeS,
         },
         Setting {
             name: "allow_query_token",
@@ -596,6 +629,24 @@ impl Config {
             kind: int(1, GIB),
             help: "Unsent output per connection, in bytes, before it is closed",
             key: Field::MaxPendingBytes,
+        },
+        Setting {
+            name: "max_pending_total_bytes",
+            flag: "max-pending-total-bytes",
+            env: "AGENTWIRE_MAX_PENDING_TOTAL_BYTES",
+            default: "536870912",
+            kind: int(1, 1 << 40),
+            help: "Unsent output over all connections, in bytes; past it the largest holders are closed (1013)",
+            key: Field::MaxPendingTotalBytes,
+        },
+        Setting {
+            name: "socket_send_buffer_bytes",
+            flag: "socket-send-buffer-bytes",
+            env: "AGENTWIRE_SOCKET_SEND_BUFFER_BYTES",
+            default: "262144",
+            kind: int(0, GIB),
+            help: "SO_SNDBUF of accepted sockets, in bytes (0: the kernel default)",
+            key: Field::SocketSendBufferBytes,
         },
         Setting {
             name: "heartbeat_interval_ms",
@@ -722,6 +773,14 @@ impl Config {
             Field::JwtLeewayS => {
                 self.jwt_leeway_s = parse_integer(setting.kind, value).map_err(invalid)?
             }
+            Field::JwtMaxLifetimeS => {
+                let v = value.trim();
+                self.jwt_max_lifetime_s = if v.is_empty() || v.eq_ignore_ascii_case("none") {
+                    None
+                } else {
+                    Some(parse_integer(setting.kind, v).map_err(invalid)?)
+                };
+            }
             Field::AllowQueryToken => {
                 self.allow_query_token =
                     parse_bool(value).ok_or_else(|| invalid(setting.kind.expected()))?
@@ -750,6 +809,13 @@ impl Config {
             }
             Field::MaxPendingBytes => {
                 self.max_pending_bytes = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::MaxPendingTotalBytes => {
+                self.max_pending_total_bytes = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::SocketSendBufferBytes => {
+                self.socket_send_buffer_bytes =
+                    parse_usize(setting.kind, value).map_err(invalid)?
             }
             Field::HeartbeatIntervalMs => {
                 self.heartbeat_interval_ms = parse_integer(setting.kind, value).map_err(invalid)?
@@ -1124,11 +1190,14 @@ impl Config {
                 Field::PerUserPolicy => Value::String(self.per_user_policy.as_str().into()),
                 Field::DemoAgent => Value::Bool(demo_agent_effective),
                 Field::JwtLeewayS
+                | Field::JwtMaxLifetimeS
                 | Field::MaxConnections
                 | Field::MaxConnectionsPerUser
                 | Field::MaxMessageBytes
                 | Field::MaxPublishBytes
                 | Field::MaxPendingBytes
+                | Field::MaxPendingTotalBytes
+                | Field::SocketSendBufferBytes
                 | Field::HeartbeatIntervalMs
                 | Field::HeartbeatTimeoutMs
                 | Field::HandshakeTimeoutMs
@@ -1149,11 +1218,14 @@ impl Config {
         let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         match key {
             Field::JwtLeewayS => Some(self.jwt_leeway_s),
+            Field::JwtMaxLifetimeS => self.jwt_max_lifetime_s,
             Field::MaxConnections => Some(wide(self.max_connections)),
             Field::MaxConnectionsPerUser => Some(wide(self.max_connections_per_user)),
             Field::MaxMessageBytes => Some(wide(self.max_message_bytes)),
             Field::MaxPublishBytes => Some(wide(self.max_publish_bytes)),
             Field::MaxPendingBytes => Some(wide(self.max_pending_bytes)),
+            Field::MaxPendingTotalBytes => Some(wide(self.max_pending_total_bytes)),
+            Field::SocketSendBufferBytes => Some(wide(self.socket_send_buffer_bytes)),
             Field::HeartbeatIntervalMs => Some(self.heartbeat_interval_ms),
             Field::HeartbeatTimeoutMs => Some(self.heartbeat_timeout_ms),
             Field::HandshakeTimeoutMs => Some(self.handshake_timeout_ms),
@@ -1366,6 +1438,7 @@ mod tests {
             "jwt_issuer" => "https://issuer.example",
             "jwt_audience" => "agentwire",
             "jwt_leeway_s" => "7",
+            "jwt_max_lifetime_s" => "3600",
             "allow_query_token" => "false",
             "allowed_origins" => "http://a.example, http://b.example:8080",
             "publish_key" => "pub-key-value",
@@ -1375,6 +1448,8 @@ mod tests {
             "max_message_bytes" => "1000",
             "max_publish_bytes" => "2000",
             "max_pending_bytes" => "3000",
+            "max_pending_total_bytes" => "4000",
+            "socket_send_buffer_bytes" => "0",
             "heartbeat_interval_ms" => "1000",
             "heartbeat_timeout_ms" => "2500",
             "handshake_timeout_ms" => "700",
@@ -1403,6 +1478,7 @@ mod tests {
             "jwt_issuer" => assert_eq!(c.jwt_issuer.as_deref(), Some("https://issuer.example")),
             "jwt_audience" => assert_eq!(c.jwt_audience.as_deref(), Some("agentwire")),
             "jwt_leeway_s" => assert_eq!(c.jwt_leeway_s, 7),
+            "jwt_max_lifetime_s" => assert_eq!(c.jwt_max_lifetime_s, Some(3600)),
             "allow_query_token" => assert!(!c.allow_query_token),
             "allowed_origins" => assert_eq!(
                 c.allowed_origins,
@@ -1415,6 +1491,8 @@ mod tests {
             "max_message_bytes" => assert_eq!(c.max_message_bytes, 1000),
             "max_publish_bytes" => assert_eq!(c.max_publish_bytes, 2000),
             "max_pending_bytes" => assert_eq!(c.max_pending_bytes, 3000),
+            "max_pending_total_bytes" => assert_eq!(c.max_pending_total_bytes, 4000),
+            "socket_send_buffer_bytes" => assert_eq!(c.socket_send_buffer_bytes, 0),
             "heartbeat_interval_ms" => assert_eq!(c.heartbeat_interval_ms, 1000),
             "heartbeat_timeout_ms" => assert_eq!(c.heartbeat_timeout_ms, 2500),
             "handshake_timeout_ms" => assert_eq!(c.handshake_timeout_ms, 700),
@@ -1445,7 +1523,7 @@ mod tests {
             assert_eq!(s.env, format!("AGENTWIRE_{}", s.name.to_ascii_uppercase()));
             assert!(!s.help.is_empty() && !s.default.is_empty());
         }
-        assert_eq!(Config::NAMES.len(), 24);
+        assert_eq!(Config::NAMES.len(), 27);
     }
 
     #[test]
@@ -1458,6 +1536,7 @@ mod tests {
         assert_eq!(c.jwt_issuer, None);
         assert_eq!(c.jwt_audience, None);
         assert_eq!(c.jwt_leeway_s, 5);
+        assert_eq!(c.jwt_max_lifetime_s, None);
         assert!(c.allow_query_token);
         assert!(c.allowed_origins.is_empty());
         assert_eq!(c.publish_key, None);
@@ -1467,6 +1546,8 @@ mod tests {
         assert_eq!(c.max_message_bytes, 65_536);
         assert_eq!(c.max_publish_bytes, 1_048_576);
         assert_eq!(c.max_pending_bytes, 1_048_576);
+        assert_eq!(c.max_pending_total_bytes, 536_870_912);
+        assert_eq!(c.socket_send_buffer_bytes, 262_144);
         assert_eq!(c.heartbeat_interval_ms, 30_000);
         assert_eq!(c.heartbeat_timeout_ms, 60_000);
         assert_eq!(c.handshake_timeout_ms, 5_000);
