@@ -7,8 +7,8 @@
 //! `eprintln`-style write per refused upgrade froze the event loop on a full pipe.
 //!
 //! [`Repeats`] collapses repeated lines (the reactor uses it for refusals): within a
-//! window the first line of a kind is written in full and the others are only counted;
-//! when the window has passed, one line reports how many were left out.
+//! window the first few lines of a kind are written in full and the others are only
+//! counted; when the window has passed, one line reports how many were left out.
 //!
 //! The line format is env_logger's default one (`[2026-01-01T00:00:00.000Z INFO
 //! target] message`, UTC with milliseconds), which tests and log tools read. The level
@@ -203,21 +203,23 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Collapses repeated log lines of one kind: per key, the first line in a window of
-/// `window_ms` is written, the rest are counted, and the count is reported once the
-/// window has passed ([`Repeats::admit`] or [`Repeats::expired`]). At most `max_keys`
-/// kinds are tracked; a new kind past that ends the oldest window early.
+/// Collapses repeated log lines of one kind: per key, the first `burst` lines in a
+/// window of `window_ms` are written, the rest are counted, and the count is reported
+/// once the window has passed ([`Repeats::admit`] or [`Repeats::expired`]). At most
+/// `max_keys` kinds are tracked; a new kind past that ends the oldest window early.
 pub struct Repeats {
     window_ms: u64,
+    burst: u64,
     max_keys: usize,
-    /// (kind, window start, lines counted but not written).
+    /// (kind, window start, lines seen in the window).
     windows: Vec<(String, u64, u64)>,
 }
 
 impl Repeats {
-    pub fn new(window_ms: u64, max_keys: usize) -> Repeats {
+    pub fn new(window_ms: u64, burst: u64, max_keys: usize) -> Repeats {
         Repeats {
             window_ms,
+            burst: burst.max(1),
             max_keys: max_keys.max(1),
             windows: Vec::new(),
         }
@@ -230,7 +232,7 @@ impl Repeats {
         self.expired(now_ms, ended);
         if let Some(w) = self.windows.iter_mut().find(|w| w.0 == key) {
             w.2 += 1;
-            return false;
+            return w.2 <= self.burst;
         }
         if self.windows.len() >= self.max_keys {
             let oldest = self
@@ -241,24 +243,24 @@ impl Repeats {
                 .map(|(i, _)| i);
             if let Some(i) = oldest {
                 let (k, _, n) = self.windows.swap_remove(i);
-                if n > 0 {
-                    ended.push((k, n));
+                if n > self.burst {
+                    ended.push((k, n - self.burst));
                 }
             }
         }
-        self.windows.push((key.to_owned(), now_ms, 0));
+        self.windows.push((key.to_owned(), now_ms, 1));
         true
     }
 
     /// Close the windows that have passed by `now_ms`, reporting their counts.
     pub fn expired(&mut self, now_ms: u64, ended: &mut Vec<(String, u64)>) {
-        let window = self.window_ms;
+        let (window, burst) = (self.window_ms, self.burst);
         self.windows.retain(|(k, start, n)| {
             if now_ms.saturating_sub(*start) < window {
                 return true;
             }
-            if *n > 0 {
-                ended.push((k.clone(), *n));
+            if *n > burst {
+                ended.push((k.clone(), *n - burst));
             }
             false
         });
@@ -287,16 +289,18 @@ mod tests {
 
     #[test]
     fn repeats_collapse_within_a_window() {
-        let mut r = Repeats::new(1000, 4);
+        let mut r = Repeats::new(1000, 3, 4);
         let mut ended = Vec::new();
-        assert!(r.admit("401", 0, &mut ended));
-        for t in 1..500 {
+        for t in 0..3 {
+            assert!(r.admit("401", t, &mut ended), "the first 3 are written");
+        }
+        for t in 3..500 {
             assert!(!r.admit("401", t, &mut ended));
         }
         assert!(r.admit("403", 10, &mut ended));
         assert!(ended.is_empty());
         assert!(r.admit("401", 1000, &mut ended));
-        assert_eq!(ended, vec![("401".to_owned(), 499)]);
+        assert_eq!(ended, vec![("401".to_owned(), 497)]);
         ended.clear();
         r.expired(5000, &mut ended);
         assert!(ended.is_empty(), "nothing was left out of the later windows");
@@ -304,7 +308,7 @@ mod tests {
 
     #[test]
     fn repeats_track_a_bounded_number_of_kinds() {
-        let mut r = Repeats::new(1000, 2);
+        let mut r = Repeats::new(1000, 1, 2);
         let mut ended = Vec::new();
         assert!(r.admit("a", 0, &mut ended));
         assert!(!r.admit("a", 1, &mut ended));

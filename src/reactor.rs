@@ -61,9 +61,11 @@ const LINGER_MS: u64 = 2000;
 const ACCEPT_RETRY_MS: u64 = 20;
 /// Housekeeping period: replay expiry, run watchdog.
 const HOUSEKEEPING_MS: u64 = 1000;
-/// Identical refusal lines within this window are written once, then counted: a flood
-/// of refused upgrades costs one line per second per kind, not one per refusal.
+/// Identical refusal lines (same status, error and reason) within this window: the
+/// first [`REFUSAL_LOG_BURST`] are written, the rest counted and reported in one line,
+/// so a flood of refused upgrades costs a few lines per second per kind.
 const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
+const REFUSAL_LOG_BURST: u64 = 5;
 /// Kinds of refusal lines collapsed at once (status, error, reason).
 const REFUSAL_LOG_KINDS: usize = 32;
 /// tungstenite read buffer per connection. It grows on demand for larger frames (a
@@ -289,7 +291,11 @@ impl Reactor {
             shutdown_closed: 0,
             pending_total: Arc::new(AtomicUsize::new(0)),
             send_buffer_effective: 0,
-            refusal_log: Repeats::new(REFUSAL_LOG_WINDOW_MS, REFUSAL_LOG_KINDS),
+            refusal_log: Repeats::new(
+                REFUSAL_LOG_WINDOW_MS,
+                REFUSAL_LOG_BURST,
+                REFUSAL_LOG_KINDS,
+            ),
             got_hup: Arc::new(AtomicBool::new(false)),
             got_term: Arc::new(AtomicBool::new(false)),
         }

@@ -40,6 +40,8 @@ mod limits;
 mod model;
 #[path = "integration/publish_api.rs"]
 mod publish_api;
+#[path = "integration/redteam_process.rs"]
+mod redteam_process;
 #[path = "integration/refusals.rs"]
 mod refusals;
 #[path = "integration/resume.rs"]
