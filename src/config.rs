@@ -814,8 +814,7 @@ impl Config {
                 self.max_pending_total_bytes = parse_usize(setting.kind, value).map_err(invalid)?
             }
             Field::SocketSendBufferBytes => {
-                self.socket_send_buffer_bytes =
-                    parse_usize(setting.kind, value).map_err(invalid)?
+                self.socket_send_buffer_bytes = parse_usize(setting.kind, value).map_err(invalid)?
             }
             Field::HeartbeatIntervalMs => {
                 self.heartbeat_interval_ms = parse_integer(setting.kind, value).map_err(invalid)?

@@ -71,11 +71,7 @@ impl log::Log for Sink {
     /// exit so the last lines are not lost; a stalled stderr cannot hold the exit.
     fn flush(&self) {
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
-        if self
-            .tx
-            .send_timeout(Msg::Flush(ack_tx), FLUSH_WAIT)
-            .is_ok()
-        {
+        if self.tx.send_timeout(Msg::Flush(ack_tx), FLUSH_WAIT).is_ok() {
             let _ = ack_rx.recv_timeout(FLUSH_WAIT);
         }
     }
@@ -280,7 +276,10 @@ mod tests {
             "agentwire::reactor",
             &format_args!("x={}", 1),
         );
-        assert_eq!(line, "[2026-12-06T20:58:47.631Z INFO  agentwire::reactor] x=1\n");
+        assert_eq!(
+            line,
+            "[2026-12-06T20:58:47.631Z INFO  agentwire::reactor] x=1\n"
+        );
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         let mut s = String::new();
         push_utc_millis(&mut s, leap);
@@ -303,7 +302,10 @@ mod tests {
         assert_eq!(ended, vec![("401".to_owned(), 497)]);
         ended.clear();
         r.expired(5000, &mut ended);
-        assert!(ended.is_empty(), "nothing was left out of the later windows");
+        assert!(
+            ended.is_empty(),
+            "nothing was left out of the later windows"
+        );
     }
 
     #[test]

@@ -291,11 +291,7 @@ impl Reactor {
             shutdown_closed: 0,
             pending_total: Arc::new(AtomicUsize::new(0)),
             send_buffer_effective: 0,
-            refusal_log: Repeats::new(
-                REFUSAL_LOG_WINDOW_MS,
-                REFUSAL_LOG_BURST,
-                REFUSAL_LOG_KINDS,
-            ),
+            refusal_log: Repeats::new(REFUSAL_LOG_WINDOW_MS, REFUSAL_LOG_BURST, REFUSAL_LOG_KINDS),
             got_hup: Arc::new(AtomicBool::new(false)),
             got_term: Arc::new(AtomicBool::new(false)),
         }
@@ -1508,7 +1504,7 @@ impl Reactor {
                 )
             })
             .collect();
-        holders.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
         let mut closed = 0;
         for (held, id) in holders {
             if self.pending_total.load(Ordering::Relaxed) <= limit {
@@ -1869,7 +1865,9 @@ impl Reactor {
 /// One line per kind of refusal left out of the log by [`Repeats`].
 fn log_repeats(ended: &[(String, u64)]) {
     for (kind, n) in ended {
-        log::info!("refused {n} more times within {REFUSAL_LOG_WINDOW_MS} ms (lines collapsed): {kind}");
+        log::info!(
+            "refused {n} more times within {REFUSAL_LOG_WINDOW_MS} ms (lines collapsed): {kind}"
+        );
     }
 }
 

@@ -676,8 +676,14 @@ mod tests {
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));
         assert!(p.contains("agentwire_emit_to_write_latency_microseconds_count 100\n"));
-        assert_eq!(j["budgets"]["pending_total"], json!({"limit": 100, "used": 7}));
-        assert_eq!(j["budgets"]["socket_send_buffer"], json!({"limit": 50, "used": 100}));
+        assert_eq!(
+            j["budgets"]["pending_total"],
+            json!({"limit": 100, "used": 7})
+        );
+        assert_eq!(
+            j["budgets"]["socket_send_buffer"],
+            json!({"limit": 50, "used": 100})
+        );
         assert_eq!(j["log"]["lines_dropped"], 4);
         assert!(p.contains("agentwire_budget_limit{budget=\"pending_total\"} 100\n"));
         assert!(p.contains("agentwire_budget_used{budget=\"pending_total\"} 7\n"));

@@ -68,7 +68,10 @@ fn spawn_binary(rust_log: &str, stderr: Stdio) -> Proc {
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while health(proc.addr, Duration::from_secs(1)) != Some(200) {
-        assert!(Instant::now() < deadline, "the binary never answered /health");
+        assert!(
+            Instant::now() < deadline,
+            "the binary never answered /health"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     proc
@@ -143,7 +146,8 @@ fn f8_a_stalled_log_pipe_never_stalls_the_gateway() {
     for i in 0..3000 {
         let head = upgrade_head(addr, "/ws", std::slice::from_ref(&good));
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
         s.write_all(head.as_bytes()).expect("send upgrade");
         let mut got = [0u8; 12];
         s.read_exact(&mut got)
@@ -151,10 +155,18 @@ fn f8_a_stalled_log_pipe_never_stalls_the_gateway() {
         assert_eq!(&got, b"HTTP/1.1 101", "session {i}");
     }
     // The gateway still answers, and says it dropped log lines instead of blocking.
-    assert_eq!(health(addr, Duration::from_secs(5)), Some(200), "/health answers");
+    assert_eq!(
+        health(addr, Duration::from_secs(5)),
+        Some(200),
+        "/health answers"
+    );
     let stats = stats_of(addr, Duration::from_secs(5)).expect("/ws/stats answers");
     let dropped = stats["log"]["lines_dropped"].as_u64().unwrap_or(0);
-    assert!(dropped > 0, "log lines dropped and counted: {}", stats["log"]);
+    assert!(
+        dropped > 0,
+        "log lines dropped and counted: {}",
+        stats["log"]
+    );
     assert_eq!(stats["connections"]["refused"]["invalid_token"], 1000);
 
     // 3. The log shipper comes back: the writer catches up and reports the loss once;
@@ -174,7 +186,11 @@ fn f8_a_stalled_log_pipe_never_stalls_the_gateway() {
         .any(|l: &String| l.contains("log lines dropped"))
     {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no 'log lines dropped' line in {} lines", lines.len());
+        assert!(
+            !left.is_zero(),
+            "no 'log lines dropped' line in {} lines",
+            lines.len()
+        );
         if let Ok(l) = rx.recv_timeout(left) {
             lines.push(l);
         }
@@ -183,7 +199,10 @@ fn f8_a_stalled_log_pipe_never_stalls_the_gateway() {
         .iter()
         .filter(|l| l.contains("refused status=401"))
         .count();
-    assert!(full < 100, "{full} refusal lines for 1000 identical refusals");
+    assert!(
+        full < 100,
+        "{full} refusal lines for 1000 identical refusals"
+    );
     assert!(
         lines
             .iter()
@@ -246,14 +265,20 @@ fn f10_sighup_keeps_the_process_and_its_connections() {
     assert!(status.success());
     c.expect_close(1001);
     let line = wait_line("shutdown complete");
-    assert!(line.contains("shutdown complete; 1 connections closed"), "{line}");
+    assert!(
+        line.contains("shutdown complete; 1 connections closed"),
+        "{line}"
+    );
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(code) = gw.child.try_wait().expect("try_wait") {
             assert!(code.success(), "exit status {code:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "the process did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the process did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -263,8 +288,8 @@ fn f10_sighup_keeps_the_process_and_its_connections() {
 /// A session that upgraded and then never reads: its client's receive buffer is
 /// small, so what the gateway sends piles up on the gateway's side.
 fn never_reading(addr: SocketAddr, user: &str) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("socket");
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     sock.connect_timeout(&addr.into(), WAIT).expect("connect");
     let mut s: TcpStream = sock.into();
@@ -278,7 +303,11 @@ fn never_reading(addr: SocketAddr, user: &str) -> TcpStream {
         assert!(n == 1, "connection closed during the upgrade");
         got.push(byte[0]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     s
 }
 
@@ -304,7 +333,10 @@ fn f9_never_reading_sessions_stay_within_the_total_output_budget() {
     );
     let emitter = gw.emitter.clone();
     let attackers: Vec<String> = (0..8).map(|i| format!("f9-slow-{i}")).collect();
-    let mut slow: Vec<TcpStream> = attackers.iter().map(|u| never_reading(gw.addr, u)).collect();
+    let mut slow: Vec<TcpStream> = attackers
+        .iter()
+        .map(|u| never_reading(gw.addr, u))
+        .collect();
     let mut reader = connect(gw.addr, "f9-reader");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = Arc::clone(&stop);
@@ -313,7 +345,11 @@ fn f9_never_reading_sessions_stay_within_the_total_output_budget() {
         let blob = "x".repeat(16 * 1024);
         let mut runs: Vec<_> = users
             .iter()
-            .map(|u| emitter.run(u, None, &format!("r-{u}"), "flood").expect("run"))
+            .map(|u| {
+                emitter
+                    .run(u, None, &format!("r-{u}"), "flood")
+                    .expect("run")
+            })
             .collect();
         let mut sent = 0u64;
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
@@ -332,7 +368,9 @@ fn f9_never_reading_sessions_stay_within_the_total_output_budget() {
     let mut seq = 0u64;
     while started.elapsed() < Duration::from_secs(10) {
         let s = gw.stats();
-        let used = s["budgets"]["pending_total"]["used"].as_u64().unwrap_or(u64::MAX);
+        let used = s["budgets"]["pending_total"]["used"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
         peak = peak.max(used);
         // Between two loop iterations the total is under the limit; a sample may land
         // after an iteration queued more (events of one drain, close frames).
@@ -443,12 +481,10 @@ fn the_close_line_names_no_code_when_none_was_sent() {
     gw.wait_open(0);
     let deadline = Instant::now() + WAIT;
     let line = loop {
-        let found = log_capture::lines()
-            .into_iter()
-            .find(|l| {
-                l.contains(&format!("conn={id} user=\"close-line-user\""))
-                    && l.contains("closed reason=")
-            });
+        let found = log_capture::lines().into_iter().find(|l| {
+            l.contains(&format!("conn={id} user=\"close-line-user\""))
+                && l.contains("closed reason=")
+        });
         if let Some(l) = found {
             break l;
         }
