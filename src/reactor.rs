@@ -1485,15 +1485,15 @@ impl Reactor {
     }
 
     /// Unsent output over all connections is over `max_pending_total_bytes`: close the
-    /// sessions holding the most with 1013 (their unstarted frames are dropped) until
-    /// the total is back under. Runs only when over the budget; the running total
+    /// connections holding the most (sessions with 1013; plain HTTP ones without a
+    /// frame), dropping their unstarted output, until the total is back under. Runs only when over the budget; the running total
     /// itself costs nothing to read.
     fn shed_pending(&mut self) {
         let limit = self.s.config.max_pending_total_bytes;
         let mut holders: Vec<(usize, ConnId)> = self
             .conns
             .iter()
-            .filter(|(_, c)| matches!(c.phase, Phase::Open(_)) && c.out.pending() > 0)
+            .filter(|(_, c)| !matches!(c.phase, Phase::Closing) && c.out.pending() > 0)
             .map(|(key, c)| {
                 (
                     c.out.pending(),
@@ -1514,6 +1514,13 @@ impl Reactor {
                 "conn={} holds {held} unsent bytes with the total over max_pending_total_bytes",
                 id.public_id()
             );
+            // A plain HTTP connection (answers it does not read) gets no close frame:
+            // drop what it has not started receiving, then close it.
+            if let Some(conn) = live(&mut self.conns, id) {
+                if matches!(conn.phase, Phase::Http(_)) {
+                    conn.out.discard_unstarted();
+                }
+            }
             self.close(id, CloseReason::OverBudget);
             closed += 1;
         }
