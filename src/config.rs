@@ -10,7 +10,8 @@
 //!
 //! Choices this module makes where the protocol is silent:
 //! - An empty string unsets an optional setting (`jwt_secret`, `jwt_public_key_file`,
-//!   `jwt_issuer`, `jwt_audience`, `publish_key`); `demo_agent` also takes `auto`.
+//!   `jwt_issuer`, `jwt_audience`, `publish_key`); `demo_agent` also takes `auto`;
+//!   `jwt_max_lifetime_s` also takes `none`.
 //! - `heartbeat_timeout_ms` left unset by every source is twice `heartbeat_interval_ms`
 //!   (section 5), which is 60000 with the default interval; a timeout given alone at or
 //!   below the default interval halves the interval instead of failing the start.
@@ -1523,6 +1524,26 @@ mod tests {
             assert!(!s.help.is_empty() && !s.default.is_empty());
         }
         assert_eq!(Config::NAMES.len(), 27);
+    }
+
+    #[test]
+    fn jwt_max_lifetime_is_optional_and_positive() {
+        let mut c = Config::default();
+        c.set("jwt_max_lifetime_s", "3600").unwrap();
+        assert_eq!(c.jwt_max_lifetime_s, Some(3600));
+        for unset in ["", " none ", "NONE"] {
+            c.set("jwt_max_lifetime_s", "60").unwrap();
+            c.set("jwt_max_lifetime_s", unset).unwrap();
+            assert_eq!(c.jwt_max_lifetime_s, None, "{unset:?}");
+        }
+        for bad in ["0", "-1", "1h", "315360001"] {
+            assert!(c.set("jwt_max_lifetime_s", bad).is_err(), "{bad:?}");
+        }
+        c.set("socket_send_buffer_bytes", "0").unwrap();
+        assert!(c.set("max_pending_total_bytes", "0").is_err());
+        let public = c.to_public_json(false);
+        assert_eq!(public["jwt_max_lifetime_s"], serde_json::Value::Null);
+        assert_eq!(public["socket_send_buffer_bytes"], 0);
     }
 
     #[test]
