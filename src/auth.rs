@@ -184,6 +184,10 @@ pub enum AuthError {
     /// `exp` missing or not a non-negative number (a string `exp` included).
     #[error("exp missing or invalid")]
     MissingExp,
+    /// A longest lifetime is configured (`jwt_max_lifetime_s`) and `exp` lies further
+    /// ahead than it (plus the leeway), or `exp - iat` exceeds it.
+    #[error("token lifetime over jwt_max_lifetime_s")]
+    LifetimeTooLong,
     /// Anything else (a fixed description, never token material): minting without an
     /// HS256 secret, an unexpected library error.
     #[error("{0}")]
@@ -232,6 +236,8 @@ struct RawClaims {
     exp: Option<Value>,
     #[serde(default)]
     iss: Option<Value>,
+    #[serde(default)]
+    iat: Option<Value>,
 }
 
 /// The claims `mint` signs.
@@ -257,6 +263,8 @@ pub struct Authenticator {
     validation: Validation,
     issuer: Option<String>,
     audience: Option<String>,
+    /// `jwt_max_lifetime_s`: see [`Authenticator::with_max_lifetime_s`].
+    max_lifetime_s: Option<u64>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -347,7 +355,17 @@ impl Authenticator {
             validation,
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
+            max_lifetime_s: None,
         })
+    }
+
+    /// Refuse tokens that live longer than `max_s` seconds (`jwt_max_lifetime_s`,
+    /// default none): `exp` further than `max_s` plus the leeway ahead of now, or, when
+    /// the token carries a numeric `iat`, `exp - iat` over `max_s`
+    /// ([`AuthError::LifetimeTooLong`]). `None` accepts any lifetime.
+    pub fn with_max_lifetime_s(mut self, max_s: Option<u64>) -> Authenticator {
+        self.max_lifetime_s = max_s;
+        self
     }
 
     /// The pinned algorithm.
@@ -402,6 +420,17 @@ impl Authenticator {
             .as_ref()
             .and_then(numeric_date)
             .ok_or(AuthError::MissingExp)?;
+        if let Some(max) = self.max_lifetime_s {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let ahead = exp.saturating_sub(now);
+            let issued = data.claims.iat.as_ref().and_then(numeric_date);
+            let lived = issued.map_or(0, |iat| exp.saturating_sub(iat));
+            if ahead > max.saturating_add(self.validation.leeway) || lived > max {
+                return Err(AuthError::LifetimeTooLong);
+            }
+        }
         Ok(Claims { sub, exp })
     }
 
@@ -1512,10 +1541,45 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
             AuthError::BadAudience,
             AuthError::BadSubject,
             AuthError::MissingExp,
+            AuthError::LifetimeTooLong,
         ] {
             let text = err.to_string();
             assert!(!text.is_empty() && text.len() < 40, "{text}");
         }
+    }
+
+    #[test]
+    fn max_lifetime_refuses_far_expiries_and_long_lived_tokens() {
+        let a = auth(&hs_settings()).with_max_lifetime_s(Some(3600));
+        let now = now();
+        // exp 2^63: never expires without the bound.
+        let forever = hs(&json!({"sub": "u1", "exp": 1u64 << 63}));
+        assert!(auth(&hs_settings()).verify(&forever).is_ok());
+        refused(&a, &forever, AuthError::LifetimeTooLong);
+        refused(
+            &a,
+            &hs(&json!({"sub": "u1", "exp": now + 3600 + 60})),
+            AuthError::LifetimeTooLong,
+        );
+        // Issued long ago for a long life, even with little of it left.
+        refused(
+            &a,
+            &hs(&json!({"sub": "u1", "exp": now + 60, "iat": now - 7200})),
+            AuthError::LifetimeTooLong,
+        );
+        // Within the bound (the leeway covers a clock a little behind the issuer's).
+        for claims in [
+            json!({"sub": "u1", "exp": now + 3600}),
+            json!({"sub": "u1", "exp": now + 3603}),
+            json!({"sub": "u1", "exp": now + 600, "iat": now}),
+            json!({"sub": "u1", "exp": now + 3600, "iat": now}),
+            json!({"sub": "u1", "exp": now + 600, "iat": "not a number"}),
+        ] {
+            assert!(a.verify(&hs(&claims)).is_ok(), "{claims}");
+        }
+        // None: any lifetime.
+        let b = auth(&hs_settings()).with_max_lifetime_s(None);
+        assert!(b.verify(&forever).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +42,10 @@ impl ConnId {
 const MAX_IOVECS: usize = 64;
 
 /// Bytes waiting to be written to one socket, as shared frames.
+///
+/// Every queue of a gateway also keeps one running total of unsent bytes over all of
+/// them up to date (`max_pending_total_bytes`): added on push, taken off on write,
+/// discard and drop, so reading the total costs nothing.
 #[derive(Default)]
 pub struct OutQueue {
     chunks: VecDeque<Bytes>,
@@ -48,14 +53,34 @@ pub struct OutQueue {
     head_written: usize,
     /// Unwritten bytes in total.
     pending: usize,
+    /// Unwritten bytes over every queue sharing this counter (one per gateway; only the
+    /// reactor thread touches it, the atomic just makes the reactor `Send`).
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.pending, Ordering::Relaxed);
+    }
 }
 
 impl OutQueue {
+    /// An empty queue counted in `total` (the gateway's running total of unsent bytes).
+    pub fn counted(total: Arc<AtomicUsize>) -> OutQueue {
+        OutQueue {
+            chunks: VecDeque::new(),
+            head_written: 0,
+            pending: 0,
+            total,
+        }
+    }
+
     pub fn push(&mut self, frame: Bytes) {
         if frame.is_empty() {
             return;
         }
         self.pending += frame.len();
+        self.total.fetch_add(frame.len(), Ordering::Relaxed);
         self.chunks.push_back(frame);
     }
 
@@ -80,6 +105,7 @@ impl OutQueue {
         while self.chunks.len() > keep {
             if let Some(c) = self.chunks.pop_back() {
                 self.pending -= c.len();
+                self.total.fetch_sub(c.len(), Ordering::Relaxed);
             }
         }
     }
@@ -120,6 +146,7 @@ impl OutQueue {
 
     fn consume(&mut self, mut n: usize) {
         self.pending -= n;
+        self.total.fetch_sub(n, Ordering::Relaxed);
         while n > 0 {
             let Some(front) = self.chunks.front() else {
                 break;
@@ -322,6 +349,30 @@ mod tests {
         assert_eq!(sink.got, want);
         assert!(q.is_empty());
         assert_eq!(q.chunks.capacity(), 0);
+    }
+
+    #[test]
+    fn the_shared_total_follows_push_write_discard_and_drop() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut a = OutQueue::counted(total.clone());
+        let mut b = OutQueue::counted(total.clone());
+        a.push(Bytes::from_static(b"0123456789"));
+        a.push(Bytes::from_static(b"abc"));
+        b.push(Bytes::from_static(b"xyz"));
+        assert_eq!(total.load(Ordering::Relaxed), 16);
+        let mut sink = Trickle {
+            got: Vec::new(),
+            cap: 4,
+            budget: 4,
+        };
+        a.write_to(&mut sink).unwrap();
+        assert_eq!(total.load(Ordering::Relaxed), 12);
+        a.discard_unstarted();
+        assert_eq!(total.load(Ordering::Relaxed), 9);
+        drop(a);
+        assert_eq!(total.load(Ordering::Relaxed), 3);
+        drop(b);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub mod demo;
 pub mod emitter;
 pub mod event;
 pub mod http;
+pub mod log_sink;
 pub mod publish;
 mod reactor;
 pub mod registry;
@@ -165,7 +166,7 @@ pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
 /// The authenticator the configuration describes (also what `agentwire token` and dev
 /// mode mint with).
 pub fn authenticator(config: &Config) -> Result<Authenticator, Error> {
-    Ok(Authenticator::new(&auth_settings(config)?)?)
+    Ok(Authenticator::new(&auth_settings(config)?)?.with_max_lifetime_s(config.jwt_max_lifetime_s))
 }
 
 /// The tungstenite settings of every session: a small read buffer (it grows for larger

@@ -16,7 +16,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
 use crate::http::{self, Method, Mode, Refusal, Route};
+use crate::log_sink::Repeats;
 use crate::publish;
 use crate::registry::{ConnEntry, Registry, Resume, Routed, Run};
 use crate::stats::{DropReason, Gauges, RefusalReason, Stats};
@@ -60,6 +61,13 @@ const LINGER_MS: u64 = 2000;
 const ACCEPT_RETRY_MS: u64 = 20;
 /// Housekeeping period: replay expiry, run watchdog.
 const HOUSEKEEPING_MS: u64 = 1000;
+/// Identical refusal lines (same status, error and reason) within this window: the
+/// first [`REFUSAL_LOG_BURST`] are written, the rest counted and reported in one line,
+/// so a flood of refused upgrades costs a few lines per second per kind.
+const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
+const REFUSAL_LOG_BURST: u64 = 5;
+/// Kinds of refusal lines collapsed at once (status, error, reason).
+const REFUSAL_LOG_KINDS: usize = 32;
 /// tungstenite read buffer per connection. It grows on demand for larger frames (a
 /// frame's header reserves its length, so a larger message costs one more `read`), and
 /// tungstenite zero-fills it up to this size on every read. Client messages are rare and
@@ -127,6 +135,9 @@ pub(crate) enum CloseReason {
     PolicyViolation,
     /// Output over `max_pending_bytes` (1013).
     SlowConsumer,
+    /// Unsent output over all connections passed `max_pending_total_bytes` and this
+    /// connection held the most (1013).
+    OverBudget,
 }
 
 impl CloseReason {
@@ -148,6 +159,7 @@ impl CloseReason {
             CloseReason::BadUtf8 => "invalid_utf8",
             CloseReason::PolicyViolation => "bad_messages",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::OverBudget => "pending_total_budget",
         }
     }
 
@@ -165,6 +177,7 @@ impl CloseReason {
             CloseReason::BadUtf8 => (1007, "invalid utf-8"),
             CloseReason::PolicyViolation => (1008, "too many bad messages"),
             CloseReason::SlowConsumer => (1013, "slow consumer"),
+            CloseReason::OverBudget => (1013, "gateway output budget exceeded"),
             _ => return None,
         })
     }
@@ -205,6 +218,17 @@ pub(crate) struct Reactor {
     accept_paused: bool,
     draining: bool,
     drain_deadline_passed: bool,
+    /// Sessions closed by the shutdown (for the "shutdown complete" line).
+    shutdown_closed: usize,
+    /// Unsent output bytes over every connection (kept by the [`OutQueue`]s).
+    pending_total: Arc<AtomicUsize>,
+    /// `SO_SNDBUF` the kernel reported for the last accepted socket (0 when not set).
+    send_buffer_effective: usize,
+    /// Collapses repeated refusal lines.
+    refusal_log: Repeats,
+    /// Set by the signal handlers: SIGHUP seen / SIGTERM or SIGINT seen.
+    got_hup: Arc<AtomicBool>,
+    got_term: Arc<AtomicBool>,
 }
 
 /// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
@@ -264,16 +288,32 @@ impl Reactor {
             accept_paused: false,
             draining: false,
             drain_deadline_passed: false,
+            shutdown_closed: 0,
+            pending_total: Arc::new(AtomicUsize::new(0)),
+            send_buffer_effective: 0,
+            refusal_log: Repeats::new(REFUSAL_LOG_WINDOW_MS, REFUSAL_LOG_BURST, REFUSAL_LOG_KINDS),
+            got_hup: Arc::new(AtomicBool::new(false)),
+            got_term: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Install SIGTERM/SIGINT handling: a self-pipe read by the loop.
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (logged and ignored until
+    /// reload exists, PROTOCOL.md section 12) handling: each sets its flag, then wakes
+    /// the loop through a self-pipe.
     pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
         reader.set_nonblocking(true)?;
-        let writer2 = writer.try_clone()?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, writer)?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, writer2)?;
+        for (signal, flag) in [
+            (SIGTERM, &self.got_term),
+            (SIGINT, &self.got_term),
+            (SIGHUP, &self.got_hup),
+        ] {
+            // The flag first: handlers run in registration order, so the loop woken by
+            // the pipe always sees it.
+            signal_hook::flag::register(signal, Arc::clone(flag))?;
+            signal_hook::low_level::pipe::register(signal, writer.try_clone()?)?;
+        }
         let mut reader = UnixStream::from_std(reader);
         self.poll
             .registry()
@@ -336,7 +376,7 @@ impl Reactor {
             if self.draining && (self.drain_deadline_passed || self.open_sessions_flushed()) {
                 log::info!(
                     "shutdown complete; {} connections closed",
-                    self.stats.connections_closed
+                    self.shutdown_closed
                 );
                 return Ok(());
             }
@@ -375,6 +415,7 @@ impl Reactor {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("set_nodelay failed: {e}");
         }
+        self.bound_send_buffer(&stream);
         self.next_serial += 1;
         let serial = self.next_serial;
         let entry = self.conns.vacant_entry();
@@ -395,7 +436,7 @@ impl Reactor {
         entry.insert(Conn {
             serial,
             tcp: stream,
-            out: OutQueue::default(),
+            out: OutQueue::counted(Arc::clone(&self.pending_total)),
             phase: Phase::Http(Box::default()),
             timer: Some(timer),
             last_rx: now,
@@ -403,6 +444,24 @@ impl Reactor {
             write_shut: false,
             flush_queued: false,
         });
+    }
+
+    /// `SO_SNDBUF` from `socket_send_buffer_bytes` (0: leave the kernel's): bounds the
+    /// bytes the kernel holds for a client that does not read, which the slow-consumer
+    /// rule cannot see. Reads the value back for stats (Linux doubles it).
+    fn bound_send_buffer(&mut self, stream: &TcpStream) {
+        let want = self.s.config.socket_send_buffer_bytes;
+        if want == 0 {
+            return;
+        }
+        let sock = socket2::SockRef::from(stream);
+        if let Err(e) = sock.set_send_buffer_size(want) {
+            log::debug!("setting SO_SNDBUF failed: {e}");
+            return;
+        }
+        if let Ok(got) = sock.send_buffer_size() {
+            self.send_buffer_effective = got;
+        }
     }
 
     // -------------------------------------------------------------- readiness
@@ -636,7 +695,11 @@ impl Reactor {
             users_known: self.registry.len(),
             active_runs: self.registry.active_runs(),
             timers: self.wheel.len(),
-            pending_out_bytes: self.conns.iter().map(|(_, c)| c.out.pending()).sum(),
+            pending_out_bytes: self.pending_total.load(Ordering::Relaxed),
+            pending_total_limit: self.s.config.max_pending_total_bytes,
+            send_buffer_limit: self.s.config.socket_send_buffer_bytes,
+            send_buffer_effective: self.send_buffer_effective,
+            log_lines_dropped: crate::log_sink::dropped_lines(),
             replaying: replaying.len(),
             replay_backlog_bytes: replaying
                 .iter()
@@ -682,18 +745,34 @@ impl Reactor {
     fn refuse(&mut self, id: ConnId, refusal: &Refusal) {
         self.stats
             .refused(RefusalReason::from_status(refusal.status));
-        log::info!(
-            "conn={} refused status={} error={} reason={:?}",
-            id.public_id(),
-            refusal.status,
-            refusal.code,
-            refusal.message
-        );
+        self.log_refusal(id, refusal);
         if let Some(conn) = self.conn_mut(id) {
             conn.out.push(Bytes::from(refusal.to_response()));
             self.mark_dirty(id);
         }
         self.close(id, CloseReason::HttpDone);
+    }
+
+    /// The refusal's log line; identical ones (status, error, reason) within
+    /// [`REFUSAL_LOG_WINDOW_MS`] are counted and reported in one line when the window
+    /// has passed ([`Reactor::report_repeats`]).
+    fn log_refusal(&mut self, id: ConnId, refusal: &Refusal) {
+        let kind = format!(
+            "status={} error={} reason={:?}",
+            refusal.status, refusal.code, refusal.message
+        );
+        let mut ended = Vec::new();
+        if self.refusal_log.admit(&kind, self.tick(), &mut ended) {
+            log::info!("conn={} refused {kind}", id.public_id());
+        }
+        log_repeats(&ended);
+    }
+
+    /// Report the refusal lines left out in windows that have passed.
+    fn report_repeats(&mut self) {
+        let mut ended = Vec::new();
+        self.refusal_log.expired(self.tick(), &mut ended);
+        log_repeats(&ended);
     }
 
     // ---------------------------------------------------------------- publish
@@ -1355,6 +1434,9 @@ impl Reactor {
         // for the next iteration, which then polls with a zero timeout.
         dirty.append(&mut self.dirty);
         self.dirty = dirty;
+        if self.pending_total.load(Ordering::Relaxed) > self.s.config.max_pending_total_bytes {
+            self.shed_pending();
+        }
         if !self.routed.is_empty() {
             let now = Instant::now();
             for t in self.routed.drain(..) {
@@ -1400,6 +1482,53 @@ impl Reactor {
             }
             Phase::Http(_) => {}
         }
+    }
+
+    /// Unsent output over all connections is over `max_pending_total_bytes`: close the
+    /// connections holding the most (sessions with 1013; plain HTTP ones without a
+    /// frame), dropping their unstarted output, until the total is back under. Runs only when over the budget; the running total
+    /// itself costs nothing to read.
+    fn shed_pending(&mut self) {
+        let limit = self.s.config.max_pending_total_bytes;
+        let mut holders: Vec<(usize, ConnId)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.phase, Phase::Closing) && c.out.pending() > 0)
+            .map(|(key, c)| {
+                (
+                    c.out.pending(),
+                    ConnId {
+                        key,
+                        serial: c.serial,
+                    },
+                )
+            })
+            .collect();
+        holders.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        let mut closed = 0;
+        for (held, id) in holders {
+            if self.pending_total.load(Ordering::Relaxed) <= limit {
+                break;
+            }
+            log::debug!(
+                "conn={} holds {held} unsent bytes with the total over max_pending_total_bytes",
+                id.public_id()
+            );
+            // A plain HTTP connection (answers it does not read) gets no close frame:
+            // drop what it has not started receiving, then close it.
+            if let Some(conn) = live(&mut self.conns, id) {
+                if matches!(conn.phase, Phase::Http(_)) {
+                    conn.out.discard_unstarted();
+                }
+            }
+            self.close(id, CloseReason::OverBudget);
+            closed += 1;
+        }
+        log::warn!(
+            "unsent output over max_pending_total_bytes ({limit}): closed the {closed} \
+             largest holders with 1013; {} bytes left",
+            self.pending_total.load(Ordering::Relaxed)
+        );
     }
 
     /// Queue the next part of a resuming connection's replay: kept events after its
@@ -1475,6 +1604,7 @@ impl Reactor {
             }
             Timer::Housekeeping => {
                 self.housekeeping();
+                self.report_repeats();
                 let at = self.tick() + HOUSEKEEPING_MS;
                 self.wheel.insert(at, Timer::Housekeeping);
             }
@@ -1576,8 +1706,16 @@ impl Reactor {
         if let Some(s) = self.signals.as_mut() {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         }
-        log::info!("signal received: draining");
-        self.begin_shutdown();
+        if self.got_hup.swap(false, Ordering::Relaxed) {
+            log::info!(
+                "SIGHUP received: configuration reload is not supported yet; ignored \
+                 (connections kept)"
+            );
+        }
+        if self.got_term.swap(false, Ordering::Relaxed) {
+            log::info!("signal received: draining");
+            self.begin_shutdown();
+        }
     }
 
     fn begin_shutdown(&mut self) {
@@ -1587,6 +1725,7 @@ impl Reactor {
         self.draining = true;
         let at = self.tick() + self.s.config.shutdown_grace_ms;
         self.wheel.insert(at, Timer::ShutdownDeadline);
+        self.end_runs_for_shutdown();
         let open: Vec<ConnId> = self
             .conns
             .iter()
@@ -1596,8 +1735,35 @@ impl Reactor {
                 serial: c.serial,
             })
             .collect();
+        self.shutdown_closed = open.len();
         for id in open {
             self.close(id, CloseReason::Shutdown);
+        }
+    }
+
+    /// Runs in progress end with the gateway (memory engine): each gets an
+    /// `agent_error {"reason":"shutdown"}`, routed like any event, so it is queued
+    /// before the 1001 close frame and its users learn why the run stopped.
+    fn end_runs_for_shutdown(&mut self) {
+        let mut active: Vec<RunKey> = Vec::new();
+        for (name, user) in self.registry.users() {
+            for (run_id, run) in user.runs.iter() {
+                active.push(RunKey {
+                    user_id: name.clone(),
+                    thread_id: run.thread.clone(),
+                    run_id: run_id.clone(),
+                    agent_name: run.agent_name.clone(),
+                });
+            }
+        }
+        if !active.is_empty() {
+            log::info!("shutdown: ending {} runs in progress", active.len());
+        }
+        for key in active {
+            match Event::new(key, EventKind::AgentError, &json!({"reason": "shutdown"})) {
+                Ok(ev) => self.route(ev),
+                Err(e) => log::error!("synthetic shutdown agent_error failed: {e}"),
+            }
         }
     }
 
@@ -1627,7 +1793,7 @@ impl Reactor {
             Phase::Http(_) => {}
             Phase::Open(mut session) => {
                 if let Some((code, text)) = reason.close_frame() {
-                    if matches!(reason, CloseReason::SlowConsumer) {
+                    if matches!(reason, CloseReason::SlowConsumer | CloseReason::OverBudget) {
                         let dropped = conn.out.pending();
                         conn.out.discard_unstarted();
                         if dropped > conn.out.pending() {
@@ -1649,12 +1815,15 @@ impl Reactor {
                 self.registry.remove_conn(&session.user, id);
                 self.open_sessions -= 1;
                 self.stats.closed(reason.label());
+                // `code=-`: no close frame was sent (the peer closed or the socket failed).
+                let code = reason
+                    .close_frame()
+                    .map_or_else(|| "-".to_owned(), |(c, _)| c.to_string());
                 log::info!(
-                    "conn={} user={:?} closed reason={} code={} after_ms={}",
+                    "conn={} user={:?} closed reason={} code={code} after_ms={}",
                     id.public_id(),
                     session.user,
                     reason.label(),
-                    reason.close_frame().map_or(0, |(c, _)| c),
                     session.opened.elapsed().as_millis()
                 );
                 let user = session.user.clone();
@@ -1697,6 +1866,15 @@ impl Reactor {
             }
             let _ = self.poll.registry().deregister(&mut conn.tcp);
         }
+    }
+}
+
+/// One line per kind of refusal left out of the log by [`Repeats`].
+fn log_repeats(ended: &[(String, u64)]) {
+    for (kind, n) in ended {
+        log::info!(
+            "refused {n} more times within {REFUSAL_LOG_WINDOW_MS} ms (lines collapsed): {kind}"
+        );
     }
 }
 

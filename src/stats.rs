@@ -104,6 +104,35 @@ pub struct Gauges {
     pub replaying: usize,
     pub replay_backlog_bytes: usize,
     pub uptime_s: u64,
+    /// `max_pending_total_bytes` (used: `pending_out_bytes`).
+    pub pending_total_limit: usize,
+    /// `socket_send_buffer_bytes` (0: the kernel default), and the `SO_SNDBUF` the
+    /// kernel reported for the last accepted socket (Linux doubles the request).
+    pub send_buffer_limit: usize,
+    pub send_buffer_effective: usize,
+    /// Log lines dropped because the log writer could not keep up.
+    pub log_lines_dropped: u64,
+}
+
+impl Gauges {
+    /// Every budget as (name, limit, used): `pending_total` is unsent output over all
+    /// connections against `max_pending_total_bytes`; `socket_send_buffer` is the
+    /// per-socket `SO_SNDBUF` asked for against what the kernel applied.
+    pub fn budgets(&self) -> Vec<(&'static str, u64, u64)> {
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        vec![
+            (
+                "pending_total",
+                wide(self.pending_total_limit),
+                wide(self.pending_out_bytes),
+            ),
+            (
+                "socket_send_buffer",
+                wide(self.send_buffer_limit),
+                wide(self.send_buffer_effective),
+            ),
+        ]
+    }
 }
 
 /// Every counter of PROTOCOL.md section 6.
@@ -339,7 +368,14 @@ impl Stats {
             .iter()
             .map(|(r, n)| ((*r).to_owned(), json!(n)))
             .collect();
+        let budgets: serde_json::Map<String, Value> = g
+            .budgets()
+            .into_iter()
+            .map(|(name, limit, used)| (name.to_owned(), json!({"limit": limit, "used": used})))
+            .collect();
         json!({
+            "budgets": budgets,
+            "log": {"lines_dropped": g.log_lines_dropped},
             "uptime_s": g.uptime_s,
             "connections": {
                 "open": g.connections_open,
@@ -526,6 +562,31 @@ impl Stats {
             "Bytes queued and not yet written, all connections.",
             &one(g.pending_out_bytes as f64),
         );
+        let budgets = g.budgets();
+        for (name, help, pick) in [
+            (
+                "budget_limit",
+                "Configured budgets (pending_total, socket_send_buffer), in bytes.",
+                (|b: &(&str, u64, u64)| b.1) as fn(&(&str, u64, u64)) -> u64,
+            ),
+            (
+                "budget_used",
+                "Budget use: unsent bytes (pending_total), SO_SNDBUF applied by the kernel (socket_send_buffer).",
+                |b: &(&str, u64, u64)| b.2,
+            ),
+        ] {
+            let samples: Vec<(String, f64)> = budgets
+                .iter()
+                .map(|b| (format!("{{budget=\"{}\"}}", b.0), pick(b) as f64))
+                .collect();
+            metric(name, "gauge", help, &samples);
+        }
+        metric(
+            "log_lines_dropped_total",
+            "counter",
+            "Log lines dropped because the log output did not keep up.",
+            &one(g.log_lines_dropped as f64),
+        );
         for (name, help, h) in [
             (
                 "emit_to_write_latency_microseconds",
@@ -595,6 +656,11 @@ mod tests {
         let g = Gauges {
             connections_open: 1,
             users_online: 1,
+            pending_out_bytes: 7,
+            pending_total_limit: 100,
+            send_buffer_limit: 50,
+            send_buffer_effective: 100,
+            log_lines_dropped: 4,
             ..Gauges::default()
         };
         let j = s.to_json(&g);
@@ -610,6 +676,19 @@ mod tests {
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));
         assert!(p.contains("agentwire_emit_to_write_latency_microseconds_count 100\n"));
+        assert_eq!(
+            j["budgets"]["pending_total"],
+            json!({"limit": 100, "used": 7})
+        );
+        assert_eq!(
+            j["budgets"]["socket_send_buffer"],
+            json!({"limit": 50, "used": 100})
+        );
+        assert_eq!(j["log"]["lines_dropped"], 4);
+        assert!(p.contains("agentwire_budget_limit{budget=\"pending_total\"} 100\n"));
+        assert!(p.contains("agentwire_budget_used{budget=\"pending_total\"} 7\n"));
+        assert!(p.contains("agentwire_budget_used{budget=\"socket_send_buffer\"} 100\n"));
+        assert!(p.contains("agentwire_log_lines_dropped_total 4\n"));
         for line in p.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("agentwire_"), "{line}");
             let value = line.rsplit(' ').next().unwrap();

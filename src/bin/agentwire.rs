@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     init_logging();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let env: Vec<(String, String)> = std::env::vars().collect();
-    match cli::parse(args, env) {
+    let code = match cli::parse(args, env) {
         Ok(Command::Serve { config, warnings }) => {
             for w in warnings {
                 log::warn!("{w}");
@@ -22,33 +22,19 @@ fn main() -> ExitCode {
         }
         Ok(Command::Token { config, sub, ttl_s }) => token(&config, &sub, ttl_s),
         Err(e) => e.exit(),
-    }
+    };
+    // Let the log writer finish the last lines (bounded: a stalled stderr cannot hold
+    // the exit).
+    log::logger().flush();
+    code
 }
 
-/// env_logger configured by `RUST_LOG` (default `info`), behind the level caps of
-/// [`agentwire::LOG_LEVEL_CAPS`], which no `RUST_LOG` directive can lift.
+/// The non-blocking log sink ([`agentwire::log_sink`]) configured by `RUST_LOG`
+/// (default `info`), behind the level caps of [`agentwire::LOG_LEVEL_CAPS`], which no
+/// `RUST_LOG` directive can lift. A full log pipe drops lines, never stalls the loop.
 fn init_logging() {
-    struct Capped(env_logger::Logger);
-    impl log::Log for Capped {
-        fn enabled(&self, m: &log::Metadata) -> bool {
-            agentwire::log_level_allowed(m.target(), m.level()) && self.0.enabled(m)
-        }
-        fn log(&self, r: &log::Record) {
-            if agentwire::log_level_allowed(r.target(), r.level()) {
-                self.0.log(r);
-            }
-        }
-        fn flush(&self) {
-            self.0.flush();
-        }
-    }
-    let logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-            .format_timestamp_millis()
-            .build();
-    let max = logger.filter();
-    if log::set_boxed_logger(Box::new(Capped(logger))).is_ok() {
-        log::set_max_level(max);
+    if let Err(e) = agentwire::log_sink::init_from_env("info") {
+        eprintln!("agentwire: logging disabled: {e}");
     }
 }
 

@@ -114,6 +114,11 @@ settings! {
         jwt_audience: Option<String> = None, Text, "When set, tokens must carry this aud";
         /// Clock-skew allowance for `exp`/`nbf`, in seconds. Default 5.
         jwt_leeway_s: u64 = 5, Integer(0, 86_400), "Clock-skew allowance for exp/nbf, in seconds";
+        /// Longest token lifetime accepted, in seconds: tokens whose `exp` lies further
+        /// ahead than this (plus the leeway), or whose `exp - iat` exceeds it, are refused.
+        /// Default none (any lifetime).
+        jwt_max_lifetime_s: Option<u64> = None, OptionalInteger(1, 10 * 365 * 86_400),
+            "When set, tokens whose exp lies further ahead (or exp - iat) than this many seconds are refused";
         /// Accept the token from the `?token=` query parameter. Default true.
         allow_query_token: bool = true, Bool, "Accept the token from the ?token= query parameter";
         /// Exact origins allowed to connect (lower-case, default port dropped). Default empty:
@@ -138,6 +143,14 @@ settings! {
         /// Default 1048576.
         max_pending_bytes: usize = 1_048_576, Integer(1, GIB),
             "Unsent output per connection, in bytes, before it is closed";
+        /// Unsent output over all connections, in bytes; past it the connections holding
+        /// the most are closed with 1013 until the total is back under. Default 536870912.
+        max_pending_total_bytes: usize = 536_870_912, Integer(1, 1 << 40),
+            "Unsent output over all connections, in bytes; past it the largest holders are closed (1013)";
+        /// `SO_SNDBUF` of accepted sockets, in bytes: bounds what the kernel holds per
+        /// connection; 0 leaves the kernel default (autotuning). Default 262144.
+        socket_send_buffer_bytes: usize = 262_144, Integer(0, GIB),
+            "SO_SNDBUF of accepted sockets, in bytes (0: the kernel default)";
         /// Interval between WebSocket Pings, in milliseconds. Default 30000.
         heartbeat_interval_ms: u64 = 30_000, Integer(1, DAY_MS),
             "Interval between WebSocket Pings, in milliseconds";

@@ -809,3 +809,23 @@ fn optional_integer_kind() {
     assert!(n.set(kind, "6").is_err());
     assert_eq!(n, 5);
 }
+
+#[test]
+fn jwt_max_lifetime_is_optional_and_positive() {
+    let mut c = Config::default();
+    c.set("jwt_max_lifetime_s", "3600").unwrap();
+    assert_eq!(c.jwt_max_lifetime_s, Some(3600));
+    for unset in ["", " none ", "NONE"] {
+        c.set("jwt_max_lifetime_s", "60").unwrap();
+        c.set("jwt_max_lifetime_s", unset).unwrap();
+        assert_eq!(c.jwt_max_lifetime_s, None, "{unset:?}");
+    }
+    for bad in ["0", "-1", "1h", "315360001"] {
+        assert!(c.set("jwt_max_lifetime_s", bad).is_err(), "{bad:?}");
+    }
+    c.set("socket_send_buffer_bytes", "0").unwrap();
+    assert!(c.set("max_pending_total_bytes", "0").is_err());
+    let public = c.to_public_json(false);
+    assert_eq!(public["jwt_max_lifetime_s"], serde_json::Value::Null);
+    assert_eq!(public["socket_send_buffer_bytes"], 0);
+}
