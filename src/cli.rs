@@ -359,7 +359,7 @@ mod tests {
             "--jwt-secret",
             SECRET,
             "--publish-key",
-            "K",
+            "K-0123456789abcdef",
             "--per-user-policy",
             "reject",
             "--allowed-origins",
@@ -373,7 +373,7 @@ mod tests {
         ]);
         assert_eq!(c.listen.to_string(), "127.0.0.1:45123");
         assert_eq!(c.jwt_secret.as_deref(), Some(SECRET));
-        assert_eq!(c.publish_key.as_deref(), Some("K"));
+        assert_eq!(c.publish_key.as_deref(), Some("K-0123456789abcdef"));
         assert_eq!(c.per_user_policy, PerUserPolicy::Reject);
         assert_eq!(
             c.allowed_origins,

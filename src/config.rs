@@ -133,6 +133,14 @@ pub struct Config {
     /// Built-in demo agent. Default none: auto, on in dev mode (no JWT key configured),
     /// off otherwise; see [`Config::demo_agent_effective`].
     pub demo_agent: Option<bool>,
+    /// Connections that have not upgraded (HTTP requests, handshakes in progress); over
+    /// it the oldest is closed. Default 1024.
+    pub max_http_connections: usize,
+    /// Request bytes buffered by all connections that have not upgraded, in bytes; over
+    /// it the oldest holding any is closed. Default 67108864.
+    pub max_http_buffer_total_bytes: usize,
+    /// Allow dev mode (no JWT key) on a listen address that is not loopback. Default false.
+    pub dev: bool,
 }
 
 impl fmt::Debug for Config {
@@ -164,6 +172,9 @@ impl fmt::Debug for Config {
             .field("run_idle_timeout_ms", &self.run_idle_timeout_ms)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("demo_agent", &self.demo_agent)
+            .field("max_http_connections", &self.max_http_connections)
+            .field("max_http_buffer_total_bytes", &self.max_http_buffer_total_bytes)
+            .field("dev", &self.dev)
             .finish()
     }
 }
@@ -195,6 +206,9 @@ impl Default for Config {
             run_idle_timeout_ms: 300_000,
             shutdown_grace_ms: 5_000,
             demo_agent: None,
+            max_http_connections: 1_024,
+            max_http_buffer_total_bytes: 67_108_864,
+            dev: false,
         }
     }
 }
@@ -277,6 +291,9 @@ enum Field {
     RunIdleTimeoutMs,
     ShutdownGraceMs,
     DemoAgent,
+    MaxHttpConnections,
+    MaxHttpBufferTotalBytes,
+    Dev,
 }
 
 /// One row of section 8: a setting's names, default and meaning.
@@ -448,6 +465,9 @@ impl Config {
         "run_idle_timeout_ms",
         "shutdown_grace_ms",
         "demo_agent",
+        "max_http_connections",
+        "max_http_buffer_total_bytes",
+        "dev",
     ];
 
     /// Every setting with its flag, environment variable, default, meaning and kind, in
@@ -669,6 +689,33 @@ impl Config {
             help: "Built-in demo agent answering user_message with a realistic run",
             key: Field::DemoAgent,
         },
+        Setting {
+            name: "max_http_connections",
+            flag: "max-http-connections",
+            env: "AGENTWIRE_MAX_HTTP_CONNECTIONS",
+            default: "1024",
+            kind: int(1, 10_000_000),
+            help: "Connections not yet upgraded (HTTP, handshakes); over it the oldest is closed",
+            key: Field::MaxHttpConnections,
+        },
+        Setting {
+            name: "max_http_buffer_total_bytes",
+            flag: "max-http-buffer-total-bytes",
+            env: "AGENTWIRE_MAX_HTTP_BUFFER_TOTAL_BYTES",
+            default: "67108864",
+            kind: int(1, 64 * GIB),
+            help: "Request bytes buffered by all connections not yet upgraded, in bytes",
+            key: Field::MaxHttpBufferTotalBytes,
+        },
+        Setting {
+            name: "dev",
+            flag: "dev",
+            env: "AGENTWIRE_DEV",
+            default: "false",
+            kind: SettingKind::Bool,
+            help: "Allow dev mode (no JWT key) on a listen address that is not loopback",
+            key: Field::Dev,
+        },
     ];
 
     /// The setting called `name`, snake_case or dashed; `None` when there is none.
@@ -779,6 +826,16 @@ impl Config {
                 } else {
                     Some(parse_bool(v).ok_or_else(|| invalid(setting.kind.expected()))?)
                 };
+            }
+            Field::MaxHttpConnections => {
+                self.max_http_connections = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::MaxHttpBufferTotalBytes => {
+                self.max_http_buffer_total_bytes =
+                    parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::Dev => {
+                self.dev = parse_bool(value).ok_or_else(|| invalid(setting.kind.expected()))?
             }
         }
         Ok(())
@@ -1012,6 +1069,28 @@ impl Config {
         if self.publish_key.as_deref() == Some("") {
             return Err(empty("publish_key"));
         }
+        if let Some(key) = &self.publish_key {
+            if key.len() < MIN_SECRET_BYTES {
+                return Err(ConfigError::Inconsistent {
+                    name: "publish_key",
+                    message: format!(
+                        "must be at least {MIN_SECRET_BYTES} bytes, got {} bytes",
+                        key.len()
+                    ),
+                });
+            }
+        }
+        if self.dev_mode() && !self.dev && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Inconsistent {
+                name: "dev",
+                message: format!(
+                    "no JWT key is configured (dev mode) and listen {} is not loopback; \
+                     set jwt_secret or jwt_public_key_file, listen on 127.0.0.1, or pass \
+                     --dev to run dev mode on this address",
+                    self.listen
+                ),
+            });
+        }
         if self.jwt_public_key_file.as_deref() == Some(Path::new("")) {
             return Err(empty("jwt_public_key_file"));
         }
@@ -1123,6 +1202,7 @@ impl Config {
                 }
                 Field::PerUserPolicy => Value::String(self.per_user_policy.as_str().into()),
                 Field::DemoAgent => Value::Bool(demo_agent_effective),
+                Field::Dev => Value::Bool(self.dev),
                 Field::JwtLeewayS
                 | Field::MaxConnections
                 | Field::MaxConnectionsPerUser
@@ -1135,7 +1215,9 @@ impl Config {
                 | Field::ReplayEvents
                 | Field::ReplayTtlMs
                 | Field::RunIdleTimeoutMs
-                | Field::ShutdownGraceMs => {
+                | Field::ShutdownGraceMs
+                | Field::MaxHttpConnections
+                | Field::MaxHttpBufferTotalBytes => {
                     self.integer(setting.key).map_or(Value::Null, Value::from)
                 }
             };
@@ -1161,6 +1243,8 @@ impl Config {
             Field::ReplayTtlMs => Some(self.replay_ttl_ms),
             Field::RunIdleTimeoutMs => Some(self.run_idle_timeout_ms),
             Field::ShutdownGraceMs => Some(self.shutdown_grace_ms),
+            Field::MaxHttpConnections => Some(wide(self.max_http_connections)),
+            Field::MaxHttpBufferTotalBytes => Some(wide(self.max_http_buffer_total_bytes)),
             Field::Listen
             | Field::JwtAlgorithm
             | Field::JwtSecret
@@ -1171,7 +1255,8 @@ impl Config {
             | Field::AllowedOrigins
             | Field::PublishKey
             | Field::PerUserPolicy
-            | Field::DemoAgent => None,
+            | Field::DemoAgent
+            | Field::Dev => None,
         }
     }
 }
@@ -1368,7 +1453,7 @@ mod tests {
             "jwt_leeway_s" => "7",
             "allow_query_token" => "false",
             "allowed_origins" => "http://a.example, http://b.example:8080",
-            "publish_key" => "pub-key-value",
+            "publish_key" => "pub-key-value-0123456789",
             "max_connections" => "500",
             "max_connections_per_user" => "9",
             "per_user_policy" => "reject",
@@ -1383,6 +1468,9 @@ mod tests {
             "run_idle_timeout_ms" => "9000",
             "shutdown_grace_ms" => "0",
             "demo_agent" => "true",
+            "max_http_connections" => "77",
+            "max_http_buffer_total_bytes" => "88888",
+            "dev" => "true",
             _ => "",
         }
     }
@@ -1408,7 +1496,7 @@ mod tests {
                 c.allowed_origins,
                 ["http://a.example", "http://b.example:8080"]
             ),
-            "publish_key" => assert_eq!(c.publish_key.as_deref(), Some("pub-key-value")),
+            "publish_key" => assert_eq!(c.publish_key.as_deref(), Some("pub-key-value-0123456789")),
             "max_connections" => assert_eq!(c.max_connections, 500),
             "max_connections_per_user" => assert_eq!(c.max_connections_per_user, 9),
             "per_user_policy" => assert_eq!(c.per_user_policy, PerUserPolicy::Reject),
@@ -1423,6 +1511,9 @@ mod tests {
             "run_idle_timeout_ms" => assert_eq!(c.run_idle_timeout_ms, 9000),
             "shutdown_grace_ms" => assert_eq!(c.shutdown_grace_ms, 0),
             "demo_agent" => assert_eq!(c.demo_agent, Some(true)),
+            "max_http_connections" => assert_eq!(c.max_http_connections, 77),
+            "max_http_buffer_total_bytes" => assert_eq!(c.max_http_buffer_total_bytes, 88_888),
+            "dev" => assert!(c.dev),
             other => panic!("no sample for {other}"),
         }
     }
@@ -1432,6 +1523,8 @@ mod tests {
         match name {
             "jwt_algorithm" => vec![("jwt_public_key_file", "/etc/agentwire/key.pem")],
             "jwt_public_key_file" => vec![("jwt_algorithm", "RS256")],
+            // Dev mode (no JWT key) on a non-loopback address needs `dev`.
+            "listen" => vec![("dev", "true")],
             _ => vec![],
         }
     }
@@ -1445,7 +1538,7 @@ mod tests {
             assert_eq!(s.env, format!("AGENTWIRE_{}", s.name.to_ascii_uppercase()));
             assert!(!s.help.is_empty() && !s.default.is_empty());
         }
-        assert_eq!(Config::NAMES.len(), 24);
+        assert_eq!(Config::NAMES.len(), 27);
     }
 
     #[test]
@@ -1932,6 +2025,24 @@ mod tests {
         check(&|c| c.jwt_secret = Some("short".into()), "jwt_secret");
         check(&|c| c.jwt_issuer = Some(String::new()), "jwt_issuer");
         check(&|c| c.publish_key = Some(String::new()), "publish_key");
+        // Issue 9 F11: a publish key as short as one character is refused.
+        check(&|c| c.publish_key = Some("k".into()), "publish_key");
+        check(
+            &|c| c.publish_key = Some("x".repeat(MIN_SECRET_BYTES - 1)),
+            "publish_key",
+        );
+        // Dev mode (no JWT key) only on loopback unless `dev` says so.
+        check(&|c| c.listen = "0.0.0.0:8080".parse().unwrap(), "dev");
+        let mut dev = Config {
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            dev: true,
+            publish_key: Some("x".repeat(MIN_SECRET_BYTES)),
+            ..Config::default()
+        };
+        dev.validate().unwrap();
+        dev.listen = "[::1]:8080".parse().unwrap();
+        dev.dev = false;
+        dev.validate().unwrap();
 
         let mut ok = Config {
             jwt_algorithm: JwtAlgorithm::Rs256,
@@ -1973,7 +2084,7 @@ mod tests {
     fn public_json_has_every_setting_but_no_secret() {
         let mut c = Config::default();
         c.set("jwt_secret", SECRET).unwrap();
-        c.set("publish_key", "pub-key-value").unwrap();
+        c.set("publish_key", "pub-key-value-0123456789").unwrap();
         c.set("allowed_origins", "http://a.example").unwrap();
         let json = c.to_public_json(false);
         let obj = json.as_object().unwrap();
@@ -1999,12 +2110,12 @@ mod tests {
         assert_eq!(obj["jwt_issuer"], serde_json::Value::Null);
         let text = json.to_string();
         assert!(
-            !text.contains(SECRET) && !text.contains("pub-key-value"),
+            !text.contains(SECRET) && !text.contains("pub-key-value-0123456789"),
             "{text}"
         );
         let debug = format!("{c:?}");
         assert!(
-            !debug.contains(SECRET) && !debug.contains("pub-key-value"),
+            !debug.contains(SECRET) && !debug.contains("pub-key-value-0123456789"),
             "{debug}"
         );
         assert!(

@@ -104,6 +104,15 @@ pub struct Gauges {
     pub replaying: usize,
     pub replay_backlog_bytes: usize,
     pub uptime_s: u64,
+    /// Connections that have not upgraded (plain HTTP, handshakes in progress), and the
+    /// request bytes they hold; with their limits (`max_http_connections`,
+    /// `max_http_buffer_total_bytes`).
+    pub http_open: usize,
+    pub http_buffered_bytes: usize,
+    pub http_open_limit: usize,
+    pub http_buffer_limit: usize,
+    /// An accept failed (descriptor limit) within the last few seconds.
+    pub accept_degraded: bool,
 }
 
 /// Every counter of PROTOCOL.md section 6.
@@ -126,6 +135,15 @@ pub struct Stats {
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
     pub timer_handling_us: u64,
+    /// `accept` failures (EMFILE/ENFILE and other errors).
+    pub accept_failures: u64,
+    /// Connections answered 503 `overloaded` at the descriptor limit (reserve descriptor).
+    pub overload_refused: u64,
+    /// Not-upgraded connections closed because `max_http_connections` or
+    /// `max_http_buffer_total_bytes` was passed (oldest first) or descriptors ran out.
+    pub http_evicted: u64,
+    /// Publish requests with a missing or wrong key.
+    pub publish_auth_failures: u64,
     latency_us: Histogram,
     loop_us: Histogram,
 }
@@ -260,6 +278,10 @@ impl Stats {
             loop_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
+            accept_failures: 0,
+            overload_refused: 0,
+            http_evicted: 0,
+            publish_auth_failures: 0,
             latency_us: Histogram::new(),
             loop_us: Histogram::new(),
         }
@@ -374,6 +396,21 @@ impl Stats {
                 "armed": g.timers,
                 "fired": self.timers_fired,
                 "handling_us": self.timer_handling_us,
+            },
+            "http": {
+                "open": g.http_open,
+                "buffered_bytes": g.http_buffered_bytes,
+                "evicted": self.http_evicted,
+            },
+            "accept": {
+                "failures": self.accept_failures,
+                "overload_refused": self.overload_refused,
+                "degraded": g.accept_degraded,
+            },
+            "publish": {"auth_failures": self.publish_auth_failures},
+            "budgets": {
+                "http_connections": {"limit": g.http_open_limit, "used": g.http_open},
+                "http_buffer_bytes": {"limit": g.http_buffer_limit, "used": g.http_buffered_bytes},
             },
         })
     }
@@ -525,6 +562,64 @@ impl Stats {
             "gauge",
             "Bytes queued and not yet written, all connections.",
             &one(g.pending_out_bytes as f64),
+        );
+        metric(
+            "http_connections_open",
+            "gauge",
+            "Connections not yet upgraded (plain HTTP, handshakes in progress).",
+            &one(g.http_open as f64),
+        );
+        metric(
+            "http_buffered_bytes",
+            "gauge",
+            "Request bytes buffered by connections not yet upgraded.",
+            &one(g.http_buffered_bytes as f64),
+        );
+        metric(
+            "http_evicted_total",
+            "counter",
+            "Not-upgraded connections closed, oldest first, over an HTTP limit.",
+            &one(self.http_evicted as f64),
+        );
+        metric(
+            "accept_failures_total",
+            "counter",
+            "Failed accepts (descriptor limit and other errors).",
+            &one(self.accept_failures as f64),
+        );
+        metric(
+            "overload_refused_total",
+            "counter",
+            "Connections answered 503 overloaded at the descriptor limit.",
+            &one(self.overload_refused as f64),
+        );
+        metric(
+            "publish_auth_failures_total",
+            "counter",
+            "Publish requests with a missing or wrong key.",
+            &one(self.publish_auth_failures as f64),
+        );
+        let budgets = [
+            ("http_connections", g.http_open_limit, g.http_open),
+            ("http_buffer_bytes", g.http_buffer_limit, g.http_buffered_bytes),
+        ];
+        metric(
+            "budget_limit",
+            "gauge",
+            "Limit of each budget.",
+            &budgets
+                .iter()
+                .map(|(b, limit, _)| (format!("{{budget=\"{b}\"}}"), *limit as f64))
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "budget_used",
+            "gauge",
+            "Use of each budget.",
+            &budgets
+                .iter()
+                .map(|(b, _, used)| (format!("{{budget=\"{b}\"}}"), *used as f64))
+                .collect::<Vec<_>>(),
         );
         for (name, help, h) in [
             (
