@@ -393,7 +393,7 @@ mod tests {
                 "jwt_algorithm" => "HS256",
                 "jwt_secret" | "publish_key" | "jwt_issuer" | "jwt_audience" => SECRET,
                 "jwt_public_key_file" => "",
-                "allow_query_token" | "demo_agent" => "false",
+                "allow_query_token" | "demo_agent" | "dev" => "false",
                 "allowed_origins" => "https://x.example",
                 "per_user_policy" => "reject",
                 "heartbeat_timeout_ms" => "70000",
@@ -408,7 +408,9 @@ mod tests {
                 "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
-                "allow_query_token" | "demo_agent" => assert_eq!(json[s.name], false, "{}", s.name),
+                "allow_query_token" | "demo_agent" | "dev" => {
+                    assert_eq!(json[s.name], false, "{}", s.name)
+                }
                 "allowed_origins" => assert_eq!(json[s.name][0], value),
                 "heartbeat_timeout_ms" => assert_eq!(json[s.name], 70_000),
                 _ => assert_eq!(json[s.name], 42, "{}", s.name),

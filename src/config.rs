@@ -1080,17 +1080,6 @@ impl Config {
                 });
             }
         }
-        if self.dev_mode() && !self.dev && !self.listen.ip().is_loopback() {
-            return Err(ConfigError::Inconsistent {
-                name: "dev",
-                message: format!(
-                    "no JWT key is configured (dev mode) and listen {} is not loopback; \
-                     set jwt_secret or jwt_public_key_file, listen on 127.0.0.1, or pass \
-                     --dev to run dev mode on this address",
-                    self.listen
-                ),
-            });
-        }
         if self.jwt_public_key_file.as_deref() == Some(Path::new("")) {
             return Err(empty("jwt_public_key_file"));
         }
@@ -1523,8 +1512,6 @@ mod tests {
         match name {
             "jwt_algorithm" => vec![("jwt_public_key_file", "/etc/agentwire/key.pem")],
             "jwt_public_key_file" => vec![("jwt_algorithm", "RS256")],
-            // Dev mode (no JWT key) on a non-loopback address needs `dev`.
-            "listen" => vec![("dev", "true")],
             _ => vec![],
         }
     }
@@ -2031,18 +2018,6 @@ mod tests {
             &|c| c.publish_key = Some("x".repeat(MIN_SECRET_BYTES - 1)),
             "publish_key",
         );
-        // Dev mode (no JWT key) only on loopback unless `dev` says so.
-        check(&|c| c.listen = "0.0.0.0:8080".parse().unwrap(), "dev");
-        let mut dev = Config {
-            listen: "0.0.0.0:8080".parse().unwrap(),
-            dev: true,
-            publish_key: Some("x".repeat(MIN_SECRET_BYTES)),
-            ..Config::default()
-        };
-        dev.validate().unwrap();
-        dev.listen = "[::1]:8080".parse().unwrap();
-        dev.dev = false;
-        dev.validate().unwrap();
 
         let mut ok = Config {
             jwt_algorithm: JwtAlgorithm::Rs256,
