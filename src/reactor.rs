@@ -768,7 +768,7 @@ impl Reactor {
             match http::route(req.method, &req.path) {
                 Route::WebSocket(path_mode) => {
                     let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
-                    self.http_buffered -= st.buf.len();
+                    self.http_buffered -= st.buf.len() - st.start;
                     st.buf = Vec::new();
                     st.start = 0;
                     self.upgrade(id, &req, path_mode, leftover);
@@ -801,7 +801,7 @@ impl Reactor {
                         self.respond_json(id, 413, &body, true, false);
                         return HttpTurn::Done;
                     }
-                    let Some(conn) = self.conn_mut(id) else {
+                    let Some(conn) = live(&mut self.conns, id) else {
                         return HttpTurn::Done;
                     };
                     let Phase::Http(st) = &mut conn.phase else {
@@ -814,6 +814,7 @@ impl Reactor {
                     }
                     let body: Vec<u8> = unread.get(head_len..head_len + len).unwrap_or_default().to_vec();
                     st.start += head_len + len;
+                    self.http_buffered -= head_len + len;
                     st.need = 0;
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
@@ -825,6 +826,7 @@ impl Reactor {
                 }
                 other => {
                     st.start += head_len;
+                    self.http_buffered -= head_len;
                     st.served += 1;
                     if req.content_length.unwrap_or(0) > 0 || req.chunked {
                         // Bodies on GET are not read: answer, then close.
@@ -854,11 +856,11 @@ impl Reactor {
         let Phase::Http(st) = &mut conn.phase else {
             return;
         };
+        // (`http_buffered` already went down as `start` moved.)
         let answered = st.start.min(st.buf.len());
         if answered > 0 {
             st.buf.drain(..answered);
             st.start = 0;
-            self.http_buffered -= answered;
         }
         if st.buf.capacity() > st.buf.len().max(st.need) + HTTP_BUF_KEEP {
             if st.buf.is_empty() {
@@ -1965,7 +1967,7 @@ impl Reactor {
             }
             Phase::Http(st) => {
                 self.http_open -= 1;
-                self.http_buffered -= st.buf.len();
+                self.http_buffered -= st.buf.len().saturating_sub(st.start);
             }
             Phase::Open(mut session) => {
                 if let Some((code, text)) = reason.close_frame() {

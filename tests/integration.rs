@@ -52,3 +52,5 @@ mod slot_reuse;
 mod stats;
 #[path = "integration/thread_filter.rs"]
 mod thread_filter;
+#[path = "integration/redteam_http.rs"]
+mod redteam_http;
