@@ -173,7 +173,10 @@ impl fmt::Debug for Config {
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("demo_agent", &self.demo_agent)
             .field("max_http_connections", &self.max_http_connections)
-            .field("max_http_buffer_total_bytes", &self.max_http_buffer_total_bytes)
+            .field(
+                "max_http_buffer_total_bytes",
+                &self.max_http_buffer_total_bytes,
+            )
             .field("dev", &self.dev)
             .finish()
     }

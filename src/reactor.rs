@@ -72,6 +72,9 @@ const MESSAGES_PER_READ: usize = 64;
 const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Bad client messages in a row before close 1008.
 const MAX_BAD_IN_ROW: u8 = 10;
+/// Most bytes discarded from a closing connection per readable event before it is
+/// dropped without waiting for the linger.
+const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
 /// Size of one read from a plain HTTP connection.
 const READ_CHUNK: usize = 16 * 1024;
 /// Unsent output past which a connection that has not upgraded is neither read nor
@@ -369,13 +372,13 @@ impl Reactor {
                 || !self.read_again.is_empty()
                 || !self.http_again.is_empty()
             {
-                    Some(Duration::ZERO)
-                } else {
-                    self.wheel.next_expiry().map(|at| {
-                        let now = self.tick();
-                        Duration::from_millis(at.saturating_sub(now))
-                    })
-                };
+                Some(Duration::ZERO)
+            } else {
+                self.wheel.next_expiry().map(|at| {
+                    let now = self.tick();
+                    Duration::from_millis(at.saturating_sub(now))
+                })
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -439,11 +442,10 @@ impl Reactor {
                     self.stats.accept_failures += 1;
                     self.last_accept_failure = Some(now);
                     let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
-                    // At the descriptor limit, first free the oldest connection that has
-                    // not upgraded (idle sockets must not lock out upgrades), else answer
-                    // one waiting client 503 through the reserve descriptor.
-                    if out_of_fds
-                        && (self.evict_oldest_http(first_new) || self.refuse_overloaded())
+                                                                                // At the descriptor limit, first free the oldest connection that has
+                                                                                // not upgraded (idle sockets must not lock out upgrades), else answer
+                                                                                // one waiting client 503 through the reserve descriptor.
+                    if out_of_fds && (self.evict_oldest_http(first_new) || self.refuse_overloaded())
                     {
                         continue;
                     }
@@ -812,7 +814,10 @@ impl Reactor {
                         st.need = head_len + len;
                         break HttpTurn::Wait; // wait for the rest of the body
                     }
-                    let body: Vec<u8> = unread.get(head_len..head_len + len).unwrap_or_default().to_vec();
+                    let body: Vec<u8> = unread
+                        .get(head_len..head_len + len)
+                        .unwrap_or_default()
+                        .to_vec();
                     st.start += head_len + len;
                     self.http_buffered -= head_len + len;
                     st.need = 0;
@@ -1420,14 +1425,22 @@ impl Reactor {
             let Some(conn) = self.conn_mut(id) else {
                 return;
             };
-            let mut sink = [0u8; 4096];
+            let mut sink = [0u8; 16 * 1024];
+            // A peer that keeps sending to a closing connection (a pipelining flood cut
+            // off by the request cap) is not drained without end: past this many bytes
+            // in one readable event the socket is dropped at once.
+            let mut left = CLOSING_DISCARD_BYTES;
             loop {
                 match conn.tcp.read(&mut sink) {
                     Ok(0) => {
                         done = true;
                         break;
                     }
-                    Ok(_) => continue,
+                    Ok(n) if n >= left => {
+                        done = true;
+                        break;
+                    }
+                    Ok(n) => left -= n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => {

@@ -601,7 +601,11 @@ impl Stats {
         );
         let budgets = [
             ("http_connections", g.http_open_limit, g.http_open),
-            ("http_buffer_bytes", g.http_buffer_limit, g.http_buffered_bytes),
+            (
+                "http_buffer_bytes",
+                g.http_buffer_limit,
+                g.http_buffered_bytes,
+            ),
         ];
         metric(
             "budget_limit",

@@ -40,6 +40,8 @@ mod limits;
 mod model;
 #[path = "integration/publish_api.rs"]
 mod publish_api;
+#[path = "integration/redteam_http.rs"]
+mod redteam_http;
 #[path = "integration/refusals.rs"]
 mod refusals;
 #[path = "integration/resume.rs"]
@@ -52,5 +54,3 @@ mod slot_reuse;
 mod stats;
 #[path = "integration/thread_filter.rs"]
 mod thread_filter;
-#[path = "integration/redteam_http.rs"]
-mod redteam_http;

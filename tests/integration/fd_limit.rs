@@ -110,7 +110,11 @@ fn accept_survives_the_fd_limit_without_spinning_or_stalling() {
         }
     }
     assert!(!open.is_empty(), "no client was upgraded at all");
-    assert!(refused > 0, "the limit was never reached ({} upgraded)", open.len());
+    assert!(
+        refused > 0,
+        "the limit was never reached ({} upgraded)",
+        open.len()
+    );
 
     // At the limit: the loop must not busy-loop on accept.
     let pid = gw.child.id();
@@ -139,7 +143,10 @@ fn accept_survives_the_fd_limit_without_spinning_or_stalling() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(health["status"], "degraded", "{health}");
-    assert!(health["accept_failures"].as_u64().unwrap_or(0) > 0, "{health}");
+    assert!(
+        health["accept_failures"].as_u64().unwrap_or(0) > 0,
+        "{health}"
+    );
     let mut served = 0;
     for i in 0..freed / 2 {
         let mut s = TcpStream::connect(gw.addr).expect("connect");

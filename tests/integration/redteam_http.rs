@@ -110,7 +110,10 @@ fn f1_pipelining_without_reading_is_bounded() {
         worst_health < Duration::from_secs(1),
         "/health took {worst_health:?}"
     );
-    assert_eq!(s["budgets"]["http_buffer_bytes"]["used"], s["http"]["buffered_bytes"]);
+    assert_eq!(
+        s["budgets"]["http_buffer_bytes"]["used"],
+        s["http"]["buffered_bytes"]
+    );
     // The attacker leaves: its buffers go with it.
     drop(attacker);
     // (The stats request itself is the one connection in the HTTP phase.)
@@ -128,8 +131,12 @@ fn pipelined_requests_are_all_answered_in_order() {
     let gw = TestGateway::plain();
     // Keep-alive with only good requests: 40 answers on one connection.
     let mut s = TcpStream::connect(gw.addr).expect("connect");
-    s.write_all("GET /health HTTP/1.1\r\nHost: x\r\n\r\n".repeat(40).as_bytes())
-        .expect("write");
+    s.write_all(
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            .repeat(40)
+            .as_bytes(),
+    )
+    .expect("write");
     let mut buf = Vec::new();
     for i in 0..40 {
         let r = read_response_from(&mut s, &mut buf);
@@ -197,7 +204,10 @@ fn f2_stalled_publishers_are_bounded_in_total() {
         u(&s["http"]["evicted"]) >= 4
     });
     assert!(u(&st["http"]["buffered_bytes"]) <= 2 * 1024 * 1024, "{st}");
-    assert!(closed_within(&mut socks[0], WAIT), "the oldest publisher is still open");
+    assert!(
+        closed_within(&mut socks[0], WAIT),
+        "the oldest publisher is still open"
+    );
     let ev = pub_event("agent_started", "pub-after", None, "r", json!({}));
     let r = publish_raw(gw.addr, Some(PUBLISH_KEY), ev.to_string().as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
@@ -220,11 +230,16 @@ fn f2_idle_sockets_cannot_lock_out_upgrades() {
     });
     assert!(u(&s["http"]["open"]) <= 32, "{}", s["http"]);
     assert_eq!(s["budgets"]["http_connections"]["limit"], 32);
-    assert!(closed_within(&mut idle[0], WAIT), "the oldest idle socket is still open");
+    assert!(
+        closed_within(&mut idle[0], WAIT),
+        "the oldest idle socket is still open"
+    );
     let r = upgrade(gw.addr, "/ws", &[bearer(&token("legit"))]);
     assert_eq!(r.status, 101, "{}", r.text());
     let m = prometheus(&get(gw.addr, "/metrics").text());
-    assert!(m.iter().any(|(n, _)| n == "agentwire_budget_limit{budget=\"http_connections\"}"));
+    assert!(m
+        .iter()
+        .any(|(n, _)| n == "agentwire_budget_limit{budget=\"http_connections\"}"));
 }
 
 /// F11: a wrong key is answered 401 and the connection is closed (no more guesses on
@@ -248,7 +263,10 @@ fn f11_wrong_key_closes_and_counts() {
     let r = read_response(&mut s);
     assert_eq!(r.status, 401);
     assert_eq!(r.header("connection"), Some("close"));
-    assert!(closed_within(&mut s, WAIT), "connection kept open after 401");
+    assert!(
+        closed_within(&mut s, WAIT),
+        "connection kept open after 401"
+    );
     for i in 0..20 {
         let r = http_request(gw.addr, guess(&format!("guess-{i}")).as_bytes());
         assert_eq!(r.status, 401);
@@ -292,7 +310,10 @@ fn disabled_publish_api_says_why() {
     let v = r.json();
     assert_eq!(v["error"], "not_found");
     let msg = v["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("publish API is disabled") && msg.contains("publish_key"), "{v}");
+    assert!(
+        msg.contains("publish API is disabled") && msg.contains("publish_key"),
+        "{v}"
+    );
 }
 
 /// Dev mode (no JWT key) is refused on a non-loopback address unless `--dev` says so;
@@ -309,7 +330,10 @@ fn dev_mode_needs_dev_flag_off_loopback() {
         .expect("run agentwire");
     assert_eq!(out.status.code(), Some(2), "dev mode started on 0.0.0.0");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--dev") && err.contains("not loopback"), "{err}");
+    assert!(
+        err.contains("--dev") && err.contains("not loopback"),
+        "{err}"
+    );
 
     // With --dev it starts (and says the publish API is on, with the generated key).
     let mut child = Command::new(bin)
@@ -323,7 +347,10 @@ fn dev_mode_needs_dev_flag_off_loopback() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -367,7 +394,10 @@ fn low_open_file_limit_is_reported_at_start() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -388,5 +418,8 @@ fn low_open_file_limit_is_reported_at_start() {
     let _ = child.kill();
     let _ = child.wait();
     let line = warned.expect("a warning about the open-file limit");
-    assert!(line.contains("64") && line.contains("max_connections"), "{line}");
+    assert!(
+        line.contains("64") && line.contains("max_connections"),
+        "{line}"
+    );
 }
