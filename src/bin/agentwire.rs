@@ -156,8 +156,8 @@ fn check_open_file_limit(config: &Config) {
         log::warn!("cannot read the open-file limit (RLIMIT_NOFILE)");
         return;
     }
-    let soft = lim.rlim_cur as u64;
-    let hard = lim.rlim_max as u64;
+    let soft: u64 = lim.rlim_cur;
+    let hard: u64 = lim.rlim_max;
     if soft >= need {
         return;
     }
@@ -165,7 +165,7 @@ fn check_open_file_limit(config: &Config) {
     let target = need.min(hard);
     if target > soft {
         let raised = libc::rlimit {
-            rlim_cur: target as libc::rlim_t,
+            rlim_cur: target,
             rlim_max: lim.rlim_max,
         };
         // SAFETY: setrlimit reads one rlimit through a valid pointer.
