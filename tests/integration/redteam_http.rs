@@ -86,7 +86,9 @@ fn f1_pipelining_without_reading_is_bounded() {
         worst_health = worst_health.max(t.elapsed());
         let s = gw.stats();
         worst_pending = worst_pending.max(u(&s["bytes"]["pending_out"]));
-        worst_buffered = worst_buffered.max(u(&s["http"]["buffered_bytes"]));
+        // (Absent on v1, which fails on the pending output instead.)
+        let buffered = s["http"]["buffered_bytes"].as_u64().unwrap_or(0);
+        worst_buffered = worst_buffered.max(buffered);
         std::thread::sleep(Duration::from_millis(200));
     }
     let (attacker, sent) = attacker.join().expect("attacker thread");
@@ -193,21 +195,15 @@ fn f2_stalled_publishers_are_bounded_in_total() {
         // Most of the body, never the end. A closed (evicted) socket may refuse it.
         let _ = s.write_all(&chunk);
         socks.push(s);
-        let st = gw.stats();
-        assert!(
-            u(&st["http"]["buffered_bytes"]) <= 2 * 1024 * 1024 + 64 * 1024,
-            "{}",
-            st["http"]
-        );
     }
-    let st = gw.wait_stats("oldest stalled publishers closed", |s| {
-        u(&s["http"]["evicted"]) >= 4
-    });
-    assert!(u(&st["http"]["buffered_bytes"]) <= 2 * 1024 * 1024, "{st}");
     assert!(
         closed_within(&mut socks[0], WAIT),
         "the oldest publisher is still open"
     );
+    let st = gw.wait_stats("oldest stalled publishers closed", |s| {
+        s["http"]["evicted"].as_u64().unwrap_or(0) >= 4
+    });
+    assert!(u(&st["http"]["buffered_bytes"]) <= 2 * 1024 * 1024, "{st}");
     let ev = pub_event("agent_started", "pub-after", None, "r", json!({}));
     let r = publish_raw(gw.addr, Some(PUBLISH_KEY), ev.to_string().as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
@@ -225,15 +221,15 @@ fn f2_idle_sockets_cannot_lock_out_upgrades() {
     let mut idle: Vec<TcpStream> = (0..200)
         .map(|_| TcpStream::connect(gw.addr).expect("connect"))
         .collect();
+    assert!(
+        closed_within(&mut idle[0], WAIT),
+        "the oldest idle socket is still open"
+    );
     let s = gw.wait_stats("the idle flood accepted", |s| {
         u(&s["http"]["evicted"]) >= 200 - 32
     });
     assert!(u(&s["http"]["open"]) <= 32, "{}", s["http"]);
     assert_eq!(s["budgets"]["http_connections"]["limit"], 32);
-    assert!(
-        closed_within(&mut idle[0], WAIT),
-        "the oldest idle socket is still open"
-    );
     let r = upgrade(gw.addr, "/ws", &[bearer(&token("legit"))]);
     assert_eq!(r.status, 101, "{}", r.text());
     let m = prometheus(&get(gw.addr, "/metrics").text());
@@ -321,15 +317,31 @@ fn disabled_publish_api_says_why() {
 #[test]
 fn dev_mode_needs_dev_flag_off_loopback() {
     let bin = env!("CARGO_BIN_EXE_agentwire");
-    let out = Command::new(bin)
+    let mut child = Command::new(bin)
         .args(["serve", "--listen", "0.0.0.0:0", "--shutdown-grace-ms", "0"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .expect("run agentwire");
-    assert_eq!(out.status.code(), Some(2), "dev mode started on 0.0.0.0");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = status.expect("dev mode started on 0.0.0.0 (still running)");
+    assert_eq!(status.code(), Some(2), "dev mode on 0.0.0.0: {status}");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
     assert!(
         err.contains("--dev") && err.contains("not loopback"),
         "{err}"
