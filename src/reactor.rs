@@ -13,6 +13,12 @@
 //!
 //! Every per-connection failure ends in [`Reactor::close`], which unregisters the
 //! session, counts and logs the reason once, and sends the close frame when one is due.
+//!
+//! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
+//! (`max_http_connections`, `max_http_buffer_total_bytes`, oldest closed first) and each
+//! one by [`HTTP_PENDING_LIMIT`] of unsent answers, [`HTTP_REQUESTS_PER_TURN`] and
+//! [`HTTP_REQUESTS_PER_CONN`]; at the descriptor limit a reserve descriptor answers
+//! waiting clients 503 `overloaded` (issue 9 F1, F2).
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -770,7 +776,9 @@ impl Reactor {
             match http::route(req.method, &req.path) {
                 Route::WebSocket(path_mode) => {
                     let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
-                    self.http_buffered -= st.buf.len() - st.start;
+                    self.http_buffered = self
+                        .http_buffered
+                        .saturating_sub(st.buf.len().saturating_sub(st.start));
                     st.buf = Vec::new();
                     st.start = 0;
                     self.upgrade(id, &req, path_mode, leftover);
@@ -819,7 +827,7 @@ impl Reactor {
                         .unwrap_or_default()
                         .to_vec();
                     st.start += head_len + len;
-                    self.http_buffered -= head_len + len;
+                    self.http_buffered = self.http_buffered.saturating_sub(head_len + len);
                     st.need = 0;
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
@@ -831,7 +839,7 @@ impl Reactor {
                 }
                 other => {
                     st.start += head_len;
-                    self.http_buffered -= head_len;
+                    self.http_buffered = self.http_buffered.saturating_sub(head_len);
                     st.served += 1;
                     if req.content_length.unwrap_or(0) > 0 || req.chunked {
                         // Bodies on GET are not read: answer, then close.
@@ -1283,7 +1291,7 @@ impl Reactor {
         )));
         conn.last_rx = now;
         // Leaves the HTTP phase (its buffer was emptied by `process_http`).
-        self.http_open -= 1;
+        self.http_open = self.http_open.saturating_sub(1);
         conn.phase = Phase::Open(Box::new(Session {
             ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
             user,
@@ -1979,8 +1987,10 @@ impl Reactor {
                 return;
             }
             Phase::Http(st) => {
-                self.http_open -= 1;
-                self.http_buffered -= st.buf.len().saturating_sub(st.start);
+                self.http_open = self.http_open.saturating_sub(1);
+                self.http_buffered = self
+                    .http_buffered
+                    .saturating_sub(st.buf.len().saturating_sub(st.start));
             }
             Phase::Open(mut session) => {
                 if let Some((code, text)) = reason.close_frame() {
