@@ -233,6 +233,8 @@ pub struct HttpState {
     pub paused: bool,
     /// On the reactor's `http_again` list for the next iteration.
     pub again_queued: bool,
+    /// The client shut its side down: answer what is complete, then close.
+    pub eof: bool,
 }
 
 /// An open WebSocket session of one user.

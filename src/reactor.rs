@@ -654,7 +654,9 @@ impl Reactor {
             };
             st.again_queued = false;
             let before = st.buf.len();
-            if pending >= HTTP_PENDING_LIMIT {
+            if st.eof {
+                eof = true;
+            } else if pending >= HTTP_PENDING_LIMIT {
                 st.paused = true;
             } else {
                 let mut budget = HTTP_READ_BUDGET;
@@ -668,6 +670,7 @@ impl Reactor {
                     match conn.tcp.read(chunk.get_mut(..room).unwrap_or_default()) {
                         Ok(0) => {
                             eof = true;
+                            st.eof = true;
                             break;
                         }
                         Ok(n) => {
@@ -696,13 +699,14 @@ impl Reactor {
             self.shed_http_buffers();
         }
         let turn = self.process_http(id);
-        if eof {
-            // Half-closed client: answer what was complete, then finish.
+        if eof && matches!(turn, HttpTurn::Wait) {
+            // Half-closed client: every complete request is answered; finish.
             if matches!(self.conn_mut(id).map(|c| &c.phase), Some(Phase::Http(_))) {
                 self.close(id, CloseReason::ClientClosed);
             }
             return;
         }
+        // (A half-closed client with requests left is resumed like any other.)
         let again = match turn {
             HttpTurn::Budget => true,
             HttpTurn::Wait => stopped_early,

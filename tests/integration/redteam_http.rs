@@ -127,7 +127,8 @@ fn f1_pipelining_without_reading_is_bounded() {
 }
 
 /// Pipelining for legitimate clients is unchanged: 40 requests in one write (more than
-/// one iteration's share of 16) are all answered, in order, on the same connection.
+/// one iteration's share of 16) are all answered, in order, on the same connection,
+/// also when the client shuts its side down right after writing them.
 #[test]
 fn pipelined_requests_are_all_answered_in_order() {
     let gw = TestGateway::plain();
@@ -145,6 +146,24 @@ fn pipelined_requests_are_all_answered_in_order() {
         assert_eq!(r.status, 200, "response {i}");
         assert_eq!(r.json()["status"], "healthy");
     }
+    // Half-closed after the requests (`printf ... | nc`): still all 40 answered.
+    let mut s = TcpStream::connect(gw.addr).expect("connect");
+    s.write_all(
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            .repeat(40)
+            .as_bytes(),
+    )
+    .expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut buf = Vec::new();
+    for i in 0..40 {
+        let r = read_response_from(&mut s, &mut buf);
+        assert_eq!(r.status, 200, "response {i} after the client's FIN");
+    }
+    assert!(
+        closed_within(&mut s, WAIT),
+        "not closed after the last answer"
+    );
 }
 
 /// F2: publishers announce a 1 MiB body without `Authorization` and send the head only.
