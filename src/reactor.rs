@@ -78,8 +78,7 @@ const MESSAGES_PER_READ: usize = 64;
 const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Bad client messages in a row before close 1008.
 const MAX_BAD_IN_ROW: u8 = 10;
-/// Most bytes discarded from a closing connection per readable event before it is
-/// dropped without waiting for the linger.
+/// Most bytes discarded from a closing connection per readable event.
 const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
 /// Size of one read from a plain HTTP connection.
 const READ_CHUNK: usize = 16 * 1024;
@@ -1439,8 +1438,9 @@ impl Reactor {
             };
             let mut sink = [0u8; 16 * 1024];
             // A peer that keeps sending to a closing connection (a pipelining flood cut
-            // off by the request cap) is not drained without end: past this many bytes
-            // in one readable event the socket is dropped at once.
+            // off by the request cap) does not hold the loop: at most this many bytes
+            // per readable event (its next bytes raise a new edge; the linger timer
+            // still ends the connection).
             let mut left = CLOSING_DISCARD_BYTES;
             loop {
                 match conn.tcp.read(&mut sink) {
@@ -1448,10 +1448,7 @@ impl Reactor {
                         done = true;
                         break;
                     }
-                    Ok(n) if n >= left => {
-                        done = true;
-                        break;
-                    }
+                    Ok(n) if n >= left => break,
                     Ok(n) => left -= n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
