@@ -359,7 +359,7 @@ mod tests {
             "--jwt-secret",
             SECRET,
             "--publish-key",
-            "K",
+            "K-0123456789abcdef",
             "--per-user-policy",
             "reject",
             "--allowed-origins",
@@ -373,7 +373,7 @@ mod tests {
         ]);
         assert_eq!(c.listen.to_string(), "127.0.0.1:45123");
         assert_eq!(c.jwt_secret.as_deref(), Some(SECRET));
-        assert_eq!(c.publish_key.as_deref(), Some("K"));
+        assert_eq!(c.publish_key.as_deref(), Some("K-0123456789abcdef"));
         assert_eq!(c.per_user_policy, PerUserPolicy::Reject);
         assert_eq!(
             c.allowed_origins,
@@ -401,7 +401,7 @@ mod tests {
                 "jwt_algorithm" => "HS256",
                 "jwt_secret" | "publish_key" | "jwt_issuer" | "jwt_audience" => SECRET,
                 "jwt_public_key_file" => "",
-                "allow_query_token" | "demo_agent" => "false",
+                "allow_query_token" | "demo_agent" | "dev" => "false",
                 "allowed_origins" => "https://x.example",
                 "per_user_policy" => "reject",
                 "heartbeat_timeout_ms" => "70000",
@@ -416,7 +416,9 @@ mod tests {
                 "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
-                "allow_query_token" | "demo_agent" => assert_eq!(json[s.name], false, "{}", s.name),
+                "allow_query_token" | "demo_agent" | "dev" => {
+                    assert_eq!(json[s.name], false, "{}", s.name)
+                }
                 "allowed_origins" => assert_eq!(json[s.name][0], value),
                 "heartbeat_timeout_ms" => assert_eq!(json[s.name], 70_000),
                 _ => assert_eq!(json[s.name].to_string(), fallback, "{}", s.name),

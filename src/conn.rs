@@ -247,8 +247,21 @@ pub enum Phase {
 #[derive(Default)]
 pub struct HttpState {
     pub buf: Vec<u8>,
+    /// Offset of the first unanswered byte in `buf`: pipelined requests advance it, and
+    /// the answered prefix is dropped once per read turn (never one `drain` per request).
+    pub start: usize,
+    /// Bytes the request at `start` needs in all (head and body) once its head is
+    /// known; 0 while the head is incomplete. Only an authorized publish sets it past
+    /// the head limit.
+    pub need: usize,
     /// Requests answered on this connection (keep-alive).
     pub served: u32,
+    /// Not read (nor its buffered requests answered) until its unsent output drains.
+    pub paused: bool,
+    /// On the reactor's `http_again` list for the next iteration.
+    pub again_queued: bool,
+    /// The client shut its side down: answer what is complete, then close.
+    pub eof: bool,
 }
 
 /// An open WebSocket session of one user.

@@ -302,6 +302,26 @@ impl Refusal {
         )
     }
 
+    /// 404 `not_found` for `POST /api/events` when no `publish_key` is configured,
+    /// saying why.
+    pub fn publish_disabled() -> Self {
+        Self::new(
+            404,
+            "not_found",
+            "the publish API is disabled: set publish_key",
+        )
+    }
+
+    /// 503 `overloaded`: the gateway is out of file descriptors (answered through a
+    /// descriptor held in reserve, then closed).
+    pub fn overloaded() -> Self {
+        Self::new(
+            503,
+            "overloaded",
+            "the gateway is at its file descriptor limit; retry later",
+        )
+    }
+
     /// 503 `shutting_down`: the gateway is draining.
     pub fn shutting_down() -> Self {
         Self::new(503, "shutting_down", "the gateway is shutting down")

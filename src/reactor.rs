@@ -13,6 +13,12 @@
 //!
 //! Every per-connection failure ends in [`Reactor::close`], which unregisters the
 //! session, counts and logs the reason once, and sends the close frame when one is due.
+//!
+//! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
+//! (`max_http_connections`, `max_http_buffer_total_bytes`, oldest closed first) and each
+//! one by [`HTTP_PENDING_LIMIT`] of unsent answers, [`HTTP_REQUESTS_PER_TURN`] and
+//! [`HTTP_REQUESTS_PER_CONN`]; at the descriptor limit a reserve descriptor answers
+//! waiting clients 503 `overloaded` (issue 9 F1, F2).
 
 use std::io::{self, Read};
 use std::net::Shutdown;
@@ -80,9 +86,28 @@ const MESSAGES_PER_READ: usize = 64;
 const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Bad client messages in a row before close 1008.
 const MAX_BAD_IN_ROW: u8 = 10;
-/// Most bytes of a plain HTTP request we buffer beyond the head (publish bodies are
-/// bounded separately by `max_publish_bytes`).
+/// Most bytes discarded from a closing connection per readable event.
+const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
+/// Size of one read from a plain HTTP connection.
 const READ_CHUNK: usize = 16 * 1024;
+/// Unsent output past which a connection that has not upgraded is neither read nor
+/// answered until the client reads (issue 9 F1: a client that pipelines requests and
+/// never reads their answers costs at most this much output, plus one answer).
+const HTTP_PENDING_LIMIT: usize = 64 * 1024;
+/// Most pipelined requests answered per connection per loop iteration; the rest wait
+/// for the next iteration, so one connection cannot hold the loop.
+const HTTP_REQUESTS_PER_TURN: usize = 16;
+/// Most requests answered on one keep-alive connection; the last answer carries
+/// `Connection: close`.
+const HTTP_REQUESTS_PER_CONN: u32 = 1000;
+/// Most bytes read from one connection that has not upgraded per loop iteration.
+const HTTP_READ_BUDGET: usize = 64 * 1024;
+/// A buffer this much larger than what it holds is given back after a turn.
+const HTTP_BUF_KEEP: usize = 4 * 1024;
+/// Period of the aggregated log lines (accept failures, publish key failures).
+const RATE_LOG_MS: u64 = 10_000;
+/// How long after an accept failure `/health` says `degraded`.
+const DEGRADED_MS: u64 = 10_000;
 
 /// What a timer on the wheel is for.
 #[derive(Clone, Copy, Debug)]
@@ -229,6 +254,53 @@ pub(crate) struct Reactor {
     /// Set by the signal handlers: SIGHUP seen / SIGTERM or SIGINT seen.
     got_hup: Arc<AtomicBool>,
     got_term: Arc<AtomicBool>,
+    /// Connections that have not upgraded (phase `Http`), and the request bytes their
+    /// buffers hold (bounded by `max_http_connections` / `max_http_buffer_total_bytes`).
+    http_open: usize,
+    http_buffered: usize,
+    /// Not-upgraded connections in accept order, oldest first (entries of connections
+    /// that since upgraded or closed are skipped, and swept when they pile up).
+    http_order: std::collections::VecDeque<ConnId>,
+    /// Not-upgraded connections with input left after their per-iteration share.
+    http_again: Vec<ConnId>,
+    /// A descriptor held in reserve: at the descriptor limit it is closed to accept one
+    /// waiting client and answer it 503 `overloaded`, then reopened.
+    reserve_fd: Option<std::fs::File>,
+    /// Tick of the last failed accept (for `/health`), and the aggregated log lines.
+    last_accept_failure: Option<u64>,
+    accept_log: RateLog,
+    publish_auth_log: RateLog,
+}
+
+/// A log line aggregated over a period: [`RateLog::hit`] counts an occurrence and says
+/// how many to report when a line is due (at most one per period).
+#[derive(Default)]
+struct RateLog {
+    last: Option<u64>,
+    count: u64,
+}
+
+impl RateLog {
+    fn hit(&mut self, now: u64, period: u64) -> Option<u64> {
+        self.count += 1;
+        if self.last.is_some_and(|t| now < t + period) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// What one pass over a connection's buffered requests ended on.
+enum HttpTurn {
+    /// Waiting for more bytes from the client.
+    Wait,
+    /// Output over [`HTTP_PENDING_LIMIT`]: paused until it drains.
+    Paused,
+    /// [`HTTP_REQUESTS_PER_TURN`] answered: more next iteration.
+    Budget,
+    /// The connection left the HTTP phase (upgraded, closed or refused).
+    Done,
 }
 
 /// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
@@ -294,6 +366,14 @@ impl Reactor {
             refusal_log: Repeats::new(REFUSAL_LOG_WINDOW_MS, REFUSAL_LOG_BURST, REFUSAL_LOG_KINDS),
             got_hup: Arc::new(AtomicBool::new(false)),
             got_term: Arc::new(AtomicBool::new(false)),
+            http_open: 0,
+            http_buffered: 0,
+            http_order: std::collections::VecDeque::new(),
+            http_again: Vec::new(),
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
+            last_accept_failure: None,
+            accept_log: RateLog::default(),
+            publish_auth_log: RateLog::default(),
         }
     }
 
@@ -332,15 +412,18 @@ impl Reactor {
         let mut expired = Vec::new();
         let mut budget_exhausted = false;
         loop {
-            let timeout =
-                if budget_exhausted || !self.dirty.is_empty() || !self.read_again.is_empty() {
-                    Some(Duration::ZERO)
-                } else {
-                    self.wheel.next_expiry().map(|at| {
-                        let now = self.tick();
-                        Duration::from_millis(at.saturating_sub(now))
-                    })
-                };
+            let timeout = if budget_exhausted
+                || !self.dirty.is_empty()
+                || !self.read_again.is_empty()
+                || !self.http_again.is_empty()
+            {
+                Some(Duration::ZERO)
+            } else {
+                self.wheel.next_expiry().map(|at| {
+                    let now = self.tick();
+                    Duration::from_millis(at.saturating_sub(now))
+                })
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -357,6 +440,9 @@ impl Reactor {
             }
             for id in std::mem::take(&mut self.read_again) {
                 self.read_ws(id);
+            }
+            for id in std::mem::take(&mut self.http_again) {
+                self.read_http(id);
             }
             budget_exhausted = self.drain_channel();
             let now = self.tick();
@@ -389,17 +475,35 @@ impl Reactor {
         if self.accept_paused {
             return;
         }
+        // Connections accepted from here on are not evicted to make room in this call.
+        let first_new = self.next_serial + 1;
         for _ in 0..ACCEPT_BUDGET {
             match self.listener.accept() {
                 Ok((stream, _peer)) => self.add_conn(stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE/ENFILE and friends: the pending connection stays in the
-                    // backlog with no new edge, so retry from a timer, not a busy loop.
-                    log::warn!("accept failed ({e}); pausing accepts for {ACCEPT_RETRY_MS} ms");
+                    let now = self.tick();
+                    self.stats.accept_failures += 1;
+                    self.last_accept_failure = Some(now);
+                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
+                                                                                // At the descriptor limit, first free the oldest connection that has
+                                                                                // not upgraded (idle sockets must not lock out upgrades), else answer
+                                                                                // one waiting client 503 through the reserve descriptor.
+                    if out_of_fds && (self.evict_oldest_http(first_new) || self.refuse_overloaded())
+                    {
+                        continue;
+                    }
+                    // The pending connection stays in the backlog with no new edge, so
+                    // retry from a timer, not a busy loop.
+                    if let Some(n) = self.accept_log.hit(now, RATE_LOG_MS) {
+                        log::warn!(
+                            "accept failed ({e}); {n} failure(s) since the last line; \
+                             pausing accepts for {ACCEPT_RETRY_MS} ms (raise `ulimit -n`?)"
+                        );
+                    }
                     self.accept_paused = true;
-                    let at = self.tick() + ACCEPT_RETRY_MS;
+                    let at = now + ACCEPT_RETRY_MS;
                     self.wheel.insert(at, Timer::AcceptRetry);
                     return;
                 }
@@ -409,6 +513,62 @@ impl Reactor {
         let at = self.tick();
         self.accept_paused = true;
         self.wheel.insert(at, Timer::AcceptRetry);
+    }
+
+    /// Close the oldest connection that has not upgraded and was accepted before serial
+    /// `before`, freeing its descriptor now. False when there is none.
+    fn evict_oldest_http(&mut self, before: u64) -> bool {
+        let Some(victim) = self.http_order.iter().copied().find(|id| {
+            id.serial < before
+                && self
+                    .conns
+                    .get(id.key)
+                    .is_some_and(|c| c.serial == id.serial && matches!(c.phase, Phase::Http(_)))
+        }) else {
+            return false;
+        };
+        self.evict_http(victim, "out of file descriptors");
+        true
+    }
+
+    /// Close a connection that has not upgraded at once (no linger: its descriptor and
+    /// buffers are what is short).
+    fn evict_http(&mut self, id: ConnId, why: &str) {
+        self.stats.http_evicted += 1;
+        log::debug!("conn={} closed before upgrade: {why}", id.public_id());
+        self.close(id, CloseReason::HttpDone);
+        self.finish(id);
+    }
+
+    /// At the descriptor limit with no connection to free: close the reserve descriptor,
+    /// accept one waiting client, answer it 503 `overloaded` and close it, then take the
+    /// reserve again. False when there is no reserve or nothing was accepted.
+    fn refuse_overloaded(&mut self) -> bool {
+        if self.reserve_fd.take().is_none() {
+            return false;
+        }
+        let accepted = self.listener.accept();
+        let refused = match accepted {
+            Ok((mut stream, _)) => {
+                use std::io::Write as _;
+                // Read what the client sent so the close is a FIN, not a reset that
+                // could destroy the answer before the client reads it.
+                let mut sink = [0u8; 4096];
+                for _ in 0..4 {
+                    if !matches!(stream.read(&mut sink), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                let refusal = Refusal::overloaded();
+                let _ = stream.write_all(&refusal.to_response());
+                let _ = stream.shutdown(Shutdown::Write);
+                self.stats.overload_refused += 1;
+                true
+            }
+            Err(_) => false,
+        };
+        self.reserve_fd = std::fs::File::open("/dev/null").ok();
+        refused
     }
 
     fn add_conn(&mut self, mut stream: TcpStream) {
@@ -444,6 +604,38 @@ impl Reactor {
             write_shut: false,
             flush_queued: false,
         });
+        self.http_open += 1;
+        self.http_order.push_back(id);
+        // Over `max_http_connections`: the oldest not-upgraded connection goes first.
+        while self.http_open > self.s.config.max_http_connections {
+            if !self.evict_oldest_http(u64::MAX) {
+                break;
+            }
+        }
+        self.sweep_http_order();
+    }
+
+    /// Drop the entries of `http_order` that no longer name a connection that has not
+    /// upgraded, once they outnumber the live ones (amortized O(1) per accept).
+    fn sweep_http_order(&mut self) {
+        while let Some(front) = self.http_order.front() {
+            if self
+                .conns
+                .get(front.key)
+                .is_some_and(|c| c.serial == front.serial && matches!(c.phase, Phase::Http(_)))
+            {
+                break;
+            }
+            self.http_order.pop_front();
+        }
+        if self.http_order.len() > 2 * self.http_open + 64 {
+            let conns = &self.conns;
+            self.http_order.retain(|id| {
+                conns
+                    .get(id.key)
+                    .is_some_and(|c| c.serial == id.serial && matches!(c.phase, Phase::Http(_)))
+            });
+        }
     }
 
     /// `SO_SNDBUF` from `socket_send_buffer_bytes` (0: leave the kernel's): bounds the
@@ -499,88 +691,172 @@ impl Reactor {
 
     // ------------------------------------------------------------------- HTTP
 
+    /// One turn of a connection that has not upgraded: read what its budget allows, then
+    /// answer the complete requests ([`Reactor::process_http`]). Reading stops while
+    /// the unsent output is over [`HTTP_PENDING_LIMIT`] (the flush resumes it), past
+    /// [`HTTP_READ_BUDGET`] bytes (the next iteration resumes it), and once the buffer
+    /// holds a whole head limit, or the whole of an authorized publish request.
     fn read_http(&mut self, id: ConnId) {
         let now = self.tick();
-        let max_body = self.s.config.max_publish_bytes;
         let mut chunk = [0u8; READ_CHUNK];
         let mut eof = false;
         let mut err = None;
+        let mut stopped_early = false;
         {
             let Some(conn) = live(&mut self.conns, id) else {
                 return;
             };
+            let pending = conn.out.pending();
             let Phase::Http(st) = &mut conn.phase else {
                 return;
             };
-            loop {
-                // Cap what we buffer: the head limit plus the largest body we accept.
-                let cap = http::MAX_HEAD_BYTES + max_body;
-                if st.buf.len() >= cap {
-                    break;
-                }
-                let room = (cap - st.buf.len()).min(READ_CHUNK);
-                match conn.tcp.read(&mut chunk[..room]) {
-                    Ok(0) => {
-                        eof = true;
+            st.again_queued = false;
+            let before = st.buf.len();
+            if st.eof {
+                eof = true;
+            } else if pending >= HTTP_PENDING_LIMIT {
+                st.paused = true;
+            } else {
+                let mut budget = HTTP_READ_BUDGET;
+                loop {
+                    let cap = st.need.max(http::MAX_HEAD_BYTES) + st.start;
+                    if st.buf.len() >= cap || budget == 0 {
+                        stopped_early = true;
                         break;
                     }
-                    Ok(n) => {
-                        conn.bytes_in += n as u64;
-                        self.stats.bytes_in += n as u64;
-                        conn.last_rx = now;
-                        st.buf.extend_from_slice(&chunk[..n]);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        err = Some(e.kind());
-                        break;
+                    let room = (cap - st.buf.len()).min(READ_CHUNK).min(budget);
+                    match conn.tcp.read(chunk.get_mut(..room).unwrap_or_default()) {
+                        Ok(0) => {
+                            eof = true;
+                            st.eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            budget -= n;
+                            conn.bytes_in += n as u64;
+                            self.stats.bytes_in += n as u64;
+                            conn.last_rx = now;
+                            st.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            err = Some(e.kind());
+                            break;
+                        }
                     }
                 }
             }
+            self.http_buffered += st.buf.len() - before;
         }
         if let Some(kind) = err {
             self.close(id, CloseReason::Io(kind));
             return;
         }
-        self.process_http(id);
-        if eof {
-            // Half-closed client: answer what was complete, then finish.
+        if self.http_buffered > self.s.config.max_http_buffer_total_bytes {
+            self.shed_http_buffers();
+        }
+        let turn = self.process_http(id);
+        if eof && matches!(turn, HttpTurn::Wait) {
+            // Half-closed client: every complete request is answered; finish.
             if matches!(self.conn_mut(id).map(|c| &c.phase), Some(Phase::Http(_))) {
                 self.close(id, CloseReason::ClientClosed);
+            }
+            return;
+        }
+        // (A half-closed client with requests left is resumed like any other.)
+        let again = match turn {
+            HttpTurn::Budget => true,
+            HttpTurn::Wait => stopped_early,
+            HttpTurn::Paused | HttpTurn::Done => false,
+        };
+        if again {
+            if let Some(conn) = live(&mut self.conns, id) {
+                if let Phase::Http(st) = &mut conn.phase {
+                    if !st.again_queued {
+                        st.again_queued = true;
+                        self.http_again.push(id);
+                    }
+                }
             }
         }
     }
 
-    /// Answer every complete request in the buffer (keep-alive, pipelining).
-    fn process_http(&mut self, id: ConnId) {
-        let publish_enabled = self.s.config.publish_key.is_some();
+    /// Over `max_http_buffer_total_bytes`: close not-upgraded connections that hold
+    /// request bytes, oldest first, until the total is within the budget again.
+    fn shed_http_buffers(&mut self) {
+        let limit = self.s.config.max_http_buffer_total_bytes;
+        let mut i = 0;
+        while self.http_buffered > limit {
+            let Some(&id) = self.http_order.get(i) else {
+                break;
+            };
+            i += 1;
+            let holds = self.conns.get(id.key).is_some_and(|c| {
+                c.serial == id.serial && matches!(&c.phase, Phase::Http(st) if !st.buf.is_empty())
+            });
+            if holds {
+                self.evict_http(id, "max_http_buffer_total_bytes passed");
+            }
+        }
+    }
+
+    /// Answer the complete requests in the buffer (keep-alive, pipelining), at most
+    /// [`HTTP_REQUESTS_PER_TURN`] of them and only while the unsent output is under
+    /// [`HTTP_PENDING_LIMIT`]. An offset walks the buffer; the answered prefix is dropped
+    /// once at the end of the turn.
+    fn process_http(&mut self, id: ConnId) -> HttpTurn {
         let max_publish = self.s.config.max_publish_bytes;
-        loop {
-            let Some(conn) = self.conn_mut(id) else {
-                return;
+        let mut answered = 0;
+        let turn = loop {
+            let Some(conn) = live(&mut self.conns, id) else {
+                return HttpTurn::Done;
             };
+            let pending = conn.out.pending();
             let Phase::Http(st) = &mut conn.phase else {
-                return;
+                return HttpTurn::Done;
             };
-            let parsed = http::parse_head(&st.buf);
-            let (req, head_len) = match parsed {
-                Ok(None) => return,
+            if pending >= HTTP_PENDING_LIMIT {
+                st.paused = true;
+                break HttpTurn::Paused;
+            }
+            if answered == HTTP_REQUESTS_PER_TURN {
+                break HttpTurn::Budget;
+            }
+            let unread = st.buf.get(st.start..).unwrap_or_default();
+            let (req, head_len) = match http::parse_head(unread) {
+                Ok(None) => break HttpTurn::Wait,
                 Ok(Some(done)) => done,
                 Err(refusal) => {
                     self.refuse(id, &refusal);
-                    return;
+                    return HttpTurn::Done;
                 }
             };
-            let route = http::route(req.method, &req.path);
-            match route {
+            answered += 1;
+            // The last request a connection may make is answered with `Connection: close`.
+            let last = st.served + 1 >= HTTP_REQUESTS_PER_CONN;
+            match http::route(req.method, &req.path) {
                 Route::WebSocket(path_mode) => {
-                    let leftover = st.buf.get(head_len..).unwrap_or(&[]).to_vec();
+                    let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
+                    self.http_buffered = self
+                        .http_buffered
+                        .saturating_sub(st.buf.len().saturating_sub(st.start));
                     st.buf = Vec::new();
+                    st.start = 0;
                     self.upgrade(id, &req, path_mode, leftover);
-                    return;
+                    return HttpTurn::Done;
                 }
                 Route::Publish => {
+                    // Everything that needs no body is decided on the head, before a
+                    // byte of the body is buffered: disabled, key, length.
+                    if self.s.config.publish_key.is_none() {
+                        self.refuse(id, &Refusal::publish_disabled());
+                        return HttpTurn::Done;
+                    }
+                    if !self.publish_key_ok(&req) {
+                        self.publish_auth_failed(id);
+                        return HttpTurn::Done;
+                    }
                     let Some(len) = req.content_length else {
                         let r = if req.chunked {
                             Refusal::bad_request(
@@ -590,49 +866,112 @@ impl Reactor {
                             Refusal::bad_request("Content-Length required")
                         };
                         self.refuse(id, &r);
-                        return;
+                        return HttpTurn::Done;
                     };
-                    if !publish_enabled {
-                        self.refuse(id, &Refusal::not_found());
-                        return;
-                    }
                     if len > max_publish {
                         let body = json!({"error": "payload_too_large", "message": format!("body over max_publish_bytes ({max_publish})")});
                         self.respond_json(id, 413, &body, true, false);
-                        return;
+                        return HttpTurn::Done;
                     }
-                    if st.buf.len() < head_len + len {
-                        return; // wait for the rest of the body
+                    let Some(conn) = live(&mut self.conns, id) else {
+                        return HttpTurn::Done;
+                    };
+                    let Phase::Http(st) = &mut conn.phase else {
+                        return HttpTurn::Done;
+                    };
+                    let unread = st.buf.get(st.start..).unwrap_or_default();
+                    if unread.len() < head_len + len {
+                        st.need = head_len + len;
+                        break HttpTurn::Wait; // wait for the rest of the body
                     }
-                    let body: Vec<u8> =
-                        st.buf.get(head_len..head_len + len).unwrap_or(&[]).to_vec();
-                    st.buf.drain(..head_len + len);
+                    let body: Vec<u8> = unread
+                        .get(head_len..head_len + len)
+                        .unwrap_or_default()
+                        .to_vec();
+                    st.start += head_len + len;
+                    self.http_buffered = self.http_buffered.saturating_sub(head_len + len);
+                    st.need = 0;
                     st.served += 1;
-                    let keep = http::keep_alive(&req);
-                    let (status, answer) = self.publish(&req, &body);
+                    let keep = http::keep_alive(&req) && !last;
+                    let (status, answer) = self.publish(&body);
                     self.respond_json(id, status, &answer, !keep, false);
                     if !keep {
-                        return;
+                        return HttpTurn::Done;
                     }
                 }
                 other => {
-                    st.buf.drain(..head_len);
+                    st.start += head_len;
+                    self.http_buffered = self.http_buffered.saturating_sub(head_len);
                     st.served += 1;
                     if req.content_length.unwrap_or(0) > 0 || req.chunked {
                         // Bodies on GET are not read: answer, then close.
                         self.answer_get(id, other, &req, true);
-                        return;
+                        return HttpTurn::Done;
                     }
-                    let keep = http::keep_alive(&req);
+                    let keep = http::keep_alive(&req) && !last;
                     self.answer_get(id, other, &req, !keep);
                     if !keep {
-                        return;
+                        return HttpTurn::Done;
                     }
                 }
             }
             // Keep-alive: the idle deadline restarts after each answered request.
             self.rearm_phase(id, self.s.config.handshake_timeout_ms);
+        };
+        self.compact_http(id);
+        turn
+    }
+
+    /// Drop the answered prefix of a connection's request buffer (once per turn) and
+    /// give back a buffer much larger than what it still holds.
+    fn compact_http(&mut self, id: ConnId) {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let Phase::Http(st) = &mut conn.phase else {
+            return;
+        };
+        // (`http_buffered` already went down as `start` moved.)
+        let answered = st.start.min(st.buf.len());
+        if answered > 0 {
+            st.buf.drain(..answered);
+            st.start = 0;
         }
+        if st.buf.capacity() > st.buf.len().max(st.need) + HTTP_BUF_KEEP {
+            if st.buf.is_empty() {
+                st.buf = Vec::new();
+            } else {
+                st.buf.shrink_to(st.buf.len().max(st.need));
+            }
+        }
+    }
+
+    /// The publish key check, on the request head.
+    fn publish_key_ok(&self, req: &http::Request) -> bool {
+        match (&self.s.config.publish_key, req.header("authorization")) {
+            (Some(key), Some(h)) => {
+                publish::bearer(h).is_some_and(|given| publish::key_matches(given, key))
+            }
+            _ => false,
+        }
+    }
+
+    /// A publish request with a missing or wrong key: 401 and close (issue 9 F11), one
+    /// counter, and at most one log line per [`RATE_LOG_MS`] with the count since the
+    /// last one (never the key).
+    fn publish_auth_failed(&mut self, id: ConnId) {
+        self.stats.http_requests += 1;
+        self.stats.publish_auth_failures += 1;
+        if let Some(n) = self.publish_auth_log.hit(self.tick(), RATE_LOG_MS) {
+            log::warn!(
+                "conn={} publish API: missing or wrong publish key; {n} such request(s) \
+                 since the last line ({} in all)",
+                id.public_id(),
+                self.stats.publish_auth_failures
+            );
+        }
+        let body = json!({"error": "invalid_key", "message": "missing or wrong publish key"});
+        self.respond_json(id, 401, &body, true, false);
     }
 
     fn answer_get(&mut self, id: ConnId, route: Route, req: &http::Request, close: bool) {
@@ -641,13 +980,20 @@ impl Reactor {
         match route {
             Route::Health => {
                 let status = if self.draining { 503 } else { 200 };
-                let body = json!({
-                    "status": if self.draining { "draining" } else { "healthy" },
+                // Degraded (still 200: it serves) while accepts fail at the descriptor
+                // limit, with the reason.
+                let degraded = !self.draining && self.accept_degraded();
+                let mut body = json!({
+                    "status": if self.draining { "draining" } else if degraded { "degraded" } else { "healthy" },
                     "version": env!("CARGO_PKG_VERSION"),
                     "uptime_s": self.start.elapsed().as_secs(),
                     "connections": self.open_sessions,
                     "epoch": &*self.epoch,
+                    "accept_failures": self.stats.accept_failures,
                 });
+                if degraded {
+                    body["reason"] = json!("accept failed within the last 10 s: file descriptor limit reached (see ulimit -n)");
+                }
                 self.respond_json(id, status, &body, close, head_only);
             }
             Route::Config => {
@@ -714,7 +1060,18 @@ impl Reactor {
                 })
                 .sum(),
             uptime_s: self.start.elapsed().as_secs(),
+            http_open: self.http_open,
+            http_buffered_bytes: self.http_buffered,
+            http_open_limit: self.s.config.max_http_connections,
+            http_buffer_limit: self.s.config.max_http_buffer_total_bytes,
+            accept_degraded: self.accept_degraded(),
         }
+    }
+
+    /// True when an accept failed within the last [`DEGRADED_MS`].
+    fn accept_degraded(&self) -> bool {
+        self.last_accept_failure
+            .is_some_and(|t| self.tick() < t + DEGRADED_MS)
     }
 
     fn respond_json(
@@ -777,20 +1134,9 @@ impl Reactor {
 
     // ---------------------------------------------------------------- publish
 
-    fn publish(&mut self, req: &http::Request, body: &[u8]) -> (u16, Value) {
+    /// Route an authorized publish request's batch (the key was checked on the head).
+    fn publish(&mut self, body: &[u8]) -> (u16, Value) {
         self.stats.http_requests += 1;
-        let key_ok = match (&self.s.config.publish_key, req.header("authorization")) {
-            (Some(key), Some(h)) => {
-                publish::bearer(h).is_some_and(|given| publish::key_matches(given, key))
-            }
-            _ => false,
-        };
-        if !key_ok {
-            return (
-                401,
-                json!({"error": "invalid_key", "message": "missing or wrong publish key"}),
-            );
-        }
         let parsed = match publish::parse_batch(body) {
             Ok(events) => events,
             Err(publish::BatchError::TooMany(n)) => {
@@ -1026,6 +1372,8 @@ impl Reactor {
             up.subprotocol,
         )));
         conn.last_rx = now;
+        // Leaves the HTTP phase (its buffer was emptied by `process_http`).
+        self.http_open = self.http_open.saturating_sub(1);
         conn.phase = Phase::Open(Box::new(Session {
             ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
             user,
@@ -1167,14 +1515,20 @@ impl Reactor {
             let Some(conn) = self.conn_mut(id) else {
                 return;
             };
-            let mut sink = [0u8; 4096];
+            let mut sink = [0u8; 16 * 1024];
+            // A peer that keeps sending to a closing connection (a pipelining flood cut
+            // off by the request cap) does not hold the loop: at most this many bytes
+            // per readable event (its next bytes raise a new edge; the linger timer
+            // still ends the connection).
+            let mut left = CLOSING_DISCARD_BYTES;
             loop {
                 match conn.tcp.read(&mut sink) {
                     Ok(0) => {
                         done = true;
                         break;
                     }
-                    Ok(_) => continue,
+                    Ok(n) if n >= left => break,
+                    Ok(n) => left -= n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => {
@@ -1480,7 +1834,16 @@ impl Reactor {
                     self.pump_replay(id);
                 }
             }
-            Phase::Http(_) => {}
+            Phase::Http(st) => {
+                // A paused connection (output over the bound) resumes once it drains.
+                if st.paused && pending < HTTP_PENDING_LIMIT {
+                    st.paused = false;
+                    if !st.again_queued {
+                        st.again_queued = true;
+                        self.http_again.push(id);
+                    }
+                }
+            }
         }
     }
 
@@ -1790,7 +2153,12 @@ impl Reactor {
                 conn.phase = Phase::Closing;
                 return;
             }
-            Phase::Http(_) => {}
+            Phase::Http(st) => {
+                self.http_open = self.http_open.saturating_sub(1);
+                self.http_buffered = self
+                    .http_buffered
+                    .saturating_sub(st.buf.len().saturating_sub(st.start));
+            }
             Phase::Open(mut session) => {
                 if let Some((code, text)) = reason.close_frame() {
                     if matches!(reason, CloseReason::SlowConsumer | CloseReason::OverBudget) {

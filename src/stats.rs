@@ -112,12 +112,24 @@ pub struct Gauges {
     pub send_buffer_effective: usize,
     /// Log lines dropped because the log writer could not keep up.
     pub log_lines_dropped: u64,
+    /// Connections that have not upgraded (plain HTTP, handshakes in progress), and the
+    /// request bytes they hold; with their limits (`max_http_connections`,
+    /// `max_http_buffer_total_bytes`).
+    pub http_open: usize,
+    pub http_buffered_bytes: usize,
+    pub http_open_limit: usize,
+    pub http_buffer_limit: usize,
+    /// An accept failed (descriptor limit) within the last few seconds.
+    pub accept_degraded: bool,
 }
 
 impl Gauges {
     /// Every budget as (name, limit, used): `pending_total` is unsent output over all
     /// connections against `max_pending_total_bytes`; `socket_send_buffer` is the
-    /// per-socket `SO_SNDBUF` asked for against what the kernel applied.
+    /// per-socket `SO_SNDBUF` asked for against what the kernel applied;
+    /// `http_connections` and `http_buffer_bytes` are the connections that have not
+    /// upgraded and the request bytes they hold, against `max_http_connections` and
+    /// `max_http_buffer_total_bytes`.
     pub fn budgets(&self) -> Vec<(&'static str, u64, u64)> {
         let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         vec![
@@ -130,6 +142,16 @@ impl Gauges {
                 "socket_send_buffer",
                 wide(self.send_buffer_limit),
                 wide(self.send_buffer_effective),
+            ),
+            (
+                "http_connections",
+                wide(self.http_open_limit),
+                wide(self.http_open),
+            ),
+            (
+                "http_buffer_bytes",
+                wide(self.http_buffer_limit),
+                wide(self.http_buffered_bytes),
             ),
         ]
     }
@@ -155,6 +177,15 @@ pub struct Stats {
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
     pub timer_handling_us: u64,
+    /// `accept` failures (EMFILE/ENFILE and other errors).
+    pub accept_failures: u64,
+    /// Connections answered 503 `overloaded` at the descriptor limit (reserve descriptor).
+    pub overload_refused: u64,
+    /// Not-upgraded connections closed because `max_http_connections` or
+    /// `max_http_buffer_total_bytes` was passed (oldest first) or descriptors ran out.
+    pub http_evicted: u64,
+    /// Publish requests with a missing or wrong key.
+    pub publish_auth_failures: u64,
     latency_us: Histogram,
     loop_us: Histogram,
 }
@@ -289,6 +320,10 @@ impl Stats {
             loop_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
+            accept_failures: 0,
+            overload_refused: 0,
+            http_evicted: 0,
+            publish_auth_failures: 0,
             latency_us: Histogram::new(),
             loop_us: Histogram::new(),
         }
@@ -411,6 +446,17 @@ impl Stats {
                 "fired": self.timers_fired,
                 "handling_us": self.timer_handling_us,
             },
+            "http": {
+                "open": g.http_open,
+                "buffered_bytes": g.http_buffered_bytes,
+                "evicted": self.http_evicted,
+            },
+            "accept": {
+                "failures": self.accept_failures,
+                "overload_refused": self.overload_refused,
+                "degraded": g.accept_degraded,
+            },
+            "publish": {"auth_failures": self.publish_auth_failures},
         })
     }
 
@@ -562,16 +608,52 @@ impl Stats {
             "Bytes queued and not yet written, all connections.",
             &one(g.pending_out_bytes as f64),
         );
+        metric(
+            "http_connections_open",
+            "gauge",
+            "Connections not yet upgraded (plain HTTP, handshakes in progress).",
+            &one(g.http_open as f64),
+        );
+        metric(
+            "http_buffered_bytes",
+            "gauge",
+            "Request bytes buffered by connections not yet upgraded.",
+            &one(g.http_buffered_bytes as f64),
+        );
+        metric(
+            "http_evicted_total",
+            "counter",
+            "Not-upgraded connections closed, oldest first, over an HTTP limit.",
+            &one(self.http_evicted as f64),
+        );
+        metric(
+            "accept_failures_total",
+            "counter",
+            "Failed accepts (descriptor limit and other errors).",
+            &one(self.accept_failures as f64),
+        );
+        metric(
+            "overload_refused_total",
+            "counter",
+            "Connections answered 503 overloaded at the descriptor limit.",
+            &one(self.overload_refused as f64),
+        );
+        metric(
+            "publish_auth_failures_total",
+            "counter",
+            "Publish requests with a missing or wrong key.",
+            &one(self.publish_auth_failures as f64),
+        );
         let budgets = g.budgets();
         for (name, help, pick) in [
             (
                 "budget_limit",
-                "Configured budgets (pending_total, socket_send_buffer), in bytes.",
+                "Configured budgets (pending_total and socket_send_buffer in bytes, http_connections, http_buffer_bytes).",
                 (|b: &(&str, u64, u64)| b.1) as fn(&(&str, u64, u64)) -> u64,
             ),
             (
                 "budget_used",
-                "Budget use: unsent bytes (pending_total), SO_SNDBUF applied by the kernel (socket_send_buffer).",
+                "Budget use: unsent bytes (pending_total), SO_SNDBUF applied by the kernel (socket_send_buffer), not-upgraded connections and their buffered bytes.",
                 |b: &(&str, u64, u64)| b.2,
             ),
         ] {

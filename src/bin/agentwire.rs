@@ -56,6 +56,16 @@ fn token(config: &Config, sub: &str, ttl_s: u64) -> ExitCode {
 
 fn serve(mut config: Config) -> ExitCode {
     let dev = config.dev_mode();
+    if dev && !config.dev && !config.listen.ip().is_loopback() {
+        eprintln!(
+            "agentwire: invalid dev: no JWT key is configured (dev mode: a generated secret, \
+             the publish key printed below) and listen {} is not loopback; set jwt_secret or \
+             jwt_public_key_file, listen on 127.0.0.1, or pass --dev (AGENTWIRE_DEV=true) to \
+             run dev mode on this address",
+            config.listen
+        );
+        return ExitCode::from(2);
+    }
     // Decide the demo agent before a dev secret makes the config look configured.
     config.demo_agent = Some(config.demo_agent_effective());
     if dev {
@@ -64,6 +74,7 @@ fn serve(mut config: Config) -> ExitCode {
             config.publish_key = Some(format!("pk-dev-{}", &auth::generate_secret()[..24]));
         }
     }
+    check_open_file_limit(&config);
     let mut gateway = match Gateway::new(config.clone()) {
         Ok(g) => g,
         Err(e) => {
@@ -91,6 +102,11 @@ fn serve(mut config: Config) -> ExitCode {
     if dev {
         print_dev_banner(&config, addr);
     }
+    if config.publish_key.is_some() {
+        log::info!("publish API enabled: POST /api/events with the publish key");
+    } else {
+        log::info!("publish API disabled (POST /api/events answers 404): set publish_key");
+    }
     log::info!(
         "agentwire {} listening on {addr} (epoch {})",
         env!("CARGO_PKG_VERSION"),
@@ -102,6 +118,56 @@ fn serve(mut config: Config) -> ExitCode {
             log::error!("{e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Descriptors needed beyond the connections: listener, poll, waker, signal pipe, the
+/// reserve descriptor, log and demo threads, files.
+const FD_HEADROOM: u64 = 64;
+
+/// Compare the open-file limit (`RLIMIT_NOFILE`) with what the settings need
+/// (`max_connections + max_http_connections +` [`FD_HEADROOM`]): raise the soft limit
+/// toward the hard limit when it is lower, and warn when even that is not enough
+/// (connections past the limit are then answered 503 `overloaded`).
+fn check_open_file_limit(config: &Config) {
+    let need = (config.max_connections as u64)
+        .saturating_add(config.max_http_connections as u64)
+        .saturating_add(FD_HEADROOM);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        log::warn!("cannot read the open-file limit (RLIMIT_NOFILE)");
+        return;
+    }
+    let soft: u64 = lim.rlim_cur;
+    let hard: u64 = lim.rlim_max;
+    if soft >= need {
+        return;
+    }
+    let mut have = soft;
+    let target = need.min(hard);
+    if target > soft {
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            log::info!("raised the open-file limit (ulimit -n) from {soft} to {target}");
+            have = target;
+        } else {
+            log::warn!("cannot raise the open-file limit (ulimit -n) from {soft} to {target}");
+        }
+    }
+    if have < need {
+        log::warn!(
+            "open-file limit (ulimit -n) is {have}, below max_connections + \
+             max_http_connections + {FD_HEADROOM} = {need}: past it new connections are \
+             answered 503 overloaded; raise the hard limit or lower max_connections"
+        );
     }
 }
 

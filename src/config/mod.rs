@@ -151,6 +151,14 @@ settings! {
         /// connection; 0 leaves the kernel default (autotuning). Default 262144.
         socket_send_buffer_bytes: usize = 262_144, Integer(0, GIB),
             "SO_SNDBUF of accepted sockets, in bytes (0: the kernel default)";
+        /// Connections that have not upgraded (HTTP requests, handshakes in progress); over
+        /// it the oldest is closed. Default 1024.
+        max_http_connections: usize = 1_024, Integer(1, 10_000_000),
+            "Connections not yet upgraded (HTTP, handshakes); over it the oldest is closed";
+        /// Request bytes buffered by all connections that have not upgraded, in bytes; over
+        /// it the oldest holding any is closed. Default 67108864.
+        max_http_buffer_total_bytes: usize = 67_108_864, Integer(1, 64 * GIB),
+            "Request bytes buffered by all connections not yet upgraded, in bytes";
         /// Interval between WebSocket Pings, in milliseconds. Default 30000.
         heartbeat_interval_ms: u64 = 30_000, Integer(1, DAY_MS),
             "Interval between WebSocket Pings, in milliseconds";
@@ -180,6 +188,9 @@ settings! {
         demo_agent: Option<bool> = None, AutoBool,
             "Built-in demo agent answering user_message with a realistic run",
             shown "auto (on in dev mode)";
+        /// Allow dev mode (no JWT key) on a listen address that is not loopback. Default false.
+        dev: bool = false, Bool,
+            "Allow dev mode (no JWT key) on a listen address that is not loopback";
     }
 }
 
@@ -275,6 +286,17 @@ impl Config {
                     self.heartbeat_timeout_ms, self.heartbeat_interval_ms
                 ),
             });
+        }
+        if let Some(key) = &self.publish_key {
+            if key.len() < MIN_SECRET_BYTES {
+                return Err(ConfigError::Inconsistent {
+                    name: "publish_key",
+                    message: format!(
+                        "must be at least {MIN_SECRET_BYTES} bytes, got {} bytes",
+                        key.len()
+                    ),
+                });
+            }
         }
         if self.max_connections_per_user > self.max_connections {
             return Err(ConfigError::Inconsistent {

@@ -26,7 +26,7 @@ fn sample(name: &str) -> String {
         "jwt_leeway_s" => "7",
         "allow_query_token" => "false",
         "allowed_origins" => "http://a.example, http://b.example:8080",
-        "publish_key" => "pub-key-value",
+        "publish_key" => "pub-key-value-0123456789",
         "max_connections" => "500",
         "max_connections_per_user" => "9",
         "per_user_policy" => "reject",
@@ -92,7 +92,7 @@ fn assert_sample(config: &Config, name: &str) {
             c.allowed_origins,
             ["http://a.example", "http://b.example:8080"]
         ),
-        "publish_key" => assert_eq!(c.publish_key.as_deref(), Some("pub-key-value")),
+        "publish_key" => assert_eq!(c.publish_key.as_deref(), Some("pub-key-value-0123456789")),
         "max_connections" => assert_eq!(c.max_connections, 500),
         "max_connections_per_user" => assert_eq!(c.max_connections_per_user, 9),
         "per_user_policy" => assert_eq!(c.per_user_policy, PerUserPolicy::Reject),
@@ -656,6 +656,12 @@ fn validate_checks_combinations() {
     check(&|c| c.jwt_secret = Some("short".into()), "jwt_secret");
     check(&|c| c.jwt_issuer = Some(String::new()), "jwt_issuer");
     check(&|c| c.publish_key = Some(String::new()), "publish_key");
+    // Issue 9 F11: a publish key as short as one character is refused.
+    check(&|c| c.publish_key = Some("k".into()), "publish_key");
+    check(
+        &|c| c.publish_key = Some("x".repeat(MIN_SECRET_BYTES - 1)),
+        "publish_key",
+    );
 
     let mut ok = Config {
         jwt_algorithm: JwtAlgorithm::Rs256,
@@ -697,7 +703,7 @@ fn load_warns_about_keys_the_algorithm_ignores() {
 fn public_json_has_every_setting_but_no_secret() {
     let mut c = Config::default();
     c.set("jwt_secret", SECRET).unwrap();
-    c.set("publish_key", "pub-key-value").unwrap();
+    c.set("publish_key", "pub-key-value-0123456789").unwrap();
     c.set("allowed_origins", "http://a.example").unwrap();
     let json = c.to_public_json(false);
     let obj = json.as_object().unwrap();
@@ -725,12 +731,12 @@ fn public_json_has_every_setting_but_no_secret() {
     assert_eq!(obj["jwt_issuer"], serde_json::Value::Null);
     let text = json.to_string();
     assert!(
-        !text.contains(SECRET) && !text.contains("pub-key-value"),
+        !text.contains(SECRET) && !text.contains("pub-key-value-0123456789"),
         "{text}"
     );
     let debug = format!("{c:?}");
     assert!(
-        !debug.contains(SECRET) && !debug.contains("pub-key-value"),
+        !debug.contains(SECRET) && !debug.contains("pub-key-value-0123456789"),
         "{debug}"
     );
     assert!(

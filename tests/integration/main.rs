@@ -21,6 +21,7 @@ mod library;
 mod limits;
 mod model;
 mod publish_api;
+mod redteam_http;
 mod redteam_process;
 mod refusals;
 mod resume;
