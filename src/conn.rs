@@ -19,7 +19,7 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 use tungstenite::protocol::WebSocketContext;
 
-use crate::http::Mode;
+use crate::mode::Mode;
 use crate::timer_wheel::TimerId;
 
 /// A connection's identity beyond one callback: its slab key plus a serial number that

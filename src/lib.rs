@@ -60,6 +60,8 @@ pub mod emitter;
 pub mod event;
 pub mod http;
 pub mod log_sink;
+pub mod mode;
+pub mod origin;
 pub mod publish;
 mod reactor;
 pub mod registry;

@@ -94,13 +94,6 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Event>, BatchError> {
     }
 }
 
-/// The credentials of an `Authorization: Bearer <key>` header (the scheme is
-/// case-insensitive, RFC 7235).
-pub fn bearer(header: &str) -> Option<&str> {
-    let (scheme, rest) = header.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-}
-
 /// Constant-time comparison of the presented key with the configured one.
 pub fn key_matches(given: &str, expected: &str) -> bool {
     let (a, b) = (given.as_bytes(), expected.as_bytes());
@@ -216,15 +209,6 @@ mod tests {
         );
         let body = format!("[{}]", vec![ok; MAX_BATCH].join(","));
         assert_eq!(parse_batch(body.as_bytes()).unwrap().len(), MAX_BATCH);
-    }
-
-    #[test]
-    fn bearer_scheme_is_case_insensitive() {
-        assert_eq!(bearer("Bearer pk-1"), Some("pk-1"));
-        assert_eq!(bearer("bearer  pk-1 "), Some("pk-1"));
-        assert_eq!(bearer("BEARER pk-1"), Some("pk-1"));
-        assert_eq!(bearer("Basic pk-1"), None);
-        assert_eq!(bearer("Bearer"), None);
     }
 
     #[test]

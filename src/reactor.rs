@@ -43,7 +43,8 @@ use crate::config::{Config, PerUserPolicy};
 use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
-use crate::http::{self, Method, Mode, Refusal, Route};
+use crate::http::{self, Method, Refusal, Route};
+use crate::mode::Mode;
 use crate::log_sink::Repeats;
 use crate::publish;
 use crate::registry::{ConnEntry, Registry, Resume, Routed, Run};
@@ -835,7 +836,7 @@ impl Reactor {
             answered += 1;
             // The last request a connection may make is answered with `Connection: close`.
             let last = st.served + 1 >= HTTP_REQUESTS_PER_CONN;
-            match http::route(req.method, &req.path) {
+            match Route::of(req.method, &req.path) {
                 Route::WebSocket(path_mode) => {
                     let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
                     self.http_buffered = self
@@ -857,22 +858,18 @@ impl Reactor {
                         self.publish_auth_failed(id);
                         return HttpTurn::Done;
                     }
-                    let Some(len) = req.content_length else {
-                        let r = if req.chunked {
-                            Refusal::bad_request(
-                                "chunked bodies are not supported; send Content-Length",
-                            )
-                        } else {
-                            Refusal::bad_request("Content-Length required")
-                        };
-                        self.refuse(id, &r);
-                        return HttpTurn::Done;
+                    let len = match http::body_length(&req, max_publish) {
+                        Ok(len) => len,
+                        // Too large: answered, not counted as a refused connection.
+                        Err(r) if r.status == 413 => {
+                            self.respond_raw(id, r.to_response(), true);
+                            return HttpTurn::Done;
+                        }
+                        Err(r) => {
+                            self.refuse(id, &r);
+                            return HttpTurn::Done;
+                        }
                     };
-                    if len > max_publish {
-                        let body = json!({"error": "payload_too_large", "message": format!("body over max_publish_bytes ({max_publish})")});
-                        self.respond_json(id, 413, &body, true, false);
-                        return HttpTurn::Done;
-                    }
                     let Some(conn) = live(&mut self.conns, id) else {
                         return HttpTurn::Done;
                     };
@@ -948,10 +945,8 @@ impl Reactor {
 
     /// The publish key check, on the request head.
     fn publish_key_ok(&self, req: &http::Request) -> bool {
-        match (&self.s.config.publish_key, req.header("authorization")) {
-            (Some(key), Some(h)) => {
-                publish::bearer(h).is_some_and(|given| publish::key_matches(given, key))
-            }
+        match (&self.s.config.publish_key, req.bearer()) {
+            (Some(key), Ok(Some(given))) => publish::key_matches(given, key),
             _ => false,
         }
     }

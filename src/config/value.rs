@@ -13,6 +13,7 @@ use serde_json::Value as Json;
 
 use super::SettingKind;
 use crate::auth::JwtAlgorithm;
+use crate::origin;
 
 /// What to do when a user opens one connection more than `max_connections_per_user`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,13 +318,13 @@ impl Value for Option<u64> {
 impl Value for Vec<String> {
     fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
         match kind {
-            SettingKind::Origins => *self = parse_origin_list(text.split(','))?,
+            SettingKind::Origins => *self = origin::parse_list(text.split(','))?,
             _ => return wrong_kind(kind),
         }
         Ok(())
     }
     fn set_list(&mut self, items: &[&str]) -> Option<Result<(), String>> {
-        Some(parse_origin_list(items.iter().copied()).map(|origins| *self = origins))
+        Some(origin::parse_list(items.iter().copied()).map(|origins| *self = origins))
     }
     fn fits(&self, kind: SettingKind) -> bool {
         kind == SettingKind::Origins
@@ -339,16 +340,7 @@ impl Value for Vec<String> {
         }
     }
     fn check_form(&self) -> Result<(), String> {
-        for origin in self {
-            match parse_origin(origin)? {
-                Some(normal) if normal == *origin => {}
-                _ => {
-                    let why = "expected lower case, no default port, no blanks";
-                    return Err(format!("{origin:?} is not in normal form: {why}"));
-                }
-            }
-        }
-        Ok(())
+        self.iter().try_for_each(|o| origin::check_normal(o))
     }
 }
 
@@ -395,100 +387,4 @@ fn parse_integer(kind: SettingKind, value: &str) -> Result<u64, String> {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(kind.expected()),
     }
-}
-
-/// Parse each item as an origin; blank items are skipped and duplicates dropped.
-fn parse_origin_list<'a>(items: impl Iterator<Item = &'a str>) -> Result<Vec<String>, String> {
-    let mut origins: Vec<String> = Vec::new();
-    for item in items {
-        if let Some(origin) = parse_origin(item)? {
-            if !origins.contains(&origin) {
-                origins.push(origin);
-            }
-        }
-    }
-    Ok(origins)
-}
-
-/// One origin, `scheme://host[:port]`, normalized as browsers send it: lower case, the
-/// scheme's default port dropped. `Ok(None)` for a blank item.
-fn parse_origin(item: &str) -> Result<Option<String>, String> {
-    let item = item.trim();
-    if item.is_empty() {
-        return Ok(None);
-    }
-    let not_origin = |why: &str| format!("{item:?} is not an origin: {why}");
-    if item == "*" {
-        return Err(not_origin(
-            "leave allowed_origins empty to accept any origin",
-        ));
-    }
-    let lower = item.to_ascii_lowercase();
-    let (scheme, rest) = lower.split_once("://").ok_or_else(|| {
-        not_origin("expected scheme://host[:port], such as https://app.example.com")
-    })?;
-    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    if !scheme_ok {
-        return Err(not_origin("bad scheme"));
-    }
-    if rest
-        .chars()
-        .any(|c| matches!(c, '/' | '?' | '#' | '@' | '\\') || c.is_whitespace() || c.is_control())
-    {
-        return Err(not_origin(
-            "an origin has no path, query, user info or trailing slash",
-        ));
-    }
-    let (host, port) = if let Some(after) = rest.strip_prefix('[') {
-        let (inside, tail) = after
-            .split_once(']')
-            .ok_or_else(|| not_origin("unclosed [ in IPv6 host"))?;
-        if inside.is_empty()
-            || !inside
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'))
-        {
-            return Err(not_origin("bad IPv6 host"));
-        }
-        let port = match tail {
-            "" => None,
-            t => Some(
-                t.strip_prefix(':')
-                    .ok_or_else(|| not_origin("unexpected text after ]"))?,
-            ),
-        };
-        (format!("[{inside}]"), port)
-    } else {
-        let (host, port) = match rest.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (rest, None),
-        };
-        if host.is_empty() || host.contains(['[', ']']) {
-            return Err(not_origin("missing or bad host"));
-        }
-        (host.to_owned(), port)
-    };
-    let port = match port {
-        None => None,
-        Some(p) => {
-            let n = if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-                None
-            } else {
-                p.parse::<u16>().ok().filter(|n| *n != 0)
-            };
-            Some(n.ok_or_else(|| not_origin("bad port"))?)
-        }
-    };
-    let default_port = match scheme {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        _ => None,
-    };
-    Ok(Some(match port {
-        Some(p) if Some(p) != default_port => format!("{scheme}://{host}:{p}"),
-        _ => format!("{scheme}://{host}"),
-    }))
 }

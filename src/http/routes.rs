@@ -1,0 +1,142 @@
+//! The path table of PROTOCOL.md sections 3 (the WebSocket path and its aliases) and 6
+//! (health, config, stats, metrics, publish): which [`Route`] a method and path take
+//! ([`Route::of`]) and which methods a known path allows ([`allowed_methods`], the 405's
+//! `Allow` header).
+
+use super::Method;
+use crate::mode::Mode;
+
+/// Where a request goes (section 3 aliases and section 6 endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A WebSocket path; the mode implied by the alias (`None` for `/ws`).
+    WebSocket(Option<Mode>),
+    /// `GET /health`, `GET /ws/health`.
+    Health,
+    /// `GET /ws/config`.
+    Config,
+    /// `GET /ws/stats`.
+    Stats,
+    /// `GET /metrics`.
+    Metrics,
+    /// `POST /api/events`.
+    Publish,
+    /// Unknown path: 404.
+    NotFound,
+    /// Known path, wrong method: 405 with the `Allow` header of [`allowed_methods`].
+    MethodNotAllowed,
+}
+
+/// The route of a known path regardless of method (one trailing `/` tolerated).
+pub(super) fn known_path(path: &str) -> Option<Route> {
+    let path = if path.len() > 1 {
+        path.strip_suffix('/').unwrap_or(path)
+    } else {
+        path
+    };
+    match path {
+        "/ws" => Some(Route::WebSocket(None)),
+        "/ws/factory" => Some(Route::WebSocket(Some(Mode::Factory))),
+        "/ws/isolated" => Some(Route::WebSocket(Some(Mode::Isolated))),
+        "/websocket" => Some(Route::WebSocket(Some(Mode::Legacy))),
+        "/health" | "/ws/health" => Some(Route::Health),
+        "/ws/config" => Some(Route::Config),
+        "/ws/stats" => Some(Route::Stats),
+        "/metrics" => Some(Route::Metrics),
+        "/api/events" => Some(Route::Publish),
+        #[cfg(feature = "conformance")]
+        "/conformance/echo" => Some(Route::WebSocket(Some(Mode::Echo))),
+        _ => None,
+    }
+}
+
+impl Route {
+    /// Route a request: WebSocket paths and the read endpoints take GET and HEAD,
+    /// `/api/events` takes POST; a known path with another method is
+    /// [`Route::MethodNotAllowed`], an unknown path [`Route::NotFound`] whatever the
+    /// method. One trailing slash is tolerated (`/ws/` = `/ws`).
+    pub fn of(method: Method, path: &str) -> Route {
+        match known_path(path) {
+            None => Route::NotFound,
+            Some(Route::Publish) if method == Method::Post => Route::Publish,
+            Some(Route::Publish) => Route::MethodNotAllowed,
+            Some(r) if matches!(method, Method::Get | Method::Head) => r,
+            Some(_) => Route::MethodNotAllowed,
+        }
+    }
+}
+
+/// The `Allow` header value for a known path (`GET` for WebSocket paths, `GET, HEAD`
+/// for the read endpoints, `POST` for publish); `None` for an unknown path.
+pub fn allowed_methods(path: &str) -> Option<&'static str> {
+    match known_path(path)? {
+        Route::WebSocket(_) => Some("GET"),
+        Route::Publish => Some("POST"),
+        _ => Some("GET, HEAD"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_and_alias() {
+        use Method::*;
+        let cases = [
+            (Get, "/ws", Route::WebSocket(None)),
+            (Get, "/ws/factory", Route::WebSocket(Some(Mode::Factory))),
+            (Get, "/ws/isolated", Route::WebSocket(Some(Mode::Isolated))),
+            (Get, "/websocket", Route::WebSocket(Some(Mode::Legacy))),
+            (Get, "/health", Route::Health),
+            (Get, "/ws/health", Route::Health),
+            (Get, "/ws/config", Route::Config),
+            (Get, "/ws/stats", Route::Stats),
+            (Get, "/metrics", Route::Metrics),
+            (Post, "/api/events", Route::Publish),
+            (Head, "/health", Route::Health),
+            (Head, "/ws/health", Route::Health),
+            (Head, "/ws/config", Route::Config),
+            (Head, "/ws/stats", Route::Stats),
+            (Head, "/metrics", Route::Metrics),
+            (Head, "/ws", Route::WebSocket(None)),
+            // One trailing slash is tolerated.
+            (Get, "/ws/", Route::WebSocket(None)),
+            (Get, "/ws/factory/", Route::WebSocket(Some(Mode::Factory))),
+            (Get, "/health/", Route::Health),
+            (Post, "/api/events/", Route::Publish),
+            // Unknown paths, whatever the method.
+            (Get, "/", Route::NotFound),
+            (Get, "/ws//", Route::NotFound),
+            (Get, "/WS", Route::NotFound),
+            (Get, "/w%73", Route::NotFound),
+            (Get, "/ws/other", Route::NotFound),
+            (Get, "/healthz", Route::NotFound),
+            (Post, "/nope", Route::NotFound),
+            (Other, "/nope", Route::NotFound),
+            (Get, "*", Route::NotFound),
+            (Get, "", Route::NotFound),
+            // Method mismatches.
+            (Post, "/ws", Route::MethodNotAllowed),
+            (Other, "/websocket", Route::MethodNotAllowed),
+            (Post, "/health", Route::MethodNotAllowed),
+            (Post, "/metrics", Route::MethodNotAllowed),
+            (Other, "/ws/stats", Route::MethodNotAllowed),
+            (Post, "/ws/config", Route::MethodNotAllowed),
+            (Get, "/api/events", Route::MethodNotAllowed),
+            (Head, "/api/events", Route::MethodNotAllowed),
+            (Other, "/api/events", Route::MethodNotAllowed),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(Route::of(method, path), want, "{method:?} {path}");
+        }
+    }
+
+    #[test]
+    fn allow_header_for_405() {
+        assert_eq!(allowed_methods("/ws"), Some("GET"));
+        assert_eq!(allowed_methods("/health/"), Some("GET, HEAD"));
+        assert_eq!(allowed_methods("/api/events"), Some("POST"));
+        assert_eq!(allowed_methods("/nope"), None);
+    }
+}
