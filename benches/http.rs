@@ -1,6 +1,6 @@
 //! The HTTP side of a new connection, with the functions the reactor calls, in its
-//! order: [`parse_head`], [`route`], then for a WebSocket path [`check_upgrade`] (which
-//! derives the `Sec-WebSocket-Accept` key), [`origin_allowed`] and the 101 bytes
+//! order: [`parse_head`], [`Route::of`], then for a WebSocket path [`check_upgrade`]
+//! (which derives the `Sec-WebSocket-Accept` key), [`origin::allowed`] and the 101 bytes
 //! ([`upgrade_response`]); for `/health` the JSON answer ([`json_response`]); for a
 //! refusal its response ([`Refusal::to_response`]).
 //!
@@ -13,9 +13,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use agentwire::http::{
-    check_upgrade, json_response, keep_alive, origin_allowed, parse_head, route, upgrade_response,
-    Refusal, Route,
+    check_upgrade, json_response, keep_alive, parse_head, upgrade_response, Refusal, Route,
 };
+use agentwire::origin;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 
@@ -65,11 +65,11 @@ fn upgrade_path(buf: &[u8], allowed: &[String]) -> Result<(Vec<u8>, String), Vec
         Ok(None) => return Err(Vec::new()),
         Err(r) => return Err(r.to_response()),
     };
-    let Route::WebSocket(path_mode) = route(req.method, &req.path) else {
+    let Route::WebSocket(path_mode) = Route::of(req.method, &req.path) else {
         return Err(Refusal::not_found().to_response());
     };
     let up = check_upgrade(&req, path_mode, true).map_err(|r| r.to_response())?;
-    if !origin_allowed(up.origin.as_deref(), allowed) {
+    if !origin::allowed(up.origin.as_deref(), allowed) {
         return Err(Refusal::forbidden("origin not allowed").to_response());
     }
     let Some((token, _source)) = up.token else {
@@ -83,7 +83,7 @@ fn health_path(buf: &[u8]) -> Vec<u8> {
     let Ok(Some((req, _))) = parse_head(buf) else {
         return Vec::new();
     };
-    if route(req.method, &req.path) != Route::Health {
+    if Route::of(req.method, &req.path) != Route::Health {
         return Vec::new();
     }
     let body = json!({

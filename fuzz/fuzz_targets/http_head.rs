@@ -21,6 +21,7 @@
 #![no_main]
 
 use agentwire::http::{self, Method, Request, Route, TokenSource, MAX_HEAD_BYTES};
+use agentwire::mode::Mode;
 use agentwire_fuzz::{self as common, OTHER_SUB, SUB, TOKEN, TOKEN_OTHER};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -78,7 +79,7 @@ fn serve(mut buf: &[u8], setup: &Setup) {
         assert!(req.http_minor <= 1);
         assert_no_token(&format!("{req:?}"));
         let head_only = req.method == Method::Head;
-        match http::route(req.method, &req.path) {
+        match Route::of(req.method, &req.path) {
             Route::WebSocket(path_mode) => {
                 assert!(matches!(req.method, Method::Get | Method::Head));
                 upgrade(&req, path_mode, setup);
@@ -112,7 +113,7 @@ fn serve(mut buf: &[u8], setup: &Setup) {
     }
 }
 
-fn upgrade(req: &Request, path_mode: Option<http::Mode>, setup: &Setup) {
+fn upgrade(req: &Request, path_mode: Option<Mode>, setup: &Setup) {
     let admitted = http::admit_upgrade(
         req,
         path_mode,
