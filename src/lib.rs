@@ -21,8 +21,9 @@
 //! threads ([`event`], [`emitter`]) so the loop only assigns the per-user `seq`, builds
 //! one frame per event and queues that shared frame on each receiving connection
 //! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
-//! HTTP requests share the port ([`http`]): health, config, stats, metrics ([`stats`])
-//! and the publish API ([`publish`]). Tokens are checked once at the upgrade
+//! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
+//! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
+//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade
 //! ([`auth`]); heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel ([`timer_wheel`]). Per-user state (connections, seq, replay
 //! buffer, runs) lives in the [`registry`].

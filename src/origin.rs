@@ -146,10 +146,7 @@ mod tests {
         // RFC 6454: scheme and host are case-insensitive; the whole value still counts.
         assert!(allowed(Some("https://APP.example"), &list));
         assert!(allowed(Some("HTTP://LocalHost:3000"), &list));
-        assert!(
-            allowed(None, &list),
-            "non-browser clients send no Origin"
-        );
+        assert!(allowed(None, &list), "non-browser clients send no Origin");
         for bad in [
             "null",
             "",
@@ -195,7 +192,12 @@ mod tests {
 
     #[test]
     fn lists_skip_blanks_and_duplicates() {
-        let items = ["http://a.example", "", "HTTP://A.example:80", "http://b.example"];
+        let items = [
+            "http://a.example",
+            "",
+            "HTTP://A.example:80",
+            "http://b.example",
+        ];
         assert_eq!(
             parse_list(items.into_iter()),
             Ok(vec!["http://a.example".into(), "http://b.example".into()])
@@ -206,7 +208,11 @@ mod tests {
     #[test]
     fn normal_form() {
         assert_eq!(check_normal("https://app.example"), Ok(()));
-        for not_normal in ["https://App.example", "https://app.example:443", " https://a.b"] {
+        for not_normal in [
+            "https://App.example",
+            "https://app.example:443",
+            " https://a.b",
+        ] {
             let msg = check_normal(not_normal).unwrap_err();
             assert!(msg.contains("not in normal form"), "{msg}");
         }

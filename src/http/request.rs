@@ -753,7 +753,7 @@ mod tests {
         assert!(!ka("GET /health HTTP/1.0", Some("upgrade")));
     }
 
-    /// The one Bearer parser (from `publish::bearer` and the upgrade's reading).
+    /// The one Bearer parser: the upgrade's JWT and the publish API's key.
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         assert_eq!(bearer_credentials("Bearer pk-1"), Some("pk-1"));

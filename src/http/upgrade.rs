@@ -7,12 +7,12 @@
 
 use std::fmt;
 
+#[cfg(doc)]
+use super::Route;
 use super::{Method, Refusal, Request};
 use crate::auth::{Authenticator, Claims};
 use crate::mode::Mode;
 use crate::origin;
-#[cfg(doc)]
-use super::Route;
 
 /// Largest `thread_id` query parameter in bytes; over it: 400.
 pub const MAX_THREAD_ID_BYTES: usize = 256;
@@ -182,7 +182,8 @@ pub fn check_upgrade(
             "Connection header must include upgrade",
         ));
     }
-    let key = req.single_header("sec-websocket-key", "Sec-WebSocket-Key")?
+    let key = req
+        .single_header("sec-websocket-key", "Sec-WebSocket-Key")?
         .ok_or_else(|| Refusal::bad_request("missing Sec-WebSocket-Key"))?;
     if base64_decoded_len(key) != Some(16) {
         return Err(Refusal::bad_request(
