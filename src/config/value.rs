@@ -2,7 +2,8 @@
 //! table, which parses a setting's string form (the same parser for the TOML file, the
 //! environment, the command line and [`Config::set`](super::Config::set)), shows it in
 //! `--help` and `GET /ws/config`, and checks a value built in code. Also the parsers they
-//! share: addresses, booleans, bounded integers, [`PerUserPolicy`] and origins.
+//! share: addresses, booleans, bounded integers, [`PerUserPolicy`] and origin lists (each
+//! origin parsed by [`crate::origin`]).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
