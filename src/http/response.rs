@@ -7,8 +7,6 @@ use std::io::Write as _;
 
 use super::routes::allowed_methods;
 use super::upgrade::SUBPROTOCOL;
-#[cfg(doc)]
-use super::{MAX_HEADERS, MAX_HEAD_BYTES};
 
 /// Content type of the Prometheus text exposition (`GET /metrics`).
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -66,7 +64,8 @@ impl Refusal {
         Self::new(429, "too_many_connections", msg)
     }
 
-    /// 431 `headers_too_large`: head over [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`].
+    /// 431 `headers_too_large`: head over [`MAX_HEAD_BYTES`](super::MAX_HEAD_BYTES)
+    /// or [`MAX_HEADERS`](super::MAX_HEADERS).
     pub fn headers_too_large() -> Self {
         Self::new(
             431,

@@ -8,8 +8,10 @@ use crate::origin;
 
 /// The RFC 6455 sample `Sec-WebSocket-Key`.
 pub(super) const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
 /// Its `Sec-WebSocket-Accept`.
 pub(super) const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
 /// The request of a complete head (the whole input).
 pub(super) fn parse(head: &str) -> Request {
     match parse_head(head.as_bytes()) {

@@ -7,8 +7,6 @@
 
 use std::fmt;
 
-#[cfg(doc)]
-use super::Route;
 use super::{Method, Refusal, Request};
 use crate::auth::{Authenticator, Claims};
 use crate::mode::Mode;
@@ -135,8 +133,9 @@ fn bad_param(name: &str) -> Refusal {
     Refusal::bad_request(format!("bad query parameter {name}"))
 }
 
-/// Validate an upgrade for `path_mode` (from [`Route::WebSocket`]) and extract its
-/// connection parameters. Does not verify the token or the origin.
+/// Validate an upgrade for `path_mode` (from
+/// [`Route::WebSocket`](super::Route::WebSocket)) and extract its connection
+/// parameters. Does not verify the token or the origin.
 ///
 /// # Errors
 /// In this order:
