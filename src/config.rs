@@ -114,6 +114,12 @@ pub struct Config {
     /// Unsent output per connection, in bytes, before it is closed with 1013.
     /// Default 1048576.
     pub max_pending_bytes: usize,
+    /// Largest `text` of a `user_message`, in bytes; larger ones get `error` code
+    /// `too_large` (the connection stays open). Default 32768.
+    pub max_user_message_bytes: usize,
+    /// Runs one user may have acked by `user_message` and not yet begun (no first
+    /// event yet); past it that user gets `error` code `busy`. Default 16.
+    pub max_pending_runs_per_user: usize,
     /// Interval between WebSocket Pings, in milliseconds. Default 30000.
     pub heartbeat_interval_ms: u64,
     /// Silence after which a connection is closed, in milliseconds. Default 60000 (twice the
@@ -156,6 +162,8 @@ impl fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_publish_bytes", &self.max_publish_bytes)
             .field("max_pending_bytes", &self.max_pending_bytes)
+            .field("max_user_message_bytes", &self.max_user_message_bytes)
+            .field("max_pending_runs_per_user", &self.max_pending_runs_per_user)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms)
             .field("handshake_timeout_ms", &self.handshake_timeout_ms)
@@ -187,6 +195,8 @@ impl Default for Config {
             max_message_bytes: 65_536,
             max_publish_bytes: 1_048_576,
             max_pending_bytes: 1_048_576,
+            max_user_message_bytes: 32_768,
+            max_pending_runs_per_user: 16,
             heartbeat_interval_ms: 30_000,
             heartbeat_timeout_ms: 60_000,
             handshake_timeout_ms: 5_000,
@@ -269,6 +279,8 @@ enum Field {
     MaxMessageBytes,
     MaxPublishBytes,
     MaxPendingBytes,
+    MaxUserMessageBytes,
+    MaxPendingRunsPerUser,
     HeartbeatIntervalMs,
     HeartbeatTimeoutMs,
     HandshakeTimeoutMs,
@@ -440,6 +452,8 @@ impl Config {
         "max_message_bytes",
         "max_publish_bytes",
         "max_pending_bytes",
+        "max_user_message_bytes",
+        "max_pending_runs_per_user",
         "heartbeat_interval_ms",
         "heartbeat_timeout_ms",
         "handshake_timeout_ms",
@@ -598,6 +612,24 @@ impl Config {
             key: Field::MaxPendingBytes,
         },
         Setting {
+            name: "max_user_message_bytes",
+            flag: "max-user-message-bytes",
+            env: "AGENTWIRE_MAX_USER_MESSAGE_BYTES",
+            default: "32768",
+            kind: int(1, GIB),
+            help: "Largest user_message text, in bytes; larger ones get error too_large",
+            key: Field::MaxUserMessageBytes,
+        },
+        Setting {
+            name: "max_pending_runs_per_user",
+            flag: "max-pending-runs-per-user",
+            env: "AGENTWIRE_MAX_PENDING_RUNS_PER_USER",
+            default: "16",
+            kind: int(1, 1_000_000),
+            help: "Runs a user may have acked and not yet begun; past it error busy",
+            key: Field::MaxPendingRunsPerUser,
+        },
+        Setting {
             name: "heartbeat_interval_ms",
             flag: "heartbeat-interval-ms",
             env: "AGENTWIRE_HEARTBEAT_INTERVAL_MS",
@@ -750,6 +782,13 @@ impl Config {
             }
             Field::MaxPendingBytes => {
                 self.max_pending_bytes = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::MaxUserMessageBytes => {
+                self.max_user_message_bytes = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::MaxPendingRunsPerUser => {
+                self.max_pending_runs_per_user =
+                    parse_usize(setting.kind, value).map_err(invalid)?
             }
             Field::HeartbeatIntervalMs => {
                 self.heartbeat_interval_ms = parse_integer(setting.kind, value).map_err(invalid)?
@@ -1129,6 +1168,8 @@ impl Config {
                 | Field::MaxMessageBytes
                 | Field::MaxPublishBytes
                 | Field::MaxPendingBytes
+                | Field::MaxUserMessageBytes
+                | Field::MaxPendingRunsPerUser
                 | Field::HeartbeatIntervalMs
                 | Field::HeartbeatTimeoutMs
                 | Field::HandshakeTimeoutMs
@@ -1154,6 +1195,8 @@ impl Config {
             Field::MaxMessageBytes => Some(wide(self.max_message_bytes)),
             Field::MaxPublishBytes => Some(wide(self.max_publish_bytes)),
             Field::MaxPendingBytes => Some(wide(self.max_pending_bytes)),
+            Field::MaxUserMessageBytes => Some(wide(self.max_user_message_bytes)),
+            Field::MaxPendingRunsPerUser => Some(wide(self.max_pending_runs_per_user)),
             Field::HeartbeatIntervalMs => Some(self.heartbeat_interval_ms),
             Field::HeartbeatTimeoutMs => Some(self.heartbeat_timeout_ms),
             Field::HandshakeTimeoutMs => Some(self.handshake_timeout_ms),
@@ -1375,6 +1418,8 @@ mod tests {
             "max_message_bytes" => "1000",
             "max_publish_bytes" => "2000",
             "max_pending_bytes" => "3000",
+            "max_user_message_bytes" => "4000",
+            "max_pending_runs_per_user" => "5",
             "heartbeat_interval_ms" => "1000",
             "heartbeat_timeout_ms" => "2500",
             "handshake_timeout_ms" => "700",
@@ -1415,6 +1460,8 @@ mod tests {
             "max_message_bytes" => assert_eq!(c.max_message_bytes, 1000),
             "max_publish_bytes" => assert_eq!(c.max_publish_bytes, 2000),
             "max_pending_bytes" => assert_eq!(c.max_pending_bytes, 3000),
+            "max_user_message_bytes" => assert_eq!(c.max_user_message_bytes, 4000),
+            "max_pending_runs_per_user" => assert_eq!(c.max_pending_runs_per_user, 5),
             "heartbeat_interval_ms" => assert_eq!(c.heartbeat_interval_ms, 1000),
             "heartbeat_timeout_ms" => assert_eq!(c.heartbeat_timeout_ms, 2500),
             "handshake_timeout_ms" => assert_eq!(c.handshake_timeout_ms, 700),
@@ -1445,7 +1492,7 @@ mod tests {
             assert_eq!(s.env, format!("AGENTWIRE_{}", s.name.to_ascii_uppercase()));
             assert!(!s.help.is_empty() && !s.default.is_empty());
         }
-        assert_eq!(Config::NAMES.len(), 24);
+        assert_eq!(Config::NAMES.len(), 26);
     }
 
     #[test]
@@ -1467,6 +1514,8 @@ mod tests {
         assert_eq!(c.max_message_bytes, 65_536);
         assert_eq!(c.max_publish_bytes, 1_048_576);
         assert_eq!(c.max_pending_bytes, 1_048_576);
+        assert_eq!(c.max_user_message_bytes, 32_768);
+        assert_eq!(c.max_pending_runs_per_user, 16);
         assert_eq!(c.heartbeat_interval_ms, 30_000);
         assert_eq!(c.heartbeat_timeout_ms, 60_000);
         assert_eq!(c.handshake_timeout_ms, 5_000);
@@ -1907,6 +1956,11 @@ mod tests {
         check(&|c| c.max_message_bytes = 0, "max_message_bytes");
         check(&|c| c.max_publish_bytes = 0, "max_publish_bytes");
         check(&|c| c.max_pending_bytes = 0, "max_pending_bytes");
+        check(&|c| c.max_user_message_bytes = 0, "max_user_message_bytes");
+        check(
+            &|c| c.max_pending_runs_per_user = 0,
+            "max_pending_runs_per_user",
+        );
         check(&|c| c.heartbeat_interval_ms = 0, "heartbeat_interval_ms");
         check(&|c| c.handshake_timeout_ms = 0, "handshake_timeout_ms");
         check(&|c| c.run_idle_timeout_ms = 0, "run_idle_timeout_ms");

@@ -59,6 +59,7 @@ pub mod demo;
 pub mod emitter;
 pub mod event;
 pub mod http;
+mod inbox;
 pub mod publish;
 mod reactor;
 pub mod registry;

@@ -104,6 +104,11 @@ pub struct Gauges {
     pub replaying: usize,
     pub replay_backlog_bytes: usize,
     pub uptime_s: u64,
+    /// `user_message`s held by the reactor while the workers' channel is full (and the
+    /// bytes charged for them, against the `inbound_held_bytes` budget's limit).
+    pub inbound_held: usize,
+    pub inbound_held_bytes: usize,
+    pub inbound_held_limit: usize,
 }
 
 /// Every counter of PROTOCOL.md section 6.
@@ -122,6 +127,12 @@ pub struct Stats {
     pub bytes_out: u64,
     pub client_messages: u64,
     pub bad_client_messages: u64,
+    /// `user_message`s answered `busy` (the user's pending-run bound or the held budget).
+    pub user_messages_busy: u64,
+    /// `refresh` messages answered `rate_limited` without a token check.
+    pub refresh_rate_limited: u64,
+    /// Most client messages (any kind, control frames too) read in one loop iteration.
+    pub client_messages_max_per_iteration: u64,
     pub loop_iterations: u64,
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
@@ -257,6 +268,9 @@ impl Stats {
             bytes_out: 0,
             client_messages: 0,
             bad_client_messages: 0,
+            user_messages_busy: 0,
+            refresh_rate_limited: 0,
+            client_messages_max_per_iteration: 0,
             loop_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
@@ -302,6 +316,11 @@ impl Stats {
     pub fn record_timers(&mut self, fired: u64, us: u64) {
         self.timers_fired += fired;
         self.timer_handling_us += us;
+    }
+
+    /// One loop iteration read `n` client messages.
+    pub fn record_client_messages_in_iteration(&mut self, n: u64) {
+        self.client_messages_max_per_iteration = self.client_messages_max_per_iteration.max(n);
     }
 
     pub fn record_loop_us(&mut self, us: u64) {
@@ -361,7 +380,17 @@ impl Stats {
                 "dropped": dropped,
                 "dropped_total": self.dropped.iter().sum::<u64>(),
             },
-            "client_messages": {"total": self.client_messages, "bad": self.bad_client_messages},
+            "client_messages": {
+                "total": self.client_messages,
+                "bad": self.bad_client_messages,
+                "busy": self.user_messages_busy,
+                "refresh_rate_limited": self.refresh_rate_limited,
+                "max_per_iteration": self.client_messages_max_per_iteration,
+            },
+            "inbound": {"held": g.inbound_held, "held_bytes": g.inbound_held_bytes},
+            "budgets": {
+                "inbound_held_bytes": {"limit": g.inbound_held_limit, "used": g.inbound_held_bytes},
+            },
             "http_requests": self.http_requests,
             "bytes": {"in": self.bytes_in, "out": self.bytes_out, "pending_out": g.pending_out_bytes, "replay_backlog": g.replay_backlog_bytes},
             "latency_us": Self::percentiles(&self.latency_us),
@@ -507,6 +536,43 @@ impl Stats {
             "counter",
             "Client messages answered with a bad_message error.",
             &one(self.bad_client_messages as f64),
+        );
+        metric(
+            "client_messages_busy_total",
+            "counter",
+            "user_message answered busy (per-user pending runs or the held budget).",
+            &one(self.user_messages_busy as f64),
+        );
+        metric(
+            "refresh_rate_limited_total",
+            "counter",
+            "refresh answered rate_limited without a token check.",
+            &one(self.refresh_rate_limited as f64),
+        );
+        metric(
+            "client_messages_max_per_iteration",
+            "gauge",
+            "Most client messages read in one loop iteration since start.",
+            &one(self.client_messages_max_per_iteration as f64),
+        );
+        metric(
+            "inbound_held",
+            "gauge",
+            "user_message held by the gateway while the workers' channel is full.",
+            &one(g.inbound_held as f64),
+        );
+        let budget = |v: usize| vec![("{budget=\"inbound_held_bytes\"}".to_owned(), v as f64)];
+        metric(
+            "budget_limit",
+            "gauge",
+            "Limit of each memory budget, in its unit.",
+            &budget(g.inbound_held_limit),
+        );
+        metric(
+            "budget_used",
+            "gauge",
+            "Current use of each memory budget, in its unit.",
+            &budget(g.inbound_held_bytes),
         );
         metric(
             "bytes_in_total",
