@@ -339,6 +339,10 @@ impl Reactor {
             }
             let iteration = Instant::now();
             self.read_in_iteration = 0;
+            // Sessions queued by the last iteration get their turn in this one; those
+            // that a readiness event below leaves unfinished wait for the next, so no
+            // session is read twice in one iteration.
+            let again = std::mem::take(&mut self.read_again);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -347,7 +351,7 @@ impl Reactor {
                     Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
                 }
             }
-            for id in std::mem::take(&mut self.read_again) {
+            for id in again {
                 if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
                     s.read_queued = false;
                     self.read_ws(id);

@@ -42,6 +42,8 @@ mod model;
 mod publish_api;
 #[path = "integration/refusals.rs"]
 mod refusals;
+#[path = "integration/redteam_session.rs"]
+mod redteam_session;
 #[path = "integration/resume.rs"]
 mod resume;
 #[path = "integration/session.rs"]
