@@ -78,6 +78,18 @@ const MAX_BAD_IN_ROW: u8 = 10;
 /// message. A check costs a signature verification (tens of microseconds for ES256,
 /// about a millisecond for RSA-8192), so a refresh flood must not buy one per message.
 const REFRESH_INTERVAL_MS: u64 = 1000;
+/// Input allowance of one session (not the conformance echo): a read turn costs
+/// [`INPUT_US_PER_MESSAGE`] per data message (the JSON the gateway parses and acts on)
+/// plus [`INPUT_US_PER_KIB`] per KiB read (control frames and fragments cost their
+/// bytes), against a virtual clock that may run at most [`INPUT_BURST_US`] ahead of
+/// real time; past it the session is not read (the kernel buffer fills and TCP pushes
+/// back on the sender) until the allowance refills. That is about 1,000 messages and
+/// 1 MiB per second sustained, 250 messages or 256 KiB in a burst: far above what a
+/// client of this protocol sends, and a flood of any kind from one connection then
+/// costs the loop a small share of its time (issue 9, F3).
+const INPUT_US_PER_MESSAGE: u64 = 1000;
+const INPUT_US_PER_KIB: u64 = 1000;
+const INPUT_BURST_US: u64 = 250_000;
 /// While `user_message`s are held for room in the workers' channel, the loop polls
 /// at least this often to feed them (the channel has no readiness to wait on).
 const INBOX_RETRY_MS: u64 = 5;
@@ -92,6 +104,8 @@ const READ_CHUNK: usize = 16 * 1024;
 enum Timer {
     /// The connection's phase timer: handshake deadline, heartbeat check or linger.
     Phase(ConnId),
+    /// A session paused for its input allowance may be read again.
+    Resume(ConnId),
     AcceptRetry,
     Housekeeping,
     ShutdownDeadline,
@@ -1005,6 +1019,8 @@ impl Reactor {
             bad_in_row: 0,
             read_queued: false,
             refresh_not_before: 0,
+            input_clock_us: 0,
+            input_paused: false,
             opened: Instant::now(),
             replay_next,
         }));
@@ -1018,6 +1034,10 @@ impl Reactor {
         if self.session(id).is_some_and(|s| s.mode == Mode::Echo) {
             return self.read_echo(id);
         }
+        if self.input_exhausted(id) {
+            return;
+        }
+        let bytes_before = self.conn_mut(id).map_or(0, |c| c.bytes_in);
         let mut texts = Vec::new();
         let Some((ending, more)) = self.read_turn(id, |_, _, msg| match msg {
             Message::Text(t) => {
@@ -1028,6 +1048,7 @@ impl Reactor {
         }) else {
             return;
         };
+        let messages = texts.len() as u64;
         for text in texts {
             self.stats.client_messages += 1;
             self.client_message(id, text.as_str());
@@ -1039,10 +1060,40 @@ impl Reactor {
             }
         }
         if let Some(reason) = ending {
-            self.close(id, reason);
-        } else if more {
+            return self.close(id, reason);
+        }
+        let now_us = self.start.elapsed().as_micros() as u64;
+        if let Some(conn) = self.conn_mut(id) {
+            let bytes = conn.bytes_in - bytes_before;
+            if let Phase::Open(s) = &mut conn.phase {
+                let cost = messages * INPUT_US_PER_MESSAGE + bytes * INPUT_US_PER_KIB / 1024;
+                s.input_clock_us = s.input_clock_us.max(now_us) + cost;
+            }
+        }
+        if more {
             self.queue_read_again(id);
         }
+    }
+
+    /// True when session `id` used up its input allowance: it is then not read until a
+    /// [`Timer::Resume`] (armed here, once) says the allowance has refilled.
+    fn input_exhausted(&mut self, id: ConnId) -> bool {
+        let now_us = self.start.elapsed().as_micros() as u64;
+        let tick = self.tick();
+        let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) else {
+            return false;
+        };
+        let ahead = s.input_clock_us.saturating_sub(now_us);
+        if ahead <= INPUT_BURST_US {
+            return false;
+        }
+        if !s.input_paused {
+            s.input_paused = true;
+            self.stats.client_input_paused += 1;
+            let wait_ms = (ahead - INPUT_BURST_US).div_ceil(1000).max(1);
+            self.wheel.insert(tick + wait_ms, Timer::Resume(id));
+        }
+        true
     }
 
     /// Put open session `id` on `read_again` unless it already is: each session gets
@@ -1641,6 +1692,12 @@ impl Reactor {
     fn on_timer(&mut self, timer: Timer) {
         match timer {
             Timer::Phase(id) => self.on_phase_timer(id),
+            Timer::Resume(id) => {
+                if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+                    s.input_paused = false;
+                    self.read_ws(id);
+                }
+            }
             Timer::AcceptRetry => {
                 self.accept_paused = false;
                 self.accept();

@@ -133,6 +133,8 @@ pub struct Stats {
     pub refresh_rate_limited: u64,
     /// Most client messages (any kind, control frames too) read in one loop iteration.
     pub client_messages_max_per_iteration: u64,
+    /// Times a session was paused for using up its input allowance.
+    pub client_input_paused: u64,
     pub loop_iterations: u64,
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
@@ -271,6 +273,7 @@ impl Stats {
             user_messages_busy: 0,
             refresh_rate_limited: 0,
             client_messages_max_per_iteration: 0,
+            client_input_paused: 0,
             loop_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
@@ -386,6 +389,7 @@ impl Stats {
                 "busy": self.user_messages_busy,
                 "refresh_rate_limited": self.refresh_rate_limited,
                 "max_per_iteration": self.client_messages_max_per_iteration,
+                "input_paused": self.client_input_paused,
             },
             "inbound": {"held": g.inbound_held, "held_bytes": g.inbound_held_bytes},
             "budgets": {
@@ -554,6 +558,12 @@ impl Stats {
             "gauge",
             "Most client messages read in one loop iteration since start.",
             &one(self.client_messages_max_per_iteration as f64),
+        );
+        metric(
+            "client_input_paused_total",
+            "counter",
+            "Sessions paused for using up their input allowance (1,000 messages/s, 1 MiB/s).",
+            &one(self.client_input_paused as f64),
         );
         metric(
             "inbound_held",

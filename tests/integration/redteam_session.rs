@@ -25,6 +25,10 @@ const FLOOD: Duration = Duration::from_secs(11);
 
 /// A session's read turn takes at most 64 messages (reactor `MESSAGES_PER_READ`).
 const MESSAGES_PER_READ: u64 = 64;
+/// A session's sustained input allowance (reactor `INPUT_US_PER_MESSAGE`) and burst
+/// (`INPUT_BURST_US`), in messages.
+const MESSAGES_PER_S: u64 = 1000;
+const MESSAGES_BURST: u64 = 250;
 
 /// Write `frame` back to back on `stream` until `stop`, draining the socket on
 /// another thread so the gateway never sees a slow consumer. Returns the frames sent.
@@ -117,11 +121,14 @@ fn p99(sorted: &[u64]) -> u64 {
 
 /// F3: one connection floods `{"type":"ping"}` for 11 s. Each loop iteration reads at
 /// most one turn (64 messages) of it: `client_messages.max_per_iteration` stays within
-/// two turns (the attacker's and the victim's), where v1 grew without bound (2,637 to
-/// 77,344 per iteration in 34 s), and another user's events keep arriving promptly.
+/// two turns, where v1 grew without bound (2,637 to 77,344 per iteration in 34 s); the
+/// session is paused once past its input allowance (1,000 messages a second), so the
+/// messages handled stay within the allowance; another user's events keep arriving
+/// promptly.
 #[test]
 fn redteam_f3_ping_flood_gets_one_read_turn_per_iteration() {
     let gw = TestGateway::plain();
+    let started = Instant::now();
     let attacker = raw_connect(gw.addr, "rt-f3-attacker");
     let stop = Arc::new(AtomicBool::new(false));
     let attack = {
@@ -142,6 +149,7 @@ fn redteam_f3_ping_flood_gets_one_read_turn_per_iteration() {
     let delays = measure_victim(&gw, "rt-f3-victim", &stop);
     watch.join().expect("timer");
     let sent = attack.join().expect("attacker");
+    let elapsed_s = started.elapsed().as_secs() + 1;
     let s = gw.stats();
     let per_iteration = s["client_messages"]["max_per_iteration"]
         .as_u64()
@@ -155,7 +163,15 @@ fn redteam_f3_ping_flood_gets_one_read_turn_per_iteration() {
         delays.len(),
         s["loop"]["iteration_us"]
     );
-    assert!(handled > 10_000, "the flood reached the gateway ({handled})");
+    assert!(handled > 1_000, "the flood reached the gateway ({handled})");
+    assert!(
+        handled <= MESSAGES_PER_S * elapsed_s + MESSAGES_BURST + MESSAGES_PER_READ,
+        "{handled} messages handled in {elapsed_s} s: over the input allowance"
+    );
+    assert!(
+        s["client_messages"]["input_paused"].as_u64() > Some(0),
+        "the flooder was paused: {s}"
+    );
     assert!(
         per_iteration <= 2 * MESSAGES_PER_READ,
         "one iteration read {per_iteration} client messages: a flooding connection must \
