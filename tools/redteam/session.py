@@ -187,7 +187,9 @@ def start_gateway(binary: str, port: int, alg: str, keydir: str, rsa_bits: int):
     else:
         priv = os.path.join(keydir, "key.pem")
         pub = os.path.join(keydir, "pub.pem")
-        if alg == "ES256":
+        if os.path.exists(priv):
+            pass  # --keydir reuse (RSA-8192 takes a while to generate)
+        elif alg == "ES256":
             subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout",
                             "-out", priv], check=True, capture_output=True)
         else:
@@ -269,7 +271,8 @@ def attacker(kind: str, port: int, token: str, alg: str, seconds: float, out) ->
         payload = frame(0, b"", fin=False)
     else:
         raise SystemExit(f"unknown attack {kind}")
-    batch = payload * 256
+    per_batch = max(1, min(256, 32768 // len(payload)))
+    batch = payload * per_batch
     while time.time() < end:
         try:
             ws = Ws(port, token)
@@ -302,7 +305,7 @@ def attacker(kind: str, port: int, token: str, alg: str, seconds: float, out) ->
         try:
             while time.time() < end and not stop.is_set():
                 ws.sock.sendall(batch)
-                sent += 256
+                sent += per_batch
         except OSError:
             pass
         stop.set()
@@ -433,9 +436,11 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=4500)
     ap.add_argument("--text-bytes", type=int, default=65000)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--keydir", help="reuse (or keep) the key pair in this directory")
     a = ap.parse_args()
     port = a.port or random.randint(20000, 29999)
-    keydir = tempfile.mkdtemp(prefix="rt-session-")
+    keydir = a.keydir or tempfile.mkdtemp(prefix="rt-session-")
+    os.makedirs(keydir, exist_ok=True)
     proc = start_gateway(a.binary, port, a.alg, keydir, a.rsa_bits)
     result: dict = {"binary": a.binary, "attack": a.attack, "alg": a.alg, "seconds": a.seconds}
     try:
