@@ -389,7 +389,10 @@ mod tests {
         let full = |m| Err(TrySendError::Full(m));
         let u: Arc<str> = Arc::from("u");
         let r: Arc<str> = Arc::from("r");
-        assert_eq!(inbox.admit(&u, &r, msg("u", "r"), |_| true, full), Admit::Held);
+        assert_eq!(
+            inbox.admit(&u, &r, msg("u", "r"), |_| true, full),
+            Admit::Held
+        );
         inbox.held_limit = inbox.held_bytes;
         let v: Arc<str> = Arc::from("v");
         assert_eq!(

@@ -1403,7 +1403,8 @@ impl Reactor {
         if now >= self.inbox_prune_at {
             self.inbox_prune_at = now + INBOX_PRUNE_MS;
             let registry = &self.registry;
-            self.inbox.prune(|user, run| still_pending(registry, user, run));
+            self.inbox
+                .prune(|user, run| still_pending(registry, user, run));
         }
         if self.inbox.held().0 == 0 {
             return;
@@ -1416,9 +1417,9 @@ impl Reactor {
         );
         for o in orphans {
             let key = RunKey::new(&o.user_id, o.thread_id.as_deref(), &o.run_id, "");
-            match key.and_then(|k| {
-                Event::new(k, EventKind::AgentError, &json!({"reason": "no_agent"}))
-            }) {
+            match key
+                .and_then(|k| Event::new(k, EventKind::AgentError, &json!({"reason": "no_agent"})))
+            {
                 Ok(ev) => self.route(ev),
                 Err(e) => log::error!("synthetic no_agent event failed: {e}"),
             }

@@ -40,10 +40,10 @@ mod limits;
 mod model;
 #[path = "integration/publish_api.rs"]
 mod publish_api;
-#[path = "integration/refusals.rs"]
-mod refusals;
 #[path = "integration/redteam_session.rs"]
 mod redteam_session;
+#[path = "integration/refusals.rs"]
+mod refusals;
 #[path = "integration/resume.rs"]
 mod resume;
 #[path = "integration/session.rs"]

@@ -46,7 +46,11 @@ fn flood(stream: &TcpStream, frame: &[u8], stop: &AtomicBool) -> u64 {
                 match reader.read(&mut sink) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
                     Err(_) => break,
                 }
             }
@@ -62,7 +66,11 @@ fn flood(stream: &TcpStream, frame: &[u8], stop: &AtomicBool) -> u64 {
     while !stop.load(Ordering::Acquire) {
         match writer.write_all(&batch) {
             Ok(()) => sent += per_write as u64,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -107,7 +115,10 @@ fn measure_victim(gw: &TestGateway, user: &str, stop: &AtomicBool) -> Vec<u64> {
     }
     stop_emit.store(true, Ordering::Release);
     let emitted = emit_thread.join().expect("emitter thread");
-    assert!(emitted > 100, "the victim's events kept flowing ({emitted})");
+    assert!(
+        emitted > 100,
+        "the victim's events kept flowing ({emitted})"
+    );
     delays.sort_unstable();
     delays
 }
@@ -282,7 +293,10 @@ fn redteam_f4_user_message_flood_is_busy_for_that_user_only() {
     let mut timed_out = 0;
     let deadline = Instant::now() + WAIT;
     while timed_out < 16 {
-        assert!(Instant::now() < deadline, "pending runs timed out: {timed_out}");
+        assert!(
+            Instant::now() < deadline,
+            "pending runs timed out: {timed_out}"
+        );
         if let Some((0x1, payload)) = attacker.next_frame(WAIT) {
             let v: Value = serde_json::from_slice(&payload).expect("json");
             if v["type"] == "agent_error" && v["data"]["reason"] == "run_timeout" {
@@ -355,4 +369,106 @@ fn redteam_f4_oversize_user_message_is_refused() {
     assert_eq!(v["ref"], "big", "{v}");
     c.ping_pong();
     c.user_message(None, &"x".repeat(32 * 1024), "limit");
+}
+
+/// Measurement, not a regression test (run it by name with `--ignored --nocapture`;
+/// docs/SECURITY.md quotes it): F4 as the red team ran it. One user writes 4,500
+/// `user_message`s of `RT_TEXT_BYTES` (default 32,000) as fast as the socket takes
+/// them, for 10 s, to a worker that takes 1 s per message; reports the answers, the
+/// gateway's resident growth (the whole test process), runs registered and another
+/// user's answers to six `user_message`s.
+#[test]
+#[ignore]
+fn redteam_f4_measure_slow_worker() {
+    let text_bytes: usize = std::env::var("RT_TEXT_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32_000);
+    let mut gw = TestGateway::start(config(), Agent::Test);
+    let inbound = gw.inbound();
+    let emitter = gw.emitter.clone();
+    thread::spawn(move || {
+        for msg in inbound.iter() {
+            thread::sleep(Duration::from_secs(1));
+            if let Inbound::UserMessage {
+                user_id, run_id, ..
+            } = msg
+            {
+                if let Ok(mut run) = emitter.run(&user_id, None, &run_id, "slow") {
+                    let _ = run.agent_started(&json!({}));
+                    let _ = run.agent_completed(&json!({}));
+                }
+            }
+        }
+    });
+    let rss_before = rss_bytes();
+    let mut attacker = raw_connect(gw.addr, "rt-f4-measure");
+    let text = "x".repeat(text_bytes);
+    let mut writer = attacker.stream.try_clone().expect("clone");
+    writer
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut sent = 0;
+            for i in 0..4500 {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let m = json!({"type": "user_message", "text": text, "ref": i});
+                if writer
+                    .write_all(&client_frame(0x1, m.to_string().as_bytes(), true, true))
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        })
+    };
+    let started = Instant::now();
+    let mut answers: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut peak = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        match attacker.try_next(Duration::from_millis(200)) {
+            RawNext::Frame(0x1, p) => {
+                let v: Value = serde_json::from_slice(&p).expect("json");
+                let k = v["code"]
+                    .as_str()
+                    .unwrap_or(v["type"].as_str().unwrap_or("?"));
+                *answers.entry(k.to_owned()).or_default() += 1;
+            }
+            RawNext::Frame(0x8, _) | RawNext::Eof(_) => {
+                *answers.entry("closed".into()).or_default() += 1;
+                break;
+            }
+            _ => {}
+        }
+        peak = peak.max(rss_bytes());
+    }
+    stop.store(true, Ordering::Release);
+    let s = gw.stats();
+    let mut victim = gw.connect("rt-f4-measure-victim");
+    let mut victim_answers = Vec::new();
+    for i in 0..6 {
+        victim.send_json(&json!({"type": "user_message", "text": "hi", "ref": i}));
+    }
+    while victim_answers.len() < 6 {
+        let v = victim.recv_json();
+        if v["type"] == "ack" || v["type"] == "error" {
+            victim_answers.push(v["code"].as_str().unwrap_or("ack").to_owned());
+        }
+    }
+    let _ = attacker.stream.shutdown(std::net::Shutdown::Both);
+    let sent = w.join().unwrap_or(0);
+    eprintln!(
+        "F4 measure ({text_bytes} B texts, 10 s): {sent} written, answers {answers:?}, RSS \
+         +{} MiB (peak), runs registered {}, held {}, victim answers {victim_answers:?}",
+        peak.saturating_sub(rss_before) / (1024 * 1024),
+        s["runs"]["active"],
+        s["inbound"]
+    );
 }

@@ -381,6 +381,9 @@ def user_message_attack(port: int, token: str, victim_token: str, count: int, te
             v = ws.next_json()
             if v is None:
                 break
+            if v.get("type") == "__close__":
+                answers[f"close_{v['code']}"] = 1
+                break
             if v.get("type") == "ack" or v.get("type") == "error":
                 c = v.get("code") or "ack"
                 answers[c] = answers.get(c, 0) + 1
@@ -390,8 +393,11 @@ def user_message_attack(port: int, token: str, victim_token: str, count: int, te
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     for i in range(count):
-        ws.sock.sendall(frame(1, json.dumps({"type": "user_message", "text": text,
-                                             "ref": f"a{i}"}).encode()))
+        try:
+            ws.sock.sendall(frame(1, json.dumps({"type": "user_message", "text": text,
+                                                 "ref": f"a{i}"}).encode()))
+        except OSError:
+            break
         if i % 100 == 0:
             peak = max(peak, rss_kib(pid))
     while not done.wait(0.05):
