@@ -18,9 +18,29 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crossbeam_channel::TrySendError;
+use crossbeam_channel::{Sender, TrySendError};
 
 use crate::emitter::Inbound;
+
+/// What one attempt to put a message into the workers' channel did.
+#[derive(Debug)]
+pub enum Offer {
+    /// It is in the channel.
+    Taken,
+    /// The channel is full: the message comes back.
+    Full(Inbound),
+    /// Nobody consumes the channel any more.
+    Gone,
+}
+
+/// Offer `msg` to the workers' channel without blocking.
+pub fn offer(tx: &Sender<Inbound>, msg: Inbound) -> Offer {
+    match tx.try_send(msg) {
+        Ok(()) => Offer::Taken,
+        Err(TrySendError::Full(msg)) => Offer::Full(msg),
+        Err(TrySendError::Disconnected(_)) => Offer::Gone,
+    }
+}
 
 /// What a held message is charged beyond its text (ids, queue slot).
 pub const HELD_OVERHEAD_BYTES: usize = 256;
@@ -130,19 +150,19 @@ impl Inbox {
         run_id: &Arc<str>,
         msg: Inbound,
         still_pending: impl Fn(&str) -> bool,
-        mut try_send: impl FnMut(Inbound) -> Result<(), TrySendError<Inbound>>,
+        mut try_send: impl FnMut(Inbound) -> Offer,
     ) -> Admit {
         if self.pending(user, still_pending) >= self.per_user {
             return Admit::UserBusy;
         }
         let msg = if self.turn.is_empty() {
             match try_send(msg) {
-                Ok(()) => {
+                Offer::Taken => {
                     self.note_pending(user, run_id);
                     return Admit::Sent;
                 }
-                Err(TrySendError::Disconnected(_)) => return Admit::NoAgent,
-                Err(TrySendError::Full(msg)) => msg,
+                Offer::Gone => return Admit::NoAgent,
+                Offer::Full(msg) => msg,
             }
         } else {
             msg
@@ -177,7 +197,7 @@ impl Inbox {
     pub fn feed(
         &mut self,
         still_pending: impl Fn(&str, &str) -> bool,
-        mut try_send: impl FnMut(Inbound) -> Result<(), TrySendError<Inbound>>,
+        mut try_send: impl FnMut(Inbound) -> Offer,
     ) -> Vec<Orphan> {
         let mut orphans = Vec::new();
         let mut disconnected = false;
@@ -195,9 +215,10 @@ impl Inbox {
                 Inbound::Cancel { .. } => true,
             };
             if live && !disconnected {
+                let ids = orphan(&msg);
                 match try_send(msg) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(msg)) => {
+                    Offer::Taken => {}
+                    Offer::Full(msg) => {
                         // Back at the head of the user's queue and of the turn.
                         self.held += 1;
                         self.held_bytes += charge(&msg);
@@ -205,13 +226,13 @@ impl Inbox {
                         self.turn.push_front(user);
                         break;
                     }
-                    Err(TrySendError::Disconnected(msg)) => {
+                    Offer::Gone => {
                         disconnected = true;
-                        orphans.extend(orphan(msg));
+                        orphans.extend(ids);
                     }
                 }
             } else if live {
-                orphans.extend(orphan(msg));
+                orphans.extend(orphan(&msg));
             }
             if u.held.is_empty() {
                 if u.pending.is_empty() {
@@ -234,7 +255,8 @@ impl Inbox {
     }
 }
 
-fn orphan(msg: Inbound) -> Option<Orphan> {
+/// The ids of a held `user_message` (its text is not copied).
+fn orphan(msg: &Inbound) -> Option<Orphan> {
     match msg {
         Inbound::UserMessage {
             user_id,
@@ -242,9 +264,9 @@ fn orphan(msg: Inbound) -> Option<Orphan> {
             run_id,
             ..
         } => Some(Orphan {
-            user_id,
-            thread_id,
-            run_id,
+            user_id: user_id.clone(),
+            thread_id: thread_id.clone(),
+            run_id: run_id.clone(),
         }),
         Inbound::Cancel { .. } => None,
     }
@@ -273,10 +295,10 @@ mod tests {
     }
 
     impl Channel {
-        fn send(&self, m: Inbound) -> Result<(), TrySendError<Inbound>> {
+        fn send(&self, m: Inbound) -> Offer {
             let mut sent = self.sent.borrow_mut();
             if sent.len() >= self.cap {
-                return Err(TrySendError::Full(m));
+                return Offer::Full(m);
             }
             if let Inbound::UserMessage {
                 user_id, run_id, ..
@@ -284,7 +306,7 @@ mod tests {
             {
                 sent.push((user_id, run_id));
             }
-            Ok(())
+            Offer::Taken
         }
     }
 
@@ -386,7 +408,7 @@ mod tests {
     fn held_bytes_are_bounded_and_orphans_reported() {
         let mut inbox = Inbox::new(2, 10);
         assert_eq!(inbox.held_limit(), HELD_MIN_LIMIT_BYTES);
-        let full = |m| Err(TrySendError::Full(m));
+        let full = Offer::Full;
         let u: Arc<str> = Arc::from("u");
         let r: Arc<str> = Arc::from("r");
         assert_eq!(
@@ -399,7 +421,7 @@ mod tests {
             inbox.admit(&v, &r, msg("v", "r"), |_| true, full),
             Admit::GatewayBusy
         );
-        let gone = inbox.feed(|_, _| true, |m| Err(TrySendError::Disconnected(m)));
+        let gone = inbox.feed(|_, _| true, |_| Offer::Gone);
         assert_eq!(
             gone,
             [Orphan {

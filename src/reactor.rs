@@ -38,7 +38,7 @@ use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
 use crate::http::{self, Method, Mode, Refusal, Route};
-use crate::inbox::{Admit, Inbox};
+use crate::inbox::{self, Admit, Inbox};
 use crate::publish;
 use crate::registry::{ConnEntry, Registry, Resume, Routed, Run};
 use crate::stats::{DropReason, Gauges, RefusalReason, Stats};
@@ -1359,7 +1359,7 @@ impl Reactor {
             &run,
             msg,
             |r| still_pending(registry, &user, r),
-            |m| inbound.try_send(m),
+            |m| inbox::offer(inbound, m),
         );
         let refused = match admitted {
             Admit::Sent | Admit::Held => None,
@@ -1413,7 +1413,7 @@ impl Reactor {
         let inbound = &self.inbound;
         let orphans = self.inbox.feed(
             |user, run| still_pending(registry, user, run),
-            |m| inbound.try_send(m),
+            |m| inbox::offer(inbound, m),
         );
         for o in orphans {
             let key = RunKey::new(&o.user_id, o.thread_id.as_deref(), &o.run_id, "");
