@@ -1197,11 +1197,6 @@ impl Reactor {
         Some((ending, more))
     }
 
-    /// Discard what a closing connection still sends, watching for its FIN. At most
-    /// [`READ_BUDGET_BYTES`] per readiness edge: a peer that keeps flooding after the
-    /// close (a refresh flood closed with 1008 goes on writing) raises a new edge with
-    /// its next segment, and the linger timer ends the connection anyway; reading it
-    /// all would cost the loop a copy of everything it sends meanwhile.
     fn read_closing(&mut self, id: ConnId) {
         let mut done = false;
         {
@@ -1209,15 +1204,13 @@ impl Reactor {
                 return;
             };
             let mut sink = [0u8; 4096];
-            let mut left = READ_BUDGET_BYTES;
             loop {
                 match conn.tcp.read(&mut sink) {
                     Ok(0) => {
                         done = true;
                         break;
                     }
-                    Ok(n) if n >= left => break,
-                    Ok(n) => left -= n,
+                    Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => {
