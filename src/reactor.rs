@@ -3,7 +3,10 @@
 //! One loop iteration, in order:
 //! 1. poll, with the timeout of the next timer (0 when the channel budget ran out);
 //! 2. dispatch readiness: accept new sockets, read HTTP heads and WebSocket frames,
-//!    write queued output on writable edges;
+//!    write queued output on writable edges; then one read turn for each session the
+//!    last iteration left unread (`read_again`: a session gets at most one turn per
+//!    iteration, and none while it is over its input allowance); then feed held
+//!    `user_message`s to the workers' channel, round-robin across users ([`Inbox`]);
 //! 3. drain the workers' channel up to [`DRAIN_BUDGET`] commands, routing each event to
 //!    its user's connections (frames are shared, queued per connection);
 //! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
