@@ -538,7 +538,7 @@ impl Stats {
         metric(
             "client_messages_bad_total",
             "counter",
-            "Client messages answered with a bad_message error.",
+            "Client messages counted as bad (bad_message, too_large, invalid_token, rate_limited).",
             &one(self.bad_client_messages as f64),
         );
         metric(
