@@ -278,6 +278,18 @@ pub struct Session {
     pub next_ping: u64,
     /// Consecutive bad client messages (close 1008 after 10).
     pub bad_in_row: u8,
+    /// On the reactor's `read_again` list for the next iteration (each session at most
+    /// once, like `flush_queued` for the flush list).
+    pub read_queued: bool,
+    /// Tick (ms) before which a `refresh` is answered `rate_limited` without checking
+    /// its token: at most one token verification per connection per interval.
+    pub refresh_not_before: u64,
+    /// Input allowance: a virtual clock (microseconds since the reactor started) that
+    /// each read turn advances by its cost; the session is read while it runs at most a
+    /// burst ahead of real time.
+    pub input_clock_us: u64,
+    /// Not read until its resume timer fires (input allowance used up).
+    pub input_paused: bool,
     pub opened: Instant,
     /// While resuming: the next seq to send from the user's replay buffer (live events
     /// wait there until the connection has caught up); `None` once live.

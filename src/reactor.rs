@@ -3,7 +3,10 @@
 //! One loop iteration, in order:
 //! 1. poll, with the timeout of the next timer (0 when the channel budget ran out);
 //! 2. dispatch readiness: accept new sockets, read HTTP heads and WebSocket frames,
-//!    write queued output on writable edges;
+//!    write queued output on writable edges; then one read turn for each session the
+//!    last iteration left unread (`read_again`: a session gets at most one turn per
+//!    iteration, and none while it is over its input allowance); then feed held
+//!    `user_message`s to the workers' channel, round-robin across users ([`Inbox`]);
 //! 3. drain the workers' channel up to [`DRAIN_BUDGET`] commands, routing each event to
 //!    its user's connections (frames are shared, queued per connection);
 //! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use serde_json::{json, Value};
@@ -44,6 +47,7 @@ use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
 use crate::http::{self, Method, Refusal, Route};
+use crate::inbox::{self, Admit, Inbox};
 use crate::log_sink::Repeats;
 use crate::mode::Mode;
 use crate::publish;
@@ -87,6 +91,28 @@ const MESSAGES_PER_READ: usize = 64;
 const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Bad client messages in a row before close 1008.
 const MAX_BAD_IN_ROW: u8 = 10;
+/// At most one `refresh` token check per connection per this many milliseconds; a
+/// `refresh` sooner is answered `rate_limited` without a check and counts as a bad
+/// message. A check costs a signature verification (tens of microseconds for ES256,
+/// about a millisecond for RSA-8192), so a refresh flood must not buy one per message.
+const REFRESH_INTERVAL_MS: u64 = 1000;
+/// Input allowance of one session (not the conformance echo): a read turn costs
+/// [`INPUT_US_PER_MESSAGE`] per data message (the JSON the gateway parses and acts on)
+/// plus [`INPUT_US_PER_KIB`] per KiB read (control frames and fragments cost their
+/// bytes), against a virtual clock that may run at most [`INPUT_BURST_US`] ahead of
+/// real time; past it the session is not read (the kernel buffer fills and TCP pushes
+/// back on the sender) until the allowance refills. That is about 1,000 messages and
+/// 1 MiB per second sustained, 250 messages or 256 KiB in a burst: far above what a
+/// client of this protocol sends, and a flood of any kind from one connection then
+/// costs the loop a small share of its time (issue 9, F3).
+const INPUT_US_PER_MESSAGE: u64 = 1000;
+const INPUT_US_PER_KIB: u64 = 1000;
+const INPUT_BURST_US: u64 = 250_000;
+/// While `user_message`s are held for room in the workers' channel, the loop polls
+/// at least this often to feed them (the channel has no readiness to wait on).
+const INBOX_RETRY_MS: u64 = 5;
+/// How often users with nothing pending any more are forgotten by the inbox.
+const INBOX_PRUNE_MS: u64 = 10_000;
 /// Most bytes discarded from a closing connection per readable event.
 const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
 /// Size of one read from a plain HTTP connection.
@@ -115,6 +141,8 @@ const DEGRADED_MS: u64 = 10_000;
 enum Timer {
     /// The connection's phase timer: handshake deadline, heartbeat check or linger.
     Phase(ConnId),
+    /// A session paused for its input allowance may be read again.
+    Resume(ConnId),
     AcceptRetry,
     Housekeeping,
     ShutdownDeadline,
@@ -239,8 +267,15 @@ pub(crate) struct Reactor {
     /// Emit instants of events routed in this iteration (latency recorded after flush).
     routed: Vec<Instant>,
     scratch_targets: Vec<ConnId>,
-    /// Sessions with client input left unread after their per-iteration share.
+    /// Sessions with client input left unread after their per-iteration share (each
+    /// at most once: its `read_queued` flag).
     read_again: Vec<ConnId>,
+    /// Client messages read in this iteration (for the per-iteration maximum stat).
+    read_in_iteration: u64,
+    /// Pending runs per user and `user_message`s held for room in the inbound channel.
+    inbox: Inbox,
+    /// Tick (ms) of the next inbox prune.
+    inbox_prune_at: u64,
     accept_paused: bool,
     draining: bool,
     drain_deadline_passed: bool,
@@ -337,6 +372,10 @@ impl Reactor {
     ) -> Reactor {
         let mut wheel = TimerWheel::new(4096, 0);
         wheel.insert(HOUSEKEEPING_MS, Timer::Housekeeping);
+        let inbox = Inbox::new(
+            s.config.max_pending_runs_per_user,
+            s.config.max_user_message_bytes,
+        );
         Reactor {
             poll,
             listener,
@@ -358,6 +397,9 @@ impl Reactor {
             routed: Vec::new(),
             scratch_targets: Vec::new(),
             read_again: Vec::new(),
+            read_in_iteration: 0,
+            inbox,
+            inbox_prune_at: INBOX_PRUNE_MS,
             accept_paused: false,
             draining: false,
             drain_deadline_passed: false,
@@ -420,10 +462,16 @@ impl Reactor {
             {
                 Some(Duration::ZERO)
             } else {
-                self.wheel.next_expiry().map(|at| {
+                let timer = self.wheel.next_expiry().map(|at| {
                     let now = self.tick();
                     Duration::from_millis(at.saturating_sub(now))
-                })
+                });
+                if self.inbox.held().0 > 0 {
+                    let retry = Duration::from_millis(INBOX_RETRY_MS);
+                    Some(timer.map_or(retry, |t| t.min(retry)))
+                } else {
+                    timer
+                }
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -431,6 +479,11 @@ impl Reactor {
                 }
             }
             let iteration = Instant::now();
+            self.read_in_iteration = 0;
+            // Sessions queued by the last iteration get their turn in this one; those
+            // that a readiness event below leaves unfinished wait for the next, so no
+            // session is read twice in one iteration.
+            let again = std::mem::take(&mut self.read_again);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -439,12 +492,18 @@ impl Reactor {
                     Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
                 }
             }
-            for id in std::mem::take(&mut self.read_again) {
-                self.read_ws(id);
+            for id in again {
+                if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+                    s.read_queued = false;
+                    self.read_ws(id);
+                }
             }
             for id in std::mem::take(&mut self.http_again) {
                 self.read_http(id);
             }
+            self.stats
+                .record_client_messages_in_iteration(self.read_in_iteration);
+            self.feed_inbox();
             budget_exhausted = self.drain_channel();
             let now = self.tick();
             let timers_started = Instant::now();
@@ -673,6 +732,8 @@ impl Reactor {
         if readable {
             match self.conns.get(key).map(|c| &c.phase) {
                 Some(Phase::Http(_)) => self.read_http(id),
+                // A session already on `read_again` is read there, once per iteration.
+                Some(Phase::Open(s)) if s.read_queued => {}
                 Some(Phase::Open(_)) => self.read_ws(id),
                 Some(Phase::Closing) => self.read_closing(id),
                 None => {}
@@ -1060,6 +1121,9 @@ impl Reactor {
             http_open_limit: self.s.config.max_http_connections,
             http_buffer_limit: self.s.config.max_http_buffer_total_bytes,
             accept_degraded: self.accept_degraded(),
+            inbound_held: self.inbox.held().0,
+            inbound_held_bytes: self.inbox.held().1,
+            inbound_held_limit: self.inbox.held_limit(),
         }
     }
 
@@ -1378,6 +1442,10 @@ impl Reactor {
             token_deadline: token_at,
             next_ping: heartbeat_at,
             bad_in_row: 0,
+            read_queued: false,
+            refresh_not_before: 0,
+            input_clock_us: 0,
+            input_paused: false,
             opened: Instant::now(),
             replay_next,
         }));
@@ -1391,6 +1459,10 @@ impl Reactor {
         if self.session(id).is_some_and(|s| s.mode == Mode::Echo) {
             return self.read_echo(id);
         }
+        if self.input_exhausted(id) {
+            return;
+        }
+        let bytes_before = self.conn_mut(id).map_or(0, |c| c.bytes_in);
         let mut texts = Vec::new();
         let Some((ending, more)) = self.read_turn(id, |_, _, msg| match msg {
             Message::Text(t) => {
@@ -1401,6 +1473,7 @@ impl Reactor {
         }) else {
             return;
         };
+        let messages = texts.len() as u64;
         for text in texts {
             self.stats.client_messages += 1;
             self.client_message(id, text.as_str());
@@ -1412,9 +1485,51 @@ impl Reactor {
             }
         }
         if let Some(reason) = ending {
-            self.close(id, reason);
-        } else if more {
-            self.read_again.push(id);
+            return self.close(id, reason);
+        }
+        let now_us = self.start.elapsed().as_micros() as u64;
+        if let Some(conn) = self.conn_mut(id) {
+            let bytes = conn.bytes_in - bytes_before;
+            if let Phase::Open(s) = &mut conn.phase {
+                let cost = messages * INPUT_US_PER_MESSAGE + bytes * INPUT_US_PER_KIB / 1024;
+                s.input_clock_us = s.input_clock_us.max(now_us) + cost;
+            }
+        }
+        if more {
+            self.queue_read_again(id);
+        }
+    }
+
+    /// True when session `id` used up its input allowance: it is then not read until a
+    /// [`Timer::Resume`] (armed here, once) says the allowance has refilled.
+    fn input_exhausted(&mut self, id: ConnId) -> bool {
+        let now_us = self.start.elapsed().as_micros() as u64;
+        let tick = self.tick();
+        let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) else {
+            return false;
+        };
+        let ahead = s.input_clock_us.saturating_sub(now_us);
+        if ahead <= INPUT_BURST_US {
+            return false;
+        }
+        if !s.input_paused {
+            s.input_paused = true;
+            self.stats.client_input_paused += 1;
+            let wait_ms = (ahead - INPUT_BURST_US).div_ceil(1000).max(1);
+            self.wheel.insert(tick + wait_ms, Timer::Resume(id));
+        }
+        true
+    }
+
+    /// Put open session `id` on `read_again` unless it already is: each session gets
+    /// one read turn per iteration however often it is queued (issue 9, F3: queued once
+    /// per edge, a flooding connection's share grew every iteration).
+    fn queue_read_again(&mut self, id: ConnId) {
+        if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+            if !s.read_queued {
+                s.read_queued = true;
+                self.read_again.push(id);
+            }
         }
     }
 
@@ -1456,6 +1571,9 @@ impl Reactor {
                 read_left = wire.left;
                 stopped_early |= wire.exhausted;
                 handled += 1;
+                if read.is_ok() {
+                    self.read_in_iteration += 1;
+                }
                 match read {
                     Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
                         match on_data(&mut session.ws, &mut wire.wire, msg) {
@@ -1552,7 +1670,20 @@ impl Reactor {
         );
     }
 
-    fn bad_message(&mut self, id: ConnId, message: &str) {
+    /// `error` frame answering a `user_message`: carries its `ref`.
+    fn send_error_ref(&mut self, id: ConnId, code: &str, message: &str, reference: &Value) {
+        self.send_frame(
+            id,
+            control_frame(
+                &json!({"type": "error", "code": code, "message": message, "ref": reference}),
+            ),
+        );
+    }
+
+    /// A client message refused as the client's fault: `error` with `code` (and the
+    /// `ref` of a `user_message`), counted toward the bad-message streak; more than
+    /// [`MAX_BAD_IN_ROW`] in a row close the connection with 1008.
+    fn bad_message(&mut self, id: ConnId, code: &str, message: &str, reference: Option<&Value>) {
         self.stats.bad_client_messages += 1;
         let too_many = match self.conn_mut(id).map(|c| &mut c.phase) {
             Some(Phase::Open(s)) => {
@@ -1563,30 +1694,41 @@ impl Reactor {
         };
         if too_many {
             self.close(id, CloseReason::PolicyViolation);
+        } else if let Some(r) = reference {
+            self.send_error_ref(id, code, message, r);
         } else {
-            self.send_error(id, "bad_message", message);
+            self.send_error(id, code, message);
         }
     }
 
+    /// Act on one client text message. A message that was the client's fault (not a
+    /// valid message, an oversized `user_message` text, a refused or rate-limited
+    /// `refresh`) counts toward the bad-message streak; any other resets it.
     fn client_message(&mut self, id: ConnId, text: &str) {
         let msg = match ClientMessage::parse(text) {
             Ok(msg) => msg,
-            Err(BadMessage(why)) => return self.bad_message(id, why),
+            Err(BadMessage(why)) => return self.bad_message(id, "bad_message", why, None),
         };
-        match msg {
+        let good = match msg {
             ClientMessage::Ping => {
-                self.send_frame(id, control_frame(&json!({"type": "pong", "ts": now_ms()})))
+                self.send_frame(id, control_frame(&json!({"type": "pong", "ts": now_ms()})));
+                true
             }
             ClientMessage::UserMessage {
                 text,
                 thread_id,
                 reference,
-            } => self.user_message(id, &text, thread_id, reference),
-            ClientMessage::Cancel { run_id } => self.cancel(id, &run_id),
+            } => self.user_message(id, text, thread_id, reference),
+            ClientMessage::Cancel { run_id } => {
+                self.cancel(id, &run_id);
+                true
+            }
             ClientMessage::Refresh { token } => self.refresh(id, &token),
-        }
-        if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
-            s.bad_in_row = 0;
+        };
+        if good {
+            if let Some(Phase::Open(s)) = self.conn_mut(id).map(|c| &mut c.phase) {
+                s.bad_in_row = 0;
+            }
         }
     }
 
@@ -1602,33 +1744,67 @@ impl Reactor {
         }
     }
 
-    fn user_message(&mut self, id: ConnId, text: &str, thread: Option<String>, reference: Value) {
+    /// `user_message`: text over `max_user_message_bytes` is a bad message (`too_large`);
+    /// a user with `max_pending_runs_per_user` runs acked and not yet begun gets `busy`
+    /// (only that user: the bound is per user, and while the workers' channel is full
+    /// messages wait in per-user queues fed round-robin, see [`Inbox`]). Otherwise the
+    /// run is registered as pending and acked. False when it counted as a bad message.
+    fn user_message(
+        &mut self,
+        id: ConnId,
+        text: String,
+        thread: Option<String>,
+        reference: Value,
+    ) -> bool {
+        let max_text = self.s.config.max_user_message_bytes;
+        if text.len() > max_text {
+            let why = format!("user_message text over max_user_message_bytes ({max_text})");
+            self.bad_message(id, "too_large", &why, Some(&reference));
+            return false;
+        }
         let Some(session) = self.session(id) else {
-            return;
+            return true;
         };
         let user = session.user.clone();
         let isolated = session.mode.is_isolated();
         let run_id = new_run_id();
+        let run: Arc<str> = Arc::from(run_id.as_str());
         let msg = Inbound::UserMessage {
             user_id: user.to_string(),
             thread_id: thread.clone(),
-            text: text.to_owned(),
+            text,
             run_id: run_id.clone(),
             connection_id: id.public_id(),
         };
-        match self.inbound.try_send(msg) {
-            Ok(()) => {}
-            Err(TrySendError::Disconnected(_)) => {
-                return self.send_error(id, "no_agent", "no agent is consuming user messages");
+        let registry = &self.registry;
+        let inbound = &self.inbound;
+        let admitted = self.inbox.admit(
+            &user,
+            &run,
+            msg,
+            |r| still_pending(registry, &user, r),
+            |m| inbox::offer(inbound, m),
+        );
+        let refused = match admitted {
+            Admit::Sent | Admit::Held => None,
+            Admit::NoAgent => Some(("no_agent", "no agent is consuming user messages")),
+            Admit::UserBusy => Some((
+                "busy",
+                "too many of your runs are waiting to start (max_pending_runs_per_user); try again",
+            )),
+            Admit::GatewayBusy => Some(("busy", "agent queue full; try again")),
+        };
+        if let Some((code, why)) = refused {
+            if code == "busy" {
+                self.stats.user_messages_busy += 1;
             }
-            Err(TrySendError::Full(_)) => {
-                return self.send_error(id, "busy", "agent queue full; try again");
-            }
+            self.send_error_ref(id, code, why, &reference);
+            return true;
         }
         let now = self.tick();
         let u = self.registry.entry(&user);
         u.runs.insert(
-            Arc::from(run_id.as_str()),
+            run,
             Run::pending(
                 thread.as_deref().map(Arc::from),
                 isolated.then_some(id),
@@ -1639,14 +1815,49 @@ impl Reactor {
             id,
             control_frame(&json!({"type": "ack", "ref": reference, "run_id": run_id})),
         );
+        true
     }
 
+    /// Feed held `user_message`s into the workers' channel as it has room, one user at
+    /// a time; runs whose message can never go out (no consumer any more) end with
+    /// `agent_error {"reason":"no_agent"}`. Now and then, forget users with nothing
+    /// pending.
+    fn feed_inbox(&mut self) {
+        let now = self.tick();
+        if now >= self.inbox_prune_at {
+            self.inbox_prune_at = now + INBOX_PRUNE_MS;
+            let registry = &self.registry;
+            self.inbox
+                .prune(|user, run| still_pending(registry, user, run));
+        }
+        if self.inbox.held().0 == 0 {
+            return;
+        }
+        let registry = &self.registry;
+        let inbound = &self.inbound;
+        let orphans = self.inbox.feed(
+            |user, run| still_pending(registry, user, run),
+            |m| inbox::offer(inbound, m),
+        );
+        for o in orphans {
+            let key = RunKey::new(&o.user_id, o.thread_id.as_deref(), &o.run_id, "");
+            match key
+                .and_then(|k| Event::new(k, EventKind::AgentError, &json!({"reason": "no_agent"})))
+            {
+                Ok(ev) => self.route(ev),
+                Err(e) => log::error!("synthetic no_agent event failed: {e}"),
+            }
+        }
+    }
+
+    /// `cancel`: flags the run (its handle sees it) and tells the workers once per run,
+    /// so repeated cancels of one run cost no channel slot.
     fn cancel(&mut self, id: ConnId, run_id: &str) {
         let Some(session) = self.session(id) else {
             return;
         };
         let user = session.user.clone();
-        let found = match self
+        let first = match self
             .registry
             .get_mut(&user)
             .and_then(|u| u.runs.get_mut(run_id))
@@ -1655,38 +1866,53 @@ impl Reactor {
                 if let Some(flag) = &run.cancel {
                     flag.store(true, Ordering::Release);
                 }
-                run.cancel_requested = true;
-                true
+                !std::mem::replace(&mut run.cancel_requested, true)
             }
-            None => false,
+            None => return self.send_error(id, "not_found", "no active run with this run_id"),
         };
-        if !found {
-            return self.send_error(id, "not_found", "no active run with this run_id");
+        if first {
+            let _ = self.inbound.try_send(Inbound::Cancel {
+                user_id: user.to_string(),
+                run_id: run_id.to_owned(),
+            });
         }
-        let _ = self.inbound.try_send(Inbound::Cancel {
-            user_id: user.to_string(),
-            run_id: run_id.to_owned(),
-        });
         self.send_frame(
             id,
             control_frame(&json!({"type": "cancel_requested", "run_id": run_id})),
         );
     }
 
-    fn refresh(&mut self, id: ConnId, token: &str) {
-        let Some(session) = self.session(id) else {
-            return;
+    /// `refresh`: at most one token check per connection per [`REFRESH_INTERVAL_MS`]
+    /// (sooner: `rate_limited`, no check); an invalid token is `invalid_token`. Both
+    /// count as bad messages (they never reset the streak, so a refresh flood closes
+    /// with 1008). False when it counted as a bad message.
+    fn refresh(&mut self, id: ConnId, token: &str) -> bool {
+        let now = self.tick();
+        let Some(Phase::Open(session)) = self.conn_mut(id).map(|c| &mut c.phase) else {
+            return true;
         };
+        if now < session.refresh_not_before {
+            self.stats.refresh_rate_limited += 1;
+            let why = "at most one refresh per second per connection; retry later";
+            self.bad_message(id, "rate_limited", why, None);
+            return false;
+        }
+        session.refresh_not_before = now + REFRESH_INTERVAL_MS;
         let user = session.user.clone();
         match self.auth.verify(token) {
-            Err(e) => self.send_error(id, "invalid_token", &e.to_string()),
-            Ok(claims) if *claims.sub != *user => self.close(id, CloseReason::RefreshOtherUser),
+            Err(e) => {
+                self.bad_message(id, "invalid_token", &e.to_string(), None);
+                false
+            }
+            Ok(claims) if *claims.sub != *user => {
+                self.close(id, CloseReason::RefreshOtherUser);
+                true
+            }
             Ok(claims) => {
-                let now = self.tick();
                 let at =
                     now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
                 let Some(conn) = live(&mut self.conns, id) else {
-                    return;
+                    return true;
                 };
                 if let Phase::Open(s) = &mut conn.phase {
                     s.token_exp = claims.exp;
@@ -1705,6 +1931,7 @@ impl Reactor {
                     id,
                     control_frame(&json!({"type": "refreshed", "exp": claims.exp})),
                 );
+                true
             }
         }
     }
@@ -1956,6 +2183,12 @@ impl Reactor {
     fn on_timer(&mut self, timer: Timer) {
         match timer {
             Timer::Phase(id) => self.on_phase_timer(id),
+            Timer::Resume(id) => {
+                if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+                    s.input_paused = false;
+                    self.read_ws(id);
+                }
+            }
             Timer::AcceptRetry => {
                 self.accept_paused = false;
                 self.accept();
@@ -2247,6 +2480,15 @@ fn mark(flush_queued: &mut bool, list: &mut Vec<ConnId>, id: ConnId) {
         *flush_queued = true;
         list.push(id);
     }
+}
+
+/// True while `user`'s run `run_id` is registered and has not begun (a pending run of
+/// a `user_message`).
+fn still_pending(registry: &Registry, user: &str, run_id: &str) -> bool {
+    registry
+        .get(user)
+        .and_then(|u| u.runs.get(run_id))
+        .is_some_and(|r| !r.begun)
 }
 
 /// The connection `id` names, if its slot still holds it (a free function over the

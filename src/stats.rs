@@ -121,6 +121,11 @@ pub struct Gauges {
     pub http_buffer_limit: usize,
     /// An accept failed (descriptor limit) within the last few seconds.
     pub accept_degraded: bool,
+    /// `user_message`s held by the reactor while the workers' channel is full (and the
+    /// bytes charged for them, against the `inbound_held_bytes` budget's limit).
+    pub inbound_held: usize,
+    pub inbound_held_bytes: usize,
+    pub inbound_held_limit: usize,
 }
 
 impl Gauges {
@@ -129,7 +134,8 @@ impl Gauges {
     /// per-socket `SO_SNDBUF` asked for against what the kernel applied;
     /// `http_connections` and `http_buffer_bytes` are the connections that have not
     /// upgraded and the request bytes they hold, against `max_http_connections` and
-    /// `max_http_buffer_total_bytes`.
+    /// `max_http_buffer_total_bytes`; `inbound_held_bytes` is what the `user_message`s
+    /// held for room in the workers' channel are charged.
     pub fn budgets(&self) -> Vec<(&'static str, u64, u64)> {
         let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         vec![
@@ -153,6 +159,11 @@ impl Gauges {
                 wide(self.http_buffer_limit),
                 wide(self.http_buffered_bytes),
             ),
+            (
+                "inbound_held_bytes",
+                wide(self.inbound_held_limit),
+                wide(self.inbound_held_bytes),
+            ),
         ]
     }
 }
@@ -173,6 +184,14 @@ pub struct Stats {
     pub bytes_out: u64,
     pub client_messages: u64,
     pub bad_client_messages: u64,
+    /// `user_message`s answered `busy` (the user's pending-run bound or the held budget).
+    pub user_messages_busy: u64,
+    /// `refresh` messages answered `rate_limited` without a token check.
+    pub refresh_rate_limited: u64,
+    /// Most client messages (any kind, control frames too) read in one loop iteration.
+    pub client_messages_max_per_iteration: u64,
+    /// Times a session was paused for using up its input allowance.
+    pub client_input_paused: u64,
     pub loop_iterations: u64,
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
@@ -317,6 +336,10 @@ impl Stats {
             bytes_out: 0,
             client_messages: 0,
             bad_client_messages: 0,
+            user_messages_busy: 0,
+            refresh_rate_limited: 0,
+            client_messages_max_per_iteration: 0,
+            client_input_paused: 0,
             loop_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
@@ -366,6 +389,11 @@ impl Stats {
     pub fn record_timers(&mut self, fired: u64, us: u64) {
         self.timers_fired += fired;
         self.timer_handling_us += us;
+    }
+
+    /// One loop iteration read `n` client messages.
+    pub fn record_client_messages_in_iteration(&mut self, n: u64) {
+        self.client_messages_max_per_iteration = self.client_messages_max_per_iteration.max(n);
     }
 
     pub fn record_loop_us(&mut self, us: u64) {
@@ -432,7 +460,15 @@ impl Stats {
                 "dropped": dropped,
                 "dropped_total": self.dropped.iter().sum::<u64>(),
             },
-            "client_messages": {"total": self.client_messages, "bad": self.bad_client_messages},
+            "client_messages": {
+                "total": self.client_messages,
+                "bad": self.bad_client_messages,
+                "busy": self.user_messages_busy,
+                "refresh_rate_limited": self.refresh_rate_limited,
+                "max_per_iteration": self.client_messages_max_per_iteration,
+                "input_paused": self.client_input_paused,
+            },
+            "inbound": {"held": g.inbound_held, "held_bytes": g.inbound_held_bytes},
             "http_requests": self.http_requests,
             "bytes": {"in": self.bytes_in, "out": self.bytes_out, "pending_out": g.pending_out_bytes, "replay_backlog": g.replay_backlog_bytes},
             "latency_us": Self::percentiles(&self.latency_us),
@@ -587,8 +623,38 @@ impl Stats {
         metric(
             "client_messages_bad_total",
             "counter",
-            "Client messages answered with a bad_message error.",
+            "Client messages counted as bad (bad_message, too_large, invalid_token, rate_limited).",
             &one(self.bad_client_messages as f64),
+        );
+        metric(
+            "client_messages_busy_total",
+            "counter",
+            "user_message answered busy (per-user pending runs or the held budget).",
+            &one(self.user_messages_busy as f64),
+        );
+        metric(
+            "refresh_rate_limited_total",
+            "counter",
+            "refresh answered rate_limited without a token check.",
+            &one(self.refresh_rate_limited as f64),
+        );
+        metric(
+            "client_messages_max_per_iteration",
+            "gauge",
+            "Most client messages read in one loop iteration since start.",
+            &one(self.client_messages_max_per_iteration as f64),
+        );
+        metric(
+            "client_input_paused_total",
+            "counter",
+            "Sessions paused for using up their input allowance (1,000 messages/s, 1 MiB/s).",
+            &one(self.client_input_paused as f64),
+        );
+        metric(
+            "inbound_held",
+            "gauge",
+            "user_message held by the gateway while the workers' channel is full.",
+            &one(g.inbound_held as f64),
         );
         metric(
             "bytes_in_total",

@@ -136,6 +136,14 @@ settings! {
             "Over the per-user limit: evict_oldest (close 4002) or reject (429)";
         /// Largest client message, in bytes; larger ones close with 1009. Default 65536.
         max_message_bytes: usize = 65_536, Integer(1, GIB), "Largest client message, in bytes";
+        /// Largest `text` of a `user_message`, in bytes; larger ones get `error` code
+        /// `too_large` (the connection stays open). Default 32768.
+        max_user_message_bytes: usize = 32_768, Integer(1, GIB),
+            "Largest user_message text, in bytes; larger ones get error too_large";
+        /// Runs one user may have acked by `user_message` and not yet begun (no first
+        /// event yet); past it that user gets `error` code `busy`. Default 16.
+        max_pending_runs_per_user: usize = 16, Integer(1, 1_000_000),
+            "Runs a user may have acked and not yet begun; past it error busy";
         /// Largest `POST /api/events` body, in bytes; larger ones get 413. Default 1048576.
         max_publish_bytes: usize = 1_048_576, Integer(1, GIB),
             "Largest publish request body, in bytes";

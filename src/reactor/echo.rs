@@ -60,7 +60,7 @@ impl Reactor {
         if let Some(reason) = ending {
             self.close(id, reason);
         } else if more {
-            self.read_again.push(id);
+            self.queue_read_again(id);
         }
     }
 }

@@ -23,6 +23,7 @@ mod model;
 mod publish_api;
 mod redteam_http;
 mod redteam_process;
+mod redteam_session;
 mod refusals;
 mod resume;
 mod session;

@@ -179,6 +179,8 @@ fn config_lists_every_setting_and_never_a_secret() {
         "max_message_bytes",
         "max_publish_bytes",
         "max_pending_bytes",
+        "max_user_message_bytes",
+        "max_pending_runs_per_user",
         "heartbeat_interval_ms",
         "heartbeat_timeout_ms",
         "handshake_timeout_ms",
