@@ -128,6 +128,17 @@ pub struct Config {
     /// A run with no event for this long is ended with `agent_error`, in milliseconds.
     /// Default 300000.
     pub run_idle_timeout_ms: u64,
+    /// Runs in progress per user; past it new runs are refused (publish 429
+    /// `too_many_runs`, [`crate::EmitError::TooManyRuns`]). Default 256.
+    pub max_active_runs_per_user: usize,
+    /// Runs in progress over all users; past it new runs are refused as above.
+    /// Default 100000.
+    pub max_active_runs: usize,
+    /// Bytes of kept events per user (the oldest go first). Default 4194304.
+    pub replay_bytes_per_user: usize,
+    /// Bytes of kept events over all users, plus a fixed overhead per known user
+    /// (memory engine); the oldest events go first, then idle users. Default 268435456.
+    pub replay_memory_bytes: usize,
     /// Time to flush on shutdown before exiting, in milliseconds. Default 5000.
     pub shutdown_grace_ms: u64,
     /// Built-in demo agent. Default none: auto, on in dev mode (no JWT key configured),
@@ -162,6 +173,10 @@ impl fmt::Debug for Config {
             .field("replay_events", &self.replay_events)
             .field("replay_ttl_ms", &self.replay_ttl_ms)
             .field("run_idle_timeout_ms", &self.run_idle_timeout_ms)
+            .field("max_active_runs_per_user", &self.max_active_runs_per_user)
+            .field("max_active_runs", &self.max_active_runs)
+            .field("replay_bytes_per_user", &self.replay_bytes_per_user)
+            .field("replay_memory_bytes", &self.replay_memory_bytes)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("demo_agent", &self.demo_agent)
             .finish()
@@ -193,6 +208,10 @@ impl Default for Config {
             replay_events: 1_024,
             replay_ttl_ms: 120_000,
             run_idle_timeout_ms: 300_000,
+            max_active_runs_per_user: 256,
+            max_active_runs: 100_000,
+            replay_bytes_per_user: 4_194_304,
+            replay_memory_bytes: 268_435_456,
             shutdown_grace_ms: 5_000,
             demo_agent: None,
         }
@@ -275,6 +294,10 @@ enum Field {
     ReplayEvents,
     ReplayTtlMs,
     RunIdleTimeoutMs,
+    MaxActiveRunsPerUser,
+    MaxActiveRuns,
+    ReplayBytesPerUser,
+    ReplayMemoryBytes,
     ShutdownGraceMs,
     DemoAgent,
 }
@@ -446,6 +469,10 @@ impl Config {
         "replay_events",
         "replay_ttl_ms",
         "run_idle_timeout_ms",
+        "max_active_runs_per_user",
+        "max_active_runs",
+        "replay_bytes_per_user",
+        "replay_memory_bytes",
         "shutdown_grace_ms",
         "demo_agent",
     ];
@@ -652,6 +679,42 @@ impl Config {
             key: Field::RunIdleTimeoutMs,
         },
         Setting {
+            name: "max_active_runs_per_user",
+            flag: "max-active-runs-per-user",
+            env: "AGENTWIRE_MAX_ACTIVE_RUNS_PER_USER",
+            default: "256",
+            kind: int(1, 1_000_000),
+            help: "Runs in progress per user; past it new runs are refused (429 too_many_runs)",
+            key: Field::MaxActiveRunsPerUser,
+        },
+        Setting {
+            name: "max_active_runs",
+            flag: "max-active-runs",
+            env: "AGENTWIRE_MAX_ACTIVE_RUNS",
+            default: "100000",
+            kind: int(1, 100_000_000),
+            help: "Runs in progress over all users; past it new runs are refused (429 too_many_runs)",
+            key: Field::MaxActiveRuns,
+        },
+        Setting {
+            name: "replay_bytes_per_user",
+            flag: "replay-bytes-per-user",
+            env: "AGENTWIRE_REPLAY_BYTES_PER_USER",
+            default: "4194304",
+            kind: int(1, 1 << 40),
+            help: "Bytes of kept events per user; the oldest go first",
+            key: Field::ReplayBytesPerUser,
+        },
+        Setting {
+            name: "replay_memory_bytes",
+            flag: "replay-memory-bytes",
+            env: "AGENTWIRE_REPLAY_MEMORY_BYTES",
+            default: "268435456",
+            kind: int(1, 1 << 40),
+            help: "Bytes of kept events and known users over all users; the oldest events go first, then idle users",
+            key: Field::ReplayMemoryBytes,
+        },
+        Setting {
             name: "shutdown_grace_ms",
             flag: "shutdown-grace-ms",
             env: "AGENTWIRE_SHUTDOWN_GRACE_MS",
@@ -768,6 +831,18 @@ impl Config {
             }
             Field::RunIdleTimeoutMs => {
                 self.run_idle_timeout_ms = parse_integer(setting.kind, value).map_err(invalid)?
+            }
+            Field::MaxActiveRunsPerUser => {
+                self.max_active_runs_per_user = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::MaxActiveRuns => {
+                self.max_active_runs = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::ReplayBytesPerUser => {
+                self.replay_bytes_per_user = parse_usize(setting.kind, value).map_err(invalid)?
+            }
+            Field::ReplayMemoryBytes => {
+                self.replay_memory_bytes = parse_usize(setting.kind, value).map_err(invalid)?
             }
             Field::ShutdownGraceMs => {
                 self.shutdown_grace_ms = parse_integer(setting.kind, value).map_err(invalid)?
@@ -1135,6 +1210,10 @@ impl Config {
                 | Field::ReplayEvents
                 | Field::ReplayTtlMs
                 | Field::RunIdleTimeoutMs
+                | Field::MaxActiveRunsPerUser
+                | Field::MaxActiveRuns
+                | Field::ReplayBytesPerUser
+                | Field::ReplayMemoryBytes
                 | Field::ShutdownGraceMs => {
                     self.integer(setting.key).map_or(Value::Null, Value::from)
                 }
@@ -1160,6 +1239,10 @@ impl Config {
             Field::ReplayEvents => Some(wide(self.replay_events)),
             Field::ReplayTtlMs => Some(self.replay_ttl_ms),
             Field::RunIdleTimeoutMs => Some(self.run_idle_timeout_ms),
+            Field::MaxActiveRunsPerUser => Some(wide(self.max_active_runs_per_user)),
+            Field::MaxActiveRuns => Some(wide(self.max_active_runs)),
+            Field::ReplayBytesPerUser => Some(wide(self.replay_bytes_per_user)),
+            Field::ReplayMemoryBytes => Some(wide(self.replay_memory_bytes)),
             Field::ShutdownGraceMs => Some(self.shutdown_grace_ms),
             Field::Listen
             | Field::JwtAlgorithm
@@ -1381,6 +1464,10 @@ mod tests {
             "replay_events" => "16",
             "replay_ttl_ms" => "121000",
             "run_idle_timeout_ms" => "9000",
+            "max_active_runs_per_user" => "17",
+            "max_active_runs" => "1700",
+            "replay_bytes_per_user" => "70000",
+            "replay_memory_bytes" => "7000000",
             "shutdown_grace_ms" => "0",
             "demo_agent" => "true",
             _ => "",
@@ -1421,6 +1508,10 @@ mod tests {
             "replay_events" => assert_eq!(c.replay_events, 16),
             "replay_ttl_ms" => assert_eq!(c.replay_ttl_ms, 121_000),
             "run_idle_timeout_ms" => assert_eq!(c.run_idle_timeout_ms, 9000),
+            "max_active_runs_per_user" => assert_eq!(c.max_active_runs_per_user, 17),
+            "max_active_runs" => assert_eq!(c.max_active_runs, 1700),
+            "replay_bytes_per_user" => assert_eq!(c.replay_bytes_per_user, 70_000),
+            "replay_memory_bytes" => assert_eq!(c.replay_memory_bytes, 7_000_000),
             "shutdown_grace_ms" => assert_eq!(c.shutdown_grace_ms, 0),
             "demo_agent" => assert_eq!(c.demo_agent, Some(true)),
             other => panic!("no sample for {other}"),
@@ -1445,7 +1536,7 @@ mod tests {
             assert_eq!(s.env, format!("AGENTWIRE_{}", s.name.to_ascii_uppercase()));
             assert!(!s.help.is_empty() && !s.default.is_empty());
         }
-        assert_eq!(Config::NAMES.len(), 24);
+        assert_eq!(Config::NAMES.len(), 28);
     }
 
     #[test]
@@ -1473,6 +1564,10 @@ mod tests {
         assert_eq!(c.replay_events, 1_024);
         assert_eq!(c.replay_ttl_ms, 120_000);
         assert_eq!(c.run_idle_timeout_ms, 300_000);
+        assert_eq!(c.max_active_runs_per_user, 256);
+        assert_eq!(c.max_active_runs, 100_000);
+        assert_eq!(c.replay_bytes_per_user, 4_194_304);
+        assert_eq!(c.replay_memory_bytes, 268_435_456);
         assert_eq!(c.shutdown_grace_ms, 5_000);
         assert_eq!(c.demo_agent, None);
         assert!(c.dev_mode());

@@ -104,6 +104,27 @@ pub struct Gauges {
     pub replaying: usize,
     pub replay_backlog_bytes: usize,
     pub uptime_s: u64,
+    /// The memory engine's registry: budgets, their use and what bounding them cost.
+    pub memory: MemoryGauges,
+}
+
+/// The registry's budgets (`replay_memory_bytes`, `max_active_runs`), their use, and
+/// the counters of what keeping within them dropped.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryGauges {
+    /// Kept events' bytes plus the per-user overhead, and its limit.
+    pub replay_memory_used: usize,
+    pub replay_memory_limit: usize,
+    pub active_runs_limit: usize,
+    /// Kept events over all users, and their bytes (without the per-user overhead).
+    pub replay_events: usize,
+    pub replay_bytes: usize,
+    /// Kept events dropped to stay within `replay_memory_bytes`.
+    pub replay_evicted: u64,
+    /// Users forgotten (idle for `replay_ttl_ms`, or idle when the budget needed room).
+    pub users_forgotten: u64,
+    /// New runs refused past `max_active_runs_per_user` / `max_active_runs`.
+    pub runs_refused: u64,
 }
 
 /// Every counter of PROTOCOL.md section 6.
@@ -350,9 +371,14 @@ impl Stats {
                 "refused": refused,
                 "refused_total": self.refused.iter().sum::<u64>(),
             },
-            "users": {"online": g.users_online, "known": g.users_known},
+            "users": {"online": g.users_online, "known": g.users_known, "forgotten": g.memory.users_forgotten},
             "users_online": g.users_online,
-            "runs": {"active": g.active_runs},
+            "runs": {"active": g.active_runs, "refused": g.memory.runs_refused},
+            "replay": {"events": g.memory.replay_events, "bytes": g.memory.replay_bytes, "evicted": g.memory.replay_evicted},
+            "budgets": {
+                "replay_memory_bytes": {"limit": g.memory.replay_memory_limit, "used": g.memory.replay_memory_used},
+                "active_runs": {"limit": g.memory.active_runs_limit, "used": g.active_runs},
+            },
             "events": {
                 "emitted": self.events_emitted,
                 "published": self.events_published,
@@ -412,6 +438,69 @@ impl Stats {
             "gauge",
             "Agent runs started and not yet ended.",
             &one(g.active_runs as f64),
+        );
+        metric(
+            "users_known",
+            "gauge",
+            "Users the gateway keeps state for (online or not).",
+            &one(g.users_known as f64),
+        );
+        metric(
+            "users_forgotten_total",
+            "counter",
+            "Users whose state was forgotten (idle expiry or memory budget).",
+            &one(g.memory.users_forgotten as f64),
+        );
+        metric(
+            "runs_refused_total",
+            "counter",
+            "New runs refused past max_active_runs_per_user or max_active_runs.",
+            &one(g.memory.runs_refused as f64),
+        );
+        metric(
+            "replay_events",
+            "gauge",
+            "Events kept for resume, all users.",
+            &one(g.memory.replay_events as f64),
+        );
+        metric(
+            "replay_bytes",
+            "gauge",
+            "Bytes of events kept for resume, all users.",
+            &one(g.memory.replay_bytes as f64),
+        );
+        metric(
+            "replay_evicted_total",
+            "counter",
+            "Kept events dropped to stay within replay_memory_bytes.",
+            &one(g.memory.replay_evicted as f64),
+        );
+        let budgets = [
+            (
+                "replay_memory_bytes",
+                g.memory.replay_memory_limit,
+                g.memory.replay_memory_used,
+            ),
+            ("active_runs", g.memory.active_runs_limit, g.active_runs),
+        ];
+        let label = |name: &str| format!("{{budget=\"{name}\"}}");
+        metric(
+            "budget_limit",
+            "gauge",
+            "Configured limit of each bounded resource.",
+            &budgets
+                .iter()
+                .map(|(name, limit, _)| (label(name), *limit as f64))
+                .collect::<Vec<_>>(),
+        );
+        metric(
+            "budget_used",
+            "gauge",
+            "Current use of each bounded resource.",
+            &budgets
+                .iter()
+                .map(|(name, _, used)| (label(name), *used as f64))
+                .collect::<Vec<_>>(),
         );
         metric(
             "timers",
@@ -595,6 +684,13 @@ mod tests {
         let g = Gauges {
             connections_open: 1,
             users_online: 1,
+            active_runs: 4,
+            memory: MemoryGauges {
+                replay_memory_used: 5,
+                replay_memory_limit: 6,
+                active_runs_limit: 7,
+                ..MemoryGauges::default()
+            },
             ..Gauges::default()
         };
         let j = s.to_json(&g);
@@ -605,7 +701,13 @@ mod tests {
         assert_eq!(j["events"]["dropped"]["run_ended"], 2);
         assert_eq!(j["latency_us"]["p50"], 50);
         assert_eq!(j["latency_us"]["max"], 100);
+        assert_eq!(j["budgets"]["replay_memory_bytes"]["used"], 5);
+        assert_eq!(j["budgets"]["replay_memory_bytes"]["limit"], 6);
+        assert_eq!(j["budgets"]["active_runs"]["used"], 4);
+        assert_eq!(j["budgets"]["active_runs"]["limit"], 7);
         let p = s.to_prometheus(&g);
+        assert!(p.contains("agentwire_budget_used{budget=\"replay_memory_bytes\"} 5\n"));
+        assert!(p.contains("agentwire_budget_limit{budget=\"active_runs\"} 7\n"));
         assert!(p.contains("agentwire_connections_open 1\n"));
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));
