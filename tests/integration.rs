@@ -40,6 +40,8 @@ mod limits;
 mod model;
 #[path = "integration/publish_api.rs"]
 mod publish_api;
+#[path = "integration/redteam_memory.rs"]
+mod redteam_memory;
 #[path = "integration/refusals.rs"]
 mod refusals;
 #[path = "integration/resume.rs"]
