@@ -60,9 +60,11 @@ const LINGER_MS: u64 = 2000;
 const ACCEPT_RETRY_MS: u64 = 20;
 /// Housekeeping period: replay expiry, run watchdog.
 const HOUSEKEEPING_MS: u64 = 1000;
-/// Most idle runs the watchdog ends per housekeeping tick (the rest the next tick), so
-/// runs timing out together cannot stall the loop.
+/// Most idle runs the watchdog ends per pass, so runs timing out together cannot stall
+/// the loop; when a pass used it all, the next pass comes [`WATCHDOG_AGAIN_MS`] later
+/// instead of at the next housekeeping tick.
 const WATCHDOG_BUDGET: usize = 1000;
+const WATCHDOG_AGAIN_MS: u64 = 50;
 /// Most runs listed in a `connected` frame's `active_runs` (the most recently
 /// started); `"active_runs_truncated": true` says when there were more.
 const CONNECTED_RUNS_MAX: usize = 100;
@@ -89,6 +91,8 @@ enum Timer {
     Phase(ConnId),
     AcceptRetry,
     Housekeeping,
+    /// Another run watchdog pass: the last one ended [`WATCHDOG_BUDGET`] runs.
+    Watchdog,
     ShutdownDeadline,
 }
 
@@ -209,6 +213,8 @@ pub(crate) struct Reactor {
     /// Sessions with client input left unread after their per-iteration share.
     read_again: Vec<ConnId>,
     accept_paused: bool,
+    /// A [`Timer::Watchdog`] pass is on the wheel.
+    watchdog_armed: bool,
     draining: bool,
     drain_deadline_passed: bool,
 }
@@ -277,6 +283,7 @@ impl Reactor {
             scratch_targets: Vec::new(),
             read_again: Vec::new(),
             accept_paused: false,
+            watchdog_armed: false,
             draining: false,
             drain_deadline_passed: false,
         }
@@ -1553,6 +1560,7 @@ impl Reactor {
                 let at = self.tick() + HOUSEKEEPING_MS;
                 self.wheel.insert(at, Timer::Housekeeping);
             }
+            Timer::Watchdog => self.watchdog(),
             Timer::ShutdownDeadline => {
                 self.drain_deadline_passed = true;
             }
@@ -1611,10 +1619,26 @@ impl Reactor {
     fn housekeeping(&mut self) {
         let now = self.tick();
         self.registry.sweep(now, self.s.config.replay_ttl_ms);
-        // Run watchdog: end runs with no event for run_idle_timeout_ms, at most
-        // WATCHDOG_BUDGET per tick.
+        if !self.watchdog_armed {
+            self.watchdog();
+        }
+    }
+
+    /// Run watchdog: end runs with no event for run_idle_timeout_ms, at most
+    /// WATCHDOG_BUDGET per pass (another pass soon when there may be more).
+    fn watchdog(&mut self) {
+        let now = self.tick();
+        self.watchdog_armed = false;
         let idle_cutoff = now.saturating_sub(self.s.config.run_idle_timeout_ms);
         let stale: Vec<RunKey> = self.registry.stale_runs(idle_cutoff, WATCHDOG_BUDGET);
+        if stale.len() >= WATCHDOG_BUDGET {
+            self.watchdog_armed = true;
+            self.wheel.insert(now + WATCHDOG_AGAIN_MS, Timer::Watchdog);
+        }
+        if !stale.is_empty() {
+            self.stats.watchdog_passes += 1;
+            self.stats.runs_timed_out += stale.len() as u64;
+        }
         for key in stale {
             log::info!(
                 "user={:?} run={:?} idle for run_idle_timeout_ms: ending it",

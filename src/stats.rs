@@ -147,6 +147,9 @@ pub struct Stats {
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
     pub timer_handling_us: u64,
+    /// Runs the watchdog ended (`run_timeout`), and its passes that ended any.
+    pub runs_timed_out: u64,
+    pub watchdog_passes: u64,
     latency_us: Histogram,
     loop_us: Histogram,
 }
@@ -281,6 +284,8 @@ impl Stats {
             loop_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
+            runs_timed_out: 0,
+            watchdog_passes: 0,
             latency_us: Histogram::new(),
             loop_us: Histogram::new(),
         }
@@ -373,7 +378,7 @@ impl Stats {
             },
             "users": {"online": g.users_online, "known": g.users_known, "forgotten": g.memory.users_forgotten},
             "users_online": g.users_online,
-            "runs": {"active": g.active_runs, "refused": g.memory.runs_refused},
+            "runs": {"active": g.active_runs, "refused": g.memory.runs_refused, "timed_out": self.runs_timed_out, "watchdog_passes": self.watchdog_passes},
             "replay": {"events": g.memory.replay_events, "bytes": g.memory.replay_bytes, "evicted": g.memory.replay_evicted},
             "budgets": {
                 "replay_memory_bytes": {"limit": g.memory.replay_memory_limit, "used": g.memory.replay_memory_used},
@@ -450,6 +455,12 @@ impl Stats {
             "counter",
             "Users whose state was forgotten (idle expiry or memory budget).",
             &one(g.memory.users_forgotten as f64),
+        );
+        metric(
+            "runs_timed_out_total",
+            "counter",
+            "Runs ended by the watchdog (run_idle_timeout_ms).",
+            &one(self.runs_timed_out as f64),
         );
         metric(
             "runs_refused_total",
