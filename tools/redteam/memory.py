@@ -181,7 +181,7 @@ def attack_runs(gw, a):
     sent = refused = 0
     while sent < a.runs:
         batch = [ev("agent_started", f"rt-u{(sent + i) % a.users}", f"run-{sent + i}")
-                 for i in range(min(1000, a.runs - sent))]
+                 for i in range(min(a.batch, a.runs - sent))]
         status, _ = gw.publish(batch)
         if status == 429:
             refused += len(batch)
@@ -235,9 +235,7 @@ def attack_replay(gw, a):
     out = {"events": a.events, "event_kib": a.event_kib, "users": a.users,
            "publish_s": round(time.time() - t0, 2), "rss_mib": gw.rss_mib(),
            "replay": s.get("replay"), "budgets": s.get("budgets")}
-    wait = a.replay_ttl_ms / 1000 + 1.5 - (time.time() - t0)
-    if wait > 0:
-        time.sleep(wait)
+    time.sleep(a.replay_ttl_ms / 1000 + 2.5)
     again = Ws(gw, "rt-online", f"?last_seq=0&epoch={epoch}")
     out["online_user_resumed_after_ttl"] = json.loads(again.text())["resumed"]
     out["rss_mib_after_ttl"] = gw.rss_mib()
@@ -268,6 +266,7 @@ def main():
     p.add_argument("attack", choices=["runs", "replay", "users"])
     p.add_argument("--runs", type=int, default=200_000)
     p.add_argument("--users", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1000, help="events per publish (runs)")
     p.add_argument("--events", type=int, default=300)
     p.add_argument("--event-kib", type=int, default=1024)
     p.add_argument("--seconds", type=float, default=10)
