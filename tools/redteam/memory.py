@@ -251,7 +251,8 @@ def attack_users(gw, a):
     s = gw.stats()
     out = {"user_ids": n, "ids_per_s": round(n / (time.time() - t0)),
            "rss_mib": gw.rss_mib(), "users_known": s["users"]["known"],
-           "budgets": s.get("budgets")}
+           "budgets": s.get("budgets"), "loop_max_us": loop_max(s),
+           "loop_p99_us": s["loop"]["iteration_us"]["p99"]}
     time.sleep(a.replay_ttl_ms / 1000 + 2.5)
     s = gw.stats()
     out["users_known_after_ttl"] = s["users"]["known"]
