@@ -912,8 +912,9 @@ impl Reactor {
                     _ => true,
                 })
                 .collect();
-            // The most recently started CONNECTED_RUNS_MAX, oldest first.
-            runs.sort_by_key(|(_, r)| std::cmp::Reverse(r.started_ts));
+            // The most recently started CONNECTED_RUNS_MAX, oldest first (runs started
+            // in the same millisecond: by their last event).
+            runs.sort_by_key(|(_, r)| std::cmp::Reverse((r.started_ts, r.last_seq)));
             runs_truncated = runs.len() > CONNECTED_RUNS_MAX;
             runs.truncate(CONNECTED_RUNS_MAX);
             runs.reverse();
