@@ -4,9 +4,9 @@
 //! connection's output queue.
 //!
 //! `Reactor::route` is private and owns sockets, so this benchmark runs what it is made
-//! of: [`Registry::entry`], [`User::route`] (the ended-run check, `seq`, the frame, the
-//! run's bookkeeping, the replay keep: the same code the reactor runs), [`User::targets`]
-//! and [`OutQueue::push`]. What it leaves out: the stats counters and the `Phase::Open`
+//! of: [`Registry::route`] (the user lookup, the ended-run and run-count checks, `seq`,
+//! the frame, the run's bookkeeping, the replay keep within its bounds and the global
+//! FIFO: the same code the reactor runs), [`User::targets`] and [`OutQueue::push`]. What it leaves out: the stats counters and the `Phase::Open`
 //! match of a real `Conn` (a connection here is its output queue, serial and flush flag
 //! in a slab, looked up by `ConnId` as the reactor does).
 //!
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use agentwire::conn::{ConnId, OutQueue};
 use agentwire::event::{Event, RunKey};
-use agentwire::registry::{ConnEntry, Registry, Routed};
+use agentwire::registry::{ConnEntry, Limits, Registry, Routed};
 use agentwire::EventKind;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::json;
@@ -54,7 +54,13 @@ struct Router {
 
 impl Router {
     fn new(users: usize) -> Router {
-        let mut registry = Registry::default();
+        let mut registry = Registry::new(
+            "bench".into(),
+            Limits {
+                replay_events: REPLAY_KEPT,
+                ..Limits::default()
+            },
+        );
         let mut conns = Slab::with_capacity(users * CONNS_PER_USER);
         let mut keys = Vec::with_capacity(users);
         let mut serial = 0;
@@ -116,10 +122,12 @@ impl Router {
                 .expect("user index in range")
                 .user_id
                 .clone();
-            if let Some(user) = router.registry.get_mut(&name) {
-                while user.replay.len() < REPLAY_KEPT {
-                    user.keep(filler.clone(), REPLAY_KEPT);
-                }
+            while router
+                .registry
+                .get(&name)
+                .is_some_and(|user| user.replay.len() < REPLAY_KEPT)
+            {
+                router.registry.keep(&name, filler.clone());
             }
         }
         router
@@ -139,8 +147,7 @@ impl Router {
     /// `Reactor::route` (without stats and logging): the user's own routing, then the
     /// frame queued on every target connection.
     fn route(&mut self, ev: Event) {
-        let user = self.registry.entry(&ev.key.user_id);
-        let Some(Routed { frame, owner }) = user.route(&ev, self.now, REPLAY_KEPT) else {
+        let Ok((Routed { frame, owner }, user)) = self.registry.route(&ev, self.now) else {
             return;
         };
         self.scratch_targets.clear();

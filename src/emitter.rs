@@ -87,6 +87,12 @@ pub enum EmitError {
     /// The run already ended with agent_completed or agent_error.
     #[error("run already ended; event not sent")]
     RunEnded,
+    /// The gateway refused this run: its user already had `max_active_runs_per_user`
+    /// runs in progress, or the gateway `max_active_runs`. The run's first event was
+    /// dropped by the gateway (the emit that sent it returned `Ok`, the refusal
+    /// happens on the reactor); every later emit of the handle returns this.
+    #[error("too many active runs (max_active_runs_per_user / max_active_runs); run refused")]
+    TooManyRuns,
 }
 
 /// Cloneable, thread-safe handle for emitting events into the gateway.
@@ -134,6 +140,7 @@ impl Emitter {
             emitter: self.clone(),
             key: RunKey::new(user_id, thread_id, run_id, agent_name)?,
             cancelled: Arc::new(AtomicBool::new(false)),
+            refused: Arc::new(AtomicBool::new(false)),
             registered: false,
             ended: false,
         })
@@ -183,6 +190,8 @@ pub struct RunHandle {
     emitter: Emitter,
     key: RunKey,
     cancelled: Arc<AtomicBool>,
+    /// Raised by the reactor when it refused the run (too many active runs).
+    refused: Arc<AtomicBool>,
     registered: bool,
     ended: bool,
 }
@@ -201,6 +210,12 @@ impl RunHandle {
     /// True once a client of the user sent `cancel` for this run.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// True once the gateway refused this run (too many active runs): every emit
+    /// returns [`EmitError::TooManyRuns`].
+    pub fn is_refused(&self) -> bool {
+        self.refused.load(Ordering::Acquire)
     }
 
     /// True once `agent_completed` or `agent_error` was sent.
@@ -255,10 +270,14 @@ impl RunHandle {
         if self.ended {
             return Err(EmitError::RunEnded);
         }
+        if self.is_refused() {
+            return Err(EmitError::TooManyRuns);
+        }
         let ends = kind.ends_run();
         let mut event = Event::new(self.key.clone(), kind, data)?;
         if !self.registered {
             event.cancel_flag = Some(self.cancelled.clone());
+            event.refused_flag = Some(self.refused.clone());
         }
         self.emitter.send_event(event)?;
         self.registered = true;
@@ -271,7 +290,8 @@ impl RunHandle {
 
 impl Drop for RunHandle {
     fn drop(&mut self) {
-        if self.ended {
+        // A refused run never began on the gateway: nothing to end.
+        if self.ended || self.is_refused() {
             return;
         }
         let reason = serde_json::json!({"reason": "worker_dropped"});

@@ -189,6 +189,10 @@ pub struct Event {
     pub emitted: Instant,
     /// Set on the first event of an in-process run: the run handle's cancel flag.
     pub cancel_flag: Option<Arc<AtomicBool>>,
+    /// Set on the first event of an in-process run: raised by the reactor when it
+    /// refuses the run (`max_active_runs_per_user`, `max_active_runs`), so the run
+    /// handle's next emits return `EmitError::TooManyRuns`.
+    pub refused_flag: Option<Arc<AtomicBool>>,
     /// The JSON object without `seq`: `{"type":"..."` + `,"user_id":...}`; `seq` goes at `split`.
     body: Bytes,
     split: usize,
@@ -233,6 +237,7 @@ impl Event {
             ts_ms,
             emitted: Instant::now(),
             cancel_flag: None,
+            refused_flag: None,
             body: Bytes::from(body),
             split,
         })
@@ -253,6 +258,7 @@ impl Event {
             ts_ms,
             emitted: Instant::now(),
             cancel_flag: None,
+            refused_flag: None,
             body: Bytes::from(body),
             split,
         }

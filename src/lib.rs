@@ -242,7 +242,10 @@ impl Gateway {
         self.local_addr
     }
 
-    /// The random epoch of this gateway process (PROTOCOL.md section 3).
+    /// The random epoch of this gateway process (PROTOCOL.md section 3). Users get it
+    /// until the first user is forgotten; users created later get
+    /// `"<this epoch>-<users forgotten so far>"` (a user's epoch is in its `connected`
+    /// frame; see `registry`).
     pub fn epoch(&self) -> &str {
         &self.epoch
     }

@@ -51,8 +51,8 @@ use crate::inbox::{self, Admit, Inbox};
 use crate::log_sink::Repeats;
 use crate::mode::Mode;
 use crate::publish;
-use crate::registry::{ConnEntry, Registry, Resume, Routed, Run};
-use crate::stats::{DropReason, Gauges, RefusalReason, Stats};
+use crate::registry::{ConnEntry, Limits, Refused, Registry, Resume, Routed, Run};
+use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason, Stats};
 use crate::timer_wheel::TimerWheel;
 
 #[cfg(feature = "conformance")]
@@ -79,6 +79,14 @@ const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
 const REFUSAL_LOG_BURST: u64 = 5;
 /// Kinds of refusal lines collapsed at once (status, error, reason).
 const REFUSAL_LOG_KINDS: usize = 32;
+/// Most idle runs the watchdog ends per pass, so runs timing out together cannot stall
+/// the loop; when a pass used it all, the next pass comes [`WATCHDOG_AGAIN_MS`] later
+/// instead of at the next housekeeping tick.
+const WATCHDOG_BUDGET: usize = 1000;
+const WATCHDOG_AGAIN_MS: u64 = 50;
+/// Most runs listed in a `connected` frame's `active_runs` (the most recently
+/// started); `"active_runs_truncated": true` says when there were more.
+const CONNECTED_RUNS_MAX: usize = 100;
 /// tungstenite read buffer per connection. It grows on demand for larger frames (a
 /// frame's header reserves its length, so a larger message costs one more `read`), and
 /// tungstenite zero-fills it up to this size on every read. Client messages are rare and
@@ -145,6 +153,8 @@ enum Timer {
     Resume(ConnId),
     AcceptRetry,
     Housekeeping,
+    /// Another run watchdog pass: the last one ended [`WATCHDOG_BUDGET`] runs.
+    Watchdog,
     ShutdownDeadline,
 }
 
@@ -277,6 +287,8 @@ pub(crate) struct Reactor {
     /// Tick (ms) of the next inbox prune.
     inbox_prune_at: u64,
     accept_paused: bool,
+    /// A [`Timer::Watchdog`] pass is on the wheel.
+    watchdog_armed: bool,
     draining: bool,
     drain_deadline_passed: bool,
     /// Sessions closed by the shutdown (for the "shutdown complete" line).
@@ -376,6 +388,15 @@ impl Reactor {
             s.config.max_pending_runs_per_user,
             s.config.max_user_message_bytes,
         );
+        let c = &s.config;
+        let limits = Limits {
+            replay_events: c.replay_events,
+            replay_bytes_per_user: c.replay_bytes_per_user,
+            replay_memory_bytes: c.replay_memory_bytes,
+            max_active_runs_per_user: c.max_active_runs_per_user,
+            max_active_runs: c.max_active_runs,
+        };
+        let epoch: Arc<str> = epoch.into();
         Reactor {
             poll,
             listener,
@@ -386,10 +407,10 @@ impl Reactor {
             auth,
             s,
             conns: Slab::new(),
-            registry: Registry::default(),
+            registry: Registry::new(epoch.clone(), limits),
             wheel,
             stats: Stats::new(),
-            epoch: epoch.into(),
+            epoch,
             start: Instant::now(),
             next_serial: 0,
             open_sessions: 0,
@@ -401,6 +422,7 @@ impl Reactor {
             inbox,
             inbox_prune_at: INBOX_PRUNE_MS,
             accept_paused: false,
+            watchdog_armed: false,
             draining: false,
             drain_deadline_passed: false,
             shutdown_closed: 0,
@@ -1124,6 +1146,22 @@ impl Reactor {
             inbound_held: self.inbox.held().0,
             inbound_held_bytes: self.inbox.held().1,
             inbound_held_limit: self.inbox.held_limit(),
+            memory: self.memory_gauges(),
+        }
+    }
+
+    fn memory_gauges(&self) -> MemoryGauges {
+        let r = &self.registry;
+        let (events, bytes) = r.kept();
+        MemoryGauges {
+            replay_memory_used: r.memory_used(),
+            replay_memory_limit: r.limits().replay_memory_bytes,
+            active_runs_limit: r.limits().max_active_runs,
+            replay_events: events,
+            replay_bytes: bytes,
+            replay_evicted: r.counters.replay_evicted,
+            users_forgotten: r.counters.users_forgotten,
+            runs_refused: r.counters.runs_refused,
         }
     }
 
@@ -1213,8 +1251,11 @@ impl Reactor {
             }
         };
         // Refuse the whole batch when one event belongs to an ended run (simulating the
-        // runs this batch itself ends), so nothing of a bad request takes a seq.
+        // runs this batch itself ends), or would start a run past
+        // max_active_runs_per_user / max_active_runs (counting the runs this batch
+        // starts), so nothing of a bad request takes a seq.
         let mut ending: Vec<(&str, &str)> = Vec::new();
+        let mut starting: Vec<(&str, &str)> = Vec::new();
         for (index, ev) in parsed.iter().enumerate() {
             let user = &*ev.key.user_id;
             let run = &*ev.key.run_id;
@@ -1226,6 +1267,26 @@ impl Reactor {
                     400,
                     json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}),
                 );
+            }
+            let known = self.registry.get(user);
+            let starts = !ev.kind.ends_run()
+                && !known.is_some_and(|u| u.runs.contains_key(run))
+                && !starting.iter().any(|(u, r)| *u == user && *r == run);
+            if starts {
+                let user_runs = known.map_or(0, |u| u.runs.len());
+                let batch_user = starting.iter().filter(|(u, _)| *u == user).count();
+                if !self
+                    .registry
+                    .runs_fit(user_runs, batch_user + 1, starting.len() + 1)
+                {
+                    self.registry.counters.runs_refused += 1;
+                    let limits = self.registry.limits();
+                    return (
+                        429,
+                        json!({"error": "too_many_runs", "message": format!("run {run:?} refused: at most {} runs in progress per user (max_active_runs_per_user) and {} in all (max_active_runs)", limits.max_active_runs_per_user, limits.max_active_runs), "index": index}),
+                    );
+                }
+                starting.push((user, run));
             }
             if ev.kind.ends_run() {
                 ending.push((user, run));
@@ -1309,10 +1370,10 @@ impl Reactor {
             thread: thread.clone(),
             isolated: up.mode.is_isolated(),
         };
-        let epoch = self.epoch.clone();
         let user = self.registry.entry(&claims.sub);
         let user_name = user.name.clone();
-        let resume = user.resume(resume_ask, &epoch);
+        let epoch = user.epoch.clone();
+        let resume = user.resume(resume_ask);
         // A resume streams the kept events from the replay buffer as the socket drains
         // (see `pump_replay`), never more than half of max_pending_bytes queued at once.
         let replay_next = match (&resume, resume_ask) {
@@ -1322,6 +1383,7 @@ impl Reactor {
         let replayed = user
             .seq
             .saturating_sub(replay_next.map_or(user.seq, |n| n - 1));
+        let mut runs_truncated = false;
         let active_runs: Vec<Value> = if entry.isolated {
             Vec::new()
         } else {
@@ -1334,7 +1396,12 @@ impl Reactor {
                     _ => true,
                 })
                 .collect();
-            runs.sort_by_key(|(_, r)| r.started_ts);
+            // The most recently started CONNECTED_RUNS_MAX, oldest first (runs started
+            // in the same millisecond: by their last event).
+            runs.sort_by_key(|(_, r)| std::cmp::Reverse((r.started_ts, r.last_seq)));
+            runs_truncated = runs.len() > CONNECTED_RUNS_MAX;
+            runs.truncate(CONNECTED_RUNS_MAX);
+            runs.reverse();
             runs.into_iter()
                 .map(|(run_id, r)| {
                     json!({
@@ -1348,7 +1415,7 @@ impl Reactor {
                 })
                 .collect()
         };
-        let connected = json!({
+        let mut connected = json!({
             "type": "connected",
             "connection_id": id.public_id(),
             "user_id": &*user_name,
@@ -1361,6 +1428,9 @@ impl Reactor {
             "token_exp": claims.exp,
             "active_runs": active_runs,
         });
+        if runs_truncated {
+            connected["active_runs_truncated"] = Value::Bool(true);
+        }
         self.registry.add_conn(&claims.sub, entry);
         if !self.begin_session(
             id,
@@ -1956,16 +2026,29 @@ impl Reactor {
     fn route(&mut self, ev: Event) {
         self.stats.events_emitted += 1;
         let now = self.tick();
-        let replay_max = self.s.config.replay_events;
-        let user = self.registry.entry(&ev.key.user_id);
-        let Some(Routed { frame, owner }) = user.route(&ev, now, replay_max) else {
-            self.stats.dropped(DropReason::RunEnded, 1);
-            log::debug!(
-                "user={:?} run={:?} event after the run ended: dropped",
-                ev.key.user_id,
-                ev.key.run_id
-            );
-            return;
+        let (Routed { frame, owner }, user) = match self.registry.route(&ev, now) {
+            Ok(routed) => routed,
+            Err(Refused::RunEnded) => {
+                self.stats.dropped(DropReason::RunEnded, 1);
+                log::debug!(
+                    "user={:?} run={:?} event after the run ended: dropped",
+                    ev.key.user_id,
+                    ev.key.run_id
+                );
+                return;
+            }
+            Err(Refused::TooManyRuns) => {
+                if let Some(flag) = &ev.refused_flag {
+                    flag.store(true, Ordering::Release);
+                }
+                self.stats.dropped(DropReason::Invalid, 1);
+                log::debug!(
+                    "user={:?} run={:?} too many active runs: run refused",
+                    ev.key.user_id,
+                    ev.key.run_id
+                );
+                return;
+            }
         };
         self.scratch_targets.clear();
         self.scratch_targets
@@ -2199,6 +2282,7 @@ impl Reactor {
                 let at = self.tick() + HOUSEKEEPING_MS;
                 self.wheel.insert(at, Timer::Housekeeping);
             }
+            Timer::Watchdog => self.watchdog(),
             Timer::ShutdownDeadline => {
                 self.drain_deadline_passed = true;
             }
@@ -2256,22 +2340,26 @@ impl Reactor {
 
     fn housekeeping(&mut self) {
         let now = self.tick();
-        let cutoff = now.saturating_sub(self.s.config.replay_ttl_ms);
-        self.registry.sweep(cutoff);
-        // Run watchdog: end runs with no event for run_idle_timeout_ms.
+        self.registry.sweep(now, self.s.config.replay_ttl_ms);
+        if !self.watchdog_armed {
+            self.watchdog();
+        }
+    }
+
+    /// Run watchdog: end runs with no event for run_idle_timeout_ms, at most
+    /// WATCHDOG_BUDGET per pass (another pass soon when there may be more).
+    fn watchdog(&mut self) {
+        let now = self.tick();
+        self.watchdog_armed = false;
         let idle_cutoff = now.saturating_sub(self.s.config.run_idle_timeout_ms);
-        let mut stale: Vec<RunKey> = Vec::new();
-        for (name, user) in self.registry.users() {
-            for (run_id, run) in user.runs.iter() {
-                if run.last_event < idle_cutoff {
-                    stale.push(RunKey {
-                        user_id: name.clone(),
-                        thread_id: run.thread.clone(),
-                        run_id: run_id.clone(),
-                        agent_name: run.agent_name.clone(),
-                    });
-                }
-            }
+        let stale: Vec<RunKey> = self.registry.stale_runs(idle_cutoff, WATCHDOG_BUDGET);
+        if stale.len() >= WATCHDOG_BUDGET {
+            self.watchdog_armed = true;
+            self.wheel.insert(now + WATCHDOG_AGAIN_MS, Timer::Watchdog);
+        }
+        if !stale.is_empty() {
+            self.stats.watchdog_passes += 1;
+            self.stats.runs_timed_out += stale.len() as u64;
         }
         for key in stale {
             log::info!(
@@ -2408,7 +2496,8 @@ impl Reactor {
                     let _ = session.ws.close(&mut wire, Some(frame));
                     let _ = session.ws.flush(&mut wire);
                 }
-                self.registry.remove_conn(&session.user, id);
+                self.registry
+                    .remove_conn(&session.user, id, linger_at - LINGER_MS);
                 self.open_sessions -= 1;
                 self.stats.closed(reason.label());
                 // `code=-`: no close frame was sent (the peer closed or the socket failed).
@@ -2422,8 +2511,6 @@ impl Reactor {
                     reason.label(),
                     session.opened.elapsed().as_millis()
                 );
-                let user = session.user.clone();
-                self.registry.retire_if_idle(&user);
             }
         }
         if let Some(t) = conn.timer.take() {

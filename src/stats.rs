@@ -126,6 +126,8 @@ pub struct Gauges {
     pub inbound_held: usize,
     pub inbound_held_bytes: usize,
     pub inbound_held_limit: usize,
+    /// The memory engine's registry: budgets, their use and what bounding them cost.
+    pub memory: MemoryGauges,
 }
 
 impl Gauges {
@@ -135,7 +137,9 @@ impl Gauges {
     /// `http_connections` and `http_buffer_bytes` are the connections that have not
     /// upgraded and the request bytes they hold, against `max_http_connections` and
     /// `max_http_buffer_total_bytes`; `inbound_held_bytes` is what the `user_message`s
-    /// held for room in the workers' channel are charged.
+    /// held for room in the workers' channel are charged; `replay_memory_bytes` is kept
+    /// events plus the per-user overhead against `replay_memory_bytes`; `active_runs`
+    /// against `max_active_runs`.
     pub fn budgets(&self) -> Vec<(&'static str, u64, u64)> {
         let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         vec![
@@ -164,8 +168,37 @@ impl Gauges {
                 wide(self.inbound_held_limit),
                 wide(self.inbound_held_bytes),
             ),
+            (
+                "replay_memory_bytes",
+                wide(self.memory.replay_memory_limit),
+                wide(self.memory.replay_memory_used),
+            ),
+            (
+                "active_runs",
+                wide(self.memory.active_runs_limit),
+                wide(self.active_runs),
+            ),
         ]
     }
+}
+
+/// The registry's budgets (`replay_memory_bytes`, `max_active_runs`), their use, and
+/// the counters of what keeping within them dropped.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryGauges {
+    /// Kept events' bytes plus the per-user overhead, and its limit.
+    pub replay_memory_used: usize,
+    pub replay_memory_limit: usize,
+    pub active_runs_limit: usize,
+    /// Kept events over all users, and their bytes (without the per-user overhead).
+    pub replay_events: usize,
+    pub replay_bytes: usize,
+    /// Kept events dropped to stay within `replay_memory_bytes`.
+    pub replay_evicted: u64,
+    /// Users forgotten (idle for `replay_ttl_ms`, or idle when the budget needed room).
+    pub users_forgotten: u64,
+    /// New runs refused past `max_active_runs_per_user` / `max_active_runs`.
+    pub runs_refused: u64,
 }
 
 /// Every counter of PROTOCOL.md section 6.
@@ -205,6 +238,9 @@ pub struct Stats {
     pub http_evicted: u64,
     /// Publish requests with a missing or wrong key.
     pub publish_auth_failures: u64,
+    /// Runs the watchdog ended (`run_timeout`), and its passes that ended any.
+    pub runs_timed_out: u64,
+    pub watchdog_passes: u64,
     latency_us: Histogram,
     loop_us: Histogram,
 }
@@ -347,6 +383,8 @@ impl Stats {
             overload_refused: 0,
             http_evicted: 0,
             publish_auth_failures: 0,
+            runs_timed_out: 0,
+            watchdog_passes: 0,
             latency_us: Histogram::new(),
             loop_us: Histogram::new(),
         }
@@ -449,9 +487,10 @@ impl Stats {
                 "refused": refused,
                 "refused_total": self.refused.iter().sum::<u64>(),
             },
-            "users": {"online": g.users_online, "known": g.users_known},
+            "users": {"online": g.users_online, "known": g.users_known, "forgotten": g.memory.users_forgotten},
             "users_online": g.users_online,
-            "runs": {"active": g.active_runs},
+            "runs": {"active": g.active_runs, "refused": g.memory.runs_refused, "timed_out": self.runs_timed_out, "watchdog_passes": self.watchdog_passes},
+            "replay": {"events": g.memory.replay_events, "bytes": g.memory.replay_bytes, "evicted": g.memory.replay_evicted},
             "events": {
                 "emitted": self.events_emitted,
                 "published": self.events_published,
@@ -530,6 +569,48 @@ impl Stats {
             "gauge",
             "Agent runs started and not yet ended.",
             &one(g.active_runs as f64),
+        );
+        metric(
+            "users_known",
+            "gauge",
+            "Users the gateway keeps state for (online or not).",
+            &one(g.users_known as f64),
+        );
+        metric(
+            "users_forgotten_total",
+            "counter",
+            "Users whose state was forgotten (idle expiry or memory budget).",
+            &one(g.memory.users_forgotten as f64),
+        );
+        metric(
+            "runs_timed_out_total",
+            "counter",
+            "Runs ended by the watchdog (run_idle_timeout_ms).",
+            &one(self.runs_timed_out as f64),
+        );
+        metric(
+            "runs_refused_total",
+            "counter",
+            "New runs refused past max_active_runs_per_user or max_active_runs.",
+            &one(g.memory.runs_refused as f64),
+        );
+        metric(
+            "replay_events",
+            "gauge",
+            "Events kept for resume, all users.",
+            &one(g.memory.replay_events as f64),
+        );
+        metric(
+            "replay_bytes",
+            "gauge",
+            "Bytes of events kept for resume, all users.",
+            &one(g.memory.replay_bytes as f64),
+        );
+        metric(
+            "replay_evicted_total",
+            "counter",
+            "Kept events dropped to stay within replay_memory_bytes.",
+            &one(g.memory.replay_evicted as f64),
         );
         metric(
             "timers",
@@ -809,6 +890,13 @@ mod tests {
             send_buffer_limit: 50,
             send_buffer_effective: 100,
             log_lines_dropped: 4,
+            active_runs: 4,
+            memory: MemoryGauges {
+                replay_memory_used: 5,
+                replay_memory_limit: 6,
+                active_runs_limit: 7,
+                ..MemoryGauges::default()
+            },
             ..Gauges::default()
         };
         let j = s.to_json(&g);
@@ -819,7 +907,13 @@ mod tests {
         assert_eq!(j["events"]["dropped"]["run_ended"], 2);
         assert_eq!(j["latency_us"]["p50"], 50);
         assert_eq!(j["latency_us"]["max"], 100);
+        assert_eq!(j["budgets"]["replay_memory_bytes"]["used"], 5);
+        assert_eq!(j["budgets"]["replay_memory_bytes"]["limit"], 6);
+        assert_eq!(j["budgets"]["active_runs"]["used"], 4);
+        assert_eq!(j["budgets"]["active_runs"]["limit"], 7);
         let p = s.to_prometheus(&g);
+        assert!(p.contains("agentwire_budget_used{budget=\"replay_memory_bytes\"} 5\n"));
+        assert!(p.contains("agentwire_budget_limit{budget=\"active_runs\"} 7\n"));
         assert!(p.contains("agentwire_connections_open 1\n"));
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));

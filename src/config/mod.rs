@@ -184,10 +184,25 @@ settings! {
         /// How long kept events stay replayable, in milliseconds. Default 120000.
         replay_ttl_ms: u64 = 120_000, Integer(0, 7 * DAY_MS),
             "How long kept events stay replayable, in milliseconds";
+        /// Bytes of kept events per user (the oldest go first). Default 4194304.
+        replay_bytes_per_user: usize = 4_194_304, Integer(1, 1 << 40),
+            "Bytes of kept events per user (the oldest go first)";
+        /// Bytes of kept events over all users, plus a fixed overhead per known user
+        /// (memory engine); the oldest events go first, then idle users. Default 268435456.
+        replay_memory_bytes: usize = 268_435_456, Integer(1, 1 << 40),
+            "Bytes of kept events over all users (memory engine); the oldest go first";
         /// A run with no event for this long is ended with `agent_error`, in milliseconds.
         /// Default 300000.
         run_idle_timeout_ms: u64 = 300_000, Integer(1, 7 * DAY_MS),
             "A run with no event for this long is ended with agent_error, in milliseconds";
+        /// Runs in progress per user; past it new runs are refused (publish 429
+        /// `too_many_runs`, [`crate::EmitError::TooManyRuns`]). Default 256.
+        max_active_runs_per_user: usize = 256, Integer(1, 1_000_000),
+            "Runs in progress per user; past it new runs are refused (429 too_many_runs)";
+        /// Runs in progress over all users; past it new runs are refused as above.
+        /// Default 100000.
+        max_active_runs: usize = 100_000, Integer(1, 100_000_000),
+            "Runs in progress over all users; past it new runs are refused";
         /// Time to flush on shutdown before exiting, in milliseconds. Default 5000.
         shutdown_grace_ms: u64 = 5_000, Integer(0, DAY_MS),
             "Time to flush on shutdown before exiting, in milliseconds";

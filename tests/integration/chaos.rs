@@ -351,6 +351,7 @@ fn nothing_lost_nothing_duplicated_under_resets_and_stalls() {
     eprintln!("chaos: seed {seed} (rerun with AGENTWIRE_CHAOS_SEED={seed})");
     let mut cfg = config();
     cfg.replay_events = 4096;
+    cfg.replay_bytes_per_user = 64 << 20;
     cfg.max_pending_bytes = 16 * 1024;
     cfg.max_connections_per_user = 10;
     cfg.heartbeat_interval_ms = 500;

@@ -374,6 +374,7 @@ fn replay_under_live_traffic() -> ReplayRun {
     let mut cfg = config();
     cfg.max_pending_bytes = 64 * 1024;
     cfg.replay_events = 4096;
+    cfg.replay_bytes_per_user = 64 << 20;
     let gw = TestGateway::start(cfg, Agent::None);
     let user = "dl-replay-live";
     let blob = "b".repeat(4000);

@@ -22,6 +22,7 @@ mod limits;
 mod model;
 mod publish_api;
 mod redteam_http;
+mod redteam_memory;
 mod redteam_process;
 mod redteam_session;
 mod refusals;

@@ -10,7 +10,9 @@
 //! 6-event replay buffer and a 40 ms replay TTL, so eviction and expiry both happen.
 //!
 //! Replay expiry happens only in the reactor's housekeeping pass (every second, for
-//! offline users). To have passes fall inside short cases, each case runs on a gateway
+//! every user, online or not). Each user has one run in progress for the whole case
+//! (its `agent_started` is the user's seq 1), so no user is idle and forgotten (a
+//! forgotten user comes back in a new epoch: tests/integration/redteam_memory.rs). To have passes fall inside short cases, each case runs on a gateway
 //! started while the previous case ran (at least 400 ms old), and the model learns
 //! when passes ran from `/ws/stats` `timers.fired`, which counts nothing else in a
 //! model case until 2 s after its first close.
@@ -31,9 +33,9 @@
 //!   a prefix of it and, if not all of it, a 1013 (or, if the close frame was lost with
 //!   the linger, EOF);
 //! - `resumed` is false exactly when the model says events after `last_seq` are gone
-//!   (count eviction, epoch, a pass that surely ran while the user was surely offline)
-//!   and true when it says they are surely kept; where it cannot tell (a pass may have
-//!   run while a connection may have been gone), either answer is accepted, and a
+//!   (count eviction, epoch, a pass that surely ran after the event was older than the
+//!   TTL) and true when it says they are surely kept; where it cannot tell (a pass may
+//!   have run after that), either answer is accepted, and a
 //!   `false` is remembered: those events stay gone;
 //! - `/ws/stats`: connections open/opened/closed and closes by reason, users online,
 //!   events emitted/published/replayed match the model; `/health` connections too.
@@ -239,8 +241,6 @@ struct MConn {
     filter: Option<&'static str>,
     raw: Option<RawWs>,
     state: State,
-    connect_lo: Instant,
-    connect_hi: Instant,
     close_start: Option<Instant>,
     /// The gateway has surely unregistered it (client close counted in stats).
     dereg_by: Option<Instant>,
@@ -312,6 +312,10 @@ struct Case {
     client_closes: u64,
     replayed: u64,
     log: Vec<String>,
+    /// One run in progress per user for the whole case (its `agent_started` is the
+    /// user's seq 1), so no user is ever idle and forgotten (which would start a new
+    /// epoch; tests/integration/redteam_memory.rs covers that).
+    holds: Vec<agentwire::RunHandle>,
 }
 
 /// A fresh gateway and the instant just before it was created. The next case's gateway
@@ -353,6 +357,7 @@ impl Case {
             client_closes: 0,
             replayed: 0,
             log: Vec::new(),
+            holds: Vec::new(),
         }
     }
 
@@ -512,13 +517,22 @@ impl Case {
         thread: Option<&'static str>,
         api: bool,
         pad: usize,
+        hold: bool,
     ) -> Result<u64, String> {
         self.next_n += 1;
         let n = self.next_n;
         let run = format!("r-{n}");
         let data = json!({"n": n, "pad": "p".repeat(pad)});
         let lo = Instant::now();
-        if api {
+        if hold {
+            let mut h = self
+                .gw
+                .emitter
+                .run(USERS[user], thread, "hold", "model_agent")
+                .map_err(|e| format!("run: {e}"))?;
+            h.agent_started(&data).map_err(|e| format!("emit: {e}"))?;
+            self.holds.push(h);
+        } else if api {
             let ev = pub_event("agent_completed", USERS[user], thread, &run, data);
             let r = publish(self.gw.addr, &ev);
             ensure!(
@@ -560,32 +574,15 @@ impl Case {
         Ok(seq)
     }
 
-    fn surely_online(&self, user: usize, a: Instant, b: Instant) -> bool {
-        self.conns.iter().any(|c| {
-            c.user == user
-                && c.connect_hi <= a
-                && c.close_start.is_none_or(|x| x >= b)
-                && c.stall_start.is_none_or(|x| x >= b)
-        })
-    }
-
-    fn surely_offline(&self, user: usize, a: Instant, b: Instant) -> bool {
-        self.conns
-            .iter()
-            .filter(|c| c.user == user)
-            .all(|c| c.connect_lo >= b || c.dereg_by.is_some_and(|d| d <= a))
-    }
-
     /// Has TTL expiry removed `e` by a resume decided between `c_lo` and `c_hi`?
-    /// Expiry happens only in a housekeeping pass, while the user is offline, once `e`
-    /// is older than the TTL; `passes` says when passes ran (or may run).
-    fn ttl_status(&self, user: usize, e: &MEvent, c_lo: Instant, c_hi: Instant) -> Ttl {
+    /// Expiry happens only in a housekeeping pass, online or not (PROTOCOL.md section
+    /// 5), once `e` is older than the TTL; `passes` says when passes ran (or may run).
+    fn ttl_status(&self, e: &MEvent, c_lo: Instant, c_hi: Instant) -> Ttl {
         let ttl = Duration::from_millis(REPLAY_TTL_MS);
         let ms2 = Duration::from_millis(2);
         let seen = self.passes.iter().filter_map(|&(a, b)| Some((a, b?)));
         for (after, before) in seen {
-            if before < c_lo && e.hi + ttl + ms2 < after && self.surely_offline(user, after, before)
-            {
+            if before < c_lo && e.hi + ttl + ms2 < after {
                 return Ttl::Gone;
             }
         }
@@ -594,7 +591,7 @@ impl Case {
             // A pass not seen yet may be any later pass: open-ended.
             let from = after.max(old_enough);
             let to = before.map_or(c_hi, |b| b.min(c_hi));
-            if from <= to && !self.surely_online(user, from, to) {
+            if from <= to {
                 return Ttl::Maybe;
             }
         }
@@ -639,7 +636,7 @@ impl Case {
         let Some(e) = u.events.iter().find(|e| e.seq == n + 1) else {
             return (Expect::Either, "model lost an event".into());
         };
-        let status = self.ttl_status(user, e, c_lo, c_hi);
+        let status = self.ttl_status(e, c_lo, c_hi);
         coverage::add(&coverage::TTL_GONE, u64::from(matches!(status, Ttl::Gone)));
         coverage::add(
             &coverage::TTL_MAYBE,
@@ -725,7 +722,7 @@ impl Case {
                 && connected["last_seq"] == u.seq
                 && connected["thread_id"] == json!(filter)
                 && connected["mode"] == "main"
-                && connected["active_runs"] == json!([]),
+                && connected["active_runs"].as_array().map(Vec::len) == Some(1),
             "{label}: connected frame {connected} (model seq {})",
             u.seq
         );
@@ -792,8 +789,6 @@ impl Case {
             filter,
             raw: Some(raw),
             state: State::Open,
-            connect_lo: lo,
-            connect_hi: hi,
             close_start: None,
             dereg_by: None,
             stall_start: None,
@@ -904,7 +899,7 @@ impl Case {
         let user = self.conns[i].user;
         let thread = self.conns[i].filter;
         for k in 0..BURST_EVENTS {
-            let seq = self.publish(user, thread, k % 8 == 7, BURST_PAD)?;
+            let seq = self.publish(user, thread, k % 8 == 7, BURST_PAD, false)?;
             // Pace the burst by the readers: they must never fall behind.
             for j in 0..self.conns.len() {
                 let c = &self.conns[j];
@@ -949,7 +944,7 @@ impl Case {
             Op::Close(i) => self.close(i)?,
             Op::Leave(user) => self.leave(*user)?,
             Op::Publish { user, thread, api } => {
-                let seq = self.publish(*user, thread.map(|t| THREADS[t]), *api, 0)?;
+                let seq = self.publish(*user, thread.map(|t| THREADS[t]), *api, 0, false)?;
                 self.log.push(format!("  seq {seq}"));
             }
             Op::Stall(i) => self.stall(i)?,
@@ -969,7 +964,7 @@ impl Case {
         let mut markers = [None; USERS.len()];
         for (u, marker) in markers.iter_mut().enumerate() {
             if self.conns.iter().any(|c| c.user == u && c.registered()) {
-                *marker = Some(self.publish(u, None, false, 0)?);
+                *marker = Some(self.publish(u, None, false, 0, false)?);
             }
         }
         for i in 0..self.conns.len() {
@@ -1164,7 +1159,15 @@ impl Case {
 fn run_case(ops: &[Op], next: &RefCell<Option<Prewarmed>>) -> Result<(), String> {
     let mut case = Case::start(next);
     let mut result = Ok(());
+    for user in 0..USERS.len() {
+        if let Err(e) = case.publish(user, None, false, 0, true) {
+            result = Err(e);
+        }
+    }
     for op in ops {
+        if result.is_err() {
+            break;
+        }
         result = case.apply(op);
         if result.is_err() {
             break;

@@ -187,6 +187,10 @@ fn config_lists_every_setting_and_never_a_secret() {
         "replay_events",
         "replay_ttl_ms",
         "run_idle_timeout_ms",
+        "max_active_runs_per_user",
+        "max_active_runs",
+        "replay_bytes_per_user",
+        "replay_memory_bytes",
         "shutdown_grace_ms",
         "demo_agent",
     ];
