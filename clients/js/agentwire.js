@@ -71,6 +71,12 @@ export class AgentwireError extends Error {
     super(message || code);
     this.name = "AgentwireError";
     this.code = code;
+    /** @type {string | null | undefined} the `ref` of a refused `send` */
+    this.ref = undefined;
+    /** @type {string | undefined} the run of a refused `cancel` */
+    this.run_id = undefined;
+    /** @type {number | undefined} HTTP status of a refused upgrade (Node only) */
+    this.status = undefined;
     if (extra) Object.assign(this, extra);
   }
 }
@@ -121,7 +127,7 @@ function report(err) {
 
 /**
  * A new run's state. Fields named as in PROTOCOL.md 10.1, plus a few extras.
- * @returns {import("./agentwire").RunState}
+ * @returns {import("./agentwire.js").RunState}
  */
 function newRun(run_id, thread_id, agent_name) {
   return {
@@ -147,7 +153,7 @@ function newRun(run_id, thread_id, agent_name) {
 
 export class AgentwireClient {
   /**
-   * @param {import("./agentwire").AgentwireOptions} options
+   * @param {import("./agentwire.js").AgentwireOptions} options
    */
   constructor(options) {
     if (!options || typeof options.url !== "string" || !options.url) {
@@ -170,6 +176,7 @@ export class AgentwireClient {
     this._listeners = new Map();
     /** @type {Map<string, object>} */
     this.runs = new Map();
+    /** @type {import("./agentwire.js").ConnectionStatus} */
     this._status = Status.CLOSED;
     this._ws = null;
     this._stopped = true; // true until connect(), and after close()/4002/4003/4004
@@ -794,9 +801,11 @@ export class AgentwireClient {
 
   async _refresh() {
     const gen = this._generation;
+    const source = this._o.token;
+    if (typeof source !== "function") return;
     let token;
     try {
-      token = await this._o.token();
+      token = await source();
       if (typeof token !== "string" || !token) throw new Error("the token function returned no string");
     } catch (err) {
       if (gen !== this._generation) return;
