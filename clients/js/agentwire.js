@@ -172,6 +172,7 @@ export class AgentwireClient {
       throw new TypeError('AgentwireClient: options.encoding must be "agentwire" or "agui"');
     }
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._url(""); // throws now on a URL that could never work
     /** @type {Map<string, Set<Function>>} */
     this._listeners = new Map();
     /** @type {Map<string, object>} */
@@ -192,6 +193,8 @@ export class AgentwireClient {
     this._lastReceived = 0;
     this._refreshing = false;
     this._pendingToken = null;
+    /** @type {null | (() => void)} */
+    this._onOnline = null;
     this._outbox = []; // {msg, entry} waiting for an open connection
     this._pendingSends = new Map(); // ref -> entry
     this._pendingCancels = []; // entries in the order they went out
@@ -262,6 +265,7 @@ export class AgentwireClient {
     this._stopped = false;
     this._attempt = 0;
     this._setStatus(Status.CONNECTING);
+    this._watchNetwork(true);
     this._open();
   }
 
@@ -411,6 +415,7 @@ export class AgentwireClient {
     }
     if (code === CloseCode.TOKEN_EXPIRED && typeof this._o.token !== "function") {
       // A fixed token cannot be renewed: reconnecting would only be refused.
+      this._emit("error", new AgentwireError("token", "token expired (4001) and options.token is not a function"));
       this._stop(Status.CLOSED, new AgentwireError("token", "token expired and options.token is not a function"), detail);
       return;
     }
@@ -447,6 +452,7 @@ export class AgentwireClient {
   /** Stop reconnecting: status `evicted` or `closed`; everything pending is rejected. */
   _stop(status, err, detail) {
     this._stopped = true;
+    this._watchNetwork(false);
     for (const k of Object.keys(this._timers)) this._clearTimer(k);
     this._dropSocket(CloseCode.NORMAL, "client closed");
     this._failInFlight(err);
@@ -454,13 +460,40 @@ export class AgentwireClient {
     this._setStatus(status, detail);
   }
 
-  _dropSocket(code, reason) {
+  /**
+   * Browsers: when the network comes back (`online`), a client waiting out its backoff
+   * retries at once instead of after up to 30 s.
+   */
+  _watchNetwork(on) {
+    const target = globalThis.window;
+    if (!target || typeof target.addEventListener !== "function") return;
+    if (on && !this._onOnline) {
+      this._onOnline = () => {
+        if (this._stopped || this._status !== Status.RECONNECTING || this._timers.reconnect === null) return;
+        this._clearTimer("reconnect");
+        this._attempt = 0;
+        this._stats.reconnects += 1;
+        this._open();
+      };
+      target.addEventListener("online", this._onOnline);
+    } else if (!on && this._onOnline) {
+      target.removeEventListener("online", this._onOnline);
+      this._onOnline = null;
+    }
+  }
+
+  /** Let go of the current socket; `dead`: no close handshake (the peer is silent). */
+  _dropSocket(code, reason, dead = false) {
     const ws = this._ws;
     this._ws = null;
     this._generation += 1; // the old socket's callbacks are ignored from now on
     if (ws) {
       try {
-        ws.close(code, reason);
+        // Node's `ws` would wait 30 s for the silent peer's close frame; browsers have no
+        // terminate() and give up by themselves.
+        const hard = /** @type {any} */ (ws).terminate;
+        if (dead && typeof hard === "function") hard.call(ws);
+        else ws.close(code, reason);
       } catch {
         // already closing or closed
       }
@@ -846,7 +879,7 @@ export class AgentwireClient {
       if (this._stopped || this._status !== Status.OPEN || !this._ws) return;
       const silent = now() - this._lastReceived;
       if (silent >= 2 * interval) {
-        this._dropSocket(CLIENT_DROP, "no traffic from the gateway");
+        this._dropSocket(CLIENT_DROP, "no traffic from the gateway", true);
         this._afterClose({ code: CLIENT_DROP, reason: "no traffic from the gateway" }, false);
         return;
       }

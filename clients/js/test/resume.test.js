@@ -206,3 +206,30 @@ test("gateway restarted (new epoch): reset, old runs cleared, new events deliver
     await g.stop();
   }
 });
+
+test("a silent connection (half-open) is dropped by the client's liveness check and resumed", { timeout: 15000 }, async () => {
+  const g = new Gateway(["--heartbeat-interval-ms", "300", "--heartbeat-timeout-ms", "5000"]);
+  await g.start();
+  const user = uniqueUser("silent");
+  const c = client(g, user);
+  const rec = record(c);
+  try {
+    c.connect();
+    await waitFor(() => c.status === "open", "open");
+    assert.equal(rec.connected[0].heartbeat_interval_ms, 300);
+    // Quiet but alive: the client's pings are answered, it stays on its connection.
+    await new Promise((r) => setTimeout(r, 1000));
+    assert.equal(rec.connected.length, 1, "three quiet intervals, still the first connection");
+    // Stop reading, as a connection whose peer vanished: nothing arrives any more.
+    c.socket._socket.pause();
+    await g.publish(runEvents(user, "r-silent", ["agent_started", "agent_completed"]));
+    await waitFor(() => rec.connected.length === 2, "a new connection after two silent intervals", 10000);
+    assert.equal(rec.closes[0], 4000, `closes: ${rec.closes}`);
+    assert.equal(rec.connected[1].resumed, true);
+    await waitFor(() => c.runs.get("r-silent")?.status === "completed", "the events sent to the silent socket, replayed");
+    assert.deepEqual(rec.seqs, [1, 2]);
+  } finally {
+    c.close();
+    await g.stop();
+  }
+});
