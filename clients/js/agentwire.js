@@ -715,9 +715,10 @@ export class AgentwireClient {
     });
   }
 
+  /** Write waiting messages, at most maxQueued unanswered at a time. */
   _flushOutbox() {
     if (this._status !== Status.OPEN || !this._ws) return;
-    while (this._outbox.length) {
+    while (this._outbox.length && this._pendingSends.size + this._pendingCancels.length < Math.max(1, this._o.maxQueued)) {
       const { msg, entry } = this._outbox.shift();
       if (entry.settled) continue;
       if (!this._write(msg)) {
@@ -750,6 +751,7 @@ export class AgentwireClient {
     if (entry.timer !== null) clearTimeout(entry.timer);
     if (err) entry.reject(err);
     else entry.resolve(value);
+    if (this._outbox.length) this._flushOutbox(); // room for a waiting message
   }
 
   /** Requests written to a connection that is gone: their answers will never come. */

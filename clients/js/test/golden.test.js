@@ -116,3 +116,23 @@ test("close() rejects what is queued, and send() on a closed client rejects at o
   await assert.rejects(queued, (e) => e.code === "closed");
   assert.equal(c.status, "closed");
 });
+
+test("maxQueued bounds the queue and the requests in flight", { timeout: 15000 }, async () => {
+  const c = client(gw, uniqueUser("queue"), { maxQueued: 2 });
+  try {
+    c.connect();
+    // Before the connection opens: two wait, the third is refused.
+    const first = [c.send("one"), c.send("two")];
+    await assert.rejects(c.send("three"), (e) => e.code === "queue_full");
+    const acks = await Promise.all(first);
+    assert.equal(new Set(acks.map((a) => a.run_id)).size, 2);
+    // Open: two go out at once, two wait for their answers, a fifth is refused (without
+    // the in-flight bound all four would be written and the fifth accepted).
+    const more = [1, 2, 3, 4].map((i) => c.send(`more ${i}`));
+    await assert.rejects(c.send("five"), (e) => e.code === "queue_full");
+    const answers = await Promise.all(more);
+    assert.ok(answers.every((a) => typeof a.run_id === "string"), JSON.stringify(answers));
+  } finally {
+    c.close();
+  }
+});
