@@ -136,3 +136,36 @@ test("maxQueued bounds the queue and the requests in flight", { timeout: 15000 }
     c.close();
   }
 });
+
+test('encoding "agui" is passed on the URL; frames go to `event` as they are, not aggregated', { timeout: 10000 }, async () => {
+  const user = uniqueUser("agui");
+  const c = client(gw, user, { encoding: "agui", threadId: "t1", mode: "main" });
+  const rec = record(c);
+  try {
+    c.connect();
+    await waitFor(() => c.status === "open", "open");
+    const q = new URL(c.socket.url).searchParams;
+    assert.equal(q.get("encoding"), "agui");
+    assert.equal(q.get("thread_id"), "t1");
+    assert.equal(q.get("mode"), "main");
+    assert.equal(q.get("token"), null, "the token travels in Sec-WebSocket-Protocol, not the URL");
+    await gw.publish([{ type: "agent_started", user_id: user, thread_id: "t1", run_id: "r-agui", agent_name: "a" }]);
+    await waitFor(() => rec.events.length === 1, "one frame");
+    assert.equal(c.runs.size, 0, "AG-UI frames are not aggregated");
+  } finally {
+    c.close();
+  }
+});
+
+test('auth "query" puts the token in the URL (for gateways reached through proxies that drop subprotocols)', { timeout: 10000 }, async () => {
+  const user = uniqueUser("query");
+  const c = client(gw, user, { auth: "query" });
+  try {
+    c.connect();
+    await waitFor(() => c.status === "open", "open");
+    assert.ok(new URL(c.socket.url).searchParams.get("token"));
+    assert.equal(c.connection.user_id, user);
+  } finally {
+    c.close();
+  }
+});
