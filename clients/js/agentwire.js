@@ -563,9 +563,11 @@ export class AgentwireClient {
       this._addRun(run);
       touched.push(run);
     }
+    const gen = this._generation;
     this._setStatus(Status.OPEN, { resumed: frame.resumed ?? null });
     this._emit("connected", frame);
     for (const run of touched) if (this.runs.get(run.run_id) === run) this._emit("run", run);
+    if (gen !== this._generation || this._stopped) return; // a listener closed the client
     this._flushOutbox();
     this._scheduleRefresh();
     this._scheduleLiveness(frame.heartbeat_interval_ms);
