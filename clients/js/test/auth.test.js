@@ -133,3 +133,30 @@ test("4003 (refresh with another user's token) stops for good", { timeout: 10000
   assert.equal(calls, 2, "no reconnect attempt");
   await assert.rejects(c.send("hello"), (e) => e.code === "closed");
 });
+
+test("refresh answered rate_limited or invalid_token is retried later, the connection kept", { timeout: 15000 }, async () => {
+  const user = uniqueUser("ratelimit");
+  let calls = 0;
+  const c = new AgentwireClient({
+    url: gw.wsUrl,
+    WebSocket,
+    refreshFraction: 0, // refresh at once, and again at once after each `refreshed`
+    token: () => {
+      calls += 1;
+      // The second token is garbage: the gateway answers invalid_token.
+      return calls === 2 ? "garbage" : gw.token(user);
+    },
+  });
+  const rec = record(c);
+  try {
+    c.connect();
+    await waitFor(() => rec.errors.some((e) => e.code === "invalid_token"), "invalid_token", 8000);
+    // Retried after refreshRetryMs with a good token; then the immediate next refresh
+    // falls within the gateway's one-per-second limit: rate_limited, retried again.
+    await waitFor(() => rec.errors.some((e) => e.code === "rate_limited") && c.stats.refreshes >= 2, "rate_limited, then refreshed", 12000, () => JSON.stringify(rec.errors.map((e) => e.code)));
+    assert.equal(c.status, "open");
+    assert.equal(rec.connected.length, 1, "the connection was kept throughout");
+  } finally {
+    c.close();
+  }
+});
