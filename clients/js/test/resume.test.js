@@ -233,3 +233,27 @@ test("a silent connection (half-open) is dropped by the client's liveness check 
     await g.stop();
   }
 });
+
+test("a send whose ack is lost with the connection rejects `disconnected`; its run still shows after the resume", { timeout: 15000 }, async () => {
+  const user = uniqueUser("lostack");
+  const c = client(gw, user);
+  const rec = record(c);
+  try {
+    c.connect();
+    await waitFor(() => c.status === "open", "open");
+    // The message is written, then the client drops that connection at once (as on a
+    // network change): the ack, if the gateway writes one, goes to a dead socket.
+    const sent = c.send("will the ack come?");
+    c.reconnect();
+    await assert.rejects(sent, (e) => e.code === "disconnected");
+    // The gateway did start the demo run: the resume brings it, whole and once.
+    await waitFor(() => [...c.runs.values()].some((r) => r.status === "completed"), "the demo run after the resume", 10000);
+    const [run] = c.runs.values();
+    assert.equal(run.partial, false);
+    assert.equal(run.thinking.length, 3);
+    assert.ok(rec.connected.at(-1).resumed);
+    assert.deepEqual(rec.seqs, range(1, rec.seqs.length));
+  } finally {
+    c.close();
+  }
+});
