@@ -19,7 +19,8 @@ export interface WebSocketLike {
   onerror: ((ev: any) => void) | null;
   onclose: ((ev: { code: number; reason: string }) => void) | null;
 }
-export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+/** Any WebSocket class: the browser's, `ws`'s, undici's (only the members above are used). */
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => any;
 
 export interface AgentwireOptions {
   /** `ws://host:port/ws` (or `wss://`); in a browser a relative `/ws` works too. */

@@ -33,6 +33,16 @@ async function main(): Promise<void> {
 }
 void main;
 
+// The browser's WebSocket class fits the option (as do `ws` and undici's).
+new AgentwireClient({ url: "/ws", token: "x", WebSocket: globalThis.WebSocket, auth: "query", resume: { epoch: "e", lastSeq: 3 } });
+class MyWs {
+  constructor(public url: string, public protocols?: string | string[]) {}
+  onopen = null; onmessage = null; onerror = null; onclose = null;
+  send(_: string) {}
+  close() {}
+}
+new AgentwireClient({ url: "/ws", token: "x", WebSocket: MyWs });
+
 // @ts-expect-error: an unknown event name
 client.on("nonsense", () => {});
 // @ts-expect-error: url is required
