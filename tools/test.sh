@@ -13,6 +13,8 @@
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
 #      target/release/agentwire with the venv's python.
+#   3b. tools/test_js.sh: the clients/js tests (node --test, `npm ci` of the pinned
+#      devDependencies in clients/js) against target/release/agentwire.
 #   4. tools/autobahn.sh: the Autobahn|Testsuite cases (kosoku, pinned, in its own venv)
 #      against the conformance build, compared with tests/autobahn/expected.json
 #      (docs/CONFORMANCE.md).
@@ -23,7 +25,7 @@
 #
 # Environment: PYTHON (default python3) creates the venv; AGENTWIRE_CARGO_TEST_TIMEOUT_S,
 # AGENTWIRE_BUILD_TIMEOUT_S, AGENTWIRE_CONFORMANCE_TIMEOUT_S (default 1200 each) and
-# AGENTWIRE_INTEROP_TIMEOUT_S (default 120) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
+# AGENTWIRE_INTEROP_TIMEOUT_S (default 120) and AGENTWIRE_JS_TIMEOUT_S (default 600) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
 # kept in target/test-logs/.
 set -euo pipefail
 
@@ -37,6 +39,7 @@ CARGO_TEST_TIMEOUT_S=${AGENTWIRE_CARGO_TEST_TIMEOUT_S:-1200}
 INTEROP_TIMEOUT_S=${AGENTWIRE_INTEROP_TIMEOUT_S:-120}
 BUILD_TIMEOUT_S=${AGENTWIRE_BUILD_TIMEOUT_S:-1200}
 CONFORMANCE_TIMEOUT_S=${AGENTWIRE_CONFORMANCE_TIMEOUT_S:-1200}
+JS_TIMEOUT_S=${AGENTWIRE_JS_TIMEOUT_S:-600}
 export PYTHONUNBUFFERED=1
 
 quick=0
@@ -200,6 +203,18 @@ if [ "$quick" -eq 0 ]; then
             "$VENV/bin/python" tests/interop/test_interop.py --bin "$ROOT/target/release/agentwire"
         count_summary interop "$LOGDIR/interop.log" "$rc" \
             "$(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above"
+    fi
+
+    step "clients/js: node --test against target/release/agentwire (tools/test_js.sh)"
+    if [ "$build_rc" -ne 0 ]; then
+        echo "skipped: needs the release build"
+        failed=$((failed + 1))
+        failures+=("clients/js: not run (release build failed)")
+        summary+=("clients/js: not run")
+    else
+        run_logged "$LOGDIR/js-step.log" "$JS_TIMEOUT_S" \
+            env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_js.sh
+        count_summary clients/js "$LOGDIR/js-step.log" "$rc" "see $LOGDIR/js.log"
     fi
 fi
 
