@@ -11,8 +11,9 @@ use super::replay::{Freed, Front};
 use super::Registry;
 
 /// Most idle users one sweep forgets (the rest the next sweep), so users expiring
-/// together cannot stall the loop for long (~300 ns each). Meanwhile the budget still
-/// holds (`make_room` forgets as it evicts).
+/// together cannot stall the loop for long (the cost per user is in
+/// docs/BENCHMARKS.md, "Forgetting idle users"). Meanwhile the budget still holds
+/// (`make_room` forgets as it evicts).
 const FORGET_PER_SWEEP: usize = 100_000;
 
 impl Registry {

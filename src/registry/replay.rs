@@ -31,9 +31,9 @@ pub struct Replayed {
 
 /// Bytes counted in `replay_memory_bytes` for each known user besides its kept events:
 /// the index entry, the slab slot, the name, a connection entry, the ended-run record
-/// and the allocator's share. Measured: a flood of 1.87 million user ids of one
-/// event each (tools/redteam/memory.py users) held 345,000 users in 324 MiB of RSS
-/// over the start, ~940 B per user with its ~400 B event; rounded up.
+/// and the allocator's share: the RSS per user measured under a flood of user ids
+/// (`tools/redteam/memory.py users`), less the user's kept event, rounded up
+/// (figures in docs/BENCHMARKS.md, "Memory per known user").
 pub const USER_OVERHEAD_BYTES: usize = 640;
 
 /// Bytes counted for each kept event besides its frame: its [`Replayed`] record and
