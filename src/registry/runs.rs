@@ -1,0 +1,254 @@
+//! Runs: a [`Run`] from its first event (or the `user_message` that pre-registers
+//! it) to its end; admission of an event against the ended runs and the run caps
+//! (`max_active_runs_per_user`, `max_active_runs`); the run bookkeeping done as an
+//! event takes its `seq`; the bounded memory of a user's ended runs, so late events
+//! of an ended run are refused; the runs the watchdog ends.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::{Limits, Refused, Registry, Routed, User};
+use crate::conn::ConnId;
+use crate::event::{Event, RunKey};
+
+/// A run that has started and not yet ended.
+#[derive(Debug)]
+pub struct Run {
+    pub thread: Option<Arc<str>>,
+    pub agent_name: Arc<str>,
+    pub started_ts: u64,
+    pub last_seq: u64,
+    pub last_type: Arc<str>,
+    /// Tick (ms) of the run's last event (run watchdog).
+    pub last_event: u64,
+    pub owner: Option<ConnId>,
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// False until the run's first event arrived (a `user_message` pre-registers it).
+    pub begun: bool,
+    /// A client asked to cancel it (applied to the cancel flag once it arrives).
+    pub cancel_requested: bool,
+}
+
+impl Run {
+    /// A run not yet begun: registered by a `user_message` (with its thread and, on an
+    /// isolated connection, its owner) or by its first event, which then fills in the
+    /// rest (`route` in the reactor).
+    pub fn pending(thread: Option<Arc<str>>, owner: Option<ConnId>, now: u64) -> Run {
+        Run {
+            thread,
+            agent_name: Arc::from(""),
+            started_ts: 0,
+            last_seq: 0,
+            last_type: Arc::from(""),
+            last_event: now,
+            owner,
+            cancel: None,
+            begun: false,
+            cancel_requested: false,
+        }
+    }
+}
+
+/// How many ended run ids a user remembers, to refuse late events of ended runs.
+const ENDED_RUNS_KEPT: usize = 256;
+
+/// The ids of a user's last [`ENDED_RUNS_KEPT`] ended runs: arrival order and a set.
+#[derive(Debug, Default)]
+pub(super) struct EndedRuns {
+    order: VecDeque<Arc<str>>,
+    set: HashSet<Arc<str>>,
+}
+
+impl User {
+    /// Whether `ev` may be routed: not for an ended run, and a run it would start must
+    /// fit under the per-user bound and the total (`active_total` runs now).
+    pub(super) fn admit(
+        &self,
+        ev: &Event,
+        limits: &Limits,
+        active_total: usize,
+    ) -> Result<(), Refused> {
+        if self.run_ended(&ev.key.run_id) {
+            return Err(Refused::RunEnded);
+        }
+        if !ev.kind.ends_run()
+            && (self.runs.len() >= limits.max_active_runs_per_user
+                || active_total >= limits.max_active_runs)
+            && !self.runs.contains_key(&ev.key.run_id)
+        {
+            return Err(Refused::TooManyRuns);
+        }
+        Ok(())
+    }
+
+    /// Route an admitted `ev` within this user at tick `now`: the event takes the next
+    /// `seq` and its frame is built; its run begins (a `user_message` only
+    /// pre-registers it) or is updated (last seq, type, time, the worker's cancel flag,
+    /// set at once if a cancel already arrived) and ends when `ev` ends it. Returns the
+    /// routing and the change in this user's run count (+1, 0 or -1).
+    pub(super) fn route_admitted(&mut self, ev: &Event, now: u64) -> (Routed, isize) {
+        self.seq += 1;
+        self.last_active = now;
+        let seq = self.seq;
+        let frame = ev.frame(seq);
+        let before = self.runs.len();
+        let run = self
+            .runs
+            .entry(ev.key.run_id.clone())
+            .or_insert_with(|| Run::pending(ev.key.thread_id.clone(), None, now));
+        if !run.begun {
+            run.begun = true;
+            run.started_ts = ev.ts_ms;
+            run.agent_name = ev.key.agent_name.clone();
+            run.thread = ev.key.thread_id.clone();
+        }
+        if let Some(flag) = &ev.cancel_flag {
+            if run.cancel_requested {
+                flag.store(true, Ordering::Release);
+            }
+            run.cancel = Some(flag.clone());
+        }
+        run.last_seq = seq;
+        run.last_event = now;
+        if &*run.last_type != ev.kind.as_str() {
+            run.last_type = Arc::from(ev.kind.as_str());
+        }
+        let owner = run.owner;
+        if ev.kind.ends_run() {
+            self.end_run(&ev.key.run_id);
+            if self.runs.is_empty() && self.runs.capacity() > 0 {
+                // Give the table back: most users run one thing at a time.
+                self.runs = HashMap::new();
+            }
+        }
+        let delta = self.runs.len() as isize - before as isize;
+        (Routed { frame, owner }, delta)
+    }
+
+    pub fn run_ended(&self, run_id: &str) -> bool {
+        self.ended.as_ref().is_some_and(|e| e.set.contains(run_id))
+    }
+
+    /// Record that a run ended (and forget the oldest ended run past the bound).
+    pub fn end_run(&mut self, run_id: &Arc<str>) -> Option<Run> {
+        let run = self.runs.remove(run_id);
+        let ended = self.ended.get_or_insert_with(Box::default);
+        if ended.set.insert(run_id.clone()) {
+            ended.order.push_back(run_id.clone());
+            if ended.order.len() > ENDED_RUNS_KEPT {
+                if let Some(old) = ended.order.pop_front() {
+                    ended.set.remove(&old);
+                }
+            }
+        }
+        run
+    }
+}
+
+impl Registry {
+    /// Runs in progress over all users (see the field's note on pre-registered runs).
+    pub fn active_runs(&self) -> usize {
+        self.active_runs
+    }
+
+    /// Whether a batch of runs may start: `new_for_user` more runs for a user that has
+    /// `user_runs` now, `new_total` more in all.
+    pub fn runs_fit(&self, user_runs: usize, new_for_user: usize, new_total: usize) -> bool {
+        user_runs + new_for_user <= self.limits.max_active_runs_per_user
+            && self.active_runs + new_total <= self.limits.max_active_runs
+    }
+
+    /// Runs with no event since tick `cutoff`, at most `max` of them (the watchdog
+    /// ends these; the rest wait for the next sweep).
+    pub fn stale_runs(&self, cutoff: u64, max: usize) -> Vec<RunKey> {
+        let mut stale = Vec::new();
+        for (_, user) in self.slots.iter() {
+            for (run_id, run) in user.runs.iter() {
+                if stale.len() >= max {
+                    return stale;
+                }
+                if run.last_event < cutoff {
+                    stale.push(RunKey {
+                        user_id: user.name.clone(),
+                        thread_id: run.thread.clone(),
+                        run_id: run_id.clone(),
+                        agent_name: run.agent_name.clone(),
+                    });
+                }
+            }
+        }
+        stale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+    use crate::registry::tests::event;
+
+    #[test]
+    fn ended_runs_are_remembered_within_a_bound() {
+        let mut u = User::default();
+        for i in 0..(ENDED_RUNS_KEPT + 10) {
+            u.end_run(&Arc::from(format!("r{i}").as_str()));
+        }
+        assert!(!u.run_ended("r0"));
+        assert!(u.run_ended(&format!("r{}", ENDED_RUNS_KEPT + 9)));
+        let ended = u.ended.as_ref().expect("allocated at the first end");
+        assert_eq!(ended.order.len(), ENDED_RUNS_KEPT);
+        assert_eq!(ended.set.len(), ENDED_RUNS_KEPT);
+    }
+
+    #[test]
+    fn runs_are_capped_per_user_and_in_total() {
+        let mut r = Registry::new(
+            "p".into(),
+            Limits {
+                max_active_runs_per_user: 3,
+                max_active_runs: 5,
+                ..Limits::default()
+            },
+        );
+        for i in 0..3 {
+            r.route(&event("a", &format!("r{i}"), EventKind::AgentStarted, 1), 0)
+                .unwrap();
+        }
+        let refused = r.route(&event("a", "r3", EventKind::AgentStarted, 1), 0);
+        assert_eq!(refused.err(), Some(Refused::TooManyRuns));
+        // Events of runs in progress and run-ending events still pass.
+        r.route(&event("a", "r0", EventKind::AgentThinking, 1), 0)
+            .unwrap();
+        r.route(&event("a", "x", EventKind::AgentCompleted, 1), 0)
+            .unwrap();
+        assert_eq!(r.get("a").unwrap().seq, 5, "the refused event took no seq");
+        for i in 0..2 {
+            r.route(&event("b", &format!("r{i}"), EventKind::AgentStarted, 1), 0)
+                .unwrap();
+        }
+        let refused = r.route(&event("c", "r0", EventKind::AgentStarted, 1), 0);
+        assert_eq!(refused.err(), Some(Refused::TooManyRuns), "total reached");
+        assert_eq!(r.active_runs(), 5);
+        assert_eq!(r.counters.runs_refused, 2);
+        // Ending one frees a place.
+        r.route(&event("a", "r0", EventKind::AgentCompleted, 1), 0)
+            .unwrap();
+        assert_eq!(r.active_runs(), 4);
+        r.route(&event("c", "r0", EventKind::AgentStarted, 1), 0)
+            .unwrap();
+        assert!(r.runs_fit(0, 0, 0));
+        assert!(!r.runs_fit(0, 1, 1));
+    }
+
+    #[test]
+    fn the_watchdog_list_is_bounded() {
+        let mut r = Registry::default();
+        for i in 0..50 {
+            r.route(&event("a", &format!("r{i}"), EventKind::AgentStarted, 1), 0)
+                .unwrap();
+        }
+        assert_eq!(r.stale_runs(1, 20).len(), 20);
+        assert_eq!(r.stale_runs(0, 20).len(), 0);
+    }
+}
