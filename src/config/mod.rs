@@ -113,7 +113,7 @@ settings! {
         /// When set, tokens must carry this `aud`. Default none.
         jwt_audience: Option<String> = None, Text, "When set, tokens must carry this aud";
         /// Clock-skew allowance for `exp`/`nbf`, in seconds. Default 5.
-        jwt_leeway_s: u64 = 5, Integer(0, 86_400), "Clock-skew allowance for exp/nbf, in seconds";
+        jwt_leeway_s: u64 = 5, Integer(0, crate::auth::MAX_LEEWAY_S), "Clock-skew allowance for exp/nbf, in seconds";
         /// Longest token lifetime accepted, in seconds: tokens whose `exp` lies further
         /// ahead than this (plus the leeway), or whose `exp - iat` exceeds it, are refused.
         /// Default none (any lifetime).
