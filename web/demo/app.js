@@ -164,7 +164,7 @@ function onReset() {
 
 function showBanner(text, kind, ms = 0, extra = null) {
   const el = $("banner");
-  el.replaceChildren(h("span", { text }), extra);
+  el.replaceChildren(h("span", { text }), ...(extra ? [extra] : []));
   el.dataset.kind = kind;
   el.hidden = false;
   clearTimeout(bannerTimer);
@@ -294,9 +294,10 @@ function drawRun(run) {
     v.thinkingList.replaceChildren(...steps.map((s) => h("li", { text: s })));
   }
   const last = steps[steps.length - 1];
+  const live = running && !run.text;
   v.thinkingSummary.replaceChildren(
-    h("span", { class: "think-title", text: running && !run.text ? "Thinking" : `Thought in ${steps.length} step${steps.length === 1 ? "" : "s"}` }),
-    running && !run.text && last ? h("span", { class: "think-last", text: last }) : null,
+    h("span", { class: "think-title", text: live ? "Thinking" : `Thought in ${steps.length} step${steps.length === 1 ? "" : "s"}` }),
+    ...(live && last ? [h("span", { class: "think-last", text: last })] : []),
   );
   v.thinking.classList.toggle("live", running && !run.text);
 
