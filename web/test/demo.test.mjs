@@ -81,10 +81,10 @@ test("golden path: log in, ask, watch thinking, the tool call, the streamed answ
     assert.equal(await run.getByTestId("run-cancel").count(), 0, "no cancel button on a finished run");
 
     mkdirSync(SCREENSHOTS, { recursive: true });
-    await page.screenshot({ path: path.join(SCREENSHOTS, "demo-1280x800.png") });
+    await page.screenshot({ path: path.join(SCREENSHOTS, "demo-1280x800.png"), animations: "disabled" });
     await page.setViewportSize({ width: 390, height: 844 });
     await page.evaluate(() => window.scrollTo(0, document.body.scrollHeight));
-    await page.screenshot({ path: path.join(SCREENSHOTS, "demo-390x844.png") });
+    await page.screenshot({ path: path.join(SCREENSHOTS, "demo-390x844.png"), animations: "disabled" });
     assert.deepEqual(foreign, [], "no request leaves the gateway's origin");
     assert.deepEqual(errors, [], "no page errors");
   } finally {
