@@ -141,7 +141,10 @@ impl DemoPage {
     /// [`DemoPage::dev_tokens_on`] (404 otherwise, also answered here).
     pub fn dev_token(&self, body: &[u8]) -> (u16, Value) {
         let Some(minter) = &self.minter else {
-            return (404, json!({"error": "not_found", "message": "unknown path"}));
+            return (
+                404,
+                json!({"error": "not_found", "message": "unknown path"}),
+            );
         };
         let user = serde_json::from_slice::<Value>(body)
             .ok()
@@ -183,7 +186,10 @@ mod tests {
     #[test]
     fn paths() {
         assert_eq!(DemoAsset::of_path("/"), Some(DemoAsset::Index));
-        assert_eq!(DemoAsset::of_path("/agentwire.js"), Some(DemoAsset::ClientJs));
+        assert_eq!(
+            DemoAsset::of_path("/agentwire.js"),
+            Some(DemoAsset::ClientJs)
+        );
         assert_eq!(DemoAsset::of_path("/demo/app.js"), Some(DemoAsset::AppJs));
         assert_eq!(DemoAsset::of_path("/demo/nope.js"), None);
     }

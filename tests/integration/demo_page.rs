@@ -74,7 +74,11 @@ fn dev_mode_serves_the_page_and_its_assets() {
         let r = get(gw.addr, path);
         assert_eq!(r.status, 200, "{path}");
         assert_eq!(r.header("content-type"), Some(content_type), "{path}");
-        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{path}");
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
         assert!(r.header("cache-control").is_some(), "{path}");
         assert!(!r.body.is_empty(), "{path}");
         let h = head(gw.addr, path);
@@ -86,7 +90,9 @@ fn dev_mode_serves_the_page_and_its_assets() {
         );
     }
     let page = get(gw.addr, "/");
-    let csp = page.header("content-security-policy").expect("the page has a CSP");
+    let csp = page
+        .header("content-security-policy")
+        .expect("the page has a CSP");
     assert!(csp.contains("default-src 'none'"), "{csp}");
     assert!(page.text().contains("data-testid=\"connection-status\""));
     // The browser client, byte for byte.
@@ -118,13 +124,21 @@ fn demo_page_off_is_404() {
     };
     let gw = Started::new(cfg, false);
     assert_eq!(get(gw.addr, "/").status, 200);
-    assert_refusal(&post_token(gw.addr, r#"{"user_id":"ann"}"#), 404, "not_found");
+    assert_refusal(
+        &post_token(gw.addr, r#"{"user_id":"ann"}"#),
+        404,
+        "not_found",
+    );
 }
 
 #[test]
 fn dev_token_only_in_dev_mode() {
     let prod = Started::new(config(), false);
-    assert_refusal(&post_token(prod.addr, r#"{"user_id":"ann"}"#), 404, "not_found");
+    assert_refusal(
+        &post_token(prod.addr, r#"{"user_id":"ann"}"#),
+        404,
+        "not_found",
+    );
 
     let dev = Started::new(config(), true);
     let r = post_token(dev.addr, r#"{"user_id":"ann"}"#);
