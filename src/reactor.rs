@@ -985,6 +985,7 @@ impl Reactor {
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
                     let (status, answer) = if dev_token {
+                        self.stats.http_requests += 1;
                         self.s.demo.dev_token(&body)
                     } else {
                         self.publish(&body)
