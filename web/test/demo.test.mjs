@@ -185,6 +185,30 @@ test("a dropped connection reconnects, resumes and shows nothing twice", { timeo
   }
 });
 
+test("a fourth tab of one user evicts the oldest, which says so and stays put", { timeout: 60_000 }, async () => {
+  // max_connections_per_user is 3 by default, policy evict_oldest (close 4002).
+  const tabs = [];
+  try {
+    for (let i = 0; i < 4; i++) {
+      const tab = await openPage(browser, gw.base);
+      tabs.push(tab);
+      await logIn(tab.page, "many-tabs");
+    }
+    const first = tabs[0].page;
+    await first.waitForFunction(() => document.querySelector('[data-testid="connection-status"]').textContent === "evicted");
+    await first.locator("#banner", { hasText: "disconnected" }).waitFor();
+    for (const tab of tabs.slice(1)) {
+      assert.equal(await tab.page.getByTestId("connection-status").textContent(), "open");
+    }
+    // The evicted tab does not reconnect by itself (no eviction loop): the others stay open.
+    const stats = await (await fetch(`${gw.base}/ws/stats`)).json();
+    assert.ok(stats.connections.open >= 3, JSON.stringify(stats.connections));
+    assert.equal(await first.getByTestId("connection-status").textContent(), "evicted");
+  } finally {
+    for (const tab of tabs) await tab.context.close();
+  }
+});
+
 test("390 px wide: no horizontal scroll, with a finished run on screen", { timeout: 60_000 }, async () => {
   const { context, page } = await openPage(browser, gw.base, { width: 390, height: 844 });
   try {
