@@ -75,9 +75,15 @@ async function fetchToken(name) {
   return body.token;
 }
 
+let loggingIn = false;
+
 async function logIn(name) {
+  if (client || loggingIn) return;
   const error = $("login-error");
+  const submit = $("login-form").querySelector('[data-testid="login-submit"]');
   error.hidden = true;
+  loggingIn = true;
+  submit.disabled = true;
   // Check the name and the endpoint once before connecting, to show a clear error.
   try {
     await fetchToken(name);
@@ -85,6 +91,9 @@ async function logIn(name) {
     error.textContent = e.message;
     error.hidden = false;
     return;
+  } finally {
+    loggingIn = false;
+    submit.disabled = false;
   }
   user = name;
   try {
