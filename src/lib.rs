@@ -57,6 +57,7 @@ pub mod client_message;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod demo_page;
 pub mod emitter;
 pub mod event;
 pub mod http;
@@ -192,6 +193,22 @@ impl Gateway {
     /// # Errors
     /// A bad setting, unreadable key material, or an address that cannot be bound.
     pub fn new(config: Config) -> Result<Gateway, Error> {
+        Self::build(config, false)
+    }
+
+    /// As [`Gateway::new`], in dev mode (PROTOCOL.md section 10.2): `POST /dev/token`
+    /// mints a token for any user with the configured HS256 `jwt_secret`, and the demo
+    /// page is on unless `demo_page` is false. The binary uses it when no JWT key was
+    /// configured (it generates the secret). Never for production: anyone who reaches
+    /// the port can log in as anyone.
+    ///
+    /// # Errors
+    /// As [`Gateway::new`].
+    pub fn new_dev(config: Config) -> Result<Gateway, Error> {
+        Self::build(config, true)
+    }
+
+    fn build(config: Config, dev: bool) -> Result<Gateway, Error> {
         config.validate()?;
         let auth = authenticator(&config)?;
         let poll = Poll::new()?;
@@ -212,7 +229,9 @@ impl Gateway {
         let config_json =
             Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
         let epoch = reactor::new_epoch();
+        let demo = demo_page::DemoPage::new(&config, dev, authenticator(&config).ok());
         let settings = Settings {
+            demo,
             config,
             ws_config,
             config_json,

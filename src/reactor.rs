@@ -252,6 +252,7 @@ pub(crate) struct Settings {
     pub config: Config,
     pub ws_config: WebSocketConfig,
     pub config_json: Bytes,
+    pub demo: crate::demo_page::DemoPage,
 }
 
 /// The event loop and everything it owns.
@@ -930,18 +931,28 @@ impl Reactor {
                     self.upgrade(id, &req, path_mode, leftover);
                     return HttpTurn::Done;
                 }
-                Route::Publish => {
+                route @ (Route::Publish | Route::DevToken) => {
                     // Everything that needs no body is decided on the head, before a
                     // byte of the body is buffered: disabled, key, length.
-                    if self.s.config.publish_key.is_none() {
+                    let dev_token = route == Route::DevToken;
+                    if dev_token && !self.s.demo.dev_tokens_on() {
+                        self.refuse(id, &Refusal::not_found());
+                        return HttpTurn::Done;
+                    }
+                    if !dev_token && self.s.config.publish_key.is_none() {
                         self.refuse(id, &Refusal::publish_disabled());
                         return HttpTurn::Done;
                     }
-                    if !self.publish_key_ok(&req) {
+                    if !dev_token && !self.publish_key_ok(&req) {
                         self.publish_auth_failed(id);
                         return HttpTurn::Done;
                     }
-                    let len = match http::body_length(&req, max_publish) {
+                    let max_body = if dev_token {
+                        crate::demo_page::MAX_DEV_TOKEN_BODY_BYTES
+                    } else {
+                        max_publish
+                    };
+                    let len = match http::body_length(&req, max_body) {
                         Ok(len) => len,
                         // Too large: answered, not counted as a refused connection.
                         Err(r) if r.status == 413 => {
@@ -973,7 +984,12 @@ impl Reactor {
                     st.need = 0;
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
-                    let (status, answer) = self.publish(&body);
+                    let (status, answer) = if dev_token {
+                        self.stats.http_requests += 1;
+                        self.s.demo.dev_token(&body)
+                    } else {
+                        self.publish(&body)
+                    };
                     self.respond_json(id, status, &answer, !keep, false);
                     if !keep {
                         return HttpTurn::Done;
@@ -1098,7 +1114,11 @@ impl Reactor {
                 let resp = http::method_not_allowed_response(&req.path, head_only);
                 self.respond_raw(id, resp, true);
             }
-            Route::NotFound | Route::Publish | Route::WebSocket(_) => {
+            Route::Demo(asset) => match self.s.demo.asset(asset, close, head_only) {
+                Some(resp) => self.respond_raw(id, resp, close),
+                None => self.refuse(id, &Refusal::not_found()),
+            },
+            Route::NotFound | Route::Publish | Route::DevToken | Route::WebSocket(_) => {
                 self.refuse(id, &Refusal::not_found());
             }
         }

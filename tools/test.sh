@@ -15,6 +15,9 @@
 #      target/release/agentwire with the venv's python.
 #   3b. tools/test_js.sh: the clients/js tests (node --test, `npm ci` of the pinned
 #      devDependencies in clients/js) against target/release/agentwire.
+#   3c. tools/test_browser.sh: the demo page in Debian's Chromium (installed with apt-get
+#      when missing; playwright-core pinned in web/, `npm ci`) against
+#      target/release/agentwire.
 #   4. tools/autobahn.sh: the Autobahn|Testsuite cases (kosoku, pinned, in its own venv)
 #      against the conformance build, compared with tests/autobahn/expected.json
 #      (docs/CONFORMANCE.md).
@@ -215,6 +218,18 @@ if [ "$quick" -eq 0 ]; then
         run_logged "$LOGDIR/js-step.log" "$JS_TIMEOUT_S" \
             env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_js.sh
         count_summary clients/js "$LOGDIR/js-step.log" "$rc" "see $LOGDIR/js.log"
+    fi
+
+    step "demo page: Chromium against target/release/agentwire (tools/test_browser.sh)"
+    if [ "$build_rc" -ne 0 ]; then
+        echo "skipped: needs the release build"
+        failed=$((failed + 1))
+        failures+=("demo page: not run (release build failed)")
+        summary+=("demo page: not run")
+    else
+        run_logged "$LOGDIR/browser-step.log" "$JS_TIMEOUT_S" \
+            env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_browser.sh
+        count_summary "demo page" "$LOGDIR/browser-step.log" "$rc" "see $LOGDIR/browser.log"
     fi
 fi
 

@@ -85,8 +85,12 @@ fn serve(mut buf: &[u8], setup: &Setup) {
                 upgrade(&req, path_mode, setup);
                 return;
             }
-            Route::Publish => {
+            Route::Publish | Route::DevToken => {
                 assert_eq!(req.method, Method::Post);
+                return;
+            }
+            Route::Demo(_) => {
+                assert!(matches!(req.method, Method::Get | Method::Head));
                 return;
             }
             Route::MethodNotAllowed => {

@@ -68,6 +68,7 @@ fn serve(mut config: Config) -> ExitCode {
     }
     // Decide the demo agent before a dev secret makes the config look configured.
     config.demo_agent = Some(config.demo_agent_effective());
+    config.demo_page = Some(config.demo_page_effective());
     if dev {
         config.jwt_secret = Some(auth::generate_secret());
         if config.publish_key.is_none() {
@@ -75,7 +76,12 @@ fn serve(mut config: Config) -> ExitCode {
         }
     }
     check_open_file_limit(&config);
-    let mut gateway = match Gateway::new(config.clone()) {
+    let built = if dev {
+        Gateway::new_dev(config.clone())
+    } else {
+        Gateway::new(config.clone())
+    };
+    let mut gateway = match built {
         Ok(g) => g,
         Err(e) => {
             eprintln!("agentwire: {e}");
@@ -101,6 +107,8 @@ fn serve(mut config: Config) -> ExitCode {
     }
     if dev {
         print_dev_banner(&config, addr);
+    } else if config.demo_page == Some(true) {
+        log::info!("demo page on: http://{addr}/ (log in needs POST /dev/token: dev mode only)");
     }
     if config.publish_key.is_some() {
         log::info!("publish API enabled: POST /api/events with the publish key");
@@ -178,6 +186,11 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
         .unwrap_or_default();
     let secret = config.jwt_secret.as_deref().unwrap_or("");
     let key = config.publish_key.as_deref().unwrap_or("");
+    let page = if config.demo_page == Some(true) {
+        format!("Demo page: open http://{addr}/ in a browser")
+    } else {
+        "Demo page off (demo_page = false)".to_owned()
+    };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -186,6 +199,8 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
  agentwire DEV MODE: NOT FOR PRODUCTION
  No JWT key was configured, so a random secret was generated for this run.
  Set --jwt-secret (or AGENTWIRE_JWT_SECRET / jwt_public_key_file) in production.
+================================================================================
+ {page}
 ================================================================================
  jwt secret : {secret}
  publish key: {key}

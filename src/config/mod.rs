@@ -47,7 +47,7 @@
 //!
 //! Choices this module makes where the protocol is silent:
 //! - An empty string unsets an optional setting (`jwt_secret`, `jwt_public_key_file`,
-//!   `jwt_issuer`, `jwt_audience`, `publish_key`); `demo_agent` also takes `auto`.
+//!   `jwt_issuer`, `jwt_audience`, `publish_key`); `demo_agent` and `demo_page` also take `auto`.
 //! - `heartbeat_timeout_ms` left unset by every source is twice `heartbeat_interval_ms`
 //!   (section 5), which is 60000 with the default interval; a timeout given alone at or
 //!   below the default interval halves the interval instead of failing the start.
@@ -211,6 +211,10 @@ settings! {
         demo_agent: Option<bool> = None, AutoBool,
             "Built-in demo agent answering user_message with a realistic run",
             shown "auto (on in dev mode)";
+        /// The demo page at `GET /` (PROTOCOL.md section 10.2). Default none: auto, on in
+        /// dev mode, off otherwise (then `GET /` is 404).
+        demo_page: Option<bool> = None, AutoBool,
+            "Demo chat page at GET / (static, built in)", shown "auto (on in dev mode)";
         /// Allow dev mode (no JWT key) on a listen address that is not loopback. Default false.
         dev: bool = false, Bool,
             "Allow dev mode (no JWT key) on a listen address that is not loopback";
@@ -375,6 +379,12 @@ impl Config {
     /// Call it before filling in a generated dev-mode secret.
     pub fn demo_agent_effective(&self) -> bool {
         self.demo_agent.unwrap_or_else(|| self.dev_mode())
+    }
+
+    /// Whether the demo page is served: `demo_page` when set, else [`Config::dev_mode`].
+    /// Call it before filling in a generated dev-mode secret.
+    pub fn demo_page_effective(&self) -> bool {
+        self.demo_page.unwrap_or_else(|| self.dev_mode())
     }
 
     /// The effective configuration for `GET /ws/config`: every setting by its section 8

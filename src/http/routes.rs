@@ -4,6 +4,7 @@
 //! `Allow` header).
 
 use super::Method;
+use crate::demo_page::DemoAsset;
 use crate::mode::Mode;
 
 /// Where a request goes (section 3 aliases and section 6 endpoints).
@@ -21,6 +22,10 @@ pub enum Route {
     Metrics,
     /// `POST /api/events`.
     Publish,
+    /// A file of the demo page (section 10.2): `GET /`, `/agentwire.js`, `/demo/...`.
+    Demo(DemoAsset),
+    /// `POST /dev/token` (section 10.2, dev mode only).
+    DevToken,
     /// Unknown path: 404.
     NotFound,
     /// Known path, wrong method: 405 with the `Allow` header of [`allowed_methods`].
@@ -44,9 +49,10 @@ pub(super) fn known_path(path: &str) -> Option<Route> {
         "/ws/stats" => Some(Route::Stats),
         "/metrics" => Some(Route::Metrics),
         "/api/events" => Some(Route::Publish),
+        "/dev/token" => Some(Route::DevToken),
         #[cfg(feature = "conformance")]
         "/conformance/echo" => Some(Route::WebSocket(Some(Mode::Echo))),
-        _ => None,
+        _ => DemoAsset::of_path(path).map(Route::Demo),
     }
 }
 
@@ -60,6 +66,8 @@ impl Route {
             None => Route::NotFound,
             Some(Route::Publish) if method == Method::Post => Route::Publish,
             Some(Route::Publish) => Route::MethodNotAllowed,
+            Some(Route::DevToken) if method == Method::Post => Route::DevToken,
+            Some(Route::DevToken) => Route::MethodNotAllowed,
             Some(r) if matches!(method, Method::Get | Method::Head) => r,
             Some(_) => Route::MethodNotAllowed,
         }
@@ -71,7 +79,7 @@ impl Route {
 pub fn allowed_methods(path: &str) -> Option<&'static str> {
     match known_path(path)? {
         Route::WebSocket(_) => Some("GET"),
-        Route::Publish => Some("POST"),
+        Route::Publish | Route::DevToken => Some("POST"),
         _ => Some("GET, HEAD"),
     }
 }
@@ -106,7 +114,7 @@ mod tests {
             (Get, "/health/", Route::Health),
             (Post, "/api/events/", Route::Publish),
             // Unknown paths, whatever the method.
-            (Get, "/", Route::NotFound),
+            (Get, "/index", Route::NotFound),
             (Get, "/ws//", Route::NotFound),
             (Get, "/WS", Route::NotFound),
             (Get, "/w%73", Route::NotFound),
@@ -126,6 +134,15 @@ mod tests {
             (Get, "/api/events", Route::MethodNotAllowed),
             (Head, "/api/events", Route::MethodNotAllowed),
             (Other, "/api/events", Route::MethodNotAllowed),
+            // The demo page (section 10.2); off, the reactor answers 404.
+            (Get, "/", Route::Demo(DemoAsset::Index)),
+            (Head, "/", Route::Demo(DemoAsset::Index)),
+            (Get, "/agentwire.js", Route::Demo(DemoAsset::ClientJs)),
+            (Get, "/demo/app.js", Route::Demo(DemoAsset::AppJs)),
+            (Get, "/demo/style.css", Route::Demo(DemoAsset::StyleCss)),
+            (Post, "/dev/token", Route::DevToken),
+            (Get, "/dev/token", Route::MethodNotAllowed),
+            (Post, "/", Route::MethodNotAllowed),
         ];
         for (method, path, want) in cases {
             assert_eq!(Route::of(method, path), want, "{method:?} {path}");

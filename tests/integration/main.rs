@@ -9,6 +9,7 @@ mod chaos;
 mod client_input;
 mod conformance_route;
 mod deadlines;
+mod demo_page;
 mod fd_limit;
 mod golden;
 mod hostile_auth;
