@@ -1,0 +1,540 @@
+//! HTTP_DOC
+
+use super::*;
+
+impl Reactor {
+
+    /// One turn of a connection that has not upgraded: read what its budget allows, then
+    /// answer the complete requests ([`Reactor::process_http`]). Reading stops while
+    /// the unsent output is over [`HTTP_PENDING_LIMIT`] (the flush resumes it), past
+    /// [`HTTP_READ_BUDGET`] bytes (the next iteration resumes it), and once the buffer
+    /// holds a whole head limit, or the whole of an authorized publish request.
+    pub(super) fn read_http(&mut self, id: ConnId) {
+        let now = self.tick();
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut eof = false;
+        let mut err = None;
+        let mut stopped_early = false;
+        {
+            let Some(conn) = live(&mut self.conns, id) else {
+                return;
+            };
+            let pending = conn.out.pending();
+            let Phase::Http(st) = &mut conn.phase else {
+                return;
+            };
+            st.again_queued = false;
+            let before = st.buf.len();
+            if st.eof {
+                eof = true;
+            } else if pending >= HTTP_PENDING_LIMIT {
+                st.paused = true;
+            } else {
+                let mut budget = HTTP_READ_BUDGET;
+                loop {
+                    let cap = st.need.max(http::MAX_HEAD_BYTES) + st.start;
+                    if st.buf.len() >= cap || budget == 0 {
+                        stopped_early = true;
+                        break;
+                    }
+                    let room = (cap - st.buf.len()).min(READ_CHUNK).min(budget);
+                    match conn.tcp.read(chunk.get_mut(..room).unwrap_or_default()) {
+                        Ok(0) => {
+                            eof = true;
+                            st.eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            budget -= n;
+                            conn.bytes_in += n as u64;
+                            self.stats.bytes_in += n as u64;
+                            conn.last_rx = now;
+                            st.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            err = Some(e.kind());
+                            break;
+                        }
+                    }
+                }
+            }
+            self.http_buffered += st.buf.len() - before;
+        }
+        if let Some(kind) = err {
+            self.close(id, CloseReason::Io(kind));
+            return;
+        }
+        if self.http_buffered > self.s.config.max_http_buffer_total_bytes {
+            self.shed_http_buffers();
+        }
+        let turn = self.process_http(id);
+        if eof && matches!(turn, HttpTurn::Wait) {
+            // Half-closed client: every complete request is answered; finish.
+            if matches!(self.conn_mut(id).map(|c| &c.phase), Some(Phase::Http(_))) {
+                self.close(id, CloseReason::ClientClosed);
+            }
+            return;
+        }
+        // (A half-closed client with requests left is resumed like any other.)
+        let again = match turn {
+            HttpTurn::Budget => true,
+            HttpTurn::Wait => stopped_early,
+            HttpTurn::Paused | HttpTurn::Done => false,
+        };
+        if again {
+            if let Some(conn) = live(&mut self.conns, id) {
+                if let Phase::Http(st) = &mut conn.phase {
+                    if !st.again_queued {
+                        st.again_queued = true;
+                        self.http_again.push(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Over `max_http_buffer_total_bytes`: close not-upgraded connections that hold
+    /// request bytes, oldest first, until the total is within the budget again.
+    pub(super) fn shed_http_buffers(&mut self) {
+        let limit = self.s.config.max_http_buffer_total_bytes;
+        let mut i = 0;
+        while self.http_buffered > limit {
+            let Some(&id) = self.http_order.get(i) else {
+                break;
+            };
+            i += 1;
+            let holds = self.conns.get(id.key).is_some_and(|c| {
+                c.serial == id.serial && matches!(&c.phase, Phase::Http(st) if !st.buf.is_empty())
+            });
+            if holds {
+                self.evict_http(id, "max_http_buffer_total_bytes passed");
+            }
+        }
+    }
+
+    /// Answer the complete requests in the buffer (keep-alive, pipelining), at most
+    /// [`HTTP_REQUESTS_PER_TURN`] of them and only while the unsent output is under
+    /// [`HTTP_PENDING_LIMIT`]. An offset walks the buffer; the answered prefix is dropped
+    /// once at the end of the turn.
+    pub(super) fn process_http(&mut self, id: ConnId) -> HttpTurn {
+        let max_publish = self.s.config.max_publish_bytes;
+        let mut answered = 0;
+        let turn = loop {
+            let Some(conn) = live(&mut self.conns, id) else {
+                return HttpTurn::Done;
+            };
+            let pending = conn.out.pending();
+            let Phase::Http(st) = &mut conn.phase else {
+                return HttpTurn::Done;
+            };
+            if pending >= HTTP_PENDING_LIMIT {
+                st.paused = true;
+                break HttpTurn::Paused;
+            }
+            if answered == HTTP_REQUESTS_PER_TURN {
+                break HttpTurn::Budget;
+            }
+            let unread = st.buf.get(st.start..).unwrap_or_default();
+            let (req, head_len) = match http::parse_head(unread) {
+                Ok(None) => break HttpTurn::Wait,
+                Ok(Some(done)) => done,
+                Err(refusal) => {
+                    self.refuse(id, &refusal);
+                    return HttpTurn::Done;
+                }
+            };
+            answered += 1;
+            // The last request a connection may make is answered with `Connection: close`.
+            let last = st.served + 1 >= HTTP_REQUESTS_PER_CONN;
+            match Route::of(req.method, &req.path) {
+                Route::WebSocket(path_mode) => {
+                    let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
+                    self.http_buffered = self
+                        .http_buffered
+                        .saturating_sub(st.buf.len().saturating_sub(st.start));
+                    st.buf = Vec::new();
+                    st.start = 0;
+                    self.upgrade(id, &req, path_mode, leftover);
+                    return HttpTurn::Done;
+                }
+                Route::Publish => {
+                    // Everything that needs no body is decided on the head, before a
+                    // byte of the body is buffered: disabled, key, length.
+                    if self.s.config.publish_key.is_none() {
+                        self.refuse(id, &Refusal::publish_disabled());
+                        return HttpTurn::Done;
+                    }
+                    if !self.publish_key_ok(&req) {
+                        self.publish_auth_failed(id);
+                        return HttpTurn::Done;
+                    }
+                    let len = match http::body_length(&req, max_publish) {
+                        Ok(len) => len,
+                        // Too large: answered, not counted as a refused connection.
+                        Err(r) if r.status == 413 => {
+                            self.respond_raw(id, r.to_response(), true);
+                            return HttpTurn::Done;
+                        }
+                        Err(r) => {
+                            self.refuse(id, &r);
+                            return HttpTurn::Done;
+                        }
+                    };
+                    let Some(conn) = live(&mut self.conns, id) else {
+                        return HttpTurn::Done;
+                    };
+                    let Phase::Http(st) = &mut conn.phase else {
+                        return HttpTurn::Done;
+                    };
+                    let unread = st.buf.get(st.start..).unwrap_or_default();
+                    if unread.len() < head_len + len {
+                        st.need = head_len + len;
+                        break HttpTurn::Wait; // wait for the rest of the body
+                    }
+                    let body: Vec<u8> = unread
+                        .get(head_len..head_len + len)
+                        .unwrap_or_default()
+                        .to_vec();
+                    st.start += head_len + len;
+                    self.http_buffered = self.http_buffered.saturating_sub(head_len + len);
+                    st.need = 0;
+                    st.served += 1;
+                    let keep = http::keep_alive(&req) && !last;
+                    let (status, answer) = self.publish(&body);
+                    self.respond_json(id, status, &answer, !keep, false);
+                    if !keep {
+                        return HttpTurn::Done;
+                    }
+                }
+                other => {
+                    st.start += head_len;
+                    self.http_buffered = self.http_buffered.saturating_sub(head_len);
+                    st.served += 1;
+                    if req.content_length.unwrap_or(0) > 0 || req.chunked {
+                        // Bodies on GET are not read: answer, then close.
+                        self.answer_get(id, other, &req, true);
+                        return HttpTurn::Done;
+                    }
+                    let keep = http::keep_alive(&req) && !last;
+                    self.answer_get(id, other, &req, !keep);
+                    if !keep {
+                        return HttpTurn::Done;
+                    }
+                }
+            }
+            // Keep-alive: the idle deadline restarts after each answered request.
+            self.rearm_phase(id, self.s.config.handshake_timeout_ms);
+        };
+        self.compact_http(id);
+        turn
+    }
+
+    /// Drop the answered prefix of a connection's request buffer (once per turn) and
+    /// give back a buffer much larger than what it still holds.
+    pub(super) fn compact_http(&mut self, id: ConnId) {
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let Phase::Http(st) = &mut conn.phase else {
+            return;
+        };
+        // (`http_buffered` already went down as `start` moved.)
+        let answered = st.start.min(st.buf.len());
+        if answered > 0 {
+            st.buf.drain(..answered);
+            st.start = 0;
+        }
+        if st.buf.capacity() > st.buf.len().max(st.need) + HTTP_BUF_KEEP {
+            if st.buf.is_empty() {
+                st.buf = Vec::new();
+            } else {
+                st.buf.shrink_to(st.buf.len().max(st.need));
+            }
+        }
+    }
+
+    /// The publish key check, on the request head.
+    pub(super) fn publish_key_ok(&self, req: &http::Request) -> bool {
+        match (&self.s.config.publish_key, req.bearer()) {
+            (Some(key), Ok(Some(given))) => publish::key_matches(given, key),
+            _ => false,
+        }
+    }
+
+    /// A publish request with a missing or wrong key: 401 and close (issue 9 F11), one
+    /// counter, and at most one log line per [`RATE_LOG_MS`] with the count since the
+    /// last one (never the key).
+    pub(super) fn publish_auth_failed(&mut self, id: ConnId) {
+        self.stats.http_requests += 1;
+        self.stats.publish_auth_failures += 1;
+        if let Some(n) = self.publish_auth_log.hit(self.tick(), RATE_LOG_MS) {
+            log::warn!(
+                "conn={} publish API: missing or wrong publish key; {n} such request(s) \
+                 since the last line ({} in all)",
+                id.public_id(),
+                self.stats.publish_auth_failures
+            );
+        }
+        let body = json!({"error": "invalid_key", "message": "missing or wrong publish key"});
+        self.respond_json(id, 401, &body, true, false);
+    }
+
+    pub(super) fn answer_get(&mut self, id: ConnId, route: Route, req: &http::Request, close: bool) {
+        self.stats.http_requests += 1;
+        let head_only = req.method == Method::Head;
+        match route {
+            Route::Health => {
+                let status = if self.draining { 503 } else { 200 };
+                // Degraded (still 200: it serves) while accepts fail at the descriptor
+                // limit, with the reason.
+                let degraded = !self.draining && self.accept_degraded();
+                let mut body = json!({
+                    "status": if self.draining { "draining" } else if degraded { "degraded" } else { "healthy" },
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_s": self.start.elapsed().as_secs(),
+                    "connections": self.open_sessions,
+                    "epoch": &*self.epoch,
+                    "accept_failures": self.stats.accept_failures,
+                });
+                if degraded {
+                    body["reason"] = json!("accept failed within the last 10 s: file descriptor limit reached (see ulimit -n)");
+                }
+                self.respond_json(id, status, &body, close, head_only);
+            }
+            Route::Config => {
+                let body = self.s.config_json.clone();
+                let resp = http::json_response(200, &body, close, head_only, &[]);
+                self.respond_raw(id, resp, close);
+            }
+            Route::Stats => {
+                let body = self.stats.to_json(&self.gauges());
+                self.respond_json(id, 200, &body, close, head_only);
+            }
+            Route::Metrics => {
+                let text = self.stats.to_prometheus(&self.gauges());
+                let resp = http::text_response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text.as_bytes(),
+                    close,
+                    head_only,
+                );
+                self.respond_raw(id, resp, close);
+            }
+            Route::MethodNotAllowed => {
+                let resp = http::method_not_allowed_response(&req.path, head_only);
+                self.respond_raw(id, resp, true);
+            }
+            Route::NotFound | Route::Publish | Route::WebSocket(_) => {
+                self.refuse(id, &Refusal::not_found());
+            }
+        }
+    }
+
+    pub(super) fn gauges(&self) -> Gauges {
+        let replaying: Vec<(&str, u64)> = self
+            .conns
+            .iter()
+            .filter_map(|(_, c)| match &c.phase {
+                Phase::Open(s) => s.replay_next.map(|n| (&*s.user, n)),
+                _ => None,
+            })
+            .collect();
+        Gauges {
+            connections_open: self.open_sessions,
+            users_online: self.registry.online(),
+            users_known: self.registry.len(),
+            active_runs: self.registry.active_runs(),
+            timers: self.wheel.len(),
+            pending_out_bytes: self.pending_total.load(Ordering::Relaxed),
+            pending_total_limit: self.s.config.max_pending_total_bytes,
+            send_buffer_limit: self.s.config.socket_send_buffer_bytes,
+            send_buffer_effective: self.send_buffer_effective,
+            log_lines_dropped: crate::log_sink::dropped_lines(),
+            replaying: replaying.len(),
+            replay_backlog_bytes: replaying
+                .iter()
+                .filter_map(|(user, next)| {
+                    let kept = &self.registry.get(user)?.replay;
+                    Some(
+                        kept.iter()
+                            .filter(|r| r.seq >= *next)
+                            .map(|r| r.frame.len())
+                            .sum::<usize>(),
+                    )
+                })
+                .sum(),
+            uptime_s: self.start.elapsed().as_secs(),
+            http_open: self.http_open,
+            http_buffered_bytes: self.http_buffered,
+            http_open_limit: self.s.config.max_http_connections,
+            http_buffer_limit: self.s.config.max_http_buffer_total_bytes,
+            accept_degraded: self.accept_degraded(),
+            inbound_held: self.inbox.held().0,
+            inbound_held_bytes: self.inbox.held().1,
+            inbound_held_limit: self.inbox.held_limit(),
+            memory: self.memory_gauges(),
+        }
+    }
+
+    pub(super) fn memory_gauges(&self) -> MemoryGauges {
+        let r = &self.registry;
+        let (events, bytes) = r.kept();
+        MemoryGauges {
+            replay_memory_used: r.memory_used(),
+            replay_memory_limit: r.limits().replay_memory_bytes,
+            active_runs_limit: r.limits().max_active_runs,
+            replay_events: events,
+            replay_bytes: bytes,
+            replay_evicted: r.counters.replay_evicted,
+            users_forgotten: r.counters.users_forgotten,
+            runs_refused: r.counters.runs_refused,
+        }
+    }
+
+    /// True when an accept failed within the last [`DEGRADED_MS`].
+    pub(super) fn accept_degraded(&self) -> bool {
+        self.last_accept_failure
+            .is_some_and(|t| self.tick() < t + DEGRADED_MS)
+    }
+
+    pub(super) fn respond_json(
+        &mut self,
+        id: ConnId,
+        status: u16,
+        body: &Value,
+        close: bool,
+        head_only: bool,
+    ) {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let resp = http::json_response(status, &bytes, close, head_only, &[]);
+        self.respond_raw(id, resp, close);
+    }
+
+    pub(super) fn respond_raw(&mut self, id: ConnId, resp: Vec<u8>, close: bool) {
+        let Some(conn) = self.conn_mut(id) else {
+            return;
+        };
+        conn.out.push(Bytes::from(resp));
+        self.mark_dirty(id);
+        if close {
+            self.close(id, CloseReason::HttpDone);
+        }
+    }
+
+    /// Answer a refusal (status + JSON body) and close.
+    pub(super) fn refuse(&mut self, id: ConnId, refusal: &Refusal) {
+        self.stats
+            .refused(RefusalReason::from_status(refusal.status));
+        self.log_refusal(id, refusal);
+        if let Some(conn) = self.conn_mut(id) {
+            conn.out.push(Bytes::from(refusal.to_response()));
+            self.mark_dirty(id);
+        }
+        self.close(id, CloseReason::HttpDone);
+    }
+
+    /// The refusal's log line; identical ones (status, error, reason) within
+    /// [`REFUSAL_LOG_WINDOW_MS`] are counted and reported in one line when the window
+    /// has passed ([`Reactor::report_repeats`]).
+    pub(super) fn log_refusal(&mut self, id: ConnId, refusal: &Refusal) {
+        let kind = format!(
+            "status={} error={} reason={:?}",
+            refusal.status, refusal.code, refusal.message
+        );
+        let mut ended = Vec::new();
+        if self.refusal_log.admit(&kind, self.tick(), &mut ended) {
+            log::info!("conn={} refused {kind}", id.public_id());
+        }
+        log_repeats(&ended);
+    }
+
+    /// Report the refusal lines left out in windows that have passed.
+    pub(super) fn report_repeats(&mut self) {
+        let mut ended = Vec::new();
+        self.refusal_log.expired(self.tick(), &mut ended);
+        log_repeats(&ended);
+    }
+
+    // ---------------------------------------------------------------- publish
+
+    /// Route an authorized publish request's batch (the key was checked on the head).
+    pub(super) fn publish(&mut self, body: &[u8]) -> (u16, Value) {
+        self.stats.http_requests += 1;
+        let parsed = match publish::parse_batch(body) {
+            Ok(events) => events,
+            Err(publish::BatchError::TooMany(n)) => {
+                return (
+                    413,
+                    json!({"error": "payload_too_large", "message": format!("{n} events; at most {} per request", publish::MAX_BATCH)}),
+                );
+            }
+            Err(publish::BatchError::Bad { index, message }) => {
+                self.stats.dropped(DropReason::Invalid, 1);
+                return (
+                    400,
+                    json!({"error": "bad_event", "message": message, "index": index}),
+                );
+            }
+        };
+        // Refuse the whole batch when one event belongs to an ended run (simulating the
+        // runs this batch itself ends), or would start a run past
+        // max_active_runs_per_user / max_active_runs (counting the runs this batch
+        // starts), so nothing of a bad request takes a seq.
+        let mut ending: Vec<(&str, &str)> = Vec::new();
+        let mut starting: Vec<(&str, &str)> = Vec::new();
+        for (index, ev) in parsed.iter().enumerate() {
+            let user = &*ev.key.user_id;
+            let run = &*ev.key.run_id;
+            let ended = self.registry.get(user).is_some_and(|u| u.run_ended(run))
+                || ending.iter().any(|(u, r)| *u == user && *r == run);
+            if ended {
+                self.stats.dropped(DropReason::RunEnded, 1);
+                return (
+                    400,
+                    json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}),
+                );
+            }
+            let known = self.registry.get(user);
+            let starts = !ev.kind.ends_run()
+                && !known.is_some_and(|u| u.runs.contains_key(run))
+                && !starting.iter().any(|(u, r)| *u == user && *r == run);
+            if starts {
+                let user_runs = known.map_or(0, |u| u.runs.len());
+                let batch_user = starting.iter().filter(|(u, _)| *u == user).count();
+                if !self
+                    .registry
+                    .runs_fit(user_runs, batch_user + 1, starting.len() + 1)
+                {
+                    self.registry.counters.runs_refused += 1;
+                    let limits = self.registry.limits();
+                    return (
+                        429,
+                        json!({"error": "too_many_runs", "message": format!("run {run:?} refused: at most {} runs in progress per user (max_active_runs_per_user) and {} in all (max_active_runs)", limits.max_active_runs_per_user, limits.max_active_runs), "index": index}),
+                    );
+                }
+                starting.push((user, run));
+            }
+            if ev.kind.ends_run() {
+                ending.push((user, run));
+            }
+        }
+        let n = parsed.len();
+        for ev in parsed {
+            self.stats.events_published += 1;
+            self.route(ev);
+        }
+        (202, json!({"accepted": n}))
+    }
+}
+
+/// One line per kind of refusal left out of the log by [`Repeats`].
+pub(super) fn log_repeats(ended: &[(String, u64)]) {
+    for (kind, n) in ended {
+        log::info!(
+            "refused {n} more times within {REFUSAL_LOG_WINDOW_MS} ms (lines collapsed): {kind}"
+        );
+    }
+}

@@ -1,0 +1,893 @@
+//! The reactor: one thread, one `mio::Poll`, owning every socket and all routing state.
+//!
+//! One loop iteration, in order:
+//! 1. poll, with the timeout of the next timer (0 when the channel budget ran out);
+//! 2. dispatch readiness: accept new sockets, read HTTP heads and WebSocket frames,
+//!    write queued output on writable edges; then one read turn for each session the
+//!    last iteration left unread (`read_again`: a session gets at most one turn per
+//!    iteration, and none while it is over its input allowance); then feed held
+//!    `user_message`s to the workers' channel, round-robin across users ([`Inbox`]);
+//! 3. drain the workers' channel up to [`DRAIN_BUDGET`] commands, routing each event to
+//!    its user's connections (frames are shared, queued per connection);
+//! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
+//!    closes, housekeeping (replay expiry, run watchdog);
+//! 5. flush every connection that got output in this iteration: one `writev` each;
+//! 6. record the iteration time.
+//!
+//! Every per-connection failure ends in [`Reactor::close`], which unregisters the
+//! session, counts and logs the reason once, and sends the close frame when one is due.
+//!
+//! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
+//! (`max_http_connections`, `max_http_buffer_total_bytes`, oldest closed first) and each
+//! one by [`HTTP_PENDING_LIMIT`] of unsent answers, [`HTTP_REQUESTS_PER_TURN`] and
+//! [`HTTP_REQUESTS_PER_CONN`]; at the descriptor limit a reserve descriptor answers
+//! waiting clients 503 `overloaded` (issue 9 F1, F2).
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use serde_json::{json, Value};
+use slab::Slab;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
+
+use crate::auth::Authenticator;
+use crate::client_message::{BadMessage, ClientMessage};
+use crate::config::{Config, PerUserPolicy};
+use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
+use crate::emitter::{Command, Inbound, WakeSignal};
+use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
+use crate::http::{self, Method, Refusal, Route};
+use crate::inbox::{self, Admit, Inbox};
+use crate::log_sink::Repeats;
+use crate::mode::Mode;
+use crate::publish;
+use crate::registry::{ConnEntry, Limits, Refused, Registry, Resume, Routed, Run};
+use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason, Stats};
+use crate::timer_wheel::TimerWheel;
+
+#[cfg(feature = "conformance")]
+mod echo;
+mod endpoints;
+mod inbound;
+mod routing;
+mod session;
+mod timers;
+
+pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
+pub(crate) const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// Commands drained from the channel per iteration before polling again.
+const DRAIN_BUDGET: usize = 4096;
+/// Connections accepted per readiness event before serving others.
+const ACCEPT_BUDGET: usize = 1024;
+/// How long a closing connection may take to flush and see the peer's FIN.
+const LINGER_MS: u64 = 2000;
+/// Retry delay for accept after EMFILE/ENFILE.
+const ACCEPT_RETRY_MS: u64 = 20;
+/// Housekeeping period: replay expiry, run watchdog.
+const HOUSEKEEPING_MS: u64 = 1000;
+/// Identical refusal lines (same status, error and reason) within this window: the
+/// first [`REFUSAL_LOG_BURST`] are written, the rest counted and reported in one line,
+/// so a flood of refused upgrades costs a few lines per second per kind.
+const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
+const REFUSAL_LOG_BURST: u64 = 5;
+/// Kinds of refusal lines collapsed at once (status, error, reason).
+const REFUSAL_LOG_KINDS: usize = 32;
+/// Most idle runs the watchdog ends per pass, so runs timing out together cannot stall
+/// the loop; when a pass used it all, the next pass comes [`WATCHDOG_AGAIN_MS`] later
+/// instead of at the next housekeeping tick.
+const WATCHDOG_BUDGET: usize = 1000;
+const WATCHDOG_AGAIN_MS: u64 = 50;
+/// Most runs listed in a `connected` frame's `active_runs` (the most recently
+/// started); `"active_runs_truncated": true` says when there were more.
+const CONNECTED_RUNS_MAX: usize = 100;
+/// tungstenite read buffer per connection. It grows on demand for larger frames (a
+/// frame's header reserves its length, so a larger message costs one more `read`), and
+/// tungstenite zero-fills it up to this size on every read. Client messages are rare and
+/// small (pongs, pings, a user message), so idle memory wins: 256 -> 64 bytes took an
+/// idle connection from 1,157 to 957 bytes at one user each (10,000 connections).
+pub(crate) const READ_BUFFER_BYTES: usize = 64;
+/// Most client messages (of any kind) one connection's read handles per iteration.
+const MESSAGES_PER_READ: usize = 64;
+/// Most bytes one connection's read takes from its socket per iteration.
+const READ_BUDGET_BYTES: usize = 64 * 1024;
+/// Bad client messages in a row before close 1008.
+const MAX_BAD_IN_ROW: u8 = 10;
+/// At most one `refresh` token check per connection per this many milliseconds; a
+/// `refresh` sooner is answered `rate_limited` without a check and counts as a bad
+/// message. A check costs a signature verification (tens of microseconds for ES256,
+/// about a millisecond for RSA-8192), so a refresh flood must not buy one per message.
+const REFRESH_INTERVAL_MS: u64 = 1000;
+/// Input allowance of one session (not the conformance echo): a read turn costs
+/// [`INPUT_US_PER_MESSAGE`] per data message (the JSON the gateway parses and acts on)
+/// plus [`INPUT_US_PER_KIB`] per KiB read (control frames and fragments cost their
+/// bytes), against a virtual clock that may run at most [`INPUT_BURST_US`] ahead of
+/// real time; past it the session is not read (the kernel buffer fills and TCP pushes
+/// back on the sender) until the allowance refills. That is about 1,000 messages and
+/// 1 MiB per second sustained, 250 messages or 256 KiB in a burst: far above what a
+/// client of this protocol sends, and a flood of any kind from one connection then
+/// costs the loop a small share of its time (issue 9, F3).
+const INPUT_US_PER_MESSAGE: u64 = 1000;
+const INPUT_US_PER_KIB: u64 = 1000;
+const INPUT_BURST_US: u64 = 250_000;
+/// While `user_message`s are held for room in the workers' channel, the loop polls
+/// at least this often to feed them (the channel has no readiness to wait on).
+const INBOX_RETRY_MS: u64 = 5;
+/// How often users with nothing pending any more are forgotten by the inbox.
+const INBOX_PRUNE_MS: u64 = 10_000;
+/// Most bytes discarded from a closing connection per readable event.
+const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
+/// Size of one read from a plain HTTP connection.
+const READ_CHUNK: usize = 16 * 1024;
+/// Unsent output past which a connection that has not upgraded is neither read nor
+/// answered until the client reads (issue 9 F1: a client that pipelines requests and
+/// never reads their answers costs at most this much output, plus one answer).
+const HTTP_PENDING_LIMIT: usize = 64 * 1024;
+/// Most pipelined requests answered per connection per loop iteration; the rest wait
+/// for the next iteration, so one connection cannot hold the loop.
+const HTTP_REQUESTS_PER_TURN: usize = 16;
+/// Most requests answered on one keep-alive connection; the last answer carries
+/// `Connection: close`.
+const HTTP_REQUESTS_PER_CONN: u32 = 1000;
+/// Most bytes read from one connection that has not upgraded per loop iteration.
+const HTTP_READ_BUDGET: usize = 64 * 1024;
+/// A buffer this much larger than what it holds is given back after a turn.
+const HTTP_BUF_KEEP: usize = 4 * 1024;
+/// Period of the aggregated log lines (accept failures, publish key failures).
+const RATE_LOG_MS: u64 = 10_000;
+/// How long after an accept failure `/health` says `degraded`.
+const DEGRADED_MS: u64 = 10_000;
+
+/// What a timer on the wheel is for.
+#[derive(Clone, Copy, Debug)]
+enum Timer {
+    /// The connection's phase timer: handshake deadline, heartbeat check or linger.
+    Phase(ConnId),
+    /// A session paused for its input allowance may be read again.
+    Resume(ConnId),
+    AcceptRetry,
+    Housekeeping,
+    /// Another run watchdog pass: the last one ended [`WATCHDOG_BUDGET`] runs.
+    Watchdog,
+    ShutdownDeadline,
+}
+
+/// What a session's reader does after `on_data` took one message ([`Reactor::read_turn`]).
+enum Step {
+    /// Read on.
+    Go,
+    /// Close the session.
+    End(CloseReason),
+}
+
+/// Why a connection ended: decides the close code, the log line and the counter.
+#[derive(Clone, Debug)]
+pub(crate) enum CloseReason {
+    /// The client sent a close frame or closed TCP.
+    ClientClosed,
+    /// The peer reset or an I/O error happened.
+    Io(io::ErrorKind),
+    /// No complete request within `handshake_timeout_ms`.
+    HandshakeTimeout,
+    /// A plain HTTP exchange finished (or was refused) and the socket is done.
+    HttpDone,
+    /// Nothing arrived for `heartbeat_timeout_ms` (1001).
+    HeartbeatTimeout,
+    /// Another connection of the user replaced this one (4002).
+    Evicted,
+    /// The token expired without a refresh (4001).
+    TokenExpired,
+    /// A refresh carried another user's token (4003).
+    RefreshOtherUser,
+    /// The gateway is shutting down (1001).
+    Shutdown,
+    /// A binary frame (1003).
+    Binary,
+    /// A message over `max_message_bytes` (1009).
+    TooBig,
+    /// A protocol violation (1002).
+    Protocol,
+    /// Invalid UTF-8 in a text message (1007).
+    BadUtf8,
+    /// Too many bad messages in a row (1008).
+    PolicyViolation,
+    /// Output over `max_pending_bytes` (1013).
+    SlowConsumer,
+    /// Unsent output over all connections passed `max_pending_total_bytes` and this
+    /// connection held the most (1013).
+    OverBudget,
+}
+
+impl CloseReason {
+    fn label(&self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::Io(io::ErrorKind::ConnectionReset) => "connection_reset",
+            CloseReason::Io(_) => "io_error",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::HttpDone => "http_done",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::Evicted => "evicted",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RefreshOtherUser => "refresh_other_user",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Binary => "binary_frame",
+            CloseReason::TooBig => "message_too_big",
+            CloseReason::Protocol => "protocol_error",
+            CloseReason::BadUtf8 => "invalid_utf8",
+            CloseReason::PolicyViolation => "bad_messages",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::OverBudget => "pending_total_budget",
+        }
+    }
+
+    /// The close frame to send, if any.
+    fn close_frame(&self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            CloseReason::HeartbeatTimeout => (1001, "heartbeat timeout"),
+            CloseReason::Shutdown => (1001, "going away"),
+            CloseReason::Evicted => (4002, "evicted by a newer connection"),
+            CloseReason::TokenExpired => (4001, "token_expired"),
+            CloseReason::RefreshOtherUser => (4003, "refresh for another user"),
+            CloseReason::Binary => (1003, "binary frames are not accepted"),
+            CloseReason::TooBig => (1009, "message too big"),
+            CloseReason::Protocol => (1002, "protocol error"),
+            CloseReason::BadUtf8 => (1007, "invalid utf-8"),
+            CloseReason::PolicyViolation => (1008, "too many bad messages"),
+            CloseReason::SlowConsumer => (1013, "slow consumer"),
+            CloseReason::OverBudget => (1013, "gateway output budget exceeded"),
+            _ => return None,
+        })
+    }
+}
+
+/// Settings derived once from [`Config`], in the units the loop uses.
+pub(crate) struct Settings {
+    pub config: Config,
+    pub ws_config: WebSocketConfig,
+    pub config_json: Bytes,
+}
+
+/// The event loop and everything it owns.
+pub(crate) struct Reactor {
+    poll: Poll,
+    listener: TcpListener,
+    signals: Option<UnixStream>,
+    wake: Arc<WakeSignal>,
+    rx: Receiver<Command>,
+    inbound: Sender<Inbound>,
+    auth: Authenticator,
+    s: Settings,
+    conns: Slab<Conn>,
+    registry: Registry,
+    wheel: TimerWheel<Timer>,
+    stats: Stats,
+    epoch: Arc<str>,
+    start: Instant,
+    next_serial: u64,
+    open_sessions: usize,
+    /// Connections with output queued in this iteration (each at most once).
+    dirty: Vec<ConnId>,
+    /// Emit instants of events routed in this iteration (latency recorded after flush).
+    routed: Vec<Instant>,
+    scratch_targets: Vec<ConnId>,
+    /// Sessions with client input left unread after their per-iteration share (each
+    /// at most once: its `read_queued` flag).
+    read_again: Vec<ConnId>,
+    /// Client messages read in this iteration (for the per-iteration maximum stat).
+    read_in_iteration: u64,
+    /// Pending runs per user and `user_message`s held for room in the inbound channel.
+    inbox: Inbox,
+    /// Tick (ms) of the next inbox prune.
+    inbox_prune_at: u64,
+    accept_paused: bool,
+    /// A [`Timer::Watchdog`] pass is on the wheel.
+    watchdog_armed: bool,
+    draining: bool,
+    drain_deadline_passed: bool,
+    /// Sessions closed by the shutdown (for the "shutdown complete" line).
+    shutdown_closed: usize,
+    /// Unsent output bytes over every connection (kept by the [`OutQueue`]s).
+    pending_total: Arc<AtomicUsize>,
+    /// `SO_SNDBUF` the kernel reported for the last accepted socket (0 when not set).
+    send_buffer_effective: usize,
+    /// Collapses repeated refusal lines.
+    refusal_log: Repeats,
+    /// Set by the signal handlers: SIGHUP seen / SIGTERM or SIGINT seen.
+    got_hup: Arc<AtomicBool>,
+    got_term: Arc<AtomicBool>,
+    /// Connections that have not upgraded (phase `Http`), and the request bytes their
+    /// buffers hold (bounded by `max_http_connections` / `max_http_buffer_total_bytes`).
+    http_open: usize,
+    http_buffered: usize,
+    /// Not-upgraded connections in accept order, oldest first (entries of connections
+    /// that since upgraded or closed are skipped, and swept when they pile up).
+    http_order: std::collections::VecDeque<ConnId>,
+    /// Not-upgraded connections with input left after their per-iteration share.
+    http_again: Vec<ConnId>,
+    /// A descriptor held in reserve: at the descriptor limit it is closed to accept one
+    /// waiting client and answer it 503 `overloaded`, then reopened.
+    reserve_fd: Option<std::fs::File>,
+    /// Tick of the last failed accept (for `/health`), and the aggregated log lines.
+    last_accept_failure: Option<u64>,
+    accept_log: RateLog,
+    publish_auth_log: RateLog,
+}
+
+/// A log line aggregated over a period: [`RateLog::hit`] counts an occurrence and says
+/// how many to report when a line is due (at most one per period).
+#[derive(Default)]
+struct RateLog {
+    last: Option<u64>,
+    count: u64,
+}
+
+impl RateLog {
+    fn hit(&mut self, now: u64, period: u64) -> Option<u64> {
+        self.count += 1;
+        if self.last.is_some_and(|t| now < t + period) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// What one pass over a connection's buffered requests ended on.
+enum HttpTurn {
+    /// Waiting for more bytes from the client.
+    Wait,
+    /// Output over [`HTTP_PENDING_LIMIT`]: paused until it drains.
+    Paused,
+    /// [`HTTP_REQUESTS_PER_TURN`] answered: more next iteration.
+    Budget,
+    /// The connection left the HTTP phase (upgraded, closed or refused).
+    Done,
+}
+
+/// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
+pub(crate) fn new_epoch() -> String {
+    let mut b = [0u8; 4];
+    if getrandom::fill(&mut b).is_err() {
+        let t = now_ms();
+        b = (t as u32 ^ std::process::id()).to_be_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn new_run_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        b = now_ms().to_be_bytes();
+    }
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("r-{hex}")
+}
+
+impl Reactor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        poll: Poll,
+        listener: TcpListener,
+        wake: Arc<WakeSignal>,
+        rx: Receiver<Command>,
+        inbound: Sender<Inbound>,
+        auth: Authenticator,
+        s: Settings,
+        epoch: String,
+    ) -> Reactor {
+        let mut wheel = TimerWheel::new(4096, 0);
+        wheel.insert(HOUSEKEEPING_MS, Timer::Housekeeping);
+        let inbox = Inbox::new(
+            s.config.max_pending_runs_per_user,
+            s.config.max_user_message_bytes,
+        );
+        let c = &s.config;
+        let limits = Limits {
+            replay_events: c.replay_events,
+            replay_bytes_per_user: c.replay_bytes_per_user,
+            replay_memory_bytes: c.replay_memory_bytes,
+            max_active_runs_per_user: c.max_active_runs_per_user,
+            max_active_runs: c.max_active_runs,
+        };
+        let epoch: Arc<str> = epoch.into();
+        Reactor {
+            poll,
+            listener,
+            signals: None,
+            wake,
+            rx,
+            inbound,
+            auth,
+            s,
+            conns: Slab::new(),
+            registry: Registry::new(epoch.clone(), limits),
+            wheel,
+            stats: Stats::new(),
+            epoch,
+            start: Instant::now(),
+            next_serial: 0,
+            open_sessions: 0,
+            dirty: Vec::new(),
+            routed: Vec::new(),
+            scratch_targets: Vec::new(),
+            read_again: Vec::new(),
+            read_in_iteration: 0,
+            inbox,
+            inbox_prune_at: INBOX_PRUNE_MS,
+            accept_paused: false,
+            watchdog_armed: false,
+            draining: false,
+            drain_deadline_passed: false,
+            shutdown_closed: 0,
+            pending_total: Arc::new(AtomicUsize::new(0)),
+            send_buffer_effective: 0,
+            refusal_log: Repeats::new(REFUSAL_LOG_WINDOW_MS, REFUSAL_LOG_BURST, REFUSAL_LOG_KINDS),
+            got_hup: Arc::new(AtomicBool::new(false)),
+            got_term: Arc::new(AtomicBool::new(false)),
+            http_open: 0,
+            http_buffered: 0,
+            http_order: std::collections::VecDeque::new(),
+            http_again: Vec::new(),
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
+            last_accept_failure: None,
+            accept_log: RateLog::default(),
+            publish_auth_log: RateLog::default(),
+        }
+    }
+
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (logged and ignored until
+    /// reload exists, PROTOCOL.md section 12) handling: each sets its flag, then wakes
+    /// the loop through a self-pipe.
+    pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        for (signal, flag) in [
+            (SIGTERM, &self.got_term),
+            (SIGINT, &self.got_term),
+            (SIGHUP, &self.got_hup),
+        ] {
+            // The flag first: handlers run in registration order, so the loop woken by
+            // the pipe always sees it.
+            signal_hook::flag::register(signal, Arc::clone(flag))?;
+            signal_hook::low_level::pipe::register(signal, writer.try_clone()?)?;
+        }
+        let mut reader = UnixStream::from_std(reader);
+        self.poll
+            .registry()
+            .register(&mut reader, SIGNALS, Interest::READABLE)?;
+        self.signals = Some(reader);
+        Ok(())
+    }
+
+    pub(super) fn tick(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Run until a shutdown completes. Only setup-level failures return `Err`.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut expired = Vec::new();
+        let mut budget_exhausted = false;
+        loop {
+            let timeout = if budget_exhausted
+                || !self.dirty.is_empty()
+                || !self.read_again.is_empty()
+                || !self.http_again.is_empty()
+            {
+                Some(Duration::ZERO)
+            } else {
+                let timer = self.wheel.next_expiry().map(|at| {
+                    let now = self.tick();
+                    Duration::from_millis(at.saturating_sub(now))
+                });
+                if self.inbox.held().0 > 0 {
+                    let retry = Duration::from_millis(INBOX_RETRY_MS);
+                    Some(timer.map_or(retry, |t| t.min(retry)))
+                } else {
+                    timer
+                }
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            let iteration = Instant::now();
+            self.read_in_iteration = 0;
+            // Sessions queued by the last iteration get their turn in this one; those
+            // that a readiness event below leaves unfinished wait for the next, so no
+            // session is read twice in one iteration.
+            let again = std::mem::take(&mut self.read_again);
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    SIGNALS => self.on_signal(),
+                    Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
+                }
+            }
+            for id in again {
+                if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+                    s.read_queued = false;
+                    self.read_ws(id);
+                }
+            }
+            for id in std::mem::take(&mut self.http_again) {
+                self.read_http(id);
+            }
+            self.stats
+                .record_client_messages_in_iteration(self.read_in_iteration);
+            self.feed_inbox();
+            budget_exhausted = self.drain_channel();
+            let now = self.tick();
+            let timers_started = Instant::now();
+            self.wheel.advance(now, &mut expired);
+            let fired = expired.len();
+            for timer in expired.drain(..) {
+                self.on_timer(timer);
+            }
+            if fired > 0 {
+                self.stats
+                    .record_timers(fired as u64, timers_started.elapsed().as_micros() as u64);
+            }
+            self.flush_dirty();
+            self.stats
+                .record_loop_us(iteration.elapsed().as_micros() as u64);
+            if self.draining && (self.drain_deadline_passed || self.open_sessions_flushed()) {
+                log::info!(
+                    "shutdown complete; {} connections closed",
+                    self.shutdown_closed
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- accept
+
+    fn accept(&mut self) {
+        if self.accept_paused {
+            return;
+        }
+        // Connections accepted from here on are not evicted to make room in this call.
+        let first_new = self.next_serial + 1;
+        for _ in 0..ACCEPT_BUDGET {
+            match self.listener.accept() {
+                Ok((stream, _peer)) => self.add_conn(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let now = self.tick();
+                    self.stats.accept_failures += 1;
+                    self.last_accept_failure = Some(now);
+                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
+                                                                                // At the descriptor limit, first free the oldest connection that has
+                                                                                // not upgraded (idle sockets must not lock out upgrades), else answer
+                                                                                // one waiting client 503 through the reserve descriptor.
+                    if out_of_fds && (self.evict_oldest_http(first_new) || self.refuse_overloaded())
+                    {
+                        continue;
+                    }
+                    // The pending connection stays in the backlog with no new edge, so
+                    // retry from a timer, not a busy loop.
+                    if let Some(n) = self.accept_log.hit(now, RATE_LOG_MS) {
+                        log::warn!(
+                            "accept failed ({e}); {n} failure(s) since the last line; \
+                             pausing accepts for {ACCEPT_RETRY_MS} ms (raise `ulimit -n`?)"
+                        );
+                    }
+                    self.accept_paused = true;
+                    let at = now + ACCEPT_RETRY_MS;
+                    self.wheel.insert(at, Timer::AcceptRetry);
+                    return;
+                }
+            }
+        }
+        // Budget used up: more may be waiting with no new edge; come back next iteration.
+        let at = self.tick();
+        self.accept_paused = true;
+        self.wheel.insert(at, Timer::AcceptRetry);
+    }
+
+    /// Close the oldest connection that has not upgraded and was accepted before serial
+    /// `before`, freeing its descriptor now. False when there is none.
+    fn evict_oldest_http(&mut self, before: u64) -> bool {
+        let Some(victim) = self.http_order.iter().copied().find(|id| {
+            id.serial < before
+                && self
+                    .conns
+                    .get(id.key)
+                    .is_some_and(|c| c.serial == id.serial && matches!(c.phase, Phase::Http(_)))
+        }) else {
+            return false;
+        };
+        self.evict_http(victim, "out of file descriptors");
+        true
+    }
+
+    /// Close a connection that has not upgraded at once (no linger: its descriptor and
+    /// buffers are what is short).
+    fn evict_http(&mut self, id: ConnId, why: &str) {
+        self.stats.http_evicted += 1;
+        log::debug!("conn={} closed before upgrade: {why}", id.public_id());
+        self.close(id, CloseReason::HttpDone);
+        self.finish(id);
+    }
+
+    /// At the descriptor limit with no connection to free: close the reserve descriptor,
+    /// accept one waiting client, answer it 503 `overloaded` and close it, then take the
+    /// reserve again. False when there is no reserve or nothing was accepted.
+    fn refuse_overloaded(&mut self) -> bool {
+        if self.reserve_fd.take().is_none() {
+            return false;
+        }
+        let accepted = self.listener.accept();
+        let refused = match accepted {
+            Ok((mut stream, _)) => {
+                use std::io::Write as _;
+                // Read what the client sent so the close is a FIN, not a reset that
+                // could destroy the answer before the client reads it.
+                let mut sink = [0u8; 4096];
+                for _ in 0..4 {
+                    if !matches!(stream.read(&mut sink), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                let refusal = Refusal::overloaded();
+                let _ = stream.write_all(&refusal.to_response());
+                let _ = stream.shutdown(Shutdown::Write);
+                self.stats.overload_refused += 1;
+                true
+            }
+            Err(_) => false,
+        };
+        self.reserve_fd = std::fs::File::open("/dev/null").ok();
+        refused
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream) {
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("set_nodelay failed: {e}");
+        }
+        self.bound_send_buffer(&stream);
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("register failed: {e}");
+            return;
+        }
+        let now = self.start.elapsed().as_millis() as u64;
+        let id = ConnId { key, serial };
+        let timer = self
+            .wheel
+            .insert(now + self.s.config.handshake_timeout_ms, Timer::Phase(id));
+        entry.insert(Conn {
+            serial,
+            tcp: stream,
+            out: OutQueue::counted(Arc::clone(&self.pending_total)),
+            phase: Phase::Http(Box::default()),
+            timer: Some(timer),
+            last_rx: now,
+            bytes_in: 0,
+            write_shut: false,
+            flush_queued: false,
+        });
+        self.http_open += 1;
+        self.http_order.push_back(id);
+        // Over `max_http_connections`: the oldest not-upgraded connection goes first.
+        while self.http_open > self.s.config.max_http_connections {
+            if !self.evict_oldest_http(u64::MAX) {
+                break;
+            }
+        }
+        self.sweep_http_order();
+    }
+
+    /// Drop the entries of `http_order` that no longer name a connection that has not
+    /// upgraded, once they outnumber the live ones (amortized O(1) per accept).
+    fn sweep_http_order(&mut self) {
+        while let Some(front) = self.http_order.front() {
+            if self
+                .conns
+                .get(front.key)
+                .is_some_and(|c| c.serial == front.serial && matches!(c.phase, Phase::Http(_)))
+            {
+                break;
+            }
+            self.http_order.pop_front();
+        }
+        if self.http_order.len() > 2 * self.http_open + 64 {
+            let conns = &self.conns;
+            self.http_order.retain(|id| {
+                conns
+                    .get(id.key)
+                    .is_some_and(|c| c.serial == id.serial && matches!(c.phase, Phase::Http(_)))
+            });
+        }
+    }
+
+    /// `SO_SNDBUF` from `socket_send_buffer_bytes` (0: leave the kernel's): bounds the
+    /// bytes the kernel holds for a client that does not read, which the slow-consumer
+    /// rule cannot see. Reads the value back for stats (Linux doubles it).
+    fn bound_send_buffer(&mut self, stream: &TcpStream) {
+        let want = self.s.config.socket_send_buffer_bytes;
+        if want == 0 {
+            return;
+        }
+        let sock = socket2::SockRef::from(stream);
+        if let Err(e) = sock.set_send_buffer_size(want) {
+            log::debug!("setting SO_SNDBUF failed: {e}");
+            return;
+        }
+        if let Ok(got) = sock.send_buffer_size() {
+            self.send_buffer_effective = got;
+        }
+    }
+
+    // -------------------------------------------------------------- readiness
+
+    fn ready(&mut self, key: usize, readable: bool, writable: bool) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let id = ConnId {
+            key,
+            serial: conn.serial,
+        };
+        if writable {
+            self.flush_conn(id);
+        }
+        if readable {
+            match self.conns.get(key).map(|c| &c.phase) {
+                Some(Phase::Http(_)) => self.read_http(id),
+                // A session already on `read_again` is read there, once per iteration.
+                Some(Phase::Open(s)) if s.read_queued => {}
+                Some(Phase::Open(_)) => self.read_ws(id),
+                Some(Phase::Closing) => self.read_closing(id),
+                None => {}
+            }
+        }
+    }
+
+    pub(super) fn conn_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        live(&mut self.conns, id)
+    }
+
+    pub(super) fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = live(&mut self.conns, id) {
+            mark(&mut conn.flush_queued, &mut self.dirty, id);
+        }
+    }
+
+    // ------------------------------------------------------------------ close
+
+    /// The one close path: unregister the session, queue the close frame, count and
+    /// log the reason once, then let the output drain (bounded by a linger timer).
+    pub(crate) fn close(&mut self, id: ConnId, reason: CloseReason) {
+        let linger_at = self.tick() + LINGER_MS;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
+        match phase {
+            Phase::Closing => {
+                conn.phase = Phase::Closing;
+                return;
+            }
+            Phase::Http(st) => {
+                self.http_open = self.http_open.saturating_sub(1);
+                self.http_buffered = self
+                    .http_buffered
+                    .saturating_sub(st.buf.len().saturating_sub(st.start));
+            }
+            Phase::Open(mut session) => {
+                if let Some((code, text)) = reason.close_frame() {
+                    if matches!(reason, CloseReason::SlowConsumer | CloseReason::OverBudget) {
+                        let dropped = conn.out.pending();
+                        conn.out.discard_unstarted();
+                        if dropped > conn.out.pending() {
+                            self.stats.dropped(DropReason::SlowConsumer, 1);
+                        }
+                    }
+                    let mut wire = Wire {
+                        tcp: &mut conn.tcp,
+                        out: &mut conn.out,
+                        bytes_in: &mut conn.bytes_in,
+                    };
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: text.into(),
+                    };
+                    let _ = session.ws.close(&mut wire, Some(frame));
+                    let _ = session.ws.flush(&mut wire);
+                }
+                self.registry
+                    .remove_conn(&session.user, id, linger_at - LINGER_MS);
+                self.open_sessions -= 1;
+                self.stats.closed(reason.label());
+                // `code=-`: no close frame was sent (the peer closed or the socket failed).
+                let code = reason
+                    .close_frame()
+                    .map_or_else(|| "-".to_owned(), |(c, _)| c.to_string());
+                log::info!(
+                    "conn={} user={:?} closed reason={} code={code} after_ms={}",
+                    id.public_id(),
+                    session.user,
+                    reason.label(),
+                    session.opened.elapsed().as_millis()
+                );
+            }
+        }
+        if let Some(t) = conn.timer.take() {
+            self.wheel.cancel(t);
+        }
+        if matches!(
+            reason,
+            CloseReason::Io(_) | CloseReason::ClientClosed | CloseReason::HandshakeTimeout
+        ) && conn.out.is_empty()
+        {
+            self.finish(id);
+            return;
+        }
+        conn.timer = Some(self.wheel.insert(linger_at, Timer::Phase(id)));
+        mark(&mut conn.flush_queued, &mut self.dirty, id);
+    }
+
+    /// Drop the socket and free the slot.
+    pub(super) fn finish(&mut self, id: ConnId) {
+        if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
+            return;
+        }
+        if matches!(
+            self.conns.get(id.key).map(|c| &c.phase),
+            Some(Phase::Open(_))
+        ) {
+            // Unregister the session first (this may already free the slot).
+            self.close(id, CloseReason::ClientClosed);
+            if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
+                return;
+            }
+        }
+        if let Some(mut conn) = self.conns.try_remove(id.key) {
+            if let Some(t) = conn.timer.take() {
+                self.wheel.cancel(t);
+            }
+            let _ = self.poll.registry().deregister(&mut conn.tcp);
+        }
+    }
+}
+
+
+/// Put connection `id` on the flush list unless it already is.
+pub(super) fn mark(flush_queued: &mut bool, list: &mut Vec<ConnId>, id: ConnId) {
+    if !*flush_queued {
+        *flush_queued = true;
+        list.push(id);
+    }
+}
+
+/// The connection `id` names, if its slot still holds it (a free function over the
+/// slab so callers can borrow other reactor fields at the same time).
+pub(super) fn live(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
+    conns.get_mut(id.key).filter(|c| c.serial == id.serial)
+}
+

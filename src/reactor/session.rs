@@ -1,0 +1,447 @@
+//! SESSION_DOC
+
+use super::*;
+
+impl Reactor {
+
+    pub(super) fn upgrade(
+        &mut self,
+        id: ConnId,
+        req: &http::Request,
+        path_mode: Option<Mode>,
+        leftover: Vec<u8>,
+    ) {
+        if self.draining {
+            self.refuse(id, &Refusal::shutting_down());
+            return;
+        }
+        let c = &self.s.config;
+        let admitted = http::admit_upgrade(
+            req,
+            path_mode,
+            c.allow_query_token,
+            &c.allowed_origins,
+            &self.auth,
+        );
+        let (up, claims) = match admitted {
+            Ok(admitted) => admitted,
+            Err(r) => return self.refuse(id, &r),
+        };
+        #[cfg(feature = "conformance")]
+        if up.mode == Mode::Echo {
+            return self.open_echo(id, up, claims, leftover);
+        }
+        // Limits: the per-user policy first (eviction frees a slot), then the total.
+        let per_user = self.s.config.max_connections_per_user;
+        let user_conns: Vec<ConnId> = self
+            .registry
+            .get(&claims.sub)
+            .map(|u| u.conns.iter().map(|c| c.id).collect())
+            .unwrap_or_default();
+        if user_conns.len() >= per_user {
+            match self.s.config.per_user_policy {
+                PerUserPolicy::Reject => {
+                    return self
+                        .refuse(id, &Refusal::too_many("per-user connection limit reached"));
+                }
+                PerUserPolicy::EvictOldest => {
+                    let excess = user_conns.len() + 1 - per_user;
+                    for old in user_conns.into_iter().take(excess) {
+                        self.close(old, CloseReason::Evicted);
+                    }
+                }
+            }
+        }
+        if self.open_sessions >= self.s.config.max_connections {
+            return self.refuse(id, &Refusal::too_many("gateway connection limit reached"));
+        }
+        self.open_session(id, up, claims, leftover);
+    }
+
+    pub(super) fn open_session(
+        &mut self,
+        id: ConnId,
+        up: http::Upgrade,
+        claims: crate::auth::Claims,
+        leftover: Vec<u8>,
+    ) {
+        let resume_ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
+        let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
+        let entry = ConnEntry {
+            id,
+            thread: thread.clone(),
+            isolated: up.mode.is_isolated(),
+        };
+        let user = self.registry.entry(&claims.sub);
+        let user_name = user.name.clone();
+        let epoch = user.epoch.clone();
+        let resume = user.resume(resume_ask);
+        // A resume streams the kept events from the replay buffer as the socket drains
+        // (see `pump_replay`), never more than half of max_pending_bytes queued at once.
+        let replay_next = match (&resume, resume_ask) {
+            (Resume::Exact, Some((after, _))) if after < user.seq => Some(after + 1),
+            _ => None,
+        };
+        let replayed = user
+            .seq
+            .saturating_sub(replay_next.map_or(user.seq, |n| n - 1));
+        let mut runs_truncated = false;
+        let active_runs: Vec<Value> = if entry.isolated {
+            Vec::new()
+        } else {
+            let mut runs: Vec<(&Arc<str>, &Run)> = user
+                .runs
+                .iter()
+                .filter(|(_, r)| r.begun && r.owner.is_none())
+                .filter(|(_, r)| match (&thread, &r.thread) {
+                    (Some(want), Some(got)) => want == got,
+                    _ => true,
+                })
+                .collect();
+            // The most recently started CONNECTED_RUNS_MAX, oldest first (runs started
+            // in the same millisecond: by their last event).
+            runs.sort_by_key(|(_, r)| std::cmp::Reverse((r.started_ts, r.last_seq)));
+            runs_truncated = runs.len() > CONNECTED_RUNS_MAX;
+            runs.truncate(CONNECTED_RUNS_MAX);
+            runs.reverse();
+            runs.into_iter()
+                .map(|(run_id, r)| {
+                    json!({
+                        "run_id": &**run_id,
+                        "thread_id": r.thread.as_deref(),
+                        "agent_name": &*r.agent_name,
+                        "started_ts": r.started_ts,
+                        "last_seq": r.last_seq,
+                        "last_type": &*r.last_type,
+                    })
+                })
+                .collect()
+        };
+        let mut connected = json!({
+            "type": "connected",
+            "connection_id": id.public_id(),
+            "user_id": &*user_name,
+            "mode": up.mode.as_str(),
+            "thread_id": up.thread_id,
+            "epoch": &*epoch,
+            "last_seq": user.seq,
+            "resumed": match resume { Resume::NotAsked => Value::Null, Resume::Exact => Value::Bool(true), Resume::Lost => Value::Bool(false) },
+            "heartbeat_interval_ms": self.s.config.heartbeat_interval_ms,
+            "token_exp": claims.exp,
+            "active_runs": active_runs,
+        });
+        if runs_truncated {
+            connected["active_runs_truncated"] = Value::Bool(true);
+        }
+        self.registry.add_conn(&claims.sub, entry);
+        if !self.begin_session(
+            id,
+            &up,
+            user_name,
+            thread,
+            claims.exp,
+            replay_next,
+            leftover,
+        ) {
+            return;
+        }
+        if let Some(conn) = live(&mut self.conns, id) {
+            conn.out.push(control_frame(&connected));
+        }
+        log::info!(
+            "conn={} user={:?} open mode={} resumed={} replayed={}",
+            id.public_id(),
+            claims.sub,
+            up.mode.as_str(),
+            match resume {
+                Resume::NotAsked => "-",
+                Resume::Exact => "true",
+                Resume::Lost => "false",
+            },
+            replayed
+        );
+        self.pump_replay(id);
+        self.mark_dirty(id);
+        // Frames pipelined behind the upgrade request are already buffered: read them.
+        self.read_ws(id);
+    }
+
+    /// The part of opening a session every kind shares: the 101 answer queued, one
+    /// phase timer for the earlier of the next heartbeat and the token's expiry (`exp`,
+    /// seconds), the tungstenite context over the bytes read past the request head, and
+    /// the open-session counters. False when the connection is gone.
+    #[allow(clippy::too_many_arguments)] // the session's fields, each from its caller
+    pub(super) fn begin_session(
+        &mut self,
+        id: ConnId,
+        up: &http::Upgrade,
+        user: Arc<str>,
+        thread: Option<Arc<str>>,
+        exp: u64,
+        replay_next: Option<u64>,
+        leftover: Vec<u8>,
+    ) -> bool {
+        self.open_sessions += 1;
+        self.stats.connections_opened += 1;
+        let now = self.tick();
+        let token_at = now.saturating_add(exp.saturating_mul(1000).saturating_sub(now_ms()));
+        let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
+        let ws_config = self.s.ws_config;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return false;
+        };
+        if let Some(t) = conn.timer.take() {
+            self.wheel.cancel(t);
+        }
+        // One timer per session: the earlier of the next heartbeat and token expiry.
+        conn.timer = Some(
+            self.wheel
+                .insert(heartbeat_at.min(token_at), Timer::Phase(id)),
+        );
+        conn.out.push(Bytes::from(http::upgrade_response(
+            &up.accept_key,
+            up.subprotocol,
+        )));
+        conn.last_rx = now;
+        // Leaves the HTTP phase (its buffer was emptied by `process_http`).
+        self.http_open = self.http_open.saturating_sub(1);
+        conn.phase = Phase::Open(Box::new(Session {
+            ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
+            user,
+            mode: up.mode,
+            thread,
+            token_exp: exp,
+            token_deadline: token_at,
+            next_ping: heartbeat_at,
+            bad_in_row: 0,
+            read_queued: false,
+            refresh_not_before: 0,
+            input_clock_us: 0,
+            input_paused: false,
+            opened: Instant::now(),
+            replay_next,
+        }));
+        true
+    }
+
+    // -------------------------------------------------------------- WebSocket
+
+    pub(super) fn read_ws(&mut self, id: ConnId) {
+        #[cfg(feature = "conformance")]
+        if self.session(id).is_some_and(|s| s.mode == Mode::Echo) {
+            return self.read_echo(id);
+        }
+        if self.input_exhausted(id) {
+            return;
+        }
+        let bytes_before = self.conn_mut(id).map_or(0, |c| c.bytes_in);
+        let mut texts = Vec::new();
+        let Some((ending, more)) = self.read_turn(id, |_, _, msg| match msg {
+            Message::Text(t) => {
+                texts.push(t);
+                Step::Go
+            }
+            _ => Step::End(CloseReason::Binary),
+        }) else {
+            return;
+        };
+        let messages = texts.len() as u64;
+        for text in texts {
+            self.stats.client_messages += 1;
+            self.client_message(id, text.as_str());
+            if self
+                .conn_mut(id)
+                .is_none_or(|c| !matches!(c.phase, Phase::Open(_)))
+            {
+                return;
+            }
+        }
+        if let Some(reason) = ending {
+            return self.close(id, reason);
+        }
+        let now_us = self.start.elapsed().as_micros() as u64;
+        if let Some(conn) = self.conn_mut(id) {
+            let bytes = conn.bytes_in - bytes_before;
+            if let Phase::Open(s) = &mut conn.phase {
+                let cost = messages * INPUT_US_PER_MESSAGE + bytes * INPUT_US_PER_KIB / 1024;
+                s.input_clock_us = s.input_clock_us.max(now_us) + cost;
+            }
+        }
+        if more {
+            self.queue_read_again(id);
+        }
+    }
+
+    /// True when session `id` used up its input allowance: it is then not read until a
+    /// [`Timer::Resume`] (armed here, once) says the allowance has refilled.
+    pub(super) fn input_exhausted(&mut self, id: ConnId) -> bool {
+        let now_us = self.start.elapsed().as_micros() as u64;
+        let tick = self.tick();
+        let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) else {
+            return false;
+        };
+        let ahead = s.input_clock_us.saturating_sub(now_us);
+        if ahead <= INPUT_BURST_US {
+            return false;
+        }
+        if !s.input_paused {
+            s.input_paused = true;
+            self.stats.client_input_paused += 1;
+            let wait_ms = (ahead - INPUT_BURST_US).div_ceil(1000).max(1);
+            self.wheel.insert(tick + wait_ms, Timer::Resume(id));
+        }
+        true
+    }
+
+    /// Put open session `id` on `read_again` unless it already is: each session gets
+    /// one read turn per iteration however often it is queued (issue 9, F3: queued once
+    /// per edge, a flooding connection's share grew every iteration).
+    pub(super) fn queue_read_again(&mut self, id: ConnId) {
+        if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+            if !s.read_queued {
+                s.read_queued = true;
+                self.read_again.push(id);
+            }
+        }
+    }
+
+    /// One turn of reading open session `id`: every complete data message (text or
+    /// binary) goes to `on_data` with the session's context and wire, in order; pings
+    /// are answered and pongs taken by tungstenite, a close is answered and ends the
+    /// read. At most [`MESSAGES_PER_READ`] messages of any kind and
+    /// [`READ_BUDGET_BYTES`] from the socket per turn, so one chatty or flooding client
+    /// cannot starve the others. Queues tungstenite's replies, records the arrival
+    /// (`last_rx`, bytes in) and marks the connection for flushing. Returns why the
+    /// session must end (if it must) and whether a budget stopped the read before the socket was drained (no new edge will come for what is left: read it
+    /// again next iteration); `None` when the connection is gone or not open.
+    pub(super) fn read_turn<F>(&mut self, id: ConnId, mut on_data: F) -> Option<(Option<CloseReason>, bool)>
+    where
+        F: FnMut(&mut WebSocketContext, &mut Wire<'_>, Message) -> Step,
+    {
+        let now = self.tick();
+        let mut ending: Option<CloseReason> = None;
+        let mut handled = 0usize;
+        let mut stopped_early = false;
+        {
+            let conn = live(&mut self.conns, id)?;
+            let Phase::Open(session) = &mut conn.phase else {
+                return None;
+            };
+            let before = conn.bytes_in;
+            let mut read_left = READ_BUDGET_BYTES;
+            loop {
+                let mut wire = Budgeted {
+                    wire: Wire {
+                        tcp: &mut conn.tcp,
+                        out: &mut conn.out,
+                        bytes_in: &mut conn.bytes_in,
+                    },
+                    left: read_left,
+                    exhausted: false,
+                };
+                let read = session.ws.read(&mut wire);
+                read_left = wire.left;
+                stopped_early |= wire.exhausted;
+                handled += 1;
+                if read.is_ok() {
+                    self.read_in_iteration += 1;
+                }
+                match read {
+                    Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
+                        match on_data(&mut session.ws, &mut wire.wire, msg) {
+                            Step::Go => {}
+                            Step::End(reason) => {
+                                ending = Some(reason);
+                                break;
+                            }
+                        }
+                    }
+                    Ok(Message::Close(_)) => {
+                        // tungstenite queued the echo; the next read reports the end.
+                        continue;
+                    }
+                    Ok(_) => {} // ping (answered by tungstenite), pong, raw frame
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        break
+                    }
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                        continue
+                    }
+                    Err(e) => {
+                        ending = Some(classify_ws_error(&e));
+                        break;
+                    }
+                }
+                if handled >= MESSAGES_PER_READ {
+                    stopped_early = true;
+                    break;
+                }
+            }
+            if conn.bytes_in > before {
+                conn.last_rx = now;
+            }
+            self.stats.bytes_in += conn.bytes_in - before;
+            // Push queued pongs into the output queue.
+            let mut wire = Wire {
+                tcp: &mut conn.tcp,
+                out: &mut conn.out,
+                bytes_in: &mut conn.bytes_in,
+            };
+            let _ = session.ws.flush(&mut wire);
+        }
+        self.mark_dirty(id);
+        let more = stopped_early && ending.is_none();
+        Some((ending, more))
+    }
+
+    pub(super) fn read_closing(&mut self, id: ConnId) {
+        let mut done = false;
+        {
+            let Some(conn) = self.conn_mut(id) else {
+                return;
+            };
+            let mut sink = [0u8; 16 * 1024];
+            // A peer that keeps sending to a closing connection (a pipelining flood cut
+            // off by the request cap) does not hold the loop: at most this many bytes
+            // per readable event (its next bytes raise a new edge; the linger timer
+            // still ends the connection).
+            let mut left = CLOSING_DISCARD_BYTES;
+            loop {
+                match conn.tcp.read(&mut sink) {
+                    Ok(0) => {
+                        done = true;
+                        break;
+                    }
+                    Ok(n) if n >= left => break,
+                    Ok(n) => left -= n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if done {
+            self.finish(id);
+        }
+    }
+}
+
+pub(super) fn classify_ws_error(e: &tungstenite::Error) -> CloseReason {
+    use tungstenite::error::ProtocolError;
+    match e {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            CloseReason::ClientClosed
+        }
+        tungstenite::Error::Io(e) => CloseReason::Io(e.kind()),
+        tungstenite::Error::Capacity(_) => CloseReason::TooBig,
+        tungstenite::Error::Utf8(_) => CloseReason::BadUtf8,
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            CloseReason::ClientClosed
+        }
+        tungstenite::Error::Protocol(_) => CloseReason::Protocol,
+        _ => CloseReason::Protocol,
+    }
+}
