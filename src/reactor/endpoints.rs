@@ -1,6 +1,61 @@
 //! HTTP_DOC
 
-use super::*;
+use std::io::{self, Read};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::{live, CloseReason, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
+use crate::conn::{ConnId, Phase};
+use crate::http::{self, Method, Refusal, Route};
+use crate::publish;
+use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason};
+
+/// Size of one read from a plain HTTP connection.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
+/// Unsent output past which a connection that has not upgraded is neither read nor
+/// answered until the client reads (issue 9 F1: a client that pipelines requests and
+/// never reads their answers costs at most this much output, plus one answer).
+pub(super) const HTTP_PENDING_LIMIT: usize = 64 * 1024;
+/// Most pipelined requests answered per connection per loop iteration; the rest wait
+/// for the next iteration, so one connection cannot hold the loop.
+pub(super) const HTTP_REQUESTS_PER_TURN: usize = 16;
+/// Most requests answered on one keep-alive connection; the last answer carries
+/// `Connection: close`.
+pub(super) const HTTP_REQUESTS_PER_CONN: u32 = 1000;
+/// Most bytes read from one connection that has not upgraded per loop iteration.
+pub(super) const HTTP_READ_BUDGET: usize = 64 * 1024;
+/// A buffer this much larger than what it holds is given back after a turn.
+pub(super) const HTTP_BUF_KEEP: usize = 4 * 1024;
+/// How long after an accept failure `/health` says `degraded`.
+pub(super) const DEGRADED_MS: u64 = 10_000;
+
+/// What one pass over a connection's buffered requests ended on.
+pub(super) enum HttpTurn {
+    /// Waiting for more bytes from the client.
+    Wait,
+    /// Output over [`HTTP_PENDING_LIMIT`]: paused until it drains.
+    Paused,
+    /// [`HTTP_REQUESTS_PER_TURN`] answered: more next iteration.
+    Budget,
+    /// The connection left the HTTP phase (upgraded, closed or refused).
+    Done,
+}
+
+impl HttpTurn {
+    /// Whether the connection gets another turn in the next iteration: it stopped on
+    /// the request budget, or on the read budget or a full buffer (`stopped_early`)
+    /// with no complete request left. No new edge comes for bytes already in the
+    /// kernel, so without this they would wait for the client's next write.
+    fn again(&self, stopped_early: bool) -> bool {
+        match self {
+            HttpTurn::Budget => true,
+            HttpTurn::Wait => stopped_early,
+            HttpTurn::Paused | HttpTurn::Done => false,
+        }
+    }
+}
 
 impl Reactor {
 
@@ -78,12 +133,7 @@ impl Reactor {
             return;
         }
         // (A half-closed client with requests left is resumed like any other.)
-        let again = match turn {
-            HttpTurn::Budget => true,
-            HttpTurn::Wait => stopped_early,
-            HttpTurn::Paused | HttpTurn::Done => false,
-        };
-        if again {
+        if turn.again(stopped_early) {
             if let Some(conn) = live(&mut self.conns, id) {
                 if let Phase::Http(st) = &mut conn.phase {
                     if !st.again_queued {
@@ -536,5 +586,20 @@ pub(super) fn log_repeats(ended: &[(String, u64)]) {
         log::info!(
             "refused {n} more times within {REFUSAL_LOG_WINDOW_MS} ms (lines collapsed): {kind}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HttpTurn;
+
+    #[test]
+    fn another_turn_only_when_something_is_left_to_do() {
+        assert!(HttpTurn::Budget.again(false));
+        assert!(HttpTurn::Budget.again(true));
+        assert!(HttpTurn::Wait.again(true));
+        assert!(!HttpTurn::Wait.again(false));
+        assert!(!HttpTurn::Paused.again(true));
+        assert!(!HttpTurn::Done.again(true));
     }
 }

@@ -1,6 +1,31 @@
 //! INBOUND_DOC
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::{live, CloseReason, Reactor, Timer};
+use crate::client_message::{BadMessage, ClientMessage};
+use crate::conn::{ConnId, Phase, Session};
+use crate::emitter::Inbound;
+use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
+use crate::inbox::{self, Admit};
+use crate::registry::{Registry, Run};
+
+/// Bad client messages in a row before close 1008.
+pub(super) const MAX_BAD_IN_ROW: u8 = 10;
+/// At most one `refresh` token check per connection per this many milliseconds; a
+/// `refresh` sooner is answered `rate_limited` without a check and counts as a bad
+/// message. A check costs a signature verification (tens of microseconds for ES256,
+/// about a millisecond for RSA-8192), so a refresh flood must not buy one per message.
+pub(super) const REFRESH_INTERVAL_MS: u64 = 1000;
+/// How often users with nothing pending any more are forgotten by the inbox.
+pub(super) const INBOX_PRUNE_MS: u64 = 10_000;
+/// While `user_message`s are held for room in the workers' channel, the loop polls
+/// at least this often to feed them (the channel has no readiness to wait on).
+pub(super) const INBOX_RETRY_MS: u64 = 5;
 
 impl Reactor {
     pub(super) fn send_frame(&mut self, id: ConnId, frame: Bytes) {
@@ -293,3 +318,12 @@ pub(super) fn still_pending(registry: &Registry, user: &str, run_id: &str) -> bo
         .is_some_and(|r| !r.begun)
 }
 
+/// A fresh run id for a `user_message`: `r-` and 16 hex digits.
+fn new_run_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        b = now_ms().to_be_bytes();
+    }
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("r-{hex}")
+}

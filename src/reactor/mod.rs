@@ -25,7 +25,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,26 +33,21 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
-use serde_json::{json, Value};
 use slab::Slab;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::{Role, WebSocketConfig, WebSocketContext};
-use tungstenite::Message;
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
-use crate::client_message::{BadMessage, ClientMessage};
-use crate::config::{Config, PerUserPolicy};
-use crate::conn::{Budgeted, Conn, ConnId, OutQueue, Phase, Session, Wire};
+use crate::config::Config;
+use crate::conn::{Conn, ConnId, OutQueue, Phase, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
-use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
-use crate::http::{self, Method, Refusal, Route};
-use crate::inbox::{self, Admit, Inbox};
-use crate::log_sink::Repeats;
-use crate::mode::Mode;
-use crate::publish;
-use crate::registry::{ConnEntry, Limits, Refused, Registry, Resume, Routed, Run};
-use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason, Stats};
+use crate::event::now_ms;
+use crate::http::Refusal;
+use crate::inbox::Inbox;
+use crate::log_sink::{RateLog, Repeats};
+use crate::registry::{Limits, Registry};
+use crate::stats::{DropReason, Stats};
 use crate::timer_wheel::TimerWheel;
 
 #[cfg(feature = "conformance")]
@@ -63,20 +58,18 @@ mod routing;
 mod session;
 mod timers;
 
+pub(crate) use session::READ_BUFFER_BYTES;
+
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
-/// Commands drained from the channel per iteration before polling again.
-const DRAIN_BUDGET: usize = 4096;
 /// Connections accepted per readiness event before serving others.
 const ACCEPT_BUDGET: usize = 1024;
 /// How long a closing connection may take to flush and see the peer's FIN.
 const LINGER_MS: u64 = 2000;
 /// Retry delay for accept after EMFILE/ENFILE.
 const ACCEPT_RETRY_MS: u64 = 20;
-/// Housekeeping period: replay expiry, run watchdog.
-const HOUSEKEEPING_MS: u64 = 1000;
 /// Identical refusal lines (same status, error and reason) within this window: the
 /// first [`REFUSAL_LOG_BURST`] are written, the rest counted and reported in one line,
 /// so a flood of refused upgrades costs a few lines per second per kind.
@@ -84,70 +77,8 @@ const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
 const REFUSAL_LOG_BURST: u64 = 5;
 /// Kinds of refusal lines collapsed at once (status, error, reason).
 const REFUSAL_LOG_KINDS: usize = 32;
-/// Most idle runs the watchdog ends per pass, so runs timing out together cannot stall
-/// the loop; when a pass used it all, the next pass comes [`WATCHDOG_AGAIN_MS`] later
-/// instead of at the next housekeeping tick.
-const WATCHDOG_BUDGET: usize = 1000;
-const WATCHDOG_AGAIN_MS: u64 = 50;
-/// Most runs listed in a `connected` frame's `active_runs` (the most recently
-/// started); `"active_runs_truncated": true` says when there were more.
-const CONNECTED_RUNS_MAX: usize = 100;
-/// tungstenite read buffer per connection. It grows on demand for larger frames (a
-/// frame's header reserves its length, so a larger message costs one more `read`), and
-/// tungstenite zero-fills it up to this size on every read. Client messages are rare and
-/// small (pongs, pings, a user message), so idle memory wins: 256 -> 64 bytes took an
-/// idle connection from 1,157 to 957 bytes at one user each (10,000 connections).
-pub(crate) const READ_BUFFER_BYTES: usize = 64;
-/// Most client messages (of any kind) one connection's read handles per iteration.
-const MESSAGES_PER_READ: usize = 64;
-/// Most bytes one connection's read takes from its socket per iteration.
-const READ_BUDGET_BYTES: usize = 64 * 1024;
-/// Bad client messages in a row before close 1008.
-const MAX_BAD_IN_ROW: u8 = 10;
-/// At most one `refresh` token check per connection per this many milliseconds; a
-/// `refresh` sooner is answered `rate_limited` without a check and counts as a bad
-/// message. A check costs a signature verification (tens of microseconds for ES256,
-/// about a millisecond for RSA-8192), so a refresh flood must not buy one per message.
-const REFRESH_INTERVAL_MS: u64 = 1000;
-/// Input allowance of one session (not the conformance echo): a read turn costs
-/// [`INPUT_US_PER_MESSAGE`] per data message (the JSON the gateway parses and acts on)
-/// plus [`INPUT_US_PER_KIB`] per KiB read (control frames and fragments cost their
-/// bytes), against a virtual clock that may run at most [`INPUT_BURST_US`] ahead of
-/// real time; past it the session is not read (the kernel buffer fills and TCP pushes
-/// back on the sender) until the allowance refills. That is about 1,000 messages and
-/// 1 MiB per second sustained, 250 messages or 256 KiB in a burst: far above what a
-/// client of this protocol sends, and a flood of any kind from one connection then
-/// costs the loop a small share of its time (issue 9, F3).
-const INPUT_US_PER_MESSAGE: u64 = 1000;
-const INPUT_US_PER_KIB: u64 = 1000;
-const INPUT_BURST_US: u64 = 250_000;
-/// While `user_message`s are held for room in the workers' channel, the loop polls
-/// at least this often to feed them (the channel has no readiness to wait on).
-const INBOX_RETRY_MS: u64 = 5;
-/// How often users with nothing pending any more are forgotten by the inbox.
-const INBOX_PRUNE_MS: u64 = 10_000;
-/// Most bytes discarded from a closing connection per readable event.
-const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
-/// Size of one read from a plain HTTP connection.
-const READ_CHUNK: usize = 16 * 1024;
-/// Unsent output past which a connection that has not upgraded is neither read nor
-/// answered until the client reads (issue 9 F1: a client that pipelines requests and
-/// never reads their answers costs at most this much output, plus one answer).
-const HTTP_PENDING_LIMIT: usize = 64 * 1024;
-/// Most pipelined requests answered per connection per loop iteration; the rest wait
-/// for the next iteration, so one connection cannot hold the loop.
-const HTTP_REQUESTS_PER_TURN: usize = 16;
-/// Most requests answered on one keep-alive connection; the last answer carries
-/// `Connection: close`.
-const HTTP_REQUESTS_PER_CONN: u32 = 1000;
-/// Most bytes read from one connection that has not upgraded per loop iteration.
-const HTTP_READ_BUDGET: usize = 64 * 1024;
-/// A buffer this much larger than what it holds is given back after a turn.
-const HTTP_BUF_KEEP: usize = 4 * 1024;
 /// Period of the aggregated log lines (accept failures, publish key failures).
 const RATE_LOG_MS: u64 = 10_000;
-/// How long after an accept failure `/health` says `degraded`.
-const DEGRADED_MS: u64 = 10_000;
 
 /// What a timer on the wheel is for.
 #[derive(Clone, Copy, Debug)]
@@ -325,37 +256,6 @@ pub(crate) struct Reactor {
     publish_auth_log: RateLog,
 }
 
-/// A log line aggregated over a period: [`RateLog::hit`] counts an occurrence and says
-/// how many to report when a line is due (at most one per period).
-#[derive(Default)]
-struct RateLog {
-    last: Option<u64>,
-    count: u64,
-}
-
-impl RateLog {
-    fn hit(&mut self, now: u64, period: u64) -> Option<u64> {
-        self.count += 1;
-        if self.last.is_some_and(|t| now < t + period) {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.count))
-    }
-}
-
-/// What one pass over a connection's buffered requests ended on.
-enum HttpTurn {
-    /// Waiting for more bytes from the client.
-    Wait,
-    /// Output over [`HTTP_PENDING_LIMIT`]: paused until it drains.
-    Paused,
-    /// [`HTTP_REQUESTS_PER_TURN`] answered: more next iteration.
-    Budget,
-    /// The connection left the HTTP phase (upgraded, closed or refused).
-    Done,
-}
-
 /// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
 pub(crate) fn new_epoch() -> String {
     let mut b = [0u8; 4];
@@ -364,15 +264,6 @@ pub(crate) fn new_epoch() -> String {
         b = (t as u32 ^ std::process::id()).to_be_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn new_run_id() -> String {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        b = now_ms().to_be_bytes();
-    }
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("r-{hex}")
 }
 
 impl Reactor {
@@ -388,7 +279,7 @@ impl Reactor {
         epoch: String,
     ) -> Reactor {
         let mut wheel = TimerWheel::new(4096, 0);
-        wheel.insert(HOUSEKEEPING_MS, Timer::Housekeeping);
+        wheel.insert(timers::HOUSEKEEPING_MS, Timer::Housekeeping);
         let inbox = Inbox::new(
             s.config.max_pending_runs_per_user,
             s.config.max_user_message_bytes,
@@ -425,7 +316,7 @@ impl Reactor {
             read_again: Vec::new(),
             read_in_iteration: 0,
             inbox,
-            inbox_prune_at: INBOX_PRUNE_MS,
+            inbox_prune_at: inbound::INBOX_PRUNE_MS,
             accept_paused: false,
             watchdog_armed: false,
             draining: false,
@@ -494,7 +385,7 @@ impl Reactor {
                     Duration::from_millis(at.saturating_sub(now))
                 });
                 if self.inbox.held().0 > 0 {
-                    let retry = Duration::from_millis(INBOX_RETRY_MS);
+                    let retry = Duration::from_millis(inbound::INBOX_RETRY_MS);
                     Some(timer.map_or(retry, |t| t.min(retry)))
                 } else {
                     timer

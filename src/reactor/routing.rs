@@ -1,6 +1,19 @@
 //! ROUTING_DOC
 
-use super::*;
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::endpoints::HTTP_PENDING_LIMIT;
+use super::{live, mark, CloseReason, Reactor};
+use crate::conn::{ConnId, Phase};
+use crate::emitter::Command;
+use crate::event::Event;
+use crate::registry::{Refused, Routed};
+use crate::stats::DropReason;
+
+/// Commands drained from the channel per iteration before polling again.
+pub(super) const DRAIN_BUDGET: usize = 4096;
 
 impl Reactor {
 

@@ -1,6 +1,49 @@
 //! SESSION_DOC
 
-use super::*;
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tungstenite::protocol::{Role, WebSocketContext};
+use tungstenite::Message;
+
+use super::{live, CloseReason, Reactor, Step, Timer};
+use crate::config::PerUserPolicy;
+use crate::conn::{Budgeted, ConnId, Phase, Session, Wire};
+use crate::event::{control_frame, now_ms};
+use crate::http::{self, Refusal};
+use crate::mode::Mode;
+use crate::registry::{ConnEntry, Resume, Run};
+
+/// tungstenite read buffer per connection. It grows on demand for larger frames (a
+/// frame's header reserves its length, so a larger message costs one more `read`), and
+/// tungstenite zero-fills it up to this size on every read. Client messages are rare and
+/// small (pongs, pings, a user message), so idle memory wins: 256 -> 64 bytes took an
+/// idle connection from 1,157 to 957 bytes at one user each (10,000 connections).
+pub(crate) const READ_BUFFER_BYTES: usize = 64;
+/// Most client messages (of any kind) one connection's read handles per iteration.
+pub(super) const MESSAGES_PER_READ: usize = 64;
+/// Most bytes one connection's read takes from its socket per iteration.
+pub(super) const READ_BUDGET_BYTES: usize = 64 * 1024;
+/// Input allowance of one session (not the conformance echo): a read turn costs
+/// [`INPUT_US_PER_MESSAGE`] per data message (the JSON the gateway parses and acts on)
+/// plus [`INPUT_US_PER_KIB`] per KiB read (control frames and fragments cost their
+/// bytes), against a virtual clock that may run at most [`INPUT_BURST_US`] ahead of
+/// real time; past it the session is not read (the kernel buffer fills and TCP pushes
+/// back on the sender) until the allowance refills. That is about 1,000 messages and
+/// 1 MiB per second sustained, 250 messages or 256 KiB in a burst: far above what a
+/// client of this protocol sends, and a flood of any kind from one connection then
+/// costs the loop a small share of its time (issue 9, F3).
+pub(super) const INPUT_US_PER_MESSAGE: u64 = 1000;
+pub(super) const INPUT_US_PER_KIB: u64 = 1000;
+pub(super) const INPUT_BURST_US: u64 = 250_000;
+/// Most bytes discarded from a closing connection per readable event.
+pub(super) const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
+/// Most runs listed in a `connected` frame's `active_runs` (the most recently
+/// started); `"active_runs_truncated": true` says when there were more.
+pub(super) const CONNECTED_RUNS_MAX: usize = 100;
 
 impl Reactor {
 

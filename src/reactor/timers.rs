@@ -1,6 +1,23 @@
 //! TIMERS_DOC
 
-use super::*;
+use std::io::Read;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use serde_json::json;
+use tungstenite::Message;
+
+use super::{live, mark, CloseReason, Reactor, Timer};
+use crate::conn::{ConnId, Phase, Wire};
+use crate::event::{now_ms, Event, EventKind, RunKey};
+
+/// Most idle runs the watchdog ends per pass, so runs timing out together cannot stall
+/// the loop; when a pass used it all, the next pass comes [`WATCHDOG_AGAIN_MS`] later
+/// instead of at the next housekeeping tick.
+pub(super) const WATCHDOG_BUDGET: usize = 1000;
+pub(super) const WATCHDOG_AGAIN_MS: u64 = 50;
+/// Housekeeping period: replay expiry, run watchdog.
+pub(super) const HOUSEKEEPING_MS: u64 = 1000;
 
 impl Reactor {
 
