@@ -529,52 +529,28 @@ impl Reactor {
                 );
             }
         };
-        // Refuse the whole batch when one event belongs to an ended run (simulating the
-        // runs this batch itself ends), or would start a run past
-        // max_active_runs_per_user / max_active_runs (counting the runs this batch
-        // starts), so nothing of a bad request takes a seq.
-        let mut ending: Vec<(&str, &str)> = Vec::new();
-        let mut starting: Vec<(&str, &str)> = Vec::new();
-        for (index, ev) in parsed.iter().enumerate() {
-            let user = &*ev.key.user_id;
-            let run = &*ev.key.run_id;
-            let ended = self.registry.get(user).is_some_and(|u| u.run_ended(run))
-                || ending.iter().any(|(u, r)| *u == user && *r == run);
-            if ended {
+        match publish::check_runs(&parsed, &self.registry) {
+            Ok(()) => {}
+            Err(publish::RunRefusal::Ended { index, run }) => {
                 self.stats.dropped(DropReason::RunEnded, 1);
                 return (
                     400,
                     json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}),
                 );
             }
-            let known = self.registry.get(user);
-            let starts = !ev.kind.ends_run()
-                && !known.is_some_and(|u| u.runs.contains_key(run))
-                && !starting.iter().any(|(u, r)| *u == user && *r == run);
-            if starts {
-                let user_runs = known.map_or(0, |u| u.runs.len());
-                let batch_user = starting.iter().filter(|(u, _)| *u == user).count();
-                if !self
-                    .registry
-                    .runs_fit(user_runs, batch_user + 1, starting.len() + 1)
-                {
-                    self.registry.counters.runs_refused += 1;
-                    let limits = self.registry.limits();
-                    return (
-                        429,
-                        json!({"error": "too_many_runs", "message": format!("run {run:?} refused: at most {} runs in progress per user (max_active_runs_per_user) and {} in all (max_active_runs)", limits.max_active_runs_per_user, limits.max_active_runs), "index": index}),
-                    );
-                }
-                starting.push((user, run));
-            }
-            if ev.kind.ends_run() {
-                ending.push((user, run));
+            Err(publish::RunRefusal::TooMany { index, run }) => {
+                self.registry.counters.runs_refused += 1;
+                let limits = self.registry.limits();
+                return (
+                    429,
+                    json!({"error": "too_many_runs", "message": format!("run {run:?} refused: at most {} runs in progress per user (max_active_runs_per_user) and {} in all (max_active_runs)", limits.max_active_runs_per_user, limits.max_active_runs), "index": index}),
+                );
             }
         }
         let n = parsed.len();
         for ev in parsed {
             self.stats.events_published += 1;
-            self.route(ev);
+            self.deliver(ev);
         }
         (202, json!({"accepted": n}))
     }

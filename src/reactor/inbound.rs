@@ -216,7 +216,7 @@ impl Reactor {
             match key
                 .and_then(|k| Event::new(k, EventKind::AgentError, &json!({"reason": "no_agent"})))
             {
-                Ok(ev) => self.route(ev),
+                Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic no_agent event failed: {e}"),
             }
         }

@@ -22,7 +22,7 @@ impl Reactor {
         self.wake.reset();
         for _ in 0..DRAIN_BUDGET {
             match self.rx.try_recv() {
-                Ok(Command::Event(ev)) => self.route(*ev),
+                Ok(Command::Event(ev)) => self.deliver(*ev),
                 Ok(Command::Shutdown) => self.begin_shutdown(),
                 Err(_) => return false,
             }
@@ -32,7 +32,7 @@ impl Reactor {
 
     /// Assign the user's next seq, keep the event for replay, queue it on every
     /// connection that takes it.
-    pub(super) fn route(&mut self, ev: Event) {
+    pub(super) fn deliver(&mut self, ev: Event) {
         self.stats.events_emitted += 1;
         let now = self.tick();
         let (Routed { frame, owner }, user) = match self.registry.route(&ev, now) {

@@ -15,7 +15,7 @@ use crate::conn::{Budgeted, ConnId, Phase, Session, Wire};
 use crate::event::{control_frame, now_ms};
 use crate::http::{self, Refusal};
 use crate::mode::Mode;
-use crate::registry::{ConnEntry, Resume, Run};
+use crate::registry::{ConnEntry, Resume};
 
 /// tungstenite read buffer per connection. It grows on demand for larger frames (a
 /// frame's header reserves its length, so a larger message costs one more `read`), and
@@ -128,38 +128,24 @@ impl Reactor {
         let replayed = user
             .seq
             .saturating_sub(replay_next.map_or(user.seq, |n| n - 1));
-        let mut runs_truncated = false;
-        let active_runs: Vec<Value> = if entry.isolated {
-            Vec::new()
+        let (runs, runs_truncated) = if entry.isolated {
+            (Vec::new(), false)
         } else {
-            let mut runs: Vec<(&Arc<str>, &Run)> = user
-                .runs
-                .iter()
-                .filter(|(_, r)| r.begun && r.owner.is_none())
-                .filter(|(_, r)| match (&thread, &r.thread) {
-                    (Some(want), Some(got)) => want == got,
-                    _ => true,
-                })
-                .collect();
-            // The most recently started CONNECTED_RUNS_MAX, oldest first (runs started
-            // in the same millisecond: by their last event).
-            runs.sort_by_key(|(_, r)| std::cmp::Reverse((r.started_ts, r.last_seq)));
-            runs_truncated = runs.len() > CONNECTED_RUNS_MAX;
-            runs.truncate(CONNECTED_RUNS_MAX);
-            runs.reverse();
-            runs.into_iter()
-                .map(|(run_id, r)| {
-                    json!({
-                        "run_id": &**run_id,
-                        "thread_id": r.thread.as_deref(),
-                        "agent_name": &*r.agent_name,
-                        "started_ts": r.started_ts,
-                        "last_seq": r.last_seq,
-                        "last_type": &*r.last_type,
-                    })
-                })
-                .collect()
+            user.active_runs(thread.as_deref(), CONNECTED_RUNS_MAX)
         };
+        let active_runs: Vec<Value> = runs
+            .into_iter()
+            .map(|(run_id, r)| {
+                json!({
+                    "run_id": &**run_id,
+                    "thread_id": r.thread.as_deref(),
+                    "agent_name": &*r.agent_name,
+                    "started_ts": r.started_ts,
+                    "last_seq": r.last_seq,
+                    "last_type": &*r.last_type,
+                })
+            })
+            .collect();
         let mut connected = json!({
             "type": "connected",
             "connection_id": id.public_id(),

@@ -142,7 +142,7 @@ impl Reactor {
                 EventKind::AgentError,
                 &json!({"reason": "run_timeout"}),
             ) {
-                Ok(ev) => self.route(ev),
+                Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic run_timeout event failed: {e}"),
             }
         }
@@ -210,7 +210,7 @@ impl Reactor {
         }
         for key in active {
             match Event::new(key, EventKind::AgentError, &json!({"reason": "shutdown"})) {
-                Ok(ev) => self.route(ev),
+                Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic shutdown agent_error failed: {e}"),
             }
         }
