@@ -16,11 +16,20 @@
 //!                      agent workers
 //! ```
 //!
-//! There is no async runtime. One thread ([`reactor`]) owns every socket and all
+//! There is no async runtime. One thread (`reactor`) owns every socket and all
 //! routing state and passes `&mut` around; workers serialize events on their own
 //! threads ([`event`], [`emitter`]) so the loop only assigns the per-user `seq`, builds
 //! one frame per event and queues that shared frame on each receiving connection
 //! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
+//! The reactor is a folder of phases, one `impl Reactor` per file: `reactor/mod.rs`
+//! (the struct, the loop, accept, readiness dispatch, the one close path),
+//! `reactor/endpoints.rs` (plain HTTP and the publish API), `reactor/session.rs`
+//! (upgrades, opening and reading sessions), `reactor/inbound.rs` (client messages and
+//! the user-message inbox), `reactor/routing.rs` (draining the channel, delivering,
+//! flushing, replay) and `reactor/timers.rs` (timers, housekeeping, watchdog,
+//! shutdown). An event's path: worker -> `Event::new` -> channel ->
+//! `Reactor::deliver` -> [`registry::Registry::route`] (seq, replay) -> targets ->
+//! `OutQueue::push` -> `writev`.
 //! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
 //! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
 //! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade

@@ -277,7 +277,9 @@ mod run_tests {
         let items: Vec<String> = events
             .iter()
             .map(|(kind, user, run)| {
-                format!(r#"{{"type":"{kind}","user_id":"{user}","run_id":"{run}","agent_name":"a"}}"#)
+                format!(
+                    r#"{{"type":"{kind}","user_id":"{user}","run_id":"{run}","agent_name":"a"}}"#
+                )
             })
             .collect();
         parse_batch(format!("[{}]", items.join(",")).as_bytes()).unwrap()
@@ -303,7 +305,10 @@ mod run_tests {
             ("agent_thinking", "u", "r1"),
         ]);
         let run = "r1".to_owned();
-        assert_eq!(check_runs(&late, &r), Err(RunRefusal::Ended { index: 2, run }));
+        assert_eq!(
+            check_runs(&late, &r),
+            Err(RunRefusal::Ended { index: 2, run })
+        );
     }
 
     #[test]
@@ -318,7 +323,10 @@ mod run_tests {
             ("agent_started", "u", "c"),
         ]);
         let run = "c".to_owned();
-        assert_eq!(check_runs(&three, &r), Err(RunRefusal::TooMany { index: 3, run }));
+        assert_eq!(
+            check_runs(&three, &r),
+            Err(RunRefusal::TooMany { index: 3, run })
+        );
         let total = batch(&[
             ("agent_started", "u", "a"),
             ("agent_started", "v", "a"),
@@ -326,7 +334,10 @@ mod run_tests {
             ("agent_started", "x", "a"),
         ]);
         let run = "a".to_owned();
-        assert_eq!(check_runs(&total, &r), Err(RunRefusal::TooMany { index: 3, run }));
+        assert_eq!(
+            check_runs(&total, &r),
+            Err(RunRefusal::TooMany { index: 3, run })
+        );
         // An event that ends a run never starts one.
         let ends = batch(&[("agent_completed", "u", "z")]);
         assert_eq!(check_runs(&ends, &registry(0, 0)), Ok(()));

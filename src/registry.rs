@@ -1263,12 +1263,26 @@ mod active_runs_tests {
         owned.owner = Some(ConnId { key: 1, serial: 1 });
         u.runs.insert("owned".into(), owned);
         let names = |(runs, truncated): (Vec<(&Arc<str>, &Run)>, bool)| {
-            (runs.iter().map(|(id, _)| id.to_string()).collect::<Vec<_>>(), truncated)
+            (
+                runs.iter()
+                    .map(|(id, _)| id.to_string())
+                    .collect::<Vec<_>>(),
+                truncated,
+            )
         };
         let u = r.get("u").unwrap();
-        assert_eq!(names(u.active_runs(None, 10)), (vec!["a".into(), "b".into(), "c".into(), "d".into()], false));
-        assert_eq!(names(u.active_runs(Some("t1"), 10)), (vec!["a".into(), "b".into(), "d".into()], false));
+        assert_eq!(
+            names(u.active_runs(None, 10)),
+            (vec!["a".into(), "b".into(), "c".into(), "d".into()], false)
+        );
+        assert_eq!(
+            names(u.active_runs(Some("t1"), 10)),
+            (vec!["a".into(), "b".into(), "d".into()], false)
+        );
         // The most recent two; the same start: the later last event wins.
-        assert_eq!(names(u.active_runs(None, 2)), (vec!["c".into(), "d".into()], true));
+        assert_eq!(
+            names(u.active_runs(None, 2)),
+            (vec!["c".into(), "d".into()], true)
+        );
     }
 }

@@ -1,4 +1,9 @@
-//! HTTP_DOC
+//! Plain HTTP on the gateway's port, for connections that have not upgraded: reading
+//! request heads (and publish bodies) within the per-connection and group bounds,
+//! answering pipelined requests in turns, the GET endpoints (`/health`, `/ws/config`,
+//! `/ws/stats`, `/metrics`), the publish API (`POST /api/events`, routed directly, not
+//! through the workers' channel), refusals and their collapsed log lines. A WebSocket
+//! upgrade leaves here for [`super::session`].
 
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
@@ -6,7 +11,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use super::{live, CloseReason, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
+use super::{live, mark, CloseReason, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
 use crate::conn::{ConnId, Phase};
 use crate::http::{self, Method, Refusal, Route};
 use crate::publish;
@@ -58,7 +63,6 @@ impl HttpTurn {
 }
 
 impl Reactor {
-
     /// One turn of a connection that has not upgraded: read what its budget allows, then
     /// answer the complete requests ([`Reactor::process_http`]). Reading stops while
     /// the unsent output is over [`HTTP_PENDING_LIMIT`] (the flush resumes it), past
@@ -136,10 +140,7 @@ impl Reactor {
         if turn.again(stopped_early) {
             if let Some(conn) = live(&mut self.conns, id) {
                 if let Phase::Http(st) = &mut conn.phase {
-                    if !st.again_queued {
-                        st.again_queued = true;
-                        self.http_again.push(id);
-                    }
+                    mark(&mut st.again_queued, &mut self.http_again, id);
                 }
             }
         }
@@ -331,7 +332,13 @@ impl Reactor {
         self.respond_json(id, 401, &body, true, false);
     }
 
-    pub(super) fn answer_get(&mut self, id: ConnId, route: Route, req: &http::Request, close: bool) {
+    pub(super) fn answer_get(
+        &mut self,
+        id: ConnId,
+        route: Route,
+        req: &http::Request,
+        close: bool,
+    ) {
         self.stats.http_requests += 1;
         let head_only = req.method == Method::Head;
         match route {
@@ -556,7 +563,7 @@ impl Reactor {
     }
 }
 
-/// One line per kind of refusal left out of the log by [`Repeats`].
+/// One line per kind of refusal left out of the log by [`crate::log_sink::Repeats`].
 pub(super) fn log_repeats(ended: &[(String, u64)]) {
     for (kind, n) in ended {
         log::info!(

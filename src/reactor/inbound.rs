@@ -1,4 +1,7 @@
-//! INBOUND_DOC
+//! What clients send on an open session: `ping`, `user_message` (pending runs per
+//! user, held in the [`crate::inbox::Inbox`] and fed to the workers round-robin),
+//! `cancel` and `refresh`; the `error` answers and the bad-message streak that ends a
+//! session with 1008.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -6,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use super::session::token_left_ms;
 use super::{live, CloseReason, Reactor, Timer};
 use crate::client_message::{BadMessage, ClientMessage};
 use crate::conn::{ConnId, Phase, Session};
@@ -43,7 +47,13 @@ impl Reactor {
     }
 
     /// `error` frame answering a `user_message`: carries its `ref`.
-    pub(super) fn send_error_ref(&mut self, id: ConnId, code: &str, message: &str, reference: &Value) {
+    pub(super) fn send_error_ref(
+        &mut self,
+        id: ConnId,
+        code: &str,
+        message: &str,
+        reference: &Value,
+    ) {
         self.send_frame(
             id,
             control_frame(
@@ -55,7 +65,13 @@ impl Reactor {
     /// A client message refused as the client's fault: `error` with `code` (and the
     /// `ref` of a `user_message`), counted toward the bad-message streak; more than
     /// [`MAX_BAD_IN_ROW`] in a row close the connection with 1008.
-    pub(super) fn bad_message(&mut self, id: ConnId, code: &str, message: &str, reference: Option<&Value>) {
+    pub(super) fn bad_message(
+        &mut self,
+        id: ConnId,
+        code: &str,
+        message: &str,
+        reference: Option<&Value>,
+    ) {
         self.stats.bad_client_messages += 1;
         let too_many = match self.conn_mut(id).map(|c| &mut c.phase) {
             Some(Phase::Open(s)) => {
@@ -119,7 +135,7 @@ impl Reactor {
     /// `user_message`: text over `max_user_message_bytes` is a bad message (`too_large`);
     /// a user with `max_pending_runs_per_user` runs acked and not yet begun gets `busy`
     /// (only that user: the bound is per user, and while the workers' channel is full
-    /// messages wait in per-user queues fed round-robin, see [`Inbox`]). Otherwise the
+    /// messages wait in per-user queues fed round-robin, see [`crate::inbox::Inbox`]). Otherwise the
     /// run is registered as pending and acked. False when it counted as a bad message.
     pub(super) fn user_message(
         &mut self,
@@ -281,8 +297,7 @@ impl Reactor {
                 true
             }
             Ok(claims) => {
-                let at =
-                    now.saturating_add(claims.exp.saturating_mul(1000).saturating_sub(now_ms()));
+                let at = now.saturating_add(token_left_ms(claims.exp, now_ms()));
                 let Some(conn) = live(&mut self.conns, id) else {
                     return true;
                 };

@@ -7,7 +7,7 @@
 //!    last iteration left unread (`read_again`: a session gets at most one turn per
 //!    iteration, and none while it is over its input allowance); then feed held
 //!    `user_message`s to the workers' channel, round-robin across users ([`Inbox`]);
-//! 3. drain the workers' channel up to [`DRAIN_BUDGET`] commands, routing each event to
+//! 3. drain the workers' channel up to [`routing::DRAIN_BUDGET`] commands, routing each event to
 //!    its user's connections (frames are shared, queued per connection);
 //! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
 //!    closes, housekeeping (replay expiry, run watchdog);
@@ -15,12 +15,23 @@
 //! 6. record the iteration time.
 //!
 //! Every per-connection failure ends in [`Reactor::close`], which unregisters the
-//! session, counts and logs the reason once, and sends the close frame when one is due.
+//! session, counts and logs the reason once, and sends the close frame when one is due;
+//! the socket is dropped by [`Reactor::finish`] once the output drained (or at once when
+//! there is none). The path runs one way: `close`, then `finish`.
+//!
+//! This file holds the loop, accepting, readiness dispatch and the close path; each
+//! phase's methods are in a file of their own (`impl Reactor` in each):
+//! - [`endpoints`]: plain HTTP (reading requests, the GET endpoints, the publish API);
+//! - [`session`]: upgrades, opening sessions and reading them;
+//! - [`inbound`]: the client messages (`ping`, `user_message`, `cancel`, `refresh`);
+//! - [`routing`]: draining the channel, delivering events, flushing, replay;
+//! - [`timers`]: timer expiries, housekeeping, the run watchdog and shutdown;
+//! - `echo` (conformance builds): the Autobahn echo session.
 //!
 //! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
 //! (`max_http_connections`, `max_http_buffer_total_bytes`, oldest closed first) and each
-//! one by [`HTTP_PENDING_LIMIT`] of unsent answers, [`HTTP_REQUESTS_PER_TURN`] and
-//! [`HTTP_REQUESTS_PER_CONN`]; at the descriptor limit a reserve descriptor answers
+//! one by [`endpoints::HTTP_PENDING_LIMIT`] of unsent answers,
+//! [`endpoints::HTTP_REQUESTS_PER_TURN`] and [`endpoints::HTTP_REQUESTS_PER_CONN`]; at the descriptor limit a reserve descriptor answers
 //! waiting clients 503 `overloaded` (issue 9 F1, F2).
 
 use std::io::{self, Read};
@@ -89,7 +100,7 @@ enum Timer {
     Resume(ConnId),
     AcceptRetry,
     Housekeeping,
-    /// Another run watchdog pass: the last one ended [`WATCHDOG_BUDGET`] runs.
+    /// Another run watchdog pass: the last one ended [`timers::WATCHDOG_BUDGET`] runs.
     Watchdog,
     ShutdownDeadline,
 }
@@ -743,20 +754,19 @@ impl Reactor {
         mark(&mut conn.flush_queued, &mut self.dirty, id);
     }
 
-    /// Drop the socket and free the slot.
+    /// The end of [`Reactor::close`]'s path: drop the socket and free the slot of a
+    /// connection `close` has already taken out of its phase ([`Phase::Closing`]),
+    /// reached from `close` itself (nothing left to send) or when the linger ends
+    /// (output flushed and the peer's FIN, a write error, the linger timer). The path
+    /// runs one way, `close` then `finish`: a connection still open or not upgraded is
+    /// never dropped here, so no session leaves without being unregistered and counted.
     pub(super) fn finish(&mut self, id: ConnId) {
-        if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
+        let Some(conn) = self.conns.get(id.key).filter(|c| c.serial == id.serial) else {
             return;
-        }
-        if matches!(
-            self.conns.get(id.key).map(|c| &c.phase),
-            Some(Phase::Open(_))
-        ) {
-            // Unregister the session first (this may already free the slot).
-            self.close(id, CloseReason::ClientClosed);
-            if self.conns.get(id.key).is_none_or(|c| c.serial != id.serial) {
-                return;
-            }
+        };
+        if !matches!(conn.phase, Phase::Closing) {
+            log::error!("conn={} finish before close: ignored", id.public_id());
+            return;
         }
         if let Some(mut conn) = self.conns.try_remove(id.key) {
             if let Some(t) = conn.timer.take() {
@@ -767,11 +777,11 @@ impl Reactor {
     }
 }
 
-
-/// Put connection `id` on the flush list unless it already is.
-pub(super) fn mark(flush_queued: &mut bool, list: &mut Vec<ConnId>, id: ConnId) {
-    if !*flush_queued {
-        *flush_queued = true;
+/// Put connection `id` on `list` (the flush list, a read-again list) unless its
+/// `queued` flag says it already is.
+pub(super) fn mark(queued: &mut bool, list: &mut Vec<ConnId>, id: ConnId) {
+    if !*queued {
+        *queued = true;
         list.push(id);
     }
 }
@@ -781,4 +791,3 @@ pub(super) fn mark(flush_queued: &mut bool, list: &mut Vec<ConnId>, id: ConnId) 
 pub(super) fn live(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
     conns.get_mut(id.key).filter(|c| c.serial == id.serial)
 }
-

@@ -1,4 +1,8 @@
-//! ROUTING_DOC
+//! Output: draining the workers' channel within its budget, delivering each event
+//! (the registry assigns the `seq` and keeps it for replay; the shared frame is queued
+//! on every connection that takes it), the one `writev` flush per connection per
+//! iteration, the slow-consumer and total-output bounds, and streaming a resuming
+//! session's replay as its socket drains.
 
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
@@ -16,7 +20,6 @@ use crate::stats::DropReason;
 pub(super) const DRAIN_BUDGET: usize = 4096;
 
 impl Reactor {
-
     /// Drain the channel up to the budget; true when the budget ran out.
     pub(super) fn drain_channel(&mut self) -> bool {
         self.wake.reset();
@@ -152,10 +155,7 @@ impl Reactor {
                 // A paused connection (output over the bound) resumes once it drains.
                 if st.paused && pending < HTTP_PENDING_LIMIT {
                     st.paused = false;
-                    if !st.again_queued {
-                        st.again_queued = true;
-                        self.http_again.push(id);
-                    }
+                    mark(&mut st.again_queued, &mut self.http_again, id);
                 }
             }
         }

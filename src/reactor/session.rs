@@ -1,4 +1,8 @@
-//! SESSION_DOC
+//! Sessions: the upgrade (admission, per-user and gateway limits), opening a session
+//! (the `connected` frame, resume from the replay buffer, the one phase timer), and
+//! reading it: one read turn per iteration within the message and byte budgets and
+//! the session's input allowance, and the discard reads of a closing connection. What
+//! the client's messages ask for is handled in [`super::inbound`].
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -9,7 +13,7 @@ use serde_json::{json, Value};
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::Message;
 
-use super::{live, CloseReason, Reactor, Step, Timer};
+use super::{live, mark, CloseReason, Reactor, Step, Timer};
 use crate::config::PerUserPolicy;
 use crate::conn::{Budgeted, ConnId, Phase, Session, Wire};
 use crate::event::{control_frame, now_ms};
@@ -46,7 +50,6 @@ pub(super) const CLOSING_DISCARD_BYTES: usize = 1024 * 1024;
 pub(super) const CONNECTED_RUNS_MAX: usize = 100;
 
 impl Reactor {
-
     pub(super) fn upgrade(
         &mut self,
         id: ConnId,
@@ -213,7 +216,7 @@ impl Reactor {
         self.open_sessions += 1;
         self.stats.connections_opened += 1;
         let now = self.tick();
-        let token_at = now.saturating_add(exp.saturating_mul(1000).saturating_sub(now_ms()));
+        let token_at = now.saturating_add(token_left_ms(exp, now_ms()));
         let heartbeat_at = now + self.s.config.heartbeat_interval_ms;
         let ws_config = self.s.ws_config;
         let Some(conn) = live(&mut self.conns, id) else {
@@ -292,8 +295,7 @@ impl Reactor {
         if let Some(conn) = self.conn_mut(id) {
             let bytes = conn.bytes_in - bytes_before;
             if let Phase::Open(s) = &mut conn.phase {
-                let cost = messages * INPUT_US_PER_MESSAGE + bytes * INPUT_US_PER_KIB / 1024;
-                s.input_clock_us = s.input_clock_us.max(now_us) + cost;
+                s.input_clock_us = charge_input(s.input_clock_us, now_us, messages, bytes);
             }
         }
         if more {
@@ -309,14 +311,12 @@ impl Reactor {
         let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) else {
             return false;
         };
-        let ahead = s.input_clock_us.saturating_sub(now_us);
-        if ahead <= INPUT_BURST_US {
+        let Some(wait_ms) = input_wait_ms(s.input_clock_us, now_us) else {
             return false;
-        }
+        };
         if !s.input_paused {
             s.input_paused = true;
             self.stats.client_input_paused += 1;
-            let wait_ms = (ahead - INPUT_BURST_US).div_ceil(1000).max(1);
             self.wheel.insert(tick + wait_ms, Timer::Resume(id));
         }
         true
@@ -327,10 +327,7 @@ impl Reactor {
     /// per edge, a flooding connection's share grew every iteration).
     pub(super) fn queue_read_again(&mut self, id: ConnId) {
         if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
-            if !s.read_queued {
-                s.read_queued = true;
-                self.read_again.push(id);
-            }
+            mark(&mut s.read_queued, &mut self.read_again, id);
         }
     }
 
@@ -343,7 +340,11 @@ impl Reactor {
     /// (`last_rx`, bytes in) and marks the connection for flushing. Returns why the
     /// session must end (if it must) and whether a budget stopped the read before the socket was drained (no new edge will come for what is left: read it
     /// again next iteration); `None` when the connection is gone or not open.
-    pub(super) fn read_turn<F>(&mut self, id: ConnId, mut on_data: F) -> Option<(Option<CloseReason>, bool)>
+    pub(super) fn read_turn<F>(
+        &mut self,
+        id: ConnId,
+        mut on_data: F,
+    ) -> Option<(Option<CloseReason>, bool)>
     where
         F: FnMut(&mut WebSocketContext, &mut Wire<'_>, Message) -> Step,
     {
@@ -472,5 +473,74 @@ pub(super) fn classify_ws_error(e: &tungstenite::Error) -> CloseReason {
         }
         tungstenite::Error::Protocol(_) => CloseReason::Protocol,
         _ => CloseReason::Protocol,
+    }
+}
+
+/// The input clock of a session (µs) after a read turn of `messages` data messages and
+/// `bytes` bytes at `now_us`: the clock never lags real time, and the turn's cost is
+/// added to it.
+fn charge_input(clock_us: u64, now_us: u64, messages: u64, bytes: u64) -> u64 {
+    let cost = messages * INPUT_US_PER_MESSAGE + bytes * INPUT_US_PER_KIB / 1024;
+    clock_us.max(now_us) + cost
+}
+
+/// How long (ms, at least 1) a session whose input clock is at `clock_us` waits before
+/// it is read again at `now_us`; `None` while the clock is within [`INPUT_BURST_US`]
+/// of real time.
+fn input_wait_ms(clock_us: u64, now_us: u64) -> Option<u64> {
+    let ahead = clock_us.saturating_sub(now_us);
+    (ahead > INPUT_BURST_US).then(|| (ahead - INPUT_BURST_US).div_ceil(1000).max(1))
+}
+
+/// Milliseconds until a token that expires at `exp` (seconds since the Unix epoch)
+/// expires, at wall clock `wall_ms`; 0 once it has.
+pub(super) fn token_left_ms(exp: u64, wall_ms: u64) -> u64 {
+    exp.saturating_mul(1000).saturating_sub(wall_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_allowance_allows_a_burst_then_paces_to_the_sustained_rate() {
+        // A message and a KiB each cost a millisecond of the session's clock.
+        assert_eq!(charge_input(0, 5_000, 1, 0), 6_000);
+        assert_eq!(charge_input(0, 5_000, 0, 2048), 7_000);
+        // An idle session's clock catches up with real time: no credit is saved up.
+        assert_eq!(charge_input(1_000, 1_000_000, 2, 0), 1_002_000);
+        // A busy one's clock runs ahead; within the burst it is read on.
+        let mut clock = 0;
+        for _ in 0..250 {
+            clock = charge_input(clock, 0, 1, 0);
+        }
+        assert_eq!(input_wait_ms(clock, 0), None);
+        clock = charge_input(clock, 0, 1, 0);
+        assert_eq!(input_wait_ms(clock, 0), Some(1));
+        assert_eq!(input_wait_ms(clock + 10_500, 0), Some(12));
+        assert_eq!(input_wait_ms(clock, 1_000), None);
+    }
+
+    #[test]
+    fn token_time_left_never_goes_negative() {
+        assert_eq!(token_left_ms(100, 99_000), 1_000);
+        assert_eq!(token_left_ms(100, 100_500), 0);
+        assert_eq!(token_left_ms(u64::MAX, 0), u64::MAX);
+    }
+
+    #[test]
+    fn websocket_errors_map_to_close_reasons() {
+        let io = tungstenite::Error::Io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(matches!(
+            classify_ws_error(&io),
+            CloseReason::Io(io::ErrorKind::ConnectionReset)
+        ));
+        let closed = tungstenite::Error::ConnectionClosed;
+        assert!(matches!(
+            classify_ws_error(&closed),
+            CloseReason::ClientClosed
+        ));
+        let utf8 = tungstenite::Error::Utf8(String::new());
+        assert!(matches!(classify_ws_error(&utf8), CloseReason::BadUtf8));
     }
 }

@@ -1,4 +1,7 @@
-//! TIMERS_DOC
+//! Time: the timer wheel's expiries (handshake deadline, heartbeat and token expiry,
+//! linger, accept retry, input allowance resume), housekeeping (replay expiry, the run
+//! watchdog), and shutdown (signals, ending runs in progress, closing sessions with
+//! 1001 within the grace period).
 
 use std::io::Read;
 use std::sync::atomic::Ordering;
@@ -7,6 +10,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tungstenite::Message;
 
+use super::session::token_left_ms;
 use super::{live, mark, CloseReason, Reactor, Timer};
 use crate::conn::{ConnId, Phase, Wire};
 use crate::event::{now_ms, Event, EventKind, RunKey};
@@ -20,7 +24,6 @@ pub(super) const WATCHDOG_AGAIN_MS: u64 = 50;
 pub(super) const HOUSEKEEPING_MS: u64 = 1000;
 
 impl Reactor {
-
     pub(super) fn rearm_phase(&mut self, id: ConnId, after_ms: u64) {
         let at = self.tick() + after_ms;
         let timer = self.wheel.insert(at, Timer::Phase(id));
@@ -73,10 +76,7 @@ impl Reactor {
             Phase::Open(session) => session,
         };
         if now >= session.token_deadline {
-            let left_ms = session
-                .token_exp
-                .saturating_mul(1000)
-                .saturating_sub(now_ms());
+            let left_ms = token_left_ms(session.token_exp, now_ms());
             if left_ms <= 5 {
                 return self.close(id, CloseReason::TokenExpired);
             }
