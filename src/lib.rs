@@ -68,6 +68,7 @@ pub mod conn;
 pub mod demo;
 pub mod emitter;
 pub mod event;
+pub mod frames;
 pub mod http;
 mod inbox;
 pub mod log_sink;

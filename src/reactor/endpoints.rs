@@ -7,12 +7,14 @@
 
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::{live, mark, CloseReason, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
 use crate::conn::{ConnId, Phase};
+use crate::frames::{self, Accepted, ErrorBody, ErrorCode, Health, HealthStatus};
 use crate::http::{self, Method, Refusal, Route};
 use crate::publish;
 use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason};
@@ -254,7 +256,8 @@ impl Reactor {
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
                     let (status, answer) = self.publish(&body);
-                    self.respond_json(id, status, &answer, !keep, false);
+                    let resp = http::json_response(status, &answer, !keep, false, &[]);
+                    self.respond_raw(id, resp, !keep);
                     if !keep {
                         return HttpTurn::Done;
                     }
@@ -328,7 +331,7 @@ impl Reactor {
                 self.stats.publish_auth_failures
             );
         }
-        let body = json!({"error": "invalid_key", "message": "missing or wrong publish key"});
+        let body = ErrorBody::new(ErrorCode::InvalidKey, "missing or wrong publish key");
         self.respond_json(id, 401, &body, true, false);
     }
 
@@ -347,17 +350,25 @@ impl Reactor {
                 // Degraded (still 200: it serves) while accepts fail at the descriptor
                 // limit, with the reason.
                 let degraded = !self.draining && self.accept_degraded();
-                let mut body = json!({
-                    "status": if self.draining { "draining" } else if degraded { "degraded" } else { "healthy" },
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "uptime_s": self.start.elapsed().as_secs(),
-                    "connections": self.open_sessions,
-                    "epoch": &*self.epoch,
-                    "accept_failures": self.stats.accept_failures,
-                });
-                if degraded {
-                    body["reason"] = json!("accept failed within the last 10 s: file descriptor limit reached (see ulimit -n)");
-                }
+                let epoch = Arc::clone(&self.epoch);
+                let body = Health {
+                    status: if self.draining {
+                        HealthStatus::Draining
+                    } else if degraded {
+                        HealthStatus::Degraded
+                    } else {
+                        HealthStatus::Healthy
+                    },
+                    version: env!("CARGO_PKG_VERSION"),
+                    uptime_s: self.start.elapsed().as_secs(),
+                    connections: self.open_sessions,
+                    epoch: &epoch,
+                    accept_failures: self.stats.accept_failures,
+                    reason: degraded.then_some(
+                        "accept failed within the last 10 s: file descriptor limit reached \
+                         (see ulimit -n)",
+                    ),
+                };
                 self.respond_json(id, status, &body, close, head_only);
             }
             Route::Config => {
@@ -461,11 +472,11 @@ impl Reactor {
         &mut self,
         id: ConnId,
         status: u16,
-        body: &Value,
+        body: &impl Serialize,
         close: bool,
         head_only: bool,
     ) {
-        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let bytes = frames::to_json(body);
         let resp = http::json_response(status, &bytes, close, head_only, &[]);
         self.respond_raw(id, resp, close);
     }
@@ -517,41 +528,45 @@ impl Reactor {
 
     // ---------------------------------------------------------------- publish
 
-    /// Route an authorized publish request's batch (the key was checked on the head).
-    pub(super) fn publish(&mut self, body: &[u8]) -> (u16, Value) {
+    /// Route an authorized publish request's batch (the key was checked on the head):
+    /// the answer's status and JSON body.
+    pub(super) fn publish(&mut self, body: &[u8]) -> (u16, Vec<u8>) {
         self.stats.http_requests += 1;
+        let refused = |status, error, message: &str, index| {
+            let body = ErrorBody {
+                error,
+                message,
+                index,
+            };
+            (status, frames::to_json(&body))
+        };
         let parsed = match publish::parse_batch(body) {
             Ok(events) => events,
             Err(publish::BatchError::TooMany(n)) => {
-                return (
-                    413,
-                    json!({"error": "payload_too_large", "message": format!("{n} events; at most {} per request", publish::MAX_BATCH)}),
-                );
+                let why = format!("{n} events; at most {} per request", publish::MAX_BATCH);
+                return refused(413, ErrorCode::PayloadTooLarge, &why, None);
             }
             Err(publish::BatchError::Bad { index, message }) => {
                 self.stats.dropped(DropReason::Invalid, 1);
-                return (
-                    400,
-                    json!({"error": "bad_event", "message": message, "index": index}),
-                );
+                return refused(400, ErrorCode::BadEvent, &message, Some(index));
             }
         };
         match publish::check_runs(&parsed, &self.registry) {
             Ok(()) => {}
             Err(publish::RunRefusal::Ended { index, run }) => {
                 self.stats.dropped(DropReason::RunEnded, 1);
-                return (
-                    400,
-                    json!({"error": "bad_event", "message": format!("run {run:?} already ended"), "index": index}),
-                );
+                let why = format!("run {run:?} already ended");
+                return refused(400, ErrorCode::BadEvent, &why, Some(index));
             }
             Err(publish::RunRefusal::TooMany { index, run }) => {
                 self.registry.counters.runs_refused += 1;
                 let limits = self.registry.limits();
-                return (
-                    429,
-                    json!({"error": "too_many_runs", "message": format!("run {run:?} refused: at most {} runs in progress per user (max_active_runs_per_user) and {} in all (max_active_runs)", limits.max_active_runs_per_user, limits.max_active_runs), "index": index}),
+                let why = format!(
+                    "run {run:?} refused: at most {} runs in progress per user \
+                     (max_active_runs_per_user) and {} in all (max_active_runs)",
+                    limits.max_active_runs_per_user, limits.max_active_runs
                 );
+                return refused(429, ErrorCode::TooManyRuns, &why, Some(index));
             }
         }
         let n = parsed.len();
@@ -559,7 +574,7 @@ impl Reactor {
             self.stats.events_published += 1;
             self.deliver(ev);
         }
-        (202, json!({"accepted": n}))
+        (202, frames::to_json(&Accepted { accepted: n }))
     }
 }
 

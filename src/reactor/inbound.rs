@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::session::token_left_ms;
 use super::{live, CloseReason, Reactor, Timer};
@@ -15,6 +15,7 @@ use crate::client_message::{BadMessage, ClientMessage};
 use crate::conn::{ConnId, Phase, Session};
 use crate::emitter::Inbound;
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
+use crate::frames::{AgentErrorData, AgentErrorReason, ErrorCode, ServerFrame};
 use crate::inbox::{self, Admit};
 use crate::registry::{Registry, Run};
 
@@ -39,26 +40,26 @@ impl Reactor {
         }
     }
 
-    pub(super) fn send_error(&mut self, id: ConnId, code: &str, message: &str) {
-        self.send_frame(
-            id,
-            control_frame(&json!({"type": "error", "code": code, "message": message})),
-        );
+    /// Queue a frame the gateway writes itself.
+    pub(super) fn send(&mut self, id: ConnId, frame: &ServerFrame<'_>) {
+        self.send_frame(id, control_frame(frame));
     }
 
-    /// `error` frame answering a `user_message`: carries its `ref`.
-    pub(super) fn send_error_ref(
+    /// An `error` frame; with the `ref` of the `user_message` it answers, if any.
+    pub(super) fn send_error(
         &mut self,
         id: ConnId,
-        code: &str,
+        code: ErrorCode,
         message: &str,
-        reference: &Value,
+        reference: Option<&Value>,
     ) {
-        self.send_frame(
+        self.send(
             id,
-            control_frame(
-                &json!({"type": "error", "code": code, "message": message, "ref": reference}),
-            ),
+            &ServerFrame::Error {
+                code,
+                message,
+                reference,
+            },
         );
     }
 
@@ -68,7 +69,7 @@ impl Reactor {
     pub(super) fn bad_message(
         &mut self,
         id: ConnId,
-        code: &str,
+        code: ErrorCode,
         message: &str,
         reference: Option<&Value>,
     ) {
@@ -82,10 +83,8 @@ impl Reactor {
         };
         if too_many {
             self.close(id, CloseReason::PolicyViolation);
-        } else if let Some(r) = reference {
-            self.send_error_ref(id, code, message, r);
         } else {
-            self.send_error(id, code, message);
+            self.send_error(id, code, message, reference);
         }
     }
 
@@ -95,11 +94,11 @@ impl Reactor {
     pub(super) fn client_message(&mut self, id: ConnId, text: &str) {
         let msg = match ClientMessage::parse(text) {
             Ok(msg) => msg,
-            Err(BadMessage(why)) => return self.bad_message(id, "bad_message", why, None),
+            Err(BadMessage(why)) => return self.bad_message(id, ErrorCode::BadMessage, why, None),
         };
         let good = match msg {
             ClientMessage::Ping => {
-                self.send_frame(id, control_frame(&json!({"type": "pong", "ts": now_ms()})));
+                self.send(id, &ServerFrame::Pong { ts: now_ms() });
                 true
             }
             ClientMessage::UserMessage {
@@ -147,7 +146,7 @@ impl Reactor {
         let max_text = self.s.config.max_user_message_bytes;
         if text.len() > max_text {
             let why = format!("user_message text over max_user_message_bytes ({max_text})");
-            self.bad_message(id, "too_large", &why, Some(&reference));
+            self.bad_message(id, ErrorCode::TooLarge, &why, Some(&reference));
             return false;
         }
         let Some(session) = self.session(id) else {
@@ -175,18 +174,18 @@ impl Reactor {
         );
         let refused = match admitted {
             Admit::Sent | Admit::Held => None,
-            Admit::NoAgent => Some(("no_agent", "no agent is consuming user messages")),
+            Admit::NoAgent => Some((ErrorCode::NoAgent, "no agent is consuming user messages")),
             Admit::UserBusy => Some((
-                "busy",
+                ErrorCode::Busy,
                 "too many of your runs are waiting to start (max_pending_runs_per_user); try again",
             )),
-            Admit::GatewayBusy => Some(("busy", "agent queue full; try again")),
+            Admit::GatewayBusy => Some((ErrorCode::Busy, "agent queue full; try again")),
         };
         if let Some((code, why)) = refused {
-            if code == "busy" {
+            if code == ErrorCode::Busy {
                 self.stats.user_messages_busy += 1;
             }
-            self.send_error_ref(id, code, why, &reference);
+            self.send_error(id, code, why, Some(&reference));
             return true;
         }
         let now = self.tick();
@@ -199,9 +198,12 @@ impl Reactor {
                 now,
             ),
         );
-        self.send_frame(
+        self.send(
             id,
-            control_frame(&json!({"type": "ack", "ref": reference, "run_id": run_id})),
+            &ServerFrame::Ack {
+                reference: &reference,
+                run_id: &run_id,
+            },
         );
         true
     }
@@ -230,7 +232,9 @@ impl Reactor {
         for o in orphans {
             let key = RunKey::new(&o.user_id, o.thread_id.as_deref(), &o.run_id, "");
             match key
-                .and_then(|k| Event::new(k, EventKind::AgentError, &json!({"reason": "no_agent"})))
+                .and_then(|k| Event::new(k, EventKind::AgentError, &AgentErrorData {
+                    reason: AgentErrorReason::NoAgent,
+                }))
             {
                 Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic no_agent event failed: {e}"),
@@ -256,7 +260,10 @@ impl Reactor {
                 }
                 !std::mem::replace(&mut run.cancel_requested, true)
             }
-            None => return self.send_error(id, "not_found", "no active run with this run_id"),
+            None => {
+                let why = "no active run with this run_id";
+                return self.send_error(id, ErrorCode::NotFound, why, None);
+            }
         };
         if first {
             let _ = self.inbound.try_send(Inbound::Cancel {
@@ -264,10 +271,7 @@ impl Reactor {
                 run_id: run_id.to_owned(),
             });
         }
-        self.send_frame(
-            id,
-            control_frame(&json!({"type": "cancel_requested", "run_id": run_id})),
-        );
+        self.send(id, &ServerFrame::CancelRequested { run_id });
     }
 
     /// `refresh`: at most one token check per connection per [`REFRESH_INTERVAL_MS`]
@@ -282,14 +286,14 @@ impl Reactor {
         if now < session.refresh_not_before {
             self.stats.refresh_rate_limited += 1;
             let why = "at most one refresh per second per connection; retry later";
-            self.bad_message(id, "rate_limited", why, None);
+            self.bad_message(id, ErrorCode::RateLimited, why, None);
             return false;
         }
         session.refresh_not_before = now + REFRESH_INTERVAL_MS;
         let user = session.user.clone();
         match self.auth.verify(token) {
             Err(e) => {
-                self.bad_message(id, "invalid_token", &e.to_string(), None);
+                self.bad_message(id, ErrorCode::InvalidToken, &e.to_string(), None);
                 false
             }
             Ok(claims) if *claims.sub != *user => {
@@ -314,10 +318,7 @@ impl Reactor {
                     }
                     conn.timer = Some(self.wheel.insert(at, Timer::Phase(id)));
                 }
-                self.send_frame(
-                    id,
-                    control_frame(&json!({"type": "refreshed", "exp": claims.exp})),
-                );
+                self.send(id, &ServerFrame::Refreshed { exp: claims.exp });
                 true
             }
         }

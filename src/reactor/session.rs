@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::Message;
 
@@ -17,6 +16,7 @@ use super::{live, mark, CloseReason, Reactor, Step, Timer};
 use crate::config::PerUserPolicy;
 use crate::conn::{Budgeted, ConnId, Phase, Session, Wire};
 use crate::event::{control_frame, now_ms};
+use crate::frames::{ActiveRun, Connected, ServerFrame};
 use crate::http::{self, Refusal};
 use crate::mode::Mode;
 use crate::registry::{ConnEntry, Resume};
@@ -136,35 +136,34 @@ impl Reactor {
         } else {
             user.active_runs(thread.as_deref(), CONNECTED_RUNS_MAX)
         };
-        let active_runs: Vec<Value> = runs
+        let active_runs = runs
             .into_iter()
-            .map(|(run_id, r)| {
-                json!({
-                    "run_id": &**run_id,
-                    "thread_id": r.thread.as_deref(),
-                    "agent_name": &*r.agent_name,
-                    "started_ts": r.started_ts,
-                    "last_seq": r.last_seq,
-                    "last_type": &*r.last_type,
-                })
+            .map(|(run_id, r)| ActiveRun {
+                run_id,
+                thread_id: r.thread.as_deref(),
+                agent_name: &r.agent_name,
+                started_ts: r.started_ts,
+                last_seq: r.last_seq,
+                last_type: &r.last_type,
             })
             .collect();
-        let mut connected = json!({
-            "type": "connected",
-            "connection_id": id.public_id(),
-            "user_id": &*user_name,
-            "mode": up.mode.as_str(),
-            "thread_id": up.thread_id,
-            "epoch": &*epoch,
-            "last_seq": user.seq,
-            "resumed": match resume { Resume::NotAsked => Value::Null, Resume::Exact => Value::Bool(true), Resume::Lost => Value::Bool(false) },
-            "heartbeat_interval_ms": self.s.config.heartbeat_interval_ms,
-            "token_exp": claims.exp,
-            "active_runs": active_runs,
-        });
-        if runs_truncated {
-            connected["active_runs_truncated"] = Value::Bool(true);
-        }
+        let connected = control_frame(&ServerFrame::Connected(Connected {
+            connection_id: id.public_id(),
+            user_id: &user_name,
+            mode: up.mode.as_str(),
+            thread_id: up.thread_id.as_deref(),
+            epoch: &epoch,
+            last_seq: user.seq,
+            resumed: match resume {
+                Resume::NotAsked => None,
+                Resume::Exact => Some(true),
+                Resume::Lost => Some(false),
+            },
+            heartbeat_interval_ms: self.s.config.heartbeat_interval_ms,
+            token_exp: claims.exp,
+            active_runs,
+            active_runs_truncated: runs_truncated,
+        }));
         self.registry.add_conn(&claims.sub, entry);
         if !self.begin_session(
             id,
@@ -178,7 +177,7 @@ impl Reactor {
             return;
         }
         if let Some(conn) = live(&mut self.conns, id) {
-            conn.out.push(control_frame(&connected));
+            conn.out.push(connected);
         }
         log::info!(
             "conn={} user={:?} open mode={} resumed={} replayed={}",

@@ -7,13 +7,13 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use serde_json::json;
 use tungstenite::Message;
 
 use super::session::token_left_ms;
 use super::{live, mark, CloseReason, Reactor, Timer};
 use crate::conn::{ConnId, Phase, Wire};
 use crate::event::{now_ms, Event, EventKind, RunKey};
+use crate::frames::{AgentErrorData, AgentErrorReason};
 
 /// Most idle runs the watchdog ends per pass, so runs timing out together cannot stall
 /// the loop; when a pass used it all, the next pass comes [`WATCHDOG_AGAIN_MS`] later
@@ -140,7 +140,9 @@ impl Reactor {
             match Event::new(
                 key,
                 EventKind::AgentError,
-                &json!({"reason": "run_timeout"}),
+                &AgentErrorData {
+                    reason: AgentErrorReason::RunTimeout,
+                },
             ) {
                 Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic run_timeout event failed: {e}"),
@@ -209,7 +211,9 @@ impl Reactor {
             log::info!("shutdown: ending {} runs in progress", active.len());
         }
         for key in active {
-            match Event::new(key, EventKind::AgentError, &json!({"reason": "shutdown"})) {
+            match Event::new(key, EventKind::AgentError, &AgentErrorData {
+                    reason: AgentErrorReason::Shutdown,
+                }) {
                 Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic shutdown agent_error failed: {e}"),
             }
