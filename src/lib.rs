@@ -63,6 +63,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client_message;
+pub mod close;
 pub mod config;
 pub mod conn;
 pub mod demo;

@@ -57,7 +57,11 @@ impl Refusal {
     /// 426 `upgrade_required`: `Sec-WebSocket-Version` is not 13; the response carries
     /// `Sec-WebSocket-Version: 13`.
     pub fn upgrade_required() -> Self {
-        Self::new(426, ErrorCode::UpgradeRequired, "Sec-WebSocket-Version must be 13")
+        Self::new(
+            426,
+            ErrorCode::UpgradeRequired,
+            "Sec-WebSocket-Version must be 13",
+        )
     }
 
     /// 429 `too_many_connections`: a connection limit is reached.
@@ -325,14 +329,24 @@ mod tests {
     #[test]
     fn refusal_constructors_and_bodies() {
         let cases = [
-            (Refusal::bad_request("m"), 400, ErrorCode::BadRequest, "Bad Request"),
+            (
+                Refusal::bad_request("m"),
+                400,
+                ErrorCode::BadRequest,
+                "Bad Request",
+            ),
             (
                 Refusal::unauthorized("m"),
                 401,
                 ErrorCode::InvalidToken,
                 "Unauthorized",
             ),
-            (Refusal::forbidden("m"), 403, ErrorCode::Forbidden, "Forbidden"),
+            (
+                Refusal::forbidden("m"),
+                403,
+                ErrorCode::Forbidden,
+                "Forbidden",
+            ),
             (Refusal::not_found(), 404, ErrorCode::NotFound, "Not Found"),
             (
                 Refusal::upgrade_required(),

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{live, mark, CloseReason, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
+use super::{live, mark, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
+use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::frames::{self, Accepted, ErrorBody, ErrorCode, Health, HealthStatus};
 use crate::http::{self, Method, Refusal, Route};

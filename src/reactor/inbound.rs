@@ -10,8 +10,9 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::session::token_left_ms;
-use super::{live, CloseReason, Reactor, Timer};
+use super::{live, Reactor, Timer};
 use crate::client_message::{BadMessage, ClientMessage};
+use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase, Session};
 use crate::emitter::Inbound;
 use crate::event::{control_frame, now_ms, Event, EventKind, RunKey};
@@ -231,11 +232,15 @@ impl Reactor {
         );
         for o in orphans {
             let key = RunKey::new(&o.user_id, o.thread_id.as_deref(), &o.run_id, "");
-            match key
-                .and_then(|k| Event::new(k, EventKind::AgentError, &AgentErrorData {
-                    reason: AgentErrorReason::NoAgent,
-                }))
-            {
+            match key.and_then(|k| {
+                Event::new(
+                    k,
+                    EventKind::AgentError,
+                    &AgentErrorData {
+                        reason: AgentErrorReason::NoAgent,
+                    },
+                )
+            }) {
                 Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic no_agent event failed: {e}"),
             }

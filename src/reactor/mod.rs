@@ -50,6 +50,7 @@ use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
+use crate::close::CloseReason;
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, OutQueue, Phase, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
@@ -111,87 +112,6 @@ enum Step {
     Go,
     /// Close the session.
     End(CloseReason),
-}
-
-/// Why a connection ended: decides the close code, the log line and the counter.
-#[derive(Clone, Debug)]
-pub(crate) enum CloseReason {
-    /// The client sent a close frame or closed TCP.
-    ClientClosed,
-    /// The peer reset or an I/O error happened.
-    Io(io::ErrorKind),
-    /// No complete request within `handshake_timeout_ms`.
-    HandshakeTimeout,
-    /// A plain HTTP exchange finished (or was refused) and the socket is done.
-    HttpDone,
-    /// Nothing arrived for `heartbeat_timeout_ms` (1001).
-    HeartbeatTimeout,
-    /// Another connection of the user replaced this one (4002).
-    Evicted,
-    /// The token expired without a refresh (4001).
-    TokenExpired,
-    /// A refresh carried another user's token (4003).
-    RefreshOtherUser,
-    /// The gateway is shutting down (1001).
-    Shutdown,
-    /// A binary frame (1003).
-    Binary,
-    /// A message over `max_message_bytes` (1009).
-    TooBig,
-    /// A protocol violation (1002).
-    Protocol,
-    /// Invalid UTF-8 in a text message (1007).
-    BadUtf8,
-    /// Too many bad messages in a row (1008).
-    PolicyViolation,
-    /// Output over `max_pending_bytes` (1013).
-    SlowConsumer,
-    /// Unsent output over all connections passed `max_pending_total_bytes` and this
-    /// connection held the most (1013).
-    OverBudget,
-}
-
-impl CloseReason {
-    fn label(&self) -> &'static str {
-        match self {
-            CloseReason::ClientClosed => "client_closed",
-            CloseReason::Io(io::ErrorKind::ConnectionReset) => "connection_reset",
-            CloseReason::Io(_) => "io_error",
-            CloseReason::HandshakeTimeout => "handshake_timeout",
-            CloseReason::HttpDone => "http_done",
-            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
-            CloseReason::Evicted => "evicted",
-            CloseReason::TokenExpired => "token_expired",
-            CloseReason::RefreshOtherUser => "refresh_other_user",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Binary => "binary_frame",
-            CloseReason::TooBig => "message_too_big",
-            CloseReason::Protocol => "protocol_error",
-            CloseReason::BadUtf8 => "invalid_utf8",
-            CloseReason::PolicyViolation => "bad_messages",
-            CloseReason::SlowConsumer => "slow_consumer",
-            CloseReason::OverBudget => "pending_total_budget",
-        }
-    }
-
-    /// The close frame to send, if any.
-    fn close_frame(&self) -> Option<(u16, &'static str)> {
-        Some(match self {
-            CloseReason::HeartbeatTimeout => (1001, "heartbeat timeout"),
-            CloseReason::Shutdown => (1001, "going away"),
-            CloseReason::Evicted => (4002, "evicted by a newer connection"),
-            CloseReason::TokenExpired => (4001, "token_expired"),
-            CloseReason::RefreshOtherUser => (4003, "refresh for another user"),
-            CloseReason::Binary => (1003, "binary frames are not accepted"),
-            CloseReason::TooBig => (1009, "message too big"),
-            CloseReason::Protocol => (1002, "protocol error"),
-            CloseReason::BadUtf8 => (1007, "invalid utf-8"),
-            CloseReason::PolicyViolation => (1008, "too many bad messages"),
-            CloseReason::SlowConsumer => (1013, "slow consumer"),
-            CloseReason::OverBudget => (1013, "gateway output budget exceeded"),
-            _ => return None,
-        })
-    }
 }
 
 /// Settings derived once from [`Config`], in the units the loop uses.
@@ -734,7 +654,7 @@ impl Reactor {
                     "conn={} user={:?} closed reason={} code={code} after_ms={}",
                     id.public_id(),
                     session.user,
-                    reason.label(),
+                    reason.label().as_str(),
                     session.opened.elapsed().as_millis()
                 );
             }

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::endpoints::HTTP_PENDING_LIMIT;
-use super::{live, mark, CloseReason, Reactor};
+use super::{live, mark, Reactor};
+use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::emitter::Command;
 use crate::event::Event;

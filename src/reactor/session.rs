@@ -12,7 +12,8 @@ use bytes::Bytes;
 use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::Message;
 
-use super::{live, mark, CloseReason, Reactor, Step, Timer};
+use super::{live, mark, Reactor, Step, Timer};
+use crate::close::CloseReason;
 use crate::config::PerUserPolicy;
 use crate::conn::{Budgeted, ConnId, Phase, Session, Wire};
 use crate::event::{control_frame, now_ms};

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use tungstenite::Message;
 
 use super::session::token_left_ms;
-use super::{live, mark, CloseReason, Reactor, Timer};
+use super::{live, mark, Reactor, Timer};
+use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase, Wire};
 use crate::event::{now_ms, Event, EventKind, RunKey};
 use crate::frames::{AgentErrorData, AgentErrorReason};
@@ -211,9 +212,13 @@ impl Reactor {
             log::info!("shutdown: ending {} runs in progress", active.len());
         }
         for key in active {
-            match Event::new(key, EventKind::AgentError, &AgentErrorData {
+            match Event::new(
+                key,
+                EventKind::AgentError,
+                &AgentErrorData {
                     reason: AgentErrorReason::Shutdown,
-                }) {
+                },
+            ) {
                 Ok(ev) => self.deliver(ev),
                 Err(e) => log::error!("synthetic shutdown agent_error failed: {e}"),
             }
