@@ -1,16 +1,17 @@
 //! Why a connection ended ([`CloseReason`]): the close code and text sent (if any),
-//! and the label ([`CloseLabel`]) under which it is counted and logged, each written
-//! once here. The reactor's one close path (`Reactor::close`) takes a `CloseReason`.
+//! and the label under which it is counted and logged, each written once here. The reactor's one close path (`Reactor::close`) takes a `CloseReason`.
 
 use std::io;
 
 /// Why a connection ended: decides the close code, the log line and the counter.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
     /// The client sent a close frame or closed TCP.
     ClientClosed,
-    /// The peer reset or an I/O error happened.
-    Io(io::ErrorKind),
+    /// The peer reset the connection.
+    ConnectionReset,
+    /// Another I/O error.
+    IoError,
     /// No complete request within `handshake_timeout_ms`.
     HandshakeTimeout,
     /// A plain HTTP exchange finished (or was refused) and the socket is done.
@@ -43,31 +44,63 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    /// The label counted in stats and written in the close log line.
-    pub fn label(&self) -> CloseLabel {
+    /// Every reason, in counter order (`Stats` indexes its close counters by
+    /// discriminant).
+    pub const ALL: [CloseReason; 17] = [
+        CloseReason::ClientClosed,
+        CloseReason::ConnectionReset,
+        CloseReason::IoError,
+        CloseReason::HandshakeTimeout,
+        CloseReason::HttpDone,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::Evicted,
+        CloseReason::TokenExpired,
+        CloseReason::RefreshOtherUser,
+        CloseReason::Shutdown,
+        CloseReason::Binary,
+        CloseReason::TooBig,
+        CloseReason::Protocol,
+        CloseReason::BadUtf8,
+        CloseReason::PolicyViolation,
+        CloseReason::SlowConsumer,
+        CloseReason::OverBudget,
+    ];
+
+    /// The reason for an I/O error of kind `kind`.
+    pub fn io(kind: io::ErrorKind) -> CloseReason {
+        if kind == io::ErrorKind::ConnectionReset {
+            CloseReason::ConnectionReset
+        } else {
+            CloseReason::IoError
+        }
+    }
+
+    /// The label it is counted under (`connections.closed_by_reason` in `/ws/stats`,
+    /// `agentwire_connections_closed_total{reason}` in `/metrics`) and logged with.
+    pub const fn label(self) -> &'static str {
         match self {
-            CloseReason::ClientClosed => CloseLabel::ClientClosed,
-            CloseReason::Io(io::ErrorKind::ConnectionReset) => CloseLabel::ConnectionReset,
-            CloseReason::Io(_) => CloseLabel::IoError,
-            CloseReason::HandshakeTimeout => CloseLabel::HandshakeTimeout,
-            CloseReason::HttpDone => CloseLabel::HttpDone,
-            CloseReason::HeartbeatTimeout => CloseLabel::HeartbeatTimeout,
-            CloseReason::Evicted => CloseLabel::Evicted,
-            CloseReason::TokenExpired => CloseLabel::TokenExpired,
-            CloseReason::RefreshOtherUser => CloseLabel::RefreshOtherUser,
-            CloseReason::Shutdown => CloseLabel::Shutdown,
-            CloseReason::Binary => CloseLabel::BinaryFrame,
-            CloseReason::TooBig => CloseLabel::MessageTooBig,
-            CloseReason::Protocol => CloseLabel::ProtocolError,
-            CloseReason::BadUtf8 => CloseLabel::InvalidUtf8,
-            CloseReason::PolicyViolation => CloseLabel::BadMessages,
-            CloseReason::SlowConsumer => CloseLabel::SlowConsumer,
-            CloseReason::OverBudget => CloseLabel::PendingTotalBudget,
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ConnectionReset => "connection_reset",
+            CloseReason::IoError => "io_error",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::HttpDone => "http_done",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::Evicted => "evicted",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RefreshOtherUser => "refresh_other_user",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Binary => "binary_frame",
+            CloseReason::TooBig => "message_too_big",
+            CloseReason::Protocol => "protocol_error",
+            CloseReason::BadUtf8 => "invalid_utf8",
+            CloseReason::PolicyViolation => "bad_messages",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::OverBudget => "pending_total_budget",
         }
     }
 
     /// The close frame to send, if any.
-    pub fn close_frame(&self) -> Option<(u16, &'static str)> {
+    pub fn close_frame(self) -> Option<(u16, &'static str)> {
         Some(match self {
             CloseReason::HeartbeatTimeout => (1001, "heartbeat timeout"),
             CloseReason::Shutdown => (1001, "going away"),
@@ -86,97 +119,27 @@ impl CloseReason {
     }
 }
 
-/// How a closed connection is counted (`connections.closed_by_reason` in `/ws/stats`,
-/// `agentwire_connections_closed_total{reason}` in `/metrics`) and logged: one label
-/// per [`CloseReason`] (an I/O error: a reset or any other).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseLabel {
-    ClientClosed,
-    ConnectionReset,
-    IoError,
-    HandshakeTimeout,
-    HttpDone,
-    HeartbeatTimeout,
-    Evicted,
-    TokenExpired,
-    RefreshOtherUser,
-    Shutdown,
-    BinaryFrame,
-    MessageTooBig,
-    ProtocolError,
-    InvalidUtf8,
-    BadMessages,
-    SlowConsumer,
-    PendingTotalBudget,
-}
-
-impl CloseLabel {
-    /// Every label, in counter order.
-    pub const ALL: [CloseLabel; 17] = [
-        CloseLabel::ClientClosed,
-        CloseLabel::ConnectionReset,
-        CloseLabel::IoError,
-        CloseLabel::HandshakeTimeout,
-        CloseLabel::HttpDone,
-        CloseLabel::HeartbeatTimeout,
-        CloseLabel::Evicted,
-        CloseLabel::TokenExpired,
-        CloseLabel::RefreshOtherUser,
-        CloseLabel::Shutdown,
-        CloseLabel::BinaryFrame,
-        CloseLabel::MessageTooBig,
-        CloseLabel::ProtocolError,
-        CloseLabel::InvalidUtf8,
-        CloseLabel::BadMessages,
-        CloseLabel::SlowConsumer,
-        CloseLabel::PendingTotalBudget,
-    ];
-
-    /// The label's name.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            CloseLabel::ClientClosed => "client_closed",
-            CloseLabel::ConnectionReset => "connection_reset",
-            CloseLabel::IoError => "io_error",
-            CloseLabel::HandshakeTimeout => "handshake_timeout",
-            CloseLabel::HttpDone => "http_done",
-            CloseLabel::HeartbeatTimeout => "heartbeat_timeout",
-            CloseLabel::Evicted => "evicted",
-            CloseLabel::TokenExpired => "token_expired",
-            CloseLabel::RefreshOtherUser => "refresh_other_user",
-            CloseLabel::Shutdown => "shutdown",
-            CloseLabel::BinaryFrame => "binary_frame",
-            CloseLabel::MessageTooBig => "message_too_big",
-            CloseLabel::ProtocolError => "protocol_error",
-            CloseLabel::InvalidUtf8 => "invalid_utf8",
-            CloseLabel::BadMessages => "bad_messages",
-            CloseLabel::SlowConsumer => "slow_consumer",
-            CloseLabel::PendingTotalBudget => "pending_total_budget",
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn labels_are_distinct_and_in_counter_order() {
-        for (i, label) in CloseLabel::ALL.iter().enumerate() {
-            assert_eq!(*label as usize, i);
-            let same = CloseLabel::ALL
+        for (i, reason) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+            let same = CloseReason::ALL
                 .iter()
-                .filter(|l| l.as_str() == label.as_str());
-            assert_eq!(same.count(), 1, "{}", label.as_str());
+                .filter(|r| r.label() == reason.label());
+            assert_eq!(same.count(), 1, "{}", reason.label());
         }
-        let reset = CloseReason::Io(io::ErrorKind::ConnectionReset);
-        assert_eq!(reset.label().as_str(), "connection_reset");
-        let other = CloseReason::Io(io::ErrorKind::BrokenPipe);
-        assert_eq!(other.label().as_str(), "io_error");
+        let reset = CloseReason::io(io::ErrorKind::ConnectionReset);
+        assert_eq!(reset.label(), "connection_reset");
         assert_eq!(
-            CloseReason::PolicyViolation.close_frame(),
-            Some((1008, "too many bad messages"))
+            CloseReason::io(io::ErrorKind::BrokenPipe).label(),
+            "io_error"
         );
+        let bad = CloseReason::PolicyViolation.close_frame();
+        assert_eq!(bad, Some((1008, "too many bad messages")));
         assert_eq!(CloseReason::ClientClosed.close_frame(), None);
     }
 }

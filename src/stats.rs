@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use crate::close::CloseLabel;
+use crate::close::CloseReason;
 use crate::frames::ErrorCode;
 
 /// Why an upgrade was refused (one counter each).
@@ -212,8 +212,8 @@ pub struct MemoryGauges {
 pub struct Stats {
     pub connections_opened: u64,
     pub connections_closed: u64,
-    /// Closed sessions per [`CloseLabel`] (indexed by it).
-    closed_by_reason: [u64; CloseLabel::ALL.len()],
+    /// Closed sessions per [`CloseReason`] (indexed by it).
+    closed_by_reason: [u64; CloseReason::ALL.len()],
     refused: [u64; RefusalReason::ALL.len()],
     pub http_requests: u64,
     pub events_emitted: u64,
@@ -368,7 +368,7 @@ impl Stats {
         Stats {
             connections_opened: 0,
             connections_closed: 0,
-            closed_by_reason: [0; CloseLabel::ALL.len()],
+            closed_by_reason: [0; CloseReason::ALL.len()],
             refused: [0; RefusalReason::ALL.len()],
             http_requests: 0,
             events_emitted: 0,
@@ -418,28 +418,28 @@ impl Stats {
         self.dropped.get(reason as usize).copied().unwrap_or(0)
     }
 
-    /// Count one closed session under its close reason's label.
-    pub fn closed(&mut self, label: CloseLabel) {
+    /// Count one closed session under its close reason.
+    pub fn closed(&mut self, reason: CloseReason) {
         self.connections_closed += 1;
-        if let Some(n) = self.closed_by_reason.get_mut(label as usize) {
+        if let Some(n) = self.closed_by_reason.get_mut(reason as usize) {
             *n += 1;
         }
     }
 
-    /// Sessions closed under `label`.
-    pub fn closed_count(&self, label: CloseLabel) -> u64 {
+    /// Sessions closed for `reason`.
+    pub fn closed_count(&self, reason: CloseReason) -> u64 {
         self.closed_by_reason
-            .get(label as usize)
+            .get(reason as usize)
             .copied()
             .unwrap_or(0)
     }
 
-    /// The labels sessions were closed under, with their counts (labels never seen are
+    /// The reasons sessions were closed for, with their counts (reasons never seen are
     /// left out).
-    fn closed_seen(&self) -> impl Iterator<Item = (CloseLabel, u64)> + '_ {
-        CloseLabel::ALL
+    fn closed_seen(&self) -> impl Iterator<Item = (CloseReason, u64)> + '_ {
+        CloseReason::ALL
             .iter()
-            .map(|l| (*l, self.closed_count(*l)))
+            .map(|r| (*r, self.closed_count(*r)))
             .filter(|(_, n)| *n > 0)
     }
 
@@ -490,7 +490,7 @@ impl Stats {
             .collect();
         let closed: serde_json::Map<String, Value> = self
             .closed_seen()
-            .map(|(l, n)| (l.as_str().to_owned(), json!(n)))
+            .map(|(r, n)| (r.label().to_owned(), json!(n)))
             .collect();
         let budgets: serde_json::Map<String, Value> = g
             .budgets()
@@ -649,7 +649,7 @@ impl Stats {
         );
         let closed: Vec<(String, f64)> = self
             .closed_seen()
-            .map(|(l, n)| (format!("{{reason=\"{}\"}}", l.as_str()), n as f64))
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.label()), n as f64))
             .collect();
         metric(
             "connections_closed_total",
@@ -896,9 +896,9 @@ mod tests {
     fn json_and_prometheus_reflect_counters() {
         let mut s = Stats::new();
         s.connections_opened = 3;
-        s.closed(CloseLabel::ClientClosed);
-        s.closed(CloseLabel::ClientClosed);
-        s.closed(CloseLabel::Evicted);
+        s.closed(CloseReason::ClientClosed);
+        s.closed(CloseReason::ClientClosed);
+        s.closed(CloseReason::Evicted);
         s.refused(RefusalReason::InvalidToken);
         s.dropped(DropReason::RunEnded, 2);
         for us in 1..=100 {

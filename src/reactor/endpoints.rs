@@ -125,7 +125,7 @@ impl Reactor {
             self.http_buffered += st.buf.len() - before;
         }
         if let Some(kind) = err {
-            self.close(id, CloseReason::Io(kind));
+            self.close(id, CloseReason::io(kind));
             return;
         }
         if self.http_buffered > self.s.config.max_http_buffer_total_bytes {

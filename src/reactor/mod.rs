@@ -645,7 +645,7 @@ impl Reactor {
                 self.registry
                     .remove_conn(&session.user, id, linger_at - LINGER_MS);
                 self.open_sessions -= 1;
-                self.stats.closed(reason.label());
+                self.stats.closed(reason);
                 // `code=-`: no close frame was sent (the peer closed or the socket failed).
                 let code = reason
                     .close_frame()
@@ -654,7 +654,7 @@ impl Reactor {
                     "conn={} user={:?} closed reason={} code={code} after_ms={}",
                     id.public_id(),
                     session.user,
-                    reason.label().as_str(),
+                    reason.label(),
                     session.opened.elapsed().as_millis()
                 );
             }
@@ -664,7 +664,10 @@ impl Reactor {
         }
         if matches!(
             reason,
-            CloseReason::Io(_) | CloseReason::ClientClosed | CloseReason::HandshakeTimeout
+            CloseReason::ConnectionReset
+                | CloseReason::IoError
+                | CloseReason::ClientClosed
+                | CloseReason::HandshakeTimeout
         ) && conn.out.is_empty()
         {
             self.finish(id);

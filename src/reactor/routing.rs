@@ -41,25 +41,21 @@ impl Reactor {
         let now = self.tick();
         let (Routed { frame, owner }, user) = match self.registry.route(&ev, now) {
             Ok(routed) => routed,
-            Err(Refused::RunEnded) => {
-                self.stats.dropped(DropReason::RunEnded, 1);
-                log::debug!(
-                    "user={:?} run={:?} event after the run ended: dropped",
-                    ev.key.user_id,
-                    ev.key.run_id
-                );
-                return;
-            }
-            Err(Refused::TooManyRuns) => {
-                if let Some(flag) = &ev.refused_flag {
-                    flag.store(true, Ordering::Release);
-                }
-                self.stats.dropped(DropReason::Invalid, 1);
-                log::debug!(
-                    "user={:?} run={:?} too many active runs: run refused",
-                    ev.key.user_id,
-                    ev.key.run_id
-                );
+            Err(refused) => {
+                let (reason, what) = match refused {
+                    Refused::RunEnded => {
+                        (DropReason::RunEnded, "event after the run ended: dropped")
+                    }
+                    Refused::TooManyRuns => {
+                        if let Some(flag) = &ev.refused_flag {
+                            flag.store(true, Ordering::Release);
+                        }
+                        (DropReason::Invalid, "too many active runs: run refused")
+                    }
+                };
+                self.stats.dropped(reason, 1);
+                let key = &ev.key;
+                log::debug!("user={:?} run={:?} {what}", key.user_id, key.run_id);
                 return;
             }
         };
@@ -132,7 +128,7 @@ impl Reactor {
                 if matches!(conn.phase, Phase::Closing) {
                     self.finish(id);
                 } else {
-                    self.close(id, CloseReason::Io(kind));
+                    self.close(id, CloseReason::io(kind));
                 }
                 return;
             }

@@ -465,7 +465,7 @@ pub(super) fn classify_ws_error(e: &tungstenite::Error) -> CloseReason {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             CloseReason::ClientClosed
         }
-        tungstenite::Error::Io(e) => CloseReason::Io(e.kind()),
+        tungstenite::Error::Io(e) => CloseReason::io(e.kind()),
         tungstenite::Error::Capacity(_) => CloseReason::TooBig,
         tungstenite::Error::Utf8(_) => CloseReason::BadUtf8,
         tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
@@ -533,7 +533,7 @@ mod tests {
         let io = tungstenite::Error::Io(io::Error::from(io::ErrorKind::ConnectionReset));
         assert!(matches!(
             classify_ws_error(&io),
-            CloseReason::Io(io::ErrorKind::ConnectionReset)
+            CloseReason::ConnectionReset
         ));
         let closed = tungstenite::Error::ConnectionClosed;
         assert!(matches!(
