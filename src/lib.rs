@@ -29,7 +29,9 @@
 //! flushing, replay) and `reactor/timers.rs` (timers, housekeeping, watchdog,
 //! shutdown). An event's path: worker -> `Event::new` -> channel ->
 //! `Reactor::deliver` -> [`registry::Registry::route`] (seq, replay) -> targets ->
-//! `OutQueue::push` -> `writev`.
+//! `OutQueue::push` -> `writev`. What the gateway writes itself is typed in [`frames`]
+//! (server frames, error codes, HTTP answer bodies) and why a connection ended in
+//! [`close`] (close codes and the labels the stats count).
 //! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
 //! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
 //! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade
