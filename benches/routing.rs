@@ -3,7 +3,7 @@
 //! bookkeeping, the replay keep, the target list, and queueing the shared frame on each
 //! connection's output queue.
 //!
-//! `Reactor::route` is private and owns sockets, so this benchmark runs what it is made
+//! `Reactor::deliver` is private and owns sockets, so this benchmark runs what it is made
 //! of: [`Registry::route`] (the user lookup, the ended-run and run-count checks, `seq`,
 //! the frame, the run's bookkeeping, the replay keep within its bounds and the global
 //! FIFO: the same code the reactor runs), [`User::targets`] and [`OutQueue::push`]. What it leaves out: the stats counters and the `Phase::Open`
@@ -41,7 +41,7 @@ struct Target {
     flush_queued: bool,
 }
 
-/// The reactor's routing state, reduced to what `route` touches.
+/// The reactor's routing state, reduced to what `Reactor::deliver` touches.
 struct Router {
     registry: Registry,
     conns: Slab<Target>,
@@ -144,7 +144,7 @@ impl Router {
         .expect("serializable")
     }
 
-    /// `Reactor::route` (without stats and logging): the user's own routing, then the
+    /// `Reactor::deliver` (without stats and logging): the user's own routing, then the
     /// frame queued on every target connection.
     fn route(&mut self, ev: Event) {
         let Ok((Routed { frame, owner }, user)) = self.registry.route(&ev, self.now) else {

@@ -19,7 +19,10 @@
 //!   `Content-Security-Policy` allowing nothing but this origin: no external fonts,
 //!   scripts, styles or fetches.
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::frames::{to_json, ErrorBody, ErrorCode};
 
 use crate::auth::{Authenticator, MAX_SUB_BYTES};
 use crate::config::Config;
@@ -139,11 +142,11 @@ impl DemoPage {
 
     /// Answer a `POST /dev/token` body: status and JSON. Call only when
     /// [`DemoPage::dev_tokens_on`] (404 otherwise, also answered here).
-    pub fn dev_token(&self, body: &[u8]) -> (u16, Value) {
+    pub fn dev_token(&self, body: &[u8]) -> (u16, Vec<u8>) {
         let Some(minter) = &self.minter else {
             return (
                 404,
-                json!({"error": "not_found", "message": "unknown path"}),
+                to_json(&ErrorBody::new(ErrorCode::NotFound, "unknown path")),
             );
         };
         let user = serde_json::from_slice::<Value>(body)
@@ -154,16 +157,35 @@ impl DemoPage {
                 "body must be {{\"user_id\": U}} with U a non-empty string of at most \
                  {MAX_SUB_BYTES} bytes"
             );
-            return (400, json!({"error": "bad_request", "message": message}));
+            return (
+                400,
+                to_json(&ErrorBody::new(ErrorCode::BadRequest, &message)),
+            );
         };
         match minter.mint(&user, self.ttl_s) {
-            Ok(token) => (200, json!({"token": token, "expires_in": self.ttl_s})),
+            Ok(token) => (
+                200,
+                to_json(&DevToken {
+                    token: &token,
+                    expires_in: self.ttl_s,
+                }),
+            ),
             Err(e) => (
                 500,
-                json!({"error": "internal", "message": format!("cannot mint a token: {e}")}),
+                to_json(&ErrorBody::new(
+                    ErrorCode::Internal,
+                    &format!("cannot mint a token: {e}"),
+                )),
             ),
         }
     }
+}
+
+/// The answer of `POST /dev/token`.
+#[derive(Serialize)]
+struct DevToken<'a> {
+    token: &'a str,
+    expires_in: u64,
 }
 
 #[cfg(test)]
@@ -219,6 +241,7 @@ mod tests {
         assert_eq!(off.dev_token(br#"{"user_id":"ann"}"#).0, 404);
         let on = DemoPage::new(&c, true, Some(minter()));
         let (status, body) = on.dev_token(br#"{"user_id":"ann"}"#);
+        let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(status, 200, "{body}");
         let token = body["token"].as_str().unwrap();
         assert_eq!(minter().verify(token).unwrap().sub, "ann");

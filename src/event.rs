@@ -82,14 +82,7 @@ impl fmt::Display for EventKind {
 
 /// Frame types the gateway itself sends; a worker may not emit them, so a client can
 /// always tell gateway frames from events.
-const RESERVED_TYPES: &[&str] = &[
-    "connected",
-    "pong",
-    "ack",
-    "error",
-    "refreshed",
-    "cancel_requested",
-];
+const RESERVED_TYPES: &[&str] = &crate::frames::ServerFrame::TYPES;
 
 fn valid_custom_type(name: &str) -> bool {
     let b = name.as_bytes();
@@ -343,11 +336,10 @@ pub fn put_text_frame_header(out: &mut BytesMut, len: usize) {
     }
 }
 
-/// A complete text frame around a JSON value the gateway sends itself
-/// (`connected`, `pong`, `ack`, `error`, ...).
-pub fn control_frame(json: &serde_json::Value) -> Bytes {
-    let body = serde_json::to_vec(json).unwrap_or_else(|_| b"{}".to_vec());
-    text_frame(&body)
+/// A complete text frame around a frame the gateway sends itself
+/// ([`crate::frames::ServerFrame`]: `connected`, `pong`, `ack`, `error`, ...).
+pub fn control_frame<T: serde::Serialize + ?Sized>(frame: &T) -> Bytes {
+    text_frame(&crate::frames::to_json(frame))
 }
 
 /// A complete text frame around `payload`.

@@ -16,11 +16,22 @@
 //!                      agent workers
 //! ```
 //!
-//! There is no async runtime. One thread ([`reactor`]) owns every socket and all
+//! There is no async runtime. One thread (`reactor`) owns every socket and all
 //! routing state and passes `&mut` around; workers serialize events on their own
 //! threads ([`event`], [`emitter`]) so the loop only assigns the per-user `seq`, builds
 //! one frame per event and queues that shared frame on each receiving connection
 //! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
+//! The reactor is a folder of phases, one `impl Reactor` per file: `reactor/mod.rs`
+//! (the struct, the loop, accept, readiness dispatch, the one close path),
+//! `reactor/endpoints.rs` (plain HTTP and the publish API), `reactor/session.rs`
+//! (upgrades, opening and reading sessions), `reactor/inbound.rs` (client messages and
+//! the user-message inbox), `reactor/routing.rs` (draining the channel, delivering,
+//! flushing, replay) and `reactor/timers.rs` (timers, housekeeping, watchdog,
+//! shutdown). An event's path: worker -> `Event::new` -> channel ->
+//! `Reactor::deliver` -> [`registry::Registry::route`] (seq, replay) -> targets ->
+//! `OutQueue::push` -> `writev`. What the gateway writes itself is typed in [`frames`]
+//! (server frames, error codes, HTTP answer bodies) and why a connection ended in
+//! [`close`] (close codes and the labels the stats count).
 //! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
 //! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
 //! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade
@@ -54,12 +65,14 @@
 pub mod auth;
 pub mod cli;
 pub mod client_message;
+pub mod close;
 pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod demo_page;
 pub mod emitter;
 pub mod event;
+pub mod frames;
 pub mod http;
 mod inbox;
 pub mod log_sink;

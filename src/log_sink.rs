@@ -9,6 +9,8 @@
 //! [`Repeats`] collapses repeated lines (the reactor uses it for refusals): within a
 //! window the first few lines of a kind are written in full and the others are only
 //! counted; when the window has passed, one line reports how many were left out.
+//! [`RateLog`] aggregates one kind of line over a period (accept failures, publish key
+//! failures): at most one line per period, with the count since the last.
 //!
 //! The line format is env_logger's default one (`[2026-01-01T00:00:00.000Z INFO
 //! target] message`, UTC with milliseconds), which tests and log tools read. The level
@@ -263,9 +265,38 @@ impl Repeats {
     }
 }
 
+/// A log line aggregated over a period: [`RateLog::hit`] counts an occurrence and says
+/// how many to report when a line is due (at most one per period).
+#[derive(Default)]
+pub struct RateLog {
+    last: Option<u64>,
+    count: u64,
+}
+
+impl RateLog {
+    pub fn hit(&mut self, now: u64, period: u64) -> Option<u64> {
+        self.count += 1;
+        if self.last.is_some_and(|t| now < t + period) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_log_writes_one_line_per_period_with_the_count() {
+        let mut log = RateLog::default();
+        assert_eq!(log.hit(100, 10), Some(1));
+        assert_eq!(log.hit(105, 10), None);
+        assert_eq!(log.hit(109, 10), None);
+        assert_eq!(log.hit(110, 10), Some(3));
+        assert_eq!(log.hit(500, 10), Some(1));
+    }
 
     #[test]
     fn timestamps_match_env_logger() {

@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::event::{Event, EventKind, RunKey};
+use crate::registry::Registry;
 
 /// Most events in one publish request.
 pub const MAX_BATCH: usize = 1000;
@@ -92,6 +93,52 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<Event>, BatchError> {
             message: "body must be a JSON object or an array of objects".into(),
         }),
     }
+}
+
+/// Why a valid batch is refused as a whole, before any of it takes a `seq`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunRefusal {
+    /// Event `index` belongs to a run that ended (before the batch, or earlier in it) (400).
+    Ended { index: usize, run: String },
+    /// Event `index` would start a run past `max_active_runs_per_user` or
+    /// `max_active_runs`, counting the runs the batch itself starts (429).
+    TooMany { index: usize, run: String },
+}
+
+/// Check a parsed batch against the runs `registry` holds: the first event of an ended
+/// run (simulating the runs the batch itself ends) or the first that would start a
+/// run past the bounds (counting the runs the batch starts) refuses the whole batch,
+/// so nothing of a bad request takes a `seq`.
+pub fn check_runs(batch: &[Event], registry: &Registry) -> Result<(), RunRefusal> {
+    let mut ending: Vec<(&str, &str)> = Vec::new();
+    let mut starting: Vec<(&str, &str)> = Vec::new();
+    for (index, ev) in batch.iter().enumerate() {
+        let user = &*ev.key.user_id;
+        let run = &*ev.key.run_id;
+        let known = registry.get(user);
+        let ended = known.is_some_and(|u| u.run_ended(run))
+            || ending.iter().any(|(u, r)| *u == user && *r == run);
+        if ended {
+            let run = run.to_owned();
+            return Err(RunRefusal::Ended { index, run });
+        }
+        let starts = !ev.kind.ends_run()
+            && !known.is_some_and(|u| u.runs.contains_key(run))
+            && !starting.iter().any(|(u, r)| *u == user && *r == run);
+        if starts {
+            let user_runs = known.map_or(0, |u| u.runs.len());
+            let batch_user = starting.iter().filter(|(u, _)| *u == user).count();
+            if !registry.runs_fit(user_runs, batch_user + 1, starting.len() + 1) {
+                let run = run.to_owned();
+                return Err(RunRefusal::TooMany { index, run });
+            }
+            starting.push((user, run));
+        }
+        if ev.kind.ends_run() {
+            ending.push((user, run));
+        }
+    }
+    Ok(())
 }
 
 /// Constant-time comparison of the presented key with the configured one.
@@ -218,5 +265,81 @@ mod tests {
         assert!(!key_matches("pk-ab", "pk-abc"));
         assert!(!key_matches("pk-abcd", "pk-abc"));
         assert!(!key_matches("", "pk-abc"));
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+    use crate::registry::Limits;
+
+    fn batch(events: &[(&str, &str, &str)]) -> Vec<Event> {
+        let items: Vec<String> = events
+            .iter()
+            .map(|(kind, user, run)| {
+                format!(
+                    r#"{{"type":"{kind}","user_id":"{user}","run_id":"{run}","agent_name":"a"}}"#
+                )
+            })
+            .collect();
+        parse_batch(format!("[{}]", items.join(",")).as_bytes()).unwrap()
+    }
+
+    fn registry(per_user: usize, total: usize) -> Registry {
+        let limits = Limits {
+            max_active_runs_per_user: per_user,
+            max_active_runs: total,
+            ..Limits::default()
+        };
+        Registry::new("p".into(), limits)
+    }
+
+    #[test]
+    fn an_event_after_its_run_ended_refuses_the_batch() {
+        let r = registry(10, 10);
+        let ok = batch(&[("agent_started", "u", "r1"), ("agent_completed", "u", "r1")]);
+        assert_eq!(check_runs(&ok, &r), Ok(()));
+        let late = batch(&[
+            ("agent_started", "u", "r1"),
+            ("agent_completed", "u", "r1"),
+            ("agent_thinking", "u", "r1"),
+        ]);
+        let run = "r1".to_owned();
+        assert_eq!(
+            check_runs(&late, &r),
+            Err(RunRefusal::Ended { index: 2, run })
+        );
+    }
+
+    #[test]
+    fn runs_the_batch_starts_count_against_the_bounds() {
+        let r = registry(2, 3);
+        let two = batch(&[("agent_started", "u", "a"), ("agent_thinking", "u", "b")]);
+        assert_eq!(check_runs(&two, &r), Ok(()));
+        let three = batch(&[
+            ("agent_started", "u", "a"),
+            ("agent_thinking", "u", "a"),
+            ("agent_started", "u", "b"),
+            ("agent_started", "u", "c"),
+        ]);
+        let run = "c".to_owned();
+        assert_eq!(
+            check_runs(&three, &r),
+            Err(RunRefusal::TooMany { index: 3, run })
+        );
+        let total = batch(&[
+            ("agent_started", "u", "a"),
+            ("agent_started", "v", "a"),
+            ("agent_started", "w", "a"),
+            ("agent_started", "x", "a"),
+        ]);
+        let run = "a".to_owned();
+        assert_eq!(
+            check_runs(&total, &r),
+            Err(RunRefusal::TooMany { index: 3, run })
+        );
+        // An event that ends a run never starts one.
+        let ends = batch(&[("agent_completed", "u", "z")]);
+        assert_eq!(check_runs(&ends, &registry(0, 0)), Ok(()));
     }
 }

@@ -6,6 +6,9 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
+use crate::close::CloseReason;
+use crate::frames::ErrorCode;
+
 /// Why an upgrade was refused (one counter each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefusalReason {
@@ -32,20 +35,24 @@ impl RefusalReason {
     ];
 
     /// The refusal's `error` code, used as the label.
-    pub fn as_str(self) -> &'static str {
+    /// The refusal's error code: the counter's label.
+    pub const fn code(self) -> ErrorCode {
         match self {
-            RefusalReason::BadRequest => "bad_request",
-            RefusalReason::InvalidToken => "invalid_token",
-            RefusalReason::Forbidden => "forbidden",
-            RefusalReason::NotFound => "not_found",
-            RefusalReason::UpgradeRequired => "upgrade_required",
-            RefusalReason::TooManyConnections => "too_many_connections",
-            RefusalReason::HeadersTooLarge => "headers_too_large",
-            RefusalReason::ShuttingDown => "shutting_down",
+            RefusalReason::BadRequest => ErrorCode::BadRequest,
+            RefusalReason::InvalidToken => ErrorCode::InvalidToken,
+            RefusalReason::Forbidden => ErrorCode::Forbidden,
+            RefusalReason::NotFound => ErrorCode::NotFound,
+            RefusalReason::UpgradeRequired => ErrorCode::UpgradeRequired,
+            RefusalReason::TooManyConnections => ErrorCode::TooManyConnections,
+            RefusalReason::HeadersTooLarge => ErrorCode::HeadersTooLarge,
+            RefusalReason::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
 
-    /// Map an HTTP refusal status to its reason.
+    pub const fn as_str(self) -> &'static str {
+        self.code().as_str()
+    }
+
     pub fn from_status(status: u16) -> RefusalReason {
         match status {
             401 => RefusalReason::InvalidToken,
@@ -205,14 +212,15 @@ pub struct MemoryGauges {
 pub struct Stats {
     pub connections_opened: u64,
     pub connections_closed: u64,
-    pub closed_by_reason: Vec<(&'static str, u64)>,
-    refused: [u64; 8],
+    /// Closed sessions per [`CloseReason`] (indexed by it).
+    closed_by_reason: [u64; CloseReason::ALL.len()],
+    refused: [u64; RefusalReason::ALL.len()],
     pub http_requests: u64,
     pub events_emitted: u64,
     pub events_published: u64,
     pub events_delivered: u64,
     pub events_replayed: u64,
-    dropped: [u64; 4],
+    dropped: [u64; DropReason::ALL.len()],
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub client_messages: u64,
@@ -360,14 +368,14 @@ impl Stats {
         Stats {
             connections_opened: 0,
             connections_closed: 0,
-            closed_by_reason: Vec::new(),
-            refused: [0; 8],
+            closed_by_reason: [0; CloseReason::ALL.len()],
+            refused: [0; RefusalReason::ALL.len()],
             http_requests: 0,
             events_emitted: 0,
             events_published: 0,
             events_delivered: 0,
             events_replayed: 0,
-            dropped: [0; 4],
+            dropped: [0; DropReason::ALL.len()],
             bytes_in: 0,
             bytes_out: 0,
             client_messages: 0,
@@ -410,13 +418,29 @@ impl Stats {
         self.dropped.get(reason as usize).copied().unwrap_or(0)
     }
 
-    /// Count one closed connection under `reason` (a close reason's label).
-    pub fn closed(&mut self, reason: &'static str) {
+    /// Count one closed session under its close reason.
+    pub fn closed(&mut self, reason: CloseReason) {
         self.connections_closed += 1;
-        match self.closed_by_reason.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => self.closed_by_reason.push((reason, 1)),
+        if let Some(n) = self.closed_by_reason.get_mut(reason as usize) {
+            *n += 1;
         }
+    }
+
+    /// Sessions closed for `reason`.
+    pub fn closed_count(&self, reason: CloseReason) -> u64 {
+        self.closed_by_reason
+            .get(reason as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The reasons sessions were closed for, with their counts (reasons never seen are
+    /// left out).
+    fn closed_seen(&self) -> impl Iterator<Item = (CloseReason, u64)> + '_ {
+        CloseReason::ALL
+            .iter()
+            .map(|r| (*r, self.closed_count(*r)))
+            .filter(|(_, n)| *n > 0)
     }
 
     pub fn record_latency_us(&mut self, us: u64) {
@@ -465,9 +489,8 @@ impl Stats {
             .map(|r| (r.as_str().to_owned(), json!(self.dropped_count(*r))))
             .collect();
         let closed: serde_json::Map<String, Value> = self
-            .closed_by_reason
-            .iter()
-            .map(|(r, n)| ((*r).to_owned(), json!(n)))
+            .closed_seen()
+            .map(|(r, n)| (r.label().to_owned(), json!(n)))
             .collect();
         let budgets: serde_json::Map<String, Value> = g
             .budgets()
@@ -625,9 +648,8 @@ impl Stats {
             &one(self.connections_opened as f64),
         );
         let closed: Vec<(String, f64)> = self
-            .closed_by_reason
-            .iter()
-            .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
+            .closed_seen()
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.label()), n as f64))
             .collect();
         metric(
             "connections_closed_total",
@@ -874,9 +896,9 @@ mod tests {
     fn json_and_prometheus_reflect_counters() {
         let mut s = Stats::new();
         s.connections_opened = 3;
-        s.closed("client_close");
-        s.closed("client_close");
-        s.closed("evicted");
+        s.closed(CloseReason::ClientClosed);
+        s.closed(CloseReason::ClientClosed);
+        s.closed(CloseReason::Evicted);
         s.refused(RefusalReason::InvalidToken);
         s.dropped(DropReason::RunEnded, 2);
         for us in 1..=100 {
@@ -902,7 +924,7 @@ mod tests {
         let j = s.to_json(&g);
         assert_eq!(j["connections"]["opened"], 3);
         assert_eq!(j["connections"]["closed"], 3);
-        assert_eq!(j["connections"]["closed_by_reason"]["client_close"], 2);
+        assert_eq!(j["connections"]["closed_by_reason"]["client_closed"], 2);
         assert_eq!(j["connections"]["refused"]["invalid_token"], 1);
         assert_eq!(j["events"]["dropped"]["run_ended"], 2);
         assert_eq!(j["latency_us"]["p50"], 50);

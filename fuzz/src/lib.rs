@@ -168,7 +168,8 @@ pub fn check_refusal(refusal: &agentwire::http::Refusal) {
     let code = refusal_code(refusal.status)
         .unwrap_or_else(|| panic!("refusal status {} outside the contract", refusal.status));
     assert_eq!(
-        refusal.code, code,
+        refusal.code.as_str(),
+        code,
         "status {} with code {}",
         refusal.status, refusal.code
     );

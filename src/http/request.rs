@@ -797,7 +797,10 @@ mod tests {
         assert_eq!(len(&["Content-Length: 10"], 10), Ok(10));
         assert_eq!(len(&["Content-Length: 0"], 10), Ok(0));
         let over = len(&["Content-Length: 11"], 10).unwrap_err();
-        assert_eq!((over.status, over.code), (413, "payload_too_large"));
+        assert_eq!(
+            (over.status, over.code.as_str()),
+            (413, "payload_too_large")
+        );
         assert_eq!(over.message, "body over max_publish_bytes (10)");
         let missing = len(&[], 10).unwrap_err();
         assert_eq!(missing, Refusal::bad_request("Content-Length required"));

@@ -7,6 +7,7 @@ use std::io::Write as _;
 
 use super::routes::allowed_methods;
 use super::upgrade::SUBPROTOCOL;
+use crate::frames::{self, ErrorBody, ErrorCode};
 
 /// Content type of the Prometheus text exposition (`GET /metrics`).
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -19,13 +20,13 @@ pub struct Refusal {
     /// HTTP status.
     pub status: u16,
     /// The `error` code of PROTOCOL.md section 3.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// Human-readable reason; safe to log and to send.
     pub message: String,
 }
 
 impl Refusal {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: u16, code: ErrorCode, message: impl Into<String>) -> Self {
         Refusal {
             status,
             code,
@@ -35,33 +36,37 @@ impl Refusal {
 
     /// 400 `bad_request`: not a valid upgrade, a bad parameter, a malformed head.
     pub fn bad_request(msg: impl Into<String>) -> Self {
-        Self::new(400, "bad_request", msg)
+        Self::new(400, ErrorCode::BadRequest, msg)
     }
 
     /// 401 `invalid_token`: the token is missing or does not verify.
     pub fn unauthorized(msg: impl Into<String>) -> Self {
-        Self::new(401, "invalid_token", msg)
+        Self::new(401, ErrorCode::InvalidToken, msg)
     }
 
     /// 403 `forbidden`: `user_id` mismatch or Origin not allowed.
     pub fn forbidden(msg: impl Into<String>) -> Self {
-        Self::new(403, "forbidden", msg)
+        Self::new(403, ErrorCode::Forbidden, msg)
     }
 
     /// 404 `not_found`: unknown path (the path is not echoed).
     pub fn not_found() -> Self {
-        Self::new(404, "not_found", "unknown path")
+        Self::new(404, ErrorCode::NotFound, "unknown path")
     }
 
     /// 426 `upgrade_required`: `Sec-WebSocket-Version` is not 13; the response carries
     /// `Sec-WebSocket-Version: 13`.
     pub fn upgrade_required() -> Self {
-        Self::new(426, "upgrade_required", "Sec-WebSocket-Version must be 13")
+        Self::new(
+            426,
+            ErrorCode::UpgradeRequired,
+            "Sec-WebSocket-Version must be 13",
+        )
     }
 
     /// 429 `too_many_connections`: a connection limit is reached.
     pub fn too_many(msg: impl Into<String>) -> Self {
-        Self::new(429, "too_many_connections", msg)
+        Self::new(429, ErrorCode::TooManyConnections, msg)
     }
 
     /// 431 `headers_too_large`: head over [`MAX_HEAD_BYTES`](super::MAX_HEAD_BYTES)
@@ -69,14 +74,14 @@ impl Refusal {
     pub fn headers_too_large() -> Self {
         Self::new(
             431,
-            "headers_too_large",
+            ErrorCode::HeadersTooLarge,
             "request head over 16384 bytes or 100 headers",
         )
     }
 
     /// 413 `payload_too_large`: a request body over the limit (the publish API).
     pub fn payload_too_large(msg: impl Into<String>) -> Self {
-        Self::new(413, "payload_too_large", msg)
+        Self::new(413, ErrorCode::PayloadTooLarge, msg)
     }
 
     /// 404 `not_found` for `POST /api/events` when no `publish_key` is configured,
@@ -84,7 +89,7 @@ impl Refusal {
     pub fn publish_disabled() -> Self {
         Self::new(
             404,
-            "not_found",
+            ErrorCode::NotFound,
             "the publish API is disabled: set publish_key",
         )
     }
@@ -94,14 +99,14 @@ impl Refusal {
     pub fn overloaded() -> Self {
         Self::new(
             503,
-            "overloaded",
+            ErrorCode::Overloaded,
             "the gateway is at its file descriptor limit; retry later",
         )
     }
 
     /// 503 `shutting_down`: the gateway is draining.
     pub fn shutting_down() -> Self {
-        Self::new(503, "shutting_down", "the gateway is shutting down")
+        Self::new(503, ErrorCode::ShuttingDown, "the gateway is shutting down")
     }
 
     /// The full HTTP response: JSON body, `Content-Type: application/json`,
@@ -112,8 +117,7 @@ impl Refusal {
 
     /// As [`Refusal::to_response`], without the body when `head_only` (a HEAD request).
     pub fn response(&self, head_only: bool) -> Vec<u8> {
-        let body = serde_json::json!({ "error": self.code, "message": self.message });
-        let body = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let body = frames::to_json(&ErrorBody::new(self.code, &self.message));
         let extra: &[(&str, &str)] = if self.status == 426 {
             &[("Sec-WebSocket-Version", "13")]
         } else {
@@ -227,7 +231,8 @@ pub fn response(
 /// The complete 405 answer for `path`: `{"error":"method_not_allowed",...}`, the
 /// `Allow` header, `Connection: close`.
 pub fn method_not_allowed_response(path: &str, head_only: bool) -> Vec<u8> {
-    let body = br#"{"error":"method_not_allowed","message":"method not allowed on this path"}"#;
+    let why = "method not allowed on this path";
+    let body = &frames::to_json(&ErrorBody::new(ErrorCode::MethodNotAllowed, why));
     match allowed_methods(path) {
         Some(allow) => json_response(405, body, true, head_only, &[("Allow", allow)]),
         None => json_response(405, body, true, head_only, &[]),
@@ -324,43 +329,53 @@ mod tests {
     #[test]
     fn refusal_constructors_and_bodies() {
         let cases = [
-            (Refusal::bad_request("m"), 400, "bad_request", "Bad Request"),
+            (
+                Refusal::bad_request("m"),
+                400,
+                ErrorCode::BadRequest,
+                "Bad Request",
+            ),
             (
                 Refusal::unauthorized("m"),
                 401,
-                "invalid_token",
+                ErrorCode::InvalidToken,
                 "Unauthorized",
             ),
-            (Refusal::forbidden("m"), 403, "forbidden", "Forbidden"),
-            (Refusal::not_found(), 404, "not_found", "Not Found"),
+            (
+                Refusal::forbidden("m"),
+                403,
+                ErrorCode::Forbidden,
+                "Forbidden",
+            ),
+            (Refusal::not_found(), 404, ErrorCode::NotFound, "Not Found"),
             (
                 Refusal::upgrade_required(),
                 426,
-                "upgrade_required",
+                ErrorCode::UpgradeRequired,
                 "Upgrade Required",
             ),
             (
                 Refusal::too_many("m"),
                 429,
-                "too_many_connections",
+                ErrorCode::TooManyConnections,
                 "Too Many Requests",
             ),
             (
                 Refusal::headers_too_large(),
                 431,
-                "headers_too_large",
+                ErrorCode::HeadersTooLarge,
                 "Request Header Fields Too Large",
             ),
             (
                 Refusal::payload_too_large("m"),
                 413,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 "Content Too Large",
             ),
             (
                 Refusal::shutting_down(),
                 503,
-                "shutting_down",
+                ErrorCode::ShuttingDown,
                 "Service Unavailable",
             ),
         ];
@@ -378,7 +393,7 @@ mod tests {
             let (head, body) = text.split_once("\r\n\r\n").unwrap();
             assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())));
             let json: serde_json::Value = serde_json::from_str(body).unwrap();
-            assert_eq!(json["error"], code);
+            assert_eq!(json["error"], code.as_str());
             assert_eq!(json["message"], r.message.as_str());
             assert!(r.response(true).ends_with(b"\r\n\r\n"));
         }

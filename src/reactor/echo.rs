@@ -14,7 +14,8 @@
 
 use std::sync::Arc;
 
-use super::{classify_ws_error, Reactor, Step};
+use super::session::classify_ws_error;
+use super::{Reactor, Step};
 use crate::auth::Claims;
 use crate::conn::ConnId;
 use crate::http::{self, Refusal};

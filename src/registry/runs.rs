@@ -182,6 +182,30 @@ impl Registry {
     }
 }
 
+impl User {
+    /// The runs a new connection's `connected` frame lists (`active_runs`): begun, not
+    /// owned by an isolated connection, and on `thread` when the connection follows one
+    /// (a run with no thread, or a connection with none, matches). At most `max`, the
+    /// most recently started (started in the same millisecond: by their last event),
+    /// listed oldest first; true when more were left out.
+    pub fn active_runs(&self, thread: Option<&str>, max: usize) -> (Vec<(&Arc<str>, &Run)>, bool) {
+        let mut runs: Vec<(&Arc<str>, &Run)> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| r.begun && r.owner.is_none())
+            .filter(|(_, r)| match (thread, &r.thread) {
+                (Some(want), Some(got)) => want == &**got,
+                _ => true,
+            })
+            .collect();
+        runs.sort_by_key(|(_, r)| std::cmp::Reverse((r.started_ts, r.last_seq)));
+        let truncated = runs.len() > max;
+        runs.truncate(max);
+        runs.reverse();
+        (runs, truncated)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +274,49 @@ mod tests {
         }
         assert_eq!(r.stale_runs(1, 20).len(), 20);
         assert_eq!(r.stale_runs(0, 20).len(), 0);
+    }
+
+    fn begun(thread: Option<&str>, started_ts: u64, last_seq: u64) -> Run {
+        let mut run = Run::pending(thread.map(Arc::from), None, 0);
+        run.begun = true;
+        run.started_ts = started_ts;
+        run.last_seq = last_seq;
+        run
+    }
+
+    #[test]
+    fn lists_the_latest_begun_shared_runs_of_the_thread_oldest_first() {
+        let mut r = Registry::new("p".into(), Limits::default());
+        let u = r.entry("u");
+        u.runs.insert("a".into(), begun(Some("t1"), 10, 1));
+        u.runs.insert("b".into(), begun(None, 20, 2));
+        u.runs.insert("c".into(), begun(Some("t2"), 30, 3));
+        u.runs.insert("d".into(), begun(Some("t1"), 30, 4));
+        u.runs.insert("pending".into(), Run::pending(None, None, 0));
+        let mut owned = begun(None, 40, 5);
+        owned.owner = Some(ConnId { key: 1, serial: 1 });
+        u.runs.insert("owned".into(), owned);
+        let names = |(runs, truncated): (Vec<(&Arc<str>, &Run)>, bool)| {
+            (
+                runs.iter()
+                    .map(|(id, _)| id.to_string())
+                    .collect::<Vec<_>>(),
+                truncated,
+            )
+        };
+        let u = r.get("u").unwrap();
+        assert_eq!(
+            names(u.active_runs(None, 10)),
+            (vec!["a".into(), "b".into(), "c".into(), "d".into()], false)
+        );
+        assert_eq!(
+            names(u.active_runs(Some("t1"), 10)),
+            (vec!["a".into(), "b".into(), "d".into()], false)
+        );
+        // The most recent two; the same start: the later last event wins.
+        assert_eq!(
+            names(u.active_runs(None, 2)),
+            (vec!["c".into(), "d".into()], true)
+        );
     }
 }

@@ -63,7 +63,7 @@ const THREADS: [&str; 2] = ["ta", "tb"];
 const REPLAY_EVENTS: usize = 6;
 const REPLAY_TTL_MS: u64 = 40;
 const MAX_PENDING: usize = 16 * 1024;
-/// The reactor's housekeeping period (src/reactor.rs `HOUSEKEEPING_MS`): replay expiry
+/// The reactor's housekeeping period (src/reactor/timers.rs `HOUSEKEEPING_MS`): replay expiry
 /// only happens in that pass. The first pass runs no earlier than 1000 ms after start.
 const HOUSEKEEPING_MS: u64 = 1000;
 /// Until this long after the case's first close, the only timer a model case can fire
