@@ -239,8 +239,7 @@ class AsyncPublisher:
         data_json = _core.dump_data(data)
         self._check_open()
         if st.error is not None:
-            st.error._surfaced = True  # type: ignore[attr-defined]
-            raise st.error
+            raise self._core.surface(st)
         if st.ended:
             raise RunEndedError(f"run {st.run_id!r} already ended; {event_type} not sent")
         if self._core.pending >= self._core.max_queue:
@@ -268,8 +267,7 @@ class AsyncPublisher:
         target = st.enqueued
         await self._wait_for(lambda: st.resolved >= target, deadline)
         if st.error is not None:
-            st.error._surfaced = True  # type: ignore[attr-defined]
-            raise st.error
+            raise self._core.surface(st)
 
     async def _wait_for(self, pred: Any, deadline: Optional[float]) -> None:
         if pred():
@@ -298,7 +296,7 @@ class AsyncPublisher:
                 while not (core.has_sendable() and self._inflight < self._opt.max_in_flight):
                     if self._abort.is_set():
                         return
-                    self._idle = True
+                    self._idle = not core.has_sendable()  # else a finished request wakes us
                     await cond.wait()
                     self._idle = False
                 oldest = core.oldest_ready()
@@ -324,6 +322,8 @@ class AsyncPublisher:
                     task = asyncio.get_running_loop().create_task(self._send_batch(batch))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+                if self._flushing:
+                    cond.notify_all()  # emitters waiting for queue space
 
     async def _send_batch(self, batch: list) -> None:
         core = self._core

@@ -186,7 +186,7 @@ class Core:
         self.max_queue = max_queue
         self.pending = 0  # events queued, not yet in a request
         self.ready: "OrderedDict[tuple, RunState]" = OrderedDict()  # runs with queued events, not in flight
-        self.unsurfaced: list[PublishError] = []  # failures flush() has to raise
+        self.unsurfaced: dict[int, PublishError] = {}  # failures no run has raised yet: flush() raises them
         self.active: dict[int, RunState] = {}  # runs with events not yet resolved
         self.stats = {
             "requests": 0,
@@ -301,18 +301,22 @@ class Core:
                 st.error = error.for_run(st.user_id, st.run_id, n + dropped)
             else:
                 st.error = PublishError(str(error), run_id=st.run_id, user_id=st.user_id, events=n + dropped)
-            self.unsurfaced.append(st.error)
+            self.unsurfaced[id(st.error)] = st.error
 
     def fail_queued(self, error: Exception) -> None:
         """Fail every event not yet in a request (the publisher is closing)."""
         for st in list(self.ready.values()):
             self._fail_run(st, 0, error)
 
+    def surface(self, st: RunState) -> PublishError:
+        """The run's error, now raised by the run itself (flush() will not)."""
+        assert st.error is not None
+        self.unsurfaced.pop(id(st.error), None)
+        return st.error
+
     def take_unsurfaced(self) -> list[PublishError]:
-        errs = [e for e in self.unsurfaced if not getattr(e, "_surfaced", False)]
-        self.unsurfaced = []
-        for e in errs:
-            e._surfaced = True  # type: ignore[attr-defined]
+        errs = list(self.unsurfaced.values())
+        self.unsurfaced.clear()
         return errs
 
 

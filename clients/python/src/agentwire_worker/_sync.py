@@ -342,8 +342,7 @@ class Publisher:
         with self._cond:
             self._check_open()
             if st.error is not None:
-                st.error._surfaced = True  # type: ignore[attr-defined]
-                raise st.error
+                raise self._core.surface(st)
             if st.ended:
                 raise RunEndedError(f"run {st.run_id!r} already ended; {event_type} not sent")
             if self._core.pending >= self._core.max_queue:
@@ -369,8 +368,7 @@ class Publisher:
             target = st.enqueued
             self._wait_for(lambda: st.resolved >= target, deadline)
             if st.error is not None:
-                st.error._surfaced = True  # type: ignore[attr-defined]
-                raise st.error
+                raise self._core.surface(st)
 
     def _wait_for(self, pred: Any, deadline: Optional[float]) -> None:
         """Wait (holding the condition) until pred(); no batch window meanwhile."""
@@ -402,7 +400,7 @@ class Publisher:
                 while not (core.has_sendable() and self._inflight < self._opt.max_in_flight):
                     if self._abort.is_set():
                         return
-                    self._idle = True
+                    self._idle = not core.has_sendable()  # else a finished request wakes us
                     cond.wait()
                     self._idle = False
                 oldest = core.oldest_ready()
@@ -424,6 +422,8 @@ class Publisher:
                     self._inflight += 1
                     assert self._pool is not None
                     self._pool.submit(self._send_batch, batch)
+                if self._flushing:
+                    cond.notify_all()  # emitters waiting for queue space
 
     def _send_batch(self, batch: list) -> None:
         core, cond = self._core, self._cond
