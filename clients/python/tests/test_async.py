@@ -120,7 +120,7 @@ def test_async_no_retry_on_401_and_429_surfaced(gateway_factory):
         assert info.value.status == 401 and pub.stats["requests"] == 1
         await pub.close()
 
-        pub = AsyncPublisher(gw.url, PUBLISH_KEY, batch_ms=20)
+        pub = AsyncPublisher(gw.url, PUBLISH_KEY, batch_ms=300)
         first = pub.run("dan", agent_name="a")
         second = pub.run("dan", agent_name="a")
         await first.agent_started()

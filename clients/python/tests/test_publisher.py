@@ -235,7 +235,8 @@ def test_no_retry_on_401(gateway):
 def test_a_bad_run_does_not_sink_the_other_runs_of_its_batch(gateway, client_factory):
     ws = client_factory("ivy")
     log = RequestLog()
-    with Publisher(gateway.url, PUBLISH_KEY, client=log.client()) as pub:
+    # A long batch window, so the three emits below surely share one request.
+    with Publisher(gateway.url, PUBLISH_KEY, batch_ms=300, client=log.client()) as pub:
         with pub.run("ivy", agent_name="a", run_id="done-run") as r:
             r.agent_started()
         ws.events(2)
@@ -262,7 +263,7 @@ def test_too_many_runs_is_surfaced_not_retried(gateway_factory, client_factory):
     gw = gateway_factory("--max-active-runs-per-user", "2")
     ws = client_factory("jack", gw)
     log = RequestLog()
-    pub = Publisher(gw.url, PUBLISH_KEY, batch_ms=20, client=log.client())
+    pub = Publisher(gw.url, PUBLISH_KEY, batch_ms=300, client=log.client())  # one request for the 3 starts
     runs = [pub.run("jack", agent_name="a", run_id=f"run-{k}") for k in range(3)]
     for r in runs:
         r.agent_started()
