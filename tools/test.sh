@@ -18,6 +18,8 @@
 #   3c. tools/test_browser.sh: the demo page in Debian's Chromium (installed with apt-get
 #      when missing; playwright-core pinned in web/, `npm ci`) against
 #      target/release/agentwire.
+#   3d. tools/test_python.sh: the clients/python tests (pytest in target/pyclient-venv,
+#      pinned requirements) against target/release/agentwire.
 #   4. tools/autobahn.sh: the Autobahn|Testsuite cases (kosoku, pinned, in its own venv)
 #      against the conformance build, compared with tests/autobahn/expected.json
 #      (docs/CONFORMANCE.md).
@@ -230,6 +232,18 @@ if [ "$quick" -eq 0 ]; then
         run_logged "$LOGDIR/browser-step.log" "$JS_TIMEOUT_S" \
             env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_browser.sh
         count_summary "demo page" "$LOGDIR/browser-step.log" "$rc" "see $LOGDIR/browser.log"
+    fi
+
+    step "clients/python: pytest against target/release/agentwire (tools/test_python.sh)"
+    if [ "$build_rc" -ne 0 ]; then
+        echo "skipped: needs the release build"
+        failed=$((failed + 1))
+        failures+=("clients/python: not run (release build failed)")
+        summary+=("clients/python: not run")
+    else
+        run_logged "$LOGDIR/python-step.log" "$JS_TIMEOUT_S" \
+            env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_python.sh
+        count_summary clients/python "$LOGDIR/python-step.log" "$rc" "see $LOGDIR/python-step.log"
     fi
 fi
 
