@@ -487,18 +487,24 @@ impl PubThread {
         );
         stream.write_all(head.as_bytes())?;
         stream.write_all(body)?;
-        read_response(stream)
+        let (status, _, close) = read_response_full(stream)?;
+        if close {
+            // The gateway ends a keep-alive connection after a number of requests (and
+            // says so with `Connection: close`): the next request takes a new one.
+            self.stream = None;
+        }
+        Ok(status)
     }
-}
-
-/// Read one HTTP response (head + Content-Length body); the status code.
-pub fn read_response(stream: &mut TcpStream) -> io::Result<u16> {
-    let (status, _) = read_response_body(stream)?;
-    Ok(status)
 }
 
 /// Read one HTTP response; status and body.
 pub fn read_response_body(stream: &mut TcpStream) -> io::Result<(u16, Vec<u8>)> {
+    let (status, body, _) = read_response_full(stream)?;
+    Ok((status, body))
+}
+
+/// Read one HTTP response; status, body, and whether it says `Connection: close`.
+pub fn read_response_full(stream: &mut TcpStream) -> io::Result<(u16, Vec<u8>, bool)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -532,6 +538,11 @@ pub fn read_response_body(stream: &mut TcpStream) -> io::Result<(u16, Vec<u8>)> 
                 .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
+    let close = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+        })
+    });
     let mut body = buf.get(head_end + 4..).unwrap_or(&[]).to_vec();
     while body.len() < len {
         let n = stream.read(&mut chunk)?;
@@ -543,7 +554,7 @@ pub fn read_response_body(stream: &mut TcpStream) -> io::Result<(u16, Vec<u8>)> 
         }
         body.extend_from_slice(chunk.get(..n).unwrap_or(&[]));
     }
-    Ok((status, body))
+    Ok((status, body, close))
 }
 
 /// `GET path` on a fresh connection: status and body (bounded by a 5 s timeout).
