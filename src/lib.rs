@@ -60,6 +60,7 @@ pub mod demo;
 pub mod emitter;
 pub mod event;
 pub mod http;
+pub mod ids;
 mod inbox;
 pub mod log_sink;
 pub mod mode;
