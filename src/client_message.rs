@@ -179,7 +179,14 @@ mod tests {
     fn ids_follow_their_rules() {
         let thread = |t: &str| format!(r#"{{"type":"user_message","text":"x","thread_id":{t}}}"#);
         let long = format!("\"{}\"", "t".repeat(257));
-        for t in [r#""""#, long.as_str(), r#""a\u0000b""#, r#""t\n""#, r#""\u001b[2J""#, r#""\u0085""#] {
+        for t in [
+            r#""""#,
+            long.as_str(),
+            r#""a\u0000b""#,
+            r#""t\n""#,
+            r#""\u001b[2J""#,
+            r#""\u0085""#,
+        ] {
             assert_eq!(
                 bad(&thread(t)),
                 "thread_id must be a non-empty string of at most 256 bytes without control characters",

@@ -396,7 +396,12 @@ mod tests {
     /// the constants.
     #[test]
     fn messages_state_the_rules() {
-        for e in [IdError::User, IdError::Thread, IdError::Run, IdError::AgentName] {
+        for e in [
+            IdError::User,
+            IdError::Thread,
+            IdError::Run,
+            IdError::AgentName,
+        ] {
             let rule = e.rule();
             assert_eq!(e.message(), format!("{} must be {rule}", rule.field));
             assert_eq!(e.to_string(), e.message());
@@ -434,8 +439,21 @@ mod tests {
         assert!(ThreadId::parse(&"t".repeat(257)).is_err());
         assert!(ThreadId::parse(&"é".repeat(128)).is_ok());
         assert!(ThreadId::parse("t/1 with spaces, ünïcödé and \u{200b}").is_ok());
-        for bad in ["a\0b", "t\n", "\t", "\r", "\u{1b}[31m", "\u{7f}", "\u{85}", "\u{9f}"] {
-            assert_eq!(ThreadId::parse(bad).unwrap_err(), IdError::Thread, "{bad:?}");
+        for bad in [
+            "a\0b",
+            "t\n",
+            "\t",
+            "\r",
+            "\u{1b}[31m",
+            "\u{7f}",
+            "\u{85}",
+            "\u{9f}",
+        ] {
+            assert_eq!(
+                ThreadId::parse(bad).unwrap_err(),
+                IdError::Thread,
+                "{bad:?}"
+            );
         }
     }
 

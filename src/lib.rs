@@ -23,7 +23,9 @@
 //! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
 //! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
 //! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
-//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade
+//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets.
+//! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
+//! per kind ([`ids`]). Tokens are checked once at the upgrade
 //! ([`auth`]); heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel ([`timer_wheel`]). Per-user state (connections, seq, replay
 //! buffer, runs) lives in the [`registry`].

@@ -1875,11 +1875,7 @@ impl Reactor {
         let u = self.registry.entry(&user);
         u.runs.insert(
             run,
-            Run::pending(
-                thread.map(Into::into),
-                isolated.then_some(id),
-                now,
-            ),
+            Run::pending(thread.map(Into::into), isolated.then_some(id), now),
         );
         self.send_frame(
             id,

@@ -64,7 +64,12 @@ fn thread_id_control_characters_are_refused_at_every_entry_point() {
             gw.addr,
             &pub_event("agent_thinking", user, Some(thread), "r-ctl", json!(1)),
         );
-        assert_eq!(r.status, 400, "publish took thread {thread:?}: {}", r.text());
+        assert_eq!(
+            r.status,
+            400,
+            "publish took thread {thread:?}: {}",
+            r.text()
+        );
         let body = r.json();
         assert_eq!(body["error"], "bad_event", "{body}");
         assert_eq!(
@@ -72,7 +77,9 @@ fn thread_id_control_characters_are_refused_at_every_entry_point() {
             "thread_id must be null or a non-empty string of at most 256 bytes without control characters"
         );
         // user_message: bad_message stating the rule, no ack, nothing to the workers.
-        c.send_json(&json!({"type": "user_message", "thread_id": thread, "text": "x", "ref": "bad"}));
+        c.send_json(
+            &json!({"type": "user_message", "thread_id": thread, "text": "x", "ref": "bad"}),
+        );
         let err = expect_error(&mut c, "bad_message");
         assert_eq!(
             err["message"],
@@ -89,12 +96,21 @@ fn thread_id_control_characters_are_refused_at_every_entry_point() {
     run.agent_started(&json!({"n": 1})).expect("emit");
     publish_ok(
         gw.addr,
-        &pub_event("agent_thinking", user, Some(&longest), "r-long-pub", json!({"n": 2})),
+        &pub_event(
+            "agent_thinking",
+            user,
+            Some(&longest),
+            "r-long-pub",
+            json!({"n": 2}),
+        ),
     );
     // (The emitter's event goes through the channel, the publish API routes directly:
     // either may come first.)
     let events = c.recv_events(2);
-    let mut ns: Vec<u64> = events.iter().filter_map(|e| e["data"]["n"].as_u64()).collect();
+    let mut ns: Vec<u64> = events
+        .iter()
+        .filter_map(|e| e["data"]["n"].as_u64())
+        .collect();
     ns.sort_unstable();
     assert_eq!(ns, [1, 2], "only the valid events were routed: {events:?}");
     let ack = c.user_message(Some(&longest), "hello", "good");
@@ -143,12 +159,12 @@ fn user_id_limit_is_the_same_everywhere() {
         let auth = [bearer(&token(user))];
         assert_eq!(upgrade(gw.addr, "/ws", &auth).status, upgraded, "{user}");
         assert_eq!(
-            gw.emitter.run(user, None, "r-u", "ids_agent").is_ok(),
+            gw.emitter.run(user, None, "r-u-emit", "ids_agent").is_ok(),
             emitted
         );
         let r = publish(
             gw.addr,
-            &pub_event("agent_thinking", user, None, "r-u", json!(null)),
+            &pub_event("agent_thinking", user, None, "r-u-pub", json!(null)),
         );
         assert_eq!(r.status, published, "{}", r.text());
     }
@@ -189,13 +205,20 @@ fn look_alike_user_ids_stay_distinct_users() {
             .run(user, None, &format!("r-emit-{i}"), "ids_agent")
             .expect("run");
         run.agent_started(&json!({"i": i})).expect("emit");
+        run.agent_completed(&json!({"i": i})).expect("emit");
         publish_ok(
             gw.addr,
-            &pub_event("agent_thinking", user, None, &format!("r-pub-{i}"), json!({"i": i})),
+            &pub_event(
+                "agent_thinking",
+                user,
+                None,
+                &format!("r-pub-{i}"),
+                json!({"i": i}),
+            ),
         );
     }
     for (i, (c, user)) in clients.iter_mut().zip(users).enumerate() {
-        let events = c.recv_events(2);
+        let events = c.recv_events(3);
         for e in &events {
             assert_eq!(e["user_id"], user, "{e}");
             assert_eq!(e["data"]["i"], i, "{e}");
