@@ -11,7 +11,8 @@ use crate::ids::{RunId, ThreadId};
 /// The `bad_message` text for a `thread_id` that is neither null nor a string.
 const THREAD_ID_NOT_A_STRING: &str = "thread_id must be null or a non-empty string";
 
-/// One valid client message. Strings are moved out of the parsed JSON, not copied.
+/// One valid client message. Strings are moved out of the parsed JSON, not copied; an
+/// id is copied once, into the shared string of its validated type ([`crate::ids`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClientMessage {
     /// `{"type":"ping"}`: answered with `pong`.
