@@ -67,6 +67,8 @@ c = {
     "unknown-type": {"type": "subscribe", "run_id": "r-9"},
     "missing-field": {"type": "cancel"},
     "bad-thread": {"type": "user_message", "text": "x", "thread_id": 7},
+    "thread-control": {"type": "user_message", "text": "x", "thread_id": "t\n\u0000\u0085"},
+    "cancel-empty-run": {"type": "cancel", "run_id": ""},
 }
 for name, msg in c.items():
     write("client_message", name, json.dumps(msg, separators=(",", ":")))
@@ -123,6 +125,7 @@ p = {
     "bad-index-1": [ev, {"type": "Bad Type", "user_id": "u", "run_id": "r", "agent_name": "a"}],
     "reserved-type": {"type": "connected", "user_id": "u", "run_id": "r", "agent_name": "a"},
     "empty-batch": [],
+    "thread-control": [ev, dict(ev, thread_id="t\u001b[2J")],
 }
 for name, body in p.items():
     write("publish_body", name, json.dumps(body, separators=(",", ":"), ensure_ascii=False))

@@ -22,19 +22,20 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ids::UserId;
+
 /// Longest token accepted, in bytes; longer ones are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8192;
-
-/// Longest `sub` accepted, in bytes of UTF-8 (PROTOCOL.md section 3).
-pub const MAX_SUB_BYTES: usize = 128;
 
 /// Largest `jwt_leeway_s` accepted. Beyond an hour a leeway is a misconfiguration
 /// (milliseconds given as seconds, say), and it keeps jsonwebtoken's unchecked
 /// `now - leeway` arithmetic far from underflow.
 pub const MAX_LEEWAY_S: u64 = 3600;
 
-/// HS256 secrets shorter than this (256 bits, RFC 7518 section 3.2) draw a warning.
-const MIN_SECRET_BYTES: usize = 32;
+/// HS256 secrets shorter than this (256 bits, RFC 7518 section 3.2) draw a warning when
+/// the authenticator is built. (Configuration refuses those shorter than
+/// [`crate::config::MIN_ACCEPTED_SECRET_BYTES`].)
+const RECOMMENDED_SECRET_BYTES: usize = 32;
 
 /// JWT signing algorithm pinned by config (`jwt_algorithm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,8 +136,8 @@ impl fmt::Debug for AuthSettings {
 /// The verified claims the gateway uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claims {
-    /// The user id: non-empty, at most [`MAX_SUB_BYTES`] bytes.
-    pub sub: String,
+    /// The user id (the [`UserId`] rule: non-empty, at most 128 bytes).
+    pub sub: UserId,
     /// Expiry, seconds since the Unix epoch (fractional values rounded).
     pub exp: u64,
 }
@@ -178,7 +179,7 @@ pub enum AuthError {
     /// An audience is configured and `aud` is missing or does not contain it.
     #[error("audience missing or invalid")]
     BadAudience,
-    /// `sub` missing, not a string, empty, or over [`MAX_SUB_BYTES`] bytes.
+    /// `sub` missing, not a string, or not a [`UserId`] (empty, over 128 bytes).
     #[error("sub missing or invalid")]
     BadSubject,
     /// `exp` missing or not a non-negative number (a string `exp` included).
@@ -306,9 +307,9 @@ impl Authenticator {
                     Some(secret) if !secret.is_empty() => secret,
                     _ => return Err(AuthSetupError::MissingSecret),
                 };
-                if secret.len() < MIN_SECRET_BYTES {
+                if secret.len() < RECOMMENDED_SECRET_BYTES {
                     log::warn!(
-                        "jwt_secret is shorter than {MIN_SECRET_BYTES} bytes; \
+                        "jwt_secret is shorter than {RECOMMENDED_SECRET_BYTES} bytes; \
                          HS256 wants at least 256 bits of secret"
                     );
                 }
@@ -377,7 +378,7 @@ impl Authenticator {
     ///
     /// The signature is checked with the pinned algorithm only (`alg: none` and any
     /// other `alg` are refused); then `exp` is required (a number), `sub` is required
-    /// (a non-empty JSON string of at most [`MAX_SUB_BYTES`] bytes), `nbf` is checked
+    /// (a JSON string that is a [`UserId`]: non-empty, at most 128 bytes), `nbf` is checked
     /// when present, `iss`/`aud` are required and checked when configured; the leeway
     /// applies to `exp`/`nbf`. Tokens over [`MAX_TOKEN_BYTES`] are refused before any
     /// decoding.
@@ -411,7 +412,7 @@ impl Authenticator {
         }
 
         let sub = match data.claims.sub {
-            Some(Value::String(sub)) if !sub.is_empty() && sub.len() <= MAX_SUB_BYTES => sub,
+            Some(Value::String(sub)) => UserId::try_from(sub).map_err(|_| AuthError::BadSubject)?,
             _ => return Err(AuthError::BadSubject),
         };
         let exp = data
@@ -452,9 +453,7 @@ impl Authenticator {
                 )))
             }
         };
-        if sub.is_empty() || sub.len() > MAX_SUB_BYTES {
-            return Err(AuthError::BadSubject);
-        }
+        UserId::check(sub).map_err(|_| AuthError::BadSubject)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|_| AuthError::Other("system clock is before 1970".to_owned()))?
@@ -824,7 +823,7 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
         assert_eq!(
             claims,
             Claims {
-                sub: "user-1".to_owned(),
+                sub: UserId::parse("user-1").unwrap(),
                 exp
             }
         );
@@ -1140,7 +1139,7 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
             json!({"sub": null, "exp": exp}),
             json!({"sub": true, "exp": exp}),
             json!({"sub": 1.5, "exp": exp}),
-            json!({"sub": "x".repeat(MAX_SUB_BYTES + 1), "exp": exp}),
+            json!({"sub": "x".repeat(UserId::MAX_BYTES + 1), "exp": exp}),
             // 43 three-byte characters: 129 bytes in 43 chars
             json!({"sub": "€".repeat(43), "exp": exp}),
         ] {
@@ -1151,7 +1150,7 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
     #[test]
     fn subject_of_exactly_128_bytes_is_accepted() {
         let a = auth(&hs_settings());
-        let sub = "x".repeat(MAX_SUB_BYTES);
+        let sub = "x".repeat(UserId::MAX_BYTES);
         let claims = a
             .verify(&hs(&json!({"sub": sub, "exp": now() + 600})))
             .unwrap();
@@ -1295,7 +1294,7 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
         let a = auth(&hs_settings());
         assert_eq!(a.mint("", 60), Err(AuthError::BadSubject));
         assert_eq!(
-            a.mint(&"x".repeat(MAX_SUB_BYTES + 1), 60),
+            a.mint(&"x".repeat(UserId::MAX_BYTES + 1), 60),
             Err(AuthError::BadSubject)
         );
     }

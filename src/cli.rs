@@ -15,15 +15,13 @@ use clap::error::ErrorKind;
 use clap::{Arg, ArgAction, ArgMatches};
 
 use crate::config::{Config, ConfigError, ENV_CONFIG_FILE};
+use crate::ids::UserId;
 
 /// Default lifetime of a token minted by `agentwire token`, in seconds.
 pub const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 
 /// Longest accepted `--ttl-s`: ten years, in seconds.
 pub const MAX_TOKEN_TTL_S: u64 = 10 * 365 * 24 * 3600;
-
-/// Longest accepted `--sub`, in bytes (the gateway refuses longer `sub` claims).
-pub const MAX_SUB_BYTES: usize = 128;
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -41,8 +39,8 @@ pub enum Command {
     Token {
         /// The validated configuration, to find the key.
         config: Config,
-        /// The token's `sub`: non-empty, at most 128 bytes.
-        sub: String,
+        /// The token's `sub`.
+        sub: UserId,
         /// Lifetime in seconds, 1 to ten years; default 3600.
         ttl_s: u64,
     },
@@ -137,7 +135,11 @@ pub fn parse(args: Vec<OsString>, env: Vec<(String, String)>) -> Result<Command,
     match name {
         "serve" => Ok(Command::Serve { config, warnings }),
         "token" => {
-            let sub = string(m, "sub")?.ok_or_else(|| internal("--sub is missing"))?;
+            let sub = m
+                .try_get_one::<UserId>("sub")
+                .map_err(|e| internal(&e.to_string()))?
+                .cloned()
+                .ok_or_else(|| internal("--sub is missing"))?;
             let ttl_s = match m.try_get_one::<u64>("ttl_s") {
                 Ok(Some(v)) => *v,
                 Ok(None) => DEFAULT_TOKEN_TTL_S,
@@ -270,15 +272,9 @@ fn attach_bare_bools(args: Vec<OsString>) -> Vec<OsString> {
     out
 }
 
-/// `--sub`: non-empty, at most [`MAX_SUB_BYTES`].
-fn parse_sub(value: &str) -> Result<String, String> {
-    if value.is_empty() {
-        Err("must not be empty".into())
-    } else if value.len() > MAX_SUB_BYTES {
-        Err(format!("must be at most {MAX_SUB_BYTES} bytes"))
-    } else {
-        Ok(value.to_owned())
-    }
+/// `--sub`: a [`UserId`], as the gateway will verify it.
+fn parse_sub(value: &str) -> Result<UserId, String> {
+    UserId::parse(value).map_err(|_| format!("must be {}", UserId::RULE))
 }
 
 /// A string argument, or `None` when absent.
@@ -585,7 +581,7 @@ mod tests {
         ] {
             assert!(matches!(run(bad, &[]), Err(CliError::Clap(_))), "{bad:?}");
         }
-        let long = "x".repeat(MAX_SUB_BYTES + 1);
+        let long = "x".repeat(UserId::MAX_BYTES + 1);
         assert!(matches!(
             run(&["token", "--sub", &long], &[]),
             Err(CliError::Clap(_))

@@ -6,9 +6,13 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::MAX_NAME_BYTES;
+use crate::ids::{RunId, ThreadId};
 
-/// One valid client message. Strings are moved out of the parsed JSON, not copied.
+/// The `bad_message` text for a `thread_id` that is neither null nor a string.
+const THREAD_ID_NOT_A_STRING: &str = "thread_id must be null or a non-empty string";
+
+/// One valid client message. Strings are moved out of the parsed JSON, not copied; an
+/// id is copied once, into the shared string of its validated type ([`crate::ids`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ClientMessage {
     /// `{"type":"ping"}`: answered with `pong`.
@@ -16,14 +20,13 @@ pub enum ClientMessage {
     /// `{"type":"user_message","text":S,"thread_id":T?,"ref":R?}`.
     UserMessage {
         text: String,
-        /// `None` for a missing or null `thread_id`; otherwise non-empty and at most
-        /// [`MAX_NAME_BYTES`].
-        thread_id: Option<String>,
+        /// `None` for a missing or null `thread_id`.
+        thread_id: Option<ThreadId>,
         /// The optional `ref`, echoed in the `ack` (null when absent).
         reference: Value,
     },
     /// `{"type":"cancel","run_id":R}`.
-    Cancel { run_id: String },
+    Cancel { run_id: RunId },
     /// `{"type":"refresh","token":JWT}`.
     Refresh { token: String },
 }
@@ -39,7 +42,8 @@ impl ClientMessage {
     /// # Errors
     /// [`BadMessage`] when the text is not JSON, not an object, has no string `type`,
     /// an unknown `type`, or a missing or mistyped field of that type (`text` is checked
-    /// before `thread_id`).
+    /// before `thread_id`), or a `thread_id` / `run_id` string that breaks the
+    /// [`ThreadId`] / [`RunId`] rule (the message states the rule).
     pub fn parse(text: &str) -> Result<ClientMessage, BadMessage> {
         let msg: Value = serde_json::from_str(text).map_err(|_| BadMessage("not JSON"))?;
         let Value::Object(mut obj) = msg else {
@@ -56,10 +60,10 @@ impl ClientMessage {
                     .ok_or(BadMessage("user_message needs a string field text"))?;
                 let thread_id = match obj.remove("thread_id") {
                     None | Some(Value::Null) => None,
-                    Some(Value::String(t)) if !t.is_empty() && t.len() <= MAX_NAME_BYTES => Some(t),
-                    Some(_) => {
-                        return Err(BadMessage("thread_id must be null or a non-empty string"))
+                    Some(Value::String(t)) => {
+                        Some(ThreadId::try_from(t).map_err(|e| BadMessage(e.message()))?)
                     }
+                    Some(_) => return Err(BadMessage(THREAD_ID_NOT_A_STRING)),
                 };
                 let reference = obj.remove("ref").unwrap_or(Value::Null);
                 Ok(ClientMessage::UserMessage {
@@ -68,9 +72,12 @@ impl ClientMessage {
                     reference,
                 })
             }
-            "cancel" => take_string(&mut obj, "run_id")
-                .map(|run_id| ClientMessage::Cancel { run_id })
-                .ok_or(BadMessage("cancel needs a string field run_id")),
+            "cancel" => {
+                let run_id = take_string(&mut obj, "run_id")
+                    .ok_or(BadMessage("cancel needs a string field run_id"))?;
+                let run_id = RunId::try_from(run_id).map_err(|e| BadMessage(e.message()))?;
+                Ok(ClientMessage::Cancel { run_id })
+            }
             "refresh" => take_string(&mut obj, "token")
                 .map(|token| ClientMessage::Refresh { token })
                 .ok_or(BadMessage("refresh needs a string field token")),
@@ -108,7 +115,7 @@ mod tests {
             ClientMessage::parse(r#"{"type":"user_message","text":"hi","thread_id":"t1","ref":7}"#),
             Ok(ClientMessage::UserMessage {
                 text: "hi".into(),
-                thread_id: Some("t1".into()),
+                thread_id: Some(ThreadId::parse("t1").unwrap()),
                 reference: Value::from(7),
             })
         );
@@ -123,7 +130,7 @@ mod tests {
         assert_eq!(
             ClientMessage::parse(r#"{"run_id":"r-1","type":"cancel"}"#),
             Ok(ClientMessage::Cancel {
-                run_id: "r-1".into()
+                run_id: RunId::parse("r-1").unwrap()
             })
         );
         assert_eq!(
@@ -148,7 +155,7 @@ mod tests {
             bad(r#"{"type":"user_message","thread_id":5}"#),
             "user_message needs a string field text"
         );
-        for thread in [r#""""#, "5", "[]", &format!("\"{}\"", "t".repeat(257))] {
+        for thread in ["5", "[]", "{}", "true"] {
             assert_eq!(
                 bad(&format!(
                     r#"{{"type":"user_message","text":"x","thread_id":{thread}}}"#
@@ -164,6 +171,43 @@ mod tests {
             bad(r#"{"type":"refresh"}"#),
             "refresh needs a string field token"
         );
+    }
+
+    /// `thread_id` and `run_id` follow the one rule of their kind ([`crate::ids`]):
+    /// a thread with control characters is refused here as at the upgrade, and a
+    /// `run_id` no run can have is a bad message (v1: `not_found`).
+    #[test]
+    fn ids_follow_their_rules() {
+        let thread = |t: &str| format!(r#"{{"type":"user_message","text":"x","thread_id":{t}}}"#);
+        let long = format!("\"{}\"", "t".repeat(257));
+        for t in [
+            r#""""#,
+            long.as_str(),
+            r#""a\u0000b""#,
+            r#""t\n""#,
+            r#""\u001b[2J""#,
+            r#""\u0085""#,
+        ] {
+            assert_eq!(
+                bad(&thread(t)),
+                "thread_id must be a non-empty string of at most 256 bytes without control characters",
+                "{t}"
+            );
+        }
+        let most = format!("\"{}\"", "t".repeat(256));
+        assert!(matches!(
+            ClientMessage::parse(&thread(&most)),
+            Ok(ClientMessage::UserMessage { thread_id: Some(t), .. }) if t.len() == 256
+        ));
+        let cancel = |r: &str| format!(r#"{{"type":"cancel","run_id":{r}}}"#);
+        let long = format!("\"{}\"", "r".repeat(257));
+        for r in [r#""""#, long.as_str()] {
+            assert_eq!(
+                bad(&cancel(r)),
+                "run_id must be a non-empty string of at most 256 bytes"
+            );
+        }
+        assert!(ClientMessage::parse(&cancel(r#""r\n""#)).is_ok());
     }
 
     /// serde_json's recursion limit turns deep nesting into an error, not a stack

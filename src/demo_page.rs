@@ -24,9 +24,10 @@ use serde_json::Value;
 
 use crate::frames::{to_json, ErrorBody, ErrorCode};
 
-use crate::auth::{Authenticator, MAX_SUB_BYTES};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::http;
+use crate::ids::UserId;
 
 /// Lifetime of a token from `POST /dev/token`, in seconds (the page's client refreshes
 /// it before it expires). One hour.
@@ -152,10 +153,11 @@ impl DemoPage {
         let user = serde_json::from_slice::<Value>(body)
             .ok()
             .and_then(|v| v.get("user_id").and_then(Value::as_str).map(str::to_owned));
-        let Some(user) = user.filter(|u| !u.is_empty() && u.len() <= MAX_SUB_BYTES) else {
+        let Some(user) = user.filter(|u| UserId::check(u).is_ok()) else {
             let message = format!(
                 "body must be {{\"user_id\": U}} with U a non-empty string of at most \
-                 {MAX_SUB_BYTES} bytes"
+                 {} bytes",
+                UserId::MAX_BYTES
             );
             return (
                 400,

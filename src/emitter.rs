@@ -128,7 +128,9 @@ impl Emitter {
     /// Start emitting events of one run. `thread_id` `None` is a null thread.
     ///
     /// # Errors
-    /// [`EventError`] when an identifier is empty or too long.
+    /// [`EventError`] when an identifier breaks the rule of its kind
+    /// ([`crate::ids`]): a user id is 1 to 128 bytes, a thread id 1 to 256 bytes without
+    /// control characters, a run id 1 to 256 bytes, an agent name at most 256 bytes.
     pub fn run(
         &self,
         user_id: &str,

@@ -15,10 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 
-/// Longest accepted `user_id` / JWT `sub`, in bytes.
-pub const MAX_USER_ID_BYTES: usize = 128;
-/// Longest accepted `run_id`, `agent_name` and `thread_id`, in bytes.
-pub const MAX_NAME_BYTES: usize = 256;
+use crate::ids::{AgentName, IdError, RunId, ThreadId, UserId};
 
 /// What happened in an agent run. The five critical kinds and `AgentError` are
 /// first-class; anything else is a validated custom type such as `text_delta`.
@@ -115,24 +112,40 @@ pub enum EventError {
     /// The type names a frame the gateway sends itself (`connected`, `ack`, ...).
     #[error("event type {0:?} is reserved for gateway frames")]
     ReservedType(String),
-    /// `user_id` is empty or longer than 128 bytes.
-    #[error("user_id must be a non-empty string of at most 128 bytes")]
+    /// `user_id` breaks the [`UserId`] rule (empty, over 128 bytes).
+    #[error("{}", IdError::User)]
     BadUser,
-    /// `run_id` is empty or too long.
-    #[error("run_id must be a non-empty string of at most 256 bytes")]
+    /// `run_id` breaks the [`RunId`] rule (empty, over 256 bytes).
+    #[error("{}", IdError::Run)]
     BadRunId,
-    /// `agent_name` is too long.
-    #[error("agent_name must be a string of at most 256 bytes")]
+    /// `agent_name` breaks the [`AgentName`] rule (over 256 bytes).
+    #[error("{}", IdError::AgentName)]
     BadAgentName,
-    /// `thread_id` is empty or too long.
-    #[error("thread_id must be null or a non-empty string of at most 256 bytes")]
+    /// `thread_id` is neither null nor a [`ThreadId`] (empty, over 256 bytes, control
+    /// characters).
+    #[error("thread_id must be null or {}", ThreadId::RULE)]
     BadThreadId,
     /// The payload could not be serialized to JSON.
     #[error("data is not serializable to JSON: {0}")]
     BadData(String),
 }
 
+impl From<IdError> for EventError {
+    fn from(e: IdError) -> EventError {
+        match e {
+            IdError::User => EventError::BadUser,
+            IdError::Thread => EventError::BadThreadId,
+            IdError::Run => EventError::BadRunId,
+            IdError::AgentName => EventError::BadAgentName,
+        }
+    }
+}
+
 /// Identity of a run's events: who receives them and which run they belong to.
+///
+/// The fields are the shared strings of validated ids ([`crate::ids`]); the routing
+/// state keys its maps by them, so a routed event costs reference-count increments,
+/// never a copy.
 #[derive(Clone, Debug)]
 pub struct RunKey {
     pub user_id: Arc<str>,
@@ -142,33 +155,37 @@ pub struct RunKey {
 }
 
 impl RunKey {
-    /// Validate the identifiers (lengths, non-empty) of a run.
+    /// Validate the identifiers of a run, each by its rule: [`UserId`], [`RunId`],
+    /// [`AgentName`], then [`ThreadId`] (`None` is a null thread).
+    ///
+    /// # Errors
+    /// The [`EventError`] of the first identifier, in that order, that breaks its rule.
     pub fn new(
         user_id: &str,
         thread_id: Option<&str>,
         run_id: &str,
         agent_name: &str,
     ) -> Result<RunKey, EventError> {
-        if user_id.is_empty() || user_id.len() > MAX_USER_ID_BYTES {
-            return Err(EventError::BadUser);
+        let user_id = UserId::parse(user_id)?;
+        let run_id = RunId::parse(run_id)?;
+        let agent_name = AgentName::parse(agent_name)?;
+        let thread_id = thread_id.map(ThreadId::parse).transpose()?;
+        Ok(RunKey::from_ids(user_id, thread_id, run_id, agent_name))
+    }
+
+    /// The key of ids validated already (no allocation: the key keeps their strings).
+    pub fn from_ids(
+        user_id: UserId,
+        thread_id: Option<ThreadId>,
+        run_id: RunId,
+        agent_name: AgentName,
+    ) -> RunKey {
+        RunKey {
+            user_id: user_id.into_arc(),
+            thread_id: thread_id.map(ThreadId::into_arc),
+            run_id: run_id.into_arc(),
+            agent_name: agent_name.into_arc(),
         }
-        if run_id.is_empty() || run_id.len() > MAX_NAME_BYTES {
-            return Err(EventError::BadRunId);
-        }
-        if agent_name.len() > MAX_NAME_BYTES {
-            return Err(EventError::BadAgentName);
-        }
-        if let Some(t) = thread_id {
-            if t.is_empty() || t.len() > MAX_NAME_BYTES {
-                return Err(EventError::BadThreadId);
-            }
-        }
-        Ok(RunKey {
-            user_id: user_id.into(),
-            thread_id: thread_id.map(Into::into),
-            run_id: run_id.into(),
-            agent_name: agent_name.into(),
-        })
     }
 }
 
@@ -477,5 +494,46 @@ mod tests {
             RunKey::new("u", None, "r", &"a".repeat(257)).unwrap_err(),
             EventError::BadAgentName
         );
+    }
+
+    /// A thread id follows the one [`ThreadId`] rule: control characters are refused
+    /// here as at the upgrade (v1 accepted them from workers and the publish API).
+    #[test]
+    fn run_key_thread_has_no_control_characters() {
+        for bad in ["t\n", "a\0b", "\u{1b}[2J", "\u{85}"] {
+            assert_eq!(
+                RunKey::new("u", Some(bad), "r", "a").unwrap_err(),
+                EventError::BadThreadId,
+                "{bad:?}"
+            );
+        }
+        assert!(RunKey::new("u", Some(&"t".repeat(256)), "r", "a").is_ok());
+        assert_eq!(
+            RunKey::new("u", Some(&"t".repeat(257)), "r", "a").unwrap_err(),
+            EventError::BadThreadId
+        );
+        assert_eq!(
+            EventError::BadThreadId.to_string(),
+            "thread_id must be null or a non-empty string of at most 256 bytes without control characters"
+        );
+        assert_eq!(
+            EventError::BadUser.to_string(),
+            "user_id must be a non-empty string of at most 128 bytes"
+        );
+    }
+
+    /// Building a key from validated ids keeps their strings: no copy per key.
+    #[test]
+    fn run_key_from_ids_keeps_the_strings() {
+        let user = UserId::parse("u").unwrap();
+        let run = RunId::parse("r").unwrap();
+        let key = RunKey::from_ids(
+            user.clone(),
+            None,
+            run.clone(),
+            AgentName::parse("a").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&key.user_id, user.as_arc()));
+        assert!(Arc::ptr_eq(&key.run_id, run.as_arc()));
     }
 }

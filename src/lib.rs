@@ -34,7 +34,9 @@
 //! [`close`] (close codes and the labels the stats count).
 //! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
 //! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
-//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade
+//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets.
+//! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
+//! per kind ([`ids`]). Tokens are checked once at the upgrade
 //! ([`auth`]); heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel ([`timer_wheel`]). Per-user state (connections, seq, replay
 //! buffer, runs) lives in the [`registry`].
@@ -74,6 +76,7 @@ pub mod emitter;
 pub mod event;
 pub mod frames;
 pub mod http;
+pub mod ids;
 mod inbox;
 pub mod log_sink;
 pub mod mode;

@@ -230,6 +230,15 @@ mod tests {
                 r#"{"type":"agent_thinking","user_id":"","run_id":"r","agent_name":"a"}"#,
                 "user_id",
             ),
+            // The ThreadId rule, as at the upgrade: no control characters (v1 took them).
+            (
+                r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a","thread_id":"t\n1"}"#,
+                "thread_id must be null or a non-empty string of at most 256 bytes without control characters",
+            ),
+            (
+                r#"{"type":"agent_thinking","user_id":"u","run_id":"r","agent_name":"a","thread_id":"\u0000"}"#,
+                "control characters",
+            ),
             (
                 r#"{"type":"connected","user_id":"u","run_id":"r","agent_name":"a"}"#,
                 "reserved",

@@ -7,7 +7,9 @@
 //! - every error is one of the fixed `bad_message` texts (the reactor answers each with
 //!   `{"type":"error","code":"bad_message",...}`), never client input, and it is the
 //!   one PROTOCOL.md section 4 names for that input: not JSON, not an object, no string
-//!   `type`, unknown `type`, or the missing/mistyped field of that type;
+//!   `type`, unknown `type`, the missing/mistyped field of that type, or a `thread_id`
+//!   / `run_id` breaking its rule (`agentwire::ids`: a thread id is 1 to 256 bytes
+//!   without control characters, a run id 1 to 256 bytes);
 //! - a parsed message carries exactly the fields of the JSON object (checked against
 //!   `serde_json::Value`), and the frames the reactor answers with (`error`, `ack`)
 //!   are single unmasked text frames holding a JSON object.
@@ -18,20 +20,26 @@
 #![no_main]
 
 use agentwire::client_message::{BadMessage, ClientMessage};
-use agentwire::event::{control_frame, MAX_NAME_BYTES};
+use agentwire::event::control_frame;
+use agentwire::ids::{RunId, ThreadId};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 
-const BAD_MESSAGES: [&str; 8] = [
+const BAD_MESSAGES: [&str; 10] = [
     "not JSON",
     "not a JSON object",
     "missing field type",
     "unknown message type",
     "user_message needs a string field text",
     "thread_id must be null or a non-empty string",
+    THREAD_RULE,
     "cancel needs a string field run_id",
+    RUN_RULE,
     "refresh needs a string field token",
 ];
+const THREAD_RULE: &str =
+    "thread_id must be a non-empty string of at most 256 bytes without control characters";
+const RUN_RULE: &str = "run_id must be a non-empty string of at most 256 bytes";
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -76,9 +84,13 @@ fn expected(text: &str) -> Result<ClientMessage, BadMessage> {
                 string("text").ok_or(BadMessage("user_message needs a string field text"))?;
             let thread_id = match obj.get("thread_id") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(t)) if (1..=MAX_NAME_BYTES).contains(&t.len()) => {
-                    Some(t.clone())
+                Some(Value::String(t))
+                    if (1..=ThreadId::MAX_BYTES).contains(&t.len())
+                        && !t.chars().any(char::is_control) =>
+                {
+                    Some(ThreadId::parse(t).expect("a valid thread id"))
                 }
+                Some(Value::String(_)) => return Err(BadMessage(THREAD_RULE)),
                 Some(_) => return Err(BadMessage("thread_id must be null or a non-empty string")),
             };
             Ok(ClientMessage::UserMessage {
@@ -87,9 +99,15 @@ fn expected(text: &str) -> Result<ClientMessage, BadMessage> {
                 reference: obj.get("ref").cloned().unwrap_or(Value::Null),
             })
         }
-        "cancel" => string("run_id")
-            .map(|run_id| ClientMessage::Cancel { run_id })
-            .ok_or(BadMessage("cancel needs a string field run_id")),
+        "cancel" => {
+            let run_id = string("run_id").ok_or(BadMessage("cancel needs a string field run_id"))?;
+            if !(1..=RunId::MAX_BYTES).contains(&run_id.len()) {
+                return Err(BadMessage(RUN_RULE));
+            }
+            Ok(ClientMessage::Cancel {
+                run_id: RunId::parse(&run_id).expect("a valid run id"),
+            })
+        }
         "refresh" => string("token")
             .map(|token| ClientMessage::Refresh { token })
             .ok_or(BadMessage("refresh needs a string field token")),

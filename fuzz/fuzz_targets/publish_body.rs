@@ -7,7 +7,8 @@
 //! - an accepted body is JSON: one object or an array of at most `MAX_BATCH`, one
 //!   event per element, in order; each event's type matches `^[a-z][a-z0-9_]{0,63}$`
 //!   and is not reserved, `user_id` is 1..=128 bytes, `run_id` 1..=256, `agent_name`
-//!   at most 256, `thread_id` null or 1..=256;
+//!   at most 256, `thread_id` null or 1..=256 bytes without control characters (the
+//!   `agentwire::ids` rules);
 //! - each event's frame (with a seq) is one unmasked FIN text frame whose payload is a
 //!   JSON object carrying exactly those fields, the seq, and `data` equal to the
 //!   element's `data` (null when absent);
@@ -102,6 +103,7 @@ fn check_event(got: &Fields, item: &Fields, seq: u64) {
         Some(_) => {
             let t = string(item, "thread_id").expect("accepted thread_id is a string");
             assert!((1..=256).contains(&t.len()));
+            assert!(!t.chars().any(char::is_control), "thread_id with control characters");
             assert_eq!(string(got, "thread_id"), Some(t));
         }
     }

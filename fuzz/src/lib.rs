@@ -87,7 +87,7 @@ pub fn oracle() -> &'static Authenticator {
 /// The claims a fixed valid token carries.
 pub fn expected_claims(sub: &str) -> Claims {
     Claims {
-        sub: sub.to_owned(),
+        sub: agentwire::ids::UserId::parse(sub).expect("a fixed valid sub"),
         exp: EXP,
     }
 }

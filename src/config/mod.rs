@@ -85,8 +85,9 @@ pub const ENV_PREFIX: &str = "AGENTWIRE_";
 /// setting, so [`Config::load`] skips it without a warning.
 pub const ENV_CONFIG_FILE: &str = "AGENTWIRE_CONFIG";
 
-/// Shortest accepted HS256 `jwt_secret`, in bytes.
-pub const MIN_SECRET_BYTES: usize = 16;
+/// Shortest accepted HS256 `jwt_secret` and `publish_key`, in bytes: shorter ones are
+/// refused by [`Config::validate`]. (`Authenticator` warns below 32 bytes of `jwt_secret`.)
+pub const MIN_ACCEPTED_SECRET_BYTES: usize = 16;
 
 const DAY_MS: u64 = 86_400_000;
 const GIB: u64 = 1 << 30;
@@ -315,11 +316,11 @@ impl Config {
             });
         }
         if let Some(key) = &self.publish_key {
-            if key.len() < MIN_SECRET_BYTES {
+            if key.len() < MIN_ACCEPTED_SECRET_BYTES {
                 return Err(ConfigError::Inconsistent {
                     name: "publish_key",
                     message: format!(
-                        "must be at least {MIN_SECRET_BYTES} bytes, got {} bytes",
+                        "must be at least {MIN_ACCEPTED_SECRET_BYTES} bytes, got {} bytes",
                         key.len()
                     ),
                 });
@@ -346,11 +347,11 @@ impl Config {
                     });
                 }
                 if let Some(secret) = &self.jwt_secret {
-                    if secret.len() < MIN_SECRET_BYTES {
+                    if secret.len() < MIN_ACCEPTED_SECRET_BYTES {
                         return Err(ConfigError::Inconsistent {
                             name: "jwt_secret",
                             message: format!(
-                                "must be at least {MIN_SECRET_BYTES} bytes for HS256, got {} bytes",
+                                "must be at least {MIN_ACCEPTED_SECRET_BYTES} bytes for HS256, got {} bytes",
                                 secret.len()
                             ),
                         });

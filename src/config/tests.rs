@@ -659,7 +659,7 @@ fn validate_checks_combinations() {
     // Issue 9 F11: a publish key as short as one character is refused.
     check(&|c| c.publish_key = Some("k".into()), "publish_key");
     check(
-        &|c| c.publish_key = Some("x".repeat(MIN_SECRET_BYTES - 1)),
+        &|c| c.publish_key = Some("x".repeat(MIN_ACCEPTED_SECRET_BYTES - 1)),
         "publish_key",
     );
 

@@ -62,4 +62,4 @@ pub use response::{
 };
 pub use routes::{allowed_methods, Route};
 pub use upgrade::{admit_upgrade, check_upgrade, TokenSource, Upgrade};
-pub use upgrade::{BEARER_SUBPROTOCOL_PREFIX, MAX_EPOCH_BYTES, MAX_THREAD_ID_BYTES, SUBPROTOCOL};
+pub use upgrade::{BEARER_SUBPROTOCOL_PREFIX, MAX_EPOCH_BYTES, SUBPROTOCOL};

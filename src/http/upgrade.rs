@@ -9,11 +9,10 @@ use std::fmt;
 
 use super::{Method, Refusal, Request};
 use crate::auth::{Authenticator, Claims};
+use crate::ids::{has_control_characters, ThreadId, UserId};
 use crate::mode::Mode;
 use crate::origin;
 
-/// Largest `thread_id` query parameter in bytes; over it: 400.
-pub const MAX_THREAD_ID_BYTES: usize = 256;
 /// Largest `epoch` query parameter in bytes; over it: 400.
 pub const MAX_EPOCH_BYTES: usize = 256;
 /// The WebSocket subprotocol the gateway speaks (section 3).
@@ -52,8 +51,8 @@ pub struct Upgrade {
     pub accept_key: String,
     /// The resolved mode (path alias, `mode`, `connection_scope`; default main).
     pub mode: Mode,
-    /// `thread_id` filter: non-empty, at most [`MAX_THREAD_ID_BYTES`].
-    pub thread_id: Option<String>,
+    /// `thread_id` filter.
+    pub thread_id: Option<ThreadId>,
     /// `last_seq` resume point.
     pub last_seq: Option<u64>,
     /// `epoch` the client resumes from.
@@ -74,20 +73,20 @@ impl fmt::Debug for Upgrade {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Query and header values are client text (a token pasted into `thread_id`
         // would be logged, found by fuzzing): only their lengths are shown.
-        let len = |v: &Option<String>| v.as_ref().map(|s| format!("<{} bytes>", s.len()));
+        let len = |v: Option<&str>| v.map(|s| format!("<{} bytes>", s.len()));
         f.debug_struct("Upgrade")
             .field("accept_key", &self.accept_key)
             .field("mode", &self.mode)
-            .field("thread_id", &len(&self.thread_id))
+            .field("thread_id", &len(self.thread_id.as_deref()))
             .field("last_seq", &self.last_seq)
-            .field("epoch", &len(&self.epoch))
-            .field("user_id", &len(&self.user_id))
+            .field("epoch", &len(self.epoch.as_deref()))
+            .field("user_id", &len(self.user_id.as_deref()))
             .field(
                 "token",
                 &self.token.as_ref().map(|(_, src)| ("<redacted>", *src)),
             )
             .field("subprotocol", &self.subprotocol)
-            .field("origin", &len(&self.origin))
+            .field("origin", &len(self.origin.as_deref()))
             .finish()
     }
 }
@@ -149,8 +148,9 @@ fn bad_param(name: &str) -> Refusal {
 /// - 400 for a duplicate known query parameter, a `mode` other than
 ///   `main|factory|legacy|isolated`, a `connection_scope` other than `true|false|1|0`,
 ///   modes that disagree (path alias, `mode`, `connection_scope=true`), a `last_seq`
-///   that is not a u64 in decimal, a `thread_id` empty, over 256 bytes or with control
-///   characters, an `epoch` over 256 bytes or with control characters;
+///   that is not a u64 in decimal, a `thread_id` that is not a [`ThreadId`] (empty, over
+///   256 bytes or with control characters), an `epoch` over [`MAX_EPOCH_BYTES`] or with
+///   control characters;
 /// - 400 for a body (`Content-Length` > 0 or chunked);
 /// - 400 for a duplicate `Authorization` or `Origin` header.
 pub fn check_upgrade(
@@ -217,14 +217,12 @@ pub fn check_upgrade(
         Some(s) => Some(parse_u64(s).ok_or_else(|| bad_param("last_seq"))?),
         None => None,
     };
-    let has_control = |s: &str| s.chars().any(char::is_control);
-    if let Some(t) = params.thread_id {
-        if t.is_empty() || t.len() > MAX_THREAD_ID_BYTES || has_control(t) {
-            return Err(bad_param("thread_id"));
-        }
-    }
+    let thread_id = match params.thread_id {
+        Some(t) => Some(ThreadId::parse(t).map_err(|_| bad_param("thread_id"))?),
+        None => None,
+    };
     if let Some(e) = params.epoch {
-        if e.len() > MAX_EPOCH_BYTES || has_control(e) {
+        if e.len() > MAX_EPOCH_BYTES || has_control_characters(e) {
             return Err(bad_param("epoch"));
         }
     }
@@ -254,7 +252,7 @@ pub fn check_upgrade(
     Ok(Upgrade {
         accept_key: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         mode,
-        thread_id: params.thread_id.map(str::to_owned),
+        thread_id,
         last_seq,
         epoch: params.epoch.map(str::to_owned),
         user_id: params.user_id.map(str::to_owned),
@@ -266,7 +264,7 @@ pub fn check_upgrade(
 
 /// Admit an upgrade as far as the request decides: [`check_upgrade`], then the Origin
 /// allow-list ([`origin::allowed`]), then a token that `auth` verifies, then `user_id`
-/// (when given) equal to the token's `sub`. Connection limits and draining are the
+/// (when given) a [`UserId`] equal to the token's `sub`, byte for byte. Connection limits and draining are the
 /// reactor's. An `Ok` always carries verified claims (fuzzed: `fuzz/`, target
 /// `http_head`).
 ///
@@ -290,7 +288,13 @@ pub fn admit_upgrade(
     let claims = auth
         .verify(token)
         .map_err(|e| Refusal::unauthorized(e.to_string()))?;
-    if up.user_id.as_ref().is_some_and(|uid| *uid != claims.sub) {
+    // A claimed user_id that is not a valid UserId can never be the sub: 403 as for any
+    // other mismatch (PROTOCOL.md section 3), never 400.
+    if up
+        .user_id
+        .as_deref()
+        .is_some_and(|uid| UserId::check(uid).is_err() || *uid != *claims.sub)
+    {
         return Err(Refusal::forbidden("user_id does not match the token"));
     }
     Ok((up, claims))
@@ -637,12 +641,12 @@ mod tests {
         ] {
             assert_eq!(up_status(bad, &[]), 400, "{bad}");
         }
-        let long = format!("/ws?thread_id={}", "t".repeat(MAX_THREAD_ID_BYTES));
+        let long = format!("/ws?thread_id={}", "t".repeat(ThreadId::MAX_BYTES));
         assert_eq!(
             up(&long, &[]).unwrap().thread_id.map(|t| t.len()),
-            Some(MAX_THREAD_ID_BYTES)
+            Some(ThreadId::MAX_BYTES)
         );
-        let too_long = format!("/ws?thread_id={}", "t".repeat(MAX_THREAD_ID_BYTES + 1));
+        let too_long = format!("/ws?thread_id={}", "t".repeat(ThreadId::MAX_BYTES + 1));
         assert_eq!(up_status(&too_long, &[]), 400);
         let epoch_long = format!("/ws?epoch={}", "e".repeat(MAX_EPOCH_BYTES + 1));
         assert_eq!(up_status(&epoch_long, &[]), 400);
@@ -725,6 +729,12 @@ mod tests {
             status(admit(&format!("/ws?user_id=u2&token={good}"), &[], &[])),
             403
         );
+        // A claimed user_id that is no UserId is a mismatch like any other: 403.
+        let long = "u".repeat(UserId::MAX_BYTES + 1);
+        for claimed in ["", "U1", "u1%00", long.as_str()] {
+            let target = format!("/ws?user_id={claimed}&token={good}");
+            assert_eq!(status(admit(&target, &[], &[])), 403, "{claimed}");
+        }
         let origins = ["https://app.example".to_owned()];
         let bearer = format!("Authorization: Bearer {good}");
         assert_eq!(status(admit("/ws", &[&bearer], &origins)), 101);

@@ -141,7 +141,7 @@ impl Reactor {
         &mut self,
         id: ConnId,
         text: String,
-        thread: Option<String>,
+        thread: Option<crate::ids::ThreadId>,
         reference: Value,
     ) -> bool {
         let max_text = self.s.config.max_user_message_bytes;
@@ -159,7 +159,7 @@ impl Reactor {
         let run: Arc<str> = Arc::from(run_id.as_str());
         let msg = Inbound::UserMessage {
             user_id: user.to_string(),
-            thread_id: thread.clone(),
+            thread_id: thread.as_deref().map(str::to_owned),
             text,
             run_id: run_id.clone(),
             connection_id: id.public_id(),
@@ -193,11 +193,7 @@ impl Reactor {
         let u = self.registry.entry(&user);
         u.runs.insert(
             run,
-            Run::pending(
-                thread.as_deref().map(Arc::from),
-                isolated.then_some(id),
-                now,
-            ),
+            Run::pending(thread.map(Into::into), isolated.then_some(id), now),
         );
         self.send(
             id,
