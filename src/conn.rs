@@ -269,7 +269,6 @@ pub struct Session {
     pub ws: WebSocketContext,
     pub user: Arc<str>,
     pub mode: Mode,
-    pub thread: Option<Arc<str>>,
     /// Token `exp` (seconds since the Unix epoch).
     pub token_exp: u64,
     /// Tick (ms) at which the token expires; the phase timer fires no later.

@@ -62,27 +62,31 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod auth;
-pub mod cli;
-pub mod client_message;
-pub mod close;
+// The API for embedders: the items re-exported below, `config`, `demo` (the built-in
+// demo agent) and `log_sink` (the binary's logger). Every other module is internal;
+// what the binary, the benches, the fuzz targets and the load generator need of them
+// goes through `__internal`, which is not part of the API.
+pub(crate) mod auth;
+pub(crate) mod cli;
+pub(crate) mod client_message;
+pub(crate) mod close;
 pub mod config;
-pub mod conn;
+pub(crate) mod conn;
 pub mod demo;
-pub mod demo_page;
-pub mod emitter;
-pub mod event;
-pub mod frames;
-pub mod http;
+pub(crate) mod demo_page;
+pub(crate) mod emitter;
+pub(crate) mod event;
+pub(crate) mod frames;
+pub(crate) mod http;
 mod inbox;
 pub mod log_sink;
-pub mod mode;
-pub mod origin;
-pub mod publish;
+pub(crate) mod mode;
+pub(crate) mod origin;
+pub(crate) mod publish;
 mod reactor;
-pub mod registry;
-pub mod stats;
-pub mod timer_wheel;
+pub(crate) mod registry;
+pub(crate) mod stats;
+pub(crate) mod timer_wheel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,10 +98,55 @@ use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 use tungstenite::protocol::WebSocketConfig;
 
-pub use crate::auth::{AuthSettings, Authenticator, JwtAlgorithm};
+pub use crate::auth::{AuthSettings, AuthSetupError, Authenticator, Claims, JwtAlgorithm};
 pub use crate::config::{Config, ConfigError, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
+
+/// Internals for the binary (`src/bin/agentwire.rs`), the benches, the fuzz targets
+/// and `tools/loadgen`: NOT part of the API, hidden from the docs, and free to change
+/// in any release. One submodule per internal module, so a user writes
+/// `agentwire::__internal::http::parse_head` where the crate writes `http::parse_head`.
+#[doc(hidden)]
+pub mod __internal {
+    pub mod auth {
+        pub use crate::auth::try_generate_secret;
+    }
+    pub mod cli {
+        pub use crate::cli::{parse, Command};
+    }
+    pub mod client_message {
+        pub use crate::client_message::{BadMessage, ClientMessage};
+    }
+    pub mod conn {
+        pub use crate::conn::{ConnId, OutQueue};
+    }
+    pub mod event {
+        pub use crate::event::{control_frame, Event, RunKey, MAX_NAME_BYTES};
+    }
+    pub mod http {
+        pub use crate::http::{
+            admit_upgrade, allowed_methods, check_upgrade, json_response, keep_alive,
+            method_not_allowed_response, parse_head, upgrade_response, Method, Refusal, Request,
+            Route, TokenSource, MAX_HEAD_BYTES,
+        };
+    }
+    pub mod mode {
+        pub use crate::mode::Mode;
+    }
+    pub mod origin {
+        pub use crate::origin::allowed;
+    }
+    pub mod publish {
+        pub use crate::publish::{parse_batch, BatchError, MAX_BATCH};
+    }
+    pub mod registry {
+        pub use crate::registry::{ConnEntry, Limits, Registry, Routed};
+    }
+    pub mod timer_wheel {
+        pub use crate::timer_wheel::TimerWheel;
+    }
+}
 
 use crate::emitter::WakeSignal;
 use crate::reactor::{Reactor, Settings};

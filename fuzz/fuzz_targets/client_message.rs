@@ -1,5 +1,5 @@
 //! Fuzz target `client_message`: one text frame -> the gateway's client-message parser
-//! (`agentwire::client_message::ClientMessage::parse`, what the reactor calls for every
+//! (`agentwire::__internal::client_message::ClientMessage::parse`, what the reactor calls for every
 //! text frame of an open session).
 //!
 //! Asserted:
@@ -17,8 +17,8 @@
 
 #![no_main]
 
-use agentwire::client_message::{BadMessage, ClientMessage};
-use agentwire::event::{control_frame, MAX_NAME_BYTES};
+use agentwire::__internal::client_message::{BadMessage, ClientMessage};
+use agentwire::__internal::event::{control_frame, MAX_NAME_BYTES};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 

@@ -166,15 +166,7 @@ impl Reactor {
             active_runs_truncated: runs_truncated,
         }));
         self.registry.add_conn(&claims.sub, entry);
-        if !self.begin_session(
-            id,
-            &up,
-            user_name,
-            thread,
-            claims.exp,
-            replay_next,
-            leftover,
-        ) {
+        if !self.begin_session(id, &up, user_name, claims.exp, replay_next, leftover) {
             return;
         }
         if let Some(conn) = live(&mut self.conns, id) {
@@ -208,7 +200,6 @@ impl Reactor {
         id: ConnId,
         up: &http::Upgrade,
         user: Arc<str>,
-        thread: Option<Arc<str>>,
         exp: u64,
         replay_next: Option<u64>,
         leftover: Vec<u8>,
@@ -241,7 +232,6 @@ impl Reactor {
             ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
             user,
             mode: up.mode,
-            thread,
             token_exp: exp,
             token_deadline: token_at,
             next_ping: heartbeat_at,

@@ -65,7 +65,7 @@ mod runs;
 use replay::{kept_cost, Front, Kept};
 use runs::EndedRuns;
 
-pub use replay::{Freed, Replayed, Resume, KEPT_OVERHEAD_BYTES, USER_OVERHEAD_BYTES};
+pub use replay::{Replayed, Resume, KEPT_OVERHEAD_BYTES, USER_OVERHEAD_BYTES};
 pub use runs::Run;
 
 /// One open connection as routing sees it.
