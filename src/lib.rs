@@ -5,15 +5,14 @@
 //!
 //! ```text
 //! worker threads ──Emitter (bounded crossbeam channel)──┐  one mio::Waker, woken once per burst
-//! HTTP publish API (POST /api/events) ──────────────────┤
 //!                                                       ▼
 //!                   ┌──────────── reactor thread (mio::Poll) ─────────────┐
 //!   TcpListener ──► │ conns: Slab<Conn>      registry: user -> [ConnId]    │ ──► sockets
-//!                   │ wheel: TimerWheel      runs / replay / stats         │
-//!                   └──────────────────────────────────────────────────────┘
-//!                           │ inbound channel (user_message, cancel)
-//!                           ▼
-//!                      agent workers
+//!  (WebSocket and   │ wheel: TimerWheel      runs / replay / stats         │
+//!   plain HTTP; the └──────────────────────────────────────────────────────┘
+//!   publish API's           │ inbound channel (user_message, cancel)
+//!   POST /api/events        ▼
+//!   routes directly)   agent workers
 //! ```
 //!
 //! There is no async runtime. One thread (`reactor`) owns every socket and all
@@ -29,7 +28,8 @@
 //! flushing, replay) and `reactor/timers.rs` (timers, housekeeping, watchdog,
 //! shutdown). An event's path: worker -> `Event::new` -> channel ->
 //! `Reactor::deliver` -> [`registry::Registry::route`] (seq, replay) -> targets ->
-//! `OutQueue::push` -> `writev`. What the gateway writes itself is typed in [`frames`]
+//! `OutQueue::push` -> `writev`; a publish API event skips the channel (parsed on the
+//! loop, it goes straight to `Reactor::deliver`). What the gateway writes itself is typed in [`frames`]
 //! (server frames, error codes, HTTP answer bodies) and why a connection ended in
 //! [`close`] (close codes and the labels the stats count).
 //! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,

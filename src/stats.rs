@@ -814,17 +814,23 @@ impl Stats {
             &one(self.publish_auth_failures as f64),
         );
         let budgets = g.budgets();
+        // The HELP text names every budget from the list itself, so it cannot fall behind.
+        let names: Vec<&str> = budgets.iter().map(|b| b.0).collect();
+        let names = names.join(", ");
+        let limit_help = format!(
+            "Configured limit of each budget ({names}); in bytes except the counts \
+             http_connections and active_runs."
+        );
+        let used_help = format!("Current use of each budget ({names}); units as in budget_limit.");
         for (name, help, pick) in [
             (
                 "budget_limit",
-                "Configured budgets (pending_total and socket_send_buffer in bytes, http_connections, http_buffer_bytes).",
+                limit_help.as_str(),
                 (|b: &(&str, u64, u64)| b.1) as fn(&(&str, u64, u64)) -> u64,
             ),
-            (
-                "budget_used",
-                "Budget use: unsent bytes (pending_total), SO_SNDBUF applied by the kernel (socket_send_buffer), not-upgraded connections and their buffered bytes.",
-                |b: &(&str, u64, u64)| b.2,
-            ),
+            ("budget_used", used_help.as_str(), |b: &(&str, u64, u64)| {
+                b.2
+            }),
         ] {
             let samples: Vec<(String, f64)> = budgets
                 .iter()
@@ -936,6 +942,13 @@ mod tests {
         let p = s.to_prometheus(&g);
         assert!(p.contains("agentwire_budget_used{budget=\"replay_memory_bytes\"} 5\n"));
         assert!(p.contains("agentwire_budget_limit{budget=\"active_runs\"} 7\n"));
+        let help = p
+            .lines()
+            .find(|l| l.starts_with("# HELP agentwire_budget_used "))
+            .expect("budget_used has a HELP line");
+        for (name, _, _) in g.budgets() {
+            assert!(help.contains(name), "{name} missing from {help}");
+        }
         assert!(p.contains("agentwire_connections_open 1\n"));
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));
