@@ -95,6 +95,7 @@ impl OutQueue {
 
     /// True when the front frame is partly written (it must be finished before anything
     /// else may be dropped from the queue).
+    #[cfg(test)]
     pub fn mid_frame(&self) -> bool {
         self.head_written > 0
     }

@@ -17,9 +17,9 @@
 //!
 //! There is no async runtime. One thread (`reactor`) owns every socket and all
 //! routing state and passes `&mut` around; workers serialize events on their own
-//! threads ([`event`], [`emitter`]) so the loop only assigns the per-user `seq`, builds
+//! threads (`event`, `emitter`) so the loop only assigns the per-user `seq`, builds
 //! one frame per event and queues that shared frame on each receiving connection
-//! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
+//! (`conn`); the loop flushes each connection once per iteration with `writev`.
 //! The reactor is a folder of phases, one `impl Reactor` per file: `reactor/mod.rs`
 //! (the struct, the loop, accept, readiness dispatch, the one close path),
 //! `reactor/endpoints.rs` (plain HTTP and the publish API), `reactor/session.rs`
@@ -27,17 +27,17 @@
 //! the user-message inbox), `reactor/routing.rs` (draining the channel, delivering,
 //! flushing, replay) and `reactor/timers.rs` (timers, housekeeping, watchdog,
 //! shutdown). An event's path: worker -> `Event::new` -> channel ->
-//! `Reactor::deliver` -> [`registry::Registry::route`] (seq, replay) -> targets ->
+//! `Reactor::deliver` -> `registry::Registry::route` (seq, replay) -> targets ->
 //! `OutQueue::push` -> `writev`; a publish API event skips the channel (parsed on the
-//! loop, it goes straight to `Reactor::deliver`). What the gateway writes itself is typed in [`frames`]
+//! loop, it goes straight to `Reactor::deliver`). What the gateway writes itself is typed in `frames`
 //! (server frames, error codes, HTTP answer bodies) and why a connection ended in
-//! [`close`] (close codes and the labels the stats count).
-//! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
-//! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
-//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets. Tokens are checked once at the upgrade
-//! ([`auth`]); heartbeats, handshake deadlines, token expiry and lingering closes run on
-//! a hashed timer wheel ([`timer_wheel`]). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the [`registry`].
+//! `close` (close codes and the labels the stats count).
+//! HTTP requests share the port (`http`: request parsing, routes, upgrade admission,
+//! responses; origins in `origin`): health, config, stats, metrics (`stats`) and
+//! the publish API (`publish`). A session's `mode` decides which events it gets. Tokens are checked once at the upgrade
+//! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
+//! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
+//! buffer, runs) lives in the `registry`.
 //!
 //! # Library use
 //!
@@ -98,7 +98,9 @@ use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 use tungstenite::protocol::WebSocketConfig;
 
-pub use crate::auth::{AuthSettings, AuthSetupError, Authenticator, Claims, JwtAlgorithm};
+pub use crate::auth::{
+    AuthError, AuthSettings, AuthSetupError, Authenticator, Claims, JwtAlgorithm,
+};
 pub use crate::config::{Config, ConfigError, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
@@ -113,7 +115,7 @@ pub mod __internal {
         pub use crate::auth::try_generate_secret;
     }
     pub mod cli {
-        pub use crate::cli::{parse, Command};
+        pub use crate::cli::{parse, CliError, Command};
     }
     pub mod client_message {
         pub use crate::client_message::{BadMessage, ClientMessage};
@@ -237,7 +239,7 @@ pub fn authenticator(config: &Config) -> Result<Authenticator, Error> {
 }
 
 /// The tungstenite settings of every session: a small read buffer (it grows for larger
-/// frames), no write buffering (the gateway queues output itself, see [`conn`]), and
+/// frames), no write buffering (the gateway queues output itself, see `conn`), and
 /// `max_message_bytes` as the largest frame and message. Public for the fuzz targets.
 #[doc(hidden)]
 pub fn websocket_config(config: &Config) -> WebSocketConfig {

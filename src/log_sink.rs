@@ -2,14 +2,14 @@
 //! thread (the reactor, a worker) and handed to a bounded queue; one writer thread
 //! copies the queue to stderr. When stderr stalls (a log shipper that stopped reading
 //! the pipe) the queue fills, further lines are dropped and counted
-//! ([`dropped_lines`], reported in `/ws/stats` and `/metrics`), and once the writer gets
+//! (`dropped_lines`, reported in `/ws/stats` and `/metrics`), and once the writer gets
 //! going again it writes one `WARN` line saying how many were lost. Before this, one
 //! `eprintln`-style write per refused upgrade froze the event loop on a full pipe.
 //!
-//! [`Repeats`] collapses repeated lines (the reactor uses it for refusals): within a
+//! `Repeats` collapses repeated lines (the reactor uses it for refusals): within a
 //! window the first few lines of a kind are written in full and the others are only
 //! counted; when the window has passed, one line reports how many were left out.
-//! [`RateLog`] aggregates one kind of line over a period (accept failures, publish key
+//! `RateLog` aggregates one kind of line over a period (accept failures, publish key
 //! failures): at most one line per period, with the count since the last.
 //!
 //! The line format is env_logger's default one (`[2026-01-01T00:00:00.000Z INFO
