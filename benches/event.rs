@@ -10,7 +10,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use agentwire::event::{Event, RunKey};
+use agentwire::__internal::event::{Event, RunKey};
 use agentwire::EventKind;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};

@@ -12,10 +12,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use agentwire::http::{
+use agentwire::__internal::http::{
     check_upgrade, json_response, keep_alive, parse_head, upgrade_response, Refusal, Route,
 };
-use agentwire::origin;
+use agentwire::__internal::origin;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 

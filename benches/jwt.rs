@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentwire::auth::AuthSettings;
+use agentwire::AuthSettings;
 use agentwire::{Authenticator, JwtAlgorithm};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};

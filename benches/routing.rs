@@ -18,9 +18,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use agentwire::conn::{ConnId, OutQueue};
-use agentwire::event::{Event, RunKey};
-use agentwire::registry::{ConnEntry, Limits, Registry, Routed};
+use agentwire::__internal::conn::{ConnId, OutQueue};
+use agentwire::__internal::event::{Event, RunKey};
+use agentwire::__internal::registry::{ConnEntry, Limits, Registry, Routed};
 use agentwire::EventKind;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::json;

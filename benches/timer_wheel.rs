@@ -4,7 +4,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use agentwire::timer_wheel::TimerWheel;
+use agentwire::__internal::timer_wheel::TimerWheel;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 const LIVE: usize = 100_000;

@@ -473,20 +473,6 @@ impl Authenticator {
 /// A random HS256 secret for dev mode: 32 random bytes from the OS, hex-encoded
 /// (64 characters).
 ///
-/// # Panics
-///
-/// Only if the operating system's random number generator fails (as `std` itself does
-/// then); [`try_generate_secret`] reports that as an error instead.
-pub fn generate_secret() -> String {
-    match try_generate_secret() {
-        Ok(secret) => secret,
-        Err(err) => panic!("{err}"),
-    }
-}
-
-/// [`generate_secret`], reporting a failing OS random number generator as
-/// [`AuthSetupError::Random`].
-///
 /// # Errors
 ///
 /// [`AuthSetupError::Random`] when `getrandom` fails.
@@ -1489,8 +1475,8 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
 
     #[test]
     fn generated_secrets_are_64_hex_chars_and_differ() {
-        let a = generate_secret();
-        let b = generate_secret();
+        let a = try_generate_secret().expect("the OS random number generator works");
+        let b = try_generate_secret().expect("the OS random number generator works");
         assert_eq!(a.len(), 64);
         assert!(a
             .bytes()

@@ -95,6 +95,7 @@ impl OutQueue {
 
     /// True when the front frame is partly written (it must be finished before anything
     /// else may be dropped from the queue).
+    #[cfg(test)]
     pub fn mid_frame(&self) -> bool {
         self.head_written > 0
     }
@@ -269,7 +270,6 @@ pub struct Session {
     pub ws: WebSocketContext,
     pub user: Arc<str>,
     pub mode: Mode,
-    pub thread: Option<Arc<str>>,
     /// Token `exp` (seconds since the Unix epoch).
     pub token_exp: u64,
     /// Tick (ms) at which the token expires; the phase timer fires no later.

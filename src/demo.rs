@@ -17,10 +17,10 @@ use serde_json::json;
 use crate::emitter::{EmitError, Emitter, Inbound};
 
 /// Most demo runs in flight at once; more get `agent_error {"reason":"busy"}`.
-pub const MAX_CONCURRENT_RUNS: usize = 64;
+pub(crate) const MAX_CONCURRENT_RUNS: usize = 64;
 
 /// Pause between the demo run's steps.
-pub const STEP_DELAY: Duration = Duration::from_millis(120);
+pub(crate) const STEP_DELAY: Duration = Duration::from_millis(120);
 
 /// Start the demo agent on its own thread; it ends when the inbound channel closes.
 pub fn spawn(
@@ -73,7 +73,7 @@ fn serve(emitter: Emitter, inbound: Receiver<Inbound>) {
 
 /// One realistic run. Stops with `agent_error {"reason":"cancelled"}` when the user
 /// cancels it.
-pub fn demo_run(
+pub(crate) fn demo_run(
     emitter: &Emitter,
     user_id: &str,
     thread_id: Option<&str>,

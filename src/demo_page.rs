@@ -110,11 +110,6 @@ impl DemoPage {
         }
     }
 
-    /// Whether `GET /` serves the page.
-    pub fn page_on(&self) -> bool {
-        self.page
-    }
-
     /// Whether `POST /dev/token` answers (dev mode).
     pub fn dev_tokens_on(&self) -> bool {
         self.minter.is_some()
@@ -221,12 +216,12 @@ mod tests {
     #[test]
     fn page_defaults_to_dev_mode() {
         let mut c = Config::default();
-        assert!(DemoPage::new(&c, true, None).page_on());
-        assert!(!DemoPage::new(&c, false, None).page_on());
+        assert!(DemoPage::new(&c, true, None).page);
+        assert!(!DemoPage::new(&c, false, None).page);
         c.demo_page = Some(false);
-        assert!(!DemoPage::new(&c, true, None).page_on());
+        assert!(!DemoPage::new(&c, true, None).page);
         c.demo_page = Some(true);
-        assert!(DemoPage::new(&c, false, None).page_on());
+        assert!(DemoPage::new(&c, false, None).page);
         assert!(DemoPage::new(&c, false, None)
             .asset(DemoAsset::Index, false, false)
             .is_some());

@@ -148,7 +148,8 @@ impl Emitter {
         })
     }
 
-    /// Send an already built event (used by the run handle and the publish path).
+    /// Send an already built event (used by the run handle; the publish API routes its
+    /// events directly in the reactor, not through this channel).
     pub(crate) fn send_event(&self, event: Event) -> Result<(), EmitError> {
         self.send(Command::Event(Box::new(event)))
     }

@@ -5,22 +5,21 @@
 //!
 //! ```text
 //! worker threads ──Emitter (bounded crossbeam channel)──┐  one mio::Waker, woken once per burst
-//! HTTP publish API (POST /api/events) ──────────────────┤
 //!                                                       ▼
 //!                   ┌──────────── reactor thread (mio::Poll) ─────────────┐
 //!   TcpListener ──► │ conns: Slab<Conn>      registry: user -> [ConnId]    │ ──► sockets
-//!                   │ wheel: TimerWheel      runs / replay / stats         │
-//!                   └──────────────────────────────────────────────────────┘
-//!                           │ inbound channel (user_message, cancel)
-//!                           ▼
-//!                      agent workers
+//!  (WebSocket and   │ wheel: TimerWheel      runs / replay / stats         │
+//!   plain HTTP; the └──────────────────────────────────────────────────────┘
+//!   publish API's           │ inbound channel (user_message, cancel)
+//!   POST /api/events        ▼
+//!   routes directly)   agent workers
 //! ```
 //!
 //! There is no async runtime. One thread (`reactor`) owns every socket and all
 //! routing state and passes `&mut` around; workers serialize events on their own
-//! threads ([`event`], [`emitter`]) so the loop only assigns the per-user `seq`, builds
+//! threads (`event`, `emitter`) so the loop only assigns the per-user `seq`, builds
 //! one frame per event and queues that shared frame on each receiving connection
-//! ([`conn`]); the loop flushes each connection once per iteration with `writev`.
+//! (`conn`); the loop flushes each connection once per iteration with `writev`.
 //! The reactor is a folder of phases, one `impl Reactor` per file: `reactor/mod.rs`
 //! (the struct, the loop, accept, readiness dispatch, the one close path),
 //! `reactor/endpoints.rs` (plain HTTP and the publish API), `reactor/session.rs`
@@ -28,18 +27,19 @@
 //! the user-message inbox), `reactor/routing.rs` (draining the channel, delivering,
 //! flushing, replay) and `reactor/timers.rs` (timers, housekeeping, watchdog,
 //! shutdown). An event's path: worker -> `Event::new` -> channel ->
-//! `Reactor::deliver` -> [`registry::Registry::route`] (seq, replay) -> targets ->
-//! `OutQueue::push` -> `writev`. What the gateway writes itself is typed in [`frames`]
+//! `Reactor::deliver` -> `registry::Registry::route` (seq, replay) -> targets ->
+//! `OutQueue::push` -> `writev`; a publish API event skips the channel (parsed on the
+//! loop, it goes straight to `Reactor::deliver`). What the gateway writes itself is typed in `frames`
 //! (server frames, error codes, HTTP answer bodies) and why a connection ended in
-//! [`close`] (close codes and the labels the stats count).
-//! HTTP requests share the port ([`http`]: request parsing, routes, upgrade admission,
-//! responses; origins in [`origin`]): health, config, stats, metrics ([`stats`]) and
-//! the publish API ([`publish`]). A session's [`mode`] decides which events it gets.
+//! `close` (close codes and the labels the stats count).
+//! HTTP requests share the port (`http`: request parsing, routes, upgrade admission,
+//! responses; origins in `origin`): health, config, stats, metrics (`stats`) and
+//! the publish API (`publish`). A session's `mode` decides which events it gets.
 //! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
-//! per kind ([`ids`]). Tokens are checked once at the upgrade
-//! ([`auth`]); heartbeats, handshake deadlines, token expiry and lingering closes run on
-//! a hashed timer wheel ([`timer_wheel`]). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the [`registry`].
+//! per kind (`ids`). Tokens are checked once at the upgrade
+//! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
+//! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
+//! buffer, runs) lives in the `registry`.
 //!
 //! # Library use
 //!
@@ -64,28 +64,32 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod auth;
-pub mod cli;
-pub mod client_message;
-pub mod close;
+// The API for embedders: the items re-exported below, `config`, `demo` (the built-in
+// demo agent) and `log_sink` (the binary's logger). Every other module is internal;
+// what the binary, the benches, the fuzz targets and the load generator need of them
+// goes through `__internal`, which is not part of the API.
+pub(crate) mod auth;
+pub(crate) mod cli;
+pub(crate) mod client_message;
+pub(crate) mod close;
 pub mod config;
-pub mod conn;
+pub(crate) mod conn;
 pub mod demo;
-pub mod demo_page;
-pub mod emitter;
-pub mod event;
-pub mod frames;
-pub mod http;
-pub mod ids;
+pub(crate) mod demo_page;
+pub(crate) mod emitter;
+pub(crate) mod event;
+pub(crate) mod frames;
+pub(crate) mod http;
+pub(crate) mod ids;
 mod inbox;
 pub mod log_sink;
-pub mod mode;
-pub mod origin;
-pub mod publish;
+pub(crate) mod mode;
+pub(crate) mod origin;
+pub(crate) mod publish;
 mod reactor;
-pub mod registry;
-pub mod stats;
-pub mod timer_wheel;
+pub(crate) mod registry;
+pub(crate) mod stats;
+pub(crate) mod timer_wheel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -97,10 +101,60 @@ use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 use tungstenite::protocol::WebSocketConfig;
 
-pub use crate::auth::{AuthSettings, Authenticator, JwtAlgorithm};
+pub use crate::auth::{
+    AuthError, AuthSettings, AuthSetupError, Authenticator, Claims, JwtAlgorithm,
+};
 pub use crate::config::{Config, ConfigError, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
+
+/// Internals for the binary (`src/bin/agentwire.rs`), the benches, the fuzz targets
+/// and `tools/loadgen`: NOT part of the API, hidden from the docs, and free to change
+/// in any release. One submodule per internal module, so a user writes
+/// `agentwire::__internal::http::parse_head` where the crate writes `http::parse_head`.
+#[doc(hidden)]
+pub mod __internal {
+    pub mod auth {
+        pub use crate::auth::try_generate_secret;
+    }
+    pub mod cli {
+        pub use crate::cli::{parse, CliError, Command};
+    }
+    pub mod client_message {
+        pub use crate::client_message::{BadMessage, ClientMessage};
+    }
+    pub mod conn {
+        pub use crate::conn::{ConnId, OutQueue};
+    }
+    pub mod ids {
+        pub use crate::ids::{AgentName, RunId, ThreadId, UserId};
+    }
+    pub mod event {
+        pub use crate::event::{control_frame, Event, RunKey};
+    }
+    pub mod http {
+        pub use crate::http::{
+            admit_upgrade, allowed_methods, check_upgrade, json_response, keep_alive,
+            method_not_allowed_response, parse_head, upgrade_response, Method, Refusal, Request,
+            Route, TokenSource, MAX_HEAD_BYTES,
+        };
+    }
+    pub mod mode {
+        pub use crate::mode::Mode;
+    }
+    pub mod origin {
+        pub use crate::origin::allowed;
+    }
+    pub mod publish {
+        pub use crate::publish::{parse_batch, BatchError, MAX_BATCH};
+    }
+    pub mod registry {
+        pub use crate::registry::{ConnEntry, Limits, Registry, Routed};
+    }
+    pub mod timer_wheel {
+        pub use crate::timer_wheel::TimerWheel;
+    }
+}
 
 use crate::emitter::WakeSignal;
 use crate::reactor::{Reactor, Settings};
@@ -191,7 +245,7 @@ pub fn authenticator(config: &Config) -> Result<Authenticator, Error> {
 }
 
 /// The tungstenite settings of every session: a small read buffer (it grows for larger
-/// frames), no write buffering (the gateway queues output itself, see [`conn`]), and
+/// frames), no write buffering (the gateway queues output itself, see `conn`), and
 /// `max_message_bytes` as the largest frame and message. Public for the fuzz targets.
 #[doc(hidden)]
 pub fn websocket_config(config: &Config) -> WebSocketConfig {

@@ -2,14 +2,14 @@
 //! thread (the reactor, a worker) and handed to a bounded queue; one writer thread
 //! copies the queue to stderr. When stderr stalls (a log shipper that stopped reading
 //! the pipe) the queue fills, further lines are dropped and counted
-//! ([`dropped_lines`], reported in `/ws/stats` and `/metrics`), and once the writer gets
+//! (`dropped_lines`, reported in `/ws/stats` and `/metrics`), and once the writer gets
 //! going again it writes one `WARN` line saying how many were lost. Before this, one
 //! `eprintln`-style write per refused upgrade froze the event loop on a full pipe.
 //!
-//! [`Repeats`] collapses repeated lines (the reactor uses it for refusals): within a
+//! `Repeats` collapses repeated lines (the reactor uses it for refusals): within a
 //! window the first few lines of a kind are written in full and the others are only
 //! counted; when the window has passed, one line reports how many were left out.
-//! [`RateLog`] aggregates one kind of line over a period (accept failures, publish key
+//! `RateLog` aggregates one kind of line over a period (accept failures, publish key
 //! failures): at most one line per period, with the count since the last.
 //!
 //! The line format is env_logger's default one (`[2026-01-01T00:00:00.000Z INFO
@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
 /// Lines waiting for the writer before new ones are dropped.
-pub const QUEUE_LINES: usize = 4096;
+pub(crate) const QUEUE_LINES: usize = 4096;
 /// How long [`log::Log::flush`] (called at exit) waits for the writer.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -35,7 +35,7 @@ static UNREPORTED: AtomicU64 = AtomicU64::new(0);
 
 /// Log lines dropped so far because the log writer could not keep up (0 when this sink
 /// is not the installed logger).
-pub fn dropped_lines() -> u64 {
+pub(crate) fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
@@ -156,7 +156,7 @@ fn write_lines<W: std::io::Write>(rx: &Receiver<Msg>, out: &mut W) {
 }
 
 /// env_logger's default line: `[2026-01-01T00:00:00.000Z INFO  target] message\n`.
-pub fn format_line(
+pub(crate) fn format_line(
     at: SystemTime,
     level: log::Level,
     target: &str,
@@ -205,7 +205,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// window of `window_ms` are written, the rest are counted, and the count is reported
 /// once the window has passed ([`Repeats::admit`] or [`Repeats::expired`]). At most
 /// `max_keys` kinds are tracked; a new kind past that ends the oldest window early.
-pub struct Repeats {
+pub(crate) struct Repeats {
     window_ms: u64,
     burst: u64,
     max_keys: usize,
@@ -268,7 +268,7 @@ impl Repeats {
 /// A log line aggregated over a period: [`RateLog::hit`] counts an occurrence and says
 /// how many to report when a line is due (at most one per period).
 #[derive(Default)]
-pub struct RateLog {
+pub(crate) struct RateLog {
     last: Option<u64>,
     count: u64,
 }

@@ -436,11 +436,27 @@ impl Stats {
 
     /// The reasons sessions were closed for, with their counts (reasons never seen are
     /// left out).
-    fn closed_seen(&self) -> impl Iterator<Item = (CloseReason, u64)> + '_ {
+    /// Closes by label, the reasons seen so far only (the JSON and the metrics list the
+    /// same).
+    fn closed_seen(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         CloseReason::ALL
             .iter()
-            .map(|r| (*r, self.closed_count(*r)))
+            .map(|r| (r.label(), self.closed_count(*r)))
             .filter(|(_, n)| *n > 0)
+    }
+
+    /// Refusals by reason, every reason.
+    fn refused_by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        RefusalReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.refused_count(*r)))
+    }
+
+    /// Drops by reason, every reason.
+    fn dropped_by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), self.dropped_count(*r)))
     }
 
     pub fn record_latency_us(&mut self, us: u64) {
@@ -480,18 +496,14 @@ impl Stats {
 
     /// `GET /ws/stats`.
     pub fn to_json(&self, g: &Gauges) -> Value {
-        let refused: serde_json::Map<String, Value> = RefusalReason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_owned(), json!(self.refused_count(*r))))
-            .collect();
-        let dropped: serde_json::Map<String, Value> = DropReason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_owned(), json!(self.dropped_count(*r))))
-            .collect();
-        let closed: serde_json::Map<String, Value> = self
-            .closed_seen()
-            .map(|(r, n)| (r.label().to_owned(), json!(n)))
-            .collect();
+        let by_name = |counts: &mut dyn Iterator<Item = (&'static str, u64)>| {
+            counts
+                .map(|(name, n)| (name.to_owned(), json!(n)))
+                .collect::<serde_json::Map<String, Value>>()
+        };
+        let refused = by_name(&mut self.refused_by_reason());
+        let dropped = by_name(&mut self.dropped_by_reason());
+        let closed = by_name(&mut self.closed_seen());
         let budgets: serde_json::Map<String, Value> = g
             .budgets()
             .into_iter()
@@ -569,6 +581,11 @@ impl Stats {
             }
         };
         let one = |v: f64| vec![(String::new(), v)];
+        let by_reason = |counts: &mut dyn Iterator<Item = (&'static str, u64)>| {
+            counts
+                .map(|(name, n)| (format!("{{reason=\"{name}\"}}"), n as f64))
+                .collect::<Vec<(String, f64)>>()
+        };
         metric(
             "uptime_seconds",
             "gauge",
@@ -647,30 +664,17 @@ impl Stats {
             "WebSocket connections accepted.",
             &one(self.connections_opened as f64),
         );
-        let closed: Vec<(String, f64)> = self
-            .closed_seen()
-            .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.label()), n as f64))
-            .collect();
         metric(
             "connections_closed_total",
             "counter",
             "WebSocket connections closed, by reason.",
-            &closed,
+            &by_reason(&mut self.closed_seen()),
         );
-        let refused: Vec<(String, f64)> = RefusalReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    self.refused_count(*r) as f64,
-                )
-            })
-            .collect();
         metric(
             "connections_refused_total",
             "counter",
             "Upgrades refused before the handshake, by reason.",
-            &refused,
+            &by_reason(&mut self.refused_by_reason()),
         );
         metric(
             "http_requests_total",
@@ -702,20 +706,11 @@ impl Stats {
             "Event frames sent from the replay buffer on resume.",
             &one(self.events_replayed as f64),
         );
-        let dropped: Vec<(String, f64)> = DropReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.as_str()),
-                    self.dropped_count(*r) as f64,
-                )
-            })
-            .collect();
         metric(
             "events_dropped_total",
             "counter",
             "Events not delivered, by reason.",
-            &dropped,
+            &by_reason(&mut self.dropped_by_reason()),
         );
         metric(
             "client_messages_total",
@@ -814,17 +809,23 @@ impl Stats {
             &one(self.publish_auth_failures as f64),
         );
         let budgets = g.budgets();
+        // The HELP text names every budget from the list itself, so it cannot fall behind.
+        let names: Vec<&str> = budgets.iter().map(|b| b.0).collect();
+        let names = names.join(", ");
+        let limit_help = format!(
+            "Configured limit of each budget ({names}); in bytes except the counts \
+             http_connections and active_runs."
+        );
+        let used_help = format!("Current use of each budget ({names}); units as in budget_limit.");
         for (name, help, pick) in [
             (
                 "budget_limit",
-                "Configured budgets (pending_total and socket_send_buffer in bytes, http_connections, http_buffer_bytes).",
+                limit_help.as_str(),
                 (|b: &(&str, u64, u64)| b.1) as fn(&(&str, u64, u64)) -> u64,
             ),
-            (
-                "budget_used",
-                "Budget use: unsent bytes (pending_total), SO_SNDBUF applied by the kernel (socket_send_buffer), not-upgraded connections and their buffered bytes.",
-                |b: &(&str, u64, u64)| b.2,
-            ),
+            ("budget_used", used_help.as_str(), |b: &(&str, u64, u64)| {
+                b.2
+            }),
         ] {
             let samples: Vec<(String, f64)> = budgets
                 .iter()
@@ -936,6 +937,13 @@ mod tests {
         let p = s.to_prometheus(&g);
         assert!(p.contains("agentwire_budget_used{budget=\"replay_memory_bytes\"} 5\n"));
         assert!(p.contains("agentwire_budget_limit{budget=\"active_runs\"} 7\n"));
+        let help = p
+            .lines()
+            .find(|l| l.starts_with("# HELP agentwire_budget_used "))
+            .expect("budget_used has a HELP line");
+        for (name, _, _) in g.budgets() {
+            assert!(help.contains(name), "{name} missing from {help}");
+        }
         assert!(p.contains("agentwire_connections_open 1\n"));
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));

@@ -1,5 +1,5 @@
 //! Fuzz target `client_message`: one text frame -> the gateway's client-message parser
-//! (`agentwire::client_message::ClientMessage::parse`, what the reactor calls for every
+//! (`agentwire::__internal::client_message::ClientMessage::parse`, what the reactor calls for every
 //! text frame of an open session).
 //!
 //! Asserted:
@@ -19,9 +19,9 @@
 
 #![no_main]
 
-use agentwire::client_message::{BadMessage, ClientMessage};
-use agentwire::event::control_frame;
-use agentwire::ids::{RunId, ThreadId};
+use agentwire::__internal::client_message::{BadMessage, ClientMessage};
+use agentwire::__internal::event::control_frame;
+use agentwire::__internal::ids::{RunId, ThreadId};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 

@@ -1,5 +1,5 @@
 //! Fuzz target `http_head`: bytes -> the gateway's request-head parser, router and
-//! upgrade admission (`agentwire::http`), the way the reactor chains them: parse a head,
+//! upgrade admission (`agentwire::__internal::http`), the way the reactor chains them: parse a head,
 //! route it, answer a plain request (keep-alive requests are pipelined, up to 8), or
 //! admit an upgrade with a real HS256 authenticator (`http::admit_upgrade`).
 //!
@@ -20,8 +20,8 @@
 
 #![no_main]
 
-use agentwire::http::{self, Method, Request, Route, TokenSource, MAX_HEAD_BYTES};
-use agentwire::mode::Mode;
+use agentwire::__internal::http::{self, Method, Request, Route, TokenSource, MAX_HEAD_BYTES};
+use agentwire::__internal::mode::Mode;
 use agentwire_fuzz::{self as common, OTHER_SUB, SUB, TOKEN, TOKEN_OTHER};
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;

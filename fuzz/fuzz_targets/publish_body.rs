@@ -1,5 +1,5 @@
 //! Fuzz target `publish_body`: bytes -> the publish API's body parser
-//! (`agentwire::publish::parse_batch`, `POST /api/events`), then the frames the
+//! (`agentwire::__internal::publish::parse_batch`, `POST /api/events`), then the frames the
 //! reactor would build from what it accepted.
 //!
 //! Asserted:
@@ -17,7 +17,7 @@
 
 #![no_main]
 
-use agentwire::publish::{parse_batch, BatchError, MAX_BATCH};
+use agentwire::__internal::publish::{parse_batch, BatchError, MAX_BATCH};
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
 

@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use agentwire::auth::{AuthSettings, Authenticator, Claims, JwtAlgorithm};
+use agentwire::{AuthSettings, Authenticator, Claims, JwtAlgorithm};
 
 /// The HS256 secret of every target.
 pub const SECRET: &str = "agentwire-fuzz-fixed-secret-0123456789";
@@ -87,7 +87,7 @@ pub fn oracle() -> &'static Authenticator {
 /// The claims a fixed valid token carries.
 pub fn expected_claims(sub: &str) -> Claims {
     Claims {
-        sub: agentwire::ids::UserId::parse(sub).expect("a fixed valid sub"),
+        sub: agentwire::__internal::ids::UserId::parse(sub).expect("a fixed valid sub"),
         exp: EXP,
     }
 }
@@ -164,7 +164,7 @@ pub fn check_response(resp: &[u8], status: u16, head_only: bool) -> &[u8] {
 ///
 /// # Panics
 /// On any violation.
-pub fn check_refusal(refusal: &agentwire::http::Refusal) {
+pub fn check_refusal(refusal: &agentwire::__internal::http::Refusal) {
     let code = refusal_code(refusal.status)
         .unwrap_or_else(|| panic!("refusal status {} outside the contract", refusal.status));
     assert_eq!(

@@ -6,8 +6,9 @@
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use agentwire::cli::{self, Command};
-use agentwire::{auth, Config, Gateway};
+use agentwire::__internal::auth;
+use agentwire::__internal::cli::{self, Command};
+use agentwire::{Config, Gateway};
 
 fn main() -> ExitCode {
     init_logging();
@@ -70,9 +71,22 @@ fn serve(mut config: Config) -> ExitCode {
     config.demo_agent = Some(config.demo_agent_effective());
     config.demo_page = Some(config.demo_page_effective());
     if dev {
-        config.jwt_secret = Some(auth::generate_secret());
-        if config.publish_key.is_none() {
-            config.publish_key = Some(format!("pk-dev-{}", &auth::generate_secret()[..24]));
+        let secret = auth::try_generate_secret().and_then(|secret| {
+            let publish_key = match config.publish_key.take() {
+                Some(key) => key,
+                None => format!("pk-dev-{}", &auth::try_generate_secret()?[..24]),
+            };
+            Ok((secret, publish_key))
+        });
+        match secret {
+            Ok((secret, publish_key)) => {
+                config.jwt_secret = Some(secret);
+                config.publish_key = Some(publish_key);
+            }
+            Err(e) => {
+                eprintln!("agentwire: {e}");
+                return ExitCode::from(1);
+            }
         }
     }
     check_open_file_limit(&config);

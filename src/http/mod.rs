@@ -7,7 +7,7 @@
 //!
 //! | file | owns |
 //! | --- | --- |
-//! | `request.rs` | the request head: [`parse_head`] (httparse, bounded by [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`]), [`Request`], [`Method`], query decoding, `Content-Length` / chunked, the publish body's length ([`body_length`]), the `Authorization: Bearer` credentials ([`Request::bearer`]), [`keep_alive`] |
+//! | `request.rs` | the request head: [`parse_head`] (httparse, bounded by [`MAX_HEAD_BYTES`] and `MAX_HEADERS`), [`Request`], [`Method`], query decoding, `Content-Length` / chunked, the publish body's length ([`body_length`]), the `Authorization: Bearer` credentials ([`Request::bearer`]), [`keep_alive`] |
 //! | `routes.rs` | the path table of PROTOCOL.md sections 3 and 6: [`Route::of`], [`allowed_methods`] |
 //! | `upgrade.rs` | WebSocket upgrade admission: [`check_upgrade`] (connection parameters: mode, thread, resume point, token, origin), [`admit_upgrade`] (origin, token, `user_id`) |
 //! | `response.rs` | the bytes of every plain answer: [`Refusal`] and its response, JSON and text responses, the 405, the 101 |
@@ -54,12 +54,10 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
-pub use request::{body_length, keep_alive, parse_head, percent_decode, Method, Request};
-pub use request::{MAX_HEADERS, MAX_HEAD_BYTES};
+pub use request::{body_length, keep_alive, parse_head, Method, Request, MAX_HEAD_BYTES};
 pub use response::{
-    json_response, method_not_allowed_response, reason_phrase, response, text_response,
-    upgrade_response, Refusal, PROMETHEUS_CONTENT_TYPE,
+    json_response, method_not_allowed_response, response, text_response, upgrade_response, Refusal,
+    PROMETHEUS_CONTENT_TYPE,
 };
 pub use routes::{allowed_methods, Route};
 pub use upgrade::{admit_upgrade, check_upgrade, TokenSource, Upgrade};
-pub use upgrade::{BEARER_SUBPROTOCOL_PREFIX, MAX_EPOCH_BYTES, SUBPROTOCOL};

@@ -182,7 +182,7 @@ impl fmt::Debug for Request {
 ///
 /// # Errors
 /// 431 when no end of head is within the first [`MAX_HEAD_BYTES`] of a buffer at least
-/// that long, or when there are more than [`MAX_HEADERS`] headers; 400 for a malformed
+/// that long, or when there are more than `MAX_HEADERS` headers; 400 for a malformed
 /// head, a target that is not a path, an unparsable or conflicting `Content-Length`, a
 /// `Transfer-Encoding` not ending in a single `chunked`, or `chunked` with
 /// `Content-Length`.

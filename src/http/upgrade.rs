@@ -31,17 +31,6 @@ pub enum TokenSource {
     Query,
 }
 
-impl TokenSource {
-    /// Short name for logs and stats: `header`, `subprotocol`, `query`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            TokenSource::Header => "header",
-            TokenSource::Subprotocol => "subprotocol",
-            TokenSource::Query => "query",
-        }
-    }
-}
-
 /// A valid WebSocket upgrade request, with the connection parameters of section 3.
 ///
 /// `Debug` redacts the token and shows only the lengths of the client's text values.

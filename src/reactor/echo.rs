@@ -33,7 +33,7 @@ impl Reactor {
             return self.refuse(id, &Refusal::too_many("gateway connection limit reached"));
         }
         let user = Arc::from(claims.sub.as_str());
-        if !self.begin_session(id, &up, user, None, claims.exp, None, leftover) {
+        if !self.begin_session(id, &up, user, claims.exp, None, leftover) {
             return;
         }
         log::info!(

@@ -400,7 +400,7 @@ impl Reactor {
                 let text = self.stats.to_prometheus(&self.gauges());
                 let resp = http::text_response(
                     200,
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    http::PROMETHEUS_CONTENT_TYPE,
                     text.as_bytes(),
                     close,
                     head_only,

@@ -24,8 +24,9 @@ use crate::registry::{Registry, Run};
 pub(super) const MAX_BAD_IN_ROW: u8 = 10;
 /// At most one `refresh` token check per connection per this many milliseconds; a
 /// `refresh` sooner is answered `rate_limited` without a check and counts as a bad
-/// message. A check costs a signature verification (tens of microseconds for ES256,
-/// about a millisecond for RSA-8192), so a refresh flood must not buy one per message.
+/// message. A check costs a signature verification (the cost by key: docs/BENCHMARKS.md,
+/// "Figures behind constants in the code"), so a refresh flood must not buy one per
+/// message.
 pub(super) const REFRESH_INTERVAL_MS: u64 = 1000;
 /// How often users with nothing pending any more are forgotten by the inbox.
 pub(super) const INBOX_PRUNE_MS: u64 = 10_000;

@@ -25,8 +25,8 @@ use crate::registry::{ConnEntry, Resume};
 /// tungstenite read buffer per connection. It grows on demand for larger frames (a
 /// frame's header reserves its length, so a larger message costs one more `read`), and
 /// tungstenite zero-fills it up to this size on every read. Client messages are rare and
-/// small (pongs, pings, a user message), so idle memory wins: 256 -> 64 bytes took an
-/// idle connection from 1,157 to 957 bytes at one user each (10,000 connections).
+/// small (pongs, pings, a user message), so idle memory wins (the measurement behind
+/// 64: docs/BENCHMARKS.md, "Figures behind constants in the code").
 pub(crate) const READ_BUFFER_BYTES: usize = 64;
 /// Most client messages (of any kind) one connection's read handles per iteration.
 pub(super) const MESSAGES_PER_READ: usize = 64;
@@ -38,7 +38,7 @@ pub(super) const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// bytes), against a virtual clock that may run at most [`INPUT_BURST_US`] ahead of
 /// real time; past it the session is not read (the kernel buffer fills and TCP pushes
 /// back on the sender) until the allowance refills. That is about 1,000 messages and
-/// 1 MiB per second sustained, 250 messages or 256 KiB in a burst: far above what a
+/// 1 MiB per second sustained, 250 messages or 250 KiB in a burst: far above what a
 /// client of this protocol sends, and a flood of any kind from one connection then
 /// costs the loop a small share of its time (issue 9, F3).
 pub(super) const INPUT_US_PER_MESSAGE: u64 = 1000;
@@ -166,15 +166,7 @@ impl Reactor {
             active_runs_truncated: runs_truncated,
         }));
         self.registry.add_conn(&claims.sub, entry);
-        if !self.begin_session(
-            id,
-            &up,
-            user_name,
-            thread,
-            claims.exp,
-            replay_next,
-            leftover,
-        ) {
+        if !self.begin_session(id, &up, user_name, claims.exp, replay_next, leftover) {
             return;
         }
         if let Some(conn) = live(&mut self.conns, id) {
@@ -208,7 +200,6 @@ impl Reactor {
         id: ConnId,
         up: &http::Upgrade,
         user: Arc<str>,
-        thread: Option<Arc<str>>,
         exp: u64,
         replay_next: Option<u64>,
         leftover: Vec<u8>,
@@ -241,7 +232,6 @@ impl Reactor {
             ws: WebSocketContext::from_partially_read(leftover, Role::Server, Some(ws_config)),
             user,
             mode: up.mode,
-            thread,
             token_exp: exp,
             token_deadline: token_at,
             next_ping: heartbeat_at,

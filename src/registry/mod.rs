@@ -65,7 +65,7 @@ mod runs;
 use replay::{kept_cost, Front, Kept};
 use runs::EndedRuns;
 
-pub use replay::{Freed, Replayed, Resume, KEPT_OVERHEAD_BYTES, USER_OVERHEAD_BYTES};
+pub use replay::{Replayed, Resume, KEPT_OVERHEAD_BYTES, USER_OVERHEAD_BYTES};
 pub use runs::Run;
 
 /// One open connection as routing sees it.
@@ -106,9 +106,9 @@ pub struct Routed {
 pub struct Limits {
     /// Events kept per user; 0 disables replay.
     pub replay_events: usize,
-    /// Bytes of kept events per user (frame plus [`KEPT_OVERHEAD_BYTES`] each).
+    /// Bytes of kept events per user (frame plus `KEPT_OVERHEAD_BYTES` each).
     pub replay_bytes_per_user: usize,
-    /// Bytes of kept events over all users plus [`USER_OVERHEAD_BYTES`] per user.
+    /// Bytes of kept events over all users plus `USER_OVERHEAD_BYTES` per user.
     pub replay_memory_bytes: usize,
     /// Runs in progress per user.
     pub max_active_runs_per_user: usize,
@@ -309,6 +309,7 @@ impl Registry {
     }
 
     /// The user's current sequence number (0 when unknown).
+    #[cfg(test)]
     pub fn seq(&self, user: &str) -> u64 {
         self.get(user).map_or(0, |u| u.seq)
     }

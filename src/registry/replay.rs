@@ -104,6 +104,7 @@ impl User {
     }
 
     /// Bytes of kept events, as counted in the budgets.
+    #[cfg(test)]
     pub fn replay_bytes(&self) -> usize {
         self.replay_bytes
     }
@@ -211,6 +212,7 @@ impl Registry {
     }
 
     /// Entries in the global FIFO (live and stale).
+    #[cfg(test)]
     pub fn fifo_len(&self) -> usize {
         self.fifo.len()
     }

@@ -541,21 +541,23 @@ impl Run {
             sys::set_own_nice(n).map_err(io_err("setting the nice value"))?;
         }
 
+        let random = || {
+            agentwire::__internal::auth::try_generate_secret()
+                .map_err(|e| format!("cannot draw a random secret: {e}"))
+        };
         let secret = match (&common.jwt_secret, common.connect) {
             (Some(s), _) => s.clone(),
             (None, Some(_)) => return Err("--connect needs --jwt-secret (the gateway's)".into()),
-            (None, None) => format!("lg-{}", agentwire::auth::generate_secret()),
+            (None, None) => format!("lg-{}", random()?),
         };
-        let publish_key = common
-            .publish_key
-            .clone()
-            .unwrap_or_else(|| format!("pk-lg-{}", &agentwire::auth::generate_secret()[..24]));
-        let prefix = common.user_prefix.clone().unwrap_or_else(|| {
-            format!(
-                "lg{}-",
-                &agentwire::auth::generate_secret()[..6].to_ascii_lowercase()
-            )
-        });
+        let publish_key = match &common.publish_key {
+            Some(key) => key.clone(),
+            None => format!("pk-lg-{}", &random()?[..24]),
+        };
+        let prefix = match &common.user_prefix {
+            Some(prefix) => prefix.clone(),
+            None => format!("lg{}-", &random()?[..6]),
+        };
         let total_users = event_users + churn_users;
         let user_ids: Arc<Vec<String>> =
             Arc::new((0..total_users).map(|i| format!("{prefix}{i}")).collect());
