@@ -269,7 +269,34 @@ impl RunHandle {
         self.send(kind, data)
     }
 
+    /// Like [`RunHandle::emit`] (any type, including `agent_started` and
+    /// `agent_completed`), with an idempotency key (PROTOCOL.md section 6a): an event
+    /// whose key the gateway already accepted for this user within `replay_ttl_ms` is
+    /// routed only once (no second delivery, no second `seq`), so a worker may retry.
+    ///
+    /// # Errors
+    /// [`EmitError::Invalid`] for a bad type name or a key that is not 1 to 128
+    /// bytes; the other variants as for every emit.
+    pub fn emit_idempotent<D: Serialize + ?Sized>(
+        &mut self,
+        event_type: &str,
+        data: &D,
+        key: &str,
+    ) -> Result<(), EmitError> {
+        let kind = EventKind::parse(event_type)?;
+        self.send_keyed(kind, data, Some(key))
+    }
+
     fn send<D: Serialize + ?Sized>(&mut self, kind: EventKind, data: &D) -> Result<(), EmitError> {
+        self.send_keyed(kind, data, None)
+    }
+
+    fn send_keyed<D: Serialize + ?Sized>(
+        &mut self,
+        kind: EventKind,
+        data: &D,
+        key: Option<&str>,
+    ) -> Result<(), EmitError> {
         if self.ended {
             return Err(EmitError::RunEnded);
         }
@@ -278,6 +305,9 @@ impl RunHandle {
         }
         let ends = kind.ends_run();
         let mut event = Event::new(self.key.clone(), kind, data)?;
+        if let Some(key) = key {
+            event = event.with_idempotency_key(key)?;
+        }
         if !self.registered {
             event.cancel_flag = Some(self.cancelled.clone());
             event.refused_flag = Some(self.refused.clone());

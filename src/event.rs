@@ -128,7 +128,13 @@ pub enum EventError {
     /// The payload could not be serialized to JSON.
     #[error("data is not serializable to JSON: {0}")]
     BadData(String),
+    /// `idempotency_key` is not a string of 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes.
+    #[error("idempotency_key must be a string of 1 to 128 bytes")]
+    BadIdempotencyKey,
 }
+
+/// Longest `idempotency_key`, in bytes (PROTOCOL.md section 6a).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 impl From<IdError> for EventError {
     fn from(e: IdError) -> EventError {
@@ -203,6 +209,9 @@ pub struct Event {
     /// refuses the run (`max_active_runs_per_user`, `max_active_runs`), so the run
     /// handle's next emits return `EmitError::TooManyRuns`.
     pub refused_flag: Option<Arc<AtomicBool>>,
+    /// The worker's idempotency key (PROTOCOL.md section 6a): a repeat of an accepted
+    /// key of the same user within `replay_ttl_ms` is routed only once.
+    pub idempotency_key: Option<Arc<str>>,
     /// The JSON object without `seq`: `{"type":"..."` + `,"user_id":...}`; `seq` goes at `split`.
     body: Bytes,
     split: usize,
@@ -248,6 +257,7 @@ impl Event {
             emitted: Instant::now(),
             cancel_flag: None,
             refused_flag: None,
+            idempotency_key: None,
             body: Bytes::from(body),
             split,
         })
@@ -269,9 +279,23 @@ impl Event {
             emitted: Instant::now(),
             cancel_flag: None,
             refused_flag: None,
+            idempotency_key: None,
             body: Bytes::from(body),
             split,
         }
+    }
+
+    /// This event with the worker's idempotency key (PROTOCOL.md section 6a).
+    ///
+    /// # Errors
+    /// [`EventError::BadIdempotencyKey`] unless the key has 1 to
+    /// [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes.
+    pub fn with_idempotency_key(mut self, key: &str) -> Result<Event, EventError> {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(EventError::BadIdempotencyKey);
+        }
+        self.idempotency_key = Some(Arc::from(key));
+        Ok(self)
     }
 
     /// The complete server-to-client WebSocket text frame for this event with `seq`.

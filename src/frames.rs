@@ -185,6 +185,9 @@ impl ErrorBody<'_> {
 #[derive(Debug, Serialize)]
 pub struct Accepted {
     pub accepted: usize,
+    /// Runs among the request's events that a client asked to cancel, each once
+    /// (PROTOCOL.md section 6b); always present.
+    pub cancelled: Vec<String>,
 }
 
 /// `GET /health`'s status.
@@ -366,7 +369,16 @@ mod tests {
             v(&indexed),
             json!({"error": "bad_event", "message": "m", "index": 2})
         );
-        assert_eq!(v(&Accepted { accepted: 3 }), json!({"accepted": 3}));
+        let accepted = Accepted {
+            accepted: 3,
+            cancelled: Vec::new(),
+        };
+        assert_eq!(v(&accepted), json!({"accepted": 3, "cancelled": []}));
+        let accepted = Accepted {
+            accepted: 1,
+            cancelled: vec!["r".into()],
+        };
+        assert_eq!(v(&accepted), json!({"accepted": 1, "cancelled": ["r"]}));
         let data = AgentErrorData {
             reason: AgentErrorReason::RunTimeout,
         };

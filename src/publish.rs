@@ -3,11 +3,13 @@
 //! first bad event refuses the whole request with its index. `data` is passed through
 //! byte for byte (a `RawValue`), never re-serialized.
 
+use std::collections::HashSet;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::event::{Event, EventKind, RunKey};
+use crate::event::{Event, EventError, EventKind, RunKey};
 use crate::registry::Registry;
 
 /// Most events in one publish request.
@@ -33,6 +35,8 @@ struct Wire<'a> {
     agent_name: Option<Value>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<Value>,
 }
 
 fn field<'v>(v: &'v Option<Value>, name: &str) -> Result<&'v str, String> {
@@ -60,7 +64,12 @@ fn one(raw: &RawValue) -> Result<Event, String> {
     };
     let key = RunKey::new(user, thread, run, agent).map_err(|e| e.to_string())?;
     let data = w.data.map_or("null", RawValue::get);
-    Ok(Event::from_raw_data(key, kind, data))
+    let event = Event::from_raw_data(key, kind, data);
+    match &w.idempotency_key {
+        None => Ok(event),
+        Some(Value::String(k)) => event.with_idempotency_key(k).map_err(|e| e.to_string()),
+        Some(_) => Err(EventError::BadIdempotencyKey.to_string()),
+    }
 }
 
 /// Parse and validate a whole publish body.
@@ -139,6 +148,44 @@ pub fn check_runs(batch: &[Event], registry: &Registry) -> Result<(), RunRefusal
         }
     }
     Ok(())
+}
+
+/// Which events of a batch are repeats (PROTOCOL.md section 6a): their key was
+/// accepted for their user before (`seen`), or an earlier event of the batch has the
+/// same user and key.
+pub fn repeats(batch: &[Event], seen: impl Fn(&str, &str) -> bool) -> Vec<bool> {
+    let mut keys: HashSet<(&str, &str)> = HashSet::new();
+    batch
+        .iter()
+        .map(|ev| match ev.idempotency_key.as_deref() {
+            None => false,
+            Some(key) => {
+                let user = &*ev.key.user_id;
+                seen(user, key) || !keys.insert((user, key))
+            }
+        })
+        .collect()
+}
+
+/// The runs among the batch's events that a client asked to cancel (the registry
+/// run's `cancel_requested`), each once, in the order of their first event.
+pub fn cancelled(batch: &[Event], registry: &Registry) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut met: HashSet<(&str, &str)> = HashSet::new();
+    for ev in batch {
+        let (user, run) = (&*ev.key.user_id, &*ev.key.run_id);
+        if !met.insert((user, run)) {
+            continue;
+        }
+        let asked = registry
+            .get(user)
+            .and_then(|u| u.runs.get(run))
+            .is_some_and(|r| r.cancel_requested);
+        if asked {
+            out.push(run.to_owned());
+        }
+    }
+    out
 }
 
 /// Constant-time comparison of the presented key with the configured one.

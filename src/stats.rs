@@ -206,6 +206,11 @@ pub struct MemoryGauges {
     pub users_forgotten: u64,
     /// New runs refused past `max_active_runs_per_user` / `max_active_runs`.
     pub runs_refused: u64,
+    /// Idempotency keys remembered over all users, their bytes as counted in
+    /// `replay_memory_bytes`, and keys dropped before expiry (per-user bound, budget).
+    pub idempotency_keys: usize,
+    pub idempotency_key_bytes: usize,
+    pub idempotency_keys_dropped: u64,
 }
 
 /// Every counter of PROTOCOL.md section 6.
@@ -218,6 +223,8 @@ pub struct Stats {
     pub http_requests: u64,
     pub events_emitted: u64,
     pub events_published: u64,
+    /// Repeats of an accepted idempotency key, acknowledged but not routed (section 6a).
+    pub events_deduplicated: u64,
     pub events_delivered: u64,
     pub events_replayed: u64,
     dropped: [u64; DropReason::ALL.len()],
@@ -373,6 +380,7 @@ impl Stats {
             http_requests: 0,
             events_emitted: 0,
             events_published: 0,
+            events_deduplicated: 0,
             events_delivered: 0,
             events_replayed: 0,
             dropped: [0; DropReason::ALL.len()],
@@ -526,9 +534,11 @@ impl Stats {
             "users_online": g.users_online,
             "runs": {"active": g.active_runs, "refused": g.memory.runs_refused, "timed_out": self.runs_timed_out, "watchdog_passes": self.watchdog_passes},
             "replay": {"events": g.memory.replay_events, "bytes": g.memory.replay_bytes, "evicted": g.memory.replay_evicted},
+            "idempotency": {"keys": g.memory.idempotency_keys, "bytes": g.memory.idempotency_key_bytes, "dropped": g.memory.idempotency_keys_dropped, "per_user_limit": crate::registry::KEYS_PER_USER, "key_overhead_bytes": crate::registry::KEY_OVERHEAD_BYTES},
             "events": {
                 "emitted": self.events_emitted,
                 "published": self.events_published,
+                "deduplicated": self.events_deduplicated,
                 "delivered": self.events_delivered,
                 "replayed": self.events_replayed,
                 "dropped": dropped,
@@ -693,6 +703,30 @@ impl Stats {
             "counter",
             "Events accepted through POST /api/events.",
             &one(self.events_published as f64),
+        );
+        metric(
+            "events_deduplicated_total",
+            "counter",
+            "Repeats of an accepted idempotency key: acknowledged, not routed again.",
+            &one(self.events_deduplicated as f64),
+        );
+        metric(
+            "idempotency_keys",
+            "gauge",
+            "Idempotency keys remembered, all users.",
+            &one(g.memory.idempotency_keys as f64),
+        );
+        metric(
+            "idempotency_key_bytes",
+            "gauge",
+            "Bytes of remembered idempotency keys, counted in replay_memory_bytes.",
+            &one(g.memory.idempotency_key_bytes as f64),
+        );
+        metric(
+            "idempotency_keys_dropped_total",
+            "counter",
+            "Idempotency keys dropped before expiry (per-user bound or budget).",
+            &one(g.memory.idempotency_keys_dropped as f64),
         );
         metric(
             "events_delivered_total",

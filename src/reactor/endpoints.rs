@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::{live, mark, Reactor, RATE_LOG_MS, REFUSAL_LOG_WINDOW_MS};
 use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
+use crate::event::Event;
 use crate::frames::{self, Accepted, ErrorBody, ErrorCode, Health, HealthStatus};
 use crate::http::{self, Method, Refusal, Route};
 use crate::publish;
@@ -470,7 +471,11 @@ impl Reactor {
     pub(super) fn memory_gauges(&self) -> MemoryGauges {
         let r = &self.registry;
         let (events, bytes) = r.kept();
+        let (keys, key_bytes) = r.keys_kept();
         MemoryGauges {
+            idempotency_keys: keys,
+            idempotency_key_bytes: key_bytes,
+            idempotency_keys_dropped: r.counters.keys_dropped,
             replay_memory_used: r.memory_used(),
             replay_memory_limit: r.limits().replay_memory_bytes,
             active_runs_limit: r.limits().max_active_runs,
@@ -571,14 +576,32 @@ impl Reactor {
                 return refused(400, ErrorCode::BadEvent, &message, Some(index));
             }
         };
-        match publish::check_runs(&parsed, &self.registry) {
+        // Repeats of accepted keys first (section 6a): acknowledged, not checked, not
+        // routed. `fresh` maps each routed event to its index in the request.
+        let now = self.tick();
+        let ttl = self.s.config.replay_ttl_ms;
+        let n = parsed.len();
+        let repeats = publish::repeats(&parsed, |user, key| {
+            self.registry.key_seen(user, key, now, ttl)
+        });
+        let cancelled = publish::cancelled(&parsed, &self.registry);
+        let (fresh, index_of): (Vec<Event>, Vec<usize>) = parsed
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !repeats.get(*i).copied().unwrap_or(false))
+            .map(|(i, ev)| (ev, i))
+            .unzip();
+        let original = |index: usize| index_of.get(index).copied().unwrap_or(index);
+        match publish::check_runs(&fresh, &self.registry) {
             Ok(()) => {}
             Err(publish::RunRefusal::Ended { index, run }) => {
+                let index = original(index);
                 self.stats.dropped(DropReason::RunEnded, 1);
                 let why = format!("run {run:?} already ended");
                 return refused(400, ErrorCode::BadEvent, &why, Some(index));
             }
             Err(publish::RunRefusal::TooMany { index, run }) => {
+                let index = original(index);
                 self.registry.counters.runs_refused += 1;
                 let limits = self.registry.limits();
                 let why = format!(
@@ -589,12 +612,16 @@ impl Reactor {
                 return refused(429, ErrorCode::TooManyRuns, &why, Some(index));
             }
         }
-        let n = parsed.len();
-        for ev in parsed {
+        self.stats.events_deduplicated += (n - fresh.len()) as u64;
+        for ev in fresh {
             self.stats.events_published += 1;
             self.deliver(ev);
         }
-        (202, frames::to_json(&Accepted { accepted: n }))
+        let body = Accepted {
+            accepted: n,
+            cancelled,
+        };
+        (202, frames::to_json(&body))
     }
 }
 

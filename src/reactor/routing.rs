@@ -37,8 +37,16 @@ impl Reactor {
     /// Assign the user's next seq, keep the event for replay, queue it on every
     /// connection that takes it.
     pub(super) fn deliver(&mut self, ev: Event) {
-        self.stats.events_emitted += 1;
         let now = self.tick();
+        // A repeat of an accepted idempotency key (section 6a): routed only once.
+        if let Some(key) = ev.idempotency_key.as_deref() {
+            let ttl = self.s.config.replay_ttl_ms;
+            if self.registry.key_seen(&ev.key.user_id, key, now, ttl) {
+                self.stats.events_deduplicated += 1;
+                return;
+            }
+        }
+        self.stats.events_emitted += 1;
         let (Routed { frame, owner }, user) = match self.registry.route(&ev, now) {
             Ok(routed) => routed,
             Err(refused) => {
@@ -62,6 +70,9 @@ impl Reactor {
         self.scratch_targets.clear();
         self.scratch_targets
             .extend(user.targets(ev.key.thread_id.as_deref(), owner));
+        if let Some(key) = ev.idempotency_key.as_deref() {
+            self.registry.remember_key(&ev.key.user_id, key, now);
+        }
         let mut delivered = 0;
         for i in 0..self.scratch_targets.len() {
             let Some(&target) = self.scratch_targets.get(i) else {

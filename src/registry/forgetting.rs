@@ -1,5 +1,5 @@
 //! Forgetting users, and the epochs that make it safe. A user's state is dropped when
-//! it is idle (no connection, no run, nothing kept) for `replay_ttl_ms` or when the
+//! it is idle (no connection, no run, nothing kept, no idempotency key) for `replay_ttl_ms` or when the
 //! budget needs room; a user seen again is created in a new epoch, so a client
 //! resuming from before gets `resumed:false` and no `seq` repeats within an epoch.
 //! Also the housekeeping sweep: kept events past `replay_ttl_ms` expire, the runs in
@@ -43,6 +43,9 @@ impl Registry {
         }
         let freed = u.drop_oldest(usize::MAX);
         self.account(freed, None);
+        let (keys, key_bytes) = u.key_totals();
+        self.key_count = self.key_count.saturating_sub(keys);
+        self.key_bytes = self.key_bytes.saturating_sub(key_bytes);
         self.active_runs = self.active_runs.saturating_sub(u.runs.len());
         if !u.conns.is_empty() {
             self.online -= 1;
@@ -59,7 +62,11 @@ impl Registry {
         let mut idle = Vec::new();
         let mut freed = Freed::default();
         let mut runs = 0;
+        let (mut keys, mut key_bytes) = (0, 0);
         for (k, u) in self.slots.iter_mut() {
+            let (n, b) = u.expire_keys(now, replay_ttl_ms);
+            keys += n;
+            key_bytes += b;
             let gone = u.expire_replay(cutoff);
             if gone.events > 0 {
                 if let Some(f) = self.fronts.get_mut(k) {
@@ -76,6 +83,8 @@ impl Registry {
             }
         }
         self.account(freed, None);
+        self.key_count = self.key_count.saturating_sub(keys);
+        self.key_bytes = self.key_bytes.saturating_sub(key_bytes);
         self.active_runs = runs;
         for k in idle {
             self.forget(k);

@@ -59,12 +59,14 @@ use crate::conn::ConnId;
 use crate::event::Event;
 
 mod forgetting;
+mod idempotency;
 mod replay;
 mod runs;
 
 use replay::{kept_cost, Front, Kept};
 use runs::EndedRuns;
 
+pub use idempotency::{KEYS_PER_USER, KEY_OVERHEAD_BYTES};
 pub use replay::{Replayed, Resume, KEPT_OVERHEAD_BYTES, USER_OVERHEAD_BYTES};
 pub use runs::Run;
 
@@ -159,6 +161,8 @@ pub struct User {
     /// Allocated at the first ended run: a user who never ran anything (most idle
     /// connections) pays one pointer for it.
     ended: Option<Box<EndedRuns>>,
+    /// Idempotency keys of accepted events (section 6a); allocated at the first.
+    keys: Option<Box<idempotency::Keys>>,
 }
 
 impl User {
@@ -176,7 +180,10 @@ impl User {
 
     /// True when nothing but the sequence counter is worth keeping.
     pub fn idle(&self) -> bool {
-        self.conns.is_empty() && self.replay.is_empty() && self.runs.is_empty()
+        self.conns.is_empty()
+            && self.replay.is_empty()
+            && self.runs.is_empty()
+            && self.keys.is_none()
     }
 
     pub fn remove_conn(&mut self, id: ConnId) -> bool {
@@ -195,6 +202,8 @@ pub struct RegistryCounters {
     pub users_forgotten: u64,
     /// Runs refused past `max_active_runs_per_user` or `max_active_runs`.
     pub runs_refused: u64,
+    /// Idempotency keys dropped before their expiry (per-user bound or budget).
+    pub keys_dropped: u64,
 }
 
 /// All users, the global FIFO of kept events and the budgets' use.
@@ -224,6 +233,9 @@ pub struct Registry {
     /// Kept events and their counted bytes over all users.
     kept_events: usize,
     kept_bytes: usize,
+    /// Idempotency keys over all users and their counted bytes (in the budget).
+    key_count: usize,
+    key_bytes: usize,
     /// Runs in progress over all users: exact after each sweep; between sweeps the
     /// runs a `user_message` pre-registers are added at the next sweep.
     active_runs: usize,
@@ -256,6 +268,8 @@ impl Registry {
             fifo: VecDeque::new(),
             kept_events: 0,
             kept_bytes: 0,
+            key_count: 0,
+            key_bytes: 0,
             active_runs: 0,
             scan_blocked_below: 0,
             counters: RegistryCounters::default(),

@@ -201,9 +201,10 @@ pub(super) struct Kept {
 }
 
 impl Registry {
-    /// Bytes counted against `replay_memory_bytes`: kept events and users.
+    /// Bytes counted against `replay_memory_bytes`: kept events, idempotency keys
+    /// and users.
     pub fn memory_used(&self) -> usize {
-        self.kept_bytes + self.index.len() * USER_OVERHEAD_BYTES
+        self.kept_bytes + self.key_bytes + self.index.len() * USER_OVERHEAD_BYTES
     }
 
     /// Kept events over all users, and their counted bytes.

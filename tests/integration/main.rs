@@ -16,6 +16,7 @@ mod hostile_auth;
 mod hostile_frames;
 mod hostile_handshake;
 mod hostile_limits;
+mod idempotency;
 mod ids;
 mod isolated_mode;
 mod jwt;

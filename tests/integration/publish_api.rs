@@ -41,7 +41,7 @@ fn single_event_is_accepted_and_delivered() {
         ),
     );
     assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(r.json(), json!({"accepted": 1}));
+    assert_eq!(r.json(), json!({"accepted": 1, "cancelled": []}));
     let ev = c.recv_json();
     assert_envelope(&ev, user, Some("t1"), "r-p1", "pub_agent");
     assert_eq!(ev["type"], "agent_started");
@@ -65,7 +65,7 @@ fn batch_of_three_is_accepted_and_delivered_in_order() {
     ]);
     let r = publish(gw.addr, &batch);
     assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(r.json(), json!({"accepted": 3}));
+    assert_eq!(r.json(), json!({"accepted": 3, "cancelled": []}));
     let evs = c.recv_events(3);
     assert_contiguous(&evs, c.last_seq() + 1);
     for (i, e) in evs.iter().enumerate() {
@@ -203,7 +203,7 @@ fn more_than_1000_events_is_413_and_1000_is_accepted() {
     error_body(&r, 413, "payload_too_large");
     let r = publish(gw.addr, &Value::Array(batch[..1000].to_vec()));
     assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(r.json(), json!({"accepted": 1000}));
+    assert_eq!(r.json(), json!({"accepted": 1000, "cancelled": []}));
     let evs = c.recv_events(1000);
     assert_contiguous(&evs, c.last_seq() + 1);
     assert_eq!(evs[999]["data"], 999);
@@ -327,7 +327,7 @@ fn empty_batch_unknown_fields_and_missing_data() {
     let mut c = gw.connect(user);
     let r = publish(gw.addr, &json!([]));
     assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(r.json(), json!({"accepted": 0}));
+    assert_eq!(r.json(), json!({"accepted": 0, "cancelled": []}));
     publish_ok(
         gw.addr,
         &json!({"type": "agent_started", "user_id": user, "run_id": "r-e", "agent_name": "a", "extra": {"x": 1}}),
