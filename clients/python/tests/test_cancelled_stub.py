@@ -1,6 +1,6 @@
 """The ``cancelled`` list of publish answers (PROTOCOL.md section 6b).
 
-The gateway on main does not send ``cancelled`` yet, so this ONE field is tested
+The gateway sends ``cancelled`` (tested against it in test_publisher.py); this ONE field is also tested
 against a local stub HTTP server (stdlib http.server) that answers 202 with it. The
 real gateway's answers without the field are covered by test_publisher.py (runs stay
 ``cancelled == False``). Everything else is tested against the real gateway."""

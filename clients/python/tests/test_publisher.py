@@ -33,7 +33,7 @@ def test_whole_run_arrives_in_order_with_the_envelope(gateway, client_factory):
             run.emit("text_delta", {"delta": "There are 42 ü"})
             run.agent_completed({"answer": "42"})
             assert run.ended
-        assert not run.cancelled  # the gateway sends no "cancelled" list yet
+        assert not run.cancelled  # no client asked to cancel it
     evs = ws.events(6)
     assert [e["type"] for e in evs] == [
         "agent_started", "agent_thinking", "tool_executing", "tool_completed", "text_delta", "agent_completed",
@@ -46,9 +46,10 @@ def test_whole_run_arrives_in_order_with_the_envelope(gateway, client_factory):
         assert isinstance(e["ts"], int) and e["ts"] > 1_600_000_000_000
     assert evs[2]["data"] == {"tool": "sql", "args": {"q": "select count(*)"}}
     assert evs[4]["data"] == {"delta": "There are 42 ü"}
-    # Every event carried an idempotency key (section 6a): run_id:n, n from 1.
+    # Every event carried an idempotency key (section 6a): run_id:nonce:n, n from 1.
     keys = [e["idempotency_key"] for body in log.bodies for e in body]
-    assert keys == [f"{run.run_id}:{n}" for n in range(1, 7)]
+    nonce = keys[0].split(":")[1]
+    assert len(nonce) == 8 and keys == [f"{run.run_id}:{nonce}:{n}" for n in range(1, 7)]
     assert ws.quiet() == []
 
 
@@ -215,7 +216,8 @@ def test_retry_bodies_are_identical(gateway_factory):
         starter.join()
     assert len(log.raw) >= 2
     assert len(set(log.raw)) == 1  # the retried request is byte for byte the first one
-    assert [e["idempotency_key"] for e in log.bodies[0]] == [f"{run.run_id}:1", f"{run.run_id}:2"]
+    nonce = log.bodies[0][0]["idempotency_key"].split(":")[1]
+    assert [e["idempotency_key"] for e in log.bodies[0]] == [f"{run.run_id}:{nonce}:1", f"{run.run_id}:{nonce}:2"]
 
 
 def test_no_retry_on_401(gateway):
@@ -336,3 +338,28 @@ def test_keep_alive_connections_are_reused(gateway):
     assert len(log.local_addrs) >= 20
     # Every request went over one of a few pooled connections, not one each.
     assert len(set(log.local_addrs)) <= 4, set(log.local_addrs)
+
+
+def test_a_cancel_from_the_users_tab_reaches_the_run(gateway, client_factory):
+    """PROTOCOL.md section 6b: the 202 answer lists the runs a client asked to cancel;
+    the run helper turns ``cancelled`` True (against the real gateway)."""
+    ws = client_factory("carol")
+    with Publisher(gateway.url, PUBLISH_KEY, batch_ms=1) as pub:
+        with pub.run("carol", agent_name="slow_agent") as run:
+            run.agent_started({"message": "take your time"})
+            pub.flush()
+            assert ws.events(1)[0]["type"] == "agent_started"
+            ws.ws.send(json.dumps({"type": "cancel", "run_id": run.run_id}))
+            deadline = time.monotonic() + 10
+            while True:
+                frame = json.loads(ws.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+                if frame.get("type") == "cancel_requested":
+                    assert frame["run_id"] == run.run_id
+                    break
+            assert not run.cancelled
+            run.agent_thinking({"thought": "step 2"})
+            pub.flush()
+            assert run.cancelled
+            run.agent_error({"reason": "cancelled"})
+    types = [e["type"] for e in ws.events(2)]
+    assert types == ["agent_thinking", "agent_error"], types

@@ -22,6 +22,7 @@ import hashlib
 import json
 import random
 import re
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterable, Optional, Union
@@ -82,13 +83,15 @@ def check_run_fields(
     _check_name("thread_id", thread_id, MAX_NAME_BYTES, nullable=True)
 
 
-def idempotency_key(run_id: str, n: int) -> str:
-    """The key of a run's n-th event: ``run_id:n``, or a digest of the run id when that
-    would pass the gateway's 128 bytes."""
-    key = f"{run_id}:{n}"
+def idempotency_key(run_id: str, nonce: str, n: int) -> str:
+    """The key of the n-th event of one run handle: ``run_id:nonce:n`` (the nonce is
+    random per handle, so two handles of one run id, in one process or two, never share
+    a key), or a digest of the run id in its place when that would pass the gateway's
+    128 bytes."""
+    key = f"{run_id}:{nonce}:{n}"
     if len(key.encode()) <= MAX_IDEMPOTENCY_KEY_BYTES:
         return key
-    return f"{hashlib.sha256(run_id.encode()).hexdigest()}:{n}"
+    return f"{hashlib.sha256(run_id.encode()).hexdigest()}:{nonce}:{n}"
 
 
 @dataclass(eq=False)
@@ -110,6 +113,7 @@ class RunState:
     agent_name: str
     thread_id: Optional[str]
     counter: int = 0  # events created (the idempotency key's n)
+    nonce: str = field(default_factory=lambda: secrets.token_hex(4))  # the key's handle part
     queue: deque = field(default_factory=deque)  # events not yet in a request
     in_flight: bool = False
     enqueued: int = 0
@@ -135,7 +139,7 @@ class RunState:
                 "thread_id": self.thread_id,
                 "run_id": self.run_id,
                 "agent_name": self.agent_name,
-                "idempotency_key": idempotency_key(self.run_id, n),
+                "idempotency_key": idempotency_key(self.run_id, self.nonce, n),
             },
             separators=(",", ":"),
             ensure_ascii=False,
