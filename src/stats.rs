@@ -596,84 +596,88 @@ impl Stats {
                 .map(|(name, n)| (format!("{{reason=\"{name}\"}}"), n as f64))
                 .collect::<Vec<(String, f64)>>()
         };
-        metric(
-            "uptime_seconds",
-            "gauge",
-            "Seconds since the gateway started.",
-            &one(g.uptime_s as f64),
-        );
-        metric(
-            "connections_open",
-            "gauge",
-            "Open WebSocket connections.",
-            &one(g.connections_open as f64),
-        );
-        metric(
-            "users_online",
-            "gauge",
-            "Users with at least one open connection.",
-            &one(g.users_online as f64),
-        );
-        metric(
-            "runs_active",
-            "gauge",
-            "Agent runs started and not yet ended.",
-            &one(g.active_runs as f64),
-        );
-        metric(
-            "users_known",
-            "gauge",
-            "Users the gateway keeps state for (online or not).",
-            &one(g.users_known as f64),
-        );
-        metric(
-            "users_forgotten_total",
-            "counter",
-            "Users whose state was forgotten (idle expiry or memory budget).",
-            &one(g.memory.users_forgotten as f64),
-        );
-        metric(
-            "runs_timed_out_total",
-            "counter",
-            "Runs ended by the watchdog (run_idle_timeout_ms).",
-            &one(self.runs_timed_out as f64),
-        );
-        metric(
-            "runs_refused_total",
-            "counter",
-            "New runs refused past max_active_runs_per_user or max_active_runs.",
-            &one(g.memory.runs_refused as f64),
-        );
-        metric(
-            "replay_events",
-            "gauge",
-            "Events kept for resume, all users.",
-            &one(g.memory.replay_events as f64),
-        );
-        metric(
-            "replay_bytes",
-            "gauge",
-            "Bytes of events kept for resume, all users.",
-            &one(g.memory.replay_bytes as f64),
-        );
-        metric(
-            "replay_evicted_total",
-            "counter",
-            "Kept events dropped to stay within replay_memory_bytes.",
-            &one(g.memory.replay_evicted as f64),
-        );
-        metric(
-            "timers",
-            "gauge",
-            "Timers armed on the reactor's wheel.",
-            &one(g.timers as f64),
-        );
-        metric(
-            "connections_opened_total",
-            "counter",
-            "WebSocket connections accepted.",
-            &one(self.connections_opened as f64),
-        );
+        for (name, kind, help, v) in [
+            (
+                "uptime_seconds",
+                "gauge",
+                "Seconds since the gateway started.",
+                g.uptime_s as f64,
+            ),
+            (
+                "connections_open",
+                "gauge",
+                "Open WebSocket connections.",
+                g.connections_open as f64,
+            ),
+            (
+                "users_online",
+                "gauge",
+                "Users with at least one open connection.",
+                g.users_online as f64,
+            ),
+            (
+                "runs_active",
+                "gauge",
+                "Agent runs started and not yet ended.",
+                g.active_runs as f64,
+            ),
+            (
+                "users_known",
+                "gauge",
+                "Users the gateway keeps state for (online or not).",
+                g.users_known as f64,
+            ),
+            (
+                "users_forgotten_total",
+                "counter",
+                "Users whose state was forgotten (idle expiry or memory budget).",
+                g.memory.users_forgotten as f64,
+            ),
+            (
+                "runs_timed_out_total",
+                "counter",
+                "Runs ended by the watchdog (run_idle_timeout_ms).",
+                self.runs_timed_out as f64,
+            ),
+            (
+                "runs_refused_total",
+                "counter",
+                "New runs refused past max_active_runs_per_user or max_active_runs.",
+                g.memory.runs_refused as f64,
+            ),
+            (
+                "replay_events",
+                "gauge",
+                "Events kept for resume, all users.",
+                g.memory.replay_events as f64,
+            ),
+            (
+                "replay_bytes",
+                "gauge",
+                "Bytes of events kept for resume, all users.",
+                g.memory.replay_bytes as f64,
+            ),
+            (
+                "replay_evicted_total",
+                "counter",
+                "Kept events dropped to stay within replay_memory_bytes.",
+                g.memory.replay_evicted as f64,
+            ),
+            (
+                "timers",
+                "gauge",
+                "Timers armed on the reactor's wheel.",
+                g.timers as f64,
+            ),
+            (
+                "connections_opened_total",
+                "counter",
+                "WebSocket connections accepted.",
+                self.connections_opened as f64,
+            ),
+        ] {
+            metric(name, kind, help, &one(v));
+        }
         metric(
             "connections_closed_total",
             "counter",
@@ -686,162 +690,90 @@ impl Stats {
             "Upgrades refused before the handshake, by reason.",
             &by_reason(&mut self.refused_by_reason()),
         );
-        metric(
-            "http_requests_total",
-            "counter",
-            "Plain HTTP requests answered.",
-            &one(self.http_requests as f64),
-        );
-        metric(
-            "events_emitted_total",
-            "counter",
-            "Events accepted from workers and the publish API.",
-            &one(self.events_emitted as f64),
-        );
-        metric(
-            "events_published_total",
-            "counter",
-            "Events accepted through POST /api/events.",
-            &one(self.events_published as f64),
-        );
-        metric(
-            "events_deduplicated_total",
-            "counter",
-            "Repeats of an accepted idempotency key: acknowledged, not routed again.",
-            &one(self.events_deduplicated as f64),
-        );
-        metric(
-            "idempotency_keys",
-            "gauge",
-            "Idempotency keys remembered, all users.",
-            &one(g.memory.idempotency_keys as f64),
-        );
-        metric(
-            "idempotency_key_bytes",
-            "gauge",
-            "Bytes of remembered idempotency keys, counted in replay_memory_bytes.",
-            &one(g.memory.idempotency_key_bytes as f64),
-        );
-        metric(
-            "idempotency_keys_dropped_total",
-            "counter",
-            "Idempotency keys dropped before expiry (per-user bound or budget).",
-            &one(g.memory.idempotency_keys_dropped as f64),
-        );
-        metric(
-            "events_delivered_total",
-            "counter",
-            "Event frames queued to connections (one per connection).",
-            &one(self.events_delivered as f64),
-        );
-        metric(
-            "events_replayed_total",
-            "counter",
-            "Event frames sent from the replay buffer on resume.",
-            &one(self.events_replayed as f64),
-        );
+        for (name, kind, help, v) in [
+            (
+                "http_requests_total",
+                "counter",
+                "Plain HTTP requests answered.",
+                self.http_requests as f64,
+            ),
+            (
+                "events_emitted_total",
+                "counter",
+                "Events accepted from workers and the publish API.",
+                self.events_emitted as f64,
+            ),
+            (
+                "events_published_total",
+                "counter",
+                "Events accepted through POST /api/events.",
+                self.events_published as f64,
+            ),
+            (
+                "events_deduplicated_total",
+                "counter",
+                "Repeats of an accepted idempotency key: acknowledged, not routed again.",
+                self.events_deduplicated as f64,
+            ),
+            (
+                "idempotency_keys",
+                "gauge",
+                "Idempotency keys remembered, all users.",
+                g.memory.idempotency_keys as f64,
+            ),
+            (
+                "idempotency_key_bytes",
+                "gauge",
+                "Bytes of remembered idempotency keys, counted in replay_memory_bytes.",
+                g.memory.idempotency_key_bytes as f64,
+            ),
+            (
+                "idempotency_keys_dropped_total",
+                "counter",
+                "Idempotency keys dropped before expiry (per-user bound or budget).",
+                g.memory.idempotency_keys_dropped as f64,
+            ),
+            (
+                "events_delivered_total",
+                "counter",
+                "Event frames queued to connections (one per connection).",
+                self.events_delivered as f64,
+            ),
+            (
+                "events_replayed_total",
+                "counter",
+                "Event frames sent from the replay buffer on resume.",
+                self.events_replayed as f64,
+            ),
+        ] {
+            metric(name, kind, help, &one(v));
+        }
         metric(
             "events_dropped_total",
             "counter",
             "Events not delivered, by reason.",
             &by_reason(&mut self.dropped_by_reason()),
         );
-        metric(
-            "client_messages_total",
-            "counter",
-            "Text messages received from clients.",
-            &one(self.client_messages as f64),
-        );
-        metric(
-            "client_messages_bad_total",
-            "counter",
-            "Client messages counted as bad (bad_message, too_large, invalid_token, rate_limited).",
-            &one(self.bad_client_messages as f64),
-        );
-        metric(
-            "client_messages_busy_total",
-            "counter",
-            "user_message answered busy (per-user pending runs or the held budget).",
-            &one(self.user_messages_busy as f64),
-        );
-        metric(
-            "refresh_rate_limited_total",
-            "counter",
-            "refresh answered rate_limited without a token check.",
-            &one(self.refresh_rate_limited as f64),
-        );
-        metric(
-            "client_messages_max_per_iteration",
-            "gauge",
-            "Most client messages read in one loop iteration since start.",
-            &one(self.client_messages_max_per_iteration as f64),
-        );
-        metric(
-            "client_input_paused_total",
-            "counter",
-            "Sessions paused for using up their input allowance (1,000 messages/s, 1 MiB/s).",
-            &one(self.client_input_paused as f64),
-        );
-        metric(
-            "inbound_held",
-            "gauge",
-            "user_message held by the gateway while the workers' channel is full.",
-            &one(g.inbound_held as f64),
-        );
-        metric(
-            "bytes_in_total",
-            "counter",
-            "Bytes read from sockets.",
-            &one(self.bytes_in as f64),
-        );
-        metric(
-            "bytes_out_total",
-            "counter",
-            "Bytes written to sockets.",
-            &one(self.bytes_out as f64),
-        );
-        metric(
-            "pending_out_bytes",
-            "gauge",
-            "Bytes queued and not yet written, all connections.",
-            &one(g.pending_out_bytes as f64),
-        );
-        metric(
-            "http_connections_open",
-            "gauge",
-            "Connections not yet upgraded (plain HTTP, handshakes in progress).",
-            &one(g.http_open as f64),
-        );
-        metric(
-            "http_buffered_bytes",
-            "gauge",
-            "Request bytes buffered by connections not yet upgraded.",
-            &one(g.http_buffered_bytes as f64),
-        );
-        metric(
-            "http_evicted_total",
-            "counter",
-            "Not-upgraded connections closed, oldest first, over an HTTP limit.",
-            &one(self.http_evicted as f64),
-        );
-        metric(
-            "accept_failures_total",
-            "counter",
-            "Failed accepts (descriptor limit and other errors).",
-            &one(self.accept_failures as f64),
-        );
-        metric(
-            "overload_refused_total",
-            "counter",
-            "Connections answered 503 overloaded at the descriptor limit.",
-            &one(self.overload_refused as f64),
-        );
-        metric(
-            "publish_auth_failures_total",
-            "counter",
-            "Publish requests with a missing or wrong key.",
-            &one(self.publish_auth_failures as f64),
-        );
+        for (name, kind, help, v) in [
+            ("client_messages_total", "counter", "Text messages received from clients.", self.client_messages as f64),
+            ("client_messages_bad_total", "counter", "Client messages counted as bad (bad_message, too_large, invalid_token, rate_limited).", self.bad_client_messages as f64),
+            ("client_messages_busy_total", "counter", "user_message answered busy (per-user pending runs or the held budget).", self.user_messages_busy as f64),
+            ("refresh_rate_limited_total", "counter", "refresh answered rate_limited without a token check.", self.refresh_rate_limited as f64),
+            ("client_messages_max_per_iteration", "gauge", "Most client messages read in one loop iteration since start.", self.client_messages_max_per_iteration as f64),
+            ("client_input_paused_total", "counter", "Sessions paused for using up their input allowance (1,000 messages/s, 1 MiB/s).", self.client_input_paused as f64),
+            ("inbound_held", "gauge", "user_message held by the gateway while the workers' channel is full.", g.inbound_held as f64),
+            ("bytes_in_total", "counter", "Bytes read from sockets.", self.bytes_in as f64),
+            ("bytes_out_total", "counter", "Bytes written to sockets.", self.bytes_out as f64),
+            ("pending_out_bytes", "gauge", "Bytes queued and not yet written, all connections.", g.pending_out_bytes as f64),
+            ("http_connections_open", "gauge", "Connections not yet upgraded (plain HTTP, handshakes in progress).", g.http_open as f64),
+            ("http_buffered_bytes", "gauge", "Request bytes buffered by connections not yet upgraded.", g.http_buffered_bytes as f64),
+            ("http_evicted_total", "counter", "Not-upgraded connections closed, oldest first, over an HTTP limit.", self.http_evicted as f64),
+            ("accept_failures_total", "counter", "Failed accepts (descriptor limit and other errors).", self.accept_failures as f64),
+            ("overload_refused_total", "counter", "Connections answered 503 overloaded at the descriptor limit.", self.overload_refused as f64),
+            ("publish_auth_failures_total", "counter", "Publish requests with a missing or wrong key.", self.publish_auth_failures as f64),
+        ] {
+            metric(name, kind, help, &one(v));
+        }
         let budgets = g.budgets();
         // The HELP text names every budget from the list itself, so it cannot fall behind.
         let names: Vec<&str> = budgets.iter().map(|b| b.0).collect();
