@@ -497,21 +497,6 @@ mod tests {
     }
 
     #[test]
-    fn writer_reports_dropped_lines_as_json_in_json_format() {
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        UNREPORTED.fetch_add(2, Ordering::Relaxed);
-        DROPPED.fetch_add(2, Ordering::Relaxed);
-        drop(tx);
-        let mut out = Vec::new();
-        write_lines(&rx, &mut out, LogFormat::Json);
-        let text = String::from_utf8(out).unwrap();
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert_eq!(v["level"], "WARN");
-        }
-    }
-
-    #[test]
     fn repeats_collapse_within_a_window() {
         let mut r = Repeats::new(1000, 3, 4);
         let mut ended = Vec::new();
