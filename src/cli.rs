@@ -400,6 +400,7 @@ mod tests {
                 "allow_query_token" | "demo_agent" | "dev" => "false",
                 "allowed_origins" => "https://x.example",
                 "per_user_policy" => "reject",
+                "log_format" => "json",
                 "heartbeat_timeout_ms" => "70000",
                 _ => &fallback,
             };
@@ -409,7 +410,8 @@ mod tests {
             match s.name {
                 "jwt_secret" | "publish_key" => assert_eq!(json[format!("{}_set", s.name)], true),
                 "jwt_public_key_file" => assert!(json[s.name].is_null()),
-                "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy" => {
+                "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy"
+                | "log_format" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
                 "allow_query_token" | "demo_agent" | "dev" => {

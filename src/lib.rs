@@ -104,7 +104,7 @@ use tungstenite::protocol::WebSocketConfig;
 pub use crate::auth::{
     AuthError, AuthSettings, AuthSetupError, Authenticator, Claims, JwtAlgorithm,
 };
-pub use crate::config::{Config, ConfigError, PerUserPolicy};
+pub use crate::config::{Config, ConfigError, LogFormat, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
 

@@ -12,8 +12,13 @@
 //! `RateLog` aggregates one kind of line over a period (accept failures, publish key
 //! failures): at most one line per period, with the count since the last.
 //!
-//! The line format is env_logger's default one (`[2026-01-01T00:00:00.000Z INFO
-//! target] message`, UTC with milliseconds), which tests and log tools read. The level
+//! The text format (`log_format = text`, the default) is env_logger's default line
+//! (`[2026-01-01T00:00:00.000Z INFO  target] message`, UTC with milliseconds), which tests
+//! and log tools read. The JSON format (`log_format = json`) writes one object per line:
+//! `{"ts":"2026-01-01T00:00:00.000Z","level":"INFO","target":"...","message":"..."}`
+//! followed by the record's key-values (`log::info!(conn = id, ...; "...")`: `conn`,
+//! `user`, `reason`, `code`, `duration_ms` on connection lines), numbers as numbers,
+//! every string escaped by serde_json, so a message can never break the line. The level
 //! caps of [`crate::LOG_LEVEL_CAPS`] apply whatever the filter says, so token-bearing
 //! library logs never get through.
 
@@ -22,6 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+pub use crate::config::LogFormat;
 
 /// Lines waiting for the writer before new ones are dropped.
 pub(crate) const QUEUE_LINES: usize = 4096;
@@ -48,6 +55,7 @@ enum Msg {
 struct Sink {
     filter: env_logger::Logger,
     tx: Sender<Msg>,
+    format: LogFormat,
 }
 
 impl log::Log for Sink {
@@ -59,7 +67,16 @@ impl log::Log for Sink {
         if !crate::log_level_allowed(r.target(), r.level()) || !self.filter.matches(r) {
             return;
         }
-        let line = format_line(SystemTime::now(), r.level(), r.target(), r.args());
+        let line = match self.format {
+            LogFormat::Text => format_line(SystemTime::now(), r.level(), r.target(), r.args()),
+            LogFormat::Json => format_json_line(
+                SystemTime::now(),
+                r.level(),
+                r.target(),
+                r.args(),
+                r.key_values(),
+            ),
+        };
         match self.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -85,18 +102,31 @@ impl log::Log for Sink {
 /// # Errors
 /// When a logger is already installed, or the writer thread cannot be started.
 pub fn init(level: log::LevelFilter) -> Result<(), InitError> {
-    install(env_logger::Builder::new().filter_level(level).build())
+    install(
+        env_logger::Builder::new().filter_level(level).build(),
+        LogFormat::Text,
+    )
 }
 
 /// Install the sink with `RUST_LOG`-style directives read from the environment
-/// variable `RUST_LOG` (`default` when it is unset), as the `agentwire` binary does.
+/// variable `RUST_LOG` (`default` when it is unset), text lines.
 ///
 /// # Errors
 /// As [`init`].
 pub fn init_from_env(default: &str) -> Result<(), InitError> {
+    init_from_env_as(default, LogFormat::Text)
+}
+
+/// As [`init_from_env`], lines written in `format` (`log_format`), as the `agentwire`
+/// binary does.
+///
+/// # Errors
+/// As [`init`].
+pub fn init_from_env_as(default: &str, format: LogFormat) -> Result<(), InitError> {
     install(
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
             .build(),
+        format,
     )
 }
 
@@ -111,21 +141,21 @@ pub enum InitError {
     Thread(#[from] std::io::Error),
 }
 
-fn install(filter: env_logger::Logger) -> Result<(), InitError> {
+fn install(filter: env_logger::Logger, format: LogFormat) -> Result<(), InitError> {
     let max = filter.filter();
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LINES);
-    let sink = Sink { filter, tx };
+    let sink = Sink { filter, tx, format };
     log::set_boxed_logger(Box::new(sink)).map_err(|_| InitError::AlreadySet)?;
     std::thread::Builder::new()
         .name("agentwire-log".into())
-        .spawn(move || write_lines(&rx, &mut std::io::stderr()))?;
+        .spawn(move || write_lines(&rx, &mut std::io::stderr(), format))?;
     log::set_max_level(max);
     Ok(())
 }
 
 /// The writer thread: copy queued lines to `out`; after a write, report lines dropped
 /// meanwhile. Ends when every sender is gone.
-fn write_lines<W: std::io::Write>(rx: &Receiver<Msg>, out: &mut W) {
+fn write_lines<W: std::io::Write>(rx: &Receiver<Msg>, out: &mut W, format: LogFormat) {
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(Msg::Line(line)) => {
@@ -140,16 +170,18 @@ fn write_lines<W: std::io::Write>(rx: &Receiver<Msg>, out: &mut W) {
         }
         let lost = UNREPORTED.swap(0, Ordering::Relaxed);
         if lost > 0 {
-            let line = format_line(
-                SystemTime::now(),
-                log::Level::Warn,
-                "agentwire::log_sink",
-                &format_args!(
-                    "{lost} log lines dropped: the log output (stderr) did not keep up; \
-                     {} dropped since start",
-                    dropped_lines()
-                ),
+            let (at, level, target) = (SystemTime::now(), log::Level::Warn, "agentwire::log_sink");
+            let args = format_args!(
+                "{lost} log lines dropped: the log output (stderr) did not keep up; \
+                 {} dropped since start",
+                dropped_lines()
             );
+            let line = match format {
+                LogFormat::Text => format_line(at, level, target, &args),
+                LogFormat::Json => {
+                    format_json_line(at, level, target, &args, &[] as &[(&str, u64); 0])
+                }
+            };
             let _ = out.write_all(line.as_bytes());
         }
     }
@@ -167,6 +199,94 @@ pub(crate) fn format_line(
     push_utc_millis(&mut line, at);
     let _ = writeln!(line, " {level:<5} {target}] {args}");
     line
+}
+
+/// One JSON object and `\n`: `ts`, `level`, `target`, `message`, then the record's
+/// key-values in order (a key named like one of the first four is left out). Integers
+/// and booleans stay JSON numbers and booleans, a missing value (`None`) is `null`,
+/// anything else is its `Display` text as a JSON string.
+pub(crate) fn format_json_line(
+    at: SystemTime,
+    level: log::Level,
+    target: &str,
+    args: &std::fmt::Arguments<'_>,
+    kvs: &dyn log::kv::Source,
+) -> String {
+    let mut line = String::with_capacity(160);
+    let mut ts = String::with_capacity(24);
+    push_utc_millis(&mut ts, at);
+    line.push_str("{\"ts\":");
+    push_json_str(&mut line, &ts);
+    line.push_str(",\"level\":");
+    push_json_str(&mut line, level.as_str());
+    line.push_str(",\"target\":");
+    push_json_str(&mut line, target);
+    line.push_str(",\"message\":");
+    match args.as_str() {
+        Some(s) => push_json_str(&mut line, s),
+        None => push_json_str(&mut line, &args.to_string()),
+    }
+    let _ = kvs.visit(&mut JsonFields(&mut line));
+    line.push_str("}\n");
+    line
+}
+
+/// A JSON string literal, escaped by serde_json.
+fn push_json_str(out: &mut String, s: &str) {
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+/// Appends `,"key":value` per key-value of a record.
+struct JsonFields<'a>(&'a mut String);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for JsonFields<'_> {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        let key = key.as_str();
+        if matches!(key, "ts" | "level" | "target" | "message") {
+            return Ok(());
+        }
+        self.0.push(',');
+        push_json_str(self.0, key);
+        self.0.push(':');
+        value.visit(JsonValue(self.0))
+    }
+}
+
+/// One key-value's value as JSON.
+struct JsonValue<'a>(&'a mut String);
+
+impl<'v> log::kv::VisitValue<'v> for JsonValue<'_> {
+    fn visit_any(&mut self, value: log::kv::Value) -> Result<(), log::kv::Error> {
+        push_json_str(self.0, &value.to_string());
+        Ok(())
+    }
+    fn visit_null(&mut self) -> Result<(), log::kv::Error> {
+        self.0.push_str("null");
+        Ok(())
+    }
+    fn visit_u64(&mut self, value: u64) -> Result<(), log::kv::Error> {
+        let _ = write!(self.0, "{value}");
+        Ok(())
+    }
+    fn visit_i64(&mut self, value: i64) -> Result<(), log::kv::Error> {
+        let _ = write!(self.0, "{value}");
+        Ok(())
+    }
+    fn visit_bool(&mut self, value: bool) -> Result<(), log::kv::Error> {
+        self.0.push_str(if value { "true" } else { "false" });
+        Ok(())
+    }
+    fn visit_str(&mut self, value: &str) -> Result<(), log::kv::Error> {
+        push_json_str(self.0, value);
+        Ok(())
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), without a date crate.
@@ -318,6 +438,65 @@ mod tests {
     }
 
     #[test]
+    fn json_lines_are_one_object_with_the_fields() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_796_590_727_631);
+        let user = "al\"ice\n\u{1}";
+        let code: Option<u16> = Some(1000);
+        let none: Option<u16> = None;
+        let kvs: [(&str, log::kv::Value); 6] = [
+            ("conn", log::kv::Value::from_display(&"c0000002a")),
+            ("user", log::kv::Value::from_display(&user)),
+            ("reason", log::kv::Value::from("client_closed")),
+            ("code", log::kv::ToValue::to_value(&code)),
+            ("duration_ms", log::kv::Value::from(1234u64)),
+            ("nothing", log::kv::ToValue::to_value(&none)),
+        ];
+        let line = format_json_line(
+            at,
+            log::Level::Info,
+            "agentwire::reactor",
+            &format_args!("conn={} user={user:?} closed \"quoted\"\ttab", "c0000002a"),
+            &kvs,
+        );
+        assert!(line.ends_with('\n'));
+        assert_eq!(line.matches('\n').count(), 1, "one line: {line}");
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["ts"], "2026-12-06T20:58:47.631Z");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["target"], "agentwire::reactor");
+        assert_eq!(
+            v["message"],
+            format!("conn=c0000002a user={user:?} closed \"quoted\"\ttab")
+        );
+        assert_eq!(v["conn"], "c0000002a");
+        assert_eq!(v["user"], user);
+        assert_eq!(v["reason"], "client_closed");
+        assert_eq!(v["code"], 1000);
+        assert_eq!(v["duration_ms"], 1234);
+        assert!(v["nothing"].is_null());
+        assert!(line.starts_with("{\"ts\":"), "{line}");
+    }
+
+    #[test]
+    fn json_lines_keep_the_fixed_keys() {
+        let kvs: [(&str, log::kv::Value); 2] = [
+            ("level", log::kv::Value::from("forged")),
+            ("message", log::kv::Value::from("forged")),
+        ];
+        let line = format_json_line(
+            UNIX_EPOCH,
+            log::Level::Warn,
+            "t",
+            &format_args!("plain"),
+            &kvs,
+        );
+        assert_eq!(
+            line,
+            "{\"ts\":\"1970-01-01T00:00:00.000Z\",\"level\":\"WARN\",\"target\":\"t\",\"message\":\"plain\"}\n"
+        );
+    }
+
+    #[test]
     fn repeats_collapse_within_a_window() {
         let mut r = Repeats::new(1000, 3, 4);
         let mut ended = Vec::new();
@@ -359,7 +538,7 @@ mod tests {
         tx.send(Msg::Line("one\n".into())).unwrap();
         drop(tx);
         let mut out = Vec::new();
-        write_lines(&rx, &mut out);
+        write_lines(&rx, &mut out, LogFormat::Text);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("one\n"), "{text}");
         assert!(text.contains("log lines dropped"), "{text}");

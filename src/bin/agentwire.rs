@@ -11,10 +11,16 @@ use agentwire::__internal::cli::{self, Command};
 use agentwire::{Config, Gateway};
 
 fn main() -> ExitCode {
-    init_logging();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let code = match cli::parse(args, env) {
+    let parsed = cli::parse(args, env);
+    // The log format is a setting: the sink starts once the configuration is read (a bad
+    // configuration is reported on stderr by `CliError::exit`, not as a log line).
+    init_logging(match &parsed {
+        Ok(Command::Serve { config, .. }) | Ok(Command::Token { config, .. }) => config.log_format,
+        Err(_) => agentwire::LogFormat::Text,
+    });
+    let code = match parsed {
         Ok(Command::Serve { config, warnings }) => {
             for w in warnings {
                 log::warn!("{w}");
@@ -32,9 +38,10 @@ fn main() -> ExitCode {
 
 /// The non-blocking log sink ([`agentwire::log_sink`]) configured by `RUST_LOG`
 /// (default `info`), behind the level caps of [`agentwire::LOG_LEVEL_CAPS`], which no
-/// `RUST_LOG` directive can lift. A full log pipe drops lines, never stalls the loop.
-fn init_logging() {
-    if let Err(e) = agentwire::log_sink::init_from_env("info") {
+/// `RUST_LOG` directive can lift, writing `format` lines (`log_format`). A full log pipe
+/// drops lines, never stalls the loop.
+fn init_logging(format: agentwire::LogFormat) {
+    if let Err(e) = agentwire::log_sink::init_from_env_as("info", format) {
         eprintln!("agentwire: logging disabled: {e}");
     }
 }

@@ -27,7 +27,7 @@
 //! Kinds and the field types that store them: `Address` (`SocketAddr`), `Algorithm`
 //! (`JwtAlgorithm`), `Secret` and `Text` (`Option<String>`), `Path` (`Option<PathBuf>`),
 //! `Bool` (`bool`), `AutoBool` (`Option<bool>`), `Origins` (`Vec<String>`), `Policy`
-//! ([`PerUserPolicy`]), `Integer(min, max)` (`u64` or `usize`) and
+//! ([`PerUserPolicy`]), `LogFormat` ([`LogFormat`]), `Integer(min, max)` (`u64` or `usize`) and
 //! `OptionalInteger(min, max)` (`Option<u64>`, default `None` shown as `none`). A unit test
 //! checks that every row's type stores its kind.
 //!
@@ -72,7 +72,7 @@ mod tests;
 
 pub use load::{ConfigError, Source};
 pub use setting::{Setting, SettingKind};
-pub use value::PerUserPolicy;
+pub use value::{LogFormat, PerUserPolicy};
 
 use load::invalid_value;
 use setting::{env_name, flag_name};
@@ -207,6 +207,11 @@ settings! {
         /// Time to flush on shutdown before exiting, in milliseconds. Default 5000.
         shutdown_grace_ms: u64 = 5_000, Integer(0, DAY_MS),
             "Time to flush on shutdown before exiting, in milliseconds";
+        /// Log lines on stderr: `text` (env_logger's line) or `json` (one object per line:
+        /// `ts`, `level`, `target`, `message`, and `conn`, `user`, `reason`, `code`,
+        /// `duration_ms` when the line has them). Default text.
+        log_format: LogFormat = LogFormat::Text, LogFormat,
+            "Log lines on stderr: text or json (one object per line)";
         /// Built-in demo agent. Default none: auto, on in dev mode (no JWT key configured),
         /// off otherwise; see [`Config::demo_agent_effective`].
         demo_agent: Option<bool> = None, AutoBool,

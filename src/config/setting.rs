@@ -35,6 +35,8 @@ pub enum SettingKind {
     Origins,
     /// `evict_oldest` or `reject`.
     Policy,
+    /// `text` or `json`.
+    LogFormat,
     /// A decimal integer within `min..=max`.
     Integer {
         /// Smallest accepted value.
@@ -64,6 +66,7 @@ impl SettingKind {
                 "expected comma-separated origins such as https://app.example.com".into()
             }
             Self::Policy => "expected evict_oldest or reject".into(),
+            Self::LogFormat => "expected text or json".into(),
             Self::Integer { min, max } => format!("expected {}", integer_range(*min, *max)),
             Self::OptionalInteger { min, max } => {
                 format!("expected none or {}", integer_range(*min, *max))
@@ -133,6 +136,7 @@ impl Setting {
             SettingKind::AutoBool => "BOOL|auto",
             SettingKind::Origins => "ORIGINS",
             SettingKind::Policy => "POLICY",
+            SettingKind::LogFormat => "FORMAT",
             SettingKind::Integer { .. } => "N",
             SettingKind::OptionalInteger { .. } => "N|none",
         }

@@ -30,6 +30,7 @@ fn sample(name: &str) -> String {
         "max_connections" => "500",
         "max_connections_per_user" => "9",
         "per_user_policy" => "reject",
+        "log_format" => "json",
         "max_message_bytes" => "1000",
         "max_publish_bytes" => "2000",
         "max_pending_bytes" => "3000",
@@ -96,6 +97,7 @@ fn assert_sample(config: &Config, name: &str) {
         "max_connections" => assert_eq!(c.max_connections, 500),
         "max_connections_per_user" => assert_eq!(c.max_connections_per_user, 9),
         "per_user_policy" => assert_eq!(c.per_user_policy, PerUserPolicy::Reject),
+        "log_format" => assert_eq!(c.log_format, LogFormat::Json),
         "max_message_bytes" => assert_eq!(c.max_message_bytes, 1000),
         "max_publish_bytes" => assert_eq!(c.max_publish_bytes, 2000),
         "max_pending_bytes" => assert_eq!(c.max_pending_bytes, 3000),
@@ -191,6 +193,7 @@ fn defaults_equal_section_8() {
     assert_eq!(c.max_connections, 10_000);
     assert_eq!(c.max_connections_per_user, 3);
     assert_eq!(c.per_user_policy, PerUserPolicy::EvictOldest);
+    assert_eq!(c.log_format, LogFormat::Text);
     assert_eq!(c.max_message_bytes, 65_536);
     assert_eq!(c.max_publish_bytes, 1_048_576);
     assert_eq!(c.max_pending_bytes, 1_048_576);

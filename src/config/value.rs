@@ -2,7 +2,7 @@
 //! table, which parses a setting's string form (the same parser for the TOML file, the
 //! environment, the command line and [`Config::set`](super::Config::set)), shows it in
 //! `--help` and `GET /ws/config`, and checks a value built in code. Also the parsers they
-//! share: addresses, booleans, bounded integers, [`PerUserPolicy`] and origin lists (each
+//! share: addresses, booleans, bounded integers, [`PerUserPolicy`], [`LogFormat`] and origin lists (each
 //! origin parsed by [`crate::origin`]).
 
 use std::fmt;
@@ -51,6 +51,47 @@ impl FromStr for PerUserPolicy {
             "evict_oldest" => Ok(Self::EvictOldest),
             "reject" => Ok(Self::Reject),
             _ => Err(format!("unknown per-user policy {s:?}")),
+        }
+    }
+}
+
+/// How log lines are written to stderr (`log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// env_logger's line: `[2026-01-01T00:00:00.000Z INFO  target] message` (`text`, the
+    /// default).
+    #[default]
+    Text,
+    /// One JSON object per line: `ts`, `level`, `target`, `message` and the record's
+    /// fields (`conn`, `user`, `reason`, `code`, `duration_ms`) when it has them (`json`).
+    Json,
+}
+
+impl LogFormat {
+    /// The configuration spelling: `text` or `json`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    /// Accepts `text` and `json`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown log format {s:?}")),
         }
     }
 }
@@ -121,7 +162,7 @@ impl Value for SocketAddr {
     }
 }
 
-/// `Algorithm` and `Policy`: enums read with `FromStr` and shown by their `as_str`.
+/// `Algorithm`, `Policy` and `LogFormat`: enums read with `FromStr` and shown by their `as_str`.
 macro_rules! named_value {
     ($($ty:ty => $kind:ident),*) => {$(
         impl Value for $ty {
@@ -145,7 +186,7 @@ macro_rules! named_value {
     )*};
 }
 
-named_value!(JwtAlgorithm => Algorithm, PerUserPolicy => Policy);
+named_value!(JwtAlgorithm => Algorithm, PerUserPolicy => Policy, LogFormat => LogFormat);
 
 /// `Secret` (verbatim) or `Text` (trimmed); empty unsets.
 impl Value for Option<String> {

@@ -36,9 +36,12 @@ impl Reactor {
         if !self.begin_session(id, &up, user, claims.exp, None, leftover) {
             return;
         }
+        let conn_id = id.public_id();
         log::info!(
-            "conn={} user={:?} open mode=echo",
-            id.public_id(),
+            conn = conn_id.as_str(),
+            user = claims.sub.as_str(),
+            mode = "echo";
+            "conn={conn_id} user={:?} open mode=echo",
             claims.sub
         );
         self.mark_dirty(id);

@@ -539,7 +539,12 @@ impl Reactor {
         );
         let mut ended = Vec::new();
         if self.refusal_log.admit(&kind, self.tick(), &mut ended) {
-            log::info!("conn={} refused {kind}", id.public_id());
+            let conn_id = id.public_id();
+            log::info!(
+                conn = conn_id.as_str(),
+                reason:% = refusal.code;
+                "conn={conn_id} refused {kind}"
+            );
         }
         log_repeats(&ended);
     }

@@ -648,15 +648,21 @@ impl Reactor {
                 self.open_sessions -= 1;
                 self.stats.closed(reason);
                 // `code=-`: no close frame was sent (the peer closed or the socket failed).
-                let code = reason
-                    .close_frame()
-                    .map_or_else(|| "-".to_owned(), |(c, _)| c.to_string());
+                let code_num = reason.close_frame().map(|(c, _)| c);
+                let code = code_num.map_or_else(|| "-".to_owned(), |c| c.to_string());
+                let conn_id = id.public_id();
+                let duration_ms =
+                    u64::try_from(session.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+                // The fields again as key-values: keys of the line in `log_format = json`.
                 log::info!(
-                    "conn={} user={:?} closed reason={} code={code} after_ms={}",
-                    id.public_id(),
+                    conn = conn_id.as_str(),
+                    user:% = session.user,
+                    reason = reason.label(),
+                    code = code_num,
+                    duration_ms = duration_ms;
+                    "conn={conn_id} user={:?} closed reason={} code={code} after_ms={duration_ms}",
                     session.user,
                     reason.label(),
-                    session.opened.elapsed().as_millis()
                 );
             }
         }

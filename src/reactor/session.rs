@@ -172,9 +172,12 @@ impl Reactor {
         if let Some(conn) = live(&mut self.conns, id) {
             conn.out.push(connected);
         }
+        let conn_id = id.public_id();
         log::info!(
-            "conn={} user={:?} open mode={} resumed={} replayed={}",
-            id.public_id(),
+            conn = conn_id.as_str(),
+            user = claims.sub.as_str(),
+            mode = up.mode.as_str();
+            "conn={conn_id} user={:?} open mode={} resumed={} replayed={}",
             claims.sub,
             up.mode.as_str(),
             match resume {

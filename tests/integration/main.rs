@@ -22,6 +22,7 @@ mod isolated_mode;
 mod jwt;
 mod library;
 mod limits;
+mod log_json;
 mod model;
 mod publish_api;
 mod redteam_http;

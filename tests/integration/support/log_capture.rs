@@ -127,7 +127,13 @@ pub fn lines() -> Vec<String> {
 /// base64url characters, the way a token or its parts would be printed), the text
 /// `token=`, or a `?` (the start of a query string).
 pub fn violations() -> Vec<String> {
-    let lines = LINES.lock().unwrap_or_else(|e| e.into_inner());
+    let lines = LINES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    violations_in(&lines)
+}
+
+/// The same check as [`violations`] over other lines: the `agentwire` binary's stderr
+/// (text or `log_format = json`).
+pub fn violations_in(lines: &[String]) -> Vec<String> {
     let secrets = SECRETS.lock().unwrap_or_else(|e| e.into_inner());
     let empty = HashSet::new();
     let secrets = secrets.as_ref().unwrap_or(&empty);
