@@ -30,7 +30,7 @@
 #
 # Environment: PYTHON (default python3) creates the venv; AGENTWIRE_CARGO_TEST_TIMEOUT_S,
 # AGENTWIRE_BUILD_TIMEOUT_S, AGENTWIRE_CONFORMANCE_TIMEOUT_S (default 1200 each) and
-# AGENTWIRE_INTEROP_TIMEOUT_S (default 120) and AGENTWIRE_JS_TIMEOUT_S (default 600) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
+# AGENTWIRE_INTEROP_TIMEOUT_S (default 120) and AGENTWIRE_CLIENTS_TIMEOUT_S (default 600, each client suite) bound the slow steps, so a hang fails instead of stalling CI. Logs of each step are
 # kept in target/test-logs/.
 set -euo pipefail
 
@@ -44,7 +44,7 @@ CARGO_TEST_TIMEOUT_S=${AGENTWIRE_CARGO_TEST_TIMEOUT_S:-1200}
 INTEROP_TIMEOUT_S=${AGENTWIRE_INTEROP_TIMEOUT_S:-120}
 BUILD_TIMEOUT_S=${AGENTWIRE_BUILD_TIMEOUT_S:-1200}
 CONFORMANCE_TIMEOUT_S=${AGENTWIRE_CONFORMANCE_TIMEOUT_S:-1200}
-JS_TIMEOUT_S=${AGENTWIRE_JS_TIMEOUT_S:-600}
+CLIENTS_TIMEOUT_S=${AGENTWIRE_CLIENTS_TIMEOUT_S:-600}
 export PYTHONUNBUFFERED=1
 
 quick=0
@@ -139,6 +139,23 @@ on_signal() {
 }
 trap on_signal INT TERM
 
+# client_suite NAME WHAT SCRIPT LOGNAME: run SCRIPT against the release build (needs it),
+# its output in target/test-logs/LOGNAME-step.log, its counts added to the summary.
+client_suite() {
+    local name=$1 what=$2 script=$3 logname=$4
+    step "$name: $what against target/release/agentwire"
+    if [ "$build_rc" -ne 0 ]; then
+        echo "skipped: needs the release build"
+        failed=$((failed + 1))
+        failures+=("$name: not run (release build failed)")
+        summary+=("$name: not run")
+        return
+    fi
+    run_logged "$LOGDIR/$logname-step.log" "$CLIENTS_TIMEOUT_S" \
+        env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash "$script"
+    count_summary "$name" "$LOGDIR/$logname-step.log" "$rc" "see $LOGDIR/$logname.log"
+}
+
 # 1. Python venv for the interop checks.
 venv_ok=0
 if [ "$quick" -eq 0 ]; then
@@ -210,41 +227,10 @@ if [ "$quick" -eq 0 ]; then
             "$(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above"
     fi
 
-    step "clients/js: node --test against target/release/agentwire (tools/test_js.sh)"
-    if [ "$build_rc" -ne 0 ]; then
-        echo "skipped: needs the release build"
-        failed=$((failed + 1))
-        failures+=("clients/js: not run (release build failed)")
-        summary+=("clients/js: not run")
-    else
-        run_logged "$LOGDIR/js-step.log" "$JS_TIMEOUT_S" \
-            env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_js.sh
-        count_summary clients/js "$LOGDIR/js-step.log" "$rc" "see $LOGDIR/js.log"
-    fi
-
-    step "demo page: Chromium against target/release/agentwire (tools/test_browser.sh)"
-    if [ "$build_rc" -ne 0 ]; then
-        echo "skipped: needs the release build"
-        failed=$((failed + 1))
-        failures+=("demo page: not run (release build failed)")
-        summary+=("demo page: not run")
-    else
-        run_logged "$LOGDIR/browser-step.log" "$JS_TIMEOUT_S" \
-            env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_browser.sh
-        count_summary "demo page" "$LOGDIR/browser-step.log" "$rc" "see $LOGDIR/browser.log"
-    fi
-
-    step "clients/python: pytest against target/release/agentwire (tools/test_python.sh)"
-    if [ "$build_rc" -ne 0 ]; then
-        echo "skipped: needs the release build"
-        failed=$((failed + 1))
-        failures+=("clients/python: not run (release build failed)")
-        summary+=("clients/python: not run")
-    else
-        run_logged "$LOGDIR/python-step.log" "$JS_TIMEOUT_S" \
-            env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash tools/test_python.sh
-        count_summary clients/python "$LOGDIR/python-step.log" "$rc" "see $LOGDIR/python-step.log"
-    fi
+    # The client suites: each script ends with `N passed, M failed` and keeps its own log.
+    client_suite "clients/js" "node --test (tools/test_js.sh)" tools/test_js.sh js
+    client_suite "demo page" "Chromium (tools/test_browser.sh)" tools/test_browser.sh browser
+    client_suite "clients/python" "pytest (tools/test_python.sh)" tools/test_python.sh python
 fi
 
 # 4. WebSocket conformance (Autobahn|Testsuite) against the conformance build.

@@ -32,11 +32,9 @@ LIMIT_S=${AGENTWIRE_BROWSER_TEST_TIMEOUT_S:-600}
 CHROMIUM=${CHROMIUM_BIN:-/usr/bin/chromium}
 mkdir -p "$LOGDIR"
 
-fail() {
-    echo "test_browser: $*" >&2
-    echo "0 passed, 1 failed"
-    exit 1
-}
+NAME=test_browser
+# shellcheck source=lib/node_suite.sh
+. "$ROOT/tools/lib/node_suite.sh"
 
 if [ ! -x "$CHROMIUM" ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -51,33 +49,5 @@ if [ ! -x "$CHROMIUM" ]; then
 fi
 export CHROMIUM_BIN=$CHROMIUM
 
-command -v node >/dev/null || fail "node not found (Node 20 or newer is needed)"
-major=$(node -p 'process.versions.node.split(".")[0]')
-[ "$major" -ge 20 ] || fail "Node $major found, 20 or newer is needed"
-
-BIN=${AGENTWIRE_BIN:-$ROOT/target/release/agentwire}
-case $BIN in /*) ;; *) BIN=$ROOT/$BIN ;; esac
-[ -x "$BIN" ] || fail "no gateway binary at $BIN (run cargo build --release, or set AGENTWIRE_BIN)"
-export AGENTWIRE_BIN=$BIN
-
-# npm ci writes node_modules/.package-lock.json; reinstall when the lock file is newer.
-if [ ! -f "$WEB/node_modules/.package-lock.json" ] || [ "$WEB/package-lock.json" -nt "$WEB/node_modules/.package-lock.json" ]; then
-    echo "test_browser: npm ci in web"
-    (cd "$WEB" && npm ci --no-audit --no-fund) || fail "npm ci failed"
-fi
-
-rc=0
-(cd "$ROOT" && timeout --kill-after=30 "$LIMIT_S" node --test --test-reporter=tap web/test/*.test.mjs) 2>&1 | tee "$LOG" || rc=$?
-
-pass=$(awk '/^# pass [0-9]+$/{p=$3} END{print p}' "$LOG")
-fails=$(awk '/^# fail [0-9]+$/{f=$3} END{print f}' "$LOG")
-cancelled=$(awk '/^# cancelled [0-9]+$/{c=$3} END{print c+0}' "$LOG")
-if [ -z "$pass" ] || [ -z "$fails" ]; then
-    echo "test_browser: no summary from node --test (exit code $rc)" >&2
-    echo "0 passed, 1 failed"
-    exit 1
-fi
-failed=$((fails + cancelled))
-if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
-echo "$pass passed, $failed failed"
-[ "$failed" -eq 0 ]
+node_prereqs
+node_suite "$WEB" web/test/*.test.mjs

@@ -207,8 +207,8 @@ test("gateway restarted (new epoch): reset, old runs cleared, new events deliver
   }
 });
 
-test("a silent connection (half-open) is dropped by the client's liveness check and resumed", { timeout: 15000 }, async () => {
-  const g = new Gateway(["--heartbeat-interval-ms", "300", "--heartbeat-timeout-ms", "5000"]);
+test("a silent connection (half-open) is dropped by the client's liveness check and resumed", { timeout: 25000 }, async () => {
+  const g = new Gateway(["--heartbeat-interval-ms", "1000", "--heartbeat-timeout-ms", "15000"]);
   await g.start();
   const user = uniqueUser("silent");
   const c = client(g, user);
@@ -216,11 +216,14 @@ test("a silent connection (half-open) is dropped by the client's liveness check 
   try {
     c.connect();
     await waitFor(() => c.status === "open", "open");
-    assert.equal(rec.connected[0].heartbeat_interval_ms, 300);
+    assert.equal(rec.connected[0].heartbeat_interval_ms, 1000);
     // Quiet but alive: the client's pings are answered, it stays on its connection.
-    await new Promise((r) => setTimeout(r, 1000));
+    await new Promise((r) => setTimeout(r, 3000));
     assert.equal(rec.connected.length, 1, "three quiet intervals, still the first connection");
     // Stop reading, as a connection whose peer vanished: nothing arrives any more.
+    // (1 s intervals, not shorter: on a loaded machine a pong can take longer than a
+    // few hundred ms, and the client would rightly drop the connection early.)
+    await waitFor(() => c.status === "open" && c.socket, "open with a socket");
     c.socket._socket.pause();
     await g.publish(runEvents(user, "r-silent", ["agent_started", "agent_completed"]));
     await waitFor(() => rec.connected.length === 2, "a new connection after two silent intervals", 10000);
