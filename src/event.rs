@@ -242,13 +242,39 @@ impl Event {
         kind: EventKind,
         data: &D,
     ) -> Result<Event, EventError> {
-        let ts_ms = now_ms();
         // Room for the envelope plus a typical small payload: one allocation for most
         // events (a larger payload grows it by doubling).
-        let mut body = Vec::with_capacity(envelope_len_hint(&key, &kind) + 128);
+        Event::build(key, kind, 128, |body| {
+            serde_json::to_writer(body, data).map_err(|e| EventError::BadData(e.to_string()))
+        })
+    }
+
+    /// Serialize an event whose `data` is already JSON text (the publish API passes it
+    /// through byte for byte).
+    pub fn from_raw_data(key: RunKey, kind: EventKind, data: &str) -> Event {
+        let built = Event::build(key, kind, data.len(), |body| {
+            body.extend_from_slice(data.as_bytes());
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match built {
+            Ok(event) => event,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The envelope (head, the run's fields, `ts`) around the `data` that `write_data`
+    /// appends; `data_hint` bytes are reserved for it.
+    fn build<E>(
+        key: RunKey,
+        kind: EventKind,
+        data_hint: usize,
+        write_data: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<Event, E> {
+        let ts_ms = now_ms();
+        let mut body = Vec::with_capacity(envelope_len_hint(&key, &kind) + data_hint);
         let split = write_head(&mut body, &kind);
         write_tail_fields(&mut body, &key, ts_ms);
-        serde_json::to_writer(&mut body, data).map_err(|e| EventError::BadData(e.to_string()))?;
+        write_data(&mut body)?;
         body.push(b'}');
         Ok(Event {
             key,
@@ -261,28 +287,6 @@ impl Event {
             body: Bytes::from(body),
             split,
         })
-    }
-
-    /// Serialize an event whose `data` is already JSON text (the publish API passes it
-    /// through byte for byte).
-    pub fn from_raw_data(key: RunKey, kind: EventKind, data: &str) -> Event {
-        let ts_ms = now_ms();
-        let mut body = Vec::with_capacity(envelope_len_hint(&key, &kind) + data.len());
-        let split = write_head(&mut body, &kind);
-        write_tail_fields(&mut body, &key, ts_ms);
-        body.extend_from_slice(data.as_bytes());
-        body.push(b'}');
-        Event {
-            key,
-            kind,
-            ts_ms,
-            emitted: Instant::now(),
-            cancel_flag: None,
-            refused_flag: None,
-            idempotency_key: None,
-            body: Bytes::from(body),
-            split,
-        }
     }
 
     /// This event with the worker's idempotency key (PROTOCOL.md section 6a).
