@@ -169,8 +169,9 @@ fn upgrade(req: &Request, path_mode: Option<Mode>, setup: &Setup) {
     }
     if !setup.origins.is_empty() {
         if let Some(origin) = &up.origin {
+            // Origins compare ASCII case-insensitively (RFC 6454; docs/PROTOCOL.md).
             assert!(
-                setup.origins.contains(origin),
+                setup.origins.iter().any(|a| a.eq_ignore_ascii_case(origin)),
                 "origin not on the list accepted"
             );
         }
