@@ -1,4 +1,5 @@
 //! Unit tests of the settings table, the parsers and the layering of sources.
+//! Compiled only under `#[cfg(test)]` (declared so in `config/mod.rs`).
 
 use std::path::Path;
 

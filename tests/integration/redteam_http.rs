@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     bearer, config, get, http_request, prometheus, pub_event, publish_raw, read_response,
-    read_response_from, token, upgrade, Agent, TestGateway, PUBLISH_KEY, WAIT,
+    read_response_from, stderr_lines, token, upgrade, Agent, TestGateway, PUBLISH_KEY, WAIT,
 };
 
 /// Output bound of a connection that has not upgraded (reactor `HTTP_PENDING_LIMIT`).
@@ -374,17 +374,7 @@ fn dev_mode_needs_dev_flag_off_loopback() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn agentwire");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child);
     let deadline = Instant::now() + WAIT;
     let mut publish_line = None;
     let mut listening = false;
@@ -421,17 +411,7 @@ fn low_open_file_limit_is_reported_at_start() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child);
     let deadline = Instant::now() + WAIT;
     let mut warned = None;
     loop {
