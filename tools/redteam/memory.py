@@ -21,8 +21,6 @@ object of figures: the gateway's RSS (from /proc/PID/status), its /ws/stats, the
 
 import argparse
 import base64
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -36,15 +34,11 @@ SECRET = "redteam-memory-secret-0123456789abcdef"
 KEY = "redteam-memory-publish-key-0123456789"
 
 
-def b64url(b):
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+from common import hs256  # noqa: E402  (tools/redteam/common.py)
 
 
 def token(sub):
-    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64url(json.dumps({"sub": sub, "exp": int(time.time()) + 3600}).encode())
-    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64url(sig)}"
+    return hs256({"sub": sub, "exp": int(time.time()) + 3600}, SECRET)
 
 
 class Gateway:

@@ -19,9 +19,6 @@ BINARY is the v1 release binary (/work/v1/agentwire) or this branch's
   shutdown  SIGTERM with a run in progress: frames the user gets before the 1001.
 """
 
-import base64
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -35,18 +32,14 @@ SECRET = "redteam-process-secret-0123456789"
 KEY = "redteam-process-publish-key-0123456789"
 
 
-def b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+from common import hs256  # noqa: E402  (tools/redteam/common.py)
 
 
 def token(sub: str, exp=None, iat=None) -> str:
     claims = {"sub": sub, "exp": exp if exp is not None else int(time.time()) + 3600}
     if iat is not None:
         claims["iat"] = iat
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    sig = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(sig)}"
+    return hs256(claims, SECRET)
 
 
 class Gateway:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
-import hmac
 import json
 import multiprocessing as mp
 import os
@@ -54,15 +52,12 @@ PUBLISH_KEY = "redteam-session-publish-key-0123456789"
 
 # ------------------------------------------------------------------ tokens
 
-def b64url(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+from common import b64url, rss_kib  # noqa: E402  (tools/redteam/common.py)
+from common import hs256 as _hs256  # noqa: E402
 
 
 def hs256(claims: dict, secret: str = SECRET) -> str:
-    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64url(json.dumps(claims).encode())
-    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64url(sig)}"
+    return _hs256(claims, secret)
 
 
 def forged(alg: str, sub: str, sig_bytes: int) -> str:
@@ -162,17 +157,6 @@ class Ws:
 
 
 # ----------------------------------------------------------------- gateway
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
 
 def get_json(port: int, path: str, timeout: float = 5.0):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:

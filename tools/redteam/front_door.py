@@ -5,18 +5,15 @@ Starts the given binary on a random port in 20000-29999, runs one attack, prints
 figures as JSON (gateway RSS from /proc/PID/status, another client's /health latency,
 what the attacker saw), then stops the gateway. Python 3.11 stdlib only.
 
-    tools/redteam/http.py --bin /work/v1/agentwire f1 --seconds 8
-    tools/redteam/http.py --bin target/release/agentwire f1 --seconds 10
-    tools/redteam/http.py --bin BIN f2-nokey --conns 300
-    tools/redteam/http.py --bin BIN f2-idle --nofile 256 --idle 400
-    tools/redteam/http.py --bin BIN f11 --seconds 2
-    tools/redteam/http.py --bin BIN fdlimit --nofile 64 --seconds 20
+    tools/redteam/front_door.py --bin /work/v1/agentwire f1 --seconds 8
+    tools/redteam/front_door.py --bin target/release/agentwire f1 --seconds 10
+    tools/redteam/front_door.py --bin BIN f2-nokey --conns 300
+    tools/redteam/front_door.py --bin BIN f2-idle --nofile 256 --idle 400
+    tools/redteam/front_door.py --bin BIN f11 --seconds 2
+    tools/redteam/front_door.py --bin BIN fdlimit --nofile 64 --seconds 20
 """
 
 import argparse
-import base64
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -30,12 +27,7 @@ SECRET = "redteam-secret-0123456789abcdef"
 PUBLISH_KEY = "redteam-publish-key-0123456789"
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from common import b64url as b64, hs256, rss_kib  # noqa: E402  (tools/redteam/common.py)
 
 
 class Gateway:
@@ -111,15 +103,8 @@ def stats(port):
     return json.loads(body) if status == 200 else {}
 
 
-def b64(b):
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
 def token(sub):
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    claims = b64(json.dumps({"sub": sub, "exp": int(time.time()) + 3600}).encode())
-    sig = hmac.new(SECRET.encode(), f"{head}.{claims}".encode(), hashlib.sha256).digest()
-    return f"{head}.{claims}.{b64(sig)}"
+    return hs256({"sub": sub, "exp": int(time.time()) + 3600}, SECRET)
 
 
 def upgrade_raw(sub):
