@@ -108,6 +108,12 @@ pub use crate::config::{Config, ConfigError, LogFormat, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
 
+/// The README's Rust snippets compile as doc tests (`cargo test --doc`), so the README
+/// cannot drift from the API; its other snippets run in the client suites.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Internals for the binary (`src/bin/agentwire.rs`), the benches, the fuzz targets
 /// and `tools/loadgen`: NOT part of the API, hidden from the docs, and free to change
 /// in any release. One submodule per internal module, so a user writes

@@ -232,10 +232,13 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
    python3 -m websockets "ws://{addr}/ws?token={token}"
    then type:  {{"type":"user_message","thread_id":"t1","text":"hello"}}
 
- Publish an event from another process:
+ Publish a whole run from another process (log in on the page as demo-user to see it):
    curl -s -X POST http://{addr}/api/events -H 'Authorization: Bearer {key}' \
-     -H 'Content-Type: application/json' \
-     -d '{{"type":"agent_thinking","user_id":"demo-user","run_id":"r-1","agent_name":"cli","data":{{"step":1}}}}'
+     -H 'Content-Type: application/json' -d '[
+       {{"type":"agent_started","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{}}}},
+       {{"type":"text_delta","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{"delta":"Hello from curl."}}}},
+       {{"type":"agent_completed","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{"answer":"Hello from curl."}}}}]'
+   (the README's snippets read the key from AGENTWIRE_PUBLISH_KEY: export AGENTWIRE_PUBLISH_KEY={key})
 
  Health and figures:  curl http://{addr}/health   curl http://{addr}/ws/stats
 ================================================================================
