@@ -37,6 +37,11 @@ fail() {
     exit 1
 }
 
+# The README's snippets (tests/test_root_readme.py) run node and curl.
+# shellcheck source=lib/apt.sh
+. "$ROOT/tools/lib/apt.sh"
+need_command curl curl
+
 command -v "$PYTHON" >/dev/null || fail "$PYTHON not found (Python 3.10 or newer is needed)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || fail "$("$PYTHON" --version 2>&1) found, 3.10 or newer is needed"
 
