@@ -241,6 +241,8 @@ pub struct Stats {
     /// Times a session was paused for using up its input allowance.
     pub client_input_paused: u64,
     pub loop_iterations: u64,
+    /// Loop iterations longer than 10 ms (each logged with its phases, rate-limited).
+    pub slow_iterations: u64,
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
     pub timer_handling_us: u64,
@@ -393,6 +395,7 @@ impl Stats {
             client_messages_max_per_iteration: 0,
             client_input_paused: 0,
             loop_iterations: 0,
+            slow_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
             accept_failures: 0,
@@ -558,6 +561,7 @@ impl Stats {
             "latency_us": Self::percentiles(&self.latency_us),
             "loop": {
                 "iterations": self.loop_iterations,
+                "slow": self.slow_iterations,
                 "busy_us": self.loop_us.sum(),
                 "iteration_us": Self::percentiles(&self.loop_us),
             },
@@ -759,6 +763,7 @@ impl Stats {
             ("client_messages_bad_total", "counter", "Client messages counted as bad (bad_message, too_large, invalid_token, rate_limited).", self.bad_client_messages as f64),
             ("client_messages_busy_total", "counter", "user_message answered busy (per-user pending runs or the held budget).", self.user_messages_busy as f64),
             ("refresh_rate_limited_total", "counter", "refresh answered rate_limited without a token check.", self.refresh_rate_limited as f64),
+            ("loop_slow_iterations_total", "counter", "Loop iterations longer than 10 ms (each logged with the time of its phases).", self.slow_iterations as f64),
             ("client_messages_max_per_iteration", "gauge", "Most client messages read in one loop iteration since start.", self.client_messages_max_per_iteration as f64),
             ("client_input_paused_total", "counter", "Sessions paused for using up their input allowance (1,000 messages/s, 1 MiB/s).", self.client_input_paused as f64),
             ("inbound_held", "gauge", "user_message held by the gateway while the workers' channel is full.", g.inbound_held as f64),

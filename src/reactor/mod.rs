@@ -76,6 +76,8 @@ pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
+/// Readiness events taken per poll.
+const EVENTS_PER_POLL: usize = 1024;
 /// Connections accepted per readiness event before serving others.
 const ACCEPT_BUDGET: usize = 1024;
 /// How long a closing connection may take to flush and see the peer's FIN.
@@ -89,8 +91,13 @@ const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
 const REFUSAL_LOG_BURST: u64 = 5;
 /// Kinds of refusal lines collapsed at once (status, error, reason).
 const REFUSAL_LOG_KINDS: usize = 32;
-/// Period of the aggregated log lines (accept failures, publish key failures).
+/// Period of the aggregated log lines (accept failures, publish key failures, slow
+/// iterations).
 const RATE_LOG_MS: u64 = 10_000;
+/// A loop iteration longer than this is logged (at most one line per [`RATE_LOG_MS`])
+/// with the time of each phase, so a stall can be told apart: readiness (accepts,
+/// upgrades, reads), the channel drain, timers (housekeeping, watchdog), the flush.
+const SLOW_ITERATION_US: u64 = 10_000;
 
 /// What a timer on the wheel is for.
 #[derive(Clone, Copy, Debug)]
@@ -186,6 +193,7 @@ pub(crate) struct Reactor {
     last_accept_failure: Option<u64>,
     accept_log: RateLog,
     publish_auth_log: RateLog,
+    slow_iteration_log: RateLog,
 }
 
 /// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
@@ -267,6 +275,7 @@ impl Reactor {
             last_accept_failure: None,
             accept_log: RateLog::default(),
             publish_auth_log: RateLog::default(),
+            slow_iteration_log: RateLog::default(),
         }
     }
 
@@ -301,7 +310,7 @@ impl Reactor {
 
     /// Run until a shutdown completes. Only setup-level failures return `Err`.
     pub(crate) fn run(mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
         let mut expired = Vec::new();
         let mut budget_exhausted = false;
         loop {
@@ -354,6 +363,7 @@ impl Reactor {
             self.stats
                 .record_client_messages_in_iteration(self.read_in_iteration);
             self.feed_inbox();
+            let drain_started = Instant::now();
             budget_exhausted = self.drain_channel();
             let now = self.tick();
             let timers_started = Instant::now();
@@ -366,9 +376,14 @@ impl Reactor {
                 self.stats
                     .record_timers(fired as u64, timers_started.elapsed().as_micros() as u64);
             }
+            let flush_started = Instant::now();
             self.flush_dirty();
-            self.stats
-                .record_loop_us(iteration.elapsed().as_micros() as u64);
+            let took = iteration.elapsed();
+            self.stats.record_loop_us(took.as_micros() as u64);
+            if took.as_micros() as u64 > SLOW_ITERATION_US {
+                let phases = [iteration, drain_started, timers_started, flush_started];
+                self.log_slow_iteration(took, phases, events.iter().count(), fired);
+            }
             if self.draining && (self.drain_deadline_passed || self.open_sessions_flushed()) {
                 log::info!(
                     "shutdown complete; {} connections closed",
@@ -380,6 +395,35 @@ impl Reactor {
     }
 
     // ----------------------------------------------------------------- accept
+
+    /// One line for an iteration over [`SLOW_ITERATION_US`]: how long each phase took
+    /// (`phases`: the instants the iteration, the drain, the timers and the flush
+    /// started), what it handled, and how many slow iterations the line stands for.
+    fn log_slow_iteration(
+        &mut self,
+        took: Duration,
+        phases: [Instant; 4],
+        readiness: usize,
+        timers: usize,
+    ) {
+        self.stats.slow_iterations += 1;
+        let Some(count) = self.slow_iteration_log.hit(self.tick(), RATE_LOG_MS) else {
+            return;
+        };
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+        let [start, drain, timers_at, flush] = phases;
+        log::warn!(
+            "slow loop iteration: {:.1} ms (readiness {:.1} ms for {readiness} events, \
+             channel drain {:.1} ms, timers {:.1} ms for {timers} expiries, flush {:.1} ms); \
+             {count} iteration(s) over {} ms since the last such line",
+            took.as_secs_f64() * 1e3,
+            ms(start, drain),
+            ms(drain, timers_at),
+            ms(timers_at, flush),
+            ms(flush, start + took),
+            SLOW_ITERATION_US / 1000,
+        );
+    }
 
     fn accept(&mut self) {
         if self.accept_paused {
@@ -396,10 +440,11 @@ impl Reactor {
                     let now = self.tick();
                     self.stats.accept_failures += 1;
                     self.last_accept_failure = Some(now);
-                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
-                                                                                // At the descriptor limit, first free the oldest connection that has
-                                                                                // not upgraded (idle sockets must not lock out upgrades), else answer
-                                                                                // one waiting client 503 through the reserve descriptor.
+                    // ENFILE, EMFILE. At the descriptor limit, first free the oldest
+                    // connection that has not upgraded (idle sockets must not lock out
+                    // upgrades), else answer one waiting client 503 through the reserve
+                    // descriptor.
+                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24));
                     if out_of_fds && (self.evict_oldest_http(first_new) || self.refuse_overloaded())
                     {
                         continue;
