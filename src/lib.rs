@@ -90,6 +90,7 @@ mod reactor;
 pub(crate) mod registry;
 pub(crate) mod stats;
 pub(crate) mod timer_wheel;
+pub(crate) mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -294,7 +295,12 @@ impl Gateway {
         let wake = Arc::new(WakeSignal::new(waker));
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let (in_tx, in_rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
-        let demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        let mut demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        if demo_agent && config.inbound_url.is_some() {
+            log::warn!("demo agent off: inbound_url takes every user_message and cancel");
+            demo_agent = false;
+        }
+        let webhook = webhook::Webhook::start(&config, wake.clone())?;
         let ws_config = websocket_config(&config);
         let config_json =
             Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
@@ -306,7 +312,7 @@ impl Gateway {
             ws_config,
             config_json,
         };
-        let reactor = Reactor::new(
+        let mut reactor = Reactor::new(
             poll,
             listener,
             wake.clone(),
@@ -316,6 +322,7 @@ impl Gateway {
             settings,
             epoch.clone(),
         );
+        reactor.set_webhook(webhook);
         Ok(Gateway {
             reactor,
             emitter: Emitter::new(tx, wake),
@@ -352,7 +359,9 @@ impl Gateway {
 
     /// The channel of client messages for the workers (`user_message`, `cancel`).
     /// Returns `None` after the first call. If it is never taken, or every receiver
-    /// is dropped, clients get `error` `no_agent` for `user_message`.
+    /// is dropped, clients get `error` `no_agent` for `user_message`. With
+    /// `inbound_url` set, those messages go to the webhook instead and nothing arrives
+    /// here (run handles still see cancels through `RunHandle::is_cancelled`).
     pub fn inbound(&mut self) -> Option<Receiver<Inbound>> {
         self.inbound.take()
     }

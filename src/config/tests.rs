@@ -872,11 +872,19 @@ fn inbound_url_is_checked_at_start() {
         ("http://bad host/", "not a valid URL"),
     ] {
         let err = with(bad, key).expect_err(bad).to_string();
-        assert!(err.contains("inbound_url") && err.contains(why), "{bad}: {err}");
-        assert!(!err.contains("secret-pass"), "the value is never repeated: {err}");
+        assert!(
+            err.contains("inbound_url") && err.contains(why),
+            "{bad}: {err}"
+        );
+        assert!(
+            !err.contains("secret-pass"),
+            "the value is never repeated: {err}"
+        );
     }
     // A key is needed: inbound_key, or publish_key as its default.
-    let err = with("http://127.0.0.1:9000/", None).unwrap_err().to_string();
+    let err = with("http://127.0.0.1:9000/", None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("inbound_key"), "{err}");
     let mut c = Config {
         jwt_secret: Some(SECRET.into()),
@@ -887,5 +895,8 @@ fn inbound_url_is_checked_at_start() {
     assert!(c.validate().is_ok());
     c.inbound_key = Some("short".into());
     let err = c.validate().unwrap_err().to_string();
-    assert!(err.contains("inbound_key") && err.contains("16 bytes"), "{err}");
+    assert!(
+        err.contains("inbound_key") && err.contains("16 bytes"),
+        "{err}"
+    );
 }
