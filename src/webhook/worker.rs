@@ -170,6 +170,14 @@ fn classify(e: &ureq::Error) -> Failure {
     match e {
         ureq::Error::Timeout(_) => Failure::Timeout,
         ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => Failure::Connect,
+        // rustls reports handshake and certificate failures through the stream.
+        ureq::Error::Io(io)
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            Failure::Tls
+        }
         ureq::Error::Io(io) => match io.kind() {
             ErrorKind::TimedOut | ErrorKind::WouldBlock => Failure::Timeout,
             ErrorKind::ConnectionRefused

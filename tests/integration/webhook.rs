@@ -473,3 +473,79 @@ fn webhook_bad_url_stops_the_start() {
         "{err}"
     );
 }
+
+/// The binary, spawned with `SSL_CERT_FILE` naming the test CA (the webhook checks
+/// certificates against the system's trust store, which honours it): an `https://`
+/// inbound_url with a certificate from that CA works, keep-alive included.
+#[test]
+fn webhook_https_url_works_with_a_trusted_certificate() {
+    use std::process::{Command, Stdio};
+    let server = WebhookServer::start_tls(Behaviour::Answer(200));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentwire"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--jwt-secret", SECRET, "--publish-key", PUBLISH_KEY])
+        .args([
+            "--inbound-url",
+            &server.https_url(),
+            "--inbound-key",
+            INBOUND_KEY,
+        ])
+        .env("SSL_CERT_FILE", test_ca_file())
+        .env_remove("SSL_CERT_DIR")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the agentwire binary");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until("the binary answers /health", || {
+        std::net::TcpStream::connect(addr).is_ok() && get(addr, "/health").status == 200
+    });
+    let result = std::panic::catch_unwind(|| {
+        let mut c = connect(addr, "hook-tls");
+        for i in 0..3 {
+            let r = format!("m{i}");
+            send_message(&mut c, None, "over TLS", &r);
+            let req = server.next_request();
+            assert_eq!(req.body["ref"], r.as_str());
+            assert_eq!(
+                req.headers.get("authorization").map(String::as_str),
+                Some(format!("Bearer {INBOUND_KEY}").as_str())
+            );
+            assert_eq!(c.expect_type("ack")["ref"], r.as_str());
+        }
+        assert_eq!(
+            server.accepts(),
+            1,
+            "three requests over one TLS connection"
+        );
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// An `https://` inbound_url whose certificate is not trusted (the test CA is not in
+/// this process's trust store) is a TLS failure: `no_agent`, nothing delivered.
+#[test]
+fn webhook_https_url_with_an_untrusted_certificate_gives_no_agent() {
+    let server = WebhookServer::start_tls(Behaviour::Answer(200));
+    let gw = gateway_for(&server.https_url(), |_| {});
+    let mut c = gw.connect("hook-tls-untrusted");
+    send_message(&mut c, None, "over TLS", "m1");
+    let e = expect_no_agent(&mut c, Some("m1"));
+    assert!(e["message"].as_str().unwrap().contains("TLS"), "{e}");
+    assert!(
+        server.try_request().is_none(),
+        "no request reached the server"
+    );
+    let w = webhook_stats(&gw);
+    assert_eq!(w["failed"]["tls"], 1, "{w}");
+}

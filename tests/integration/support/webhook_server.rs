@@ -4,6 +4,9 @@
 //! to the test ([`WebhookServer::next_request`]) and answered as the current
 //! [`Behaviour`] says: at once with a status, or held until the test releases it (or
 //! never, for timeouts). Accepted connections are counted (keep-alive checks).
+//! [`WebhookServer::start_tls`] serves HTTPS (rustls) with the certificate in
+//! `tests/fixtures/webhook-tls/` (for 127.0.0.1 and localhost, signed by the test CA
+//! `ca.pem` there, valid until 2126).
 
 #![allow(dead_code)] // each test module uses its own subset
 
@@ -49,6 +52,15 @@ pub struct WebhookServer {
 
 impl WebhookServer {
     pub fn start(behaviour: Behaviour) -> WebhookServer {
+        Self::start_with(behaviour, None)
+    }
+
+    /// The same over TLS (see the module docs).
+    pub fn start_tls(behaviour: Behaviour) -> WebhookServer {
+        Self::start_with(behaviour, Some(tls_config()))
+    }
+
+    fn start_with(behaviour: Behaviour, tls: Option<Arc<rustls::ServerConfig>>) -> WebhookServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the webhook server");
         let addr = listener.local_addr().expect("local addr");
         let accepts = Arc::new(AtomicUsize::new(0));
@@ -67,7 +79,18 @@ impl WebhookServer {
                         let n = a.fetch_add(1, Ordering::AcqRel) + 1;
                         let (b, tx, rel, s) =
                             (b.clone(), req_tx.clone(), release_rx.clone(), s.clone());
-                        std::thread::spawn(move || serve(stream, n, b, tx, rel, s));
+                        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+                        match &tls {
+                            None => {
+                                std::thread::spawn(move || serve(stream, n, b, tx, rel, s));
+                            }
+                            Some(cfg) => {
+                                let conn = rustls::ServerConnection::new(cfg.clone())
+                                    .expect("a TLS server connection");
+                                let stream = rustls::StreamOwned::new(conn, stream);
+                                std::thread::spawn(move || serve(stream, n, b, tx, rel, s));
+                            }
+                        }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -86,6 +109,11 @@ impl WebhookServer {
     /// The URL for `inbound_url`.
     pub fn url(&self) -> String {
         format!("http://{}/agentwire/inbound", self.addr)
+    }
+
+    /// The `https://` URL (for a server from [`WebhookServer::start_tls`]).
+    pub fn https_url(&self) -> String {
+        format!("https://{}/agentwire/inbound", self.addr)
     }
 
     pub fn set(&self, behaviour: Behaviour) {
@@ -129,15 +157,38 @@ pub fn closed_port_url() -> String {
     format!("http://{addr}/inbound")
 }
 
-fn serve(
-    mut stream: TcpStream,
+/// The test CA's PEM file (trusted through `SSL_CERT_FILE` by a spawned gateway).
+pub fn test_ca_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/webhook-tls/ca.pem")
+}
+
+fn tls_config() -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/webhook-tls");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .expect("server.pem")
+        .collect::<Result<_, _>>()
+        .expect("server.pem parses");
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).expect("server.key parses");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("the test certificate and key match");
+    Arc::new(cfg)
+}
+
+fn serve<S: Read + Write>(
+    mut stream: S,
     connection: usize,
     behaviour: Arc<Mutex<Behaviour>>,
     requests: Sender<Received>,
     release: Receiver<u16>,
     stop: Arc<AtomicBool>,
 ) {
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf: Vec<u8> = Vec::new();
     loop {
         // One request: the head, then Content-Length bytes.
@@ -173,7 +224,7 @@ fn serve(
         let answer = format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
         );
-        if stream.write_all(answer.as_bytes()).is_err() {
+        if stream.write_all(answer.as_bytes()).is_err() || stream.flush().is_err() {
             return;
         }
     }
