@@ -39,7 +39,10 @@
 //! per kind (`ids`). Tokens are checked once at the upgrade
 //! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the `registry`.
+//! buffer, runs) lives in the `registry`. With `inbound_url` set, `user_message` and
+//! `cancel` go to the workers as HTTP POSTs from threads of their own (`webhook`,
+//! answered back to the loop through a channel and its waker) instead of the inbound
+//! channel.
 //!
 //! # Library use
 //!
