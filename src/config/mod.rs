@@ -354,7 +354,8 @@ impl Config {
                 name: "inbound_url",
                 message,
             })?;
-            if self.inbound_key.is_none() && self.publish_key.is_none() {
+            // Dev mode (no JWT key) generates a publish key before the gateway starts.
+            if self.inbound_key.is_none() && self.publish_key.is_none() && !self.dev_mode() {
                 return Err(ConfigError::Inconsistent {
                     name: "inbound_key",
                     message: "inbound_url needs a key to send: set inbound_key (or publish_key, \
