@@ -143,74 +143,90 @@ impl Reactor {
     /// Answer the clients of every request the sending threads have finished.
     pub(super) fn webhook_answers(&mut self) {
         while let Some((waiting, outcome)) = self.webhook.as_mut().and_then(|w| w.next_answer()) {
-            if let Outcome::Failed(failure) = outcome {
-                self.log_webhook_failure(failure);
-            }
-            match (waiting, outcome) {
-                (
-                    Waiting::UserMessage {
-                        conn,
-                        run_id,
-                        reference,
-                        ..
-                    },
-                    Outcome::Delivered(_),
-                ) => self.send(
+            self.webhook_answer(waiting, outcome);
+        }
+    }
+
+    /// From housekeeping: requests a sending thread never answered (see
+    /// [`crate::webhook::Webhook::overdue`]) end as timeouts.
+    pub(super) fn webhook_overdue(&mut self) {
+        let Some(webhook) = self.webhook.as_mut() else {
+            return;
+        };
+        for waiting in webhook.overdue(std::time::Instant::now()) {
+            self.webhook_answer(waiting, Outcome::Failed(Failure::Timeout));
+        }
+    }
+
+    /// Answer one request's clients.
+    fn webhook_answer(&mut self, waiting: Waiting, outcome: Outcome) {
+        if let Outcome::Failed(failure) = outcome {
+            self.log_webhook_failure(failure);
+        }
+        match (waiting, outcome) {
+            (
+                Waiting::UserMessage {
                     conn,
-                    &ServerFrame::Ack {
-                        reference: &reference,
-                        run_id: &run_id,
-                    },
-                ),
-                (
-                    Waiting::UserMessage {
-                        conn,
-                        user,
-                        run_id,
-                        reference,
-                    },
-                    Outcome::Failed(failure),
-                ) => {
-                    // The run will not start: drop what the message pre-registered,
-                    // unless the worker published to it all the same.
-                    if let Some(u) = self.registry.get_mut(&user) {
-                        if u.runs.get(&*run_id).is_some_and(|r| !r.begun) {
-                            u.runs.remove(&*run_id);
-                        }
-                    }
-                    let why = failure_text(failure, self.s.config.inbound_timeout_ms);
-                    self.send_error(conn, ErrorCode::NoAgent, &why, Some(&reference));
-                }
-                (
-                    Waiting::Cancel {
-                        user,
-                        run_id,
-                        conns,
-                    },
-                    Outcome::Delivered(_),
-                ) => {
-                    if let Some(run) = self
-                        .registry
-                        .get_mut(&user)
-                        .and_then(|u| u.runs.get_mut(&*run_id))
-                    {
-                        run.cancel_requested = true;
-                        if let Some(flag) = &run.cancel {
-                            flag.store(true, Ordering::Release);
-                        }
-                    }
-                    for conn in conns {
-                        self.send(conn, &ServerFrame::CancelRequested { run_id: &run_id });
+                    run_id,
+                    reference,
+                    ..
+                },
+                Outcome::Delivered(_),
+            ) => self.send(
+                conn,
+                &ServerFrame::Ack {
+                    reference: &reference,
+                    run_id: &run_id,
+                },
+            ),
+            (
+                Waiting::UserMessage {
+                    conn,
+                    user,
+                    run_id,
+                    reference,
+                },
+                Outcome::Failed(failure),
+            ) => {
+                // The run will not start: drop what the message pre-registered,
+                // unless the worker published to it all the same.
+                if let Some(u) = self.registry.get_mut(&user) {
+                    if u.runs.get(&*run_id).is_some_and(|r| !r.begun) {
+                        u.runs.remove(&*run_id);
                     }
                 }
-                (Waiting::Cancel { run_id, conns, .. }, Outcome::Failed(failure)) => {
-                    let why = format!(
-                        "cancel of {run_id}: {}",
-                        failure_text(failure, self.s.config.inbound_timeout_ms)
-                    );
-                    for conn in conns {
-                        self.send_error(conn, ErrorCode::NoAgent, &why, None);
+                let why = failure_text(failure, self.s.config.inbound_timeout_ms);
+                self.send_error(conn, ErrorCode::NoAgent, &why, Some(&reference));
+            }
+            (
+                Waiting::Cancel {
+                    user,
+                    run_id,
+                    conns,
+                },
+                Outcome::Delivered(_),
+            ) => {
+                if let Some(run) = self
+                    .registry
+                    .get_mut(&user)
+                    .and_then(|u| u.runs.get_mut(&*run_id))
+                {
+                    run.cancel_requested = true;
+                    if let Some(flag) = &run.cancel {
+                        flag.store(true, Ordering::Release);
                     }
+                }
+                for conn in conns {
+                    self.send(conn, &ServerFrame::CancelRequested { run_id: &run_id });
+                }
+            }
+            (Waiting::Cancel { run_id, conns, .. }, Outcome::Failed(failure)) => {
+                let why = format!(
+                    "cancel of {run_id}: {}",
+                    failure_text(failure, self.s.config.inbound_timeout_ms)
+                );
+                for conn in conns {
+                    self.send_error(conn, ErrorCode::NoAgent, &why, None);
                 }
             }
         }

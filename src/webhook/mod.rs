@@ -13,6 +13,7 @@
 //!    │ Answer into the answer channel, then the loop's Waker (WakeSignal)
 //!    ▼
 //! reactor: Webhook::next_answer each iteration -> ack / cancel_requested / no_agent
+//!          Webhook::overdue from housekeeping (a request no thread answered)
 //! ```
 //!
 //! This module holds the reactor's side (the bound, what each request waits to answer,
@@ -41,6 +42,11 @@ use crate::emitter::WakeSignal;
 
 pub use request::{ref_text, InboundKind, InboundRequest};
 pub use worker::{Failure, Outcome, WORKERS};
+
+/// How long past its deadline a request may stay unanswered before the reactor gives
+/// up on it by itself ([`Webhook::overdue`]): the sending threads answer a timeout at
+/// the deadline; this only matters if one of them is stuck or gone.
+pub const OVERDUE_GRACE: Duration = Duration::from_secs(1);
 
 /// `cancel` messages one cancel request answers (each `cancel` of the run sent while
 /// the request was out, from any of the user's connections, gets its own answer); more
@@ -143,7 +149,8 @@ impl WebhookCounts {
 pub struct Webhook {
     jobs: Sender<worker::Job>,
     answers: Receiver<worker::Answer>,
-    waiting: HashMap<u64, Waiting>,
+    /// What each request out waits to answer, and its deadline.
+    waiting: HashMap<u64, (Instant, Waiting)>,
     /// The request out for each (user, run) cancel.
     cancels: HashMap<(Arc<str>, Arc<str>), u64>,
     next_id: u64,
@@ -230,7 +237,7 @@ impl Webhook {
         let run_id: Arc<str> = Arc::from(request.run_id.as_str());
         let key = (user.clone(), run_id.clone());
         if let Some(id) = self.cancels.get(&key) {
-            if let Some(Waiting::Cancel { conns, .. }) = self.waiting.get_mut(id) {
+            if let Some((_, Waiting::Cancel { conns, .. })) = self.waiting.get_mut(id) {
                 if conns.len() >= MAX_CANCEL_WAITERS {
                     return Err(Refused::TooManyWaiters);
                 }
@@ -255,10 +262,11 @@ impl Webhook {
         }
         self.next_id += 1;
         let id = self.next_id;
+        let deadline = Instant::now() + self.timeout;
         let job = worker::Job {
             id,
             request,
-            deadline: Instant::now() + self.timeout,
+            deadline,
         };
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -271,7 +279,7 @@ impl Webhook {
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(Refused::Stopped),
         }
         self.counts.sent += 1;
-        self.waiting.insert(id, waiting);
+        self.waiting.insert(id, (deadline, waiting));
         Ok(id)
     }
 
@@ -280,12 +288,11 @@ impl Webhook {
     pub fn next_answer(&mut self) -> Option<(Waiting, Outcome)> {
         loop {
             let answer = self.answers.try_recv().ok()?;
-            let Some(waiting) = self.waiting.remove(&answer.id) else {
+            // Not waiting any more: given up as overdue.
+            let Some((_, waiting)) = self.waiting.remove(&answer.id) else {
                 continue;
             };
-            if let Waiting::Cancel { user, run_id, .. } = &waiting {
-                self.cancels.remove(&(user.clone(), run_id.clone()));
-            }
+            self.forget_cancel(&waiting);
             match answer.outcome {
                 Outcome::Delivered(_) => self.counts.ok += 1,
                 Outcome::Failed(f) => match f {
@@ -298,5 +305,132 @@ impl Webhook {
             }
             return Some((waiting, answer.outcome));
         }
+    }
+
+    /// Requests still unanswered [`OVERDUE_GRACE`] after their deadline (at `now`),
+    /// taken out and counted as timeouts: their clients get `no_agent` even if a
+    /// sending thread never answers. The reactor calls it from housekeeping.
+    pub fn overdue(&mut self, now: Instant) -> Vec<Waiting> {
+        let late: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, (deadline, _))| *deadline + OVERDUE_GRACE < now)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::with_capacity(late.len());
+        for id in late {
+            if let Some((_, waiting)) = self.waiting.remove(&id) {
+                self.forget_cancel(&waiting);
+                self.counts.timeout += 1;
+                out.push(waiting);
+            }
+        }
+        out
+    }
+
+    fn forget_cancel(&mut self, waiting: &Waiting) {
+        if let Waiting::Cancel { user, run_id, .. } = waiting {
+            self.cancels.remove(&(user.clone(), run_id.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A webhook whose sending threads never run: requests stay out.
+    fn stalled(max: usize) -> (Webhook, Receiver<worker::Job>) {
+        let (jobs, job_rx) = crossbeam_channel::bounded(max);
+        let (_answer_tx, answers) = crossbeam_channel::bounded(max);
+        let w = Webhook {
+            jobs,
+            answers,
+            waiting: HashMap::new(),
+            cancels: HashMap::new(),
+            next_id: 0,
+            max_in_flight: max,
+            timeout: Duration::from_millis(100),
+            counts: WebhookCounts {
+                max_in_flight: max,
+                ..WebhookCounts::default()
+            },
+        };
+        (w, job_rx)
+    }
+
+    fn request(kind: InboundKind, run: &str) -> InboundRequest {
+        InboundRequest {
+            kind,
+            user_id: "u1".into(),
+            thread_id: None,
+            run_id: run.into(),
+            text: None,
+            reference: None,
+            connection_id: "c1".into(),
+            node_id: None,
+            ts: 0,
+        }
+    }
+
+    const CONN: ConnId = ConnId { key: 1, serial: 1 };
+
+    #[test]
+    fn the_bound_refuses_past_max_in_flight() {
+        let (mut w, jobs) = stalled(2);
+        for run in ["r-1", "r-2"] {
+            let req = request(InboundKind::UserMessage, run);
+            assert_eq!(w.submit_user_message(req, CONN, Value::Null), Ok(()));
+        }
+        let req = request(InboundKind::UserMessage, "r-3");
+        assert_eq!(
+            w.submit_user_message(req, CONN, Value::Null),
+            Err(Refused::Full)
+        );
+        let c = w.counts();
+        assert_eq!((c.sent, c.full, c.in_flight), (2, 1, 2));
+        assert_eq!(jobs.len(), 2, "only the two admitted went to the threads");
+    }
+
+    #[test]
+    fn repeated_cancels_of_a_run_join_one_request_up_to_the_waiter_bound() {
+        let (mut w, jobs) = stalled(8);
+        let cancel = || request(InboundKind::Cancel, "r-1");
+        assert_eq!(w.submit_cancel(cancel(), CONN), Ok(CancelSent::Sent));
+        for _ in 1..MAX_CANCEL_WAITERS {
+            assert_eq!(w.submit_cancel(cancel(), CONN), Ok(CancelSent::Joined));
+        }
+        assert_eq!(
+            w.submit_cancel(cancel(), CONN),
+            Err(Refused::TooManyWaiters)
+        );
+        assert_eq!(jobs.len(), 1, "one request for the run");
+        // Another run gets its own request.
+        let other = request(InboundKind::Cancel, "r-2");
+        assert_eq!(w.submit_cancel(other, CONN), Ok(CancelSent::Sent));
+        assert_eq!(jobs.len(), 2);
+    }
+
+    #[test]
+    fn overdue_requests_are_given_up_even_without_an_answer() {
+        let (mut w, _jobs) = stalled(4);
+        let req = request(InboundKind::UserMessage, "r-1");
+        w.submit_user_message(req, CONN, Value::from("m1")).unwrap();
+        assert_eq!(
+            w.submit_cancel(request(InboundKind::Cancel, "r-9"), CONN),
+            Ok(CancelSent::Sent)
+        );
+        let now = Instant::now();
+        assert!(w.overdue(now).is_empty(), "not before the deadline");
+        let late =
+            w.overdue(now + Duration::from_millis(100) + OVERDUE_GRACE + Duration::from_millis(50));
+        assert_eq!(late.len(), 2);
+        let c = w.counts();
+        assert_eq!((c.timeout, c.in_flight), (2, 0));
+        // The run's cancel is no longer out: the next one is a new request.
+        assert_eq!(
+            w.submit_cancel(request(InboundKind::Cancel, "r-9"), CONN),
+            Ok(CancelSent::Sent)
+        );
     }
 }
