@@ -549,3 +549,58 @@ fn webhook_https_url_with_an_untrusted_certificate_gives_no_agent() {
     let w = webhook_stats(&gw);
     assert_eq!(w["failed"]["tls"], 1, "{w}");
 }
+
+#[test]
+fn webhook_answer_for_a_closed_connection_is_skipped() {
+    let server = WebhookServer::start(Behaviour::Hold);
+    let gw = gateway_for(&server.url(), |_| {});
+    let mut gone = gw.connect("hook-gone");
+    send_message(&mut gone, None, "then I leave", "m1");
+    server.next_request();
+    gone.close();
+    gw.wait_open(0);
+    server.release(200);
+    gw.wait_stats("the answer taken back", |s| s["webhook"]["ok"] == 1);
+    // The gateway goes on serving: another user's message goes through.
+    server.set(Behaviour::Answer(200));
+    let mut other = gw.connect("hook-stays");
+    send_message(&mut other, None, "hello", "m2");
+    server.next_request();
+    assert_eq!(other.expect_type("ack")["ref"], "m2");
+}
+
+#[test]
+fn webhook_keeps_the_per_user_pending_run_bound() {
+    let server = WebhookServer::start(Behaviour::Hold);
+    let gw = gateway_for(&server.url(), |c| c.max_pending_runs_per_user = 1);
+    let mut c = gw.connect("hook-pending");
+    send_message(&mut c, None, "first", "m1");
+    server.next_request();
+    send_message(&mut c, None, "second", "m2");
+    let e = c.expect_type("error");
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("busy"), Some("m2")),
+        "{e}"
+    );
+    assert!(server.try_request().is_none(), "the second was never sent");
+    // Another user is not affected by this user's bound.
+    server.set(Behaviour::Answer(200));
+    let mut other = gw.connect("hook-pending-2");
+    send_message(&mut other, None, "mine", "m3");
+    assert_eq!(server.next_request().body["ref"], "m3");
+    assert_eq!(other.expect_type("ack")["ref"], "m3");
+    server.release(200);
+    assert_eq!(c.expect_type("ack")["ref"], "m1");
+}
+
+#[test]
+fn webhook_request_held_by_the_endpoint_does_not_hold_up_shutdown() {
+    let server = WebhookServer::start(Behaviour::Hold);
+    let mut gw = gateway_for(&server.url(), |_| {});
+    let mut c = gw.connect("hook-shutdown");
+    send_message(&mut c, None, "never answered", "m1");
+    server.next_request();
+    let (result, _) = gw.shutdown_and_join(WAIT);
+    assert_eq!(result, Ok(()));
+}
