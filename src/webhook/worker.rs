@@ -27,6 +27,10 @@ use crate::emitter::WakeSignal;
 /// thousands of messages a second over kept-alive connections; eight leave room for
 /// some slow answers without one stalling the rest, and cost eight idle threads.
 pub const WORKERS: usize = 8;
+/// Longest a kept-alive connection waits idle in the pool before it is closed: below
+/// the 5 s idle timeout of common worker servers (uvicorn, Node's http), so the gateway
+/// closes first and never sends a request into a connection the endpoint is closing.
+pub const MAX_IDLE: Duration = Duration::from_secs(4);
 /// Bytes of an answer read (and discarded) so its connection can be reused; a longer
 /// answer is cut and its connection closed.
 pub const MAX_ANSWER_BYTES: u64 = 64 * 1024;
@@ -123,6 +127,7 @@ fn agent() -> ureq::Agent {
         .proxy(None)
         .max_idle_connections(WORKERS)
         .max_idle_connections_per_host(WORKERS)
+        .max_idle_age(MAX_IDLE)
         .user_agent(concat!("agentwire/", env!("CARGO_PKG_VERSION")))
         .build()
         .new_agent()
