@@ -39,7 +39,10 @@
 //! per kind (`ids`). Tokens are checked once at the upgrade
 //! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the `registry`.
+//! buffer, runs) lives in the `registry`. With `inbound_url` set, `user_message` and
+//! `cancel` go to the workers as HTTP POSTs from threads of their own (`webhook`,
+//! answered back to the loop through a channel and its waker) instead of the inbound
+//! channel.
 //!
 //! # Library use
 //!
@@ -90,6 +93,7 @@ mod reactor;
 pub(crate) mod registry;
 pub(crate) mod stats;
 pub(crate) mod timer_wheel;
+pub(crate) mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -300,7 +304,12 @@ impl Gateway {
         let wake = Arc::new(WakeSignal::new(waker));
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let (in_tx, in_rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
-        let demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        let mut demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        if demo_agent && config.inbound_url.is_some() {
+            log::warn!("demo agent off: inbound_url takes every user_message and cancel");
+            demo_agent = false;
+        }
+        let webhook = webhook::Webhook::start(&config, wake.clone())?;
         let ws_config = websocket_config(&config);
         let config_json =
             Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
@@ -312,7 +321,7 @@ impl Gateway {
             ws_config,
             config_json,
         };
-        let reactor = Reactor::new(
+        let mut reactor = Reactor::new(
             poll,
             listener,
             wake.clone(),
@@ -322,6 +331,7 @@ impl Gateway {
             settings,
             epoch.clone(),
         );
+        reactor.set_webhook(webhook);
         Ok(Gateway {
             reactor,
             emitter: Emitter::new(tx, wake),
@@ -358,7 +368,9 @@ impl Gateway {
 
     /// The channel of client messages for the workers (`user_message`, `cancel`).
     /// Returns `None` after the first call. If it is never taken, or every receiver
-    /// is dropped, clients get `error` `no_agent` for `user_message`.
+    /// is dropped, clients get `error` `no_agent` for `user_message`. With
+    /// `inbound_url` set, those messages go to the webhook instead and nothing arrives
+    /// here (run handles still see cancels through `RunHandle::is_cancelled`).
     pub fn inbound(&mut self) -> Option<Receiver<Inbound>> {
         self.inbound.take()
     }

@@ -135,6 +135,8 @@ pub struct Gauges {
     pub inbound_held_limit: usize,
     /// The memory engine's registry: budgets, their use and what bounding them cost.
     pub memory: MemoryGauges,
+    /// The inbound webhook's counters, when `inbound_url` is set.
+    pub webhook: Option<crate::webhook::WebhookCounts>,
 }
 
 impl Gauges {
@@ -146,10 +148,11 @@ impl Gauges {
     /// `max_http_buffer_total_bytes`; `inbound_held_bytes` is what the `user_message`s
     /// held for room in the workers' channel are charged; `replay_memory_bytes` is kept
     /// events plus the per-user overhead against `replay_memory_bytes`; `active_runs`
-    /// against `max_active_runs`.
+    /// against `max_active_runs`; with `inbound_url` set, `inbound_in_flight` is the
+    /// webhook requests out against `inbound_max_in_flight`.
     pub fn budgets(&self) -> Vec<(&'static str, u64, u64)> {
         let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        vec![
+        let mut budgets = vec![
             (
                 "pending_total",
                 wide(self.pending_total_limit),
@@ -185,7 +188,15 @@ impl Gauges {
                 wide(self.memory.active_runs_limit),
                 wide(self.active_runs),
             ),
-        ]
+        ];
+        if let Some(w) = &self.webhook {
+            budgets.push((
+                "inbound_in_flight",
+                wide(w.max_in_flight),
+                wide(w.in_flight),
+            ));
+        }
+        budgets
     }
 }
 
@@ -581,6 +592,7 @@ impl Stats {
                 "degraded": g.accept_degraded,
             },
             "publish": {"auth_failures": self.publish_auth_failures},
+            "webhook": g.webhook.map(|w| w.to_json()),
         })
     }
 
@@ -779,6 +791,41 @@ impl Stats {
         ] {
             metric(name, kind, help, &one(v));
         }
+        if let Some(w) = &g.webhook {
+            for (name, kind, help, v) in [
+                (
+                    "webhook_requests_total",
+                    "counter",
+                    "Requests sent to inbound_url (user_message and cancel).",
+                    w.sent as f64,
+                ),
+                (
+                    "webhook_ok_total",
+                    "counter",
+                    "Requests to inbound_url answered 2xx.",
+                    w.ok as f64,
+                ),
+                (
+                    "webhook_in_flight",
+                    "gauge",
+                    "Requests to inbound_url waiting for an answer.",
+                    w.in_flight as f64,
+                ),
+            ] {
+                metric(name, kind, help, &one(v));
+            }
+            let failed: Vec<(String, f64)> = w
+                .failed()
+                .iter()
+                .map(|(cause, n)| (format!("{{cause=\"{cause}\"}}"), *n as f64))
+                .collect();
+            metric(
+                "webhook_failed_total",
+                "counter",
+                "Client messages for inbound_url answered no_agent, by cause (status: non-2xx, connect, timeout, tls, io; full: inbound_max_in_flight reached, not sent).",
+                &failed,
+            );
+        }
         let budgets = g.budgets();
         // The HELP text names every budget from the list itself, so it cannot fall behind.
         let names: Vec<&str> = budgets.iter().map(|b| b.0).collect();
@@ -877,6 +924,15 @@ mod tests {
             s.record_latency_us(us);
         }
         let g = Gauges {
+            webhook: Some(crate::webhook::WebhookCounts {
+                sent: 5,
+                ok: 3,
+                timeout: 1,
+                full: 2,
+                in_flight: 1,
+                max_in_flight: 8,
+                ..Default::default()
+            }),
             connections_open: 1,
             users_online: 1,
             pending_out_bytes: 7,
@@ -894,6 +950,19 @@ mod tests {
             ..Gauges::default()
         };
         let j = s.to_json(&g);
+        assert_eq!(j["webhook"]["sent"], 5);
+        assert_eq!(j["webhook"]["failed"]["timeout"], 1);
+        assert_eq!(j["webhook"]["failed"]["full"], 2);
+        assert_eq!(j["webhook"]["failed_total"], 3);
+        assert_eq!(j["budgets"]["inbound_in_flight"]["limit"], 8);
+        assert_eq!(j["budgets"]["inbound_in_flight"]["used"], 1);
+        let p = s.to_prometheus(&g);
+        assert!(
+            p.contains("agentwire_webhook_failed_total{cause=\"timeout\"} 1\n"),
+            "{p}"
+        );
+        assert!(p.contains("agentwire_webhook_requests_total 5\n"));
+        assert!(p.contains("agentwire_webhook_in_flight 1\n"));
         assert_eq!(j["connections"]["opened"], 3);
         assert_eq!(j["connections"]["closed"], 3);
         assert_eq!(j["connections"]["closed_by_reason"]["client_closed"], 2);

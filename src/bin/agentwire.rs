@@ -212,6 +212,11 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
     } else {
         "Demo page off (demo_page = false)".to_owned()
     };
+    let answered_by = if config.inbound_url.is_some() {
+        "the worker at inbound_url answers every user_message; its key is the publish key"
+    } else {
+        "the demo agent answers every user_message with a run"
+    };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -228,7 +233,7 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
  token (sub=demo-user, 24 h):
    {token}
 
- Try it (the demo agent answers every user_message with a run):
+ Try it ({answered_by}):
    python3 -m websockets "ws://{addr}/ws?token={token}"
    then type:  {{"type":"user_message","thread_id":"t1","text":"hello"}}
 

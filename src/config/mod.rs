@@ -128,6 +128,24 @@ settings! {
             "Comma-separated exact origins allowed to connect", shown "empty (any origin)";
         /// Bearer key for `POST /api/events`; without one the endpoint answers 404. Default none.
         publish_key: Option<String> = None, Secret, "Bearer key that enables POST /api/events";
+        /// Worker endpoint that receives every `user_message` and `cancel` as an HTTP POST
+        /// (PROTOCOL.md section 6b; `src/webhook/`): `http://` or `https://`, with a host,
+        /// no user:password. When set, it replaces the in-process inbound channel for
+        /// those messages. Default none.
+        inbound_url: Option<String> = None, Text,
+            "Worker URL that receives each user_message and cancel as a POST (http:// or https://)";
+        /// Bearer key sent to `inbound_url` (`Authorization: Bearer <key>`), at least 16
+        /// bytes. Default none: the publish key.
+        inbound_key: Option<String> = None, Secret,
+            "Bearer key sent to inbound_url; default: publish_key", shown "none (publish_key)";
+        /// Time the `inbound_url` endpoint has to answer, counted from the client's
+        /// message, in milliseconds; later is `no_agent`. Default 5000.
+        inbound_timeout_ms: u64 = 5_000, Integer(1, 600_000),
+            "Time inbound_url has to answer a message, in milliseconds; later is no_agent";
+        /// Requests to `inbound_url` sent or queued and not yet answered; past it a client's
+        /// message gets `no_agent` at once. Default 1024.
+        inbound_max_in_flight: usize = 1_024, Integer(1, 1_000_000),
+            "Requests to inbound_url waiting for an answer; past it no_agent at once";
         /// Open connections in total. Default 10000.
         max_connections: usize = 10_000, Integer(1, 10_000_000), "Open connections in total";
         /// Open connections per user. Default 3.
@@ -331,6 +349,32 @@ impl Config {
                 });
             }
         }
+        if let Some(url) = &self.inbound_url {
+            check_inbound_url(url).map_err(|message| ConfigError::Inconsistent {
+                name: "inbound_url",
+                message,
+            })?;
+            // Dev mode (no JWT key) generates a publish key before the gateway starts.
+            if self.inbound_key.is_none() && self.publish_key.is_none() && !self.dev_mode() {
+                return Err(ConfigError::Inconsistent {
+                    name: "inbound_key",
+                    message: "inbound_url needs a key to send: set inbound_key (or publish_key, \
+                              its default)"
+                        .into(),
+                });
+            }
+        }
+        if let Some(key) = &self.inbound_key {
+            if key.len() < MIN_ACCEPTED_SECRET_BYTES {
+                return Err(ConfigError::Inconsistent {
+                    name: "inbound_key",
+                    message: format!(
+                        "must be at least {MIN_ACCEPTED_SECRET_BYTES} bytes, got {} bytes",
+                        key.len()
+                    ),
+                });
+            }
+        }
         if self.max_connections_per_user > self.max_connections {
             return Err(ConfigError::Inconsistent {
                 name: "max_connections_per_user",
@@ -416,4 +460,31 @@ impl Config {
         );
         serde_json::Value::Object(map)
     }
+}
+
+/// The form `inbound_url` must have: `http://` or `https://` (any letter case), a host,
+/// and no `user:password@` (the credential is `inbound_key`, and the URL is shown in
+/// `GET /ws/config`). The error says what is wrong, never repeating the value.
+fn check_inbound_url(url: &str) -> Result<(), String> {
+    if !url.contains("://") {
+        return Err("must be an absolute URL starting with http:// or https://".into());
+    }
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("not a valid URL ({e}); expected http://host[:port]/path"))?;
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http" | "https") => {}
+        Some(_) => return Err("must start with http:// or https://".into()),
+        None => return Err("must be an absolute URL starting with http:// or https://".into()),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("has no host".into());
+    };
+    if authority.as_str().contains('@') {
+        return Err("must not carry user:password@; the key goes in inbound_key".into());
+    }
+    if authority.host().is_empty() {
+        return Err("has no host".into());
+    }
+    Ok(())
 }

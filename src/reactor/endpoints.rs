@@ -465,6 +465,7 @@ impl Reactor {
             inbound_held_bytes: self.inbox.held().1,
             inbound_held_limit: self.inbox.held_limit(),
             memory: self.memory_gauges(),
+            webhook: self.webhook.as_ref().map(|w| w.counts()),
         }
     }
 

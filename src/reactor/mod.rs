@@ -8,7 +8,8 @@
 //!    iteration, and none while it is over its input allowance); then feed held
 //!    `user_message`s to the workers' channel, round-robin across users ([`Inbox`]);
 //! 3. drain the workers' channel up to [`routing::DRAIN_BUDGET`] commands, routing each event to
-//!    its user's connections (frames are shared, queued per connection);
+//!    its user's connections (frames are shared, queued per connection); then the
+//!    inbound webhook's answers (`ack`, `cancel_requested`, `no_agent`);
 //! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
 //!    closes, housekeeping (replay expiry, run watchdog);
 //! 5. flush every connection that got output in this iteration: one `writev` each;
@@ -26,6 +27,8 @@
 //! - [`inbound`]: the client messages (`ping`, `user_message`, `cancel`, `refresh`);
 //! - [`routing`]: draining the channel, delivering events, flushing, replay;
 //! - [`timers`]: timer expiries, housekeeping, the run watchdog and shutdown;
+//! - [`webhook`]: `user_message` and `cancel` sent to `inbound_url`, and the answers
+//!   (after draining the channel, each iteration);
 //! - `echo` (conformance builds): the Autobahn echo session.
 //!
 //! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
@@ -69,6 +72,7 @@ mod inbound;
 mod routing;
 mod session;
 mod timers;
+mod webhook;
 
 pub(crate) use session::READ_BUFFER_BYTES;
 
@@ -194,6 +198,9 @@ pub(crate) struct Reactor {
     accept_log: RateLog,
     publish_auth_log: RateLog,
     slow_iteration_log: RateLog,
+    /// The inbound webhook, when `inbound_url` is set ([`crate::webhook`]).
+    webhook: Option<crate::webhook::Webhook>,
+    webhook_log: RateLog,
 }
 
 /// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
@@ -276,7 +283,14 @@ impl Reactor {
             accept_log: RateLog::default(),
             publish_auth_log: RateLog::default(),
             slow_iteration_log: RateLog::default(),
+            webhook: None,
+            webhook_log: RateLog::default(),
         }
+    }
+
+    /// Send `user_message` and `cancel` to this webhook instead of the inbound channel.
+    pub(crate) fn set_webhook(&mut self, webhook: Option<crate::webhook::Webhook>) {
+        self.webhook = webhook;
     }
 
     /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (logged and ignored until
@@ -365,6 +379,9 @@ impl Reactor {
             self.feed_inbox();
             let drain_started = Instant::now();
             budget_exhausted = self.drain_channel();
+            // After the channel: `drain_channel` reset the wake flag, so an answer that
+            // arrives from here on wakes the next poll.
+            self.webhook_answers();
             let now = self.tick();
             let timers_started = Instant::now();
             self.wheel.advance(now, &mut expired);

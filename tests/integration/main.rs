@@ -36,3 +36,4 @@ mod slot_reuse;
 mod stats;
 mod thread_filter;
 mod user_isolation;
+mod webhook;
