@@ -68,6 +68,7 @@
 // demo agent) and `log_sink` (the binary's logger). Every other module is internal;
 // what the binary, the benches, the fuzz targets and the load generator need of them
 // goes through `__internal`, which is not part of the API.
+pub(crate) mod agui;
 pub(crate) mod auth;
 pub(crate) mod cli;
 pub(crate) mod client_message;
