@@ -26,7 +26,7 @@ mod stream;
 mod wire;
 
 pub use source::{json_payload, Source};
-pub use stream::Stream;
+pub use stream::{RunInProgress, Stream};
 
 /// How a connection's events are written (the `encoding` query parameter).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -63,6 +63,17 @@ struct Track {
     last_seq: u64,
 }
 
+/// A run in progress as the run state knows it (the `active_runs` of PROTOCOL.md
+/// section 3).
+#[derive(Clone, Copy, Debug)]
+pub struct RunInProgress<'a> {
+    pub run_id: &'a str,
+    pub thread: Option<&'a str>,
+    pub started_ts: u64,
+    /// The `seq` of its latest event.
+    pub last_seq: u64,
+}
+
 /// The AG-UI translation state of one connection.
 #[derive(Debug)]
 pub struct Stream {
@@ -110,7 +121,43 @@ impl Stream {
         }
     }
 
+    /// The state a connection starts from, and so the frames its stream opens with:
+    /// `kept` are the frames of the events kept for replay that the connection may
+    /// see, oldest first; those up to `point` (the connection's resume point, or the
+    /// user's current `seq` for a connection that does not resume) are followed.
+    /// `active` are the runs in progress by the run state (`active_runs`): those the
+    /// kept events do not show (their start was dropped) are taken in as started.
+    /// When `fresh` (no exact resume), runs the kept events leave open but the run
+    /// state does not list (their end was not visible to the connection) are dropped.
+    pub fn rebuild<'a>(
+        epoch: Arc<str>,
+        max_runs: usize,
+        kept: impl IntoIterator<Item = &'a [u8]>,
+        active: &[RunInProgress<'_>],
+        point: u64,
+        fresh: bool,
+    ) -> Stream {
+        let mut s = Stream::new(epoch, max_runs);
+        for frame in kept {
+            if let Some(src) = super::json_payload(frame).and_then(Source::parse_light) {
+                if src.seq <= point {
+                    s.observe(&src);
+                }
+            }
+        }
+        if fresh {
+            s.retain_runs(|id| active.iter().any(|a| a.run_id == id));
+        }
+        for a in active {
+            if a.last_seq <= point {
+                s.adopt(a.run_id, a.thread, a.started_ts, a.last_seq);
+            }
+        }
+        s
+    }
+
     /// Runs in progress on this stream.
+    #[cfg(test)]
     pub fn runs(&self) -> usize {
         self.runs.len()
     }
@@ -402,7 +449,9 @@ fn json_text(data: &Value) -> Cow<'_, str> {
 /// the demo agent) end runs with.
 fn error_message(reason: Option<&str>) -> Cow<'static, str> {
     Cow::Borrowed(match reason {
-        Some("run_timeout") => "the run sent no event within run_idle_timeout_ms and the gateway ended it",
+        Some("run_timeout") => {
+            "the run sent no event within run_idle_timeout_ms and the gateway ended it"
+        }
         Some("worker_dropped") => "the worker stopped before the run ended",
         Some("cancelled") => "the run was cancelled",
         Some(other) => return Cow::Owned(other.to_owned()),

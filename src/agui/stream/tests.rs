@@ -48,7 +48,10 @@ fn verify(frames: &[Value]) -> Result<(), String> {
     for f in frames {
         let t = f["type"].as_str().ok_or("no type")?;
         let run_id = f["runId"].as_str().ok_or(format!("{t}: no runId"))?;
-        if !f["timestamp"].is_u64() || !f["metadata"]["seq"].is_u64() || !f["metadata"]["epoch"].is_string() {
+        if !f["timestamp"].is_u64()
+            || !f["metadata"]["seq"].is_u64()
+            || !f["metadata"]["epoch"].is_string()
+        {
             return Err(format!("{t}: timestamp or metadata"));
         }
         for (k, v) in f.as_object().unwrap() {
@@ -63,14 +66,21 @@ fn verify(frames: &[Value]) -> Result<(), String> {
         if !r.started && t != "RUN_STARTED" && t != "RUN_ERROR" {
             return Err(format!("first event {t}, not RUN_STARTED"));
         }
-        let id = |k: &str| f[k].as_str().map(str::to_owned).ok_or(format!("{t}: no {k}"));
+        let id = |k: &str| {
+            f[k].as_str()
+                .map(str::to_owned)
+                .ok_or(format!("{t}: no {k}"))
+        };
         match t {
             "RUN_STARTED" => {
                 if r.started && !r.ended {
                     return Err("RUN_STARTED while the run is active".into());
                 }
                 id("threadId")?;
-                *r = Run { started: true, ..Run::default() };
+                *r = Run {
+                    started: true,
+                    ..Run::default()
+                };
             }
             "RUN_FINISHED" => {
                 id("threadId")?;
@@ -84,15 +94,38 @@ fn verify(frames: &[Value]) -> Result<(), String> {
                 id("message")?;
                 r.ended = true;
             }
-            "TEXT_MESSAGE_START" | "REASONING_START" | "REASONING_MESSAGE_START" | "TOOL_CALL_START" => {
-                let key = format!("{}/{}", &t[..4], id(if t.starts_with("TOOL") { "toolCallId" } else { "messageId" })?);
-                let key = if t == "REASONING_START" { format!("span/{key}") } else { key };
+            "TEXT_MESSAGE_START"
+            | "REASONING_START"
+            | "REASONING_MESSAGE_START"
+            | "TOOL_CALL_START" => {
+                let key = format!(
+                    "{}/{}",
+                    &t[..4],
+                    id(if t.starts_with("TOOL") {
+                        "toolCallId"
+                    } else {
+                        "messageId"
+                    })?
+                );
+                let key = if t == "REASONING_START" {
+                    format!("span/{key}")
+                } else {
+                    key
+                };
                 if !r.open.insert(key) {
                     return Err(format!("{t}: already open"));
                 }
             }
             "TEXT_MESSAGE_CONTENT" | "REASONING_MESSAGE_CONTENT" | "TOOL_CALL_ARGS" => {
-                let key = format!("{}/{}", &t[..4], id(if t.starts_with("TOOL") { "toolCallId" } else { "messageId" })?);
+                let key = format!(
+                    "{}/{}",
+                    &t[..4],
+                    id(if t.starts_with("TOOL") {
+                        "toolCallId"
+                    } else {
+                        "messageId"
+                    })?
+                );
                 if !r.open.contains(&key) {
                     return Err(format!("{t}: {key} not open"));
                 }
@@ -101,8 +134,20 @@ fn verify(frames: &[Value]) -> Result<(), String> {
                 }
             }
             "TEXT_MESSAGE_END" | "REASONING_END" | "REASONING_MESSAGE_END" | "TOOL_CALL_END" => {
-                let key = format!("{}/{}", &t[..4], id(if t.starts_with("TOOL") { "toolCallId" } else { "messageId" })?);
-                let key = if t == "REASONING_END" { format!("span/{key}") } else { key };
+                let key = format!(
+                    "{}/{}",
+                    &t[..4],
+                    id(if t.starts_with("TOOL") {
+                        "toolCallId"
+                    } else {
+                        "messageId"
+                    })?
+                );
+                let key = if t == "REASONING_END" {
+                    format!("span/{key}")
+                } else {
+                    key
+                };
                 if !r.open.remove(&key) {
                     return Err(format!("{t}: {key} not open"));
                 }
@@ -128,12 +173,36 @@ fn demo_run(run: &str, first_seq: u64) -> Vec<(Source, Vec<u8>)> {
     let s = first_seq;
     vec![
         ev(s, "agent_started", run, t, json!({"message": "hi"})),
-        ev(s + 1, "agent_thinking", run, t, json!({"step": 1, "thought": "Reading"})),
-        ev(s + 2, "tool_executing", run, t, json!({"tool": "web_search", "args": {"q": "hi"}})),
-        ev(s + 3, "tool_completed", run, t, json!({"tool": "web_search", "result": {"hits": 3}})),
+        ev(
+            s + 1,
+            "agent_thinking",
+            run,
+            t,
+            json!({"step": 1, "thought": "Reading"}),
+        ),
+        ev(
+            s + 2,
+            "tool_executing",
+            run,
+            t,
+            json!({"tool": "web_search", "args": {"q": "hi"}}),
+        ),
+        ev(
+            s + 3,
+            "tool_completed",
+            run,
+            t,
+            json!({"tool": "web_search", "result": {"hits": 3}}),
+        ),
         ev(s + 4, "text_delta", run, t, json!({"delta": "Hello "})),
         ev(s + 5, "text_delta", run, t, json!({"delta": "world."})),
-        ev(s + 6, "agent_completed", run, t, json!({"answer": "Hello world."})),
+        ev(
+            s + 6,
+            "agent_completed",
+            run,
+            t,
+            json!({"answer": "Hello world."}),
+        ),
     ]
 }
 
@@ -197,27 +266,67 @@ fn tool_calls_pair_by_id_when_given_else_by_order() {
         &mut s,
         &[
             ev(1, "agent_started", "r", t, json!(null)),
-            ev(2, "tool_executing", "r", t, json!({"tool": "a", "tool_call_id": "call-a"})),
+            ev(
+                2,
+                "tool_executing",
+                "r",
+                t,
+                json!({"tool": "a", "tool_call_id": "call-a"}),
+            ),
             ev(3, "tool_executing", "r", t, json!({"tool": "b"})),
-            ev(4, "tool_executing", "r", t, json!({"tool": "c", "args": "{\"raw\":1}"})),
+            ev(
+                4,
+                "tool_executing",
+                "r",
+                t,
+                json!({"tool": "c", "args": "{\"raw\":1}"}),
+            ),
             ev(5, "tool_completed", "r", t, json!({"result": "B done"})),
-            ev(6, "tool_completed", "r", t, json!({"tool_call_id": "call-a", "result": 1})),
+            ev(
+                6,
+                "tool_completed",
+                "r",
+                t,
+                json!({"tool_call_id": "call-a", "result": 1}),
+            ),
             ev(7, "tool_completed", "r", t, json!({"ok": true})),
             ev(8, "agent_completed", "r", t, json!(null)),
         ],
     );
     verify(&out).unwrap();
-    let starts: Vec<&Value> = out.iter().filter(|f| f["type"] == "TOOL_CALL_START").collect();
-    let ids: Vec<&str> = starts.iter().map(|f| f["toolCallId"].as_str().unwrap()).collect();
+    let starts: Vec<&Value> = out
+        .iter()
+        .filter(|f| f["type"] == "TOOL_CALL_START")
+        .collect();
+    let ids: Vec<&str> = starts
+        .iter()
+        .map(|f| f["toolCallId"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["call-a", "r:tool:1", "r:tool:2"]);
-    let args: Vec<&Value> = out.iter().filter(|f| f["type"] == "TOOL_CALL_ARGS").map(|f| &f["delta"]).collect();
+    let args: Vec<&Value> = out
+        .iter()
+        .filter(|f| f["type"] == "TOOL_CALL_ARGS")
+        .map(|f| &f["delta"])
+        .collect();
     assert_eq!(args, [&json!("{}"), &json!("{}"), &json!("{\"raw\":1}")]);
     let results: Vec<(&str, &str)> = out
         .iter()
         .filter(|f| f["type"] == "TOOL_CALL_RESULT")
-        .map(|f| (f["toolCallId"].as_str().unwrap(), f["content"].as_str().unwrap()))
+        .map(|f| {
+            (
+                f["toolCallId"].as_str().unwrap(),
+                f["content"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(results, [("r:tool:1", "B done"), ("call-a", "1"), ("r:tool:2", r#"{"ok":true}"#)]);
+    assert_eq!(
+        results,
+        [
+            ("r:tool:1", "B done"),
+            ("call-a", "1"),
+            ("r:tool:2", r#"{"ok":true}"#)
+        ]
+    );
     let finished = out.last().unwrap();
     assert!(finished.get("result").is_none(), "null data: no result key");
 }
@@ -234,7 +343,13 @@ fn a_stream_that_joins_mid_run_starts_the_run_first() {
     );
     assert_eq!(
         types(&out),
-        ["RUN_STARTED", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END", "RUN_FINISHED"]
+        [
+            "RUN_STARTED",
+            "TEXT_MESSAGE_START",
+            "TEXT_MESSAGE_CONTENT",
+            "TEXT_MESSAGE_END",
+            "RUN_FINISHED"
+        ]
     );
     verify(&out).unwrap();
     // No thread: the run is its own thread; the synthetic start has no rawEvent.
@@ -246,10 +361,26 @@ fn a_stream_that_joins_mid_run_starts_the_run_first() {
 #[test]
 fn errors_and_gateway_ends_close_the_text_and_carry_run_and_thread() {
     for (data, message, code) in [
-        (json!({"reason": "run_timeout"}), "the run sent no event within run_idle_timeout_ms and the gateway ended it", Some("run_timeout")),
-        (json!({"reason": "worker_dropped"}), "the worker stopped before the run ended", Some("worker_dropped")),
-        (json!({"reason": "cancelled"}), "the run was cancelled", Some("cancelled")),
-        (json!({"error": "quota exceeded", "code": "quota"}), "quota exceeded", Some("quota")),
+        (
+            json!({"reason": "run_timeout"}),
+            "the run sent no event within run_idle_timeout_ms and the gateway ended it",
+            Some("run_timeout"),
+        ),
+        (
+            json!({"reason": "worker_dropped"}),
+            "the worker stopped before the run ended",
+            Some("worker_dropped"),
+        ),
+        (
+            json!({"reason": "cancelled"}),
+            "the run was cancelled",
+            Some("cancelled"),
+        ),
+        (
+            json!({"error": "quota exceeded", "code": "quota"}),
+            "quota exceeded",
+            Some("quota"),
+        ),
         (json!(null), "the agent reported an error", None),
     ] {
         let mut s = stream();
@@ -261,10 +392,22 @@ fn errors_and_gateway_ends_close_the_text_and_carry_run_and_thread() {
                 ev(3, "agent_error", "r", Some("t"), data.clone()),
             ],
         );
-        assert_eq!(types(&out), ["RUN_STARTED", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END", "RUN_ERROR"]);
+        assert_eq!(
+            types(&out),
+            [
+                "RUN_STARTED",
+                "TEXT_MESSAGE_START",
+                "TEXT_MESSAGE_CONTENT",
+                "TEXT_MESSAGE_END",
+                "RUN_ERROR"
+            ]
+        );
         verify(&out).unwrap();
         let err = out.last().unwrap();
-        assert_eq!((&err["runId"], &err["threadId"]), (&json!("r"), &json!("t")));
+        assert_eq!(
+            (&err["runId"], &err["threadId"]),
+            (&json!("r"), &json!("t"))
+        );
         assert_eq!(err["message"], message, "{data}");
         assert_eq!(err.get("code").and_then(Value::as_str), code);
         assert_eq!(err["rawEvent"]["type"], "agent_error");
@@ -310,7 +453,10 @@ fn interleaved_runs_each_stay_valid_on_their_own() {
     let mixed: Vec<(Source, Vec<u8>)> = a.into_iter().zip(b).flat_map(|(x, y)| [x, y]).collect();
     let out = frames(&mut s, &mixed);
     verify(&out).unwrap();
-    assert_eq!(out.iter().filter(|f| f["type"] == "RUN_FINISHED").count(), 2);
+    assert_eq!(
+        out.iter().filter(|f| f["type"] == "RUN_FINISHED").count(),
+        2
+    );
 }
 
 #[test]
@@ -334,7 +480,9 @@ fn a_rebuilt_state_continues_exactly_and_its_opening_frames_stand_for_the_past()
         let alone: Vec<Value> = opening.iter().chain(&rest).cloned().collect();
         verify(&alone).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
         // The opening frames stand for events the client had: seq <= its last_seq.
-        assert!(opening.iter().all(|f| f["metadata"]["seq"].as_u64().unwrap() <= last_seen));
+        assert!(opening
+            .iter()
+            .all(|f| f["metadata"]["seq"].as_u64().unwrap() <= last_seen));
         // What the client had (frames up to its last_seq) plus the rest, deduplicated
         // by seq, is exactly the live stream.
         let had: Vec<Value> = all
@@ -358,7 +506,10 @@ fn adopted_runs_open_with_the_registry_state() {
     assert_eq!(opening[0]["threadId"], "t7");
     assert_eq!(opening[0]["timestamp"], 555);
     assert_eq!(opening[0]["metadata"]["seq"], 42);
-    let rest = frames(&mut s, &[ev(43, "agent_completed", "r7", Some("t7"), json!({}))]);
+    let rest = frames(
+        &mut s,
+        &[ev(43, "agent_completed", "r7", Some("t7"), json!({}))],
+    );
     assert_eq!(types(&rest), ["RUN_FINISHED"]);
 }
 
