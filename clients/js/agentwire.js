@@ -185,6 +185,7 @@ export class AgentwireClient {
     this._timers = { reconnect: null, refresh: null, liveness: null };
     this._epoch = options.resume?.epoch ?? null;
     this._lastSeq = options.resume?.epoch ? Number(options.resume.lastSeq) || 0 : 0;
+    this._aguiFloor = -1; // encoding "agui": frames with metadata.seq <= this are a resume's duplicates
     this._connected = null; // the last `connected` frame
     this._token = null; // the token of the current connection
     this._tokenExp = null; // its expiry (seconds), updated by `refreshed`
@@ -553,6 +554,10 @@ export class AgentwireClient {
       this._lastSeq = Number(frame.last_seq) || 0;
     }
     // resumed:true keeps lastSeq: the replay of every event after it follows.
+    // AG-UI frames: one event may be several frames with one seq, and a connection
+    // opens with frames standing for events before it (seq <= its starting point).
+    // So frames are dropped only when they stand for what a resume already had.
+    this._aguiFloor = asked && frame.resumed === true ? this._lastSeq : -1;
     const touched = [];
     for (const a of Array.isArray(frame.active_runs) ? frame.active_runs : []) {
       if (!a || typeof a.run_id !== "string" || this.runs.has(a.run_id)) continue;
@@ -578,11 +583,11 @@ export class AgentwireClient {
     // AG-UI frames (encoding=agui) carry seq in metadata; they are passed through as is.
     const seq = typeof frame.seq === "number" ? frame.seq : frame.metadata?.seq;
     if (typeof seq !== "number") return;
-    if (seq <= this._lastSeq) {
+    if (this._o.encoding === "agui" ? seq <= this._aguiFloor : seq <= this._lastSeq) {
       this._stats.duplicates += 1;
       return;
     }
-    this._lastSeq = seq;
+    if (seq > this._lastSeq) this._lastSeq = seq;
     this._emit("event", frame);
     if (this._o.encoding !== "agui" && typeof frame.run_id === "string") this._applyToRun(frame);
   }
