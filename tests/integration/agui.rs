@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::{
-    assert_refusal, bearer, connect_path, token, upgrade, Client, Frame, TestGateway,
+    assert_refusal, bearer, config, connect_path, token, upgrade, Agent, Client, Frame, TestGateway,
 };
 
 fn types(frames: &[Value]) -> Vec<&str> {
@@ -247,4 +247,52 @@ fn an_unknown_encoding_is_refused_with_400() {
     let mut run = gw.emitter.run("agui-bad", None, "r", "a").expect("run");
     run.agent_started(&json!({})).expect("emit");
     assert_eq!(c.recv_events(1)[0]["type"], "agent_started");
+}
+
+#[test]
+fn the_gateways_own_run_ends_are_run_errors_with_their_reason() {
+    let mut cfg = config();
+    cfg.run_idle_timeout_ms = 200;
+    let gw = TestGateway::start(cfg, Agent::None);
+    let user = "agui-ends";
+    let mut agui = connect_path(gw.addr, user, "/ws?encoding=agui");
+    // A silent run: the watchdog ends it (`run_timeout`).
+    let mut idle = gw
+        .emitter
+        .run(user, Some("t-idle"), "r-idle", "a")
+        .expect("run");
+    idle.agent_started(&json!({})).expect("emit");
+    idle.emit("text_delta", &json!({"delta": "…"}))
+        .expect("emit");
+    let frames = recv_until(&mut agui, "r-idle", "RUN_ERROR");
+    assert_eq!(
+        types(&frames),
+        [
+            "RUN_STARTED",
+            "TEXT_MESSAGE_START",
+            "TEXT_MESSAGE_CONTENT",
+            "TEXT_MESSAGE_END",
+            "RUN_ERROR"
+        ]
+    );
+    let err = frames.last().expect("RUN_ERROR");
+    assert_eq!(
+        (&err["runId"], &err["threadId"]),
+        (&json!("r-idle"), &json!("t-idle"))
+    );
+    assert_eq!(err["code"], "run_timeout");
+    assert_eq!(err["rawEvent"]["data"], json!({"reason": "run_timeout"}));
+    drop(idle);
+    // A run handle dropped before its run ended (`worker_dropped`).
+    let mut dropped = gw.emitter.run(user, None, "r-drop", "a").expect("run");
+    dropped.agent_started(&json!({})).expect("emit");
+    drop(dropped);
+    let frames = recv_until(&mut agui, "r-drop", "RUN_ERROR");
+    assert_eq!(types(&frames), ["RUN_STARTED", "RUN_ERROR"]);
+    assert_eq!(frames[1]["code"], "worker_dropped");
+    assert_eq!(frames[1]["threadId"], "r-drop");
+    assert_eq!(
+        frames[1]["message"],
+        "the worker stopped before the run ended"
+    );
 }
