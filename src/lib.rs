@@ -115,6 +115,9 @@ pub use crate::event::{EventError, EventKind};
 /// `agentwire::__internal::http::parse_head` where the crate writes `http::parse_head`.
 #[doc(hidden)]
 pub mod __internal {
+    pub mod agui {
+        pub use crate::agui::{json_payload, RunInProgress, Source, Stream};
+    }
     pub mod auth {
         pub use crate::auth::try_generate_secret;
     }

@@ -138,6 +138,10 @@ impl Stream {
         fresh: bool,
     ) -> Stream {
         let mut s = Stream::new(epoch, max_runs);
+        if fresh && active.is_empty() {
+            // Nothing in progress (most connections): nothing to rebuild.
+            return s;
+        }
         for frame in kept {
             if let Some(src) = super::json_payload(frame).and_then(Source::parse_light) {
                 if src.seq <= point {
