@@ -34,7 +34,10 @@
 //! `close` (close codes and the labels the stats count).
 //! HTTP requests share the port (`http`: request parsing, routes, upgrade admission,
 //! responses; origins in `origin`): health, config, stats, metrics (`stats`) and
-//! the publish API (`publish`). A session's `mode` decides which events it gets.
+//! the publish API (`publish`). A session's `mode` decides which events it gets; its
+//! `encoding` how they are written: a session that asked for `encoding=agui` gets each
+//! event translated into AG-UI events where it is queued (`agui`), the others the
+//! shared frame.
 //! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
 //! per kind (`ids`). Tokens are checked once at the upgrade
 //! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
