@@ -296,3 +296,52 @@ fn the_gateways_own_run_ends_are_run_errors_with_their_reason() {
         "the worker stopped before the run ended"
     );
 }
+
+#[test]
+fn a_large_replay_streamed_in_parts_goes_through_one_translation() {
+    // A small output bound: the replay is queued in many parts as the socket drains,
+    // and the connection's translation state carries across them.
+    let mut cfg = config();
+    cfg.max_pending_bytes = 8192;
+    let gw = TestGateway::start(cfg, Agent::None);
+    let user = "agui-big-replay";
+    let mut stays = connect_path(gw.addr, user, "/ws?encoding=agui");
+    let mut run = gw.emitter.run(user, Some("t"), "r-big", "a").expect("run");
+    run.agent_started(&json!({})).expect("emit");
+    let mut reference = recv_until(&mut stays, "r-big", "RUN_STARTED");
+    let last = seq(&reference[0]);
+    for i in 0..300 {
+        if i % 50 == 0 {
+            run.tool_executing(&json!({"tool": "t", "args": {"i": i}}))
+                .expect("emit");
+            run.tool_completed(&json!({"result": i})).expect("emit");
+        }
+        run.emit("text_delta", &json!({"delta": format!("{i} ")}))
+            .expect("emit");
+        // Keep the reference connection drained so it is never the slow one.
+        if i % 20 == 0 {
+            while let Frame::Json(f) = stays.next_frame(Duration::from_millis(1)) {
+                reference.push(f);
+            }
+        }
+    }
+    run.agent_completed(&json!({})).expect("emit");
+    reference.extend(recv_until(&mut stays, "r-big", "RUN_FINISHED"));
+
+    let mut back = connect_path(
+        gw.addr,
+        user,
+        &format!("/ws?encoding=agui&last_seq={last}&epoch={}", gw.epoch),
+    );
+    assert_eq!(back.connected["resumed"], true, "{}", back.connected);
+    let after = recv_until(&mut back, "r-big", "RUN_FINISHED");
+    let replayed: Vec<Value> = after.into_iter().filter(|f| seq(f) > last).collect();
+    assert_eq!(replayed.len(), reference.len() - 1);
+    assert_eq!(replayed, reference[1..]);
+    let stats = gw.stats();
+    assert!(
+        stats["events"]["replayed"].as_u64() >= Some(300),
+        "{}",
+        stats["events"]
+    );
+}
