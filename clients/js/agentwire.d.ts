@@ -33,8 +33,8 @@ export interface AgentwireOptions {
   mode?: "main" | "factory" | "legacy" | "isolated";
   /**
    * `agentwire` (default) or `agui` (`encoding=agui`: AG-UI 1.0 events, see docs/AGUI.md).
-   * AG-UI frames go to `event` as they are (no RunState); across a resume the frames
-   * standing for events already had (`metadata.seq` <= the resume point) are dropped.
+   * AG-UI frames go to `event` as they are (no RunState); a resume asks again for the
+   * last event seen (a drop may have cut its frames) and drops the frames already shown.
    */
   encoding?: "agentwire" | "agui";
   /** WebSocket implementation; default `globalThis.WebSocket`. Node 20: `WebSocket` from `ws`. */

@@ -260,6 +260,49 @@ test("a resume: the resumed stream alone is valid, and with what the client had 
   }
 });
 
+test("a drop that cut an event's frames: resuming from the event before it and skipping what was had continues exactly", { timeout: 20000 }, async () => {
+  const user = uniqueUser("agui-cut");
+  const events = runEvents(user, "r-cut", ["agent_started", "text_delta", "tool_executing", "tool_completed", "text_delta", "agent_completed"], {
+    thread: "t",
+    data: (t, i) => (t === "text_delta" ? { delta: `w${i}` } : t === "tool_executing" ? { tool: "search", args: { q: i } } : { i }),
+  });
+  const first = await connect(user);
+  const stays = await connect(user);
+  await gw.publish(events.slice(0, 3));
+  await waitFor(() => first.frames.some((f) => f.type === "TOOL_CALL_END"), "the tool call's frames");
+  // The drop cut tool_executing's frames after TOOL_CALL_START (the text message's end
+  // and the start arrived; the arguments and the end did not).
+  const all = aguiFrames(first.frames);
+  const cutAt = all.findIndex((f) => f.type === "TOOL_CALL_START") + 1;
+  const had = all.slice(0, cutAt);
+  const lastSeq = had.at(-1).metadata.seq;
+  const n = had.filter((f) => f.metadata.seq === lastSeq).length;
+  assert.equal(n, 2, "TEXT_MESSAGE_END and TOOL_CALL_START of that event");
+  await closeSocket(first);
+  await gw.publish(events.slice(3));
+  await waitFor(() => ended(stays.frames, "r-cut"), "the reference run's end");
+  const back = await connect(user, `&last_seq=${lastSeq - 1}&epoch=${first.connected.epoch}`);
+  try {
+    assert.equal(back.connected.resumed, true);
+    await waitFor(() => ended(back.frames, "r-cut"), "the resumed run's end");
+    let skip = n;
+    const rest = aguiFrames(back.frames).filter((f) => {
+      if (f.metadata.seq < lastSeq) return false;
+      if (f.metadata.seq === lastSeq && skip > 0) {
+        skip -= 1;
+        return false;
+      }
+      return true;
+    });
+    const joined = had.concat(rest);
+    await verifyRuns(joined);
+    assert.deepEqual(joined, aguiFrames(stays.frames), "exactly what a connection that stayed received");
+  } finally {
+    await closeSocket(back);
+    await closeSocket(stays);
+  }
+});
+
 test("AgentwireClient with encoding agui across a dropped socket: each run's frames verify", { timeout: 30000 }, async () => {
   const user = uniqueUser("agui-client");
   const c = new AgentwireClient({ url: gw.wsUrl, token: async () => gw.token(user), WebSocket, encoding: "agui" });
