@@ -186,7 +186,10 @@ impl Reactor {
                     last_seq: r.last_seq,
                 })
                 .collect();
-            let kept = user.replay_after(0, &entry).map(|r| &r.frame[..]);
+            let kept = user
+                .replay_after(0, &entry)
+                .take_while(|r| r.seq <= point)
+                .map(|r| &r.frame[..]);
             let stream = Stream::rebuild(epoch.clone(), max_runs, kept, &active, point, fresh);
             let mut opening = Vec::new();
             stream.opening_frames(&mut |frame| opening.push(frame));
