@@ -48,7 +48,8 @@ use super::wire::{Body, Frame, Meta, Outcome};
 /// One run as this stream has shown it.
 #[derive(Debug)]
 struct Track {
-    /// The run's thread (the first non-null `thread_id` seen).
+    /// The run's thread as its `RUN_STARTED` said (that event's `thread_id`): kept for
+    /// the run's later frames, so every `threadId` of a run is the same.
     thread: Option<Box<str>>,
     /// The `seq` and `ts` the stream's `RUN_STARTED` stands for.
     started_seq: u64,
@@ -276,9 +277,6 @@ impl Stream {
         let Some(track) = self.runs.get_mut(run_id) else {
             return;
         };
-        if track.thread.is_none() {
-            track.thread = src.thread_id.as_deref().map(Into::into);
-        }
         track.last_seq = src.seq;
         let thread_id = thread_of(track.thread.as_deref(), run_id);
         if kind != "text_delta" {

@@ -530,3 +530,24 @@ fn the_runs_kept_are_bounded_least_recently_active_first() {
     s.retain_runs(|id| id == "c");
     assert!(!s.knows("a") && s.knows("c"));
 }
+
+#[test]
+fn a_runs_thread_id_is_the_one_its_start_said() {
+    let mut s = stream();
+    let out = frames(
+        &mut s,
+        &[
+            ev(1, "agent_started", "r", None, json!({})),
+            ev(
+                2,
+                "agent_thinking",
+                "r",
+                Some("t-late"),
+                json!({"thought": "x"}),
+            ),
+            ev(3, "agent_error", "r", Some("t-late"), json!({"error": "e"})),
+        ],
+    );
+    let threads: Vec<&Value> = out.iter().filter_map(|f| f.get("threadId")).collect();
+    assert_eq!(threads, [&json!("r"), &json!("r")]);
+}
