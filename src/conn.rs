@@ -294,6 +294,10 @@ pub struct Session {
     /// While resuming: the next seq to send from the user's replay buffer (live events
     /// wait there until the connection has caught up); `None` once live.
     pub replay_next: Option<u64>,
+    /// `encoding=agui`: the connection's AG-UI translation state (every event it gets,
+    /// live or replayed, goes through it); `None` for agentwire JSON, whose frames are
+    /// queued as shared.
+    pub agui: Option<Box<crate::agui::Stream>>,
 }
 
 /// One connection in the reactor's slab.

@@ -34,7 +34,10 @@
 //! `close` (close codes and the labels the stats count).
 //! HTTP requests share the port (`http`: request parsing, routes, upgrade admission,
 //! responses; origins in `origin`): health, config, stats, metrics (`stats`) and
-//! the publish API (`publish`). A session's `mode` decides which events it gets.
+//! the publish API (`publish`). A session's `mode` decides which events it gets; its
+//! `encoding` how they are written: a session that asked for `encoding=agui` gets each
+//! event translated into AG-UI events where it is queued (`agui`), the others the
+//! shared frame.
 //! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
 //! per kind (`ids`). Tokens are checked once at the upgrade
 //! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
@@ -71,6 +74,7 @@
 // demo agent) and `log_sink` (the binary's logger). Every other module is internal;
 // what the binary, the benches, the fuzz targets and the load generator need of them
 // goes through `__internal`, which is not part of the API.
+pub(crate) mod agui;
 pub(crate) mod auth;
 pub(crate) mod cli;
 pub(crate) mod client_message;
@@ -124,6 +128,9 @@ pub struct ReadmeDoctests;
 /// `agentwire::__internal::http::parse_head` where the crate writes `http::parse_head`.
 #[doc(hidden)]
 pub mod __internal {
+    pub mod agui {
+        pub use crate::agui::{json_payload, RunInProgress, Source, Stream};
+    }
     pub mod auth {
         pub use crate::auth::try_generate_secret;
     }

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod agui;
 mod chaos;
 mod client_input;
 mod conformance_route;
