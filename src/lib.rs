@@ -82,6 +82,7 @@ pub(crate) mod frames;
 pub(crate) mod http;
 pub(crate) mod ids;
 mod inbox;
+pub(crate) mod jwt_keys;
 pub mod log_sink;
 pub(crate) mod mode;
 pub(crate) mod origin;
@@ -222,7 +223,7 @@ pub struct Gateway {
 /// Build the authenticator settings from the configuration (reads the key file).
 pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
     let public_key_pem = match &config.jwt_public_key_file {
-        Some(path) => Some(std::fs::read(path).map_err(|source| Error::KeyFile {
+        Some(path) => Some(read_key_file(path).map_err(|source| Error::KeyFile {
             path: path.display().to_string(),
             source,
         })?),
@@ -236,6 +237,23 @@ pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
         audience: config.jwt_audience.clone(),
         leeway_s: config.jwt_leeway_s,
     })
+}
+
+/// Read `jwt_public_key_file`, at most [`jwt_keys::MAX_KEY_FILE_BYTES`] (a key file is
+/// small; SIGHUP reads it on the event loop, see `reactor/reload.rs`).
+fn read_key_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(jwt_keys::MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > jwt_keys::MAX_KEY_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} bytes",
+            jwt_keys::MAX_KEY_FILE_BYTES
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The authenticator the configuration describes (also what `agentwire token` and dev
@@ -302,6 +320,7 @@ impl Gateway {
         let demo = demo_page::DemoPage::new(&config, dev, authenticator(&config).ok());
         let settings = Settings {
             demo,
+            demo_agent,
             config,
             ws_config,
             config_json,
@@ -357,9 +376,32 @@ impl Gateway {
         self.inbound.take()
     }
 
-    /// Shut down gracefully on SIGTERM / SIGINT (the signal is read by the loop).
+    /// Handle the process's signals the way the `agentwire` binary does: SIGTERM and
+    /// SIGINT drain (new upgrades get 503, every session gets close 1001, output is
+    /// flushed within `shutdown_grace_ms`, then [`Gateway::run`] returns `Ok` and the
+    /// reactor thread of [`Gateway::spawn`] ends); SIGHUP reloads the JWT keys,
+    /// `jwt_secret` and `allowed_origins` (see [`Gateway::reload_config_with`]). The
+    /// handlers only set a flag and wake the loop; they replace the default actions
+    /// (SIGTERM, SIGINT and SIGHUP no longer end the process), for the whole process:
+    /// call it for one gateway per process.
+    ///
+    /// # Errors
+    /// When the handlers or their wake-up pipe cannot be installed.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
         Ok(self.reactor.handle_signals()?)
+    }
+
+    /// Where a SIGHUP reload reads the configuration: `source` is called on the event
+    /// loop at each SIGHUP (keep it to reading small files), and of what it returns only
+    /// `jwt_secret`, `jwt_public_key_file` and `allowed_origins` are applied (other
+    /// changed settings are named in a warning: they need a restart). An `Err` (a
+    /// message) keeps the keys, secret and origins in force. Without a source a reload
+    /// reads `jwt_public_key_file` again from the same path and keeps the rest.
+    pub fn reload_config_with(
+        &mut self,
+        source: impl FnMut() -> Result<Config, String> + Send + 'static,
+    ) {
+        self.reactor.set_reload_source(Box::new(source));
     }
 
     /// Run the reactor on this thread until a shutdown completes.

@@ -66,10 +66,12 @@ use crate::timer_wheel::TimerWheel;
 mod echo;
 mod endpoints;
 mod inbound;
+mod reload;
 mod routing;
 mod session;
 mod timers;
 
+pub use reload::ConfigSource;
 pub(crate) use session::READ_BUFFER_BYTES;
 
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
@@ -120,6 +122,8 @@ pub(crate) struct Settings {
     pub ws_config: WebSocketConfig,
     pub config_json: Bytes,
     pub demo: crate::demo_page::DemoPage,
+    /// The demo agent runs (for `/ws/config`, rebuilt by a reload).
+    pub demo_agent: bool,
 }
 
 /// The event loop and everything it owns.
@@ -131,6 +135,8 @@ pub(crate) struct Reactor {
     rx: Receiver<Command>,
     inbound: Sender<Inbound>,
     auth: Authenticator,
+    /// Where a SIGHUP reload reads its configuration (see `reload.rs`).
+    reload_source: Option<ConfigSource>,
     s: Settings,
     conns: Slab<Conn>,
     registry: Registry,
@@ -233,6 +239,7 @@ impl Reactor {
             rx,
             inbound,
             auth,
+            reload_source: None,
             s,
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
@@ -270,9 +277,9 @@ impl Reactor {
         }
     }
 
-    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (logged and ignored until
-    /// reload exists, PROTOCOL.md section 12) handling: each sets its flag, then wakes
-    /// the loop through a self-pipe.
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP ([`Reactor::reload`],
+    /// PROTOCOL.md section 12) handling: each sets its flag, then wakes the loop through
+    /// a self-pipe.
     pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
@@ -293,6 +300,11 @@ impl Reactor {
             .register(&mut reader, SIGNALS, Interest::READABLE)?;
         self.signals = Some(reader);
         Ok(())
+    }
+
+    /// Set where a SIGHUP reload reads its configuration (see `reload.rs`).
+    pub(crate) fn set_reload_source(&mut self, source: ConfigSource) {
+        self.reload_source = Some(source);
     }
 
     pub(super) fn tick(&self) -> u64 {

@@ -159,10 +159,8 @@ impl Reactor {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         }
         if self.got_hup.swap(false, Ordering::Relaxed) {
-            log::info!(
-                "SIGHUP received: configuration reload is not supported yet; ignored \
-                 (connections kept)"
-            );
+            log::info!("SIGHUP received: reloading JWT keys, jwt_secret and allowed_origins");
+            self.reload();
         }
         if self.got_term.swap(false, Ordering::Relaxed) {
             log::info!("signal received: draining");

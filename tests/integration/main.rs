@@ -20,6 +20,7 @@ mod idempotency;
 mod ids;
 mod isolated_mode;
 mod jwt;
+mod key_rotation;
 mod library;
 mod limits;
 mod log_json;

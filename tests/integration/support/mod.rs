@@ -46,4 +46,6 @@ mod publish;
 pub use publish::*;
 mod raw_ws;
 pub use raw_ws::*;
+mod process;
+pub use process::*;
 pub mod log_capture;
