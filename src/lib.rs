@@ -89,6 +89,7 @@ pub(crate) mod origin;
 pub(crate) mod publish;
 mod reactor;
 pub(crate) mod registry;
+pub(crate) mod revocation;
 pub(crate) mod stats;
 pub(crate) mod timer_wheel;
 

@@ -128,6 +128,11 @@ settings! {
             "Comma-separated exact origins allowed to connect", shown "empty (any origin)";
         /// Bearer key for `POST /api/events`; without one the endpoint answers 404. Default none.
         publish_key: Option<String> = None, Secret, "Bearer key that enables POST /api/events";
+        /// Users revoked with `until` at once (`POST /api/users/{user_id}/disconnect`);
+        /// expired revocations go first, and past it a new one is refused with 503
+        /// `too_many_revocations` (none in force is dropped). Default 10000.
+        max_revoked_users: usize = 10_000, Integer(1, 10_000_000),
+            "Users revoked with until at once; past it new revocations get 503";
         /// Open connections in total. Default 10000.
         max_connections: usize = 10_000, Integer(1, 10_000_000), "Open connections in total";
         /// Open connections per user. Default 3.

@@ -22,6 +22,9 @@ pub enum Route {
     Metrics,
     /// `POST /api/events`.
     Publish,
+    /// `POST /api/users/{user_id}/disconnect` (PROTOCOL.md section 12): the user id is
+    /// taken from the path by the handler (`reactor/revoke.rs`).
+    Disconnect,
     /// A file of the demo page (section 10.2): `GET /`, `/agentwire.js`, `/demo/...`.
     Demo(DemoAsset),
     /// `POST /dev/token` (section 10.2, dev mode only).
@@ -52,8 +55,17 @@ pub(super) fn known_path(path: &str) -> Option<Route> {
         "/dev/token" => Some(Route::DevToken),
         #[cfg(feature = "conformance")]
         "/conformance/echo" => Some(Route::WebSocket(Some(Mode::Echo))),
+        _ if is_disconnect_path(path) => Some(Route::Disconnect),
         _ => DemoAsset::of_path(path).map(Route::Demo),
     }
+}
+
+/// `/api/users/{segment}/disconnect`, the segment without `/` (its content is checked
+/// by the handler: an empty or invalid user id is a 400, not a 404).
+fn is_disconnect_path(path: &str) -> bool {
+    path.strip_prefix("/api/users/")
+        .and_then(|rest| rest.strip_suffix("/disconnect"))
+        .is_some_and(|segment| !segment.contains('/'))
 }
 
 impl Route {
@@ -68,6 +80,8 @@ impl Route {
             Some(Route::Publish) => Route::MethodNotAllowed,
             Some(Route::DevToken) if method == Method::Post => Route::DevToken,
             Some(Route::DevToken) => Route::MethodNotAllowed,
+            Some(Route::Disconnect) if method == Method::Post => Route::Disconnect,
+            Some(Route::Disconnect) => Route::MethodNotAllowed,
             Some(r) if matches!(method, Method::Get | Method::Head) => r,
             Some(_) => Route::MethodNotAllowed,
         }
@@ -79,7 +93,7 @@ impl Route {
 pub fn allowed_methods(path: &str) -> Option<&'static str> {
     match known_path(path)? {
         Route::WebSocket(_) => Some("GET"),
-        Route::Publish | Route::DevToken => Some("POST"),
+        Route::Publish | Route::DevToken | Route::Disconnect => Some("POST"),
         _ => Some("GET, HEAD"),
     }
 }
@@ -135,6 +149,12 @@ mod tests {
             (Head, "/api/events", Route::MethodNotAllowed),
             (Other, "/api/events", Route::MethodNotAllowed),
             // The demo page (section 10.2); off, the reactor answers 404.
+            (Post, "/api/users/u1/disconnect", Route::Disconnect),
+            (Post, "/api/users/a%2Fb/disconnect/", Route::Disconnect),
+            (Post, "/api/users//disconnect", Route::Disconnect),
+            (Get, "/api/users/u1/disconnect", Route::MethodNotAllowed),
+            (Post, "/api/users/a/b/disconnect", Route::NotFound),
+            (Post, "/api/users/u1", Route::NotFound),
             (Get, "/", Route::Demo(DemoAsset::Index)),
             (Head, "/", Route::Demo(DemoAsset::Index)),
             (Get, "/agentwire.js", Route::Demo(DemoAsset::ClientJs)),

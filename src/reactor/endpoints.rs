@@ -214,7 +214,7 @@ impl Reactor {
                     self.upgrade(id, &req, path_mode, leftover);
                     return HttpTurn::Done;
                 }
-                route @ (Route::Publish | Route::DevToken) => {
+                route @ (Route::Publish | Route::DevToken | Route::Disconnect) => {
                     // Everything that needs no body is decided on the head, before a
                     // byte of the body is buffered: disabled, key, length.
                     let dev_token = route == Route::DevToken;
@@ -230,12 +230,20 @@ impl Reactor {
                         self.publish_auth_failed(id);
                         return HttpTurn::Done;
                     }
-                    let max_body = if dev_token {
-                        crate::demo_page::MAX_DEV_TOKEN_BODY_BYTES
-                    } else {
-                        max_publish
+                    let max_body = match route {
+                        Route::DevToken => crate::demo_page::MAX_DEV_TOKEN_BODY_BYTES,
+                        Route::Disconnect => super::revoke::MAX_DISCONNECT_BODY_BYTES,
+                        _ => max_publish,
                     };
-                    let len = match http::body_length(&req, max_body) {
+                    // A disconnect needs no body: none announced is an empty one.
+                    let no_body =
+                        route == Route::Disconnect && req.content_length.is_none() && !req.chunked;
+                    let length = if no_body {
+                        Ok(0)
+                    } else {
+                        http::body_length(&req, max_body)
+                    };
+                    let len = match length {
                         Ok(len) => len,
                         // Too large: answered, not counted as a refused connection.
                         Err(r) if r.status == 413 => {
@@ -267,11 +275,13 @@ impl Reactor {
                     st.need = 0;
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
-                    let (status, answer) = if dev_token {
-                        self.stats.http_requests += 1;
-                        self.s.demo.dev_token(&body)
-                    } else {
-                        self.publish(&body)
+                    let (status, answer) = match route {
+                        Route::DevToken => {
+                            self.stats.http_requests += 1;
+                            self.s.demo.dev_token(&body)
+                        }
+                        Route::Disconnect => self.disconnect(&req.path, &body),
+                        _ => self.publish(&body),
                     };
                     let resp = http::json_response(status, &answer, !keep, false, &[]);
                     self.respond_raw(id, resp, !keep);
@@ -416,7 +426,11 @@ impl Reactor {
                 Some(resp) => self.respond_raw(id, resp, close),
                 None => self.refuse(id, &Refusal::not_found()),
             },
-            Route::NotFound | Route::Publish | Route::DevToken | Route::WebSocket(_) => {
+            Route::NotFound
+            | Route::Publish
+            | Route::DevToken
+            | Route::Disconnect
+            | Route::WebSocket(_) => {
                 self.refuse(id, &Refusal::not_found());
             }
         }

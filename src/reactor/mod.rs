@@ -67,6 +67,7 @@ mod echo;
 mod endpoints;
 mod inbound;
 mod reload;
+mod revoke;
 mod routing;
 mod session;
 mod timers;
@@ -140,6 +141,8 @@ pub(crate) struct Reactor {
     s: Settings,
     conns: Slab<Conn>,
     registry: Registry,
+    /// Users refused until a time (`POST /api/users/{user_id}/disconnect`, `revoke.rs`).
+    revocations: crate::revocation::Revocations,
     wheel: TimerWheel<Timer>,
     stats: Stats,
     epoch: Arc<str>,
@@ -231,6 +234,7 @@ impl Reactor {
             max_active_runs: c.max_active_runs,
         };
         let epoch: Arc<str> = epoch.into();
+        let revocations = crate::revocation::Revocations::new(c.max_revoked_users);
         Reactor {
             poll,
             listener,
@@ -243,6 +247,7 @@ impl Reactor {
             s,
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
+            revocations,
             wheel,
             stats: Stats::new(),
             epoch,

@@ -112,6 +112,7 @@ impl Reactor {
     pub(super) fn housekeeping(&mut self) {
         let now = self.tick();
         self.registry.sweep(now, self.s.config.replay_ttl_ms);
+        self.revocations.sweep(now_ms() / 1000);
         if !self.watchdog_armed {
             self.watchdog();
         }

@@ -32,6 +32,7 @@ mod redteam_process;
 mod redteam_session;
 mod refusals;
 mod resume;
+mod revocation;
 mod session;
 mod slot_reuse;
 mod stats;
