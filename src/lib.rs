@@ -217,6 +217,7 @@ pub struct Gateway {
     emitter: Emitter,
     inbound: Option<Receiver<Inbound>>,
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     epoch: String,
     demo_agent: bool,
 }
@@ -309,6 +310,20 @@ impl Gateway {
         poll.registry()
             .register(&mut listener, reactor::LISTENER, Interest::READABLE)?;
         let local_addr = listener.local_addr()?;
+        let mut admin_listener = match config.admin_listen {
+            Some(addr) => Some(TcpListener::from_std(
+                bind(addr).map_err(|source| Error::Bind { addr, source })?,
+            )),
+            None => None,
+        };
+        if let Some(admin) = admin_listener.as_mut() {
+            poll.registry()
+                .register(admin, reactor::ADMIN_LISTENER, Interest::READABLE)?;
+        }
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let waker = Waker::new(poll.registry(), reactor::WAKER)?;
         let wake = Arc::new(WakeSignal::new(waker));
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
@@ -329,6 +344,7 @@ impl Gateway {
         let reactor = Reactor::new(
             poll,
             listener,
+            admin_listener,
             wake.clone(),
             rx,
             in_tx,
@@ -341,6 +357,7 @@ impl Gateway {
             emitter: Emitter::new(tx, wake),
             inbound: Some(in_rx),
             local_addr,
+            admin_addr,
             epoch,
             demo_agent,
         })
@@ -349,6 +366,12 @@ impl Gateway {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound admin address when `admin_listen` is set (`/metrics`, `/ws/stats`,
+    /// `/ws/config` and `/health` are served there, and no longer on `listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The random epoch of this gateway process (PROTOCOL.md section 3). Users get it

@@ -164,7 +164,7 @@ fn serve(mut config: Config, invocation: Invocation) -> ExitCode {
         }
     }
     if dev {
-        print_dev_banner(&config, addr);
+        print_dev_banner(&config, addr, gateway.admin_addr().unwrap_or(addr));
     } else if config.demo_page == Some(true) {
         log::info!("demo page on: http://{addr}/ (log in needs POST /dev/token: dev mode only)");
     }
@@ -178,6 +178,12 @@ fn serve(mut config: Config, invocation: Invocation) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         gateway.epoch()
     );
+    if let Some(admin) = gateway.admin_addr() {
+        log::info!(
+            "admin listener on {admin}: /metrics, /ws/stats, /ws/config and /health \
+             (the first three answer 404 on {addr})"
+        );
+    }
     match gateway.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -237,7 +243,7 @@ fn check_open_file_limit(config: &Config) {
     }
 }
 
-fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
+fn print_dev_banner(config: &Config, addr: std::net::SocketAddr, admin: std::net::SocketAddr) {
     let token = agentwire::authenticator(config)
         .ok()
         .and_then(|a| a.mint("demo-user", 24 * 3600).ok())
@@ -274,7 +280,7 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
      -H 'Content-Type: application/json' \
      -d '{{"type":"agent_thinking","user_id":"demo-user","run_id":"r-1","agent_name":"cli","data":{{"step":1}}}}'
 
- Health and figures:  curl http://{addr}/health   curl http://{addr}/ws/stats
+ Health and figures:  curl http://{addr}/health   curl http://{admin}/ws/stats
 ================================================================================
 "#
     );

@@ -101,6 +101,11 @@ settings! {
     pub struct Config {
         /// Address to bind. Default `127.0.0.1:8080`.
         listen: SocketAddr = LOCALHOST_8080, Address, "Address to bind";
+        /// Address of the admin listener (PROTOCOL.md section 12): when set, `/metrics`,
+        /// `/ws/stats` and `/ws/config` are served there (with `/health`) and answer 404
+        /// on `listen`. Default none: everything on `listen`.
+        admin_listen: Option<SocketAddr> = None, OptionalAddress,
+            "Admin address for /metrics, /ws/stats, /ws/config (then 404 on listen)";
         /// Algorithm every token must use; any other `alg` is refused. Default HS256.
         jwt_algorithm: JwtAlgorithm = JwtAlgorithm::Hs256, Algorithm,
             "JWT algorithm every token must use: HS256, RS256 or ES256";
@@ -315,6 +320,15 @@ impl Config {
                     name: setting.name,
                     message,
                 })?;
+        }
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(ConfigError::Inconsistent {
+                name: "admin_listen",
+                message: format!(
+                    "{} is also listen: give the admin listener its own address",
+                    self.listen
+                ),
+            });
         }
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
             return Err(ConfigError::Inconsistent {

@@ -88,6 +88,48 @@ impl Route {
     }
 }
 
+/// Which listener a request came in on, for [`Route::on_port`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// No `admin_listen`: `listen` serves every route.
+    Shared,
+    /// `listen` while an admin listener exists: everything but the admin endpoints.
+    Client,
+    /// The admin listener (`admin_listen`): `/metrics`, `/ws/stats`, `/ws/config` and
+    /// `/health`, nothing else.
+    Admin,
+}
+
+impl Route {
+    /// The admin endpoints (PROTOCOL.md section 12, `admin_listen`).
+    fn is_admin(self) -> bool {
+        matches!(self, Route::Config | Route::Stats | Route::Metrics)
+    }
+
+    /// This route as served on `port`: with an admin listener, the admin endpoints
+    /// answer 404 on the client port and everything but them and `/health` answers 404
+    /// on the admin port (a known path with a wrong method too: the port does not even
+    /// admit the path exists). `/health` is on both, for load balancers probing the
+    /// client port and monitoring probing the admin port.
+    pub fn on_port(self, path: &str, port: Port) -> Route {
+        let known = match self {
+            Route::MethodNotAllowed => known_path(path),
+            other => Some(other),
+        };
+        let served = match (port, known) {
+            (Port::Shared, _) => true,
+            (Port::Client, Some(r)) => !r.is_admin(),
+            (Port::Admin, Some(r)) => r.is_admin() || r == Route::Health,
+            (_, None) => true,
+        };
+        if served {
+            self
+        } else {
+            Route::NotFound
+        }
+    }
+}
+
 /// The `Allow` header value for a known path (`GET` for WebSocket paths, `GET, HEAD`
 /// for the read endpoints, `POST` for publish); `None` for an unknown path.
 pub fn allowed_methods(path: &str) -> Option<&'static str> {
@@ -167,6 +209,40 @@ mod tests {
         for (method, path, want) in cases {
             assert_eq!(Route::of(method, path), want, "{method:?} {path}");
         }
+    }
+
+    #[test]
+    fn admin_endpoints_move_to_the_admin_port() {
+        use Method::*;
+        let on = |m, path, port| Route::of(m, path).on_port(path, port);
+        for path in ["/metrics", "/ws/stats", "/ws/config", "/ws/stats/"] {
+            assert_ne!(on(Get, path, Port::Shared), Route::NotFound, "{path}");
+            assert_eq!(on(Get, path, Port::Client), Route::NotFound, "{path}");
+            assert_ne!(on(Get, path, Port::Admin), Route::NotFound, "{path}");
+            assert_eq!(on(Post, path, Port::Client), Route::NotFound, "{path}");
+            assert_eq!(
+                on(Post, path, Port::Admin),
+                Route::MethodNotAllowed,
+                "{path}"
+            );
+        }
+        for path in ["/health", "/ws/health"] {
+            for port in [Port::Shared, Port::Client, Port::Admin] {
+                assert_eq!(on(Get, path, port), Route::Health, "{path} {port:?}");
+            }
+        }
+        for (m, path) in [
+            (Get, "/ws"),
+            (Post, "/ws"),
+            (Post, "/api/events"),
+            (Post, "/api/users/u/disconnect"),
+            (Post, "/dev/token"),
+            (Get, "/"),
+        ] {
+            assert_eq!(on(m, path, Port::Admin), Route::NotFound, "{path}");
+            assert_eq!(on(m, path, Port::Client), Route::of(m, path), "{path}");
+        }
+        assert_eq!(on(Get, "/nope", Port::Admin), Route::NotFound);
     }
 
     #[test]

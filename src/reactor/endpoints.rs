@@ -17,7 +17,7 @@ use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::event::Event;
 use crate::frames::{self, Accepted, ErrorBody, ErrorCode, Health, HealthStatus};
-use crate::http::{self, Method, Refusal, Route};
+use crate::http::{self, Method, Port, Refusal, Route};
 use crate::publish;
 use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason};
 
@@ -203,7 +203,12 @@ impl Reactor {
             answered += 1;
             // The last request a connection may make is answered with `Connection: close`.
             let last = st.served + 1 >= HTTP_REQUESTS_PER_CONN;
-            match Route::of(req.method, &req.path) {
+            let port = match (self.admin_listener.is_some(), conn.admin) {
+                (false, _) => Port::Shared,
+                (true, false) => Port::Client,
+                (true, true) => Port::Admin,
+            };
+            match Route::of(req.method, &req.path).on_port(&req.path, port) {
                 Route::WebSocket(path_mode) => {
                     let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
                     self.http_buffered = self

@@ -78,6 +78,7 @@ pub(crate) use session::READ_BUFFER_BYTES;
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+pub(crate) const ADMIN_LISTENER: Token = Token(usize::MAX - 4);
 
 /// Connections accepted per readiness event before serving others.
 const ACCEPT_BUDGET: usize = 1024;
@@ -131,6 +132,8 @@ pub(crate) struct Settings {
 pub(crate) struct Reactor {
     poll: Poll,
     listener: TcpListener,
+    /// The admin listener (`admin_listen`), when configured.
+    admin_listener: Option<TcpListener>,
     signals: Option<UnixStream>,
     wake: Arc<WakeSignal>,
     rx: Receiver<Command>,
@@ -212,6 +215,7 @@ impl Reactor {
     pub(crate) fn new(
         poll: Poll,
         listener: TcpListener,
+        admin_listener: Option<TcpListener>,
         wake: Arc<WakeSignal>,
         rx: Receiver<Command>,
         inbound: Sender<Inbound>,
@@ -238,6 +242,7 @@ impl Reactor {
         Reactor {
             poll,
             listener,
+            admin_listener,
             signals: None,
             wake,
             rx,
@@ -353,7 +358,8 @@ impl Reactor {
             let again = std::mem::take(&mut self.read_again);
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(false),
+                    ADMIN_LISTENER => self.accept(true),
                     WAKER => {}
                     SIGNALS => self.on_signal(),
                     Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
@@ -398,15 +404,21 @@ impl Reactor {
 
     // ----------------------------------------------------------------- accept
 
-    fn accept(&mut self) {
+    /// Accept on the client listener, or on the admin listener when `admin`.
+    pub(super) fn accept(&mut self, admin: bool) {
         if self.accept_paused {
             return;
         }
         // Connections accepted from here on are not evicted to make room in this call.
         let first_new = self.next_serial + 1;
         for _ in 0..ACCEPT_BUDGET {
-            match self.listener.accept() {
-                Ok((stream, _peer)) => self.add_conn(stream),
+            let accepted = match (admin, &self.admin_listener) {
+                (false, _) => self.listener.accept(),
+                (true, Some(l)) => l.accept(),
+                (true, None) => return,
+            };
+            match accepted {
+                Ok((stream, _peer)) => self.add_conn(stream, admin),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -498,7 +510,7 @@ impl Reactor {
         refused
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream) {
+    fn add_conn(&mut self, mut stream: TcpStream, admin: bool) {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("set_nodelay failed: {e}");
         }
@@ -530,6 +542,7 @@ impl Reactor {
             bytes_in: 0,
             write_shut: false,
             flush_queued: false,
+            admin,
         });
         self.http_open += 1;
         self.http_order.push_back(id);

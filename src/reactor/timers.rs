@@ -48,7 +48,8 @@ impl Reactor {
             }
             Timer::AcceptRetry => {
                 self.accept_paused = false;
-                self.accept();
+                self.accept(false);
+                self.accept(true);
             }
             Timer::Housekeeping => {
                 self.housekeeping();

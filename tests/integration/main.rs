@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin_listener;
 mod chaos;
 mod client_input;
 mod conformance_route;
