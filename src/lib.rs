@@ -438,6 +438,23 @@ impl Gateway {
         Ok(self.reactor.run()?)
     }
 
+    /// Run the reactor on its own thread, handling the process's signals as the
+    /// `agentwire` binary does ([`Gateway::handle_signals`]): SIGTERM or SIGINT drains
+    /// the gateway (503 to new upgrades, runs in progress end with `agent_error`
+    /// `shutdown`, close 1001 to every session, output flushed within
+    /// `shutdown_grace_ms`) and then the reactor thread ends, the inbound channel closes
+    /// (so workers looping on it finish) and [`GatewayHandle::join`] returns `Ok`;
+    /// SIGHUP reloads the JWT keys, `jwt_secret` and `allowed_origins`. An embedding
+    /// program that joins its workers and then the handle exits as cleanly as the
+    /// binary (`examples/worker.rs`).
+    ///
+    /// # Errors
+    /// When the signal handlers cannot be installed or the thread cannot start.
+    pub fn spawn_with_signals(mut self) -> Result<GatewayHandle, Error> {
+        self.handle_signals()?;
+        self.spawn()
+    }
+
     /// Run the reactor on its own thread.
     pub fn spawn(self) -> Result<GatewayHandle, Error> {
         let emitter = self.emitter.clone();
@@ -474,6 +491,12 @@ impl GatewayHandle {
     pub fn shutdown(self) -> Result<(), Error> {
         let _ = self.emitter.shutdown();
         self.join()
+    }
+
+    /// Whether the reactor thread has ended (a drain completed, or the loop failed):
+    /// [`GatewayHandle::join`] then returns at once.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
     }
 
     /// Wait for the reactor thread to end.

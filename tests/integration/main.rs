@@ -11,6 +11,7 @@ mod client_input;
 mod conformance_route;
 mod deadlines;
 mod demo_page;
+mod embedding;
 mod fd_limit;
 mod golden;
 mod hostile_auth;
