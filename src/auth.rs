@@ -105,7 +105,8 @@ pub struct AuthSettings {
     pub secret: Option<String>,
     /// The contents of `jwt_public_key_file` for RS256/ES256 (already read by the
     /// caller); ignored for HS256. One or more PEM keys (PKCS#8 `PUBLIC KEY`, or PKCS#1
-    /// `RSA PUBLIC KEY`), or a JWKS document: see [`crate::jwt_keys`].
+    /// `RSA PUBLIC KEY`), or a JWKS document: see the `jwt_keys` module (the
+    /// `kid:` label of a PEM key, which key a token's `kid` picks).
     pub public_key_pem: Option<Vec<u8>>,
     /// When set (`jwt_issuer`), tokens must carry this `iss`.
     pub issuer: Option<String>,
@@ -169,11 +170,11 @@ pub enum AuthError {
     /// The header's `alg` is a known algorithm other than the pinned one.
     #[error("algorithm not allowed")]
     WrongAlgorithm,
-    /// The header's `kid` names no configured key (see [`crate::jwt_keys`]).
+    /// The header's `kid` names no configured key (module `jwt_keys`).
     #[error("unknown kid")]
     UnknownKey,
-    /// No `kid` in the header while several keys are configured (see
-    /// [`crate::jwt_keys`]: a kid-less token is never tried against each key).
+    /// No `kid` in the header while several keys are configured (module `jwt_keys`:
+    /// a kid-less token is never tried against each key).
     #[error("kid required: several keys are configured")]
     KidRequired,
     /// `exp` is more than the leeway in the past.
@@ -384,8 +385,8 @@ impl Authenticator {
         self.algorithm
     }
 
-    /// The names of the verification keys, for logs (`-` for one unnamed key; see
-    /// [`crate::jwt_keys`]).
+    /// The names of the verification keys, for logs (`-` for one unnamed key; module
+    /// `jwt_keys`).
     pub fn key_names(&self) -> String {
         self.keys.describe()
     }

@@ -37,7 +37,11 @@
 //! the publish API (`publish`). A session's `mode` decides which events it gets.
 //! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
 //! per kind (`ids`). Tokens are checked once at the upgrade
-//! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
+//! (`auth`; several keys picked by `kid`: `jwt_keys`; SIGHUP reloads them:
+//! `reactor/reload.rs`), where revoked users (`revocation`, filled by
+//! `POST /api/users/{user_id}/disconnect`: `reactor/revoke.rs`) are refused too; with
+//! `admin_listen` the admin endpoints move to a second listener on the same loop
+//! (`http::Port`). Heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
 //! buffer, runs) lives in the `registry`.
 //!
