@@ -463,12 +463,14 @@ impl Gateway {
     pub fn spawn(self) -> Result<GatewayHandle, Error> {
         let emitter = self.emitter.clone();
         let local_addr = self.local_addr;
+        let admin_addr = self.admin_addr;
         let thread = std::thread::Builder::new()
             .name("agentwire-reactor".into())
             .spawn(move || self.run())?;
         Ok(GatewayHandle {
             emitter,
             local_addr,
+            admin_addr,
             thread,
         })
     }
@@ -478,12 +480,18 @@ impl Gateway {
 pub struct GatewayHandle {
     emitter: Emitter,
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     thread: JoinHandle<Result<(), Error>>,
 }
 
 impl GatewayHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound admin address when `admin_listen` is set ([`Gateway::admin_addr`]).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn emitter(&self) -> Emitter {
