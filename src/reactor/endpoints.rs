@@ -483,6 +483,8 @@ impl Reactor {
             inbound_held: self.inbox.held().0,
             inbound_held_bytes: self.inbox.held().1,
             inbound_held_limit: self.inbox.held_limit(),
+            revoked_users: self.revocations.len(),
+            revoked_users_limit: self.s.config.max_revoked_users,
             memory: self.memory_gauges(),
         }
     }

@@ -47,6 +47,7 @@ impl Reactor {
                         "SIGHUP reload failed: {e}; the JWT keys, jwt_secret and \
                          allowed_origins in force are kept"
                     );
+                    self.stats.reloads_failed += 1;
                     return;
                 }
             },
@@ -74,6 +75,7 @@ impl Reactor {
                     "SIGHUP reload failed: {e}; the JWT keys, jwt_secret and \
                      allowed_origins in force are kept"
                 );
+                self.stats.reloads_failed += 1;
                 return;
             }
         };
@@ -84,6 +86,7 @@ impl Reactor {
             next.allowed_origins.join(", ")
         };
         self.auth = auth;
+        self.stats.reloads += 1;
         self.s.config = next;
         self.s.config_json = Bytes::from(
             serde_json::to_vec(&self.s.config.to_public_json(self.s.demo_agent))

@@ -65,6 +65,7 @@ impl Reactor {
         for &id in &ids {
             self.close(id, CloseReason::Revoked);
         }
+        self.stats.user_disconnects += 1;
         match until {
             Some(until) => log::info!(
                 user:% = user;

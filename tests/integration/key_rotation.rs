@@ -271,6 +271,8 @@ fn sighup_reloads_the_key_file_keeps_sessions_and_keeps_old_keys_on_a_bad_file()
     assert_eq!(try_upgrade(addr, &new_token).0, 101);
     kept.ping_pong();
     assert_eq!(p.count_lines("SIGHUP reload done"), 1);
+    let (_, stats) = get_json(addr, "/ws/stats");
+    assert_eq!(stats["reload"], json!({"done": 1, "failed": 2}), "{stats}");
     let leaks = log_capture::violations_in(&p.lines());
     assert!(leaks.is_empty(), "{leaks:?}");
 }

@@ -223,6 +223,24 @@ fn past_max_revoked_users_a_new_revocation_is_503_and_closes_nothing() {
         401,
         "invalid_token",
     );
+    // The store's fill is a budget in /ws/stats and /metrics.
+    let s = gw.stats();
+    assert_eq!(
+        s["budgets"]["revoked_users"],
+        json!({"limit": 2, "used": 2}),
+        "{s}"
+    );
+    assert_eq!(
+        s["revocation"],
+        json!({"disconnects": 4, "revoked_users": 2}),
+        "{s}"
+    );
+    let metrics = prometheus(&get(gw.addr, "/metrics").text());
+    assert_eq!(
+        metric(&metrics, "agentwire_budget_used{budget=\"revoked_users\"}"),
+        2.0
+    );
+    assert_eq!(metric(&metrics, "agentwire_user_disconnects_total"), 4.0);
 }
 
 #[test]
