@@ -1330,6 +1330,49 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
         }
     }
 
+    /// An RS256 token with header `kid`.
+    fn sign_kid(key: &EncodingKey, kid: &str, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        encode(&header, claims, key).unwrap()
+    }
+
+    #[test]
+    fn rs256_jwks_and_pem_lists_pick_the_key_by_kid() {
+        let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&rsa, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some("rsa-1".to_owned());
+        let jwks = json!({"keys": [jwk]}).to_string();
+        let pem_list =
+            format!("kid: rsa-1\n{RSA_PUBLIC_PEM}kid: rsa-pkcs1\n{RSA_PUBLIC_PKCS1_PEM}");
+        for file in [jwks.as_str(), pem_list.as_str()] {
+            let a = auth(&pem_settings(JwtAlgorithm::Rs256, file));
+            let good = sign_kid(&rsa, "rsa-1", &valid_claims());
+            assert_eq!(a.verify(&good).unwrap().sub, "u1");
+            refused(
+                &a,
+                &sign_kid(&rsa, "rsa-2", &valid_claims()),
+                AuthError::UnknownKey,
+            );
+        }
+        // Two keys in the list: a token without kid is refused, never tried on each.
+        let a = auth(&pem_settings(JwtAlgorithm::Rs256, &pem_list));
+        let no_kid = sign(Algorithm::RS256, &rsa, &valid_claims());
+        refused(&a, &no_kid, AuthError::KidRequired);
+        assert_eq!(a.key_names(), "rsa-1, rsa-pkcs1");
+        // A 1024-bit RSA key in a JWKS, or an EC key under RS256 alone: refused at setup.
+        let small = DecodingKey::from_rsa_pem(RSA_1024_PUBLIC_PEM.as_bytes()).unwrap();
+        let small = Jwk::from_decoding_key(&small, Some(Algorithm::RS256)).unwrap();
+        let small = json!({"keys": [small]}).to_string();
+        let err = setup_error(&pem_settings(JwtAlgorithm::Rs256, &small));
+        assert!(err.contains("2048 to 8192 bits"), "{err}");
+        let ec = EncodingKey::from_ec_pem(EC_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = Jwk::from_encoding_key(&ec, Algorithm::ES256).unwrap();
+        let ec = json!({"keys": [ec]}).to_string();
+        let err = setup_error(&pem_settings(JwtAlgorithm::Rs256, &ec));
+        assert!(err.contains("no RS256 signing key"), "{err}");
+    }
+
     #[test]
     fn rs256_tokens_verify_with_the_public_key() {
         let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
