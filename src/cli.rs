@@ -390,10 +390,12 @@ mod tests {
                     min.max(42).min(max).to_string()
                 }
                 SettingKind::Bool | SettingKind::AutoBool => "false".to_owned(),
+                SettingKind::OptionalAddress => "127.0.0.1:42".to_owned(),
                 _ => "42".to_owned(),
             };
             let value = match s.name {
                 "listen" => "0.0.0.0:1",
+                "admin_listen" => "127.0.0.1:42",
                 "jwt_algorithm" => "HS256",
                 "jwt_secret" | "publish_key" | "inbound_key" | "jwt_issuer" | "jwt_audience" => {
                     SECRET
@@ -421,8 +423,8 @@ mod tests {
                 }
                 "inbound_url" => assert_eq!(json[s.name], value),
                 "jwt_public_key_file" => assert!(json[s.name].is_null()),
-                "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy"
-                | "log_format" => {
+                "listen" | "admin_listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience"
+                | "per_user_policy" | "log_format" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
                 "allow_query_token" | "demo_agent" | "dev" => {

@@ -317,6 +317,8 @@ pub struct Conn {
     pub write_shut: bool,
     /// On the reactor's flush list for this iteration.
     pub flush_queued: bool,
+    /// Accepted on the admin listener (`admin_listen`): only the admin endpoints.
+    pub admin: bool,
 }
 
 #[cfg(test)]

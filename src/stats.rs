@@ -133,6 +133,10 @@ pub struct Gauges {
     pub inbound_held: usize,
     pub inbound_held_bytes: usize,
     pub inbound_held_limit: usize,
+    /// Users revoked with `until` (some may have expired since the last sweep), against
+    /// `max_revoked_users`.
+    pub revoked_users: usize,
+    pub revoked_users_limit: usize,
     /// The memory engine's registry: budgets, their use and what bounding them cost.
     pub memory: MemoryGauges,
     /// The inbound webhook's counters, when `inbound_url` is set.
@@ -187,6 +191,11 @@ impl Gauges {
                 "active_runs",
                 wide(self.memory.active_runs_limit),
                 wide(self.active_runs),
+            ),
+            (
+                "revoked_users",
+                wide(self.revoked_users_limit),
+                wide(self.revoked_users),
             ),
         ];
         if let Some(w) = &self.webhook {
@@ -266,6 +275,11 @@ pub struct Stats {
     pub http_evicted: u64,
     /// Publish requests with a missing or wrong key.
     pub publish_auth_failures: u64,
+    /// SIGHUP reloads applied, and refused (the old keys kept).
+    pub reloads: u64,
+    pub reloads_failed: u64,
+    /// `POST /api/users/{user_id}/disconnect` requests that were carried out.
+    pub user_disconnects: u64,
     /// Runs the watchdog ended (`run_timeout`), and its passes that ended any.
     pub runs_timed_out: u64,
     pub watchdog_passes: u64,
@@ -413,6 +427,9 @@ impl Stats {
             overload_refused: 0,
             http_evicted: 0,
             publish_auth_failures: 0,
+            reloads: 0,
+            reloads_failed: 0,
+            user_disconnects: 0,
             runs_timed_out: 0,
             watchdog_passes: 0,
             latency_us: Histogram::new(),
@@ -593,6 +610,11 @@ impl Stats {
             },
             "publish": {"auth_failures": self.publish_auth_failures},
             "webhook": g.webhook.map(|w| w.to_json()),
+            "reload": {"done": self.reloads, "failed": self.reloads_failed},
+            "revocation": {
+                "disconnects": self.user_disconnects,
+                "revoked_users": g.revoked_users,
+            },
         })
     }
 
@@ -788,6 +810,9 @@ impl Stats {
             ("accept_failures_total", "counter", "Failed accepts (descriptor limit and other errors).", self.accept_failures as f64),
             ("overload_refused_total", "counter", "Connections answered 503 overloaded at the descriptor limit.", self.overload_refused as f64),
             ("publish_auth_failures_total", "counter", "Publish requests with a missing or wrong key.", self.publish_auth_failures as f64),
+            ("reloads_total", "counter", "SIGHUP reloads of the JWT keys, jwt_secret and allowed_origins applied.", self.reloads as f64),
+            ("reloads_failed_total", "counter", "SIGHUP reloads refused (the keys in force kept).", self.reloads_failed as f64),
+            ("user_disconnects_total", "counter", "POST /api/users/{user_id}/disconnect requests carried out.", self.user_disconnects as f64),
         ] {
             metric(name, kind, help, &one(v));
         }

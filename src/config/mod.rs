@@ -101,6 +101,11 @@ settings! {
     pub struct Config {
         /// Address to bind. Default `127.0.0.1:8080`.
         listen: SocketAddr = LOCALHOST_8080, Address, "Address to bind";
+        /// Address of the admin listener (PROTOCOL.md section 12): when set, `/metrics`,
+        /// `/ws/stats` and `/ws/config` are served there (with `/health`) and answer 404
+        /// on `listen`. Default none: everything on `listen`.
+        admin_listen: Option<SocketAddr> = None, OptionalAddress,
+            "Admin address for /metrics, /ws/stats, /ws/config (then 404 on listen)";
         /// Algorithm every token must use; any other `alg` is refused. Default HS256.
         jwt_algorithm: JwtAlgorithm = JwtAlgorithm::Hs256, Algorithm,
             "JWT algorithm every token must use: HS256, RS256 or ES256";
@@ -146,6 +151,11 @@ settings! {
         /// message gets `no_agent` at once. Default 1024.
         inbound_max_in_flight: usize = 1_024, Integer(1, 1_000_000),
             "Requests to inbound_url waiting for an answer; past it no_agent at once";
+        /// Users revoked with `until` at once (`POST /api/users/{user_id}/disconnect`);
+        /// expired revocations go first, and past it a new one is refused with 503
+        /// `too_many_revocations` (none in force is dropped). Default 10000.
+        max_revoked_users: usize = 10_000, Integer(1, 10_000_000),
+            "Users revoked with until at once; past it new revocations get 503";
         /// Open connections in total. Default 10000.
         max_connections: usize = 10_000, Integer(1, 10_000_000), "Open connections in total";
         /// Open connections per user. Default 3.
@@ -328,6 +338,15 @@ impl Config {
                     name: setting.name,
                     message,
                 })?;
+        }
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(ConfigError::Inconsistent {
+                name: "admin_listen",
+                message: format!(
+                    "{} is also listen: give the admin listener its own address",
+                    self.listen
+                ),
+            });
         }
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
             return Err(ConfigError::Inconsistent {

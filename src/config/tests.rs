@@ -70,6 +70,7 @@ fn generic_sample(name: &str) -> String {
         SettingKind::Secret => "generic-sample-secret-0123456789".into(),
         SettingKind::Text => "generic sample".into(),
         SettingKind::Path => "/etc/agentwire/generic-sample".into(),
+        SettingKind::OptionalAddress => "127.0.0.1:9100".into(),
         other => panic!("no generic sample for {name} of kind {other:?}: add one to `sample`"),
     }
 }

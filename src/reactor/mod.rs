@@ -69,16 +69,20 @@ use crate::timer_wheel::TimerWheel;
 mod echo;
 mod endpoints;
 mod inbound;
+mod reload;
+mod revoke;
 mod routing;
 mod session;
 mod timers;
 mod webhook;
 
+pub use reload::ConfigSource;
 pub(crate) use session::READ_BUFFER_BYTES;
 
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+pub(crate) const ADMIN_LISTENER: Token = Token(usize::MAX - 4);
 
 /// Readiness events taken per poll.
 const EVENTS_PER_POLL: usize = 1024;
@@ -131,20 +135,28 @@ pub(crate) struct Settings {
     pub ws_config: WebSocketConfig,
     pub config_json: Bytes,
     pub demo: crate::demo_page::DemoPage,
+    /// The demo agent runs (for `/ws/config`, rebuilt by a reload).
+    pub demo_agent: bool,
 }
 
 /// The event loop and everything it owns.
 pub(crate) struct Reactor {
     poll: Poll,
     listener: TcpListener,
+    /// The admin listener (`admin_listen`), when configured.
+    admin_listener: Option<TcpListener>,
     signals: Option<UnixStream>,
     wake: Arc<WakeSignal>,
     rx: Receiver<Command>,
     inbound: Sender<Inbound>,
     auth: Authenticator,
+    /// Where a SIGHUP reload reads its configuration (see `reload.rs`).
+    reload_source: Option<ConfigSource>,
     s: Settings,
     conns: Slab<Conn>,
     registry: Registry,
+    /// Users refused until a time (`POST /api/users/{user_id}/disconnect`, `revoke.rs`).
+    revocations: crate::revocation::Revocations,
     wheel: TimerWheel<Timer>,
     stats: Stats,
     epoch: Arc<str>,
@@ -218,6 +230,7 @@ impl Reactor {
     pub(crate) fn new(
         poll: Poll,
         listener: TcpListener,
+        admin_listener: Option<TcpListener>,
         wake: Arc<WakeSignal>,
         rx: Receiver<Command>,
         inbound: Sender<Inbound>,
@@ -240,17 +253,21 @@ impl Reactor {
             max_active_runs: c.max_active_runs,
         };
         let epoch: Arc<str> = epoch.into();
+        let revocations = crate::revocation::Revocations::new(c.max_revoked_users);
         Reactor {
             poll,
             listener,
+            admin_listener,
             signals: None,
             wake,
             rx,
             inbound,
             auth,
+            reload_source: None,
             s,
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
+            revocations,
             wheel,
             stats: Stats::new(),
             epoch,
@@ -293,9 +310,9 @@ impl Reactor {
         self.webhook = webhook;
     }
 
-    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (logged and ignored until
-    /// reload exists, PROTOCOL.md section 12) handling: each sets its flag, then wakes
-    /// the loop through a self-pipe.
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP ([`Reactor::reload`],
+    /// PROTOCOL.md section 12) handling: each sets its flag, then wakes the loop through
+    /// a self-pipe.
     pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
@@ -316,6 +333,11 @@ impl Reactor {
             .register(&mut reader, SIGNALS, Interest::READABLE)?;
         self.signals = Some(reader);
         Ok(())
+    }
+
+    /// Set where a SIGHUP reload reads its configuration (see `reload.rs`).
+    pub(crate) fn set_reload_source(&mut self, source: ConfigSource) {
+        self.reload_source = Some(source);
     }
 
     pub(super) fn tick(&self) -> u64 {
@@ -359,7 +381,8 @@ impl Reactor {
             let again = std::mem::take(&mut self.read_again);
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(false),
+                    ADMIN_LISTENER => self.accept(true),
                     WAKER => {}
                     SIGNALS => self.on_signal(),
                     Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
@@ -442,15 +465,21 @@ impl Reactor {
         );
     }
 
-    fn accept(&mut self) {
+    /// Accept on the client listener, or on the admin listener when `admin`.
+    pub(super) fn accept(&mut self, admin: bool) {
         if self.accept_paused {
             return;
         }
         // Connections accepted from here on are not evicted to make room in this call.
         let first_new = self.next_serial + 1;
         for _ in 0..ACCEPT_BUDGET {
-            match self.listener.accept() {
-                Ok((stream, _peer)) => self.add_conn(stream),
+            let accepted = match (admin, &self.admin_listener) {
+                (false, _) => self.listener.accept(),
+                (true, Some(l)) => l.accept(),
+                (true, None) => return,
+            };
+            match accepted {
+                Ok((stream, _peer)) => self.add_conn(stream, admin),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -543,7 +572,7 @@ impl Reactor {
         refused
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream) {
+    fn add_conn(&mut self, mut stream: TcpStream, admin: bool) {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("set_nodelay failed: {e}");
         }
@@ -575,6 +604,7 @@ impl Reactor {
             bytes_in: 0,
             write_shut: false,
             flush_queued: false,
+            admin,
         });
         self.http_open += 1;
         self.http_order.push_back(id);

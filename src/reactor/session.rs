@@ -75,6 +75,10 @@ impl Reactor {
             Ok(admitted) => admitted,
             Err(r) => return self.refuse(id, &r),
         };
+        // A revoked user (`POST /api/users/{user_id}/disconnect` with `until`).
+        if self.revoked_until(&claims.sub).is_some() {
+            return self.refuse(id, &Refusal::unauthorized("user revoked"));
+        }
         #[cfg(feature = "conformance")]
         if up.mode == Mode::Echo {
             return self.open_echo(id, up, claims, leftover);

@@ -48,7 +48,8 @@ impl Reactor {
             }
             Timer::AcceptRetry => {
                 self.accept_paused = false;
-                self.accept();
+                self.accept(false);
+                self.accept(true);
             }
             Timer::Housekeeping => {
                 self.housekeeping();
@@ -113,6 +114,7 @@ impl Reactor {
         let now = self.tick();
         self.registry.sweep(now, self.s.config.replay_ttl_ms);
         self.webhook_overdue();
+        self.revocations.sweep(now_ms() / 1000);
         if !self.watchdog_armed {
             self.watchdog();
         }
@@ -160,10 +162,8 @@ impl Reactor {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         }
         if self.got_hup.swap(false, Ordering::Relaxed) {
-            log::info!(
-                "SIGHUP received: configuration reload is not supported yet; ignored \
-                 (connections kept)"
-            );
+            log::info!("SIGHUP received: reloading JWT keys, jwt_secret and allowed_origins");
+            self.reload();
         }
         if self.got_term.swap(false, Ordering::Relaxed) {
             log::info!("signal received: draining");

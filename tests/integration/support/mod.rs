@@ -47,6 +47,8 @@ mod publish;
 pub use publish::*;
 mod raw_ws;
 pub use raw_ws::*;
+mod process;
+pub use process::*;
 pub mod log_capture;
 mod webhook_server;
 pub use webhook_server::*;
