@@ -11,9 +11,14 @@
 //! - descriptors or timers do not return to their baseline (sampled after the steady
 //!   connections opened, before the first cycle) within the cycle's settle time;
 //! - RSS does not return to its plateau: the plateau is the highest end-of-cycle RSS
-//!   of the warm-up cycles (`--warmup-cycles`, which should cover `replay_ttl_ms` so the
-//!   kept events reached their steady amount); each of the last three cycles must end
-//!   at or below plateau + max(`--rss-tolerance-pct` % of it, `--rss-tolerance-kib`);
+//!   of the warm-up cycles; each of the last three cycles must end at or below
+//!   plateau + max(`--rss-tolerance-pct` % of it, `--rss-tolerance-kib`). The warm-up
+//!   (`--warmup-cycles`; by default the cycles covering twice the gateway's
+//!   `replay_ttl_ms`, read from `/ws/config`) must let the kept events reach their
+//!   steady amount (one TTL) and the heap its steady layout: measured here, the
+//!   allocator's footprint kept growing for about a second TTL after the kept bytes
+//!   stopped (frames freed in arrival order, churn buffers in between), then stayed
+//!   flat;
 //! - the steady connections lose, duplicate or reorder events (`--strict`).
 //!
 //! `startup` spawns `agentwire serve` several times and measures, per run, the time
@@ -45,9 +50,10 @@ pub struct SoakArgs {
     /// One cycle: churn and events for 70 % of it, then settle and sample.
     #[arg(long, default_value_t = 60.0)]
     pub cycle_s: f64,
-    /// Cycles whose highest RSS is the plateau (cover replay_ttl_ms: 120 s by default).
-    #[arg(long, default_value_t = 3)]
-    pub warmup_cycles: usize,
+    /// Cycles whose highest RSS is the plateau (default: those covering twice the
+    /// gateway's replay_ttl_ms, from /ws/config; 240 s with its default).
+    #[arg(long)]
+    pub warmup_cycles: Option<usize>,
     /// Steady connections receiving events the whole time.
     #[arg(long, default_value_t = 300)]
     pub conns: usize,
@@ -149,10 +155,9 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
     }
     let cycles = (total_s / a.cycle_s).floor() as usize;
     let max_cycles = client::MAX_PHASES - 1;
-    if cycles < a.warmup_cycles + 1 || cycles > max_cycles {
+    if cycles < 2 || cycles > max_cycles {
         return Err(format!(
-            "--duration / --cycle-s gives {cycles} cycles: need more than --warmup-cycles ({}) and at most {max_cycles}",
-            a.warmup_cycles
+            "--duration / --cycle-s gives {cycles} cycles: need 2 to {max_cycles}"
         ));
     }
     let per_user = a.conns_per_user.max(1);
@@ -178,6 +183,23 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
         ),
         None => return Err("no gateway".into()),
     };
+    let warmup = match a.warmup_cycles {
+        Some(n) => n.max(1),
+        None => {
+            let ttl_ms = driver::http_get(addr, "/ws/config")
+                .ok()
+                .filter(|(status, _)| *status == 200)
+                .and_then(|(_, body)| serde_json::from_slice::<Value>(&body).ok())
+                .and_then(|v| v.get("replay_ttl_ms").and_then(Value::as_u64))
+                .ok_or("cannot read replay_ttl_ms from /ws/config: pass --warmup-cycles")?;
+            ((2 * ttl_ms) as f64 / 1000.0 / a.cycle_s).ceil().max(1.0) as usize
+        }
+    };
+    if cycles <= warmup {
+        return Err(format!(
+            "{cycles} cycles leave none after the {warmup} warm-up cycles: a longer --duration, or --warmup-cycles"
+        ));
+    }
     let cycle = Duration::from_secs_f64(a.cycle_s);
     let active = Duration::from_secs_f64(a.cycle_s * 0.7);
     let mut lines = vec![format!(
@@ -188,7 +210,7 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
         a.rate,
         a.churn_users,
         a.abrupt_pct,
-        a.warmup_cycles
+        warmup
     )];
     lines.push(format!(
         "  {}",
@@ -228,6 +250,7 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
     let mut samples: Vec<(Sample, bool, u64, u64)> = Vec::new();
     let mut counts = Vec::new();
     let mut sent_total = 0;
+    let mut events_failed = 0;
     let mut prev_frames_expected = 0u64;
     let mut failed_cycles = Vec::new();
     for c in 0..cycles {
@@ -264,6 +287,7 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
             events: 0,
         })?;
         sent_total += done.sent;
+        events_failed += done.failed;
         let expected: u64 = done.counts.iter().map(|n| n * per_user as u64).sum();
         let phase_frames = expected - prev_frames_expected.min(expected);
         prev_frames_expected = expected;
@@ -297,23 +321,25 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
         samples.push((s, back, churned, done.sent));
     }
     run.gateway_stats();
+    // Handshake failures of the steady and the churn connections.
+    let handshake_failures = run.pool()?.sum(|x| &x.failed);
+    let churned_total: u64 = samples.iter().map(|s| s.2).sum();
+    lines.push(format!(
+        "  churn      {churned_total} connections opened and closed beside the steady ones, {handshake_failures} failed handshakes in all; {sent_total} events sent, {events_failed} failed"
+    ));
     let fin = run.finish_clients(&counts)?;
     lines.push(fin.record_checks(&mut run));
 
     // The verdicts.
     let plateau = samples
         .iter()
-        .take(a.warmup_cycles.max(1))
+        .take(warmup)
         .map(|s| s.0.rss_kib)
         .max()
         .unwrap_or(0);
     let tolerance =
         ((plateau as f64 * a.rss_tolerance_pct / 100.0) as u64).max(a.rss_tolerance_kib);
-    let measured: Vec<u64> = samples
-        .iter()
-        .skip(a.warmup_cycles.max(1))
-        .map(|s| s.0.rss_kib)
-        .collect();
+    let measured: Vec<u64> = samples.iter().skip(warmup).map(|s| s.0.rss_kib).collect();
     let last: Vec<u64> = measured.iter().rev().take(3).rev().copied().collect();
     let rss_ok = last.iter().all(|r| *r <= plateau + tolerance);
     let slope = slope_kib_per_cycle(&measured);
@@ -321,7 +347,7 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
     lines.push(format!(
         "  rss        plateau {} (highest of the {} warm-up cycles), tolerance {} KiB; last cycles {}; after warm-up max {}, trend {slope:+.1} KiB/cycle",
         mib(plateau),
-        a.warmup_cycles.max(1),
+        warmup,
         tolerance,
         last.iter().map(|r| mib(*r)).collect::<Vec<_>>().join(", "),
         mib(measured.iter().copied().max().unwrap_or(0)),
@@ -342,14 +368,16 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
         lines.push("FAIL setup: no steady connection opened".into());
     }
     run.put("connections", json!(ok));
-    run.put("handshake_failures", json!(failed));
+    run.put("handshake_failures", json!(handshake_failures));
     run.put("events_sent", json!(sent_total));
+    run.put("events_failed", json!(events_failed));
+    run.put("churned", json!(churned_total));
     run.put(
         "soak",
         json!({
             "cycles": cycles,
             "cycle_s": a.cycle_s,
-            "warmup_cycles": a.warmup_cycles,
+            "warmup_cycles": warmup,
             "baseline": {"rss_kib": base.rss_kib, "fds": base.fds, "timers": base.timers, "conns": base.conns},
             "per_cycle": samples.iter().map(|(s, back, churned, sent)| json!({
                 "rss_kib": s.rss_kib, "fds": s.fds, "timers": s.timers, "conns": s.conns,
