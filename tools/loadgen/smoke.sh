@@ -33,6 +33,18 @@ passed=0
 failed=0
 failures=()
 
+# loadgen's own unit tests (the soak's verdicts, duration parsing, reports).
+log="$LOGDIR/unit.log"
+if cargo test --release --locked -p loadgen >"$log" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   unit: $(grep -m1 '^test result' "$log")"
+else
+    failed=$((failed + 1))
+    failures+=("unit")
+    echo "FAIL unit: cargo test --release -p loadgen"
+    tail -30 "$log" | sed 's/^/    | /'
+fi
+
 run() {
     local name=$1
     shift

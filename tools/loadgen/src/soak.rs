@@ -331,17 +331,14 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
     lines.push(fin.record_checks(&mut run));
 
     // The verdicts.
-    let plateau = samples
-        .iter()
-        .take(warmup)
-        .map(|s| s.0.rss_kib)
-        .max()
-        .unwrap_or(0);
-    let tolerance =
-        ((plateau as f64 * a.rss_tolerance_pct / 100.0) as u64).max(a.rss_tolerance_kib);
-    let measured: Vec<u64> = samples.iter().skip(warmup).map(|s| s.0.rss_kib).collect();
-    let last: Vec<u64> = measured.iter().rev().take(3).rev().copied().collect();
-    let rss_ok = last.iter().all(|r| *r <= plateau + tolerance);
+    let rss: Vec<u64> = samples.iter().map(|s| s.0.rss_kib).collect();
+    let RssVerdict {
+        plateau,
+        tolerance,
+        measured,
+        last,
+        ok: rss_ok,
+    } = rss_verdict(&rss, warmup, a.rss_tolerance_pct, a.rss_tolerance_kib);
     let slope = slope_kib_per_cycle(&measured);
     let mut soak_ok = rss_ok && failed_cycles.is_empty();
     lines.push(format!(
@@ -393,6 +390,35 @@ pub fn soak(a: SoakArgs) -> RunResult<bool> {
     );
     let pass = run.conclude(lines)?;
     Ok(pass && soak_ok)
+}
+
+/// The RSS check over the end-of-cycle samples (KiB).
+struct RssVerdict {
+    /// Highest RSS of the warm-up cycles.
+    plateau: u64,
+    /// max(`pct` % of the plateau, `kib`).
+    tolerance: u64,
+    /// The samples after the warm-up.
+    measured: Vec<u64>,
+    /// The last (at most) three of them.
+    last: Vec<u64>,
+    /// Each of `last` is at most plateau + tolerance.
+    ok: bool,
+}
+
+fn rss_verdict(rss: &[u64], warmup: usize, pct: f64, kib: u64) -> RssVerdict {
+    let plateau = rss.iter().take(warmup).copied().max().unwrap_or(0);
+    let tolerance = ((plateau as f64 * pct / 100.0) as u64).max(kib);
+    let measured: Vec<u64> = rss.iter().skip(warmup).copied().collect();
+    let last: Vec<u64> = measured.iter().rev().take(3).rev().copied().collect();
+    let ok = !last.is_empty() && last.iter().all(|r| *r <= plateau + tolerance);
+    RssVerdict {
+        plateau,
+        tolerance,
+        measured,
+        last,
+        ok,
+    }
 }
 
 /// Least-squares slope of `ys` over their index (KiB per cycle); 0 for fewer than 2.
@@ -545,5 +571,32 @@ mod tests {
         assert!((slope_kib_per_cycle(&[10, 20, 30, 40]) - 10.0).abs() < 1e-9);
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn rss_must_come_back_to_the_warm_up_plateau() {
+        // The 5-minute run of docs/BENCHMARKS.md (KiB per 20 s cycle): flat from cycle 12.
+        let run = [
+            10624, 13312, 15368, 18700, 20896, 22828, 24236, 25748, 27292, 28544, 29536, 30788,
+            31008, 31008, 31008,
+        ];
+        let v = rss_verdict(&run, 12, 5.0, 2048);
+        assert!(v.ok);
+        assert_eq!((v.plateau, v.tolerance), (30788, 2048));
+        assert_eq!(v.last, vec![31008, 31008, 31008]);
+        // The same run with a warm-up of one TTL (7 cycles) still saw the heap grow.
+        let v = rss_verdict(&run, 7, 5.0, 2048);
+        assert!(!v.ok);
+        assert_eq!(v.plateau, 24236);
+        // A leak: steady growth after any warm-up fails.
+        let leak: Vec<u64> = (0..20).map(|i| 10_000 + i * 600).collect();
+        assert!(!rss_verdict(&leak, 8, 5.0, 2048).ok);
+        // Nothing after the warm-up: no verdict can pass.
+        assert!(!rss_verdict(&run, 15, 5.0, 2048).ok);
+        // The percentage wins when larger.
+        assert_eq!(
+            rss_verdict(&[100_000, 100_000], 1, 5.0, 2048).tolerance,
+            5_000
+        );
     }
 }
