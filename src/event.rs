@@ -345,15 +345,22 @@ impl Event {
     }
 }
 
+/// Longest `tool_call_id` the run metrics pair tool calls by; a longer one counts as
+/// none (the call is paired by order), so open calls stay small.
+pub const MAX_TOOL_CALL_ID_BYTES: usize = 64;
+
 impl Event {
     /// `data.tool_call_id` as [`Event::data_markers`] reads it, with a byte search
-    /// first so a tool event without one (most) costs no parse.
+    /// first so a tool event without one (most) costs no parse; `None` when it is over
+    /// [`MAX_TOOL_CALL_ID_BYTES`].
     pub fn tool_call_id(&self) -> Option<Box<str>> {
         let needle: &[u8] = b"\"tool_call_id\"";
         if !self.data().windows(needle.len()).any(|w| w == needle) {
             return None;
         }
-        self.data_markers().tool_call_id
+        self.data_markers()
+            .tool_call_id
+            .filter(|id| id.len() <= MAX_TOOL_CALL_ID_BYTES)
     }
 }
 
@@ -628,6 +635,9 @@ mod tests {
         assert_eq!(ev.tool_call_id().as_deref(), Some("c\"1"));
         let none = Event::from_raw_data(key(), EventKind::ToolCompleted, r#"{"tool":"x"}"#);
         assert_eq!(none.tool_call_id(), None);
+        let long = serde_json::json!({"tool_call_id": "x".repeat(MAX_TOOL_CALL_ID_BYTES + 1)});
+        let long = Event::new(key(), EventKind::ToolCompleted, &long).unwrap();
+        assert_eq!(long.tool_call_id(), None, "over the bound: paired by order");
         for data in [
             r#""reason""#,
             "[1]",

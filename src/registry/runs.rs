@@ -41,8 +41,9 @@ pub struct Run {
 }
 
 /// Most tool calls of one run awaiting their `tool_completed`; past it the oldest is
-/// forgotten (its duration goes unmeasured).
-const OPEN_TOOLS_KEPT: usize = 32;
+/// forgotten (its duration goes unmeasured). With ids of at most
+/// [`crate::event::MAX_TOOL_CALL_ID_BYTES`], a run's open calls cost under 1 KiB.
+const OPEN_TOOLS_KEPT: usize = 8;
 
 /// A run's open tool calls in start order: the `tool_call_id` of their
 /// `tool_executing` (when its `data` has one) and its emit time.
