@@ -354,14 +354,26 @@ impl Event {
     /// first so a tool event without one (most) costs no parse; `None` when it is over
     /// [`MAX_TOOL_CALL_ID_BYTES`].
     pub fn tool_call_id(&self) -> Option<Box<str>> {
-        let needle: &[u8] = b"\"tool_call_id\"";
-        if !self.data().windows(needle.len()).any(|w| w == needle) {
+        if !contains(self.data(), b"\"tool_call_id\"") {
             return None;
         }
         self.data_markers()
             .tool_call_id
             .filter(|id| id.len() <= MAX_TOOL_CALL_ID_BYTES)
     }
+}
+
+/// Whether `needle` (starting with `"`) occurs in `hay`: candidates found by the
+/// second byte, a letter rarer in JSON than the quote.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    let Some(&second) = needle.get(1) else {
+        return hay.starts_with(needle);
+    };
+    hay.iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, b)| **b == second)
+        .any(|(i, _)| hay.get(i - 1..i - 1 + needle.len()) == Some(needle))
 }
 
 /// What [`Event::data_markers`] found in `data`.
@@ -633,6 +645,16 @@ mod tests {
         assert_eq!(raw.data_markers().tool_call_id.as_deref(), Some("t-9"));
         assert_eq!(raw.tool_call_id().as_deref(), Some("t-9"));
         assert_eq!(ev.tool_call_id().as_deref(), Some("c\"1"));
+        assert!(contains(
+            br#"{"a":"tool_call_id","tool_call_id":1}"#,
+            b"\"tool_call_id\""
+        ));
+        assert!(contains(br#""tool_call_id""#, b"\"tool_call_id\""));
+        assert!(!contains(
+            br#"{"tool_call_i":"d","tool":"x"}"#,
+            b"\"tool_call_id\""
+        ));
+        assert!(!contains(b"", b"\"tool_call_id\""));
         let none = Event::from_raw_data(key(), EventKind::ToolCompleted, r#"{"tool":"x"}"#);
         assert_eq!(none.tool_call_id(), None);
         let long = serde_json::json!({"tool_call_id": "x".repeat(MAX_TOOL_CALL_ID_BYTES + 1)});
