@@ -40,6 +40,11 @@ pub struct Run {
     tools: Option<Box<OpenTools>>,
 }
 
+/// `agent_error` reasons of ends the gateway (watchdog, no consumer, shutdown) or the
+/// emitter (a dropped run handle) makes up: as a run's first event they say nothing of
+/// the time to first event, which is then not measured.
+const SYNTHETIC_ENDS: [&str; 4] = ["run_timeout", "no_agent", "shutdown", "worker_dropped"];
+
 /// Most tool calls of one run awaiting their `tool_completed`; past it the oldest is
 /// forgotten (its duration goes unmeasured). With ids of at most
 /// [`crate::event::MAX_TOOL_CALL_ID_BYTES`], a run's open calls cost under 1 KiB.
@@ -96,8 +101,9 @@ impl Run {
 
     /// The run-metric part of routing `ev` (an event of this run, at its emit time):
     /// tool calls opened and finished, and the end with its outcome and duration.
-    /// `transition.began` is set by the caller.
-    fn follow(&mut self, ev: &Event, transition: &mut RunTransition) {
+    /// `transition.began` is set by the caller. Returns true when `ev` is an end the
+    /// gateway or the emitter made up rather than the agent's work ([`SYNTHETIC_ENDS`]).
+    fn follow(&mut self, ev: &Event, transition: &mut RunTransition) -> bool {
         let at = ev.emitted;
         match ev.kind {
             EventKind::ToolExecuting => {
@@ -119,9 +125,11 @@ impl Run {
                 let reason = ev.data_markers().reason;
                 let outcome = RunOutcome::of_error(reason.as_deref(), self.cancel_requested);
                 transition.ended = Some((outcome, self.age(at)));
+                return reason.is_some_and(|r| SYNTHETIC_ENDS.contains(&&*r));
             }
             _ => {}
         }
+        false
     }
 
     /// Time from the run's first event to `at`.
@@ -191,7 +199,9 @@ impl User {
                 .asked
                 .map(|asked| ev.emitted.saturating_duration_since(asked));
         }
-        run.follow(ev, &mut transition);
+        if run.follow(ev, &mut transition) {
+            transition.since_message = None;
+        }
         if let Some(flag) = &ev.cancel_flag {
             if run.cancel_requested {
                 flag.store(true, Ordering::Release);
@@ -517,6 +527,19 @@ mod tests {
             r.route(&timeout, 0).unwrap().0.run.ended.unwrap().0,
             RunOutcome::RunTimeout
         );
+        // A user_message whose run never got an event: the watchdog's end is not a
+        // first event worth measuring.
+        let mut pending = Run::pending(None, None, 0);
+        pending.asked = Some(Instant::now());
+        r.entry("u").runs.insert("r4".into(), pending);
+        let timeout = with_data(
+            "u",
+            "r4",
+            EventKind::AgentError,
+            json!({"reason": "run_timeout"}),
+        );
+        let t = r.route(&timeout, 0).unwrap().0.run;
+        assert!(t.began && t.since_message.is_none(), "{t:?}");
         let done = with_data("u", "r3", EventKind::AgentCompleted, json!(null));
         let t = r.route(&done, 0).unwrap().0.run;
         assert!(t.began, "an end as the first event begins and ends the run");
