@@ -147,7 +147,7 @@ impl Router {
     /// `Reactor::deliver` (without stats and logging): the user's own routing, then the
     /// frame queued on every target connection.
     fn route(&mut self, ev: Event) {
-        let Ok((Routed { frame, owner }, user)) = self.registry.route(&ev, self.now) else {
+        let Ok((Routed { frame, owner, .. }, user)) = self.registry.route(&ev, self.now) else {
             return;
         };
         self.scratch_targets.clear();

@@ -215,6 +215,8 @@ pub struct Event {
     /// The JSON object without `seq`: `{"type":"..."` + `,"user_id":...}`; `seq` goes at `split`.
     body: Bytes,
     split: usize,
+    /// Where `data` starts in `body` (it ends before the closing brace).
+    data_at: usize,
 }
 
 impl fmt::Debug for Event {
@@ -274,6 +276,7 @@ impl Event {
         let mut body = Vec::with_capacity(envelope_len_hint(&key, &kind) + data_hint);
         let split = write_head(&mut body, &kind);
         write_tail_fields(&mut body, &key, ts_ms);
+        let data_at = body.len();
         write_data(&mut body)?;
         body.push(b'}');
         Ok(Event {
@@ -286,6 +289,7 @@ impl Event {
             idempotency_key: None,
             body: Bytes::from(body),
             split,
+            data_at,
         })
     }
 
@@ -320,6 +324,71 @@ impl Event {
     pub fn json_len(&self) -> usize {
         self.body.len()
     }
+
+    /// The event's `data` as JSON text.
+    pub fn data(&self) -> &[u8] {
+        let end = self.body.len().saturating_sub(1);
+        self.body.get(self.data_at..end).unwrap_or_default()
+    }
+
+    /// The string fields of `data` the run metrics read: `reason` (of an
+    /// `agent_error`) and `tool_call_id` (of tool events). Both `None` when `data` is
+    /// not an object or either field is there but not a string. Parses `data` (skipping
+    /// every other field): call it only for the kinds that need it.
+    pub fn data_markers(&self) -> DataMarkers {
+        serde_json::from_slice::<Markers<'_>>(self.data())
+            .map(|m| DataMarkers {
+                reason: m.reason.map(|r| r.into_owned().into_boxed_str()),
+                tool_call_id: m.tool_call_id.map(|t| t.into_owned().into_boxed_str()),
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Longest `tool_call_id` the run metrics pair tool calls by; a longer one counts as
+/// none (the call is paired by order), so open calls stay small.
+pub const MAX_TOOL_CALL_ID_BYTES: usize = 64;
+
+impl Event {
+    /// `data.tool_call_id` as [`Event::data_markers`] reads it, with a byte search
+    /// first so a tool event without one (most) costs no parse; `None` when it is over
+    /// [`MAX_TOOL_CALL_ID_BYTES`].
+    pub fn tool_call_id(&self) -> Option<Box<str>> {
+        if !contains(self.data(), b"\"tool_call_id\"") {
+            return None;
+        }
+        self.data_markers()
+            .tool_call_id
+            .filter(|id| id.len() <= MAX_TOOL_CALL_ID_BYTES)
+    }
+}
+
+/// Whether `needle` (starting with `"`) occurs in `hay`: candidates found by the
+/// second byte, a letter rarer in JSON than the quote.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    let Some(&second) = needle.get(1) else {
+        return hay.starts_with(needle);
+    };
+    hay.iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, b)| **b == second)
+        .any(|(i, _)| hay.get(i - 1..i - 1 + needle.len()) == Some(needle))
+}
+
+/// What [`Event::data_markers`] found in `data`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DataMarkers {
+    pub reason: Option<Box<str>>,
+    pub tool_call_id: Option<Box<str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Markers<'a> {
+    #[serde(borrow, default)]
+    reason: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_call_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Bytes of the envelope without `seq` and `data`: the fixed keys and punctuation with
@@ -563,5 +632,43 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&key.user_id, user.as_arc()));
         assert!(Arc::ptr_eq(&key.run_id, run.as_arc()));
+    }
+
+    #[test]
+    fn data_markers_read_reason_and_tool_call_id_only_from_objects() {
+        let ev = Event::new(key(), EventKind::AgentError, &serde_json::json!({"big": [1, {"reason": "inner"}], "reason": "run_timeout", "tool_call_id": "c\"1"})).unwrap();
+        assert_eq!(ev.data_markers().reason.as_deref(), Some("run_timeout"));
+        assert_eq!(ev.data_markers().tool_call_id.as_deref(), Some("c\"1"));
+        let raw =
+            Event::from_raw_data(key(), EventKind::ToolCompleted, r#"{"tool_call_id":"t-9"}"#);
+        assert_eq!(raw.data(), br#"{"tool_call_id":"t-9"}"#);
+        assert_eq!(raw.data_markers().tool_call_id.as_deref(), Some("t-9"));
+        assert_eq!(raw.tool_call_id().as_deref(), Some("t-9"));
+        assert_eq!(ev.tool_call_id().as_deref(), Some("c\"1"));
+        assert!(contains(
+            br#"{"a":"tool_call_id","tool_call_id":1}"#,
+            b"\"tool_call_id\""
+        ));
+        assert!(contains(br#""tool_call_id""#, b"\"tool_call_id\""));
+        assert!(!contains(
+            br#"{"tool_call_i":"d","tool":"x"}"#,
+            b"\"tool_call_id\""
+        ));
+        assert!(!contains(b"", b"\"tool_call_id\""));
+        let none = Event::from_raw_data(key(), EventKind::ToolCompleted, r#"{"tool":"x"}"#);
+        assert_eq!(none.tool_call_id(), None);
+        let long = serde_json::json!({"tool_call_id": "x".repeat(MAX_TOOL_CALL_ID_BYTES + 1)});
+        let long = Event::new(key(), EventKind::ToolCompleted, &long).unwrap();
+        assert_eq!(long.tool_call_id(), None, "over the bound: paired by order");
+        for data in [
+            r#""reason""#,
+            "[1]",
+            "null",
+            r#"{"reason":5}"#,
+            r#"{"tool_call_id":{}}"#,
+        ] {
+            let ev = Event::from_raw_data(key(), EventKind::AgentError, data);
+            assert_eq!(ev.data_markers(), DataMarkers::default(), "{data}");
+        }
     }
 }

@@ -1,8 +1,20 @@
 //! Counters and latency histograms owned by the reactor, and their two renderings:
 //! JSON for `GET /ws/stats` and Prometheus text for `GET /metrics` (names prefixed
 //! `agentwire_`). Only the reactor thread touches them: no atomics on the hot path.
+//!
+//! Every latency is kept twice, both fixed-size and allocation-free when recording: a
+//! fine log-linear [`Histogram`] for the JSON percentiles (p50..max, exact to 1.6 %),
+//! and [`Buckets`] with fixed upper bounds rendered as a Prometheus histogram
+//! (`_bucket{le=...}`, `_sum`, `_count`, in seconds), which sums over nodes. The bounds
+//! of each histogram are the `*_BUCKETS_US` constants below.
+//!
+//! Run metrics (PROTOCOL.md section 12) are recorded from a [`RunTransition`]: what one
+//! routed event did to its run (began it, ended it with a [`RunOutcome`], finished a
+//! tool call). The engine that owns the runs builds it (the memory engine in
+//! `registry/runs.rs`); [`Stats::record_run`] is the one call, whichever engine.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -285,6 +297,14 @@ pub struct Stats {
     pub watchdog_passes: u64,
     latency_us: Histogram,
     loop_us: Histogram,
+    latency_buckets: Buckets,
+    loop_buckets: Buckets,
+    /// Runs begun (their first event routed) and ended, by [`RunOutcome`].
+    runs_started: u64,
+    runs_ended: [u64; RunOutcome::ALL.len()],
+    run_duration: Buckets,
+    run_first_event: Buckets,
+    tool_duration: Buckets,
 }
 
 impl Default for Stats {
@@ -397,6 +417,193 @@ impl Histogram {
     }
 }
 
+/// Prometheus bucket bounds, microseconds, of the gateway's own latencies (emit to
+/// write, loop iteration): 25 us to 10 s. A healthy gateway writes an event within a
+/// millisecond; the upper buckets show stalls (a blocked loop, an overloaded machine).
+pub const LATENCY_BUCKETS_US: &[u64] = &[
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+/// Bounds of agent run durations: 100 ms to 1 h (runs last seconds to minutes; the
+/// watchdog ends silent ones after `run_idle_timeout_ms`, 5 min by default).
+pub const RUN_DURATION_BUCKETS_US: &[u64] = &[
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+    300_000_000,
+    600_000_000,
+    1_800_000_000,
+    3_600_000_000,
+];
+/// Bounds of the time from a `user_message` to its run's first event: 1 ms to 60 s
+/// (a worker picking the message up, a model's first token).
+pub const FIRST_EVENT_BUCKETS_US: &[u64] = &[
+    1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+/// Bounds of tool call durations: 5 ms to 5 min.
+pub const TOOL_DURATION_BUCKETS_US: &[u64] = &[
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    30_000_000,
+    60_000_000,
+    300_000_000,
+];
+
+/// Most bounds a [`Buckets`] holds (longer bound lists are cut to it).
+pub const MAX_BUCKETS: usize = 20;
+
+/// A Prometheus histogram: counts per fixed upper bound (microseconds) plus the
+/// overflow (`+Inf`), the count and the sum. Fixed size, no allocation when recording
+/// (a binary search over at most [`MAX_BUCKETS`] bounds).
+#[derive(Clone, Debug)]
+pub struct Buckets {
+    bounds: &'static [u64],
+    /// Not cumulative: `counts[i]` holds values in `(bounds[i-1], bounds[i]]`.
+    counts: [u64; MAX_BUCKETS],
+    over: u64,
+    count: u64,
+    sum_us: u64,
+}
+
+impl Buckets {
+    /// Empty, with these ascending upper bounds in microseconds.
+    pub fn new(bounds: &'static [u64]) -> Buckets {
+        Buckets {
+            bounds: &bounds[..bounds.len().min(MAX_BUCKETS)],
+            counts: [0; MAX_BUCKETS],
+            over: 0,
+            count: 0,
+            sum_us: 0,
+        }
+    }
+
+    pub fn record(&mut self, us: u64) {
+        let i = self.bounds.partition_point(|&b| b < us);
+        match self.counts.get_mut(i) {
+            Some(n) if i < self.bounds.len() => *n += 1,
+            _ => self.over += 1,
+        }
+        self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// (upper bound in microseconds, values at or below it), ascending; `+Inf` not
+    /// included (it is the count).
+    pub fn cumulative(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut seen = 0;
+        self.bounds
+            .iter()
+            .zip(self.counts.iter())
+            .map(move |(b, n)| {
+                seen += n;
+                (*b, seen)
+            })
+    }
+
+    /// `{"count", "sum_ms"}` for the JSON stats.
+    fn to_json_ms(&self) -> Value {
+        json!({"count": self.count, "sum_ms": self.sum_us / 1_000})
+    }
+
+    /// The histogram in the text exposition format, values in seconds.
+    pub fn write_prometheus(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (bound, n) in self.cumulative() {
+            let le = bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// How a run ended (the `outcome` label of `agentwire_runs_ended_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// `agent_completed`.
+    Completed,
+    /// `agent_error` for any other reason (the worker's own failures, and the
+    /// gateway's `no_agent` and `shutdown`).
+    Error,
+    /// The watchdog's `agent_error {"reason":"run_timeout"}`.
+    RunTimeout,
+    /// A run handle dropped before its run ended: `{"reason":"worker_dropped"}`.
+    WorkerDropped,
+    /// `agent_error {"reason":"cancelled"}`, or any `agent_error` but `run_timeout` and
+    /// `worker_dropped` of a run a client asked to cancel.
+    Cancelled,
+}
+
+impl RunOutcome {
+    pub const ALL: [RunOutcome; 5] = [
+        RunOutcome::Completed,
+        RunOutcome::Error,
+        RunOutcome::RunTimeout,
+        RunOutcome::WorkerDropped,
+        RunOutcome::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Completed => "completed",
+            RunOutcome::Error => "error",
+            RunOutcome::RunTimeout => "run_timeout",
+            RunOutcome::WorkerDropped => "worker_dropped",
+            RunOutcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// The outcome of a run ended by `agent_error` whose `data.reason` is `reason`,
+    /// `cancel_requested` when a client asked to cancel the run.
+    pub fn of_error(reason: Option<&str>, cancel_requested: bool) -> RunOutcome {
+        match reason {
+            Some("run_timeout") => RunOutcome::RunTimeout,
+            Some("worker_dropped") => RunOutcome::WorkerDropped,
+            Some("cancelled") => RunOutcome::Cancelled,
+            _ if cancel_requested => RunOutcome::Cancelled,
+            _ => RunOutcome::Error,
+        }
+    }
+}
+
+/// What one routed event did to its run, for the run metrics: built by the engine
+/// that keeps the runs, recorded with [`Stats::record_run`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunTransition {
+    /// The event is its run's first.
+    pub began: bool,
+    /// With `began`: the time since the `user_message` whose ack named the run (none
+    /// for runs a worker started by itself).
+    pub since_message: Option<Duration>,
+    /// A `tool_completed` paired with its `tool_executing`: the tool call's duration.
+    pub tool: Option<Duration>,
+    /// The event ended its run: how, and the run's duration from its first event.
+    pub ended: Option<(RunOutcome, Duration)>,
+}
+
 impl Stats {
     pub fn new() -> Stats {
         Stats {
@@ -434,6 +641,13 @@ impl Stats {
             watchdog_passes: 0,
             latency_us: Histogram::new(),
             loop_us: Histogram::new(),
+            latency_buckets: Buckets::new(LATENCY_BUCKETS_US),
+            loop_buckets: Buckets::new(LATENCY_BUCKETS_US),
+            runs_started: 0,
+            runs_ended: [0; RunOutcome::ALL.len()],
+            run_duration: Buckets::new(RUN_DURATION_BUCKETS_US),
+            run_first_event: Buckets::new(FIRST_EVENT_BUCKETS_US),
+            tool_duration: Buckets::new(TOOL_DURATION_BUCKETS_US),
         }
     }
 
@@ -498,8 +712,46 @@ impl Stats {
             .map(|r| (r.as_str(), self.dropped_count(*r)))
     }
 
+    /// One event's emit-to-write latency.
     pub fn record_latency_us(&mut self, us: u64) {
         self.latency_us.record(us);
+        self.latency_buckets.record(us);
+    }
+
+    /// What one routed event did to its run (see [`RunTransition`]).
+    pub fn record_run(&mut self, t: &RunTransition) {
+        if t.began {
+            self.runs_started += 1;
+            if let Some(d) = t.since_message {
+                self.run_first_event.record(micros(d));
+            }
+        }
+        if let Some(d) = t.tool {
+            self.tool_duration.record(micros(d));
+        }
+        if let Some((outcome, d)) = t.ended {
+            if let Some(n) = self.runs_ended.get_mut(outcome as usize) {
+                *n += 1;
+            }
+            self.run_duration.record(micros(d));
+        }
+    }
+
+    /// Runs ended with `outcome` so far.
+    pub fn runs_ended(&self, outcome: RunOutcome) -> u64 {
+        self.runs_ended.get(outcome as usize).copied().unwrap_or(0)
+    }
+
+    /// Runs begun and not yet ended.
+    pub fn runs_in_flight(&self) -> u64 {
+        self.runs_started
+            .saturating_sub(self.runs_ended.iter().sum::<u64>())
+    }
+
+    fn runs_ended_by_outcome(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        RunOutcome::ALL
+            .iter()
+            .map(|o| (o.as_str(), self.runs_ended(*o)))
     }
 
     /// One loop iteration's timer work: `fired` timers handled in `us` microseconds.
@@ -516,6 +768,7 @@ impl Stats {
     pub fn record_loop_us(&mut self, us: u64) {
         self.loop_iterations += 1;
         self.loop_us.record(us);
+        self.loop_buckets.record(us);
     }
 
     fn percentiles(h: &Histogram) -> Value {
@@ -563,7 +816,18 @@ impl Stats {
             },
             "users": {"online": g.users_online, "known": g.users_known, "forgotten": g.memory.users_forgotten},
             "users_online": g.users_online,
-            "runs": {"active": g.active_runs, "refused": g.memory.runs_refused, "timed_out": self.runs_timed_out, "watchdog_passes": self.watchdog_passes},
+            "runs": {
+                "active": g.active_runs,
+                "refused": g.memory.runs_refused,
+                "timed_out": self.runs_timed_out,
+                "watchdog_passes": self.watchdog_passes,
+                "started": self.runs_started,
+                "ended": by_name(&mut self.runs_ended_by_outcome()),
+                "in_flight": self.runs_in_flight(),
+                "duration_ms": self.run_duration.to_json_ms(),
+                "first_event_ms": self.run_first_event.to_json_ms(),
+                "tool_duration_ms": self.tool_duration.to_json_ms(),
+            },
             "replay": {"events": g.memory.replay_events, "bytes": g.memory.replay_bytes, "evicted": g.memory.replay_evicted},
             "idempotency": {"keys": g.memory.idempotency_keys, "bytes": g.memory.idempotency_key_bytes, "dropped": g.memory.idempotency_keys_dropped, "per_user_limit": crate::registry::KEYS_PER_USER, "key_overhead_bytes": crate::registry::KEY_OVERHEAD_BYTES},
             "events": {
@@ -882,30 +1146,56 @@ impl Stats {
             "Log lines dropped because the log output did not keep up.",
             &one(g.log_lines_dropped as f64),
         );
+        metric(
+            "runs_started_total",
+            "counter",
+            "Agent runs begun (their first event routed).",
+            &one(self.runs_started as f64),
+        );
+        let by_outcome: Vec<(String, f64)> = self
+            .runs_ended_by_outcome()
+            .map(|(name, n)| (format!("{{outcome=\"{name}\"}}"), n as f64))
+            .collect();
+        metric(
+            "runs_ended_total",
+            "counter",
+            "Agent runs ended, by outcome (completed, error, run_timeout, worker_dropped, cancelled).",
+            &by_outcome,
+        );
+        metric(
+            "runs_in_flight",
+            "gauge",
+            "Agent runs begun and not yet ended (runs_started_total minus runs_ended_total).",
+            &one(self.runs_in_flight() as f64),
+        );
         for (name, help, h) in [
             (
-                "emit_to_write_latency_microseconds",
-                "Latency from emit to socket write.",
-                &self.latency_us,
+                "emit_to_write_latency_seconds",
+                "Latency from an event's emit to its write to a socket.",
+                &self.latency_buckets,
             ),
             (
-                "loop_iteration_microseconds",
+                "loop_iteration_seconds",
                 "Reactor loop iteration time.",
-                &self.loop_us,
+                &self.loop_buckets,
+            ),
+            (
+                "run_duration_seconds",
+                "Agent run duration, from its first event to its end.",
+                &self.run_duration,
+            ),
+            (
+                "run_first_event_seconds",
+                "Time from a user_message to the first event of the run its ack named.",
+                &self.run_first_event,
+            ),
+            (
+                "tool_duration_seconds",
+                "Tool call duration, from tool_executing to its tool_completed.",
+                &self.tool_duration,
             ),
         ] {
-            let _ = writeln!(out, "# HELP agentwire_{name} {help}");
-            let _ = writeln!(out, "# TYPE agentwire_{name} summary");
-            for q in [0.5, 0.9, 0.99, 0.999] {
-                let v = if h.is_empty() {
-                    0
-                } else {
-                    h.value_at_quantile(q)
-                };
-                let _ = writeln!(out, "agentwire_{name}{{quantile=\"{q}\"}} {v}");
-            }
-            let _ = writeln!(out, "agentwire_{name}_sum {}", h.sum());
-            let _ = writeln!(out, "agentwire_{name}_count {}", h.len());
+            h.write_prometheus(&mut out, &format!("agentwire_{name}"), help);
         }
         out
     }
@@ -1012,7 +1302,11 @@ mod tests {
         assert!(p.contains("agentwire_connections_open 1\n"));
         assert!(p.contains("agentwire_connections_refused_total{reason=\"invalid_token\"} 1\n"));
         assert!(p.contains("agentwire_events_dropped_total{reason=\"run_ended\"} 2\n"));
-        assert!(p.contains("agentwire_emit_to_write_latency_microseconds_count 100\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_seconds_count 100\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_seconds_bucket{le=\"0.000025\"} 25\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_seconds_bucket{le=\"0.0001\"} 100\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_seconds_sum 0.00505\n"));
+        assert!(!p.contains("quantile"), "no summaries left");
         assert_eq!(
             j["budgets"]["pending_total"],
             json!({"limit": 100, "used": 7})
@@ -1031,5 +1325,123 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn buckets_count_each_value_once_at_its_bound() {
+        let mut b = Buckets::new(&[10, 100, 1_000]);
+        for v in [0, 10, 11, 100, 101, 1_000, 1_001, u64::MAX] {
+            b.record(v);
+        }
+        let cum: Vec<(u64, u64)> = b.cumulative().collect();
+        assert_eq!(cum, vec![(10, 2), (100, 4), (1_000, 6)]);
+        assert_eq!(b.over, 2);
+        assert_eq!(b.count, 8);
+        assert_eq!(b.sum_us, u64::MAX, "the sum saturates");
+        let long: &'static [u64] = &[1; 30];
+        assert_eq!(Buckets::new(long).bounds.len(), MAX_BUCKETS);
+        for bounds in [
+            LATENCY_BUCKETS_US,
+            RUN_DURATION_BUCKETS_US,
+            FIRST_EVENT_BUCKETS_US,
+            TOOL_DURATION_BUCKETS_US,
+        ] {
+            assert!(bounds.len() <= MAX_BUCKETS);
+            assert!(
+                bounds.windows(2).all(|w| w[0] < w[1]),
+                "{bounds:?} ascending"
+            );
+        }
+    }
+
+    /// Every histogram in `/metrics`: buckets cumulative with ascending `le`, the last
+    /// `+Inf` equal to `_count`, then `_sum` and `_count`.
+    #[test]
+    fn prometheus_histograms_are_well_formed() {
+        let mut s = Stats::new();
+        for us in [3, 70, 900, 40_000, 20_000_000] {
+            s.record_latency_us(us);
+            s.record_loop_us(us);
+        }
+        s.record_run(&RunTransition {
+            began: true,
+            since_message: Some(Duration::from_millis(30)),
+            tool: Some(Duration::from_millis(700)),
+            ended: Some((RunOutcome::Cancelled, Duration::from_secs(4))),
+        });
+        let p = s.to_prometheus(&Gauges::default());
+        let mut histograms = 0;
+        for line in p.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut parts = line.split(' ').skip(2);
+            let (Some(name), Some("histogram")) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            histograms += 1;
+            let mut last_le = f64::NEG_INFINITY;
+            let mut last_n = 0u64;
+            let mut inf = None;
+            let bucket = format!("{name}_bucket{{le=\"");
+            for l in p.lines().filter(|l| l.starts_with(&bucket)) {
+                let rest = &l[bucket.len()..];
+                let (le, n) = rest.split_once("\"} ").unwrap();
+                let n: u64 = n.parse().unwrap();
+                assert!(n >= last_n, "{l}: not cumulative");
+                last_n = n;
+                if le == "+Inf" {
+                    inf = Some(n);
+                } else {
+                    let le: f64 = le.parse().unwrap();
+                    assert!(le > last_le && inf.is_none(), "{l}: le order");
+                    last_le = le;
+                }
+            }
+            let count_line = format!("{name}_count ");
+            let count: u64 = p
+                .lines()
+                .find_map(|l| l.strip_prefix(&count_line))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(inf, Some(count), "{name}: +Inf == count");
+            assert!(p.contains(&format!("{name}_sum ")), "{name}_sum");
+        }
+        assert_eq!(histograms, 5, "{p}");
+        assert!(p.contains("agentwire_runs_started_total 1\n"));
+        assert!(p.contains("agentwire_runs_ended_total{outcome=\"cancelled\"} 1\n"));
+        assert!(p.contains("agentwire_runs_ended_total{outcome=\"completed\"} 0\n"));
+        assert!(p.contains("agentwire_runs_in_flight 0\n"));
+        assert!(p.contains("agentwire_run_duration_seconds_bucket{le=\"2.5\"} 0\n"));
+        assert!(p.contains("agentwire_run_duration_seconds_bucket{le=\"5\"} 1\n"));
+        assert!(p.contains("agentwire_run_first_event_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(p.contains("agentwire_tool_duration_seconds_bucket{le=\"1\"} 1\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_seconds_bucket{le=\"10\"} 4\n"));
+        assert!(p.contains("agentwire_emit_to_write_latency_seconds_bucket{le=\"+Inf\"} 5\n"));
+        let j = s.to_json(&Gauges::default());
+        assert_eq!(j["runs"]["started"], 1);
+        assert_eq!(j["runs"]["ended"]["cancelled"], 1);
+        assert_eq!(j["runs"]["in_flight"], 0);
+        assert_eq!(j["runs"]["duration_ms"]["sum_ms"], 4000);
+        assert_eq!(j["latency_us"]["max"], 20_000_000, "JSON percentiles kept");
+    }
+
+    #[test]
+    fn run_outcomes_follow_the_ending_reason() {
+        use RunOutcome::*;
+        assert_eq!(RunOutcome::of_error(Some("run_timeout"), true), RunTimeout);
+        assert_eq!(
+            RunOutcome::of_error(Some("worker_dropped"), true),
+            WorkerDropped
+        );
+        assert_eq!(RunOutcome::of_error(Some("cancelled"), false), Cancelled);
+        assert_eq!(RunOutcome::of_error(Some("boom"), true), Cancelled);
+        assert_eq!(RunOutcome::of_error(None, false), Error);
+        assert_eq!(RunOutcome::of_error(Some("shutdown"), false), Error);
+        let mut s = Stats::new();
+        s.record_run(&RunTransition {
+            began: true,
+            ..RunTransition::default()
+        });
+        assert_eq!(s.runs_in_flight(), 1);
+        assert_eq!(s.run_first_event.count, 0, "no user_message: not measured");
     }
 }

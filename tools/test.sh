@@ -13,6 +13,9 @@
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
 #      target/release/agentwire with the venv's python.
+#   3a. tests/interop/test_metrics.py: /metrics through prometheus_client's parser
+#      (histograms valid, run metrics move as runs happen, the Grafana dashboard's
+#      metrics exist) against target/release/agentwire.
 #   3b. tools/test_js.sh: the clients/js tests (node --test, `npm ci` of the pinned
 #      devDependencies in clients/js) against target/release/agentwire.
 #   3c. tools/test_browser.sh: the demo page in Debian's Chromium (installed with apt-get
@@ -177,7 +180,7 @@ if [ "$quick" -eq 0 ]; then
     if [ -x "$VENV/bin/python" ]; then
         want=$(sha256sum "$REQS" | cut -d' ' -f1)
         have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
-        if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets' 2>/dev/null; then
+        if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets, prometheus_client' 2>/dev/null; then
             echo "up to date with tools/requirements-test.txt"
             venv_ok=1
         elif "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQS"; then
@@ -227,6 +230,19 @@ if [ "$quick" -eq 0 ]; then
             "$(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above"
     fi
 
+    step "metrics: tests/interop/test_metrics.py against target/release/agentwire"
+    if [ "$build_rc" -ne 0 ] || [ "$venv_ok" -ne 1 ]; then
+        echo "skipped: needs the release build and the venv"
+        failed=$((failed + 1))
+        failures+=("metrics: not run (release build or venv failed)")
+        summary+=("metrics: not run")
+    else
+        run_logged "$LOGDIR/metrics.log" "$INTEROP_TIMEOUT_S" \
+            "$VENV/bin/python" tests/interop/test_metrics.py --bin "$ROOT/target/release/agentwire"
+        count_summary metrics "$LOGDIR/metrics.log" "$rc" \
+            "$(grep -c '^FAIL ' "$LOGDIR/metrics.log" || true) FAIL line(s) above"
+    fi
+
     # The client suites: each script ends with `N passed, M failed` and keeps its own log.
     client_suite "clients/js" "node --test (tools/test_js.sh)" tools/test_js.sh js
     client_suite "demo page" "Chromium (tools/test_browser.sh)" tools/test_browser.sh browser
@@ -243,6 +259,7 @@ fi
 step "summary"
 grep -hE '^ *Running |^ *Doc-tests |^test result: ' "$LOGDIR/cargo-test.log" "$LOGDIR/cargo-doctest.log" || true
 [ "$quick" -eq 0 ] && [ -f "$LOGDIR/interop.log" ] && grep -E '^(PASS|FAIL) ' "$LOGDIR/interop.log" | cut -c1-160 || true
+[ "$quick" -eq 0 ] && [ -f "$LOGDIR/metrics.log" ] && grep -E '^(PASS|FAIL) ' "$LOGDIR/metrics.log" | cut -c1-160 || true
 echo
 printf '%s\n' "${summary[@]}"
 if [ "${#failures[@]}" -gt 0 ]; then

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -196,11 +197,10 @@ impl Reactor {
             return true;
         }
         let now = self.tick();
-        let u = self.registry.entry(&user);
-        u.runs.insert(
-            run,
-            Run::pending(thread.map(Into::into), isolated.then_some(id), now),
-        );
+        let mut pending = Run::pending(thread.map(Into::into), isolated.then_some(id), now);
+        // The time to the run's first event counts from here (the run metrics).
+        pending.asked = Some(Instant::now());
+        self.registry.entry(&user).runs.insert(run, pending);
         self.send(
             id,
             &ServerFrame::Ack {

@@ -48,7 +48,7 @@ impl Reactor {
             }
         }
         self.stats.events_emitted += 1;
-        let (Routed { frame, owner }, user) = match self.registry.route(&ev, now) {
+        let (Routed { frame, owner, run }, user) = match self.registry.route(&ev, now) {
             Ok(routed) => routed,
             Err(refused) => {
                 let (reason, what) = match refused {
@@ -68,6 +68,7 @@ impl Reactor {
                 return;
             }
         };
+        self.stats.record_run(&run);
         self.scratch_targets.clear();
         self.scratch_targets
             .extend(user.targets(ev.key.thread_id.as_deref(), owner));

@@ -101,6 +101,8 @@ pub struct Routed {
     pub frame: Bytes,
     /// The connection that started the run, for runs of an isolated connection.
     pub owner: Option<ConnId>,
+    /// What the event did to its run (begun, ended, a tool call finished).
+    pub run: crate::stats::RunTransition,
 }
 
 /// The bounds the registry enforces (from the config's settings of the same names).

@@ -2,15 +2,19 @@
 //! it) to its end; admission of an event against the ended runs and the run caps
 //! (`max_active_runs_per_user`, `max_active_runs`); the run bookkeeping done as an
 //! event takes its `seq`; the bounded memory of a user's ended runs, so late events
-//! of an ended run are refused; the runs the watchdog ends.
+//! of an ended run are refused; the runs the watchdog ends; and what each event did to
+//! its run for the run metrics ([`RunTransition`]: begun, ended with its outcome, a
+//! tool call finished), recorded by the reactor in its stats.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{Limits, Refused, Registry, Routed, User};
 use crate::conn::ConnId;
-use crate::event::{Event, RunKey};
+use crate::event::{Event, EventKind, RunKey};
+use crate::stats::{RunOutcome, RunTransition};
 
 /// A run that has started and not yet ended.
 #[derive(Debug)]
@@ -28,6 +32,49 @@ pub struct Run {
     pub begun: bool,
     /// A client asked to cancel it (applied to the cancel flag once it arrives).
     pub cancel_requested: bool,
+    /// When the `user_message` that pre-registered it arrived (time to first event).
+    pub asked: Option<Instant>,
+    /// Emit time of its first event (run duration).
+    pub began_at: Option<Instant>,
+    /// Tool calls awaiting their `tool_completed`; allocated at the first.
+    tools: Option<Box<OpenTools>>,
+}
+
+/// `agent_error` reasons of ends the gateway (watchdog, no consumer, shutdown) or the
+/// emitter (a dropped run handle) makes up: as a run's first event they say nothing of
+/// the time to first event, which is then not measured.
+const SYNTHETIC_ENDS: [&str; 4] = ["run_timeout", "no_agent", "shutdown", "worker_dropped"];
+
+/// Most tool calls of one run awaiting their `tool_completed`; past it the oldest is
+/// forgotten (its duration goes unmeasured). With ids of at most
+/// [`crate::event::MAX_TOOL_CALL_ID_BYTES`], a run's open calls cost under 1 KiB.
+const OPEN_TOOLS_KEPT: usize = 8;
+
+/// A run's open tool calls in start order: the `tool_call_id` of their
+/// `tool_executing` (when its `data` has one) and its emit time.
+#[derive(Debug, Default)]
+struct OpenTools(VecDeque<(Option<Box<str>>, Instant)>);
+
+impl OpenTools {
+    fn start(&mut self, id: Option<Box<str>>, at: Instant) {
+        if self.0.len() >= OPEN_TOOLS_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((id, at));
+    }
+
+    /// The start of the call a `tool_completed` with `id` finishes: the open call with
+    /// that `tool_call_id`, else (no id) the oldest open call.
+    fn finish(&mut self, id: Option<&str>) -> Option<Instant> {
+        let i = match id {
+            Some(id) => self
+                .0
+                .iter()
+                .position(|(open, _)| open.as_deref() == Some(id))?,
+            None => 0,
+        };
+        self.0.remove(i).map(|(_, at)| at)
+    }
 }
 
 impl Run {
@@ -46,7 +93,49 @@ impl Run {
             cancel: None,
             begun: false,
             cancel_requested: false,
+            asked: None,
+            began_at: None,
+            tools: None,
         }
+    }
+
+    /// The run-metric part of routing `ev` (an event of this run, at its emit time):
+    /// tool calls opened and finished, and the end with its outcome and duration.
+    /// `transition.began` is set by the caller. Returns true when `ev` is an end the
+    /// gateway or the emitter made up rather than the agent's work ([`SYNTHETIC_ENDS`]).
+    fn follow(&mut self, ev: &Event, transition: &mut RunTransition) -> bool {
+        let at = ev.emitted;
+        match ev.kind {
+            EventKind::ToolExecuting => {
+                let id = ev.tool_call_id();
+                self.tools.get_or_insert_with(Box::default).start(id, at);
+            }
+            EventKind::ToolCompleted => {
+                if let Some(tools) = self.tools.as_mut() {
+                    let id = ev.tool_call_id();
+                    transition.tool = tools
+                        .finish(id.as_deref())
+                        .map(|start| at.saturating_duration_since(start));
+                }
+            }
+            EventKind::AgentCompleted => {
+                transition.ended = Some((RunOutcome::Completed, self.age(at)));
+            }
+            EventKind::AgentError => {
+                let reason = ev.data_markers().reason;
+                let outcome = RunOutcome::of_error(reason.as_deref(), self.cancel_requested);
+                transition.ended = Some((outcome, self.age(at)));
+                return reason.is_some_and(|r| SYNTHETIC_ENDS.contains(&&*r));
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// Time from the run's first event to `at`.
+    fn age(&self, at: Instant) -> Duration {
+        self.began_at
+            .map_or(Duration::ZERO, |b| at.saturating_duration_since(b))
     }
 }
 
@@ -85,8 +174,9 @@ impl User {
     /// Route an admitted `ev` within this user at tick `now`: the event takes the next
     /// `seq` and its frame is built; its run begins (a `user_message` only
     /// pre-registers it) or is updated (last seq, type, time, the worker's cancel flag,
-    /// set at once if a cancel already arrived) and ends when `ev` ends it. Returns the
-    /// routing and the change in this user's run count (+1, 0 or -1).
+    /// set at once if a cancel already arrived, open tool calls) and ends when `ev`
+    /// ends it. Returns the routing (with what `ev` did to its run, for the metrics)
+    /// and the change in this user's run count (+1, 0 or -1).
     pub(super) fn route_admitted(&mut self, ev: &Event, now: u64) -> (Routed, isize) {
         self.seq += 1;
         self.last_active = now;
@@ -97,11 +187,20 @@ impl User {
             .runs
             .entry(ev.key.run_id.clone())
             .or_insert_with(|| Run::pending(ev.key.thread_id.clone(), None, now));
+        let mut transition = RunTransition::default();
         if !run.begun {
             run.begun = true;
             run.started_ts = ev.ts_ms;
             run.agent_name = ev.key.agent_name.clone();
             run.thread = ev.key.thread_id.clone();
+            run.began_at = Some(ev.emitted);
+            transition.began = true;
+            transition.since_message = run
+                .asked
+                .map(|asked| ev.emitted.saturating_duration_since(asked));
+        }
+        if run.follow(ev, &mut transition) {
+            transition.since_message = None;
         }
         if let Some(flag) = &ev.cancel_flag {
             if run.cancel_requested {
@@ -123,7 +222,14 @@ impl User {
             }
         }
         let delta = self.runs.len() as isize - before as isize;
-        (Routed { frame, owner }, delta)
+        (
+            Routed {
+                frame,
+                owner,
+                run: transition,
+            },
+            delta,
+        )
     }
 
     pub fn run_ended(&self, run_id: &str) -> bool {
@@ -318,5 +424,137 @@ mod tests {
             names(u.active_runs(None, 2)),
             (vec!["c".into(), "d".into()], true)
         );
+    }
+
+    fn with_data(user: &str, run: &str, kind: EventKind, data: serde_json::Value) -> Event {
+        let key = RunKey::new(user, None, run, "agent").unwrap();
+        Event::new(key, kind, &data).unwrap()
+    }
+
+    #[test]
+    fn transitions_report_begin_tools_and_outcome() {
+        use serde_json::json;
+        let mut r = Registry::default();
+        // A run pre-registered by a user_message: its first event measures the wait.
+        let asked = Instant::now();
+        let mut pending = Run::pending(None, None, 0);
+        pending.asked = Some(asked);
+        r.entry("u").runs.insert("r1".into(), pending);
+        let first = with_data("u", "r1", EventKind::AgentStarted, json!({}));
+        let (routed, _) = r.route(&first, 0).unwrap();
+        assert!(routed.run.began);
+        assert_eq!(
+            routed.run.since_message,
+            Some(first.emitted.saturating_duration_since(asked))
+        );
+        assert_eq!(routed.run.ended, None);
+        // Two tools: completed out of order by tool_call_id, then one without an id by
+        // order.
+        for (id, kind) in [
+            (Some("a"), EventKind::ToolExecuting),
+            (Some("b"), EventKind::ToolExecuting),
+            (None, EventKind::ToolExecuting),
+        ] {
+            let ev = with_data("u", "r1", kind, json!({"tool_call_id": id, "tool": "t"}));
+            let (routed, _) = r.route(&ev, 0).unwrap();
+            assert_eq!(routed.run, RunTransition::default());
+        }
+        let tools = |r: &Registry| {
+            r.get("u").unwrap().runs["r1"].tools.as_ref().map(|t| {
+                t.0.iter()
+                    .map(|(id, _)| id.as_deref().map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            tools(&r),
+            Some(vec![Some("a".into()), Some("b".into()), None])
+        );
+        let done_b = with_data(
+            "u",
+            "r1",
+            EventKind::ToolCompleted,
+            json!({"tool_call_id": "b"}),
+        );
+        assert!(r.route(&done_b, 0).unwrap().0.run.tool.is_some());
+        assert_eq!(tools(&r), Some(vec![Some("a".into()), None]));
+        let unknown = with_data(
+            "u",
+            "r1",
+            EventKind::ToolCompleted,
+            json!({"tool_call_id": "zz"}),
+        );
+        assert_eq!(
+            r.route(&unknown, 0).unwrap().0.run.tool,
+            None,
+            "no such call"
+        );
+        let by_order = with_data("u", "r1", EventKind::ToolCompleted, json!({"result": 1}));
+        assert!(r.route(&by_order, 0).unwrap().0.run.tool.is_some());
+        assert_eq!(tools(&r), Some(vec![None]));
+        // The end: a cancel was asked, the worker ends with its own error.
+        r.get_mut("u")
+            .unwrap()
+            .runs
+            .get_mut("r1")
+            .unwrap()
+            .cancel_requested = true;
+        let end = with_data(
+            "u",
+            "r1",
+            EventKind::AgentError,
+            json!({"message": "stopped"}),
+        );
+        let (routed, _) = r.route(&end, 0).unwrap();
+        let (outcome, took) = routed.run.ended.unwrap();
+        assert_eq!(outcome, RunOutcome::Cancelled);
+        assert_eq!(took, end.emitted.saturating_duration_since(first.emitted));
+        // A run a worker starts by itself: no wait measured; ends by the watchdog.
+        let (routed, _) = r
+            .route(
+                &with_data("u", "r2", EventKind::AgentThinking, json!("x")),
+                0,
+            )
+            .unwrap();
+        assert!(routed.run.began && routed.run.since_message.is_none());
+        let timeout = with_data(
+            "u",
+            "r2",
+            EventKind::AgentError,
+            json!({"reason": "run_timeout"}),
+        );
+        assert_eq!(
+            r.route(&timeout, 0).unwrap().0.run.ended.unwrap().0,
+            RunOutcome::RunTimeout
+        );
+        // A user_message whose run never got an event: the watchdog's end is not a
+        // first event worth measuring.
+        let mut pending = Run::pending(None, None, 0);
+        pending.asked = Some(Instant::now());
+        r.entry("u").runs.insert("r4".into(), pending);
+        let timeout = with_data(
+            "u",
+            "r4",
+            EventKind::AgentError,
+            json!({"reason": "run_timeout"}),
+        );
+        let t = r.route(&timeout, 0).unwrap().0.run;
+        assert!(t.began && t.since_message.is_none(), "{t:?}");
+        let done = with_data("u", "r3", EventKind::AgentCompleted, json!(null));
+        let t = r.route(&done, 0).unwrap().0.run;
+        assert!(t.began, "an end as the first event begins and ends the run");
+        assert_eq!(t.ended, Some((RunOutcome::Completed, Duration::ZERO)));
+    }
+
+    #[test]
+    fn open_tool_calls_are_bounded() {
+        let mut tools = OpenTools::default();
+        let t0 = Instant::now();
+        for i in 0..(OPEN_TOOLS_KEPT + 5) {
+            tools.start(Some(format!("c{i}").into()), t0);
+        }
+        assert_eq!(tools.0.len(), OPEN_TOOLS_KEPT);
+        assert_eq!(tools.finish(Some("c0")), None, "the oldest was forgotten");
+        assert_eq!(tools.finish(Some("c5")), Some(t0));
     }
 }

@@ -272,3 +272,132 @@ fn events_without_a_connection_are_counted_as_no_connection() {
     let c = gw.connect("st-offline");
     assert_eq!(c.last_seq(), 2);
 }
+
+/// The run metrics of PROTOCOL.md section 12 from in-process runs: a run with a tool
+/// that completes, one whose handle is dropped (`worker_dropped`), one that fails, and
+/// one started by a `user_message` (time to first event); in flight while they run.
+#[test]
+fn run_metrics_count_outcomes_durations_and_runs_in_flight() {
+    let mut gw = TestGateway::start(crate::support::config(), crate::support::Agent::Test);
+    let inbound = gw.inbound();
+    let mut c = gw.connect("rm-user");
+    let runs = |gw: &TestGateway| prometheus(&get(gw.addr, "/metrics").text());
+    let count = |m: &[(String, f64)], name: &str| metric(m, &format!("{name}_count"));
+    let ended = |m: &[(String, f64)], outcome: &str| {
+        metric(
+            m,
+            &format!("agentwire_runs_ended_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+
+    let mut done = gw
+        .emitter
+        .run("rm-user", None, "r-done", "rm_agent")
+        .expect("run");
+    done.agent_started(&json!({})).expect("emit");
+    done.tool_executing(&json!({"tool": "sql"})).expect("emit");
+    let mut dropped = gw
+        .emitter
+        .run("rm-user", None, "r-drop", "rm_agent")
+        .expect("run");
+    dropped.agent_started(&json!({})).expect("emit");
+    c.recv_events(3);
+    let m = runs(&gw);
+    assert_eq!(metric(&m, "agentwire_runs_started_total"), 2.0);
+    assert_eq!(metric(&m, "agentwire_runs_in_flight"), 2.0);
+    assert_eq!(count(&m, "agentwire_run_duration_seconds"), 0.0);
+
+    done.tool_completed(&json!({"tool": "sql"})).expect("emit");
+    done.agent_completed(&json!({})).expect("emit");
+    drop(dropped);
+    let mut failed = gw
+        .emitter
+        .run("rm-user", None, "r-fail", "rm_agent")
+        .expect("run");
+    failed.agent_started(&json!({})).expect("emit");
+    failed
+        .agent_error(&json!({"message": "out of tokens"}))
+        .expect("emit");
+    let evs = c.recv_events(5);
+    assert_eq!(evs[2]["data"]["reason"], "worker_dropped", "{evs:?}");
+
+    // A user_message pre-registers its run: its first event measures the wait.
+    let ack = c.user_message(None, "hi", "m1");
+    let run_id = ack["run_id"].as_str().expect("run_id").to_owned();
+    let msg = inbound
+        .recv_timeout(crate::support::WAIT)
+        .expect("user_message reaches the worker");
+    assert!(matches!(msg, agentwire::Inbound::UserMessage { .. }));
+    let mut asked = gw
+        .emitter
+        .run("rm-user", None, &run_id, "rm_agent")
+        .expect("run");
+    asked.agent_started(&json!({})).expect("emit");
+    asked.agent_completed(&json!({})).expect("emit");
+    c.recv_events(2);
+
+    let m = runs(&gw);
+    assert_eq!(metric(&m, "agentwire_runs_started_total"), 4.0);
+    assert_eq!(metric(&m, "agentwire_runs_in_flight"), 0.0);
+    assert_eq!(ended(&m, "completed"), 2.0);
+    assert_eq!(ended(&m, "worker_dropped"), 1.0);
+    assert_eq!(ended(&m, "error"), 1.0);
+    assert_eq!(ended(&m, "run_timeout"), 0.0);
+    assert_eq!(ended(&m, "cancelled"), 0.0);
+    assert_eq!(count(&m, "agentwire_run_duration_seconds"), 4.0);
+    assert_eq!(count(&m, "agentwire_tool_duration_seconds"), 1.0);
+    assert_eq!(count(&m, "agentwire_run_first_event_seconds"), 1.0);
+    assert_eq!(
+        metric(&m, "agentwire_run_first_event_seconds_bucket{le=\"+Inf\"}"),
+        1.0
+    );
+    let s = gw.stats();
+    assert_eq!(s["runs"]["started"], 4, "{s}");
+    assert_eq!(s["runs"]["ended"]["worker_dropped"], 1, "{s}");
+    assert_eq!(s["runs"]["in_flight"], 0, "{s}");
+}
+
+/// docs/grafana/agentwire.json is valid JSON and queries only metrics `/metrics` has.
+#[test]
+fn grafana_dashboard_queries_exported_metrics() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana/agentwire.json");
+    let text = std::fs::read_to_string(path).expect("the dashboard file");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    let gw = TestGateway::plain();
+    // Sample names, and the family names of the TYPE lines (a labelled counter has no
+    // sample before its first count, e.g. connections closed by reason).
+    let text = get(gw.addr, "/metrics").text();
+    let mut exported: std::collections::HashSet<String> = prometheus(&text)
+        .into_iter()
+        .map(|(n, _)| n.split('{').next().unwrap_or_default().to_owned())
+        .collect();
+    exported.extend(
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .map(str::to_owned),
+    );
+    let mut used = 0;
+    for expr in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .map(|t| t["expr"].as_str().expect("every target has an expr"))
+    {
+        let mut rest = expr;
+        while let Some(at) = rest.find("agentwire_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(&name),
+                "{name} (in {expr}) is not in /metrics"
+            );
+            used += 1;
+            rest = &rest[at + name.len()..];
+        }
+    }
+    assert!(used >= 10, "the dashboard uses {used} metric names");
+}

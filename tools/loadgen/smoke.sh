@@ -8,7 +8,11 @@
 #   bash tools/loadgen/smoke.sh          build (release) and run every scenario
 #   SMOKE_NO_BUILD=1 bash ...             use the binaries already in target/release
 #
-# Each scenario runs under a 90 s timeout; its full output goes to
+# The soak runs for 60 s (6 cycles of 10 s; RSS back to its plateau, descriptors and
+# timers back to their baseline after every cycle) and the start-up time of
+# `agentwire serve` is measured (5 starts; printed, not asserted).
+#
+# Each scenario runs under a 90 s timeout (the soak: 150 s); its full output goes to
 # target/loadgen-smoke/<name>.log and is printed when it fails. Ends with
 # `loadgen smoke: N passed, M failed`; exits 0 only when M is 0.
 set -euo pipefail
@@ -29,12 +33,24 @@ passed=0
 failed=0
 failures=()
 
+# loadgen's own unit tests (the soak's verdicts, duration parsing, reports).
+log="$LOGDIR/unit.log"
+if cargo test --release --locked -p loadgen >"$log" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   unit: $(grep -m1 '^test result' "$log")"
+else
+    failed=$((failed + 1))
+    failures+=("unit")
+    echo "FAIL unit: cargo test --release -p loadgen"
+    tail -30 "$log" | sed 's/^/    | /'
+fi
+
 run() {
     local name=$1
     shift
     local log="$LOGDIR/$name.log"
     local t0=$SECONDS
-    if timeout 90 "$LOADGEN" "$@" --strict --quiet >"$log" 2>&1; then
+    if timeout "${SMOKE_TIMEOUT:-90}" "$LOADGEN" "$@" --strict --quiet >"$log" 2>&1; then
         passed=$((passed + 1))
         echo "ok   $name ($((SECONDS - t0)) s): $(grep -m1 -E '^  (checks|delivered)' "$log" | sed 's/^ *//')"
     else
@@ -53,6 +69,21 @@ run burst burst --users 4 --conns-per-user 1 --events 20000
 run burst-publish burst --driver publish --users 4 --conns-per-user 1 --events 20000
 run storm storm --conns 150 --rate 300 --duration-s 2 --concurrency 8 --churn-users 200
 run ramp ramp --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 1200 --step-s 1 --bound 60s
+# A short soak: replay_ttl_ms=10000 so the kept events reach their steady amount within
+# the two warm-up cycles.
+SMOKE_TIMEOUT=150 run soak soak --duration 60s --cycle-s 10 --warmup-cycles 2 --conns 150 \
+    --rate 300 --concurrency 8 --churn-users 500 --gateway-set replay_ttl_ms=10000
+
+log="$LOGDIR/startup.log"
+if timeout 90 "$LOADGEN" startup --runs 5 >"$log" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   startup: $(grep -m1 '^  median' "$log" | sed 's/^ *//')"
+else
+    failed=$((failed + 1))
+    failures+=("startup")
+    echo "FAIL startup: $LOADGEN startup --runs 5"
+    sed 's/^/    | /' "$log" | tail -20
+fi
 
 # The checker itself: with a per-user limit of 2 and 3 connections per user, every
 # user's oldest connection is evicted (4002) and misses the events after it; the run

@@ -7,6 +7,11 @@
 //! - `storm`: reconnect storm (connect/close churn) beside steady connections;
 //!   connections per second, failed handshakes.
 //! - `ramp`: raise the rate step by step until p99 crosses a bound; the sustainable rate.
+//! - `soak`: steady events plus connect/close churn in cycles for a long time (30 min
+//!   by default); RSS, descriptors and timers per cycle must return to their plateau
+//!   and baseline (src/soak.rs).
+//! - `startup`: spawn-to-first-accepted-connection time of `agentwire serve`, several
+//!   runs and the median (src/soak.rs).
 //! - `compare`: one scenario against agentwire and the comparison peers of tools/peers,
 //!   one after another; a table side by side and agentwire's ratios (src/compare.rs).
 //!
@@ -30,6 +35,7 @@ mod compare;
 mod driver;
 mod gateway;
 mod report;
+mod soak;
 mod sys;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -70,6 +76,11 @@ enum Scenario {
     Storm(StormArgs),
     /// Raise the rate step by step until p99 crosses --bound: the sustainable rate.
     Ramp(RampArgs),
+    /// Steady events plus connect/close churn in cycles (30 min by default): RSS must
+    /// return to its plateau, descriptors and timers to their baseline, every cycle.
+    Soak(soak::SoakArgs),
+    /// Start `agentwire serve` several times: time to the first accepted connection.
+    Startup(soak::StartupArgs),
     /// Run one scenario against agentwire and each comparison peer, one after another:
     /// a table side by side and agentwire's ratios. Compare's own options come first,
     /// then the scenario and its options, e.g.
@@ -431,6 +442,8 @@ fn main() -> ExitCode {
         Scenario::Burst(a) => burst(a),
         Scenario::Storm(a) => storm(a),
         Scenario::Ramp(a) => ramp(a),
+        Scenario::Soak(a) => soak::soak(a),
+        Scenario::Startup(a) => soak::startup(a),
         Scenario::Compare(a) => compare_cmd(a),
     };
     match outcome {
