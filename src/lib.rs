@@ -90,6 +90,7 @@ mod reactor;
 pub(crate) mod registry;
 pub(crate) mod stats;
 pub(crate) mod timer_wheel;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -107,6 +108,7 @@ pub use crate::auth::{
 pub use crate::config::{Config, ConfigError, LogFormat, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
+pub use crate::tls::TlsError;
 
 /// Internals for the binary (`src/bin/agentwire.rs`), the benches, the fuzz targets
 /// and `tools/loadgen`: NOT part of the API, hidden from the docs, and free to change
@@ -200,6 +202,10 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    /// `tls_cert_file` / `tls_key_file`: one without the other, unreadable, bad PEM,
+    /// or a key that does not match the certificate.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -281,6 +287,10 @@ impl Gateway {
     fn build(config: Config, dev: bool) -> Result<Gateway, Error> {
         config.validate()?;
         let auth = authenticator(&config)?;
+        let tls = tls::Acceptor::from_settings(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+        )?;
         let poll = Poll::new()?;
         let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
@@ -313,6 +323,7 @@ impl Gateway {
             rx,
             in_tx,
             auth,
+            tls,
             settings,
             epoch.clone(),
         );

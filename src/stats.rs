@@ -253,6 +253,13 @@ pub struct Stats {
     pub http_evicted: u64,
     /// Publish requests with a missing or wrong key.
     pub publish_auth_failures: u64,
+    /// TLS (`tls_cert_file` set): handshakes finished, connections closed for bad TLS
+    /// input (a broken record or handshake, a fatal alert), and `SIGHUP` reloads of the
+    /// certificate that took effect / were refused (the old one kept).
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+    pub tls_reloads: u64,
+    pub tls_reload_failures: u64,
     /// Runs the watchdog ended (`run_timeout`), and its passes that ended any.
     pub runs_timed_out: u64,
     pub watchdog_passes: u64,
@@ -398,6 +405,10 @@ impl Stats {
             accept_failures: 0,
             overload_refused: 0,
             http_evicted: 0,
+            tls_handshakes: 0,
+            tls_failures: 0,
+            tls_reloads: 0,
+            tls_reload_failures: 0,
             publish_auth_failures: 0,
             runs_timed_out: 0,
             watchdog_passes: 0,
@@ -577,6 +588,12 @@ impl Stats {
                 "degraded": g.accept_degraded,
             },
             "publish": {"auth_failures": self.publish_auth_failures},
+            "tls": {
+                "handshakes": self.tls_handshakes,
+                "failures": self.tls_failures,
+                "reloads": self.tls_reloads,
+                "reload_failures": self.tls_reload_failures,
+            },
         })
     }
 
@@ -771,6 +788,10 @@ impl Stats {
             ("accept_failures_total", "counter", "Failed accepts (descriptor limit and other errors).", self.accept_failures as f64),
             ("overload_refused_total", "counter", "Connections answered 503 overloaded at the descriptor limit.", self.overload_refused as f64),
             ("publish_auth_failures_total", "counter", "Publish requests with a missing or wrong key.", self.publish_auth_failures as f64),
+            ("tls_handshakes_total", "counter", "TLS handshakes finished.", self.tls_handshakes as f64),
+            ("tls_failures_total", "counter", "Connections closed for bad TLS input.", self.tls_failures as f64),
+            ("tls_reloads_total", "counter", "SIGHUP reloads of the TLS certificate that took effect.", self.tls_reloads as f64),
+            ("tls_reload_failures_total", "counter", "SIGHUP reloads of the TLS certificate refused (the old one kept).", self.tls_reload_failures as f64),
         ] {
             metric(name, kind, help, &one(v));
         }

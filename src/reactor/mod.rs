@@ -61,6 +61,7 @@ use crate::log_sink::{RateLog, Repeats};
 use crate::registry::{Limits, Registry};
 use crate::stats::{DropReason, Stats};
 use crate::timer_wheel::TimerWheel;
+use crate::tls::{Acceptor, Transport};
 
 #[cfg(feature = "conformance")]
 mod echo;
@@ -131,6 +132,8 @@ pub(crate) struct Reactor {
     rx: Receiver<Command>,
     inbound: Sender<Inbound>,
     auth: Authenticator,
+    /// TLS on `listen` (`tls_cert_file`, `tls_key_file`); `None`: plain TCP.
+    tls: Option<Acceptor>,
     s: Settings,
     conns: Slab<Conn>,
     registry: Registry,
@@ -207,6 +210,7 @@ impl Reactor {
         rx: Receiver<Command>,
         inbound: Sender<Inbound>,
         auth: Authenticator,
+        tls: Option<Acceptor>,
         s: Settings,
         epoch: String,
     ) -> Reactor {
@@ -233,6 +237,7 @@ impl Reactor {
             rx,
             inbound,
             auth,
+            tls,
             s,
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
@@ -270,8 +275,8 @@ impl Reactor {
         }
     }
 
-    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (logged and ignored until
-    /// reload exists, PROTOCOL.md section 12) handling: each sets its flag, then wakes
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (reload the TLS certificate,
+    /// PROTOCOL.md section 12; the rest of the configuration needs a restart) handling: each sets its flag, then wakes
     /// the loop through a self-pipe.
     pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -459,6 +464,12 @@ impl Reactor {
         }
         let accepted = self.listener.accept();
         let refused = match accepted {
+            // A TLS client could not read a plain answer: it is closed unanswered.
+            Ok((stream, _)) if self.tls.is_some() => {
+                drop(stream);
+                self.stats.overload_refused += 1;
+                true
+            }
             Ok((mut stream, _)) => {
                 use std::io::Write as _;
                 // Read what the client sent so the close is a FIN, not a reset that
@@ -481,17 +492,26 @@ impl Reactor {
         refused
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream) {
+    fn add_conn(&mut self, stream: TcpStream) {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("set_nodelay failed: {e}");
         }
         self.bound_send_buffer(&stream);
+        let stream = match self.tls.as_ref().map(Acceptor::session) {
+            None => Transport::plain(stream),
+            Some(Ok(session)) => Transport::tls(stream, session),
+            Some(Err(e)) => {
+                log::warn!("TLS session could not be created ({e}): connection dropped");
+                return;
+            }
+        };
+        let mut stream = stream;
         self.next_serial += 1;
         let serial = self.next_serial;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.poll.registry().register(
-            &mut stream,
+            stream.tcp(),
             Token(key),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -505,7 +525,7 @@ impl Reactor {
             .insert(now + self.s.config.handshake_timeout_ms, Timer::Phase(id));
         entry.insert(Conn {
             serial,
-            tcp: stream,
+            io: stream,
             out: OutQueue::counted(Arc::clone(&self.pending_total)),
             phase: Phase::Http(Box::default()),
             timer: Some(timer),
@@ -566,6 +586,27 @@ impl Reactor {
         }
     }
 
+    /// `SIGHUP`: read `tls_cert_file` and `tls_key_file` again; new handshakes use them,
+    /// established connections keep theirs. A bad file keeps the old pair, and says why.
+    pub(super) fn tls_reload(&mut self) {
+        let Some(acceptor) = self.tls.as_mut() else {
+            return;
+        };
+        match acceptor.reload() {
+            Ok(()) => {
+                self.stats.tls_reloads += 1;
+                log::info!(
+                    "TLS certificate reloaded from {} (new handshakes use it; connections kept)",
+                    acceptor.cert_file().display()
+                );
+            }
+            Err(e) => {
+                self.stats.tls_reload_failures += 1;
+                log::error!("TLS reload failed, the certificate in force is kept: {e}");
+            }
+        }
+    }
+
     // -------------------------------------------------------------- readiness
 
     fn ready(&mut self, key: usize, readable: bool, writable: bool) {
@@ -611,6 +652,10 @@ impl Reactor {
             return;
         };
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
+        if conn.io.take_tls_failure() {
+            self.stats.tls_failures += 1;
+            log::debug!("conn={} bad TLS input: closed", id.public_id());
+        }
         match phase {
             Phase::Closing => {
                 conn.phase = Phase::Closing;
@@ -632,7 +677,7 @@ impl Reactor {
                         }
                     }
                     let mut wire = Wire {
-                        tcp: &mut conn.tcp,
+                        io: &mut conn.io,
                         out: &mut conn.out,
                         bytes_in: &mut conn.bytes_in,
                     };
@@ -702,7 +747,7 @@ impl Reactor {
             if let Some(t) = conn.timer.take() {
                 self.wheel.cancel(t);
             }
-            let _ = self.poll.registry().deregister(&mut conn.tcp);
+            let _ = self.poll.registry().deregister(conn.io.tcp());
         }
     }
 }
