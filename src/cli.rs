@@ -396,7 +396,8 @@ mod tests {
                 "listen" => "0.0.0.0:1",
                 "jwt_algorithm" => "HS256",
                 "jwt_secret" | "publish_key" | "jwt_issuer" | "jwt_audience" => SECRET,
-                "jwt_public_key_file" => "",
+                // Alone they fail the start (TLS needs both): shown unset.
+                "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => "",
                 "allow_query_token" | "demo_agent" | "dev" => "false",
                 "allowed_origins" => "https://x.example",
                 "per_user_policy" => "reject",
@@ -409,7 +410,9 @@ mod tests {
             let json = c.to_public_json(false);
             match s.name {
                 "jwt_secret" | "publish_key" => assert_eq!(json[format!("{}_set", s.name)], true),
-                "jwt_public_key_file" => assert!(json[s.name].is_null()),
+                "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => {
+                    assert!(json[s.name].is_null())
+                }
                 "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy"
                 | "log_format" => {
                     assert_eq!(json[s.name], value, "{}", s.name)

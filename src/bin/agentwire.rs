@@ -107,7 +107,7 @@ fn serve(mut config: Config) -> ExitCode {
         Err(e) => {
             eprintln!("agentwire: {e}");
             return ExitCode::from(match e {
-                agentwire::Error::Config(_) => 2,
+                agentwire::Error::Config(_) | agentwire::Error::Tls(_) => 2,
                 _ => 1,
             });
         }
@@ -129,12 +129,23 @@ fn serve(mut config: Config) -> ExitCode {
     if dev {
         print_dev_banner(&config, addr);
     } else if config.demo_page == Some(true) {
-        log::info!("demo page on: http://{addr}/ (log in needs POST /dev/token: dev mode only)");
+        let http = if config.tls_cert_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        log::info!("demo page on: {http}://{addr}/ (log in needs POST /dev/token: dev mode only)");
     }
     if config.publish_key.is_some() {
         log::info!("publish API enabled: POST /api/events with the publish key");
     } else {
         log::info!("publish API disabled (POST /api/events answers 404): set publish_key");
+    }
+    if let Some(cert) = &config.tls_cert_file {
+        log::info!(
+            "TLS on: wss:// and https:// only, certificate {} (SIGHUP reloads it)",
+            cert.display()
+        );
     }
     log::info!(
         "agentwire {} listening on {addr} (epoch {})",
@@ -207,8 +218,14 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
         .unwrap_or_default();
     let secret = config.jwt_secret.as_deref().unwrap_or("");
     let key = config.publish_key.as_deref().unwrap_or("");
+    // With tls_cert_file the port speaks only TLS (the certificate must name the host).
+    let (http, ws) = if config.tls_cert_file.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let page = if config.demo_page == Some(true) {
-        format!("Demo page: open http://{addr}/ in a browser")
+        format!("Demo page: open {http}://{addr}/ in a browser")
     } else {
         "Demo page off (demo_page = false)".to_owned()
     };
@@ -229,15 +246,15 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
    {token}
 
  Try it (the demo agent answers every user_message with a run):
-   python3 -m websockets "ws://{addr}/ws?token={token}"
+   python3 -m websockets "{ws}://{addr}/ws?token={token}"
    then type:  {{"type":"user_message","thread_id":"t1","text":"hello"}}
 
  Publish an event from another process:
-   curl -s -X POST http://{addr}/api/events -H 'Authorization: Bearer {key}' \
+   curl -s -X POST {http}://{addr}/api/events -H 'Authorization: Bearer {key}' \
      -H 'Content-Type: application/json' \
      -d '{{"type":"agent_thinking","user_id":"demo-user","run_id":"r-1","agent_name":"cli","data":{{"step":1}}}}'
 
- Health and figures:  curl http://{addr}/health   curl http://{addr}/ws/stats
+ Health and figures:  curl {http}://{addr}/health   curl {http}://{addr}/ws/stats
 ================================================================================
 "#
     );

@@ -128,6 +128,8 @@ fn companions(name: &str) -> Vec<(&'static str, &'static str)> {
     match name {
         "jwt_algorithm" => vec![("jwt_public_key_file", "/etc/agentwire/key.pem")],
         "jwt_public_key_file" => vec![("jwt_algorithm", "RS256")],
+        "tls_cert_file" => vec![("tls_key_file", "/etc/agentwire/tls.key")],
+        "tls_key_file" => vec![("tls_cert_file", "/etc/agentwire/tls.crt")],
         _ => vec![],
     }
 }

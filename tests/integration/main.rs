@@ -35,4 +35,5 @@ mod session;
 mod slot_reuse;
 mod stats;
 mod thread_filter;
+mod tls;
 mod user_isolation;

@@ -47,3 +47,4 @@ pub use publish::*;
 mod raw_ws;
 pub use raw_ws::*;
 pub mod log_capture;
+pub mod tls;
