@@ -8,7 +8,10 @@
 #
 # Steps:
 #   1. target/test-venv: a Python venv (python3 -m venv) holding the pinned packages of
-#      tools/requirements-test.txt; reinstalled only when that file changes.
+#      tools/requirements-test.txt; reinstalled only when that file changes (also with
+#      --quick: the TLS integration tests drive Python's websockets from it, through
+#      AGENTWIRE_TEST_PYTHON). curl (the TLS integration tests) is installed with
+#      apt-get when missing.
 #   2. cargo test --all-targets --no-fail-fast (unit, integration, bins, benches in test
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
@@ -156,9 +159,9 @@ client_suite() {
     count_summary "$name" "$LOGDIR/$logname-step.log" "$rc" "see $LOGDIR/$logname.log"
 }
 
-# 1. Python venv for the interop checks.
+# 1. Python venv for the interop checks and the TLS integration tests.
 venv_ok=0
-if [ "$quick" -eq 0 ]; then
+if true; then
     step "Python test venv ($VENV)"
     if [ ! -x "$VENV/bin/python" ]; then
         rm -rf "$VENV"
@@ -186,11 +189,23 @@ if [ "$quick" -eq 0 ]; then
         fi
     fi
     if [ "$venv_ok" -eq 1 ]; then
+        export AGENTWIRE_TEST_PYTHON="$VENV/bin/python"
         echo "$("$VENV/bin/python" --version 2>&1): $("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | tr '\n' ' ')"
     else
         failed=$((failed + 1))
         failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
         summary+=("python venv: FAILED")
+    fi
+fi
+
+# curl, for tests/integration/tls.rs (Debian's package, when missing and root).
+if ! command -v curl >/dev/null; then
+    step "installing curl (apt-get)"
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends curl ca-certificates ||
+            echo "tools/test.sh: apt-get install curl failed; the TLS curl test will fail" >&2
+    else
+        echo "tools/test.sh: curl is missing and cannot be installed here (not root or no apt-get)" >&2
     fi
 fi
 
