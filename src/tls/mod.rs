@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::ServerConnection;
+use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 
 pub use transport::Transport;
@@ -128,8 +128,8 @@ impl Acceptor {
     /// # Errors
     /// Only if rustls cannot create the state (no failure mode with this configuration
     /// is known; the caller drops the connection).
-    pub fn session(&self) -> Result<ServerConnection, rustls::Error> {
-        ServerConnection::new(Arc::clone(&self.config))
+    pub fn session(&self) -> Result<UnbufferedServerConnection, rustls::Error> {
+        UnbufferedServerConnection::new(Arc::clone(&self.config))
     }
 }
 
