@@ -44,8 +44,11 @@ use crate::conn::OutQueue;
 pub const TLS_BUFFER_LIMIT: usize = 16 * 1024;
 
 /// Bytes read from the socket per read: one full record (16 KiB of payload, header,
-/// AEAD tag and padding allowance).
+/// AEAD tag and padding allowance) ...
 const READ_CHUNK: usize = 16 * 1024 + 512;
+/// ... except the first read into an empty buffer: client messages are small, and the
+/// buffer is allocated (and zeroed) for every read that finds it empty.
+const FIRST_READ: usize = 4 * 1024;
 
 /// Most unprocessed input held: a handshake message of up to 64 KiB (rustls's own bound
 /// on them) being joined, plus one read.
@@ -266,7 +269,8 @@ impl TlsState {
                 "TLS input over its bound (a handshake message over 64 KiB)",
             ));
         }
-        self.input.resize(start + READ_CHUNK, 0);
+        let chunk = if start == 0 { FIRST_READ } else { READ_CHUNK };
+        self.input.resize(start + chunk, 0);
         let read = tcp.read(self.input.get_mut(start..).unwrap_or_default());
         self.input.truncate(start + read.as_ref().map_or(0, |n| *n));
         if self.input.is_empty() {

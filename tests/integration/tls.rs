@@ -87,6 +87,10 @@ fn wss_session_and_every_endpoint_over_tls_1_3_and_1_2() {
         ws.send(Message::text(r#"{"type":"ping"}"#))
             .expect("send ping");
         assert_eq!(next_json(&mut ws).expect("pong")["type"], "pong");
+        // A client message spanning several records (and several reads).
+        let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "p".repeat(60_000));
+        ws.send(Message::text(big)).expect("send a 60 KB message");
+        assert_eq!(next_json(&mut ws).expect("pong")["type"], "pong");
         ws.close(None).expect("close");
         loop {
             match ws.read() {
