@@ -368,7 +368,8 @@ impl Gateway {
         self.inbound.take()
     }
 
-    /// Shut down gracefully on SIGTERM / SIGINT (the signal is read by the loop).
+    /// Shut down gracefully on SIGTERM / SIGINT, and reload the TLS certificate and key
+    /// on SIGHUP (when `tls_cert_file` is set); the signals are read by the loop.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
         Ok(self.reactor.handle_signals()?)
     }
