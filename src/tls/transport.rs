@@ -39,8 +39,8 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedS
 
 use crate::conn::OutQueue;
 
-/// Most bytes of sealed, unsent records one connection holds before frames wait in its
-/// output queue: one full record.
+/// Most plaintext bytes one connection holds sealed and unsent (plus the records'
+/// overhead, 22 bytes each with TLS 1.3); past it frames wait in its output queue.
 pub const TLS_BUFFER_LIMIT: usize = 16 * 1024;
 
 /// Bytes read from the socket per read: one full record (16 KiB of payload, header,
@@ -479,7 +479,10 @@ impl Write for Sealer<'_> {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
         }
-        let take = total.min(MAX_RECORD_PLAINTEXT);
+        // Within the limit: sealed bytes stay under it plus one record's overhead.
+        let take = total
+            .min(MAX_RECORD_PLAINTEXT)
+            .min(TLS_BUFFER_LIMIT - self.tls.unsent());
         let first = bufs
             .iter()
             .find(|b| !b.is_empty())
