@@ -333,7 +333,10 @@ impl TlsState {
                     // after them: they count as sent from rustls's point of view.
                     transmit.done();
                 }
-                Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                // The peer's close_notify (reported once): no more input, but the
+                // gateway may still send (its close frame), so go on to WriteTraffic.
+                Ok(ConnectionState::PeerClosed) => *input_ended = true,
+                Ok(ConnectionState::Closed) => {
                     *input_ended = true;
                     stop = true;
                 }
