@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::UserId;
+use crate::jwt_keys::KeySet;
 
 /// Longest token accepted, in bytes; longer ones are refused before any decoding.
 pub const MAX_TOKEN_BYTES: usize = 8192;
@@ -102,8 +103,10 @@ pub struct AuthSettings {
     pub algorithm: JwtAlgorithm,
     /// Shared secret for HS256 (`jwt_secret`); required and non-empty for HS256, ignored otherwise.
     pub secret: Option<String>,
-    /// Public key PEM for RS256/ES256 (the contents of `jwt_public_key_file`, already read
-    /// by the caller); ignored for HS256. PKCS#8 `PUBLIC KEY`, or PKCS#1 `RSA PUBLIC KEY`.
+    /// The contents of `jwt_public_key_file` for RS256/ES256 (already read by the
+    /// caller); ignored for HS256. One or more PEM keys (PKCS#8 `PUBLIC KEY`, or PKCS#1
+    /// `RSA PUBLIC KEY`), or a JWKS document: see the `jwt_keys` module (the
+    /// `kid:` label of a PEM key, which key a token's `kid` picks).
     pub public_key_pem: Option<Vec<u8>>,
     /// When set (`jwt_issuer`), tokens must carry this `iss`.
     pub issuer: Option<String>,
@@ -167,6 +170,13 @@ pub enum AuthError {
     /// The header's `alg` is a known algorithm other than the pinned one.
     #[error("algorithm not allowed")]
     WrongAlgorithm,
+    /// The header's `kid` names no configured key (module `jwt_keys`).
+    #[error("unknown kid")]
+    UnknownKey,
+    /// No `kid` in the header while several keys are configured (module `jwt_keys`:
+    /// a kid-less token is never tried against each key).
+    #[error("kid required: several keys are configured")]
+    KidRequired,
     /// `exp` is more than the leeway in the past.
     #[error("token expired")]
     Expired,
@@ -258,7 +268,8 @@ struct MintClaims<'a> {
 /// Built once at start; `Send + Sync`, so it can be shared by reference or `Arc`.
 pub struct Authenticator {
     algorithm: JwtAlgorithm,
-    decoding_key: DecodingKey,
+    /// The verification keys; a token's `kid` picks one ([`KeySet::select`]).
+    keys: KeySet,
     /// Present for HS256 only: the secret also signs.
     encoding_key: Option<EncodingKey>,
     validation: Validation,
@@ -301,7 +312,7 @@ impl Authenticator {
         }
 
         let algorithm = settings.algorithm;
-        let (decoding_key, encoding_key) = match algorithm {
+        let (keys, encoding_key) = match algorithm {
             JwtAlgorithm::Hs256 => {
                 let secret = match settings.secret.as_deref() {
                     Some(secret) if !secret.is_empty() => secret,
@@ -314,7 +325,7 @@ impl Authenticator {
                     );
                 }
                 (
-                    DecodingKey::from_secret(secret.as_bytes()),
+                    KeySet::single(DecodingKey::from_secret(secret.as_bytes())),
                     Some(EncodingKey::from_secret(secret.as_bytes())),
                 )
             }
@@ -323,7 +334,7 @@ impl Authenticator {
                     .public_key_pem
                     .as_deref()
                     .ok_or(AuthSetupError::MissingPublicKey(algorithm))?;
-                (public_key(algorithm, pem)?, None)
+                (KeySet::parse(algorithm, pem)?, None)
             }
         };
 
@@ -351,7 +362,7 @@ impl Authenticator {
 
         Ok(Authenticator {
             algorithm,
-            decoding_key,
+            keys,
             encoding_key,
             validation,
             issuer: settings.issuer.clone(),
@@ -372,6 +383,12 @@ impl Authenticator {
     /// The pinned algorithm.
     pub fn algorithm(&self) -> JwtAlgorithm {
         self.algorithm
+    }
+
+    /// The names of the verification keys, for logs (`-` for one unnamed key; module
+    /// `jwt_keys`).
+    pub fn key_names(&self) -> String {
+        self.keys.describe()
     }
 
     /// Verifies a token (the bare JWT, without `Bearer `) and returns its claims.
@@ -396,7 +413,9 @@ impl Authenticator {
         }
         check_shape(token)?;
 
-        let data = jsonwebtoken::decode::<RawClaims>(token, &self.decoding_key, &self.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(|err| map_jwt_error(&err))?;
+        let key = self.keys.select(header.kid.as_deref())?;
+        let data = jsonwebtoken::decode::<RawClaims>(token, key, &self.validation)
             .map_err(|err| map_jwt_error(&err))?;
 
         // RFC 7515 section 4.1.11: extensions listed in `crit` must be understood; we
@@ -490,7 +509,10 @@ pub fn try_generate_secret() -> Result<String, AuthSetupError> {
 
 /// Loads and checks the public key for RS256/ES256, so that a key which could never
 /// verify anything stops the start instead of refusing every token as "bad signature".
-fn public_key(algorithm: JwtAlgorithm, pem: &[u8]) -> Result<DecodingKey, AuthSetupError> {
+pub(crate) fn public_key(
+    algorithm: JwtAlgorithm,
+    pem: &[u8],
+) -> Result<DecodingKey, AuthSetupError> {
     let bad = |reason: &str| AuthSetupError::BadPublicKey {
         algorithm,
         reason: reason.to_owned(),
@@ -1306,6 +1328,49 @@ tj4IxjWsxrOBOkDOO8JN+h0myvDpL3Ii
             assert!(matches!(err, AuthError::Other(_)), "{err:?}");
             assert!(err.to_string().contains("HS256"));
         }
+    }
+
+    /// An RS256 token with header `kid`.
+    fn sign_kid(key: &EncodingKey, kid: &str, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        encode(&header, claims, key).unwrap()
+    }
+
+    #[test]
+    fn rs256_jwks_and_pem_lists_pick_the_key_by_kid() {
+        let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let mut jwk = Jwk::from_encoding_key(&rsa, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some("rsa-1".to_owned());
+        let jwks = json!({"keys": [jwk]}).to_string();
+        let pem_list =
+            format!("kid: rsa-1\n{RSA_PUBLIC_PEM}kid: rsa-pkcs1\n{RSA_PUBLIC_PKCS1_PEM}");
+        for file in [jwks.as_str(), pem_list.as_str()] {
+            let a = auth(&pem_settings(JwtAlgorithm::Rs256, file));
+            let good = sign_kid(&rsa, "rsa-1", &valid_claims());
+            assert_eq!(a.verify(&good).unwrap().sub, "u1");
+            refused(
+                &a,
+                &sign_kid(&rsa, "rsa-2", &valid_claims()),
+                AuthError::UnknownKey,
+            );
+        }
+        // Two keys in the list: a token without kid is refused, never tried on each.
+        let a = auth(&pem_settings(JwtAlgorithm::Rs256, &pem_list));
+        let no_kid = sign(Algorithm::RS256, &rsa, &valid_claims());
+        refused(&a, &no_kid, AuthError::KidRequired);
+        assert_eq!(a.key_names(), "rsa-1, rsa-pkcs1");
+        // A 1024-bit RSA key in a JWKS, or an EC key under RS256 alone: refused at setup.
+        let small = DecodingKey::from_rsa_pem(RSA_1024_PUBLIC_PEM.as_bytes()).unwrap();
+        let small = Jwk::from_decoding_key(&small, Some(Algorithm::RS256)).unwrap();
+        let small = json!({"keys": [small]}).to_string();
+        let err = setup_error(&pem_settings(JwtAlgorithm::Rs256, &small));
+        assert!(err.contains("2048 to 8192 bits"), "{err}");
+        let ec = EncodingKey::from_ec_pem(EC_PRIVATE_PEM.as_bytes()).unwrap();
+        let ec = Jwk::from_encoding_key(&ec, Algorithm::ES256).unwrap();
+        let ec = json!({"keys": [ec]}).to_string();
+        let err = setup_error(&pem_settings(JwtAlgorithm::Rs256, &ec));
+        assert!(err.contains("no RS256 signing key"), "{err}");
     }
 
     #[test]

@@ -390,12 +390,17 @@ mod tests {
                     min.max(42).min(max).to_string()
                 }
                 SettingKind::Bool | SettingKind::AutoBool => "false".to_owned(),
+                SettingKind::OptionalAddress => "127.0.0.1:42".to_owned(),
                 _ => "42".to_owned(),
             };
             let value = match s.name {
                 "listen" => "0.0.0.0:1",
+                "admin_listen" => "127.0.0.1:42",
                 "jwt_algorithm" => "HS256",
-                "jwt_secret" | "publish_key" | "jwt_issuer" | "jwt_audience" => SECRET,
+                "jwt_secret" | "publish_key" | "inbound_key" | "jwt_issuer" | "jwt_audience" => {
+                    SECRET
+                }
+                "inbound_url" => "http://127.0.0.1:9/inbound",
                 // Alone they fail the start (TLS needs both): shown unset.
                 "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => "",
                 "allow_query_token" | "demo_agent" | "dev" => "false",
@@ -406,15 +411,23 @@ mod tests {
                 _ => &fallback,
             };
             let flag = format!("--{}", s.flag);
-            let c = serve(&[&flag, value]);
+            // inbound_url needs a key to start with.
+            let c = if s.name == "inbound_url" {
+                serve(&[&flag, value, "--inbound-key", SECRET])
+            } else {
+                serve(&[&flag, value])
+            };
             let json = c.to_public_json(false);
             match s.name {
-                "jwt_secret" | "publish_key" => assert_eq!(json[format!("{}_set", s.name)], true),
+                "jwt_secret" | "publish_key" | "inbound_key" => {
+                    assert_eq!(json[format!("{}_set", s.name)], true)
+                }
+                "inbound_url" => assert_eq!(json[s.name], value),
                 "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => {
                     assert!(json[s.name].is_null())
                 }
-                "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy"
-                | "log_format" => {
+                "listen" | "admin_listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience"
+                | "per_user_policy" | "log_format" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
                 "allow_query_token" | "demo_agent" | "dev" => {

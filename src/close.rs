@@ -41,12 +41,14 @@ pub enum CloseReason {
     /// Unsent output over all connections passed `max_pending_total_bytes` and this
     /// connection held the most (1013).
     OverBudget,
+    /// The user was revoked: `POST /api/users/{user_id}/disconnect` (4004).
+    Revoked,
 }
 
 impl CloseReason {
     /// Every reason, in counter order (`Stats` indexes its close counters by
     /// discriminant).
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 18] = [
         CloseReason::ClientClosed,
         CloseReason::ConnectionReset,
         CloseReason::IoError,
@@ -64,6 +66,7 @@ impl CloseReason {
         CloseReason::PolicyViolation,
         CloseReason::SlowConsumer,
         CloseReason::OverBudget,
+        CloseReason::Revoked,
     ];
 
     /// The reason for an I/O error of kind `kind`.
@@ -96,6 +99,7 @@ impl CloseReason {
             CloseReason::PolicyViolation => "bad_messages",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::OverBudget => "pending_total_budget",
+            CloseReason::Revoked => "revoked",
         }
     }
 
@@ -114,6 +118,7 @@ impl CloseReason {
             CloseReason::PolicyViolation => (1008, "too many bad messages"),
             CloseReason::SlowConsumer => (1013, "slow consumer"),
             CloseReason::OverBudget => (1013, "gateway output budget exceeded"),
+            CloseReason::Revoked => (4004, "revoked"),
             _ => return None,
         })
     }

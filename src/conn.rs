@@ -295,6 +295,10 @@ pub struct Session {
     /// While resuming: the next seq to send from the user's replay buffer (live events
     /// wait there until the connection has caught up); `None` once live.
     pub replay_next: Option<u64>,
+    /// `encoding=agui`: the connection's AG-UI translation state (every event it gets,
+    /// live or replayed, goes through it); `None` for agentwire JSON, whose frames are
+    /// queued as shared.
+    pub agui: Option<Box<crate::agui::Stream>>,
 }
 
 /// One connection in the reactor's slab.
@@ -315,6 +319,8 @@ pub struct Conn {
     pub write_shut: bool,
     /// On the reactor's flush list for this iteration.
     pub flush_queued: bool,
+    /// Accepted on the admin listener (`admin_listen`): only the admin endpoints.
+    pub admin: bool,
 }
 
 #[cfg(test)]

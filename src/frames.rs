@@ -48,6 +48,9 @@ pub enum ErrorCode {
     TooManyRuns,
     /// The gateway could not do what was asked (500; `POST /dev/token` only).
     Internal,
+    /// `max_revoked_users` users are revoked already: a revocation with `until` is
+    /// refused, nothing done (503; `POST /api/users/{user_id}/disconnect`).
+    TooManyRevocations,
 }
 
 impl ErrorCode {
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::BadEvent => "bad_event",
             ErrorCode::TooManyRuns => "too_many_runs",
             ErrorCode::Internal => "internal",
+            ErrorCode::TooManyRevocations => "too_many_revocations",
         }
     }
 }
@@ -188,6 +192,12 @@ pub struct Accepted {
     /// Runs among the request's events that a client asked to cancel, each once
     /// (PROTOCOL.md section 6b); always present.
     pub cancelled: Vec<String>,
+}
+
+/// The 200 answer of `POST /api/users/{user_id}/disconnect`: sessions closed (4004).
+#[derive(Debug, Serialize)]
+pub struct Disconnected {
+    pub closed: usize,
 }
 
 /// `GET /health`'s status.

@@ -182,7 +182,9 @@ impl Inbox {
         Admit::Held
     }
 
-    fn note_pending(&mut self, user: &Arc<str>, run_id: &Arc<str>) {
+    /// Count `run_id` as one of `user`'s pending runs (the webhook's messages, which
+    /// go out without the channel, count against the same bound).
+    pub fn note_pending(&mut self, user: &Arc<str>, run_id: &Arc<str>) {
         self.users
             .entry(user.clone())
             .or_default()

@@ -34,12 +34,22 @@
 //! `close` (close codes and the labels the stats count).
 //! HTTP requests share the port (`http`: request parsing, routes, upgrade admission,
 //! responses; origins in `origin`): health, config, stats, metrics (`stats`) and
-//! the publish API (`publish`). A session's `mode` decides which events it gets.
+//! the publish API (`publish`). A session's `mode` decides which events it gets; its
+//! `encoding` how they are written: a session that asked for `encoding=agui` gets each
+//! event translated into AG-UI events where it is queued (`agui`), the others the
+//! shared frame.
 //! Identifiers (user, thread, run, agent) are validated where they enter, by one rule
 //! per kind (`ids`). Tokens are checked once at the upgrade
-//! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
+//! (`auth`; several keys picked by `kid`: `jwt_keys`; SIGHUP reloads them:
+//! `reactor/reload.rs`), where revoked users (`revocation`, filled by
+//! `POST /api/users/{user_id}/disconnect`: `reactor/revoke.rs`) are refused too; with
+//! `admin_listen` the admin endpoints move to a second listener on the same loop
+//! (`http::Port`). Heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the `registry`.
+//! buffer, runs) lives in the `registry`. With `inbound_url` set, `user_message` and
+//! `cancel` go to the workers as HTTP POSTs from threads of their own (`webhook`,
+//! answered back to the loop through a channel and its waker) instead of the inbound
+//! channel.
 //!
 //! # Library use
 //!
@@ -68,6 +78,7 @@
 // demo agent) and `log_sink` (the binary's logger). Every other module is internal;
 // what the binary, the benches, the fuzz targets and the load generator need of them
 // goes through `__internal`, which is not part of the API.
+pub(crate) mod agui;
 pub(crate) mod auth;
 pub(crate) mod cli;
 pub(crate) mod client_message;
@@ -82,15 +93,18 @@ pub(crate) mod frames;
 pub(crate) mod http;
 pub(crate) mod ids;
 mod inbox;
+pub(crate) mod jwt_keys;
 pub mod log_sink;
 pub(crate) mod mode;
 pub(crate) mod origin;
 pub(crate) mod publish;
 mod reactor;
 pub(crate) mod registry;
+pub(crate) mod revocation;
 pub(crate) mod stats;
 pub(crate) mod timer_wheel;
 pub(crate) mod tls;
+pub(crate) mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,12 +124,21 @@ pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
 pub use crate::tls::TlsError;
 
+/// The README's Rust snippets compile as doc tests (`cargo test --doc`), so the README
+/// cannot drift from the API; its other snippets run in the client suites.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Internals for the binary (`src/bin/agentwire.rs`), the benches, the fuzz targets
 /// and `tools/loadgen`: NOT part of the API, hidden from the docs, and free to change
 /// in any release. One submodule per internal module, so a user writes
 /// `agentwire::__internal::http::parse_head` where the crate writes `http::parse_head`.
 #[doc(hidden)]
 pub mod __internal {
+    pub mod agui {
+        pub use crate::agui::{json_payload, RunInProgress, Source, Stream};
+    }
     pub mod auth {
         pub use crate::auth::try_generate_secret;
     }
@@ -221,6 +244,7 @@ pub struct Gateway {
     emitter: Emitter,
     inbound: Option<Receiver<Inbound>>,
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     epoch: String,
     demo_agent: bool,
 }
@@ -228,7 +252,7 @@ pub struct Gateway {
 /// Build the authenticator settings from the configuration (reads the key file).
 pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
     let public_key_pem = match &config.jwt_public_key_file {
-        Some(path) => Some(std::fs::read(path).map_err(|source| Error::KeyFile {
+        Some(path) => Some(read_key_file(path).map_err(|source| Error::KeyFile {
             path: path.display().to_string(),
             source,
         })?),
@@ -242,6 +266,23 @@ pub fn auth_settings(config: &Config) -> Result<AuthSettings, Error> {
         audience: config.jwt_audience.clone(),
         leeway_s: config.jwt_leeway_s,
     })
+}
+
+/// Read `jwt_public_key_file`, at most [`jwt_keys::MAX_KEY_FILE_BYTES`] (a key file is
+/// small; SIGHUP reads it on the event loop, see `reactor/reload.rs`).
+fn read_key_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(jwt_keys::MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > jwt_keys::MAX_KEY_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} bytes",
+            jwt_keys::MAX_KEY_FILE_BYTES
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The authenticator the configuration describes (also what `agentwire token` and dev
@@ -300,11 +341,30 @@ impl Gateway {
         poll.registry()
             .register(&mut listener, reactor::LISTENER, Interest::READABLE)?;
         let local_addr = listener.local_addr()?;
+        let mut admin_listener = match config.admin_listen {
+            Some(addr) => Some(TcpListener::from_std(
+                bind(addr).map_err(|source| Error::Bind { addr, source })?,
+            )),
+            None => None,
+        };
+        if let Some(admin) = admin_listener.as_mut() {
+            poll.registry()
+                .register(admin, reactor::ADMIN_LISTENER, Interest::READABLE)?;
+        }
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
         let waker = Waker::new(poll.registry(), reactor::WAKER)?;
         let wake = Arc::new(WakeSignal::new(waker));
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let (in_tx, in_rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
-        let demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        let mut demo_agent = config.demo_agent.unwrap_or_else(|| config.dev_mode());
+        if demo_agent && config.inbound_url.is_some() {
+            log::warn!("demo agent off: inbound_url takes every user_message and cancel");
+            demo_agent = false;
+        }
+        let webhook = webhook::Webhook::start(&config, wake.clone())?;
         let ws_config = websocket_config(&config);
         let config_json =
             Bytes::from(serde_json::to_vec(&config.to_public_json(demo_agent)).unwrap_or_default());
@@ -312,13 +372,15 @@ impl Gateway {
         let demo = demo_page::DemoPage::new(&config, dev, authenticator(&config).ok());
         let settings = Settings {
             demo,
+            demo_agent,
             config,
             ws_config,
             config_json,
         };
-        let reactor = Reactor::new(
+        let mut reactor = Reactor::new(
             poll,
             listener,
+            admin_listener,
             wake.clone(),
             rx,
             in_tx,
@@ -327,11 +389,13 @@ impl Gateway {
             settings,
             epoch.clone(),
         );
+        reactor.set_webhook(webhook);
         Ok(Gateway {
             reactor,
             emitter: Emitter::new(tx, wake),
             inbound: Some(in_rx),
             local_addr,
+            admin_addr,
             epoch,
             demo_agent,
         })
@@ -340,6 +404,12 @@ impl Gateway {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound admin address when `admin_listen` is set (`/metrics`, `/ws/stats`,
+    /// `/ws/config` and `/health` are served there, and no longer on `listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The random epoch of this gateway process (PROTOCOL.md section 3). Users get it
@@ -363,15 +433,40 @@ impl Gateway {
 
     /// The channel of client messages for the workers (`user_message`, `cancel`).
     /// Returns `None` after the first call. If it is never taken, or every receiver
-    /// is dropped, clients get `error` `no_agent` for `user_message`.
+    /// is dropped, clients get `error` `no_agent` for `user_message`. With
+    /// `inbound_url` set, those messages go to the webhook instead and nothing arrives
+    /// here (run handles still see cancels through `RunHandle::is_cancelled`).
     pub fn inbound(&mut self) -> Option<Receiver<Inbound>> {
         self.inbound.take()
     }
 
-    /// Shut down gracefully on SIGTERM / SIGINT, and reload the TLS certificate and key
-    /// on SIGHUP (when `tls_cert_file` is set); the signals are read by the loop.
+    /// Handle the process's signals the way the `agentwire` binary does: SIGTERM and
+    /// SIGINT drain (new upgrades get 503, every session gets close 1001, output is
+    /// flushed within `shutdown_grace_ms`, then [`Gateway::run`] returns `Ok` and the
+    /// reactor thread of [`Gateway::spawn`] ends); SIGHUP reloads the JWT keys,
+    /// `jwt_secret` and `allowed_origins` (see [`Gateway::reload_config_with`]) and the
+    /// TLS certificate and key (when `tls_cert_file` is set). The
+    /// handlers only set a flag and wake the loop; they replace the default actions
+    /// (SIGTERM, SIGINT and SIGHUP no longer end the process), for the whole process:
+    /// call it for one gateway per process.
+    ///
+    /// # Errors
+    /// When the handlers or their wake-up pipe cannot be installed.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
         Ok(self.reactor.handle_signals()?)
+    }
+
+    /// Where a SIGHUP reload reads the configuration: `source` is called on the event
+    /// loop at each SIGHUP (keep it to reading small files), and of what it returns only
+    /// `jwt_secret`, `jwt_public_key_file` and `allowed_origins` are applied (other
+    /// changed settings are named in a warning: they need a restart). An `Err` (a
+    /// message) keeps the keys, secret and origins in force. Without a source a reload
+    /// reads `jwt_public_key_file` again from the same path and keeps the rest.
+    pub fn reload_config_with(
+        &mut self,
+        source: impl FnMut() -> Result<Config, String> + Send + 'static,
+    ) {
+        self.reactor.set_reload_source(Box::new(source));
     }
 
     /// Run the reactor on this thread until a shutdown completes.
@@ -384,16 +479,35 @@ impl Gateway {
         Ok(self.reactor.run()?)
     }
 
+    /// Run the reactor on its own thread, handling the process's signals as the
+    /// `agentwire` binary does ([`Gateway::handle_signals`]): SIGTERM or SIGINT drains
+    /// the gateway (503 to new upgrades, runs in progress end with `agent_error`
+    /// `shutdown`, close 1001 to every session, output flushed within
+    /// `shutdown_grace_ms`) and then the reactor thread ends, the inbound channel closes
+    /// (so workers looping on it finish) and [`GatewayHandle::join`] returns `Ok`;
+    /// SIGHUP reloads the JWT keys, `jwt_secret` and `allowed_origins`. An embedding
+    /// program that joins its workers and then the handle exits as cleanly as the
+    /// binary (`examples/worker.rs`).
+    ///
+    /// # Errors
+    /// When the signal handlers cannot be installed or the thread cannot start.
+    pub fn spawn_with_signals(mut self) -> Result<GatewayHandle, Error> {
+        self.handle_signals()?;
+        self.spawn()
+    }
+
     /// Run the reactor on its own thread.
     pub fn spawn(self) -> Result<GatewayHandle, Error> {
         let emitter = self.emitter.clone();
         let local_addr = self.local_addr;
+        let admin_addr = self.admin_addr;
         let thread = std::thread::Builder::new()
             .name("agentwire-reactor".into())
             .spawn(move || self.run())?;
         Ok(GatewayHandle {
             emitter,
             local_addr,
+            admin_addr,
             thread,
         })
     }
@@ -403,12 +517,18 @@ impl Gateway {
 pub struct GatewayHandle {
     emitter: Emitter,
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     thread: JoinHandle<Result<(), Error>>,
 }
 
 impl GatewayHandle {
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound admin address when `admin_listen` is set ([`Gateway::admin_addr`]).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn emitter(&self) -> Emitter {
@@ -420,6 +540,12 @@ impl GatewayHandle {
     pub fn shutdown(self) -> Result<(), Error> {
         let _ = self.emitter.shutdown();
         self.join()
+    }
+
+    /// Whether the reactor thread has ended (a drain completed, or the loop failed):
+    /// [`GatewayHandle::join`] then returns at once.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
     }
 
     /// Wait for the reactor thread to end.

@@ -133,8 +133,14 @@ pub struct Gauges {
     pub inbound_held: usize,
     pub inbound_held_bytes: usize,
     pub inbound_held_limit: usize,
+    /// Users revoked with `until` (some may have expired since the last sweep), against
+    /// `max_revoked_users`.
+    pub revoked_users: usize,
+    pub revoked_users_limit: usize,
     /// The memory engine's registry: budgets, their use and what bounding them cost.
     pub memory: MemoryGauges,
+    /// The inbound webhook's counters, when `inbound_url` is set.
+    pub webhook: Option<crate::webhook::WebhookCounts>,
 }
 
 impl Gauges {
@@ -146,10 +152,11 @@ impl Gauges {
     /// `max_http_buffer_total_bytes`; `inbound_held_bytes` is what the `user_message`s
     /// held for room in the workers' channel are charged; `replay_memory_bytes` is kept
     /// events plus the per-user overhead against `replay_memory_bytes`; `active_runs`
-    /// against `max_active_runs`.
+    /// against `max_active_runs`; with `inbound_url` set, `inbound_in_flight` is the
+    /// webhook requests out against `inbound_max_in_flight`.
     pub fn budgets(&self) -> Vec<(&'static str, u64, u64)> {
         let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        vec![
+        let mut budgets = vec![
             (
                 "pending_total",
                 wide(self.pending_total_limit),
@@ -185,7 +192,20 @@ impl Gauges {
                 wide(self.memory.active_runs_limit),
                 wide(self.active_runs),
             ),
-        ]
+            (
+                "revoked_users",
+                wide(self.revoked_users_limit),
+                wide(self.revoked_users),
+            ),
+        ];
+        if let Some(w) = &self.webhook {
+            budgets.push((
+                "inbound_in_flight",
+                wide(w.max_in_flight),
+                wide(w.in_flight),
+            ));
+        }
+        budgets
     }
 }
 
@@ -241,6 +261,8 @@ pub struct Stats {
     /// Times a session was paused for using up its input allowance.
     pub client_input_paused: u64,
     pub loop_iterations: u64,
+    /// Loop iterations longer than 10 ms (each logged with its phases, rate-limited).
+    pub slow_iterations: u64,
     /// Timers fired, and microseconds spent advancing the wheel and handling them.
     pub timers_fired: u64,
     pub timer_handling_us: u64,
@@ -253,6 +275,11 @@ pub struct Stats {
     pub http_evicted: u64,
     /// Publish requests with a missing or wrong key.
     pub publish_auth_failures: u64,
+    /// SIGHUP reloads applied, and refused (the old keys kept).
+    pub reloads: u64,
+    pub reloads_failed: u64,
+    /// `POST /api/users/{user_id}/disconnect` requests that were carried out.
+    pub user_disconnects: u64,
     /// TLS (`tls_cert_file` set): handshakes finished, connections closed for bad TLS
     /// input (a broken record or handshake, a fatal alert), and `SIGHUP` reloads of the
     /// certificate that took effect / were refused (the old one kept).
@@ -400,6 +427,7 @@ impl Stats {
             client_messages_max_per_iteration: 0,
             client_input_paused: 0,
             loop_iterations: 0,
+            slow_iterations: 0,
             timers_fired: 0,
             timer_handling_us: 0,
             accept_failures: 0,
@@ -410,6 +438,9 @@ impl Stats {
             tls_reloads: 0,
             tls_reload_failures: 0,
             publish_auth_failures: 0,
+            reloads: 0,
+            reloads_failed: 0,
+            user_disconnects: 0,
             runs_timed_out: 0,
             watchdog_passes: 0,
             latency_us: Histogram::new(),
@@ -569,6 +600,7 @@ impl Stats {
             "latency_us": Self::percentiles(&self.latency_us),
             "loop": {
                 "iterations": self.loop_iterations,
+                "slow": self.slow_iterations,
                 "busy_us": self.loop_us.sum(),
                 "iteration_us": Self::percentiles(&self.loop_us),
             },
@@ -588,6 +620,12 @@ impl Stats {
                 "degraded": g.accept_degraded,
             },
             "publish": {"auth_failures": self.publish_auth_failures},
+            "webhook": g.webhook.map(|w| w.to_json()),
+            "reload": {"done": self.reloads, "failed": self.reloads_failed},
+            "revocation": {
+                "disconnects": self.user_disconnects,
+                "revoked_users": g.revoked_users,
+            },
             "tls": {
                 "handshakes": self.tls_handshakes,
                 "failures": self.tls_failures,
@@ -776,6 +814,7 @@ impl Stats {
             ("client_messages_bad_total", "counter", "Client messages counted as bad (bad_message, too_large, invalid_token, rate_limited).", self.bad_client_messages as f64),
             ("client_messages_busy_total", "counter", "user_message answered busy (per-user pending runs or the held budget).", self.user_messages_busy as f64),
             ("refresh_rate_limited_total", "counter", "refresh answered rate_limited without a token check.", self.refresh_rate_limited as f64),
+            ("loop_slow_iterations_total", "counter", "Loop iterations longer than 10 ms (each logged with the time of its phases).", self.slow_iterations as f64),
             ("client_messages_max_per_iteration", "gauge", "Most client messages read in one loop iteration since start.", self.client_messages_max_per_iteration as f64),
             ("client_input_paused_total", "counter", "Sessions paused for using up their input allowance (1,000 messages/s, 1 MiB/s).", self.client_input_paused as f64),
             ("inbound_held", "gauge", "user_message held by the gateway while the workers' channel is full.", g.inbound_held as f64),
@@ -788,12 +827,50 @@ impl Stats {
             ("accept_failures_total", "counter", "Failed accepts (descriptor limit and other errors).", self.accept_failures as f64),
             ("overload_refused_total", "counter", "Connections answered 503 overloaded at the descriptor limit.", self.overload_refused as f64),
             ("publish_auth_failures_total", "counter", "Publish requests with a missing or wrong key.", self.publish_auth_failures as f64),
+            ("reloads_total", "counter", "SIGHUP reloads of the JWT keys, jwt_secret and allowed_origins applied.", self.reloads as f64),
+            ("reloads_failed_total", "counter", "SIGHUP reloads refused (the keys in force kept).", self.reloads_failed as f64),
+            ("user_disconnects_total", "counter", "POST /api/users/{user_id}/disconnect requests carried out.", self.user_disconnects as f64),
             ("tls_handshakes_total", "counter", "TLS handshakes finished.", self.tls_handshakes as f64),
             ("tls_failures_total", "counter", "Connections closed for bad TLS input.", self.tls_failures as f64),
             ("tls_reloads_total", "counter", "SIGHUP reloads of the TLS certificate that took effect.", self.tls_reloads as f64),
             ("tls_reload_failures_total", "counter", "SIGHUP reloads of the TLS certificate refused (the old one kept).", self.tls_reload_failures as f64),
         ] {
             metric(name, kind, help, &one(v));
+        }
+        if let Some(w) = &g.webhook {
+            for (name, kind, help, v) in [
+                (
+                    "webhook_requests_total",
+                    "counter",
+                    "Requests sent to inbound_url (user_message and cancel).",
+                    w.sent as f64,
+                ),
+                (
+                    "webhook_ok_total",
+                    "counter",
+                    "Requests to inbound_url answered 2xx.",
+                    w.ok as f64,
+                ),
+                (
+                    "webhook_in_flight",
+                    "gauge",
+                    "Requests to inbound_url waiting for an answer.",
+                    w.in_flight as f64,
+                ),
+            ] {
+                metric(name, kind, help, &one(v));
+            }
+            let failed: Vec<(String, f64)> = w
+                .failed()
+                .iter()
+                .map(|(cause, n)| (format!("{{cause=\"{cause}\"}}"), *n as f64))
+                .collect();
+            metric(
+                "webhook_failed_total",
+                "counter",
+                "Client messages for inbound_url answered no_agent, by cause (status: non-2xx, connect, timeout, tls, io; full: inbound_max_in_flight reached, not sent).",
+                &failed,
+            );
         }
         let budgets = g.budgets();
         // The HELP text names every budget from the list itself, so it cannot fall behind.
@@ -893,6 +970,15 @@ mod tests {
             s.record_latency_us(us);
         }
         let g = Gauges {
+            webhook: Some(crate::webhook::WebhookCounts {
+                sent: 5,
+                ok: 3,
+                timeout: 1,
+                full: 2,
+                in_flight: 1,
+                max_in_flight: 8,
+                ..Default::default()
+            }),
             connections_open: 1,
             users_online: 1,
             pending_out_bytes: 7,
@@ -910,6 +996,19 @@ mod tests {
             ..Gauges::default()
         };
         let j = s.to_json(&g);
+        assert_eq!(j["webhook"]["sent"], 5);
+        assert_eq!(j["webhook"]["failed"]["timeout"], 1);
+        assert_eq!(j["webhook"]["failed"]["full"], 2);
+        assert_eq!(j["webhook"]["failed_total"], 3);
+        assert_eq!(j["budgets"]["inbound_in_flight"]["limit"], 8);
+        assert_eq!(j["budgets"]["inbound_in_flight"]["used"], 1);
+        let p = s.to_prometheus(&g);
+        assert!(
+            p.contains("agentwire_webhook_failed_total{cause=\"timeout\"} 1\n"),
+            "{p}"
+        );
+        assert!(p.contains("agentwire_webhook_requests_total 5\n"));
+        assert!(p.contains("agentwire_webhook_in_flight 1\n"));
         assert_eq!(j["connections"]["opened"], 3);
         assert_eq!(j["connections"]["closed"], 3);
         assert_eq!(j["connections"]["closed_by_reason"]["client_closed"], 2);

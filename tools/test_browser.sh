@@ -5,8 +5,8 @@
 #   bash tools/test_browser.sh
 #
 # Steps:
-#   1. Chromium: when /usr/bin/chromium is missing, one `apt-get update` then
-#      `apt-get install -y --no-install-recommends chromium` (needs root; never
+#   1. Chromium: when /usr/bin/chromium is missing, `apt-get install -y
+#      --no-install-recommends chromium` (tools/lib/apt.sh: needs root; never
 #      `npx playwright install`, which downloads a browser).
 #   2. `npm ci` in web/ when its node_modules is missing or older than
 #      package-lock.json (devDependencies only, pinned: playwright-core).
@@ -36,15 +36,10 @@ NAME=test_browser
 # shellcheck source=lib/node_suite.sh
 . "$ROOT/tools/lib/node_suite.sh"
 
+# shellcheck source=lib/apt.sh
+. "$ROOT/tools/lib/apt.sh"
 if [ ! -x "$CHROMIUM" ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        fail "no Chromium at $CHROMIUM and not root: install it with 'sudo apt-get install -y --no-install-recommends chromium' (or set CHROMIUM_BIN)"
-    fi
-    command -v apt-get >/dev/null || fail "no Chromium at $CHROMIUM and no apt-get to install it (set CHROMIUM_BIN)"
-    echo "test_browser: installing chromium with apt-get"
-    apt-get update -qq || fail "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
-        || fail "apt-get install chromium failed"
+    need_command chromium chromium
     [ -x "$CHROMIUM" ] || fail "chromium installed but $CHROMIUM is missing (set CHROMIUM_BIN)"
 fi
 export CHROMIUM_BIN=$CHROMIUM

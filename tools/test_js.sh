@@ -5,7 +5,8 @@
 #
 # Steps:
 #   1. `npm ci` in clients/js when its node_modules is missing or older than
-#      package-lock.json (devDependencies only, pinned: `ws`, `typescript`).
+#      package-lock.json (devDependencies only, pinned: `ws`, `typescript`, and for the
+#      AG-UI test `@ag-ui/core`, `@ag-ui/client` 1.0.0, `zod`, `rxjs`).
 #   2. `node --test clients/js/test/` with AGENTWIRE_BIN (default
 #      target/release/agentwire, which must exist: `cargo build --release`); every test
 #      starts its own gateway on a random port in 20000-29999.

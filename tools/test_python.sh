@@ -7,7 +7,7 @@
 # Steps:
 #   1. target/pyclient-venv: a venv (python3 -m venv) with clients/python installed in
 #      editable mode and clients/python/requirements-test.txt (exact pins: pytest,
-#      pytest-timeout, httpx, websockets, PyJWT). Reinstalled when the requirements or
+#      pytest-timeout, httpx, websockets, PyJWT, redis). Reinstalled when the requirements or
 #      pyproject.toml are newer than the venv's stamp.
 #   2. pytest clients/python/tests with AGENTWIRE_BIN (default target/release/agentwire,
 #      which must exist: `cargo build --release`); every test starts its own gateway on
@@ -36,6 +36,13 @@ fail() {
     echo "0 passed, 1 failed"
     exit 1
 }
+
+# The README's snippets (tests/test_root_readme.py) run node and curl; InboundStream's
+# tests start a real redis-server (Debian's package) on a free port.
+# shellcheck source=lib/apt.sh
+. "$ROOT/tools/lib/apt.sh"
+need_command curl curl
+need_command redis-server redis-server
 
 command -v "$PYTHON" >/dev/null || fail "$PYTHON not found (Python 3.10 or newer is needed)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || fail "$("$PYTHON" --version 2>&1) found, 3.10 or newer is needed"

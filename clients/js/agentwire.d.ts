@@ -31,7 +31,11 @@ export interface AgentwireOptions {
   threadId?: string | null;
   /** `main` (default), `factory`, `legacy` or `isolated`. */
   mode?: "main" | "factory" | "legacy" | "isolated";
-  /** `agentwire` (default) or `agui` (passed through as `encoding=agui`; frames are not parsed). */
+  /**
+   * `agentwire` (default) or `agui` (`encoding=agui`: AG-UI 1.0 events, see docs/AGUI.md).
+   * AG-UI frames go to `event` as they are (no RunState); a resume asks again for the
+   * last event seen (a drop may have cut its frames) and drops the frames already shown.
+   */
   encoding?: "agentwire" | "agui";
   /** WebSocket implementation; default `globalThis.WebSocket`. Node 20: `WebSocket` from `ws`. */
   WebSocket?: WebSocketConstructor;

@@ -185,6 +185,14 @@ export class AgentwireClient {
     this._timers = { reconnect: null, refresh: null, liveness: null };
     this._epoch = options.resume?.epoch ?? null;
     this._lastSeq = options.resume?.epoch ? Number(options.resume.lastSeq) || 0 : 0;
+    // encoding "agui" (see _onAguiFrame): frames up to _aguiDropUpTo are a resume's
+    // duplicates, as are the first n frames of seq _aguiSkip.seq; frames up to
+    // _aguiStart open the stream; _aguiSeen counts the frames of seq _lastSeq shown.
+    this._aguiDropUpTo = -1;
+    this._aguiStart = 0;
+    this._aguiFrom = 0;
+    this._aguiSkip = null;
+    this._aguiSeen = 0;
     this._connected = null; // the last `connected` frame
     this._token = null; // the token of the current connection
     this._tokenExp = null; // its expiry (seconds), updated by `refreshed`
@@ -389,7 +397,17 @@ export class AgentwireClient {
     if (this._o.encoding === "agui") q.set("encoding", "agui");
     if (this._epoch) {
       q.set("epoch", this._epoch);
-      q.set("last_seq", String(this._lastSeq));
+      let from = this._lastSeq;
+      this._aguiSkip = null;
+      if (this._o.encoding === "agui" && this._aguiSeen > 0 && from > 0) {
+        // One event can be several AG-UI frames, and a drop can cut between them: ask
+        // for the last event again and skip the frames of it already shown (the
+        // gateway translates it again the same way).
+        from -= 1;
+        this._aguiSkip = { seq: this._lastSeq, n: this._aguiSeen };
+      }
+      this._aguiFrom = from;
+      q.set("last_seq", String(from));
     }
     if (this._o.auth === "query") q.set("token", token);
     return url.toString();
@@ -553,6 +571,15 @@ export class AgentwireClient {
       this._lastSeq = Number(frame.last_seq) || 0;
     }
     // resumed:true keeps lastSeq: the replay of every event after it follows.
+    // AG-UI frames: one event may be several frames with one seq, and a connection
+    // opens with frames standing for events before it (seq <= its starting point):
+    // after an exact resume those are what the client had (dropped); on a new stream
+    // they open it (shown, not counted as events).
+    const resumedExactly = asked && frame.resumed === true;
+    this._aguiDropUpTo = resumedExactly ? this._aguiFrom : -1;
+    this._aguiStart = resumedExactly ? this._aguiFrom : Number(frame.last_seq) || 0;
+    if (!resumedExactly) this._aguiSkip = null;
+    this._aguiSeen = 0;
     const touched = [];
     for (const a of Array.isArray(frame.active_runs) ? frame.active_runs : []) {
       if (!a || typeof a.run_id !== "string" || this.runs.has(a.run_id)) continue;
@@ -578,6 +605,7 @@ export class AgentwireClient {
     // AG-UI frames (encoding=agui) carry seq in metadata; they are passed through as is.
     const seq = typeof frame.seq === "number" ? frame.seq : frame.metadata?.seq;
     if (typeof seq !== "number") return;
+    if (this._o.encoding === "agui") return this._onAguiFrame(frame, seq);
     if (seq <= this._lastSeq) {
       this._stats.duplicates += 1;
       return;
@@ -585,6 +613,28 @@ export class AgentwireClient {
     this._lastSeq = seq;
     this._emit("event", frame);
     if (this._o.encoding !== "agui" && typeof frame.run_id === "string") this._applyToRun(frame);
+  }
+
+  /** An AG-UI frame: drop what a resume already had, count the frames of the last event. */
+  _onAguiFrame(frame, seq) {
+    const skip = this._aguiSkip;
+    if (seq <= this._aguiDropUpTo || (skip && seq === skip.seq && skip.n > 0)) {
+      if (skip && seq === skip.seq && skip.n > 0) {
+        skip.n -= 1;
+        this._aguiSeen += 1;
+      }
+      this._stats.duplicates += 1;
+      return;
+    }
+    if (seq > this._aguiStart) {
+      if (seq > this._lastSeq) {
+        this._lastSeq = seq;
+        this._aguiSeen = 1;
+      } else if (seq === this._lastSeq) {
+        this._aguiSeen += 1;
+      }
+    }
+    this._emit("event", frame);
   }
 
   _applyToRun(ev) {

@@ -85,7 +85,7 @@ fn serve(mut buf: &[u8], setup: &Setup) {
                 upgrade(&req, path_mode, setup);
                 return;
             }
-            Route::Publish | Route::DevToken => {
+            Route::Publish | Route::DevToken | Route::Disconnect => {
                 assert_eq!(req.method, Method::Post);
                 return;
             }

@@ -13,7 +13,7 @@ use agentwire::{Config, Gateway};
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let parsed = cli::parse(args, env);
+    let parsed = cli::parse(args.clone(), env.clone());
     // The log format is a setting: the sink starts once the configuration is read (a bad
     // configuration is reported on stderr by `CliError::exit`, not as a log line).
     init_logging(match &parsed {
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             for w in warnings {
                 log::warn!("{w}");
             }
-            serve(config)
+            serve(config, Invocation { args, env })
         }
         Ok(Command::Token { config, sub, ttl_s }) => token(&config, &sub, ttl_s),
         Err(e) => e.exit(),
@@ -62,7 +62,43 @@ fn token(config: &Config, sub: &str, ttl_s: u64) -> ExitCode {
     }
 }
 
-fn serve(mut config: Config) -> ExitCode {
+/// The command line and environment of the start, read again by each SIGHUP reload.
+struct Invocation {
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
+}
+
+impl Invocation {
+    /// The configuration as the start would read it now: the config file named at
+    /// start (`--config` / `AGENTWIRE_CONFIG`) is read again; the environment and flags
+    /// are those of the start (a running process's environment cannot be changed from
+    /// outside). What the start decided itself is carried over: the demo agent and page,
+    /// and in dev mode the generated secret and publish key.
+    fn reload_source(self, start: &Config) -> impl FnMut() -> Result<Config, String> + Send {
+        let start = start.clone();
+        move || match cli::parse(self.args.clone(), self.env.clone()) {
+            Ok(Command::Serve {
+                mut config,
+                warnings,
+            }) => {
+                for w in warnings {
+                    log::warn!("{w}");
+                }
+                config.demo_agent = start.demo_agent;
+                config.demo_page = start.demo_page;
+                if config.dev_mode() {
+                    config.jwt_secret.clone_from(&start.jwt_secret);
+                    config.publish_key.clone_from(&start.publish_key);
+                }
+                Ok(config)
+            }
+            Ok(Command::Token { .. }) => Err("the command line is not `serve`".to_owned()),
+            Err(e) => Err(e.to_string().trim().to_owned()),
+        }
+    }
+}
+
+fn serve(mut config: Config, invocation: Invocation) -> ExitCode {
     let dev = config.dev_mode();
     if dev && !config.dev && !config.listen.ip().is_loopback() {
         eprintln!(
@@ -112,6 +148,7 @@ fn serve(mut config: Config) -> ExitCode {
             });
         }
     };
+    gateway.reload_config_with(invocation.reload_source(&config));
     if let Err(e) = gateway.handle_signals() {
         eprintln!("agentwire: cannot install signal handlers: {e}");
         return ExitCode::from(1);
@@ -127,7 +164,7 @@ fn serve(mut config: Config) -> ExitCode {
         }
     }
     if dev {
-        print_dev_banner(&config, addr);
+        print_dev_banner(&config, addr, gateway.admin_addr().unwrap_or(addr));
     } else if config.demo_page == Some(true) {
         let http = if config.tls_cert_file.is_some() {
             "https"
@@ -152,6 +189,12 @@ fn serve(mut config: Config) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         gateway.epoch()
     );
+    if let Some(admin) = gateway.admin_addr() {
+        log::info!(
+            "admin listener on {admin}: /metrics, /ws/stats, /ws/config and /health \
+             (the first three answer 404 on {addr})"
+        );
+    }
     match gateway.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -211,7 +254,7 @@ fn check_open_file_limit(config: &Config) {
     }
 }
 
-fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
+fn print_dev_banner(config: &Config, addr: std::net::SocketAddr, admin: std::net::SocketAddr) {
     let token = agentwire::authenticator(config)
         .ok()
         .and_then(|a| a.mint("demo-user", 24 * 3600).ok())
@@ -224,10 +267,18 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
     } else {
         ("http", "ws")
     };
+    // The admin listener (admin_listen) is plain HTTP; without one the admin endpoints
+    // are on `listen`, TLS or not.
+    let admin_http = if admin == addr { http } else { "http" };
     let page = if config.demo_page == Some(true) {
         format!("Demo page: open {http}://{addr}/ in a browser")
     } else {
         "Demo page off (demo_page = false)".to_owned()
+    };
+    let answered_by = if config.inbound_url.is_some() {
+        "the worker at inbound_url answers every user_message; its key is the publish key"
+    } else {
+        "the demo agent answers every user_message with a run"
     };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -245,16 +296,19 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr) {
  token (sub=demo-user, 24 h):
    {token}
 
- Try it (the demo agent answers every user_message with a run):
+ Try it ({answered_by}):
    python3 -m websockets "{ws}://{addr}/ws?token={token}"
    then type:  {{"type":"user_message","thread_id":"t1","text":"hello"}}
 
- Publish an event from another process:
+ Publish a whole run from another process (log in on the page as demo-user to see it):
    curl -s -X POST {http}://{addr}/api/events -H 'Authorization: Bearer {key}' \
-     -H 'Content-Type: application/json' \
-     -d '{{"type":"agent_thinking","user_id":"demo-user","run_id":"r-1","agent_name":"cli","data":{{"step":1}}}}'
+     -H 'Content-Type: application/json' -d '[
+       {{"type":"agent_started","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{}}}},
+       {{"type":"text_delta","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{"delta":"Hello from curl."}}}},
+       {{"type":"agent_completed","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{"answer":"Hello from curl."}}}}]'
+   (the README's snippets read the key from AGENTWIRE_PUBLISH_KEY: export AGENTWIRE_PUBLISH_KEY={key})
 
- Health and figures:  curl {http}://{addr}/health   curl {http}://{addr}/ws/stats
+ Health and figures:  curl {http}://{addr}/health   curl {admin_http}://{admin}/ws/stats
 ================================================================================
 "#
     );

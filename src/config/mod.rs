@@ -101,6 +101,11 @@ settings! {
     pub struct Config {
         /// Address to bind. Default `127.0.0.1:8080`.
         listen: SocketAddr = LOCALHOST_8080, Address, "Address to bind";
+        /// Address of the admin listener (PROTOCOL.md section 12): when set, `/metrics`,
+        /// `/ws/stats` and `/ws/config` are served there (with `/health`) and answer 404
+        /// on `listen`. Default none: everything on `listen`.
+        admin_listen: Option<SocketAddr> = None, OptionalAddress,
+            "Admin address for /metrics, /ws/stats, /ws/config (then 404 on listen)";
         /// Algorithm every token must use; any other `alg` is refused. Default HS256.
         jwt_algorithm: JwtAlgorithm = JwtAlgorithm::Hs256, Algorithm,
             "JWT algorithm every token must use: HS256, RS256 or ES256";
@@ -135,6 +140,29 @@ settings! {
             "PEM certificate chain: with tls_key_file, listen serves wss:// and https:// (reloaded on SIGHUP)";
         /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`. Default none.
         tls_key_file: Option<PathBuf> = None, Path, "PEM private key of tls_cert_file";
+        /// Worker endpoint that receives every `user_message` and `cancel` as an HTTP POST
+        /// (PROTOCOL.md section 6b; `src/webhook/`): `http://` or `https://`, with a host,
+        /// no user:password. When set, it replaces the in-process inbound channel for
+        /// those messages. Default none.
+        inbound_url: Option<String> = None, Text,
+            "Worker URL that receives each user_message and cancel as a POST (http:// or https://)";
+        /// Bearer key sent to `inbound_url` (`Authorization: Bearer <key>`), at least 16
+        /// bytes. Default none: the publish key.
+        inbound_key: Option<String> = None, Secret,
+            "Bearer key sent to inbound_url; default: publish_key", shown "none (publish_key)";
+        /// Time the `inbound_url` endpoint has to answer, counted from the client's
+        /// message, in milliseconds; later is `no_agent`. Default 5000.
+        inbound_timeout_ms: u64 = 5_000, Integer(1, 600_000),
+            "Time inbound_url has to answer a message, in milliseconds; later is no_agent";
+        /// Requests to `inbound_url` sent or queued and not yet answered; past it a client's
+        /// message gets `no_agent` at once. Default 1024.
+        inbound_max_in_flight: usize = 1_024, Integer(1, 1_000_000),
+            "Requests to inbound_url waiting for an answer; past it no_agent at once";
+        /// Users revoked with `until` at once (`POST /api/users/{user_id}/disconnect`);
+        /// expired revocations go first, and past it a new one is refused with 503
+        /// `too_many_revocations` (none in force is dropped). Default 10000.
+        max_revoked_users: usize = 10_000, Integer(1, 10_000_000),
+            "Users revoked with until at once; past it new revocations get 503";
         /// Open connections in total. Default 10000.
         max_connections: usize = 10_000, Integer(1, 10_000_000), "Open connections in total";
         /// Open connections per user. Default 3.
@@ -319,6 +347,15 @@ impl Config {
                     message,
                 })?;
         }
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(ConfigError::Inconsistent {
+                name: "admin_listen",
+                message: format!(
+                    "{} is also listen: give the admin listener its own address",
+                    self.listen
+                ),
+            });
+        }
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
             return Err(ConfigError::Inconsistent {
                 name: "heartbeat_timeout_ms",
@@ -332,6 +369,32 @@ impl Config {
             if key.len() < MIN_ACCEPTED_SECRET_BYTES {
                 return Err(ConfigError::Inconsistent {
                     name: "publish_key",
+                    message: format!(
+                        "must be at least {MIN_ACCEPTED_SECRET_BYTES} bytes, got {} bytes",
+                        key.len()
+                    ),
+                });
+            }
+        }
+        if let Some(url) = &self.inbound_url {
+            check_inbound_url(url).map_err(|message| ConfigError::Inconsistent {
+                name: "inbound_url",
+                message,
+            })?;
+            // Dev mode (no JWT key) generates a publish key before the gateway starts.
+            if self.inbound_key.is_none() && self.publish_key.is_none() && !self.dev_mode() {
+                return Err(ConfigError::Inconsistent {
+                    name: "inbound_key",
+                    message: "inbound_url needs a key to send: set inbound_key (or publish_key, \
+                              its default)"
+                        .into(),
+                });
+            }
+        }
+        if let Some(key) = &self.inbound_key {
+            if key.len() < MIN_ACCEPTED_SECRET_BYTES {
+                return Err(ConfigError::Inconsistent {
+                    name: "inbound_key",
                     message: format!(
                         "must be at least {MIN_ACCEPTED_SECRET_BYTES} bytes, got {} bytes",
                         key.len()
@@ -438,4 +501,31 @@ impl Config {
         );
         serde_json::Value::Object(map)
     }
+}
+
+/// The form `inbound_url` must have: `http://` or `https://` (any letter case), a host,
+/// and no `user:password@` (the credential is `inbound_key`, and the URL is shown in
+/// `GET /ws/config`). The error says what is wrong, never repeating the value.
+fn check_inbound_url(url: &str) -> Result<(), String> {
+    if !url.contains("://") {
+        return Err("must be an absolute URL starting with http:// or https://".into());
+    }
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("not a valid URL ({e}); expected http://host[:port]/path"))?;
+    match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http" | "https") => {}
+        Some(_) => return Err("must start with http:// or https://".into()),
+        None => return Err("must be an absolute URL starting with http:// or https://".into()),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("has no host".into());
+    };
+    if authority.as_str().contains('@') {
+        return Err("must not carry user:password@; the key goes in inbound_key".into());
+    }
+    if authority.host().is_empty() {
+        return Err("has no host".into());
+    }
+    Ok(())
 }

@@ -18,6 +18,8 @@ use super::{Config, ENV_PREFIX};
 pub enum SettingKind {
     /// A socket address, `IP:port` (`localhost:port` means `127.0.0.1:port`).
     Address,
+    /// `none` (also empty) or a socket address written as for `Address`.
+    OptionalAddress,
     /// `HS256`, `RS256` or `ES256`, any case.
     Algorithm,
     /// A secret string, taken verbatim and never echoed; empty unsets it. Its value never
@@ -58,6 +60,9 @@ impl SettingKind {
     pub fn expected(&self) -> String {
         match self {
             Self::Address => "expected IP:port, such as 127.0.0.1:8080 or [::]:8080".into(),
+            Self::OptionalAddress => {
+                "expected none or IP:port, such as 127.0.0.1:9090 or [::]:9090".into()
+            }
             Self::Algorithm => "expected HS256, RS256 or ES256".into(),
             Self::Secret | Self::Path | Self::Text => "expected a string".into(),
             Self::Bool => "expected true or false (also 1/0, yes/no, on/off)".into(),
@@ -128,6 +133,7 @@ impl Setting {
     pub fn value_name(&self) -> &'static str {
         match self.kind {
             SettingKind::Address => "ADDR",
+            SettingKind::OptionalAddress => "ADDR|none",
             SettingKind::Algorithm => "ALG",
             SettingKind::Secret => "SECRET",
             SettingKind::Path => "FILE",

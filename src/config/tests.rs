@@ -43,6 +43,7 @@ fn sample(name: &str) -> String {
         "run_idle_timeout_ms" => "9000",
         "shutdown_grace_ms" => "0",
         "demo_agent" => "true",
+        "inbound_url" => "https://worker.example:8443/agentwire/inbound",
         _ => return generic_sample(name),
     };
     sample.to_owned()
@@ -69,6 +70,7 @@ fn generic_sample(name: &str) -> String {
         SettingKind::Secret => "generic-sample-secret-0123456789".into(),
         SettingKind::Text => "generic sample".into(),
         SettingKind::Path => "/etc/agentwire/generic-sample".into(),
+        SettingKind::OptionalAddress => "127.0.0.1:9100".into(),
         other => panic!("no generic sample for {name} of kind {other:?}: add one to `sample`"),
     }
 }
@@ -130,6 +132,7 @@ fn companions(name: &str) -> Vec<(&'static str, &'static str)> {
         "jwt_public_key_file" => vec![("jwt_algorithm", "RS256")],
         "tls_cert_file" => vec![("tls_key_file", "/etc/agentwire/tls.key")],
         "tls_key_file" => vec![("tls_cert_file", "/etc/agentwire/tls.crt")],
+        "inbound_url" => vec![("inbound_key", "inbound-key-0123456789")],
         _ => vec![],
     }
 }
@@ -840,4 +843,69 @@ fn jwt_max_lifetime_is_optional_and_positive() {
     let public = c.to_public_json(false);
     assert_eq!(public["jwt_max_lifetime_s"], serde_json::Value::Null);
     assert_eq!(public["socket_send_buffer_bytes"], 0);
+}
+
+#[test]
+fn inbound_url_is_checked_at_start() {
+    let with = |url: &str, key: Option<&str>| {
+        let mut c = Config {
+            jwt_secret: Some(SECRET.into()),
+            inbound_url: Some(url.into()),
+            ..Config::default()
+        };
+        c.inbound_key = key.map(Into::into);
+        c.validate()
+    };
+    let key = Some("inbound-key-0123456789");
+    for good in [
+        "http://127.0.0.1:9000/inbound",
+        "https://worker.example/agentwire",
+        "HTTP://worker.example",
+        "http://[::1]:9000/",
+    ] {
+        assert!(with(good, key).is_ok(), "{good}: {:?}", with(good, key));
+    }
+    for (bad, why) in [
+        ("ftp://worker.example/", "http:// or https://"),
+        ("worker.example/inbound", "http:// or https://"),
+        ("/inbound", "http:// or https://"),
+        ("http://user:secret-pass@worker.example/", "user:password"),
+        ("http://", "not a valid URL"),
+        ("not a url at all", "http:// or https://"),
+        ("http://bad host/", "not a valid URL"),
+    ] {
+        let err = with(bad, key).expect_err(bad).to_string();
+        assert!(
+            err.contains("inbound_url") && err.contains(why),
+            "{bad}: {err}"
+        );
+        assert!(
+            !err.contains("secret-pass"),
+            "the value is never repeated: {err}"
+        );
+    }
+    // A key is needed: inbound_key, or publish_key as its default.
+    let err = with("http://127.0.0.1:9000/", None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("inbound_key"), "{err}");
+    // ... except in dev mode, which generates the publish key.
+    let dev = Config {
+        inbound_url: Some("http://127.0.0.1:9000/".into()),
+        ..Config::default()
+    };
+    assert!(dev.validate().is_ok(), "{:?}", dev.validate());
+    let mut c = Config {
+        jwt_secret: Some(SECRET.into()),
+        inbound_url: Some("http://127.0.0.1:9000/".into()),
+        publish_key: Some("pub-key-value-0123456789".into()),
+        ..Config::default()
+    };
+    assert!(c.validate().is_ok());
+    c.inbound_key = Some("short".into());
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("inbound_key") && err.contains("16 bytes"),
+        "{err}"
+    );
 }

@@ -162,6 +162,34 @@ impl Value for SocketAddr {
     }
 }
 
+/// `OptionalAddress`: `None` is `none` (also the empty string).
+impl Value for Option<SocketAddr> {
+    fn set(&mut self, kind: SettingKind, text: &str) -> Result<(), String> {
+        if kind != SettingKind::OptionalAddress {
+            return wrong_kind(kind);
+        }
+        let text = text.trim();
+        *self = if text.is_empty() || text.eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(parse_listen(text).map_err(|_| kind.expected())?)
+        };
+        Ok(())
+    }
+    fn fits(&self, kind: SettingKind) -> bool {
+        kind == SettingKind::OptionalAddress
+    }
+    fn json(&self) -> Json {
+        self.map_or(Json::Null, |a| Json::String(a.to_string()))
+    }
+    fn shown(&self) -> String {
+        self.map_or_else(|| "none".into(), |a| a.to_string())
+    }
+    fn is_set(&self) -> bool {
+        self.is_some()
+    }
+}
+
 /// `Algorithm`, `Policy` and `LogFormat`: enums read with `FromStr` and shown by their `as_str`.
 macro_rules! named_value {
     ($($ty:ty => $kind:ident),*) => {$(

@@ -59,5 +59,5 @@ pub use response::{
     json_response, method_not_allowed_response, response, text_response, upgrade_response, Refusal,
     PROMETHEUS_CONTENT_TYPE,
 };
-pub use routes::{allowed_methods, Route};
+pub use routes::{allowed_methods, Port, Route};
 pub use upgrade::{admit_upgrade, check_upgrade, TokenSource, Upgrade};

@@ -9,7 +9,7 @@ use std::fmt;
 
 use httparse::Status;
 
-use super::routes::known_path;
+use super::routes::{known_path, Route};
 use super::Refusal;
 
 /// Largest request head (request line + headers + blank line) in bytes; over it: 431.
@@ -155,7 +155,10 @@ impl fmt::Debug for Request {
         let query_names: Vec<String> = self.query.iter().map(|(n, _)| short(n)).collect();
         // Only a known path is printed: an unknown one is client text that may carry a
         // token (`/ws;token=...`, `/ws&token=...`, found by fuzzing).
-        let path = if known_path(&self.path).is_some() {
+        let path = if known_path(&self.path) == Some(Route::Disconnect) {
+            // The user id segment is client text too.
+            "/api/users/<user_id>/disconnect".to_owned()
+        } else if known_path(&self.path).is_some() {
             self.path.clone()
         } else {
             format!("<unknown path, {} bytes>", self.path.len())

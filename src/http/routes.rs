@@ -22,6 +22,9 @@ pub enum Route {
     Metrics,
     /// `POST /api/events`.
     Publish,
+    /// `POST /api/users/{user_id}/disconnect` (PROTOCOL.md section 12): the user id is
+    /// taken from the path by the handler (`reactor/revoke.rs`).
+    Disconnect,
     /// A file of the demo page (section 10.2): `GET /`, `/agentwire.js`, `/demo/...`.
     Demo(DemoAsset),
     /// `POST /dev/token` (section 10.2, dev mode only).
@@ -52,8 +55,17 @@ pub(super) fn known_path(path: &str) -> Option<Route> {
         "/dev/token" => Some(Route::DevToken),
         #[cfg(feature = "conformance")]
         "/conformance/echo" => Some(Route::WebSocket(Some(Mode::Echo))),
+        _ if is_disconnect_path(path) => Some(Route::Disconnect),
         _ => DemoAsset::of_path(path).map(Route::Demo),
     }
+}
+
+/// `/api/users/{segment}/disconnect`, the segment without `/` (its content is checked
+/// by the handler: an empty or invalid user id is a 400, not a 404).
+fn is_disconnect_path(path: &str) -> bool {
+    path.strip_prefix("/api/users/")
+        .and_then(|rest| rest.strip_suffix("/disconnect"))
+        .is_some_and(|segment| !segment.contains('/'))
 }
 
 impl Route {
@@ -68,8 +80,52 @@ impl Route {
             Some(Route::Publish) => Route::MethodNotAllowed,
             Some(Route::DevToken) if method == Method::Post => Route::DevToken,
             Some(Route::DevToken) => Route::MethodNotAllowed,
+            Some(Route::Disconnect) if method == Method::Post => Route::Disconnect,
+            Some(Route::Disconnect) => Route::MethodNotAllowed,
             Some(r) if matches!(method, Method::Get | Method::Head) => r,
             Some(_) => Route::MethodNotAllowed,
+        }
+    }
+}
+
+/// Which listener a request came in on, for [`Route::on_port`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// No `admin_listen`: `listen` serves every route.
+    Shared,
+    /// `listen` while an admin listener exists: everything but the admin endpoints.
+    Client,
+    /// The admin listener (`admin_listen`): `/metrics`, `/ws/stats`, `/ws/config` and
+    /// `/health`, nothing else.
+    Admin,
+}
+
+impl Route {
+    /// The admin endpoints (PROTOCOL.md section 12, `admin_listen`).
+    fn is_admin(self) -> bool {
+        matches!(self, Route::Config | Route::Stats | Route::Metrics)
+    }
+
+    /// This route as served on `port`: with an admin listener, the admin endpoints
+    /// answer 404 on the client port and everything but them and `/health` answers 404
+    /// on the admin port (a known path with a wrong method too: the port does not even
+    /// admit the path exists). `/health` is on both, for load balancers probing the
+    /// client port and monitoring probing the admin port.
+    pub fn on_port(self, path: &str, port: Port) -> Route {
+        let known = match self {
+            Route::MethodNotAllowed => known_path(path),
+            other => Some(other),
+        };
+        let served = match (port, known) {
+            (Port::Shared, _) => true,
+            (Port::Client, Some(r)) => !r.is_admin(),
+            (Port::Admin, Some(r)) => r.is_admin() || r == Route::Health,
+            (_, None) => true,
+        };
+        if served {
+            self
+        } else {
+            Route::NotFound
         }
     }
 }
@@ -79,7 +135,7 @@ impl Route {
 pub fn allowed_methods(path: &str) -> Option<&'static str> {
     match known_path(path)? {
         Route::WebSocket(_) => Some("GET"),
-        Route::Publish | Route::DevToken => Some("POST"),
+        Route::Publish | Route::DevToken | Route::Disconnect => Some("POST"),
         _ => Some("GET, HEAD"),
     }
 }
@@ -135,6 +191,12 @@ mod tests {
             (Head, "/api/events", Route::MethodNotAllowed),
             (Other, "/api/events", Route::MethodNotAllowed),
             // The demo page (section 10.2); off, the reactor answers 404.
+            (Post, "/api/users/u1/disconnect", Route::Disconnect),
+            (Post, "/api/users/a%2Fb/disconnect/", Route::Disconnect),
+            (Post, "/api/users//disconnect", Route::Disconnect),
+            (Get, "/api/users/u1/disconnect", Route::MethodNotAllowed),
+            (Post, "/api/users/a/b/disconnect", Route::NotFound),
+            (Post, "/api/users/u1", Route::NotFound),
             (Get, "/", Route::Demo(DemoAsset::Index)),
             (Head, "/", Route::Demo(DemoAsset::Index)),
             (Get, "/agentwire.js", Route::Demo(DemoAsset::ClientJs)),
@@ -147,6 +209,40 @@ mod tests {
         for (method, path, want) in cases {
             assert_eq!(Route::of(method, path), want, "{method:?} {path}");
         }
+    }
+
+    #[test]
+    fn admin_endpoints_move_to_the_admin_port() {
+        use Method::*;
+        let on = |m, path, port| Route::of(m, path).on_port(path, port);
+        for path in ["/metrics", "/ws/stats", "/ws/config", "/ws/stats/"] {
+            assert_ne!(on(Get, path, Port::Shared), Route::NotFound, "{path}");
+            assert_eq!(on(Get, path, Port::Client), Route::NotFound, "{path}");
+            assert_ne!(on(Get, path, Port::Admin), Route::NotFound, "{path}");
+            assert_eq!(on(Post, path, Port::Client), Route::NotFound, "{path}");
+            assert_eq!(
+                on(Post, path, Port::Admin),
+                Route::MethodNotAllowed,
+                "{path}"
+            );
+        }
+        for path in ["/health", "/ws/health"] {
+            for port in [Port::Shared, Port::Client, Port::Admin] {
+                assert_eq!(on(Get, path, port), Route::Health, "{path} {port:?}");
+            }
+        }
+        for (m, path) in [
+            (Get, "/ws"),
+            (Post, "/ws"),
+            (Post, "/api/events"),
+            (Post, "/api/users/u/disconnect"),
+            (Post, "/dev/token"),
+            (Get, "/"),
+        ] {
+            assert_eq!(on(m, path, Port::Admin), Route::NotFound, "{path}");
+            assert_eq!(on(m, path, Port::Client), Route::of(m, path), "{path}");
+        }
+        assert_eq!(on(Get, "/nope", Port::Admin), Route::NotFound);
     }
 
     #[test]

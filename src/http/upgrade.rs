@@ -8,6 +8,7 @@
 use std::fmt;
 
 use super::{Method, Refusal, Request};
+use crate::agui::Encoding;
 use crate::auth::{Authenticator, Claims};
 use crate::ids::{has_control_characters, ThreadId, UserId};
 use crate::mode::Mode;
@@ -44,6 +45,8 @@ pub struct Upgrade {
     pub thread_id: Option<ThreadId>,
     /// `last_seq` resume point.
     pub last_seq: Option<u64>,
+    /// `encoding`: how events are written (`agentwire`, the default, or `agui`).
+    pub encoding: Encoding,
     /// `epoch` the client resumes from.
     pub epoch: Option<String>,
     /// `user_id` claimed by the client (untrusted; compare with the token's `sub`).
@@ -68,6 +71,7 @@ impl fmt::Debug for Upgrade {
             .field("mode", &self.mode)
             .field("thread_id", &len(self.thread_id.as_deref()))
             .field("last_seq", &self.last_seq)
+            .field("encoding", &self.encoding)
             .field("epoch", &len(self.epoch.as_deref()))
             .field("user_id", &len(self.user_id.as_deref()))
             .field(
@@ -87,6 +91,7 @@ struct UpgradeParams<'a> {
     connection_scope: Option<&'a str>,
     thread_id: Option<&'a str>,
     last_seq: Option<&'a str>,
+    encoding: Option<&'a str>,
     epoch: Option<&'a str>,
     user_id: Option<&'a str>,
     token: Option<&'a str>,
@@ -101,6 +106,7 @@ impl<'a> UpgradeParams<'a> {
                 "connection_scope" => (&mut p.connection_scope, "connection_scope"),
                 "thread_id" => (&mut p.thread_id, "thread_id"),
                 "last_seq" => (&mut p.last_seq, "last_seq"),
+                "encoding" => (&mut p.encoding, "encoding"),
                 "epoch" => (&mut p.epoch, "epoch"),
                 "user_id" => (&mut p.user_id, "user_id"),
                 "token" => (&mut p.token, "token"),
@@ -137,7 +143,7 @@ fn bad_param(name: &str) -> Refusal {
 /// - 400 for a duplicate known query parameter, a `mode` other than
 ///   `main|factory|legacy|isolated`, a `connection_scope` other than `true|false|1|0`,
 ///   modes that disagree (path alias, `mode`, `connection_scope=true`), a `last_seq`
-///   that is not a u64 in decimal, a `thread_id` that is not a [`ThreadId`] (empty, over
+///   that is not a u64 in decimal, an `encoding` other than `agentwire|agui`, a `thread_id` that is not a [`ThreadId`] (empty, over
 ///   256 bytes or with control characters), an `epoch` over [`MAX_EPOCH_BYTES`] or with
 ///   control characters;
 /// - 400 for a body (`Content-Length` > 0 or chunked);
@@ -206,6 +212,12 @@ pub fn check_upgrade(
         Some(s) => Some(parse_u64(s).ok_or_else(|| bad_param("last_seq"))?),
         None => None,
     };
+    let encoding = match params.encoding {
+        Some(e) => Encoding::parse(e).ok_or_else(|| {
+            Refusal::bad_request("bad query parameter encoding (expected agentwire or agui)")
+        })?,
+        None => Encoding::Agentwire,
+    };
     let thread_id = match params.thread_id {
         Some(t) => Some(ThreadId::parse(t).map_err(|_| bad_param("thread_id"))?),
         None => None,
@@ -243,6 +255,7 @@ pub fn check_upgrade(
         mode,
         thread_id,
         last_seq,
+        encoding,
         epoch: params.epoch.map(str::to_owned),
         user_id: params.user_id.map(str::to_owned),
         token,
@@ -552,6 +565,21 @@ mod tests {
         assert_eq!(base64_decoded_len("===="), None);
         assert_eq!(base64_decoded_len("Zm9"), None);
         assert_eq!(base64_decoded_len(""), None);
+    }
+
+    #[test]
+    fn encoding_is_agentwire_or_agui_and_anything_else_is_refused() {
+        let enc = |target: &str| up(target, &[]).map(|u| u.encoding).map_err(|r| r.status);
+        assert_eq!(enc("/ws"), Ok(Encoding::Agentwire));
+        assert_eq!(enc("/ws?encoding=agentwire"), Ok(Encoding::Agentwire));
+        assert_eq!(enc("/ws?encoding=agui"), Ok(Encoding::Agui));
+        assert_eq!(enc("/ws/isolated?encoding=agui"), Ok(Encoding::Agui));
+        for bad in ["AGUI", "ag-ui", "", "json", "agui%20"] {
+            assert_eq!(enc(&format!("/ws?encoding={bad}")), Err(400), "{bad:?}");
+        }
+        assert_eq!(enc("/ws?encoding=agui&encoding=agui"), Err(400));
+        let refusal = up("/ws?encoding=xml", &[]).unwrap_err();
+        assert!(String::from_utf8_lossy(&refusal.to_response()).contains("encoding"));
     }
 
     #[test]

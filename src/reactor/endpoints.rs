@@ -17,7 +17,7 @@ use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::event::Event;
 use crate::frames::{self, Accepted, ErrorBody, ErrorCode, Health, HealthStatus};
-use crate::http::{self, Method, Refusal, Route};
+use crate::http::{self, Method, Port, Refusal, Route};
 use crate::publish;
 use crate::stats::{DropReason, Gauges, MemoryGauges, RefusalReason};
 
@@ -211,7 +211,12 @@ impl Reactor {
             answered += 1;
             // The last request a connection may make is answered with `Connection: close`.
             let last = st.served + 1 >= HTTP_REQUESTS_PER_CONN;
-            match Route::of(req.method, &req.path) {
+            let port = match (self.admin_listener.is_some(), conn.admin) {
+                (false, _) => Port::Shared,
+                (true, false) => Port::Client,
+                (true, true) => Port::Admin,
+            };
+            match Route::of(req.method, &req.path).on_port(&req.path, port) {
                 Route::WebSocket(path_mode) => {
                     let leftover = unread.get(head_len..).unwrap_or_default().to_vec();
                     self.http_buffered = self
@@ -222,7 +227,7 @@ impl Reactor {
                     self.upgrade(id, &req, path_mode, leftover);
                     return HttpTurn::Done;
                 }
-                route @ (Route::Publish | Route::DevToken) => {
+                route @ (Route::Publish | Route::DevToken | Route::Disconnect) => {
                     // Everything that needs no body is decided on the head, before a
                     // byte of the body is buffered: disabled, key, length.
                     let dev_token = route == Route::DevToken;
@@ -238,12 +243,20 @@ impl Reactor {
                         self.publish_auth_failed(id);
                         return HttpTurn::Done;
                     }
-                    let max_body = if dev_token {
-                        crate::demo_page::MAX_DEV_TOKEN_BODY_BYTES
-                    } else {
-                        max_publish
+                    let max_body = match route {
+                        Route::DevToken => crate::demo_page::MAX_DEV_TOKEN_BODY_BYTES,
+                        Route::Disconnect => super::revoke::MAX_DISCONNECT_BODY_BYTES,
+                        _ => max_publish,
                     };
-                    let len = match http::body_length(&req, max_body) {
+                    // A disconnect needs no body: none announced is an empty one.
+                    let no_body =
+                        route == Route::Disconnect && req.content_length.is_none() && !req.chunked;
+                    let length = if no_body {
+                        Ok(0)
+                    } else {
+                        http::body_length(&req, max_body)
+                    };
+                    let len = match length {
                         Ok(len) => len,
                         // Too large: answered, not counted as a refused connection.
                         Err(r) if r.status == 413 => {
@@ -275,11 +288,13 @@ impl Reactor {
                     st.need = 0;
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
-                    let (status, answer) = if dev_token {
-                        self.stats.http_requests += 1;
-                        self.s.demo.dev_token(&body)
-                    } else {
-                        self.publish(&body)
+                    let (status, answer) = match route {
+                        Route::DevToken => {
+                            self.stats.http_requests += 1;
+                            self.s.demo.dev_token(&body)
+                        }
+                        Route::Disconnect => self.disconnect(&req.path, &body),
+                        _ => self.publish(&body),
                     };
                     let resp = http::json_response(status, &answer, !keep, false, &[]);
                     self.respond_raw(id, resp, !keep);
@@ -424,7 +439,11 @@ impl Reactor {
                 Some(resp) => self.respond_raw(id, resp, close),
                 None => self.refuse(id, &Refusal::not_found()),
             },
-            Route::NotFound | Route::Publish | Route::DevToken | Route::WebSocket(_) => {
+            Route::NotFound
+            | Route::Publish
+            | Route::DevToken
+            | Route::Disconnect
+            | Route::WebSocket(_) => {
                 self.refuse(id, &Refusal::not_found());
             }
         }
@@ -472,7 +491,10 @@ impl Reactor {
             inbound_held: self.inbox.held().0,
             inbound_held_bytes: self.inbox.held().1,
             inbound_held_limit: self.inbox.held_limit(),
+            revoked_users: self.revocations.len(),
+            revoked_users_limit: self.s.config.max_revoked_users,
             memory: self.memory_gauges(),
+            webhook: self.webhook.as_ref().map(|w| w.counts()),
         }
     }
 

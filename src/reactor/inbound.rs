@@ -1,7 +1,8 @@
 //! What clients send on an open session: `ping`, `user_message` (pending runs per
 //! user, held in the [`crate::inbox::Inbox`] and fed to the workers round-robin),
 //! `cancel` and `refresh`; the `error` answers and the bad-message streak that ends a
-//! session with 1008.
+//! session with 1008. With `inbound_url` set, `user_message` and `cancel` go to the
+//! webhook instead of the inbound channel (`reactor/webhook.rs`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -151,6 +152,10 @@ impl Reactor {
             self.bad_message(id, ErrorCode::TooLarge, &why, Some(&reference));
             return false;
         }
+        // With `inbound_url` the message goes to the webhook, not the inbound channel.
+        if self.webhook.is_some() {
+            return self.webhook_user_message(id, text, thread, reference);
+        }
         let Some(session) = self.session(id) else {
             return true;
         };
@@ -247,6 +252,10 @@ impl Reactor {
     /// `cancel`: flags the run (its handle sees it) and tells the workers once per run,
     /// so repeated cancels of one run cost no channel slot.
     pub(super) fn cancel(&mut self, id: ConnId, run_id: &str) {
+        // With `inbound_url` the cancel goes to the webhook, not the inbound channel.
+        if self.webhook.is_some() {
+            return self.webhook_cancel(id, run_id);
+        }
         let Some(session) = self.session(id) else {
             return;
         };
@@ -337,7 +346,7 @@ pub(super) fn still_pending(registry: &Registry, user: &str, run_id: &str) -> bo
 }
 
 /// A fresh run id for a `user_message`: `r-` and 16 hex digits.
-fn new_run_id() -> String {
+pub(super) fn new_run_id() -> String {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         b = now_ms().to_be_bytes();

@@ -8,7 +8,8 @@
 //!    iteration, and none while it is over its input allowance); then feed held
 //!    `user_message`s to the workers' channel, round-robin across users ([`Inbox`]);
 //! 3. drain the workers' channel up to [`routing::DRAIN_BUDGET`] commands, routing each event to
-//!    its user's connections (frames are shared, queued per connection);
+//!    its user's connections (frames are shared, queued per connection); then the
+//!    inbound webhook's answers (`ack`, `cancel_requested`, `no_agent`);
 //! 4. advance the timer wheel: handshake deadlines, heartbeats, token expiry, lingering
 //!    closes, housekeeping (replay expiry, run watchdog);
 //! 5. flush every connection that got output in this iteration: one `writev` each;
@@ -26,6 +27,8 @@
 //! - [`inbound`]: the client messages (`ping`, `user_message`, `cancel`, `refresh`);
 //! - [`routing`]: draining the channel, delivering events, flushing, replay;
 //! - [`timers`]: timer expiries, housekeeping, the run watchdog and shutdown;
+//! - [`webhook`]: `user_message` and `cancel` sent to `inbound_url`, and the answers
+//!   (after draining the channel, each iteration);
 //! - `echo` (conformance builds): the Autobahn echo session.
 //!
 //! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
@@ -67,16 +70,23 @@ use crate::tls::{Acceptor, Transport};
 mod echo;
 mod endpoints;
 mod inbound;
+mod reload;
+mod revoke;
 mod routing;
 mod session;
 mod timers;
+mod webhook;
 
+pub use reload::ConfigSource;
 pub(crate) use session::READ_BUFFER_BYTES;
 
 pub(crate) const LISTENER: Token = Token(usize::MAX - 1);
 pub(crate) const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
+pub(crate) const ADMIN_LISTENER: Token = Token(usize::MAX - 4);
 
+/// Readiness events taken per poll.
+const EVENTS_PER_POLL: usize = 1024;
 /// Connections accepted per readiness event before serving others.
 const ACCEPT_BUDGET: usize = 1024;
 /// How long a closing connection may take to flush and see the peer's FIN.
@@ -90,8 +100,13 @@ const REFUSAL_LOG_WINDOW_MS: u64 = 1000;
 const REFUSAL_LOG_BURST: u64 = 5;
 /// Kinds of refusal lines collapsed at once (status, error, reason).
 const REFUSAL_LOG_KINDS: usize = 32;
-/// Period of the aggregated log lines (accept failures, publish key failures).
+/// Period of the aggregated log lines (accept failures, publish key failures, slow
+/// iterations).
 const RATE_LOG_MS: u64 = 10_000;
+/// A loop iteration longer than this is logged (at most one line per [`RATE_LOG_MS`])
+/// with the time of each phase, so a stall can be told apart: readiness (accepts,
+/// upgrades, reads), the channel drain, timers (housekeeping, watchdog), the flush.
+const SLOW_ITERATION_US: u64 = 10_000;
 
 /// What a timer on the wheel is for.
 #[derive(Clone, Copy, Debug)]
@@ -121,12 +136,16 @@ pub(crate) struct Settings {
     pub ws_config: WebSocketConfig,
     pub config_json: Bytes,
     pub demo: crate::demo_page::DemoPage,
+    /// The demo agent runs (for `/ws/config`, rebuilt by a reload).
+    pub demo_agent: bool,
 }
 
 /// The event loop and everything it owns.
 pub(crate) struct Reactor {
     poll: Poll,
     listener: TcpListener,
+    /// The admin listener (`admin_listen`), when configured.
+    admin_listener: Option<TcpListener>,
     signals: Option<UnixStream>,
     wake: Arc<WakeSignal>,
     rx: Receiver<Command>,
@@ -134,9 +153,13 @@ pub(crate) struct Reactor {
     auth: Authenticator,
     /// TLS on `listen` (`tls_cert_file`, `tls_key_file`); `None`: plain TCP.
     tls: Option<Acceptor>,
+    /// Where a SIGHUP reload reads its configuration (see `reload.rs`).
+    reload_source: Option<ConfigSource>,
     s: Settings,
     conns: Slab<Conn>,
     registry: Registry,
+    /// Users refused until a time (`POST /api/users/{user_id}/disconnect`, `revoke.rs`).
+    revocations: crate::revocation::Revocations,
     wheel: TimerWheel<Timer>,
     stats: Stats,
     epoch: Arc<str>,
@@ -189,6 +212,10 @@ pub(crate) struct Reactor {
     last_accept_failure: Option<u64>,
     accept_log: RateLog,
     publish_auth_log: RateLog,
+    slow_iteration_log: RateLog,
+    /// The inbound webhook, when `inbound_url` is set ([`crate::webhook`]).
+    webhook: Option<crate::webhook::Webhook>,
+    webhook_log: RateLog,
 }
 
 /// A random epoch string, chosen once per gateway (PROTOCOL.md section 3).
@@ -206,6 +233,7 @@ impl Reactor {
     pub(crate) fn new(
         poll: Poll,
         listener: TcpListener,
+        admin_listener: Option<TcpListener>,
         wake: Arc<WakeSignal>,
         rx: Receiver<Command>,
         inbound: Sender<Inbound>,
@@ -229,18 +257,22 @@ impl Reactor {
             max_active_runs: c.max_active_runs,
         };
         let epoch: Arc<str> = epoch.into();
+        let revocations = crate::revocation::Revocations::new(c.max_revoked_users);
         Reactor {
             poll,
             listener,
+            admin_listener,
             signals: None,
             wake,
             rx,
             inbound,
             auth,
             tls,
+            reload_source: None,
             s,
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
+            revocations,
             wheel,
             stats: Stats::new(),
             epoch,
@@ -272,12 +304,20 @@ impl Reactor {
             last_accept_failure: None,
             accept_log: RateLog::default(),
             publish_auth_log: RateLog::default(),
+            slow_iteration_log: RateLog::default(),
+            webhook: None,
+            webhook_log: RateLog::default(),
         }
     }
 
-    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP (reload the TLS certificate,
-    /// PROTOCOL.md section 12; the rest of the configuration needs a restart) handling: each sets its flag, then wakes
-    /// the loop through a self-pipe.
+    /// Send `user_message` and `cancel` to this webhook instead of the inbound channel.
+    pub(crate) fn set_webhook(&mut self, webhook: Option<crate::webhook::Webhook>) {
+        self.webhook = webhook;
+    }
+
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP ([`Reactor::reload`] and
+    /// [`Reactor::tls_reload`], PROTOCOL.md section 12) handling: each sets its flag, then wakes the loop through
+    /// a self-pipe.
     pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let (reader, writer) = std::os::unix::net::UnixStream::pair()?;
@@ -300,13 +340,18 @@ impl Reactor {
         Ok(())
     }
 
+    /// Set where a SIGHUP reload reads its configuration (see `reload.rs`).
+    pub(crate) fn set_reload_source(&mut self, source: ConfigSource) {
+        self.reload_source = Some(source);
+    }
+
     pub(super) fn tick(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
 
     /// Run until a shutdown completes. Only setup-level failures return `Err`.
     pub(crate) fn run(mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
         let mut expired = Vec::new();
         let mut budget_exhausted = false;
         loop {
@@ -341,7 +386,8 @@ impl Reactor {
             let again = std::mem::take(&mut self.read_again);
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(false),
+                    ADMIN_LISTENER => self.accept(true),
                     WAKER => {}
                     SIGNALS => self.on_signal(),
                     Token(key) => self.ready(key, event.is_readable(), event.is_writable()),
@@ -359,7 +405,11 @@ impl Reactor {
             self.stats
                 .record_client_messages_in_iteration(self.read_in_iteration);
             self.feed_inbox();
+            let drain_started = Instant::now();
             budget_exhausted = self.drain_channel();
+            // After the channel: `drain_channel` reset the wake flag, so an answer that
+            // arrives from here on wakes the next poll.
+            self.webhook_answers();
             let now = self.tick();
             let timers_started = Instant::now();
             self.wheel.advance(now, &mut expired);
@@ -371,9 +421,14 @@ impl Reactor {
                 self.stats
                     .record_timers(fired as u64, timers_started.elapsed().as_micros() as u64);
             }
+            let flush_started = Instant::now();
             self.flush_dirty();
-            self.stats
-                .record_loop_us(iteration.elapsed().as_micros() as u64);
+            let took = iteration.elapsed();
+            self.stats.record_loop_us(took.as_micros() as u64);
+            if took.as_micros() as u64 > SLOW_ITERATION_US {
+                let phases = [iteration, drain_started, timers_started, flush_started];
+                self.log_slow_iteration(took, phases, events.iter().count(), fired);
+            }
             if self.draining && (self.drain_deadline_passed || self.open_sessions_flushed()) {
                 log::info!(
                     "shutdown complete; {} connections closed",
@@ -386,25 +441,61 @@ impl Reactor {
 
     // ----------------------------------------------------------------- accept
 
-    fn accept(&mut self) {
+    /// One line for an iteration over [`SLOW_ITERATION_US`]: how long each phase took
+    /// (`phases`: the instants the iteration, the drain, the timers and the flush
+    /// started), what it handled, and how many slow iterations the line stands for.
+    fn log_slow_iteration(
+        &mut self,
+        took: Duration,
+        phases: [Instant; 4],
+        readiness: usize,
+        timers: usize,
+    ) {
+        self.stats.slow_iterations += 1;
+        let Some(count) = self.slow_iteration_log.hit(self.tick(), RATE_LOG_MS) else {
+            return;
+        };
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+        let [start, drain, timers_at, flush] = phases;
+        log::warn!(
+            "slow loop iteration: {:.1} ms (readiness {:.1} ms for {readiness} events, \
+             channel drain {:.1} ms, timers {:.1} ms for {timers} expiries, flush {:.1} ms); \
+             {count} iteration(s) over {} ms since the last such line",
+            took.as_secs_f64() * 1e3,
+            ms(start, drain),
+            ms(drain, timers_at),
+            ms(timers_at, flush),
+            ms(flush, start + took),
+            SLOW_ITERATION_US / 1000,
+        );
+    }
+
+    /// Accept on the client listener, or on the admin listener when `admin`.
+    pub(super) fn accept(&mut self, admin: bool) {
         if self.accept_paused {
             return;
         }
         // Connections accepted from here on are not evicted to make room in this call.
         let first_new = self.next_serial + 1;
         for _ in 0..ACCEPT_BUDGET {
-            match self.listener.accept() {
-                Ok((stream, _peer)) => self.add_conn(stream),
+            let accepted = match (admin, &self.admin_listener) {
+                (false, _) => self.listener.accept(),
+                (true, Some(l)) => l.accept(),
+                (true, None) => return,
+            };
+            match accepted {
+                Ok((stream, _peer)) => self.add_conn(stream, admin),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let now = self.tick();
                     self.stats.accept_failures += 1;
                     self.last_accept_failure = Some(now);
-                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
-                                                                                // At the descriptor limit, first free the oldest connection that has
-                                                                                // not upgraded (idle sockets must not lock out upgrades), else answer
-                                                                                // one waiting client 503 through the reserve descriptor.
+                    // ENFILE, EMFILE. At the descriptor limit, first free the oldest
+                    // connection that has not upgraded (idle sockets must not lock out
+                    // upgrades), else answer one waiting client 503 through the reserve
+                    // descriptor.
+                    let out_of_fds = matches!(e.raw_os_error(), Some(23 | 24));
                     if out_of_fds && (self.evict_oldest_http(first_new) || self.refuse_overloaded())
                     {
                         continue;
@@ -492,12 +583,14 @@ impl Reactor {
         refused
     }
 
-    fn add_conn(&mut self, stream: TcpStream) {
+    fn add_conn(&mut self, stream: TcpStream, admin: bool) {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("set_nodelay failed: {e}");
         }
         self.bound_send_buffer(&stream);
-        let stream = match self.tls.as_ref().map(Acceptor::session) {
+        // TLS is for `listen`; the admin listener (`admin_listen`) stays plain HTTP.
+        let tls = if admin { None } else { self.tls.as_ref() };
+        let stream = match tls.map(Acceptor::session) {
             None => Transport::plain(stream),
             Some(Ok(session)) => Transport::tls(stream, session),
             Some(Err(e)) => {
@@ -533,6 +626,7 @@ impl Reactor {
             bytes_in: 0,
             write_shut: false,
             flush_queued: false,
+            admin,
         });
         self.http_open += 1;
         self.http_order.push_back(id);

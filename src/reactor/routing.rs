@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use super::endpoints::HTTP_PENDING_LIMIT;
 use super::{live, mark, Reactor};
+use crate::agui::{json_payload, Source, Stream};
 use crate::close::CloseReason;
-use crate::conn::{ConnId, Phase};
+use crate::conn::{ConnId, OutQueue, Phase};
 use crate::emitter::Command;
 use crate::event::Event;
 use crate::registry::{Refused, Routed};
@@ -73,16 +74,26 @@ impl Reactor {
             self.registry.remember_key(&ev.key.user_id, key, now);
         }
         let mut delivered = 0;
+        // Read back once, at the first AG-UI connection among the targets.
+        let mut agui_source: Option<Option<Source>> = None;
         for i in 0..self.scratch_targets.len() {
             let Some(&target) = self.scratch_targets.get(i) else {
                 break;
             };
             if let Some(conn) = live(&mut self.conns, target) {
-                if let Phase::Open(session) = &conn.phase {
+                if let Phase::Open(session) = &mut conn.phase {
                     // A connection still catching up on its replay takes this event
                     // from the replay buffer (it was just kept there), in order.
                     if session.replay_next.is_none() {
-                        conn.out.push(frame.clone());
+                        match session.agui.as_deref_mut() {
+                            None => conn.out.push(frame.clone()),
+                            Some(stream) => {
+                                let src = agui_source.get_or_insert_with(|| {
+                                    json_payload(&frame).and_then(Source::parse)
+                                });
+                                translate(stream, src.as_ref(), &frame, &mut conn.out);
+                            }
+                        }
                         delivered += 1;
                     }
                     mark(&mut conn.flush_queued, &mut self.dirty, target);
@@ -256,7 +267,13 @@ impl Reactor {
                 caught_up = false;
                 break;
             }
-            conn.out.push(kept.frame.clone());
+            match session.agui.as_deref_mut() {
+                None => conn.out.push(kept.frame.clone()),
+                Some(stream) => {
+                    let src = json_payload(&kept.frame).and_then(Source::parse);
+                    translate(stream, src.as_ref(), &kept.frame, &mut conn.out);
+                }
+            }
             cursor = kept.seq + 1;
             sent += 1;
         }
@@ -265,5 +282,15 @@ impl Reactor {
         if sent > 0 {
             mark(&mut conn.flush_queued, &mut self.dirty, id);
         }
+    }
+}
+
+/// Queue an event's AG-UI frames on an `encoding=agui` connection (`src`: the event
+/// read back from `frame`; `None` only for a frame that is not an event, which
+/// cannot happen for a routed one: then nothing is queued).
+fn translate(stream: &mut Stream, src: Option<&Source>, frame: &[u8], out: &mut OutQueue) {
+    match (src, json_payload(frame)) {
+        (Some(src), Some(payload)) => stream.translate(src, payload, &mut |f| out.push(f)),
+        _ => log::error!("agui: a routed frame is not an agentwire event; not sent"),
     }
 }

@@ -13,6 +13,7 @@ use tungstenite::protocol::{Role, WebSocketContext};
 use tungstenite::Message;
 
 use super::{live, mark, Reactor, Step, Timer};
+use crate::agui::{Encoding, RunInProgress, Stream};
 use crate::close::CloseReason;
 use crate::config::PerUserPolicy;
 use crate::conn::{Budgeted, ConnId, Phase, Session, Wire};
@@ -74,6 +75,10 @@ impl Reactor {
             Ok(admitted) => admitted,
             Err(r) => return self.refuse(id, &r),
         };
+        // A revoked user (`POST /api/users/{user_id}/disconnect` with `until`).
+        if self.revoked_until(&claims.sub).is_some() {
+            return self.refuse(id, &Refusal::unauthorized("user revoked"));
+        }
         #[cfg(feature = "conformance")]
         if up.mode == Mode::Echo {
             return self.open_echo(id, up, claims, leftover);
@@ -165,12 +170,47 @@ impl Reactor {
             active_runs,
             active_runs_truncated: runs_truncated,
         }));
+        // AG-UI: the state the connection's stream starts from and the frames that
+        // open it (runs in progress), before any replayed or live event.
+        let agui = (up.encoding == Encoding::Agui).then(|| {
+            let point = replay_next.map_or(user.seq, |n| n - 1);
+            let fresh = !matches!(resume, Resume::Exact);
+            let max_runs = self.s.config.max_active_runs_per_user;
+            let (runs, _) = if entry.isolated {
+                (Vec::new(), false)
+            } else {
+                user.active_runs(thread.as_deref(), max_runs)
+            };
+            let active: Vec<RunInProgress<'_>> = runs
+                .iter()
+                .map(|(run_id, r)| RunInProgress {
+                    run_id,
+                    thread: r.thread.as_deref(),
+                    started_ts: r.started_ts,
+                    last_seq: r.last_seq,
+                })
+                .collect();
+            let kept = user
+                .replay_after(0, &entry)
+                .take_while(|r| r.seq <= point)
+                .map(|r| &r.frame[..]);
+            let stream = Stream::rebuild(epoch.clone(), max_runs, kept, &active, point, fresh);
+            let mut opening = Vec::new();
+            stream.opening_frames(&mut |frame| opening.push(frame));
+            (Box::new(stream), opening)
+        });
         self.registry.add_conn(&claims.sub, entry);
         if !self.begin_session(id, &up, user_name, claims.exp, replay_next, leftover) {
             return;
         }
         if let Some(conn) = live(&mut self.conns, id) {
             conn.out.push(connected);
+            if let (Some((stream, opening)), Phase::Open(session)) = (agui, &mut conn.phase) {
+                for frame in opening {
+                    conn.out.push(frame);
+                }
+                session.agui = Some(stream);
+            }
         }
         let conn_id = id.public_id();
         log::info!(
@@ -245,6 +285,7 @@ impl Reactor {
             input_paused: false,
             opened: Instant::now(),
             replay_next,
+            agui: None,
         }));
         true
     }

@@ -48,7 +48,8 @@ impl Reactor {
             }
             Timer::AcceptRetry => {
                 self.accept_paused = false;
-                self.accept();
+                self.accept(false);
+                self.accept(true);
             }
             Timer::Housekeeping => {
                 self.housekeeping();
@@ -112,6 +113,8 @@ impl Reactor {
     pub(super) fn housekeeping(&mut self) {
         let now = self.tick();
         self.registry.sweep(now, self.s.config.replay_ttl_ms);
+        self.webhook_overdue();
+        self.revocations.sweep(now_ms() / 1000);
         if !self.watchdog_armed {
             self.watchdog();
         }
@@ -159,7 +162,11 @@ impl Reactor {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         }
         if self.got_hup.swap(false, Ordering::Relaxed) {
-            log::info!("SIGHUP received: reloading the TLS certificate (connections kept)");
+            log::info!(
+                "SIGHUP received: reloading JWT keys, jwt_secret, allowed_origins and the TLS \
+                 certificate"
+            );
+            self.reload();
             self.tls_reload();
         }
         if self.got_term.swap(false, Ordering::Relaxed) {

@@ -5,11 +5,14 @@
 
 mod support;
 
+mod admin_listener;
+mod agui;
 mod chaos;
 mod client_input;
 mod conformance_route;
 mod deadlines;
 mod demo_page;
+mod embedding;
 mod fd_limit;
 mod golden;
 mod hostile_auth;
@@ -20,6 +23,7 @@ mod idempotency;
 mod ids;
 mod isolated_mode;
 mod jwt;
+mod key_rotation;
 mod library;
 mod limits;
 mod log_json;
@@ -31,9 +35,11 @@ mod redteam_process;
 mod redteam_session;
 mod refusals;
 mod resume;
+mod revocation;
 mod session;
 mod slot_reuse;
 mod stats;
 mod thread_filter;
 mod tls;
 mod user_isolation;
+mod webhook;

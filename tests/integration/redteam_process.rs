@@ -211,9 +211,9 @@ fn f8_a_stalled_log_pipe_never_stalls_the_gateway() {
     );
 }
 
-/// F10: SIGHUP killed v1 (bare EOF, no 1001, no drain). It is now logged and reloads
-/// what can be reloaded (the TLS certificate, PROTOCOL.md section 12; nothing without
-/// TLS, as here): the process and its connections stay.
+/// F10: SIGHUP killed v1 (bare EOF, no 1001, no drain). It now reloads the JWT keys,
+/// secret and allowed origins (PROTOCOL.md section 12, `key_rotation.rs`): the process
+/// and its connections stay.
 /// SIGTERM then drains, and "shutdown complete" counts only the sessions the shutdown
 /// closed (v1 counted every close of the run).
 #[test]

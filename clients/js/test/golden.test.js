@@ -151,6 +151,8 @@ test('encoding "agui" is passed on the URL; frames go to `event` as they are, no
     assert.equal(q.get("token"), null, "the token travels in Sec-WebSocket-Protocol, not the URL");
     await gw.publish([{ type: "agent_started", user_id: user, thread_id: "t1", run_id: "r-agui", agent_name: "a" }]);
     await waitFor(() => rec.events.length === 1, "one frame");
+    assert.equal(rec.events[0].type, "RUN_STARTED");
+    assert.equal(rec.events[0].runId, "r-agui");
     assert.equal(c.runs.size, 0, "AG-UI frames are not aggregated");
   } finally {
     c.close();

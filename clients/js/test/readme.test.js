@@ -14,14 +14,16 @@ import { AgentwireClient } from "../agentwire.js";
 
 const DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const README = readFileSync(path.join(DIR, "README.md"), "utf8");
+// The repository's README shows the same complete page ("From a browser").
+const ROOT_README = readFileSync(path.join(DIR, "../../README.md"), "utf8");
 
 /** The body of the first fenced block after `heading` with language `lang`. */
-function block(heading, lang) {
-  const at = README.indexOf(heading);
+function block(heading, lang, readme = README) {
+  const at = readme.indexOf(heading);
   assert.ok(at >= 0, `README has ${heading}`);
-  const open = README.indexOf("```" + lang + "\n", at);
-  const close = README.indexOf("\n```", open + 4);
-  return README.slice(open + lang.length + 4, close + 1);
+  const open = readme.indexOf("```" + lang + "\n", at);
+  const close = readme.indexOf("\n```", open + 4);
+  return readme.slice(open + lang.length + 4, close + 1);
 }
 
 const gw = new Gateway();
@@ -85,53 +87,57 @@ function fakeDom() {
   return { getElementById: (id) => byId.get(id) ?? null, createElement: element };
 }
 
-test("README: the complete page (under 40 lines) shows a run live", { timeout: 20000 }, async () => {
-  const html = block("## A complete page", "html");
-  assert.ok(html.trimEnd().split("\n").length < 40, "the page is under 40 lines");
-  for (const id of ["status", "ask", "q", "runs"]) assert.match(html, new RegExp(`id="${id}"`));
-  const script = html.slice(html.indexOf('<script type="module">') + 22, html.indexOf("</script>"));
-  assert.match(script, /ws:\/\/127\.0\.0\.1:8080\/ws/);
-  const file = path.join(DIR, `.readme-page-${process.pid}.mjs`);
-  writeFileSync(file, script.replace("ws://127.0.0.1:8080/ws", gw.wsUrl));
-  const user = uniqueUser("page");
-  const saved = { document: globalThis.document, location: globalThis.location, WebSocket: globalThis.WebSocket, alert: globalThis.alert };
-  const alerts = [];
-  globalThis.document = fakeDom();
-  globalThis.location = { search: `?token=${gw.token(user)}`, href: "http://127.0.0.1:8000/page.html" };
-  globalThis.WebSocket = WebSocket;
-  globalThis.alert = (m) => alerts.push(m);
-  const $ = (id) => globalThis.document.getElementById(id);
-  // The page imports this same module file: note its client so the test can close it.
-  const clients = [];
-  const connect = AgentwireClient.prototype.connect;
-  AgentwireClient.prototype.connect = function () {
-    clients.push(this);
-    return connect.call(this);
-  };
-  try {
-    await import(pathToFileURL(file).href);
-    await waitFor(() => $("status").textContent === "open", "status open", 8000, () => $("status").textContent);
-    $("q").value = "What is agentwire?";
-    let prevented = false;
-    $("ask").onsubmit({ preventDefault: () => (prevented = true) });
-    assert.ok(prevented);
-    assert.equal($("q").value, "");
-    const shown = () => $("runs").children[0]?.textContent ?? "";
-    await waitFor(() => shown().startsWith("demo_agent: completed"), "the run shown completed", 15000, shown);
-    const lines = shown().split("\n");
-    assert.deepEqual(lines, [
-      "demo_agent: completed",
-      "  thinking: Reading the question",
-      "  thinking: Deciding which tool can answer it",
-      "  thinking: Planning the search",
-      '  web_search({"query":"What is agentwire?"}) = {"hits":3,"top":"A short article about What is agentwire?"}',
-      'Here is what I found about "What is agentwire?": three sources agree.',
-    ]);
-    assert.deepEqual(alerts, []);
-  } finally {
-    for (const c of clients) c.close();
-    AgentwireClient.prototype.connect = connect;
-    Object.assign(globalThis, saved);
-    rmSync(file, { force: true });
-  }
-});
+for (const [name, html] of [
+  ["clients/js/README.md", block("## A complete page", "html")],
+  ["README.md", block("## From a browser", "html", ROOT_README)],
+]) {
+  test(`${name}: the complete page (under 40 lines) shows a run live`, { timeout: 20000 }, async () => {
+    assert.ok(html.trimEnd().split("\n").length < 40, "the page is under 40 lines");
+    for (const id of ["status", "ask", "q", "runs"]) assert.match(html, new RegExp(`id="${id}"`));
+    const script = html.slice(html.indexOf('<script type="module">') + 22, html.indexOf("</script>"));
+    assert.match(script, /ws:\/\/127\.0\.0\.1:8080\/ws/);
+    const file = path.join(DIR, `.readme-page-${process.pid}-${name === "README.md" ? "root" : "js"}.mjs`);
+    writeFileSync(file, script.replace("ws://127.0.0.1:8080/ws", gw.wsUrl));
+    const user = uniqueUser("page");
+    const saved = { document: globalThis.document, location: globalThis.location, WebSocket: globalThis.WebSocket, alert: globalThis.alert };
+    const alerts = [];
+    globalThis.document = fakeDom();
+    globalThis.location = { search: `?token=${gw.token(user)}`, href: "http://127.0.0.1:8000/page.html" };
+    globalThis.WebSocket = WebSocket;
+    globalThis.alert = (m) => alerts.push(m);
+    const $ = (id) => globalThis.document.getElementById(id);
+    // The page imports this same module file: note its client so the test can close it.
+    const clients = [];
+    const connect = AgentwireClient.prototype.connect;
+    AgentwireClient.prototype.connect = function () {
+      clients.push(this);
+      return connect.call(this);
+    };
+    try {
+      await import(pathToFileURL(file).href);
+      await waitFor(() => $("status").textContent === "open", "status open", 8000, () => $("status").textContent);
+      $("q").value = "What is agentwire?";
+      let prevented = false;
+      $("ask").onsubmit({ preventDefault: () => (prevented = true) });
+      assert.ok(prevented);
+      assert.equal($("q").value, "");
+      const shown = () => $("runs").children[0]?.textContent ?? "";
+      await waitFor(() => shown().startsWith("demo_agent: completed"), "the run shown completed", 15000, shown);
+      const lines = shown().split("\n");
+      assert.deepEqual(lines, [
+        "demo_agent: completed",
+        "  thinking: Reading the question",
+        "  thinking: Deciding which tool can answer it",
+        "  thinking: Planning the search",
+        '  web_search({"query":"What is agentwire?"}) = {"hits":3,"top":"A short article about What is agentwire?"}',
+        'Here is what I found about "What is agentwire?": three sources agree.',
+      ]);
+      assert.deepEqual(alerts, []);
+    } finally {
+      for (const c of clients) c.close();
+      AgentwireClient.prototype.connect = connect;
+      Object.assign(globalThis, saved);
+      rmSync(file, { force: true });
+    }
+  });
+}

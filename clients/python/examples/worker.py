@@ -11,8 +11,7 @@ It plays the gateway's built-in demo agent from another process:
   ``agent_error {"reason": "cancelled"}``. Cancels arrive both as webhook requests and
   in publish answers (``run.cancelled``).
 
-Run it (the gateway needs ``--publish-key``, and ``--inbound-url`` once the gateway
-supports section 6b)::
+Run it (the gateway needs ``--publish-key``, and ``--inbound-url`` pointing here)::
 
     python examples/worker.py --gateway http://127.0.0.1:8080 --publish-key KEY \\
         --listen 127.0.0.1:9000          # inbound_url = http://127.0.0.1:9000/inbound

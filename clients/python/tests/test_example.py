@@ -1,7 +1,8 @@
 """examples/worker.py against the real gateway. `--once` publishes a whole run. The
 webhook mode is driven by this test POSTing what the gateway's inbound sender
-(PROTOCOL.md section 6b, not on main yet) will POST; the runs it publishes go through
-the real gateway to the user's WebSocket."""
+(PROTOCOL.md section 6b) POSTs, with the requests' edge cases (bad key, bad body); the
+runs it publishes go through the real gateway to the user's WebSocket. The gateway's
+own webhook drives the same worker in test_webhook_gateway.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """parse_inbound: the gateway's webhook requests (PROTOCOL.md section 6b). Pure
-function tests: the gateway's inbound_url sender is not built on main yet."""
+function tests; the gateway's own inbound_url sender drives it in
+test_webhook_gateway.py."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@
 //! silent peers ([`RawWs`]), the publish API ([`publish`]) and JWT minting, good and
 //! bad ([`token`], [`token_with`], [`token_alg`], [`token_alg_none`]). Slow readers and
 //! non-panicking raw reads: [`slow_reader_stream`], [`raw_upgrade`], [`RawWs::try_next`].
+//! A real HTTP server for the inbound webhook: [`WebhookServer`].
 //!
 //! Nothing here sleeps to synchronize: waits read a socket with a timeout, or poll an
 //! HTTP endpoint until a condition holds, and panic with a description when their
@@ -46,5 +47,9 @@ mod publish;
 pub use publish::*;
 mod raw_ws;
 pub use raw_ws::*;
+mod process;
+pub use process::*;
 pub mod log_capture;
 pub mod tls;
+mod webhook_server;
+pub use webhook_server::*;

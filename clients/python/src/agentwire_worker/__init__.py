@@ -5,7 +5,8 @@ an out-of-process worker, with batching, per-run ordering, retries made safe by
 idempotency keys, and a run helper mirroring the Rust ``RunHandle``; sync
 (:class:`Publisher`) and asyncio (:class:`AsyncPublisher`). :func:`parse_inbound`
 checks and parses the gateway's inbound webhook requests (``user_message``,
-``cancel``).
+``cancel``); :class:`InboundStream` reads the same messages from the Redis inbound
+stream of a cluster (``engine = "redis"``) with a consumer group.
 
     from agentwire_worker import Publisher
     with Publisher("http://127.0.0.1:8080", publish_key) as pub:
@@ -30,6 +31,7 @@ from .errors import (
     TooManyRunsError,
 )
 from .inbound import InboundMessage, parse_inbound
+from .redis_inbound import Delivery, InboundStream, parse_entry
 
 __version__ = "0.1.0"
 
@@ -38,10 +40,12 @@ __all__ = [
     "AsyncPublisher",
     "AsyncRun",
     "CRITICAL_TYPES",
+    "Delivery",
     "InboundAuthError",
     "InboundBodyError",
     "InboundError",
     "InboundMessage",
+    "InboundStream",
     "PublishError",
     "Publisher",
     "PublisherClosedError",
@@ -51,5 +55,6 @@ __all__ = [
     "TooManyRunsError",
     "check_type",
     "new_run_id",
+    "parse_entry",
     "parse_inbound",
 ]
