@@ -589,3 +589,28 @@ fn half_a_tls_configuration_or_a_bad_pem_fails_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn the_admin_listener_stays_plain_http_while_listen_speaks_tls() {
+    let cert = TestCert::new();
+    let files = CertFiles::new("admin", &cert);
+    let gateway = agentwire::Gateway::new(agentwire::Config {
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..tls_config(&files)
+    })
+    .expect("binds both listeners");
+    let addr = gateway.local_addr();
+    let admin = gateway.admin_addr().expect("admin listener bound");
+    let handle = gateway.spawn().expect("reactor thread");
+    let cfg = client_config(&[&cert.der], H1, &[]);
+    // Admin: plain HTTP.
+    let (status, stats) = crate::support::get_json(admin, "/ws/stats");
+    assert_eq!(status, 200);
+    assert_eq!(stats["tls"]["handshakes"], 0, "{}", stats["tls"]);
+    // listen: TLS only, and the admin endpoints are not there.
+    assert_eq!(https_get(addr, &cfg, "/health").status, 200);
+    assert_refusal(&https_get(addr, &cfg, "/ws/stats"), 404, "not_found");
+    let stats = crate::support::get_json(admin, "/ws/stats").1;
+    assert_eq!(stats["tls"]["handshakes"], 2, "{}", stats["tls"]);
+    handle.shutdown().expect("shutdown");
+}
