@@ -1,6 +1,7 @@
 //! TLS on the gateway's one port (PROTOCOL.md section 12): with `tls_cert_file` and
 //! `tls_key_file` set, every connection accepted on `listen` speaks TLS (`wss://`,
-//! `https://`: the upgrade, the publish API, health, stats, metrics alike).
+//! `https://`: the upgrade, the publish API, health, stats, metrics alike). The admin
+//! listener (`admin_listen`) stays plain HTTP.
 //!
 //! Two parts:
 //! - this file: the server side's configuration, [`Acceptor`]: reads the PEM chain and

@@ -22,8 +22,8 @@
 //! - `input`: records read from the socket and not yet processed: at most one read
 //!   ([`READ_CHUNK`]) plus a partial record, or a handshake message being joined, up to
 //!   [`MAX_INPUT`] (more is bad input: the connection is closed);
-//! - `plain`: decrypted bytes the reader has not taken yet (at most what one read
-//!   decrypted);
+//! - `plain`: decrypted bytes the reader has not taken yet (at most the records one read
+//!   completed);
 //! - `sealed`: records not yet written to the socket: the handshake flights, and frames
 //!   moved out of the [`OutQueue`] only while this holds under [`TLS_BUFFER_LIMIT`], so
 //!   the slow-consumer rule (`max_pending_bytes`) and the total output budget
