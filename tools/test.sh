@@ -161,41 +161,39 @@ client_suite() {
 
 # 1. Python venv for the interop checks and the TLS integration tests.
 venv_ok=0
-if true; then
-    step "Python test venv ($VENV)"
-    if [ ! -x "$VENV/bin/python" ]; then
+step "Python test venv ($VENV)"
+if [ ! -x "$VENV/bin/python" ]; then
+    rm -rf "$VENV"
+    if ! "$PYTHON" -m venv "$VENV"; then
+        # A Python without ensurepip (Debian without python3-venv): virtualenv, from
+        # PyPI, brings its own pip.
         rm -rf "$VENV"
-        if ! "$PYTHON" -m venv "$VENV"; then
-            # A Python without ensurepip (Debian without python3-venv): virtualenv, from
-            # PyPI, brings its own pip.
+        echo "tools/test.sh: '$PYTHON -m venv' failed; trying virtualenv from PyPI" >&2
+        if ! { "$PYTHON" -m pip install --quiet --user --disable-pip-version-check virtualenv &&
+            "$PYTHON" -m virtualenv --quiet "$VENV"; }; then
             rm -rf "$VENV"
-            echo "tools/test.sh: '$PYTHON -m venv' failed; trying virtualenv from PyPI" >&2
-            if ! { "$PYTHON" -m pip install --quiet --user --disable-pip-version-check virtualenv &&
-                "$PYTHON" -m virtualenv --quiet "$VENV"; }; then
-                rm -rf "$VENV"
-                echo "tools/test.sh: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2
-            fi
+            echo "tools/test.sh: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2
         fi
     fi
-    if [ -x "$VENV/bin/python" ]; then
-        want=$(sha256sum "$REQS" | cut -d' ' -f1)
-        have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
-        if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets' 2>/dev/null; then
-            echo "up to date with tools/requirements-test.txt"
-            venv_ok=1
-        elif "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQS"; then
-            echo "$want" >"$VENV/.requirements.sha256"
-            venv_ok=1
-        fi
+fi
+if [ -x "$VENV/bin/python" ]; then
+    want=$(sha256sum "$REQS" | cut -d' ' -f1)
+    have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
+    if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets' 2>/dev/null; then
+        echo "up to date with tools/requirements-test.txt"
+        venv_ok=1
+    elif "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQS"; then
+        echo "$want" >"$VENV/.requirements.sha256"
+        venv_ok=1
     fi
-    if [ "$venv_ok" -eq 1 ]; then
-        export AGENTWIRE_TEST_PYTHON="$VENV/bin/python"
-        echo "$("$VENV/bin/python" --version 2>&1): $("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | tr '\n' ' ')"
-    else
-        failed=$((failed + 1))
-        failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
-        summary+=("python venv: FAILED")
-    fi
+fi
+if [ "$venv_ok" -eq 1 ]; then
+    export AGENTWIRE_TEST_PYTHON="$VENV/bin/python"
+    echo "$("$VENV/bin/python" --version 2>&1): $("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | tr '\n' ' ')"
+else
+    failed=$((failed + 1))
+    failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
+    summary+=("python venv: FAILED")
 fi
 
 # curl, for tests/integration/tls.rs (Debian's package, when missing and root).
