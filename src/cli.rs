@@ -401,7 +401,8 @@ mod tests {
                     SECRET
                 }
                 "inbound_url" => "http://127.0.0.1:9/inbound",
-                "jwt_public_key_file" => "",
+                // Alone they fail the start (TLS needs both): shown unset.
+                "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => "",
                 "allow_query_token" | "demo_agent" | "dev" => "false",
                 "allowed_origins" => "https://x.example",
                 "per_user_policy" => "reject",
@@ -422,7 +423,9 @@ mod tests {
                     assert_eq!(json[format!("{}_set", s.name)], true)
                 }
                 "inbound_url" => assert_eq!(json[s.name], value),
-                "jwt_public_key_file" => assert!(json[s.name].is_null()),
+                "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => {
+                    assert!(json[s.name].is_null())
+                }
                 "listen" | "admin_listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience"
                 | "per_user_policy" | "log_format" => {
                     assert_eq!(json[s.name], value, "{}", s.name)

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use mio::net::TcpStream;
 use tungstenite::protocol::WebSocketContext;
 
 use crate::mode::Mode;
 use crate::timer_wheel::TimerId;
+use crate::tls::Transport;
 
 /// A connection's identity beyond one callback: its slab key plus a serial number that
 /// is never reused, so a stale id (timer, registry entry, run owner) never reaches the
@@ -172,17 +172,18 @@ impl OutQueue {
     }
 }
 
-/// The stream handed to tungstenite for one call: reads come from the socket, writes go
-/// to the connection's [`OutQueue`] (never blocking, never interleaving with events).
+/// The stream handed to tungstenite for one call: reads come from the socket (plaintext,
+/// through the [`Transport`]), writes go to the connection's [`OutQueue`] (never
+/// blocking, never interleaving with events).
 pub struct Wire<'a> {
-    pub tcp: &'a mut TcpStream,
+    pub io: &'a mut Transport,
     pub out: &'a mut OutQueue,
     pub bytes_in: &'a mut u64,
 }
 
 impl Read for Wire<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.tcp.read(buf)?;
+        let n = self.io.read(buf)?;
         *self.bytes_in += n as u64;
         Ok(n)
     }
@@ -303,7 +304,8 @@ pub struct Session {
 /// One connection in the reactor's slab.
 pub struct Conn {
     pub serial: u64,
-    pub tcp: TcpStream,
+    /// The socket, plain or TLS (`crate::tls`).
+    pub io: Transport,
     pub out: OutQueue,
     pub phase: Phase,
     /// The phase timer: handshake deadline, heartbeat check, or closing linger.

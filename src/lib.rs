@@ -103,6 +103,7 @@ pub(crate) mod registry;
 pub(crate) mod revocation;
 pub(crate) mod stats;
 pub(crate) mod timer_wheel;
+pub(crate) mod tls;
 pub(crate) mod webhook;
 
 use std::net::SocketAddr;
@@ -121,6 +122,7 @@ pub use crate::auth::{
 pub use crate::config::{Config, ConfigError, LogFormat, PerUserPolicy};
 pub use crate::emitter::{EmitError, Emitter, Inbound, RunHandle};
 pub use crate::event::{EventError, EventKind};
+pub use crate::tls::TlsError;
 
 /// The README's Rust snippets compile as doc tests (`cargo test --doc`), so the README
 /// cannot drift from the API; its other snippets run in the client suites.
@@ -223,6 +225,10 @@ pub enum Error {
         path: String,
         source: std::io::Error,
     },
+    /// `tls_cert_file` / `tls_key_file`: one without the other, unreadable, bad PEM,
+    /// or a key that does not match the certificate.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -322,6 +328,10 @@ impl Gateway {
     fn build(config: Config, dev: bool) -> Result<Gateway, Error> {
         config.validate()?;
         let auth = authenticator(&config)?;
+        let tls = tls::Acceptor::from_settings(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+        )?;
         let poll = Poll::new()?;
         let listener = bind(config.listen).map_err(|source| Error::Bind {
             addr: config.listen,
@@ -375,6 +385,7 @@ impl Gateway {
             rx,
             in_tx,
             auth,
+            tls,
             settings,
             epoch.clone(),
         );
@@ -433,7 +444,8 @@ impl Gateway {
     /// SIGINT drain (new upgrades get 503, every session gets close 1001, output is
     /// flushed within `shutdown_grace_ms`, then [`Gateway::run`] returns `Ok` and the
     /// reactor thread of [`Gateway::spawn`] ends); SIGHUP reloads the JWT keys,
-    /// `jwt_secret` and `allowed_origins` (see [`Gateway::reload_config_with`]). The
+    /// `jwt_secret` and `allowed_origins` (see [`Gateway::reload_config_with`]) and the
+    /// TLS certificate and key (when `tls_cert_file` is set). The
     /// handlers only set a flag and wake the loop; they replace the default actions
     /// (SIGTERM, SIGINT and SIGHUP no longer end the process), for the whole process:
     /// call it for one gateway per process.

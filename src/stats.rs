@@ -292,6 +292,13 @@ pub struct Stats {
     pub reloads_failed: u64,
     /// `POST /api/users/{user_id}/disconnect` requests that were carried out.
     pub user_disconnects: u64,
+    /// TLS (`tls_cert_file` set): handshakes finished, connections closed for bad TLS
+    /// input (a broken record or handshake, a fatal alert), and `SIGHUP` reloads of the
+    /// certificate that took effect / were refused (the old one kept).
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+    pub tls_reloads: u64,
+    pub tls_reload_failures: u64,
     /// Runs the watchdog ended (`run_timeout`), and its passes that ended any.
     pub runs_timed_out: u64,
     pub watchdog_passes: u64,
@@ -633,6 +640,10 @@ impl Stats {
             accept_failures: 0,
             overload_refused: 0,
             http_evicted: 0,
+            tls_handshakes: 0,
+            tls_failures: 0,
+            tls_reloads: 0,
+            tls_reload_failures: 0,
             publish_auth_failures: 0,
             reloads: 0,
             reloads_failed: 0,
@@ -879,6 +890,12 @@ impl Stats {
                 "disconnects": self.user_disconnects,
                 "revoked_users": g.revoked_users,
             },
+            "tls": {
+                "handshakes": self.tls_handshakes,
+                "failures": self.tls_failures,
+                "reloads": self.tls_reloads,
+                "reload_failures": self.tls_reload_failures,
+            },
         })
     }
 
@@ -1077,6 +1094,10 @@ impl Stats {
             ("reloads_total", "counter", "SIGHUP reloads of the JWT keys, jwt_secret and allowed_origins applied.", self.reloads as f64),
             ("reloads_failed_total", "counter", "SIGHUP reloads refused (the keys in force kept).", self.reloads_failed as f64),
             ("user_disconnects_total", "counter", "POST /api/users/{user_id}/disconnect requests carried out.", self.user_disconnects as f64),
+            ("tls_handshakes_total", "counter", "TLS handshakes finished.", self.tls_handshakes as f64),
+            ("tls_failures_total", "counter", "Connections closed for bad TLS input.", self.tls_failures as f64),
+            ("tls_reloads_total", "counter", "SIGHUP reloads of the TLS certificate that took effect.", self.tls_reloads as f64),
+            ("tls_reload_failures_total", "counter", "SIGHUP reloads of the TLS certificate refused (the old one kept).", self.tls_reload_failures as f64),
         ] {
             metric(name, kind, help, &one(v));
         }

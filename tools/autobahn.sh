@@ -19,14 +19,21 @@
 #                    1 MiB): cases 1-7 and 10 (9.*, 12.*, 13.* excluded);
 #        large       --max-message-bytes 16777216 --max-pending-bytes 67108864: 9.*
 #                    (messages up to 16 MiB).
+#        tls         the production profile over TLS (tls_cert_file / tls_key_file, a
+#                    certificate made with openssl for this run): cases 1-7 and 10.
+#                    kosoku has no TLS (its URL parser answers "TLS support not
+#                    compiled in" for wss://), so it drives tools/tls_relay.py, which
+#                    carries every byte unchanged over its own TLS connection per
+#                    client connection (Python's ssl) to the gateway.
 #      kosoku -p 2 runs the cases; 12.* and 13.* (permessage-deflate) are never run: the
 #      gateway does not negotiate compression.
 #   4. tests/autobahn/compare.py: per-case summary (target/autobahn/summary.json), the
-#      tally, and a field-by-field diff against the expected file. Any case not OK /
+#      tally, and a field-by-field diff against the expected file; the tls profile the
+#      same against tests/autobahn/expected-tls.json (target/autobahn/summary-tls.json). Any case not OK /
 #      NON-STRICT / INFORMATIONAL (close OK / INFORMATIONAL), or any difference, fails.
 # Full reports (HTML + JSON per case) stay in target/autobahn/<profile>/, gateway logs
 # in target/autobahn/<profile>.gateway.log. The last line is `autobahn: N passed, M
-# failed` (cases). Exit 0 only when the run matches the expected file.
+# failed` (cases, both comparisons). Exit 0 only when the runs match the expected files.
 #
 # Environment: PYTHON (default python3) creates the venv; AGENTWIRE_BUILD_TIMEOUT_S
 # (default 1200) and AGENTWIRE_AUTOBAHN_TIMEOUT_S (default 600 per profile) bound the
@@ -41,6 +48,7 @@ TARGET_DIR=target/conformance
 BIN=$TARGET_DIR/release/agentwire
 OUT=target/autobahn
 EXPECTED=tests/autobahn/expected.json
+EXPECTED_TLS=tests/autobahn/expected-tls.json
 BUILD_TIMEOUT_S=${AGENTWIRE_BUILD_TIMEOUT_S:-1200}
 RUN_TIMEOUT_S=${AGENTWIRE_AUTOBAHN_TIMEOUT_S:-600}
 
@@ -89,7 +97,13 @@ timeout "$BUILD_TIMEOUT_S" cargo test --release --locked --quiet --features conf
 AGENTWIRE_JWT_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 export AGENTWIRE_JWT_SECRET
 gateway_pid=
+relay_pid=
 stop_gateway() {
+    if [ -n "$relay_pid" ]; then
+        kill -TERM "$relay_pid" 2>/dev/null || true
+        wait "$relay_pid" 2>/dev/null || true
+        relay_pid=
+    fi
     if [ -n "$gateway_pid" ]; then
         kill -TERM "$gateway_pid" 2>/dev/null || true
         wait "$gateway_pid" 2>/dev/null || true
@@ -127,6 +141,25 @@ run_profile() {
     fi
     local token
     token=$("$BIN" token --sub autobahn --ttl-s 3600)
+    if [ -n "${RELAY_CAFILE:-}" ]; then
+        # TLS gateway: kosoku speaks plain TCP to the relay, the relay TLS to $addr.
+        "$VENV/bin/python" tools/tls_relay.py --upstream "$addr" --cafile "$RELAY_CAFILE" \
+            >"$OUT/$name.relay.log" 2>&1 &
+        relay_pid=$!
+        local relay=
+        for _ in $(seq 100); do
+            relay=$(sed -n 's/^relay listening on \([0-9.]*:[0-9]*\)$/\1/p' "$OUT/$name.relay.log" | head -n 1)
+            [ -n "$relay" ] && break
+            sleep 0.1
+        done
+        if [ -z "$relay" ]; then
+            echo "autobahn: the TLS relay did not start; its log:" >&2
+            cat "$OUT/$name.relay.log" >&2
+            return 1
+        fi
+        log "profile $name: TLS gateway on $addr behind the relay on $relay"
+        addr=$relay
+    fi
     log "profile $name: gateway on $addr ($*), kosoku -p 2 ${selection[*]}"
     timeout "$RUN_TIMEOUT_S" "$VENV/bin/kosoku" -p 2 "${selection[@]}" -o "$dir" \
         "ws://$addr/conformance/echo?token=$token" >"$dir.kosoku.log" 2>&1 || rc=$?
@@ -142,6 +175,11 @@ run_profile() {
         tail -n 20 "$gwlog" >&2
         return 1
     fi
+    if [ -n "$relay_pid" ]; then
+        kill -TERM "$relay_pid" 2>/dev/null || true
+        wait "$relay_pid" 2>/dev/null || true
+        relay_pid=
+    fi
     kill -TERM "$gateway_pid"
     rc=0
     wait "$gateway_pid" || rc=$?
@@ -156,9 +194,39 @@ run_profile() {
 run_profile production -x '9.*' -x '12.*' -x '13.*' --
 run_profile large -i '9.*' -- \
     --max-message-bytes 16777216 --max-pending-bytes 67108864
+# The certificate of the tls profile: made for this run (openssl, Debian's package).
+command -v openssl >/dev/null || { echo "autobahn: openssl is needed for the tls profile (apt-get install openssl)" >&2; exit 1; }
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -keyout "$OUT/tls-key.pem" -out "$OUT/tls-cert.pem" -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
+RELAY_CAFILE=$OUT/tls-cert.pem run_profile tls -x '9.*' -x '12.*' -x '13.*' -- \
+    --tls-cert-file "$OUT/tls-cert.pem" --tls-key-file "$OUT/tls-key.pem"
 
-# 4. Compare.
+# 4. Compare: the plain profiles with expected.json, the tls profile with
+# expected-tls.json (the same case ids), then one line for both.
 args=("$EXPECTED" "production=$OUT/production" "large=$OUT/large")
-[ "$update" -eq 1 ] && args=(--update "${args[@]}")
-log "both profiles ran in $((SECONDS - started))s; comparing"
-exec "$VENV/bin/python" tests/autobahn/compare.py "${args[@]}"
+tls_args=("$EXPECTED_TLS" "tls=$OUT/tls")
+[ "$update" -eq 1 ] && args=(--update "${args[@]}") && tls_args=(--update "${tls_args[@]}")
+log "the profiles ran in $((SECONDS - started))s; comparing"
+rc_plain=0
+"$VENV/bin/python" tests/autobahn/compare.py "${args[@]}" | tee "$OUT/compare.log" || rc_plain=$?
+rc_tls=0
+"$VENV/bin/python" tests/autobahn/compare.py "${tls_args[@]}" | tee "$OUT/compare-tls.log" || rc_tls=$?
+passed=0
+failed=0
+for f in "$OUT/compare.log" "$OUT/compare-tls.log"; do
+    last=$(tail -n 1 "$f")
+    if [[ $last =~ ^autobahn:\ ([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then
+        passed=$((passed + BASH_REMATCH[1]))
+        failed=$((failed + BASH_REMATCH[2]))
+    elif [[ $last =~ ^autobahn:\ wrote ]]; then
+        :
+    else
+        failed=$((failed + 1))
+    fi
+done
+if [ "$rc_plain" -ne 0 ] || [ "$rc_tls" -ne 0 ]; then
+    [ "$failed" -eq 0 ] && failed=1
+fi
+echo "autobahn: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

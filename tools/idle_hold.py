@@ -7,6 +7,15 @@ then samples the gateway's VmRSS from /proc and prints the time to open them and
 resident memory per connection (RSS after minus RSS before, divided by N).
 
     python3 tools/idle_hold.py --conns 10000 --users 3400
+
+With --tls CERT KEY the gateway serves TLS (tls_cert_file / tls_key_file) and the clients
+connect with wss:// trusting CERT (its subjectAltName must list IP 127.0.0.1), so the
+figure is the memory of an idle TLS connection, measured the same way:
+
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout /tmp/k.pem -out /tmp/c.pem -days 1 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost,IP:127.0.0.1
+    python3 tools/idle_hold.py --conns 10000 --users 10000 --tls /tmp/c.pem /tmp/k.pem
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,12 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def open_one(url: str, token: str, sem: asyncio.Semaphore, held: list, failures: list) -> None:
+async def open_one(url: str, token: str, sem: asyncio.Semaphore, held: list, failures: list,
+                   tls: ssl.SSLContext | None = None) -> None:
     async with sem:
         try:
             ws = await connect(url, additional_headers={"Authorization": f"Bearer {token}"},
                                ping_interval=None, open_timeout=30, compression=None,
-                               max_queue=4)
+                               max_queue=4, ssl=tls)
             first = json.loads(await asyncio.wait_for(ws.recv(), 30))
             if first.get("type") != "connected":
                 failures.append(f"first frame {first.get('type')}")
@@ -66,7 +77,15 @@ async def main() -> int:
                     help="run the gateway under /usr/bin/time -v and report its maximum RSS too")
     ap.add_argument("--gateway-arg", action="append", default=[],
                     help="extra argument for `agentwire serve` (repeatable), e.g. --gateway-arg=--heartbeat-interval-ms=1000")
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
+                    help="serve TLS with this certificate and key; clients use wss:// and trust CERT")
     args = ap.parse_args()
+    tls = None
+    scheme, ws_scheme = "http", "ws"
+    if args.tls:
+        tls = ssl.create_default_context(cafile=args.tls[0])
+        scheme, ws_scheme = "https", "wss"
+        args.gateway_arg += ["--tls-cert-file", args.tls[0], "--tls-key-file", args.tls[1]]
     users = args.users or max(1, (args.conns + 2) // 3)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -84,7 +103,7 @@ async def main() -> int:
         deadline = time.monotonic() + 10
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+                urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=tls).read()
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -98,19 +117,19 @@ async def main() -> int:
         before = rss_kib(gw_pid)
         tokens = [jwt.encode({"sub": f"idle-{u}", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
                   for u in range(users)]
-        url = f"ws://127.0.0.1:{port}/ws"
+        url = f"{ws_scheme}://127.0.0.1:{port}/ws"
         held: list = []
         failures: list = []
         sem = asyncio.Semaphore(args.concurrency)
         t0 = time.monotonic()
-        await asyncio.gather(*(open_one(url, tokens[i % users], sem, held, failures) for i in range(args.conns)))
+        await asyncio.gather(*(open_one(url, tokens[i % users], sem, held, failures, tls) for i in range(args.conns)))
         open_s = time.monotonic() - t0
         await asyncio.sleep(args.hold_s)
         after = rss_kib(gw_pid)
-        stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/stats", timeout=5).read())
+        stats = json.loads(urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/ws/stats", timeout=5, context=tls).read())
         t_stats = time.monotonic()
         await asyncio.sleep(args.hold_s)
-        stats2 = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/ws/stats", timeout=5).read())
+        stats2 = json.loads(urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/ws/stats", timeout=5, context=tls).read())
         window_us = (time.monotonic() - t_stats) * 1e6
         timer_us = stats2["timers"]["handling_us"] - stats["timers"]["handling_us"]
         busy_us = stats2["loop"]["busy_us"] - stats["loop"]["busy_us"]

@@ -8,7 +8,10 @@
 #
 # Steps:
 #   1. target/test-venv: a Python venv (python3 -m venv) holding the pinned packages of
-#      tools/requirements-test.txt; reinstalled only when that file changes.
+#      tools/requirements-test.txt; reinstalled only when that file changes (also with
+#      --quick: the TLS integration tests drive Python's websockets from it, through
+#      AGENTWIRE_TEST_PYTHON). curl (the TLS integration tests) is installed with
+#      apt-get when missing.
 #   2. cargo test --all-targets --no-fail-fast (unit, integration, bins, benches in test
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
@@ -159,41 +162,51 @@ client_suite() {
     count_summary "$name" "$LOGDIR/$logname-step.log" "$rc" "see $LOGDIR/$logname.log"
 }
 
-# 1. Python venv for the interop checks.
+# 1. Python venv for the interop checks and the TLS integration tests.
 venv_ok=0
-if [ "$quick" -eq 0 ]; then
-    step "Python test venv ($VENV)"
-    if [ ! -x "$VENV/bin/python" ]; then
+step "Python test venv ($VENV)"
+if [ ! -x "$VENV/bin/python" ]; then
+    rm -rf "$VENV"
+    if ! "$PYTHON" -m venv "$VENV"; then
+        # A Python without ensurepip (Debian without python3-venv): virtualenv, from
+        # PyPI, brings its own pip.
         rm -rf "$VENV"
-        if ! "$PYTHON" -m venv "$VENV"; then
-            # A Python without ensurepip (Debian without python3-venv): virtualenv, from
-            # PyPI, brings its own pip.
+        echo "tools/test.sh: '$PYTHON -m venv' failed; trying virtualenv from PyPI" >&2
+        if ! { "$PYTHON" -m pip install --quiet --user --disable-pip-version-check virtualenv &&
+            "$PYTHON" -m virtualenv --quiet "$VENV"; }; then
             rm -rf "$VENV"
-            echo "tools/test.sh: '$PYTHON -m venv' failed; trying virtualenv from PyPI" >&2
-            if ! { "$PYTHON" -m pip install --quiet --user --disable-pip-version-check virtualenv &&
-                "$PYTHON" -m virtualenv --quiet "$VENV"; }; then
-                rm -rf "$VENV"
-                echo "tools/test.sh: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2
-            fi
+            echo "tools/test.sh: cannot create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2
         fi
     fi
-    if [ -x "$VENV/bin/python" ]; then
-        want=$(sha256sum "$REQS" | cut -d' ' -f1)
-        have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
-        if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets, prometheus_client' 2>/dev/null; then
-            echo "up to date with tools/requirements-test.txt"
-            venv_ok=1
-        elif "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQS"; then
-            echo "$want" >"$VENV/.requirements.sha256"
-            venv_ok=1
-        fi
+fi
+if [ -x "$VENV/bin/python" ]; then
+    want=$(sha256sum "$REQS" | cut -d' ' -f1)
+    have=$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)
+    if [ "$want" = "$have" ] && "$VENV/bin/python" -c 'import jwt, websockets, prometheus_client' 2>/dev/null; then
+        echo "up to date with tools/requirements-test.txt"
+        venv_ok=1
+    elif "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$REQS"; then
+        echo "$want" >"$VENV/.requirements.sha256"
+        venv_ok=1
     fi
-    if [ "$venv_ok" -eq 1 ]; then
-        echo "$("$VENV/bin/python" --version 2>&1): $("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | tr '\n' ' ')"
+fi
+if [ "$venv_ok" -eq 1 ]; then
+    export AGENTWIRE_TEST_PYTHON="$VENV/bin/python"
+    echo "$("$VENV/bin/python" --version 2>&1): $("$VENV/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null | tr '\n' ' ')"
+else
+    failed=$((failed + 1))
+    failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
+    summary+=("python venv: FAILED")
+fi
+
+# curl, for tests/integration/tls.rs (Debian's package, when missing and root).
+if ! command -v curl >/dev/null; then
+    step "installing curl (apt-get)"
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends curl ca-certificates ||
+            echo "tools/test.sh: apt-get install curl failed; the TLS curl test will fail" >&2
     else
-        failed=$((failed + 1))
-        failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
-        summary+=("python venv: FAILED")
+        echo "tools/test.sh: curl is missing and cannot be installed here (not root or no apt-get)" >&2
     fi
 fi
 

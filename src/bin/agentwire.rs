@@ -143,7 +143,7 @@ fn serve(mut config: Config, invocation: Invocation) -> ExitCode {
         Err(e) => {
             eprintln!("agentwire: {e}");
             return ExitCode::from(match e {
-                agentwire::Error::Config(_) => 2,
+                agentwire::Error::Config(_) | agentwire::Error::Tls(_) => 2,
                 _ => 1,
             });
         }
@@ -166,12 +166,23 @@ fn serve(mut config: Config, invocation: Invocation) -> ExitCode {
     if dev {
         print_dev_banner(&config, addr, gateway.admin_addr().unwrap_or(addr));
     } else if config.demo_page == Some(true) {
-        log::info!("demo page on: http://{addr}/ (log in needs POST /dev/token: dev mode only)");
+        let http = if config.tls_cert_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        log::info!("demo page on: {http}://{addr}/ (log in needs POST /dev/token: dev mode only)");
     }
     if config.publish_key.is_some() {
         log::info!("publish API enabled: POST /api/events with the publish key");
     } else {
         log::info!("publish API disabled (POST /api/events answers 404): set publish_key");
+    }
+    if let Some(cert) = &config.tls_cert_file {
+        log::info!(
+            "TLS on: wss:// and https:// only, certificate {} (SIGHUP reloads it)",
+            cert.display()
+        );
     }
     log::info!(
         "agentwire {} listening on {addr} (epoch {})",
@@ -250,8 +261,17 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr, admin: std::net
         .unwrap_or_default();
     let secret = config.jwt_secret.as_deref().unwrap_or("");
     let key = config.publish_key.as_deref().unwrap_or("");
+    // With tls_cert_file the port speaks only TLS (the certificate must name the host).
+    let (http, ws) = if config.tls_cert_file.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
+    // The admin listener (admin_listen) is plain HTTP; without one the admin endpoints
+    // are on `listen`, TLS or not.
+    let admin_http = if admin == addr { http } else { "http" };
     let page = if config.demo_page == Some(true) {
-        format!("Demo page: open http://{addr}/ in a browser")
+        format!("Demo page: open {http}://{addr}/ in a browser")
     } else {
         "Demo page off (demo_page = false)".to_owned()
     };
@@ -277,18 +297,18 @@ fn print_dev_banner(config: &Config, addr: std::net::SocketAddr, admin: std::net
    {token}
 
  Try it ({answered_by}):
-   python3 -m websockets "ws://{addr}/ws?token={token}"
+   python3 -m websockets "{ws}://{addr}/ws?token={token}"
    then type:  {{"type":"user_message","thread_id":"t1","text":"hello"}}
 
  Publish a whole run from another process (log in on the page as demo-user to see it):
-   curl -s -X POST http://{addr}/api/events -H 'Authorization: Bearer {key}' \
+   curl -s -X POST {http}://{addr}/api/events -H 'Authorization: Bearer {key}' \
      -H 'Content-Type: application/json' -d '[
        {{"type":"agent_started","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{}}}},
        {{"type":"text_delta","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{"delta":"Hello from curl."}}}},
        {{"type":"agent_completed","user_id":"demo-user","run_id":"r-curl-1","agent_name":"cli","data":{{"answer":"Hello from curl."}}}}]'
    (the README's snippets read the key from AGENTWIRE_PUBLISH_KEY: export AGENTWIRE_PUBLISH_KEY={key})
 
- Health and figures:  curl http://{addr}/health   curl http://{admin}/ws/stats
+ Health and figures:  curl {http}://{addr}/health   curl {admin_http}://{admin}/ws/stats
 ================================================================================
 "#
     );

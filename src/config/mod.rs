@@ -133,6 +133,13 @@ settings! {
             "Comma-separated exact origins allowed to connect", shown "empty (any origin)";
         /// Bearer key for `POST /api/events`; without one the endpoint answers 404. Default none.
         publish_key: Option<String> = None, Secret, "Bearer key that enables POST /api/events";
+        /// PEM certificate chain (end-entity first) served on `listen`; with
+        /// `tls_key_file`, `listen` speaks only TLS (`wss://`, `https://`). Reloaded on
+        /// `SIGHUP`. Default none (plain TCP).
+        tls_cert_file: Option<PathBuf> = None, Path,
+            "PEM certificate chain: with tls_key_file, listen serves wss:// and https:// (reloaded on SIGHUP)";
+        /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`. Default none.
+        tls_key_file: Option<PathBuf> = None, Path, "PEM private key of tls_cert_file";
         /// Worker endpoint that receives every `user_message` and `cancel` as an HTTP POST
         /// (PROTOCOL.md section 6b; `src/webhook/`): `http://` or `https://`, with a host,
         /// no user:password. When set, it replaces the in-process inbound channel for
@@ -305,7 +312,8 @@ impl Config {
     /// Checks every number against its row's range (so limits that make no sense at 0
     /// are at least 1), that no optional string is set to the empty string, the form of
     /// `allowed_origins`, `heartbeat_timeout_ms > heartbeat_interval_ms`,
-    /// `max_connections_per_user <= max_connections`, that RS256 and ES256 have a
+    /// `max_connections_per_user <= max_connections`, that `tls_cert_file` and
+    /// `tls_key_file` are set together, that RS256 and ES256 have a
     /// `jwt_public_key_file`, that HS256 has a `jwt_secret` when a public key file is
     /// given, and that an HS256 `jwt_secret` has at least 16 bytes. Does not touch the
     /// file system.
@@ -402,6 +410,20 @@ impl Config {
                     self.max_connections_per_user, self.max_connections
                 ),
             });
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                let (name, other) = if self.tls_cert_file.is_some() {
+                    ("tls_key_file", "tls_cert_file")
+                } else {
+                    ("tls_cert_file", "tls_key_file")
+                };
+                return Err(ConfigError::Inconsistent {
+                    name,
+                    message: format!("required when {other} is set (TLS needs both)"),
+                });
+            }
+            _ => {}
         }
         match self.jwt_algorithm {
             JwtAlgorithm::Hs256 => {

@@ -130,6 +130,8 @@ fn companions(name: &str) -> Vec<(&'static str, &'static str)> {
     match name {
         "jwt_algorithm" => vec![("jwt_public_key_file", "/etc/agentwire/key.pem")],
         "jwt_public_key_file" => vec![("jwt_algorithm", "RS256")],
+        "tls_cert_file" => vec![("tls_key_file", "/etc/agentwire/tls.key")],
+        "tls_key_file" => vec![("tls_cert_file", "/etc/agentwire/tls.crt")],
         "inbound_url" => vec![("inbound_key", "inbound-key-0123456789")],
         _ => vec![],
     }

@@ -101,7 +101,7 @@ impl Reactor {
                         break;
                     }
                     let room = (cap - st.buf.len()).min(READ_CHUNK).min(budget);
-                    match conn.tcp.read(chunk.get_mut(..room).unwrap_or_default()) {
+                    match conn.io.read(chunk.get_mut(..room).unwrap_or_default()) {
                         Ok(0) => {
                             eof = true;
                             st.eof = true;
@@ -124,6 +124,14 @@ impl Reactor {
                 }
             }
             self.http_buffered += st.buf.len() - before;
+            if conn.io.take_handshake_done() {
+                self.stats.tls_handshakes += 1;
+                log::debug!(
+                    "conn={} TLS handshake done: {}",
+                    id.public_id(),
+                    conn.io.tls_summary().unwrap_or_default()
+                );
+            }
         }
         if let Some(kind) = err {
             self.close(id, CloseReason::io(kind));

@@ -64,6 +64,7 @@ use crate::log_sink::{RateLog, Repeats};
 use crate::registry::{Limits, Registry};
 use crate::stats::{DropReason, Stats};
 use crate::timer_wheel::TimerWheel;
+use crate::tls::{Acceptor, Transport};
 
 #[cfg(feature = "conformance")]
 mod echo;
@@ -150,6 +151,8 @@ pub(crate) struct Reactor {
     rx: Receiver<Command>,
     inbound: Sender<Inbound>,
     auth: Authenticator,
+    /// TLS on `listen` (`tls_cert_file`, `tls_key_file`); `None`: plain TCP.
+    tls: Option<Acceptor>,
     /// Where a SIGHUP reload reads its configuration (see `reload.rs`).
     reload_source: Option<ConfigSource>,
     s: Settings,
@@ -235,6 +238,7 @@ impl Reactor {
         rx: Receiver<Command>,
         inbound: Sender<Inbound>,
         auth: Authenticator,
+        tls: Option<Acceptor>,
         s: Settings,
         epoch: String,
     ) -> Reactor {
@@ -263,6 +267,7 @@ impl Reactor {
             rx,
             inbound,
             auth,
+            tls,
             reload_source: None,
             s,
             conns: Slab::new(),
@@ -310,8 +315,8 @@ impl Reactor {
         self.webhook = webhook;
     }
 
-    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP ([`Reactor::reload`],
-    /// PROTOCOL.md section 12) handling: each sets its flag, then wakes the loop through
+    /// Install SIGTERM/SIGINT (drain and exit) and SIGHUP ([`Reactor::reload`] and
+    /// [`Reactor::tls_reload`], PROTOCOL.md section 12) handling: each sets its flag, then wakes the loop through
     /// a self-pipe.
     pub(crate) fn handle_signals(&mut self) -> io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -550,6 +555,12 @@ impl Reactor {
         }
         let accepted = self.listener.accept();
         let refused = match accepted {
+            // A TLS client could not read a plain answer: it is closed unanswered.
+            Ok((stream, _)) if self.tls.is_some() => {
+                drop(stream);
+                self.stats.overload_refused += 1;
+                true
+            }
             Ok((mut stream, _)) => {
                 use std::io::Write as _;
                 // Read what the client sent so the close is a FIN, not a reset that
@@ -572,17 +583,28 @@ impl Reactor {
         refused
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, admin: bool) {
+    fn add_conn(&mut self, stream: TcpStream, admin: bool) {
         if let Err(e) = stream.set_nodelay(true) {
             log::debug!("set_nodelay failed: {e}");
         }
         self.bound_send_buffer(&stream);
+        // TLS is for `listen`; the admin listener (`admin_listen`) stays plain HTTP.
+        let tls = if admin { None } else { self.tls.as_ref() };
+        let stream = match tls.map(Acceptor::session) {
+            None => Transport::plain(stream),
+            Some(Ok(session)) => Transport::tls(stream, session),
+            Some(Err(e)) => {
+                log::warn!("TLS session could not be created ({e}): connection dropped");
+                return;
+            }
+        };
+        let mut stream = stream;
         self.next_serial += 1;
         let serial = self.next_serial;
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.poll.registry().register(
-            &mut stream,
+            stream.tcp(),
             Token(key),
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -596,7 +618,7 @@ impl Reactor {
             .insert(now + self.s.config.handshake_timeout_ms, Timer::Phase(id));
         entry.insert(Conn {
             serial,
-            tcp: stream,
+            io: stream,
             out: OutQueue::counted(Arc::clone(&self.pending_total)),
             phase: Phase::Http(Box::default()),
             timer: Some(timer),
@@ -658,6 +680,27 @@ impl Reactor {
         }
     }
 
+    /// `SIGHUP`: read `tls_cert_file` and `tls_key_file` again; new handshakes use them,
+    /// established connections keep theirs. A bad file keeps the old pair, and says why.
+    pub(super) fn tls_reload(&mut self) {
+        let Some(acceptor) = self.tls.as_mut() else {
+            return;
+        };
+        match acceptor.reload() {
+            Ok(()) => {
+                self.stats.tls_reloads += 1;
+                log::info!(
+                    "TLS certificate reloaded from {} (new handshakes use it; connections kept)",
+                    acceptor.cert_file().display()
+                );
+            }
+            Err(e) => {
+                self.stats.tls_reload_failures += 1;
+                log::error!("TLS reload failed, the certificate in force is kept: {e}");
+            }
+        }
+    }
+
     // -------------------------------------------------------------- readiness
 
     fn ready(&mut self, key: usize, readable: bool, writable: bool) {
@@ -703,6 +746,10 @@ impl Reactor {
             return;
         };
         let phase = std::mem::replace(&mut conn.phase, Phase::Closing);
+        if conn.io.take_tls_failure() {
+            self.stats.tls_failures += 1;
+            log::debug!("conn={} bad TLS input: closed", id.public_id());
+        }
         match phase {
             Phase::Closing => {
                 conn.phase = Phase::Closing;
@@ -724,7 +771,7 @@ impl Reactor {
                         }
                     }
                     let mut wire = Wire {
-                        tcp: &mut conn.tcp,
+                        io: &mut conn.io,
                         out: &mut conn.out,
                         bytes_in: &mut conn.bytes_in,
                     };
@@ -794,7 +841,7 @@ impl Reactor {
             if let Some(t) = conn.timer.take() {
                 self.wheel.cancel(t);
             }
-            let _ = self.poll.registry().deregister(&mut conn.tcp);
+            let _ = self.poll.registry().deregister(conn.io.tcp());
         }
     }
 }

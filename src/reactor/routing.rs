@@ -4,7 +4,6 @@
 //! iteration, the slow-consumer and total-output bounds, and streaming a resuming
 //! session's replay as its socket drains.
 
-use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -142,7 +141,7 @@ impl Reactor {
         let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
-        let result = conn.out.write_to(&mut conn.tcp);
+        let result = conn.io.write_out(&mut conn.out);
         let pending = conn.out.pending();
         let written = match result {
             Ok(n) => n,
@@ -159,9 +158,11 @@ impl Reactor {
         self.stats.bytes_out += written as u64;
         match &mut conn.phase {
             Phase::Closing => {
-                if pending == 0 && !conn.write_shut {
+                // On TLS `end_output` sends `close_notify` first; false while the
+                // socket does not take it (the next writable edge comes back here).
+                if pending == 0 && !conn.write_shut && conn.io.end_output() {
                     conn.write_shut = true;
-                    let _ = conn.tcp.shutdown(Shutdown::Write);
+                    let _ = conn.io.shutdown_write();
                 }
             }
             Phase::Open(session) => {

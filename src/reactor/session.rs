@@ -396,7 +396,7 @@ impl Reactor {
             loop {
                 let mut wire = Budgeted {
                     wire: Wire {
-                        tcp: &mut conn.tcp,
+                        io: &mut conn.io,
                         out: &mut conn.out,
                         bytes_in: &mut conn.bytes_in,
                     },
@@ -447,7 +447,7 @@ impl Reactor {
             self.stats.bytes_in += conn.bytes_in - before;
             // Push queued pongs into the output queue.
             let mut wire = Wire {
-                tcp: &mut conn.tcp,
+                io: &mut conn.io,
                 out: &mut conn.out,
                 bytes_in: &mut conn.bytes_in,
             };
@@ -471,7 +471,8 @@ impl Reactor {
             // still ends the connection).
             let mut left = CLOSING_DISCARD_BYTES;
             loop {
-                match conn.tcp.read(&mut sink) {
+                // Raw bytes, undecrypted: they are discarded anyway.
+                match conn.io.tcp().read(&mut sink) {
                     Ok(0) => {
                         done = true;
                         break;

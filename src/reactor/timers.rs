@@ -93,7 +93,7 @@ impl Reactor {
         // frame only updates `last_rx`), so busy connections cost no timer work per frame.
         if now + 1 >= session.next_ping {
             let mut wire = Wire {
-                tcp: &mut conn.tcp,
+                io: &mut conn.io,
                 out: &mut conn.out,
                 bytes_in: &mut conn.bytes_in,
             };
@@ -162,8 +162,12 @@ impl Reactor {
             while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
         }
         if self.got_hup.swap(false, Ordering::Relaxed) {
-            log::info!("SIGHUP received: reloading JWT keys, jwt_secret and allowed_origins");
+            log::info!(
+                "SIGHUP received: reloading JWT keys, jwt_secret, allowed_origins and the TLS \
+                 certificate"
+            );
             self.reload();
+            self.tls_reload();
         }
         if self.got_term.swap(false, Ordering::Relaxed) {
             log::info!("signal received: draining");
@@ -229,7 +233,7 @@ impl Reactor {
     pub(super) fn open_sessions_flushed(&self) -> bool {
         self.conns.iter().all(|(_, c)| match c.phase {
             Phase::Open(_) => false,
-            Phase::Closing => c.out.is_empty(),
+            Phase::Closing => c.out.is_empty() && !c.io.has_unsent(),
             Phase::Http(_) => true,
         })
     }

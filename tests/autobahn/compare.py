@@ -7,7 +7,7 @@ Used by tools/autobahn.sh; see docs/CONFORMANCE.md.
 
 Each REPORT_DIR holds kosoku's Autobahn-format `index.json` for one gateway profile
 (`{agent: {case_id: {"behavior", "behaviorClose", "remoteCloseCode", ...}}}`). The run's
-summary is, per case id: the profile it ran under, `behavior`, `behaviorClose` and the
+summary (summary.json, or summary-tls.json for expected-tls.json) is, per case id: the profile it ran under, `behavior`, `behaviorClose` and the
 close code the gateway sent (`remoteCloseCode`). It is written next to the reports as
 summary.json, and compared field by field with EXPECTED:
 
@@ -120,7 +120,9 @@ def main(argv: list[str]) -> int:
     if not run:
         print("autobahn: the reports hold no case")
         return 1
-    summary_path = Path(specs[0].partition("=")[2]).parent / "summary.json"
+    # expected.json -> summary.json, expected-tls.json -> summary-tls.json.
+    suffix = expected_path.stem.removeprefix("expected")
+    summary_path = Path(specs[0].partition("=")[2]).parent / f"summary{suffix}.json"
     summary_path.write_text(json.dumps(run, indent=1) + "\n")
     print(tally(run))
     print(f"autobahn: per-case summary in {summary_path}")

@@ -40,5 +40,6 @@ mod session;
 mod slot_reuse;
 mod stats;
 mod thread_filter;
+mod tls;
 mod user_isolation;
 mod webhook;

@@ -50,5 +50,6 @@ pub use raw_ws::*;
 mod process;
 pub use process::*;
 pub mod log_capture;
+pub mod tls;
 mod webhook_server;
 pub use webhook_server::*;
