@@ -77,6 +77,7 @@ pub(crate) mod conn;
 pub mod demo;
 pub(crate) mod demo_page;
 pub(crate) mod emitter;
+pub(crate) mod engine;
 pub(crate) mod event;
 pub(crate) mod frames;
 pub(crate) mod http;

@@ -54,6 +54,7 @@ use crate::close::CloseReason;
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, OutQueue, Phase, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
+use crate::engine::Engine;
 use crate::event::now_ms;
 use crate::http::Refusal;
 use crate::inbox::Inbox;
@@ -134,6 +135,8 @@ pub(crate) struct Reactor {
     s: Settings,
     conns: Slab<Conn>,
     registry: Registry,
+    /// Where users' shared state lives (seq, epoch, replay, runs): [`crate::engine`].
+    engine: Engine,
     wheel: TimerWheel<Timer>,
     stats: Stats,
     epoch: Arc<str>,
@@ -236,6 +239,7 @@ impl Reactor {
             s,
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
+            engine: Engine::default(),
             wheel,
             stats: Stats::new(),
             epoch,

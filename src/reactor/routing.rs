@@ -13,6 +13,7 @@ use super::{live, mark, Reactor};
 use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::emitter::Command;
+use crate::engine::Step;
 use crate::event::Event;
 use crate::registry::{Refused, Routed};
 use crate::stats::DropReason;
@@ -47,7 +48,13 @@ impl Reactor {
             }
         }
         self.stats.events_emitted += 1;
-        let (Routed { frame, owner }, user) = match self.registry.route(&ev, now) {
+        let routed = match self.engine.publish(&mut self.registry, &ev, now) {
+            Step::Done(routed) => routed,
+            // Taken by an engine that answers later: its outcome and the frame come
+            // back as engine events.
+            Step::Pending => return,
+        };
+        let (Routed { frame, owner }, user) = match routed {
             Ok(routed) => routed,
             Err(refused) => {
                 let (reason, what) = match refused {

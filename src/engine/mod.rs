@@ -1,0 +1,152 @@
+//! The engine boundary: where a user's shared state lives (the per-user `seq`, the
+//! epoch, the kept events a client resumes from, runs), behind one small interface the
+//! reactor calls without knowing which engine runs (PROTOCOL.md section 9).
+//!
+//! Two engines:
+//! - [`memory`] (the default, `engine = "memory"`): the state is this process's
+//!   [`Registry`]; every call answers at once.
+//! - [`redis`] (`engine = "redis"`): the state is in Redis, shared by every node; the
+//!   engine's own threads talk to Redis (the reactor thread never does) and their
+//!   answers come back later through a channel and the loop's `mio::Waker`.
+//!
+//! # The shape of the interface
+//!
+//! Every call that may need the shared state returns a [`Step`]:
+//! - [`Step::Done`]: the answer, now. The memory engine always answers so, inline and
+//!   with no allocation or channel hop, so its figures stay what they were (the call is
+//!   a direct call of the registry's own method).
+//! - [`Step::Pending`]: the engine took the request; its outcome arrives as an
+//!   [`EngineEvent`] that the loop drains after the waker fired, carrying the ticket
+//!   the caller gave (a connection id, an HTTP request id).
+//!
+//! The node-local part of a user's state (which of this node's connections belong to the
+//! user, with their thread filter and mode) is the reactor's under both engines: the
+//! [`Registry`] keeps it. Under the Redis engine the registry's kept events and `seq`
+//! become this node's cache of what Redis delivered; under the memory engine they are
+//! the state itself.
+//!
+//! The calls:
+//! - `publish(event)`: the event takes the user's next `seq` and is kept for replay, or
+//!   is refused (ended run, too many runs). Memory: `Done` with the routed frame and
+//!   the user (for its targets). Redis: `Pending`; then
+//!   [`EngineEvent::Published`] (stored, with its seq: the publish API answers 202, an
+//!   emit is done) or [`EngineEvent::Unavailable`] (503 `engine_unavailable`). The
+//!   frame itself reaches every node holding a connection of the user as an
+//!   [`EngineEvent::Delivery`] `{user, seq, frame}`, this node included.
+//! - `open(user, resume)`: the epoch, the top seq and what a resuming connection is
+//!   owed. Memory: `Done` from the registry. Redis: `Pending`; the node subscribes to
+//!   the user first, then reads the user's stream after `last_seq`
+//!   ([`EngineEvent::Opened`]); deliveries whose seq was replayed are dropped.
+//! - `release(user)`: the user's last connection on this node left (Redis:
+//!   unsubscribe).
+//!
+//! Gaps: a [`EngineEvent::Delivery`] whose seq is not the next one the node has for
+//! the user means pub/sub lost messages (it is at most once); the engine fills the gap
+//! from the stream or reports [`EngineEvent::Gap`], and the reactor closes the user's
+//! connections here with 1013 so that they resume.
+//!
+//! This session built the boundary, the memory engine behind it and the Redis engine's
+//! core (scripts, threads, the events above, tested against a real `redis-server`);
+//! the reactor does not start the Redis engine yet (see docs/CLUSTER.md, "Status").
+
+pub(crate) mod memory;
+// Started by its tests only until the reactor starts it (docs/CLUSTER.md, "Status").
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod redis;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+#[cfg(doc)]
+use crate::registry::Registry;
+use crate::registry::Resume;
+
+/// An engine's answer: now, or later as an [`EngineEvent`].
+#[derive(Debug)]
+#[must_use]
+pub(crate) enum Step<T> {
+    /// The answer.
+    Done(T),
+    /// Taken; the outcome comes back as an [`EngineEvent`] with the caller's ticket.
+    #[allow(dead_code)] // the Redis engine's answer; the reactor does not start it yet
+    Pending,
+}
+
+/// Who asked: given with a request that may be [`Step::Pending`] and returned with its
+/// outcome. The reactor's own numbering (a connection's public id, an HTTP request's
+/// serial); the engine never looks inside.
+pub(crate) type Ticket = u64;
+
+/// What an engine tells the loop later (drained after the engine's wake).
+#[derive(Debug)]
+#[allow(dead_code)] // read by the Redis engine's tests; the reactor drains it once wired
+pub(crate) enum EngineEvent {
+    /// A published event is stored with this seq (the 202 of the publish API).
+    Published { ticket: Ticket, seq: u64 },
+    /// A published event was refused: its run has ended (nothing stored).
+    Refused { ticket: Ticket },
+    /// The store did not answer within `redis_timeout_ms` or failed: the request's
+    /// outcome is unknown (it may still be stored: workers retry with their
+    /// idempotency key); 503 `engine_unavailable`.
+    Unavailable { ticket: Ticket },
+    /// An open's answer: the user's epoch and top seq, whether the asked resume is
+    /// exact, and the kept events after `last_seq` when it is (oldest first).
+    Opened {
+        ticket: Ticket,
+        user: Arc<str>,
+        epoch: Arc<str>,
+        top_seq: u64,
+        resume: Resume,
+        replay: Vec<Delivered>,
+    },
+    /// An event of `user`, for this node's connections of the user (in seq order,
+    /// without gaps and duplicates: the engine checked).
+    Delivery { user: Arc<str>, event: Delivered },
+    /// Events of `user` were lost to this node (pub/sub dropped them and the stream no
+    /// longer has them, or the user's history is gone): close the user's connections
+    /// here with 1013 so that they resume.
+    Gap { user: Arc<str> },
+    /// The connection to Redis went down (`false`) or came back (`true`).
+    Connected(bool),
+}
+
+/// One event of a user with its seq, as an engine hands it to the node.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // read by the Redis engine's tests; the reactor reads it once wired
+pub(crate) struct Delivered {
+    pub seq: u64,
+    /// The event's `thread_id` (connections filtered on a thread take only theirs).
+    pub thread: Option<Arc<str>>,
+    /// The complete WebSocket text frame.
+    pub frame: Bytes,
+}
+
+/// The engine this node runs, chosen at start from the `engine` setting.
+#[derive(Debug)]
+pub(crate) enum Engine {
+    Memory(memory::Memory),
+}
+
+impl Default for Engine {
+    fn default() -> Engine {
+        Engine::Memory(memory::Memory)
+    }
+}
+
+impl Engine {
+    /// Publish `ev` at tick `now` (see the module doc): `Done` with the routed frame
+    /// and its user, or the refusal; `Pending` when the answer comes later.
+    #[inline]
+    pub(crate) fn publish<'r>(
+        &mut self,
+        registry: &'r mut crate::registry::Registry,
+        ev: &crate::event::Event,
+        now: u64,
+    ) -> Step<Result<(crate::registry::Routed, &'r crate::registry::User), crate::registry::Refused>>
+    {
+        match self {
+            Engine::Memory(m) => m.publish(registry, ev, now),
+        }
+    }
+}

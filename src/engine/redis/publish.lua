@@ -1,0 +1,43 @@
+-- agentwire: publish one event of one user (docs/CLUSTER.md, "The scripts").
+-- Runs atomically in Redis, so the order of seqs is the order of publication on every
+-- node. All keys share the user's hash tag {u:<user>}.
+--
+-- KEYS[1] meta hash (epoch, seq)   KEYS[2] stream (kept events)   KEYS[3] ended runs zset
+-- ARGV[1] JSON before the seq      ARGV[2] JSON after the seq
+-- ARGV[3] thread marker: "-" (null) or "+" .. thread_id
+-- ARGV[4] run_id                   ARGV[5] "1" when the event ends its run
+-- ARGV[6] replay_events (0: keep nothing)   ARGV[7] replay_ttl_ms
+-- ARGV[8] the user's pub/sub channel        ARGV[9] a fresh epoch (used if none)
+-- ARGV[10] now (ms)                ARGV[11] ended runs remembered per user
+--
+-- Returns {seq, epoch}; {0, ""} when the run has ended (nothing stored).
+local meta, stream, ended = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('ZSCORE', ended, ARGV[4]) then
+  return {0, ''}
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  -- A new history: whatever stream is left belongs to a lost one (its meta expired
+  -- or was evicted), and its ids would be above the new seqs.
+  epoch = ARGV[9]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local json = ARGV[1] .. seq .. ARGV[2]
+local keep = tonumber(ARGV[6])
+if keep > 0 then
+  redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3])
+  redis.call('PEXPIRE', stream, ARGV[7])
+end
+if ARGV[5] == '1' then
+  redis.call('ZADD', ended, ARGV[10], ARGV[4])
+  local cap = tonumber(ARGV[11])
+  if redis.call('ZCARD', ended) > cap then
+    redis.call('ZREMRANGEBYRANK', ended, 0, -cap - 1)
+  end
+  redis.call('PEXPIRE', ended, ARGV[7])
+end
+redis.call('PEXPIRE', meta, ARGV[7])
+redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. json)
+return {seq, epoch}

@@ -1,0 +1,407 @@
+//! The store thread: the one connection that runs the scripts (publish, open, top).
+//!
+//! It takes requests from a bounded channel, and everything waiting in it (up to
+//! [`BATCH`]) goes to Redis as one pipeline: one drain of the emitter channel or one
+//! publish API request costs one round trip, however many events it carries. Each
+//! answer goes back to the reactor as a [`Raw`] message, then one wake per batch.
+//!
+//! The connection has read and write timeouts of `redis_timeout_ms`: a pipeline not
+//! answered within it fails, and every request of the batch is answered
+//! [`EngineEvent::Unavailable`] (its outcome is unknown: a publish may still have been
+//! stored). While disconnected, requests are answered `Unavailable` at once and the
+//! thread reconnects with backoff ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]); an
+//! idle connection is checked with `PING` every [`IDLE_PING`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use redis::Value;
+
+use super::keys::UserKeys;
+use super::{parse_thread, Out, Raw, Shared};
+use crate::engine::{Delivered, EngineEvent, Ticket};
+use crate::event::text_frame;
+use crate::registry::Resume;
+
+/// Requests sent to Redis in one pipeline at most.
+pub(super) const BATCH: usize = 512;
+/// First reconnect delay, doubled after each failure up to [`BACKOFF_MAX`].
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// An idle connection is checked this often.
+const IDLE_PING: Duration = Duration::from_secs(1);
+/// Ended run ids remembered per user (the refusal of events after a run ended).
+pub(super) const ENDED_RUNS_KEPT: usize = 1024;
+
+const PUBLISH_LUA: &str = include_str!("publish.lua");
+const OPEN_LUA: &str = include_str!("open.lua");
+const TOP_LUA: &str = include_str!("top.lua");
+
+/// What the store thread is asked.
+#[derive(Debug)]
+pub(super) enum StoreRequest {
+    /// Publish one event: its JSON around the seq (`head` + seq + `tail`).
+    Publish {
+        ticket: Ticket,
+        user: Arc<str>,
+        head: Bytes,
+        tail: Bytes,
+        thread: Option<Arc<str>>,
+        run: Arc<str>,
+        ends_run: bool,
+    },
+    /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
+    Open {
+        ticket: Ticket,
+        user: Arc<str>,
+        ask: Option<(u64, String)>,
+    },
+    /// The user's epoch and top seq (after a pub/sub reconnect).
+    Top { user: Arc<str> },
+}
+
+/// An open connection with the scripts loaded.
+struct Link {
+    con: redis::Connection,
+    publish: String,
+    open: String,
+    top: String,
+}
+
+fn connect(shared: &Shared) -> redis::RedisResult<Link> {
+    let mut con = shared
+        .client
+        .get_connection_with_timeout(shared.settings.timeout)?;
+    con.set_read_timeout(Some(shared.settings.timeout))?;
+    con.set_write_timeout(Some(shared.settings.timeout))?;
+    let mut load = |text: &str| -> redis::RedisResult<String> {
+        redis::cmd("SCRIPT").arg("LOAD").arg(text).query(&mut con)
+    };
+    let publish = load(PUBLISH_LUA)?;
+    let open = load(OPEN_LUA)?;
+    let top = load(TOP_LUA)?;
+    Ok(Link {
+        con,
+        publish,
+        open,
+        top,
+    })
+}
+
+/// The thread's body: until the engine stops (its request channel closes).
+pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
+    let mut link: Option<Link> = None;
+    let mut backoff = BACKOFF_MIN;
+    let mut retry_at = Instant::now();
+    let mut batch: Vec<StoreRequest> = Vec::with_capacity(BATCH);
+    let mut epochs = EpochSource::new();
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if link.is_none() && Instant::now() >= retry_at {
+            match connect(&shared) {
+                Ok(l) => {
+                    link = Some(l);
+                    backoff = BACKOFF_MIN;
+                    out.connected(true);
+                }
+                Err(e) => {
+                    log::debug!("redis store: connect failed: {e}");
+                    out.connected(false);
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        let wait = match link {
+            Some(_) => IDLE_PING,
+            None => retry_at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(5)),
+        };
+        match rx.recv_timeout(wait) {
+            Ok(first) => batch.push(first),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(l) = &mut link {
+                    let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut l.con);
+                    if let Err(e) = pong {
+                        log::warn!("redis store: ping failed: {e}");
+                        link = None;
+                        out.connected(false);
+                    }
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let answered = match &mut link {
+            Some(l) => {
+                let started = Instant::now();
+                let result = run_batch(&shared, l, &batch, &mut epochs);
+                shared.record_round_trip(started.elapsed(), batch.len());
+                result
+            }
+            None => Err(None),
+        };
+        match answered {
+            Ok(events) => {
+                for ev in events {
+                    out.send(ev);
+                }
+            }
+            Err(e) => {
+                if let Some(e) = e {
+                    log::warn!("redis store: {} request(s) failed: {e}", batch.len());
+                    link = None;
+                    retry_at = Instant::now();
+                    out.connected(false);
+                }
+                for req in &batch {
+                    out.send(unavailable(req));
+                }
+            }
+        }
+        batch.clear();
+        out.wake();
+    }
+}
+
+/// The answer to a request whose outcome is unknown.
+fn unavailable(req: &StoreRequest) -> Raw {
+    match req {
+        StoreRequest::Publish { ticket, .. } | StoreRequest::Open { ticket, .. } => {
+            Raw::Event(EngineEvent::Unavailable { ticket: *ticket })
+        }
+        // Unknown top: the node cannot tell what it missed, so the user resumes.
+        StoreRequest::Top { user } => Raw::Event(EngineEvent::Gap { user: user.clone() }),
+    }
+}
+
+/// Fresh epochs: this thread's random part and a counter (unique per node and call;
+/// a user's epoch only has to differ from its earlier ones).
+struct EpochSource {
+    base: String,
+    next: u64,
+}
+
+impl EpochSource {
+    fn new() -> EpochSource {
+        EpochSource {
+            base: crate::reactor::new_epoch(),
+            next: 0,
+        }
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("{}{:x}", self.base, self.next)
+    }
+}
+
+/// One pipeline for the whole batch; the answers in request order. `Err(Some(e))`
+/// when the pipeline itself failed (connection lost, timeout): the link is dropped.
+fn run_batch(
+    shared: &Shared,
+    link: &mut Link,
+    batch: &[StoreRequest],
+    epochs: &mut EpochSource,
+) -> Result<Vec<Raw>, Option<redis::RedisError>> {
+    let s = &shared.settings;
+    let now = crate::event::now_ms();
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for req in batch {
+        match req {
+            StoreRequest::Publish {
+                user,
+                head,
+                tail,
+                thread,
+                run,
+                ends_run,
+                ..
+            } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                let marker = match thread {
+                    Some(t) => format!("+{t}"),
+                    None => "-".to_owned(),
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(&link.publish)
+                    .arg(3)
+                    .arg(&keys.meta)
+                    .arg(&keys.stream)
+                    .arg(&keys.ended)
+                    .arg(&head[..])
+                    .arg(&tail[..])
+                    .arg(marker)
+                    .arg(&**run)
+                    .arg(if *ends_run { "1" } else { "0" })
+                    .arg(s.replay_events)
+                    .arg(s.replay_ttl_ms)
+                    .arg(&keys.channel)
+                    .arg(epochs.fresh())
+                    .arg(now)
+                    .arg(ENDED_RUNS_KEPT);
+            }
+            StoreRequest::Open { user, ask, .. } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                let (asked, their_epoch, after) = match ask {
+                    Some((after, epoch)) => ("1", epoch.as_str(), *after),
+                    None => ("0", "", 0),
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(&link.open)
+                    .arg(2)
+                    .arg(&keys.meta)
+                    .arg(&keys.stream)
+                    .arg(epochs.fresh())
+                    .arg(s.replay_ttl_ms)
+                    .arg(asked)
+                    .arg(their_epoch)
+                    .arg(after)
+                    // `MAXLEN ~` may keep up to one stream node (100 entries) more.
+                    .arg(s.replay_events + 256);
+            }
+            StoreRequest::Top { user } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("EVALSHA").arg(&link.top).arg(1).arg(&keys.meta);
+            }
+        }
+    }
+    let results: Vec<redis::RedisResult<Value>> = pipe.query(&mut link.con).map_err(Some)?;
+    let mut events = Vec::with_capacity(batch.len());
+    for (req, result) in batch.iter().zip(results) {
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                // A script error (NOSCRIPT after a `SCRIPT FLUSH`, OOM, ...): this
+                // request failed, the others stand. A reconnect loads the scripts.
+                log::warn!("redis store: script failed: {e}");
+                events.push(unavailable(req));
+                continue;
+            }
+        };
+        events.push(answer(req, value).unwrap_or_else(|| {
+            log::error!("redis store: unexpected script answer");
+            unavailable(req)
+        }));
+    }
+    Ok(events)
+}
+
+/// Decode one script's answer.
+fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    match req {
+        StoreRequest::Publish { ticket, .. } => {
+            let seq = int(parts.next()?)?;
+            Some(Raw::Event(if seq == 0 {
+                EngineEvent::Refused { ticket: *ticket }
+            } else {
+                EngineEvent::Published {
+                    ticket: *ticket,
+                    seq,
+                }
+            }))
+        }
+        StoreRequest::Open { ticket, user, .. } => {
+            let epoch: Arc<str> = Arc::from(text(parts.next()?)?);
+            let top_seq = int(parts.next()?)?;
+            let code = text(parts.next()?)?;
+            let mut replay = Vec::new();
+            let resume = match code.as_str() {
+                "n" => Resume::NotAsked,
+                "l" => Resume::Lost,
+                _ => {
+                    let Value::Array(entries) = parts.next()? else {
+                        return None;
+                    };
+                    replay.reserve(entries.len());
+                    for e in entries {
+                        replay.push(entry(e)?);
+                    }
+                    Resume::Exact
+                }
+            };
+            Some(Raw::Opened {
+                ticket: *ticket,
+                user: user.clone(),
+                epoch,
+                top_seq,
+                resume,
+                replay,
+            })
+        }
+        StoreRequest::Top { user } => {
+            let epoch = text(parts.next()?)?;
+            let top = int(parts.next()?)?;
+            Some(Raw::Top {
+                user: user.clone(),
+                epoch: (!epoch.is_empty()).then(|| Arc::from(epoch)),
+                top,
+            })
+        }
+    }
+}
+
+/// One stream entry `[id, [field, value, ...]]` as a delivered event.
+fn entry(value: Value) -> Option<Delivered> {
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    let id = text(parts.next()?)?;
+    let seq = id.split('-').next()?.parse().ok()?;
+    let Value::Array(fields) = parts.next()? else {
+        return None;
+    };
+    let (mut json, mut thread) = (None, None);
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(v)) = (fields.next(), fields.next()) {
+        match text(name)?.as_str() {
+            "j" => json = Some(bytes(v)?),
+            "t" => thread = Some(parse_thread(&bytes(v)?)?),
+            _ => {}
+        }
+    }
+    Some(Delivered {
+        seq,
+        thread: thread?,
+        frame: text_frame(&json?),
+    })
+}
+
+fn int(v: Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: Value) -> Option<String> {
+    String::from_utf8(bytes(v)?).ok()
+}
