@@ -41,12 +41,16 @@ pub enum CloseReason {
     /// Unsent output over all connections passed `max_pending_total_bytes` and this
     /// connection held the most (1013).
     OverBudget,
+    /// The engine cannot vouch for this connection's stream (1013): Redis did not
+    /// answer its open, or events of its user were lost to this node (pub/sub gap,
+    /// history gone); the client resumes and gets them or `resumed:false`.
+    Engine,
 }
 
 impl CloseReason {
     /// Every reason, in counter order (`Stats` indexes its close counters by
     /// discriminant).
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 18] = [
         CloseReason::ClientClosed,
         CloseReason::ConnectionReset,
         CloseReason::IoError,
@@ -64,6 +68,7 @@ impl CloseReason {
         CloseReason::PolicyViolation,
         CloseReason::SlowConsumer,
         CloseReason::OverBudget,
+        CloseReason::Engine,
     ];
 
     /// The reason for an I/O error of kind `kind`.
@@ -96,6 +101,7 @@ impl CloseReason {
             CloseReason::PolicyViolation => "bad_messages",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::OverBudget => "pending_total_budget",
+            CloseReason::Engine => "engine",
         }
     }
 
@@ -114,6 +120,7 @@ impl CloseReason {
             CloseReason::PolicyViolation => (1008, "too many bad messages"),
             CloseReason::SlowConsumer => (1013, "slow consumer"),
             CloseReason::OverBudget => (1013, "gateway output budget exceeded"),
+            CloseReason::Engine => (1013, "events missed or engine unavailable: resume"),
             _ => return None,
         })
     }

@@ -263,6 +263,9 @@ pub struct HttpState {
     pub again_queued: bool,
     /// The client shut its side down: answer what is complete, then close.
     pub eof: bool,
+    /// A publish request waits for the engine's answer (Redis engine): no other
+    /// request of the connection is answered before it.
+    pub engine_wait: bool,
 }
 
 /// An open WebSocket session of one user.
@@ -294,6 +297,8 @@ pub struct Session {
     /// While resuming: the next seq to send from the user's replay buffer (live events
     /// wait there until the connection has caught up); `None` once live.
     pub replay_next: Option<u64>,
+    /// Its place in the user's stream under an engine that answers later (Redis).
+    pub engine: crate::engine::Cursor,
 }
 
 /// One connection in the reactor's slab.

@@ -48,6 +48,8 @@ pub enum ErrorCode {
     TooManyRuns,
     /// The gateway could not do what was asked (500; `POST /dev/token` only).
     Internal,
+    /// The engine (Redis) did not answer within `redis_timeout_ms` (503).
+    EngineUnavailable,
 }
 
 impl ErrorCode {
@@ -74,6 +76,7 @@ impl ErrorCode {
             ErrorCode::BadEvent => "bad_event",
             ErrorCode::TooManyRuns => "too_many_runs",
             ErrorCode::Internal => "internal",
+            ErrorCode::EngineUnavailable => "engine_unavailable",
         }
     }
 }
@@ -147,6 +150,9 @@ pub struct Connected<'a> {
     /// Present (`true`) only when `active_runs` was cut to its maximum.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub active_runs_truncated: bool,
+    /// The node's name (Redis engine only, PROTOCOL.md section 9); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<&'a str>,
 }
 
 /// One run in progress listed by `connected`.
@@ -313,6 +319,7 @@ mod tests {
                 last_type: "agent_started",
             }],
             active_runs_truncated,
+            node_id: None,
         }
     }
 

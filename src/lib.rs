@@ -283,7 +283,7 @@ impl Gateway {
         config.validate()?;
         let auth = authenticator(&config)?;
         let poll = Poll::new()?;
-        let listener = bind(config.listen).map_err(|source| Error::Bind {
+        let listener = bind(config.listen, config.reuse_port).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
         })?;
@@ -307,7 +307,8 @@ impl Gateway {
             ws_config,
             config_json,
         };
-        let reactor = Reactor::new(
+        let engine = start_engine(&settings.config, &wake)?;
+        let mut reactor = Reactor::new(
             poll,
             listener,
             wake.clone(),
@@ -317,6 +318,9 @@ impl Gateway {
             settings,
             epoch.clone(),
         );
+        if let Some((engine, node_id)) = engine {
+            reactor.use_engine(engine, node_id);
+        }
         Ok(Gateway {
             reactor,
             emitter: Emitter::new(tx, wake),
@@ -420,11 +424,46 @@ impl GatewayHandle {
     }
 }
 
-/// Bind with a large backlog (mio's `bind` uses 128) and SO_REUSEADDR.
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// The Redis engine and this node's name when `engine = "redis"` (its threads start
+/// here; they connect on their own); `None` for the memory engine.
+fn start_engine(
+    config: &Config,
+    wake: &Arc<WakeSignal>,
+) -> Result<Option<(engine::Engine, Arc<str>)>, Error> {
+    if config.engine != config::EngineKind::Redis {
+        return Ok(None);
+    }
+    let node_id: Arc<str> = match &config.node_id {
+        Some(id) => Arc::from(id.as_str()),
+        None => Arc::from(format!("n-{}", reactor::new_epoch())),
+    };
+    let settings = engine::redis::RedisSettings {
+        url: config.redis_url.clone().unwrap_or_default(),
+        prefix: config.redis_prefix.clone().unwrap_or_default(),
+        timeout: std::time::Duration::from_millis(config.redis_timeout_ms),
+        replay_events: config.replay_events,
+        replay_ttl_ms: config.replay_ttl_ms,
+    };
+    let wake = Arc::clone(wake);
+    let redis = engine::redis::RedisEngine::start(settings, Arc::new(move || wake.wake()))
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    log::info!(
+        "engine redis: node_id={node_id} prefix={:?}",
+        config.redis_prefix
+    );
+    Ok(Some((engine::Engine::Redis(Box::new(redis)), node_id)))
+}
+
+/// Bind with a large backlog (mio's `bind` uses 128) and SO_REUSEADDR; with
+/// `reuse_port` also SO_REUSEPORT (several nodes on one machine share the address and
+/// the kernel spreads connections over them).
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;

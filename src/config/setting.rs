@@ -37,6 +37,8 @@ pub enum SettingKind {
     Policy,
     /// `text` or `json`.
     LogFormat,
+    /// `memory` or `redis`.
+    Engine,
     /// A decimal integer within `min..=max`.
     Integer {
         /// Smallest accepted value.
@@ -67,6 +69,7 @@ impl SettingKind {
             }
             Self::Policy => "expected evict_oldest or reject".into(),
             Self::LogFormat => "expected text or json".into(),
+            Self::Engine => "expected memory or redis".into(),
             Self::Integer { min, max } => format!("expected {}", integer_range(*min, *max)),
             Self::OptionalInteger { min, max } => {
                 format!("expected none or {}", integer_range(*min, *max))
@@ -137,6 +140,7 @@ impl Setting {
             SettingKind::Origins => "ORIGINS",
             SettingKind::Policy => "POLICY",
             SettingKind::LogFormat => "FORMAT",
+            SettingKind::Engine => "ENGINE",
             SettingKind::Integer { .. } => "N",
             SettingKind::OptionalInteger { .. } => "N|none",
         }

@@ -43,6 +43,7 @@ fn sample(name: &str) -> String {
         "run_idle_timeout_ms" => "9000",
         "shutdown_grace_ms" => "0",
         "demo_agent" => "true",
+        "engine" => "redis",
         _ => return generic_sample(name),
     };
     sample.to_owned()

@@ -45,13 +45,9 @@
 //! from the stream or reports [`EngineEvent::Gap`], and the reactor closes the user's
 //! connections here with 1013 so that they resume.
 //!
-//! This session built the boundary, the memory engine behind it and the Redis engine's
-//! core (scripts, threads, the events above, tested against a real `redis-server`);
-//! the reactor does not start the Redis engine yet (see docs/CLUSTER.md, "Status").
+//! The reactor's side of the Redis engine's events is `reactor/engine_events.rs`.
 
 pub(crate) mod memory;
-// Started by its tests only until the reactor starts it (docs/CLUSTER.md, "Status").
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod redis;
 
 use std::sync::Arc;
@@ -69,7 +65,6 @@ pub(crate) enum Step<T> {
     /// The answer.
     Done(T),
     /// Taken; the outcome comes back as an [`EngineEvent`] with the caller's ticket.
-    #[allow(dead_code)] // the Redis engine's answer; the reactor does not start it yet
     Pending,
 }
 
@@ -80,7 +75,6 @@ pub(crate) type Ticket = u64;
 
 /// What an engine tells the loop later (drained after the engine's wake).
 #[derive(Debug)]
-#[allow(dead_code)] // read by the Redis engine's tests; the reactor drains it once wired
 pub(crate) enum EngineEvent {
     /// A published event is stored with this seq (the 202 of the publish API).
     Published { ticket: Ticket, seq: u64 },
@@ -113,19 +107,36 @@ pub(crate) enum EngineEvent {
 
 /// One event of a user with its seq, as an engine hands it to the node.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // read by the Redis engine's tests; the reactor reads it once wired
 pub(crate) struct Delivered {
     pub seq: u64,
     /// The event's `thread_id` (connections filtered on a thread take only theirs).
     pub thread: Option<Arc<str>>,
+    /// The event's `run_id` (an isolated connection takes the runs it started).
+    pub run: Arc<str>,
     /// The complete WebSocket text frame.
     pub frame: Bytes,
 }
 
+/// A session's place in its user's stream, for engines that answer later.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cursor {
+    /// Takes every event routed to it (the memory engine: routing is synchronous).
+    #[default]
+    Live,
+    /// Its open is not answered yet: it takes no event and is not read (the
+    /// `connected` frame comes first).
+    Waiting,
+    /// Takes deliveries with a seq above this (what its open answer covered).
+    After(u64),
+}
+
+/// What the reactor gives with an emitted event: nobody waits for its outcome.
+pub(crate) const EMIT_TICKET: Ticket = 0;
+
 /// The engine this node runs, chosen at start from the `engine` setting.
-#[derive(Debug)]
 pub(crate) enum Engine {
     Memory(memory::Memory),
+    Redis(Box<redis::RedisEngine>),
 }
 
 impl Default for Engine {
@@ -136,17 +147,46 @@ impl Default for Engine {
 
 impl Engine {
     /// Publish `ev` at tick `now` (see the module doc): `Done` with the routed frame
-    /// and its user, or the refusal; `Pending` when the answer comes later.
+    /// and its user, or the refusal; `Pending` when the outcome comes later as an
+    /// [`EngineEvent`] with `ticket`.
     #[inline]
     pub(crate) fn publish<'r>(
         &mut self,
         registry: &'r mut crate::registry::Registry,
         ev: &crate::event::Event,
         now: u64,
+        ticket: Ticket,
     ) -> Step<Result<(crate::registry::Routed, &'r crate::registry::User), crate::registry::Refused>>
     {
         match self {
             Engine::Memory(m) => m.publish(registry, ev, now),
+            Engine::Redis(r) => {
+                r.publish(ticket, ev);
+                Step::Pending
+            }
+        }
+    }
+
+    /// The Redis engine, when it is the one running.
+    pub(crate) fn redis(&mut self) -> Option<&mut redis::RedisEngine> {
+        match self {
+            Engine::Memory(_) => None,
+            Engine::Redis(r) => Some(r),
+        }
+    }
+
+    /// A connection of `user` ended (Redis: the last one here unsubscribes).
+    pub(crate) fn release(&mut self, user: &str) {
+        if let Engine::Redis(r) = self {
+            r.release(user);
+        }
+    }
+
+    /// The next event an engine that answers later has for the loop.
+    pub(crate) fn next_event(&mut self) -> Option<EngineEvent> {
+        match self {
+            Engine::Memory(_) => None,
+            Engine::Redis(r) => r.next_event(),
         }
     }
 }

@@ -66,6 +66,7 @@ use crate::timer_wheel::TimerWheel;
 #[cfg(feature = "conformance")]
 mod echo;
 mod endpoints;
+mod engine_events;
 mod inbound;
 mod routing;
 mod session;
@@ -137,6 +138,10 @@ pub(crate) struct Reactor {
     registry: Registry,
     /// Where users' shared state lives (seq, epoch, replay, runs): [`crate::engine`].
     engine: Engine,
+    /// Answers an engine owes (opens, publish requests) and its state.
+    waits: engine_events::EngineWaits,
+    /// This node's name (`node_id`; the Redis engine's `connected` frames carry it).
+    node_id: Arc<str>,
     wheel: TimerWheel<Timer>,
     stats: Stats,
     epoch: Arc<str>,
@@ -240,6 +245,8 @@ impl Reactor {
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
             engine: Engine::default(),
+            waits: engine_events::EngineWaits::new(),
+            node_id: Arc::from(""),
             wheel,
             stats: Stats::new(),
             epoch,
@@ -359,6 +366,7 @@ impl Reactor {
                 .record_client_messages_in_iteration(self.read_in_iteration);
             self.feed_inbox();
             budget_exhausted = self.drain_channel();
+            budget_exhausted |= self.drain_engine();
             let now = self.tick();
             let timers_started = Instant::now();
             self.wheel.advance(now, &mut expired);
@@ -649,6 +657,7 @@ impl Reactor {
                 }
                 self.registry
                     .remove_conn(&session.user, id, linger_at - LINGER_MS);
+                self.engine.release(&session.user);
                 self.open_sessions -= 1;
                 self.stats.closed(reason);
                 // `code=-`: no close frame was sent (the peer closed or the socket failed).

@@ -13,7 +13,7 @@ use super::{live, mark, Reactor};
 use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::emitter::Command;
-use crate::engine::Step;
+use crate::engine::{Step, Ticket, EMIT_TICKET};
 use crate::event::Event;
 use crate::registry::{Refused, Routed};
 use crate::stats::DropReason;
@@ -38,6 +38,12 @@ impl Reactor {
     /// Assign the user's next seq, keep the event for replay, queue it on every
     /// connection that takes it.
     pub(super) fn deliver(&mut self, ev: Event) {
+        self.deliver_as(ev, EMIT_TICKET);
+    }
+
+    /// [`Reactor::deliver`] with the ticket an engine that answers later gives back
+    /// with the outcome (`engine_events.rs`).
+    pub(super) fn deliver_as(&mut self, ev: Event, ticket: Ticket) {
         let now = self.tick();
         // A repeat of an accepted idempotency key (section 6a): routed only once.
         if let Some(key) = ev.idempotency_key.as_deref() {
@@ -48,7 +54,7 @@ impl Reactor {
             }
         }
         self.stats.events_emitted += 1;
-        let routed = match self.engine.publish(&mut self.registry, &ev, now) {
+        let routed = match self.engine.publish(&mut self.registry, &ev, now, ticket) {
             Step::Done(routed) => routed,
             // Taken by an engine that answers later: its outcome and the frame come
             // back as engine events.

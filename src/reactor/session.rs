@@ -112,6 +112,9 @@ impl Reactor {
         claims: crate::auth::Claims,
         leftover: Vec<u8>,
     ) {
+        if self.engine.redis().is_some() {
+            return self.open_session_engine(id, up, claims, leftover);
+        }
         let resume_ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
         let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
         let entry = ConnEntry {
@@ -164,6 +167,7 @@ impl Reactor {
             token_exp: claims.exp,
             active_runs,
             active_runs_truncated: runs_truncated,
+            node_id: None,
         }));
         self.registry.add_conn(&claims.sub, entry);
         if !self.begin_session(id, &up, user_name, claims.exp, replay_next, leftover) {
@@ -245,6 +249,7 @@ impl Reactor {
             input_paused: false,
             opened: Instant::now(),
             replay_next,
+            engine: crate::engine::Cursor::Live,
         }));
         true
     }
@@ -257,6 +262,13 @@ impl Reactor {
             return self.read_echo(id);
         }
         if self.input_exhausted(id) {
+            return;
+        }
+        // Not read before its `connected` frame (the engine's answer, engine_events.rs).
+        if self
+            .session(id)
+            .is_some_and(|s| s.engine == crate::engine::Cursor::Waiting)
+        {
             return;
         }
         let bytes_before = self.conn_mut(id).map_or(0, |c| c.bytes_in);

@@ -7,6 +7,7 @@ mod support;
 
 mod chaos;
 mod client_input;
+mod cluster;
 mod conformance_route;
 mod deadlines;
 mod demo_page;

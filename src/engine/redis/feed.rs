@@ -209,15 +209,18 @@ fn take_requests(
     }
 }
 
-/// A message `<seq>\n<thread marker>\n<json>` (see `publish.lua`).
+/// A message `<seq>\n<thread marker>\n<run_id>\n<json>` (see `publish.lua`; ids
+/// hold no control characters).
 fn parse_message(payload: &[u8]) -> Option<Delivered> {
-    let mut parts = payload.splitn(3, |&b| b == b'\n');
+    let mut parts = payload.splitn(4, |&b| b == b'\n');
     let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let thread = parse_thread(parts.next()?)?;
+    let run = Arc::from(std::str::from_utf8(parts.next()?).ok()?);
     let json = parts.next()?;
     Some(Delivered {
         seq,
         thread,
+        run,
         frame: text_frame(json),
     })
 }
@@ -228,14 +231,16 @@ mod tests {
 
     #[test]
     fn messages_carry_seq_thread_and_json() {
-        let d = parse_message(b"12\n+t1\n{\"seq\":12}").unwrap();
+        let d = parse_message(b"12\n+t1\nr-1\n{\"seq\":12}").unwrap();
         assert_eq!(d.seq, 12);
         assert_eq!(d.thread.as_deref(), Some("t1"));
+        assert_eq!(&*d.run, "r-1");
         assert!(d.frame.ends_with(b"{\"seq\":12}"));
-        let d = parse_message(b"3\n-\n{}").unwrap();
+        let d = parse_message(b"3\n-\nr\n{}").unwrap();
         assert_eq!(d.thread, None);
-        assert!(parse_message(b"x\n-\n{}").is_none());
-        assert!(parse_message(b"3\n?\n{}").is_none());
+        assert!(parse_message(b"x\n-\nr\n{}").is_none());
+        assert!(parse_message(b"3\n?\nr\n{}").is_none());
+        assert!(parse_message(b"3\n-\n{}").is_none());
         assert!(parse_message(b"3").is_none());
     }
 }

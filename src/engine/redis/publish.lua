@@ -27,7 +27,7 @@ local seq = redis.call('HINCRBY', meta, 'seq', 1)
 local json = ARGV[1] .. seq .. ARGV[2]
 local keep = tonumber(ARGV[6])
 if keep > 0 then
-  redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3])
+  redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3], 'r', ARGV[4])
   redis.call('PEXPIRE', stream, ARGV[7])
 end
 if ARGV[5] == '1' then
@@ -39,5 +39,5 @@ if ARGV[5] == '1' then
   redis.call('PEXPIRE', ended, ARGV[7])
 end
 redis.call('PEXPIRE', meta, ARGV[7])
-redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. json)
+redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. json)
 return {seq, epoch}

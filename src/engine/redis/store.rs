@@ -369,18 +369,20 @@ fn entry(value: Value) -> Option<Delivered> {
     let Value::Array(fields) = parts.next()? else {
         return None;
     };
-    let (mut json, mut thread) = (None, None);
+    let (mut json, mut thread, mut run) = (None, None, None);
     let mut fields = fields.into_iter();
     while let (Some(name), Some(v)) = (fields.next(), fields.next()) {
         match text(name)?.as_str() {
             "j" => json = Some(bytes(v)?),
             "t" => thread = Some(parse_thread(&bytes(v)?)?),
+            "r" => run = Some(Arc::from(text(v)?)),
             _ => {}
         }
     }
     Some(Delivered {
         seq,
         thread: thread?,
+        run: run?,
         frame: text_frame(&json?),
     })
 }

@@ -47,3 +47,5 @@ pub use publish::*;
 mod raw_ws;
 pub use raw_ws::*;
 pub mod log_capture;
+mod redis;
+pub use redis::*;

@@ -1,0 +1,481 @@
+//! The reactor's side of an engine that answers later (the Redis engine,
+//! [`crate::engine`]): opening a session whose `connected` frame waits for the
+//! engine's answer, the publish API's answer that waits for the store, and every
+//! [`EngineEvent`] the loop drains after the engine's wake (deliveries to this node's
+//! connections, gaps, outages). Nothing here runs under the memory engine: its calls
+//! answer at once on the paths of `session.rs`, `routing.rs` and `endpoints.rs`.
+//!
+//! Tickets: an open is `OPEN_TICKET | connection serial`; a publish request's event
+//! `request << PUBLISH_INDEX_BITS | index`; an emitted event [`EMIT_TICKET`].
+//!
+//! Bounds: one pending open per connection (removed by its answer; the engine answers
+//! every request, `Unavailable` on failure), deliveries held per pending open at most
+//! [`EARLY_PER_OPEN`] (past it the connection closes 1013 and resumes), one pending
+//! publish request per HTTP connection (it is not read meanwhile).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{live, mark, Reactor};
+use crate::close::CloseReason;
+use crate::conn::{ConnId, Phase};
+use crate::engine::{Cursor, Delivered, EngineEvent, Ticket, EMIT_TICKET};
+use crate::event::{control_frame, Event};
+use crate::frames::{self, Accepted, Connected, ErrorBody, ErrorCode, ServerFrame};
+use crate::http;
+use crate::mode::Mode;
+use crate::registry::{ConnEntry, Resume};
+use crate::stats::DropReason;
+
+/// Engine events handled per loop iteration before polling again.
+pub(super) const ENGINE_BUDGET: usize = 4096;
+/// Open tickets have this bit; publish tickets never reach it.
+const OPEN_TICKET: Ticket = 1 << 63;
+/// Bits of a publish ticket that hold the event's index in its request.
+const PUBLISH_INDEX_BITS: u32 = 10;
+/// Deliveries held for a session whose open is not answered yet.
+pub(super) const EARLY_PER_OPEN: usize = 4096;
+
+/// A session opened on the node whose `connected` frame waits for the engine.
+pub(super) struct PendingOpen {
+    id: ConnId,
+    user: Arc<str>,
+    mode: Mode,
+    thread: Option<Arc<str>>,
+    token_exp: u64,
+    /// Deliveries of the user that came before the answer (the answer's top decides
+    /// which of them the session still needs).
+    early: Vec<Delivered>,
+}
+
+/// A publish request waiting for the store's answers.
+pub(super) struct PendingPublish {
+    conn: ConnId,
+    keep_alive: bool,
+    /// The `accepted` of the 202 (repeats of accepted idempotency keys included).
+    accepted: usize,
+    events: usize,
+    answered: usize,
+    cancelled: Vec<String>,
+    /// The first event refused (its run had ended), by index in the request.
+    refused: Option<usize>,
+    unavailable: bool,
+}
+
+/// The reactor's state for the engine's pending answers.
+#[derive(Default)]
+pub(super) struct EngineWaits {
+    opens: HashMap<Ticket, PendingOpen>,
+    publishes: HashMap<u64, PendingPublish>,
+    next_request: u64,
+    /// The engine's store is reachable (`Connected` events); true until told.
+    pub(super) up: bool,
+    /// Emitted events the engine could not store (their outcome is unknown).
+    pub(super) emits_failed: u64,
+    /// Sessions closed 1013 because the engine reported a gap.
+    pub(super) gaps: u64,
+}
+
+impl EngineWaits {
+    pub(super) fn new() -> EngineWaits {
+        EngineWaits {
+            up: true,
+            ..EngineWaits::default()
+        }
+    }
+}
+
+impl Reactor {
+    /// Run `engine` instead of the memory engine, as node `node_id` (at build time,
+    /// before the loop starts).
+    pub(crate) fn use_engine(&mut self, engine: crate::engine::Engine, node_id: Arc<str>) {
+        self.engine = engine;
+        self.node_id = node_id;
+    }
+
+    /// Drain the engine's events up to the budget; true when the budget ran out.
+    pub(super) fn drain_engine(&mut self) -> bool {
+        for _ in 0..ENGINE_BUDGET {
+            let Some(ev) = self.engine.next_event() else {
+                return false;
+            };
+            self.on_engine_event(ev);
+        }
+        true
+    }
+
+    fn on_engine_event(&mut self, ev: EngineEvent) {
+        match ev {
+            EngineEvent::Delivery { user, event } => self.deliver_engine(&user, event),
+            EngineEvent::Opened {
+                ticket,
+                epoch,
+                top_seq,
+                resume,
+                replay,
+                ..
+            } => self.opened(ticket, &epoch, top_seq, resume, replay),
+            EngineEvent::Published { ticket, seq } => {
+                log::trace!("engine: ticket {ticket} stored as seq {seq}");
+                self.publish_answered(ticket, None);
+            }
+            EngineEvent::Refused { ticket } => {
+                if ticket == EMIT_TICKET {
+                    self.stats.dropped(DropReason::RunEnded, 1);
+                } else {
+                    self.publish_answered(ticket, Some(false));
+                }
+            }
+            EngineEvent::Unavailable { ticket } => {
+                if ticket == EMIT_TICKET {
+                    self.waits.emits_failed += 1;
+                } else if ticket & OPEN_TICKET != 0 {
+                    if let Some(open) = self.waits.opens.remove(&ticket) {
+                        log::info!(
+                            "conn={} user={:?} open not answered by the engine: 1013",
+                            open.id.public_id(),
+                            open.user
+                        );
+                        self.close(open.id, CloseReason::Engine);
+                    }
+                } else {
+                    self.publish_answered(ticket, Some(true));
+                }
+            }
+            EngineEvent::Gap { user } => self.engine_gap(&user),
+            EngineEvent::Connected(up) => self.waits.up = up,
+        }
+    }
+
+    // ------------------------------------------------------------------- open
+
+    /// Open a session under an engine that answers later: the 101 goes out now, the
+    /// session takes no event and is not read until the engine's answer brings its
+    /// `connected` frame ([`Reactor::opened`]).
+    pub(super) fn open_session_engine(
+        &mut self,
+        id: ConnId,
+        up: http::Upgrade,
+        claims: crate::auth::Claims,
+        leftover: Vec<u8>,
+    ) {
+        let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
+        let entry = ConnEntry {
+            id,
+            thread: thread.clone(),
+            isolated: up.mode.is_isolated(),
+        };
+        let user_name = self.registry.entry(&claims.sub).name.clone();
+        self.registry.add_conn(&claims.sub, entry);
+        if !self.begin_session(id, &up, user_name.clone(), claims.exp, None, leftover) {
+            return;
+        }
+        if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
+            s.engine = Cursor::Waiting;
+        }
+        let ticket = OPEN_TICKET | id.serial;
+        self.waits.opens.insert(
+            ticket,
+            PendingOpen {
+                id,
+                user: user_name.clone(),
+                mode: up.mode,
+                thread,
+                token_exp: claims.exp,
+                early: Vec::new(),
+            },
+        );
+        let ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
+        if let Some(redis) = self.engine.redis() {
+            redis.open(ticket, &user_name, ask);
+        }
+        self.mark_dirty(id);
+    }
+
+    /// The engine's answer to an open: the `connected` frame, the replay, then the
+    /// deliveries that came meanwhile and are past the answer's top.
+    fn opened(
+        &mut self,
+        ticket: Ticket,
+        epoch: &str,
+        top_seq: u64,
+        resume: Resume,
+        replay: Vec<Delivered>,
+    ) {
+        let Some(open) = self.waits.opens.remove(&ticket) else {
+            return;
+        };
+        let id = open.id;
+        let Some(entry) = self
+            .registry
+            .get(&open.user)
+            .and_then(|u| u.conns.iter().find(|c| c.id == id))
+            .cloned()
+        else {
+            return; // closed meanwhile
+        };
+        let connected = control_frame(&ServerFrame::Connected(Connected {
+            connection_id: id.public_id(),
+            user_id: &open.user,
+            mode: open.mode.as_str(),
+            thread_id: open.thread.as_deref(),
+            epoch,
+            last_seq: top_seq,
+            resumed: match resume {
+                Resume::NotAsked => None,
+                Resume::Exact => Some(true),
+                Resume::Lost => Some(false),
+            },
+            heartbeat_interval_ms: self.s.config.heartbeat_interval_ms,
+            token_exp: open.token_exp,
+            // Runs are not cluster-wide yet (docs/CLUSTER.md, "Status").
+            active_runs: Vec::new(),
+            active_runs_truncated: false,
+            node_id: Some(&self.node_id),
+        }));
+        let owners = self.run_owners(&open.user);
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
+        conn.out.push(connected);
+        let mut sent = 0u64;
+        for d in &replay {
+            if takes(&entry, d, &owners) {
+                conn.out.push(d.frame.clone());
+                sent += 1;
+            }
+        }
+        // Deliveries that came before the answer: those past its top are owed (the
+        // engine hands them on in order, without gaps).
+        let mut cursor = top_seq;
+        let mut early = open.early;
+        early.sort_unstable_by_key(|d| d.seq);
+        for d in early.iter().filter(|d| d.seq > top_seq) {
+            if takes(&entry, d, &owners) {
+                conn.out.push(d.frame.clone());
+                sent += 1;
+            }
+            cursor = d.seq;
+        }
+        session.engine = Cursor::After(cursor);
+        mark(&mut conn.flush_queued, &mut self.dirty, id);
+        self.stats.events_replayed += sent;
+        let conn_id = id.public_id();
+        log::info!(
+            conn = conn_id.as_str(),
+            user:% = open.user;
+            "conn={conn_id} user={:?} open mode={} resumed={} replayed={} node={}",
+            open.user,
+            open.mode.as_str(),
+            match resume {
+                Resume::NotAsked => "-",
+                Resume::Exact => "true",
+                Resume::Lost => "false",
+            },
+            replay.len(),
+            self.node_id
+        );
+        // Frames the client sent meanwhile are buffered: read them now.
+        self.read_ws(id);
+    }
+
+    /// Run id -> the connection that started it, for this node's runs of `user`
+    /// (isolated connections take only those).
+    fn run_owners(&self, user: &str) -> HashMap<Arc<str>, ConnId> {
+        self.registry
+            .get(user)
+            .map(|u| {
+                u.runs
+                    .iter()
+                    .filter_map(|(run, r)| r.owner.map(|o| (run.clone(), o)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    // -------------------------------------------------------------- delivery
+
+    /// An event of `user` from the engine: queued on every connection of the user on
+    /// this node that takes it and is past its cursor; held for those still waiting
+    /// for their open's answer.
+    fn deliver_engine(&mut self, user: &str, event: Delivered) {
+        let Some(u) = self.registry.get(user) else {
+            return;
+        };
+        let owner = u.runs.get(&event.run).and_then(|r| r.owner);
+        self.scratch_targets.clear();
+        self.scratch_targets.extend(u.conns.iter().map(|c| c.id));
+        let takers: Vec<bool> = u
+            .conns
+            .iter()
+            .map(|c| c.takes(event.thread.as_deref(), owner))
+            .collect();
+        let mut delivered = 0;
+        let mut overflow = Vec::new();
+        for (i, target) in self.scratch_targets.iter().copied().enumerate() {
+            let Some(conn) = live(&mut self.conns, target) else {
+                continue;
+            };
+            let Phase::Open(session) = &mut conn.phase else {
+                continue;
+            };
+            match session.engine {
+                Cursor::Waiting => {
+                    if let Some(open) = self.waits.opens.get_mut(&(OPEN_TICKET | target.serial)) {
+                        if open.early.len() < EARLY_PER_OPEN {
+                            open.early.push(event.clone());
+                        } else {
+                            overflow.push(target);
+                        }
+                    }
+                }
+                Cursor::After(after) if event.seq <= after => {}
+                Cursor::After(_) | Cursor::Live => {
+                    session.engine = Cursor::After(event.seq);
+                    if takers.get(i).copied().unwrap_or(false) {
+                        conn.out.push(event.frame.clone());
+                        delivered += 1;
+                        mark(&mut conn.flush_queued, &mut self.dirty, target);
+                    }
+                }
+            }
+        }
+        for id in overflow {
+            self.close(id, CloseReason::Engine);
+        }
+        self.stats.events_delivered += delivered;
+    }
+
+    /// The engine lost events of `user` for this node: its connections here resume.
+    fn engine_gap(&mut self, user: &str) {
+        let Some(u) = self.registry.get(user) else {
+            return;
+        };
+        let ids: Vec<ConnId> = u.conns.iter().map(|c| c.id).collect();
+        for id in ids {
+            // Those still waiting for their open get the engine's newer answer.
+            if self
+                .session(id)
+                .is_some_and(|s| s.engine != Cursor::Waiting)
+            {
+                self.waits.gaps += 1;
+                self.close(id, CloseReason::Engine);
+            }
+        }
+    }
+
+    // --------------------------------------------------------------- publish
+
+    /// Send a publish request's events (at least one) to the engine; the answer waits
+    /// for all of their outcomes ([`Reactor::publish_answered`]). The HTTP connection `conn` is
+    /// not read meanwhile.
+    pub(super) fn publish_engine(
+        &mut self,
+        conn: ConnId,
+        keep_alive: bool,
+        events: Vec<Event>,
+        index_of: &[usize],
+        accepted: usize,
+        cancelled: Vec<String>,
+    ) {
+        self.waits.next_request += 1;
+        let request = self.waits.next_request;
+        if let Some(Phase::Http(st)) = live(&mut self.conns, conn).map(|c| &mut c.phase) {
+            st.engine_wait = true;
+        }
+        let n = events.len();
+        for (i, ev) in events.into_iter().enumerate() {
+            let index = index_of.get(i).copied().unwrap_or(i) as u64;
+            self.deliver_as(ev, (request << PUBLISH_INDEX_BITS) | index);
+        }
+        let pending = PendingPublish {
+            conn,
+            keep_alive,
+            accepted,
+            events: n,
+            answered: 0,
+            cancelled,
+            refused: None,
+            unavailable: false,
+        };
+        self.waits.publishes.insert(request, pending);
+    }
+
+    /// One event of a publish request answered: `None` stored, `Some(false)` refused
+    /// (run ended), `Some(true)` unavailable.
+    fn publish_answered(&mut self, ticket: Ticket, failed: Option<bool>) {
+        let request = ticket >> PUBLISH_INDEX_BITS;
+        let index = (ticket & ((1 << PUBLISH_INDEX_BITS) - 1)) as usize;
+        let Some(p) = self.waits.publishes.get_mut(&request) else {
+            return;
+        };
+        p.answered += 1;
+        match failed {
+            None => {}
+            Some(false) => {
+                p.refused = Some(p.refused.map_or(index, |r| r.min(index)));
+            }
+            Some(true) => p.unavailable = true,
+        }
+        if p.answered < p.events {
+            return;
+        }
+        if let Some(p) = self.waits.publishes.remove(&request) {
+            self.answer_publish(p);
+        }
+    }
+
+    /// Write a publish request's answer, then let its connection go on.
+    fn answer_publish(&mut self, p: PendingPublish) {
+        let (status, body) = if p.unavailable {
+            let body = ErrorBody {
+                error: ErrorCode::EngineUnavailable,
+                message: "the engine (Redis) did not answer in time; the events may or may \
+                          not be stored: retry with the same idempotency keys",
+                index: None,
+            };
+            (503, frames::to_json(&body))
+        } else if let Some(index) = p.refused {
+            self.stats.dropped(DropReason::RunEnded, 1);
+            let body = ErrorBody {
+                error: ErrorCode::BadEvent,
+                message: "the event's run already ended (the events before it are stored)",
+                index: Some(index),
+            };
+            (400, frames::to_json(&body))
+        } else {
+            let body = Accepted {
+                accepted: p.accepted,
+                cancelled: p.cancelled,
+            };
+            (202, frames::to_json(&body))
+        };
+        let close = !p.keep_alive;
+        let resp = http::json_response(status, &body, close, false, &[]);
+        let id = p.conn;
+        let Some(conn) = live(&mut self.conns, id) else {
+            return;
+        };
+        let Phase::Http(st) = &mut conn.phase else {
+            return;
+        };
+        st.engine_wait = false;
+        if !close {
+            // Pipelined requests behind this one get their turn.
+            mark(&mut st.again_queued, &mut self.http_again, id);
+        }
+        self.respond_raw(id, resp, close);
+        if !close {
+            self.rearm_phase(id, self.s.config.handshake_timeout_ms);
+        }
+    }
+}
+
+/// Whether connection `entry` takes `event` (thread filter; isolated connections take
+/// the runs they started, known from this node's `user_message` acks).
+fn takes(entry: &ConnEntry, event: &Delivered, owners: &HashMap<Arc<str>, ConnId>) -> bool {
+    entry.takes(event.thread.as_deref(), owners.get(&event.run).copied())
+}
