@@ -9,6 +9,8 @@
 # Steps:
 #   1. target/test-venv: a Python venv (python3 -m venv) holding the pinned packages of
 #      tools/requirements-test.txt; reinstalled only when that file changes.
+#   1b. redis-server from Debian's packages (apt-get when missing) for the Redis
+#      engine's tests.
 #   2. cargo test --all-targets --no-fail-fast (unit, integration, bins, benches in test
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
@@ -192,6 +194,30 @@ if [ "$quick" -eq 0 ]; then
         failures+=("python venv: could not create $VENV or install tools/requirements-test.txt")
         summary+=("python venv: FAILED")
     fi
+fi
+
+# 1b. redis-server (Debian's package) for the Redis engine's tests (src/engine/redis,
+# tests/integration/cluster.rs start their own on free ports): installed with apt-get
+# when missing, like tools/test_browser.sh does for Chromium.
+step "redis-server"
+if command -v redis-server >/dev/null; then
+    redis-server --version
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "installing redis-server with apt-get"
+    if apt-get update -qq >"$LOGDIR/redis-install.log" 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            redis-server >>"$LOGDIR/redis-install.log" 2>&1; then
+        redis-server --version
+    else
+        failed=$((failed + 1))
+        failures+=("redis-server: apt-get install failed (see $LOGDIR/redis-install.log)")
+        summary+=("redis-server: FAILED")
+    fi
+else
+    echo "no redis-server and no way to install it (needs root and apt-get): the Redis engine's tests fail" >&2
+    failed=$((failed + 1))
+    failures+=("redis-server: missing (apt-get install redis-server)")
+    summary+=("redis-server: missing")
 fi
 
 # 2. Rust tests: unit, integration, bins, benches in test mode; then doc tests.
