@@ -307,7 +307,8 @@ impl Gateway {
             ws_config,
             config_json,
         };
-        let engine = start_engine(&settings.config, &wake)?;
+        let engine_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let engine = start_engine(&settings.config, &wake, &engine_down)?;
         let mut reactor = Reactor::new(
             poll,
             listener,
@@ -323,7 +324,7 @@ impl Gateway {
         }
         Ok(Gateway {
             reactor,
-            emitter: Emitter::new(tx, wake),
+            emitter: Emitter::new(tx, wake, engine_down),
             inbound: Some(in_rx),
             local_addr,
             epoch,
@@ -429,6 +430,7 @@ impl GatewayHandle {
 fn start_engine(
     config: &Config,
     wake: &Arc<WakeSignal>,
+    engine_down: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Option<(engine::Engine, Arc<str>)>, Error> {
     if config.engine != config::EngineKind::Redis {
         return Ok(None);
@@ -445,8 +447,12 @@ fn start_engine(
         replay_ttl_ms: config.replay_ttl_ms,
     };
     let wake = Arc::clone(wake);
-    let redis = engine::redis::RedisEngine::start(settings, Arc::new(move || wake.wake()))
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    let redis = engine::redis::RedisEngine::start(
+        settings,
+        Arc::new(move || wake.wake()),
+        Arc::clone(engine_down),
+    )
+    .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
     log::info!(
         "engine redis: node_id={node_id} prefix={:?}",
         config.redis_prefix

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -235,6 +236,13 @@ fn redis_paused_answers_503_and_degraded_then_everything_recovers_by_itself() {
         status == 503 && body["status"] == "degraded"
     });
     c.ping_pong(); // the client stays connected
+                   // An in-process emit fails after its bounded wait.
+    let quick = n1.emitter.with_max_wait(Duration::from_millis(300));
+    let mut run = quick.run("pz-u2", None, "r-9", "emit_agent").expect("run");
+    match run.emit("text_delta", &json!({ "i": 100 })) {
+        Err(agentwire::EmitError::EngineUnavailable(_)) => {}
+        other => panic!("emit while Redis is paused: {other:?}"),
+    }
 
     redis.resume();
     wait_until("/health healthy again", || {

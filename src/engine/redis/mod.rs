@@ -151,6 +151,8 @@ pub(super) struct Out {
     wake: Arc<dyn Fn() + Send + Sync>,
     /// The store connection's last reported state: 0 unknown, 1 down, 2 up.
     state: Arc<AtomicU8>,
+    /// Raised while down: emitters wait for it to fall (`EmitError::EngineUnavailable`).
+    down: Arc<AtomicBool>,
     shared: Arc<Shared>,
 }
 
@@ -169,6 +171,7 @@ impl Out {
     fn connected(&self, up: bool) {
         let now = if up { 2 } else { 1 };
         let before = self.state.swap(now, Ordering::AcqRel);
+        self.down.store(!up, Ordering::Release);
         if before != now {
             if up && before == 1 {
                 self.shared
@@ -223,11 +226,13 @@ pub(crate) struct RedisEngine {
 
 impl RedisEngine {
     /// Start the engine's threads; `wake` is called after answers were sent (the
-    /// reactor's `WakeSignal::wake`). Connecting happens on the threads: a Redis
+    /// reactor's `WakeSignal::wake`); `down` is raised while Redis is unreachable (the
+    /// emitters read it). Connecting happens on the threads: a Redis
     /// that is down is reported as [`EngineEvent::Connected`]`(false)`, not an error.
     pub(crate) fn start(
         settings: RedisSettings,
         wake: Arc<dyn Fn() + Send + Sync>,
+        down: Arc<AtomicBool>,
     ) -> Result<RedisEngine, StartError> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| StartError::Url(e.to_string()))?;
@@ -244,6 +249,7 @@ impl RedisEngine {
             tx: out_tx,
             wake,
             state: Arc::new(AtomicU8::new(0)),
+            down,
             shared: shared.clone(),
         };
         let mut threads = Vec::with_capacity(2);

@@ -110,7 +110,7 @@ fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
         replay_events: 100,
         replay_ttl_ms: 600_000,
     };
-    RedisEngine::start(settings, Arc::new(|| {})).expect("engine starts")
+    RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
 }
 
 fn event(user: &str, thread: Option<&str>, run: &str, kind: EventKind, n: u64) -> Event {
