@@ -395,7 +395,9 @@ mod tests {
             let value = match s.name {
                 "listen" => "0.0.0.0:1",
                 "jwt_algorithm" => "HS256",
-                "jwt_secret" | "publish_key" | "jwt_issuer" | "jwt_audience" => SECRET,
+                "jwt_secret" | "publish_key" | "jwt_issuer" | "jwt_audience" | "redis_url"
+                | "redis_prefix" | "node_id" => SECRET,
+                "engine" => "memory",
                 "jwt_public_key_file" => "",
                 "allow_query_token" | "demo_agent" | "dev" => "false",
                 "allowed_origins" => "https://x.example",
@@ -408,10 +410,12 @@ mod tests {
             let c = serve(&[&flag, value]);
             let json = c.to_public_json(false);
             match s.name {
-                "jwt_secret" | "publish_key" => assert_eq!(json[format!("{}_set", s.name)], true),
+                "jwt_secret" | "publish_key" | "redis_url" => {
+                    assert_eq!(json[format!("{}_set", s.name)], true)
+                }
                 "jwt_public_key_file" => assert!(json[s.name].is_null()),
                 "listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience" | "per_user_policy"
-                | "log_format" => {
+                | "log_format" | "engine" | "redis_prefix" | "node_id" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
                 "allow_query_token" | "demo_agent" | "dev" => {
