@@ -411,7 +411,10 @@ impl Reactor {
                 self.respond_raw(id, resp, close);
             }
             Route::Stats => {
-                let body = self.stats.to_json(&self.gauges());
+                let mut body = self.stats.to_json(&self.gauges());
+                if let (Some(engine), Some(obj)) = (self.engine_stats(), body.as_object_mut()) {
+                    obj.insert("engine".into(), engine);
+                }
                 self.respond_json(id, 200, &body, close, head_only);
             }
             Route::Metrics => {

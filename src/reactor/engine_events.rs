@@ -147,6 +147,33 @@ impl Reactor {
         }
     }
 
+    /// The `engine` section of `/ws/stats` (Redis engine only; `None` for memory).
+    pub(super) fn engine_stats(&mut self) -> Option<serde_json::Value> {
+        let up = self.waits.up;
+        let (opens, publishes) = (self.waits.opens.len(), self.waits.publishes.len());
+        let (emits_failed, gaps) = (self.waits.emits_failed, self.waits.gaps);
+        let node_id = self.node_id.clone();
+        let redis = self.engine.redis()?;
+        let c = redis.counters();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let round_trips = load(&c.round_trips);
+        Some(serde_json::json!({
+            "name": "redis",
+            "node_id": &*node_id,
+            "connected": up,
+            "round_trips": round_trips,
+            "requests": load(&c.requests),
+            "round_trip_us_avg": load(&c.round_trip_us_total).checked_div(round_trips).unwrap_or(0),
+            "round_trip_us_max": load(&c.round_trip_us_max),
+            "reconnects": load(&c.reconnects),
+            "users_listened": redis.users_listened(),
+            "opens_waiting": opens,
+            "publish_requests_waiting": publishes,
+            "emits_failed": emits_failed,
+            "sessions_closed_for_gaps": gaps,
+        }))
+    }
+
     // ------------------------------------------------------------------- open
 
     /// Open a session under an engine that answers later: the 101 goes out now, the

@@ -64,6 +64,12 @@ fn an_event_published_through_one_node_reaches_the_users_connections_on_every_no
             (Some(6), Some("r-2"))
         );
     }
+    let engine = &nodes[2].stats()["engine"];
+    assert_eq!(engine["name"], "redis");
+    assert_eq!(engine["node_id"], "n2");
+    assert_eq!(engine["connected"], true);
+    assert!(engine["round_trips"].as_u64() >= Some(1), "{engine}");
+    assert_eq!(nodes[0].stats()["engine"]["users_listened"], 1);
 }
 
 #[test]

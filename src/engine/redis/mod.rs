@@ -277,9 +277,13 @@ impl RedisEngine {
     }
 
     /// The engine threads' counters.
-    #[allow(dead_code)] // `/ws/stats` reads them once the reactor starts the engine
     pub(crate) fn counters(&self) -> &EngineCounters {
         &self.shared.counters
+    }
+
+    /// Users this node listens to (users with connections here).
+    pub(crate) fn users_listened(&self) -> usize {
+        self.users.len()
     }
 
     /// Publish `ev`; its outcome comes back as [`EngineEvent::Published`],
