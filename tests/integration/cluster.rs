@@ -371,3 +371,46 @@ fn an_event_acknowledged_by_a_node_killed_right_after_is_not_lost() {
     assert_eq!(ids(&got, "ak-u1"), [42]);
     assert_contiguous(&got, 1);
 }
+
+#[test]
+fn two_nodes_share_one_address_with_reuse_port() {
+    let redis = RedisServer::start();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let on_addr = |name: &str, reuse: bool| {
+        let mut cfg = redis_config(&redis, name);
+        cfg.listen = addr;
+        cfg.reuse_port = reuse;
+        cfg
+    };
+    let n0 = TestGateway::start(on_addr("rp-0", true), Agent::None);
+    // Without the setting the address is taken.
+    assert!(agentwire::Gateway::new(on_addr("rp-x", false)).is_err());
+    let n1 = TestGateway::start(on_addr("rp-1", true), Agent::None);
+    // The kernel spreads connections over both (by a hash of the client's address:
+    // 24 connections all on one node would be a 2^-23 chance).
+    let mut clients: Vec<Client> = (0..24)
+        .map(|i| connect(addr, &format!("rp-u{i}")))
+        .collect();
+    let mut on: HashMap<String, usize> = HashMap::new();
+    for c in &clients {
+        *on.entry(c.connected["node_id"].as_str().unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(on.len(), 2, "both nodes took connections: {on:?}");
+    let batch: Vec<Value> = (0..24)
+        .map(|i| {
+            pub_event(
+                "text_delta",
+                &format!("rp-u{i}"),
+                None,
+                "r-1",
+                json!({ "i": i }),
+            )
+        })
+        .collect();
+    publish_ok(n0.addr, &json!(batch));
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(ids(&c.recv_events(1), &format!("rp-u{i}")), [i as u64]);
+    }
+    drop(n1);
+}
