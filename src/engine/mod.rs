@@ -80,6 +80,9 @@ pub(crate) enum EngineEvent {
     Published { ticket: Ticket, seq: u64 },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
+    /// A published event repeats an idempotency key stored before (PROTOCOL.md
+    /// section 6a, on any node): accepted, not stored again.
+    Repeat { ticket: Ticket },
     /// The store did not answer within `redis_timeout_ms` or failed: the request's
     /// outcome is unknown (it may still be stored: workers retry with their
     /// idempotency key); 503 `engine_unavailable`.

@@ -119,6 +119,12 @@ impl Reactor {
                 log::trace!("engine: ticket {ticket} stored as seq {seq}");
                 self.publish_answered(ticket, None);
             }
+            EngineEvent::Repeat { ticket } => {
+                self.stats.events_deduplicated += 1;
+                if ticket != EMIT_TICKET {
+                    self.publish_answered(ticket, None);
+                }
+            }
             EngineEvent::Refused { ticket } => {
                 if ticket == EMIT_TICKET {
                     self.stats.dropped(DropReason::RunEnded, 1);

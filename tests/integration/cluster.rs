@@ -414,3 +414,27 @@ fn two_nodes_share_one_address_with_reuse_port() {
     }
     drop(n1);
 }
+
+#[test]
+fn a_retried_event_with_its_idempotency_key_is_stored_once_whatever_node_it_went_through() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    let mut c = n0.connect("ik-u1");
+    let keyed = |i: u64, key: &str| {
+        let mut ev = pub_event("text_delta", "ik-u1", None, "r-1", json!({ "i": i }));
+        ev["idempotency_key"] = json!(key);
+        ev
+    };
+    publish_ok(n0.addr, &json!([keyed(0, "k-0"), keyed(1, "k-1")]));
+    // The retry of both through another node, with one new event between them.
+    publish_ok(
+        n1.addr,
+        &json!([keyed(0, "k-0"), keyed(2, "k-2"), keyed(1, "k-1")]),
+    );
+    let got = c.recv_events(3);
+    assert_contiguous(&got, 1);
+    assert_eq!(ids(&got, "ik-u1"), [0, 1, 2]);
+    c.ping_pong(); // nothing else came
+    assert_eq!(n1.stats()["events"]["deduplicated"], 2);
+}

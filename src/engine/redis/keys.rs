@@ -12,6 +12,8 @@ pub(crate) struct UserKeys {
     pub stream: String,
     /// Sorted set of the run ids that ended (scored by the time they ended).
     pub ended: String,
+    /// Sorted set of the idempotency keys of stored events (scored by their seq).
+    pub keys: String,
     /// The pub/sub channel every node holding a connection of the user listens on.
     pub channel: String,
 }
@@ -23,6 +25,7 @@ impl UserKeys {
             meta: format!("{tag}:meta"),
             stream: format!("{tag}:stream"),
             ended: format!("{tag}:ended"),
+            keys: format!("{tag}:idem"),
             channel: format!("{tag}:ch"),
         }
     }

@@ -299,6 +299,7 @@ impl RedisEngine {
             thread: ev.key.thread_id.clone(),
             run: ev.key.run_id.clone(),
             ends_run: ev.kind.ends_run(),
+            key: ev.idempotency_key.clone(),
         };
         if self.store.try_send(req).is_err() {
             self.ready.push_back(EngineEvent::Unavailable { ticket });

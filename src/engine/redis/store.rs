@@ -52,6 +52,8 @@ pub(super) enum StoreRequest {
         thread: Option<Arc<str>>,
         run: Arc<str>,
         ends_run: bool,
+        /// The worker's idempotency key (PROTOCOL.md section 6a).
+        key: Option<Arc<str>>,
     },
     /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
     Open {
@@ -229,6 +231,7 @@ fn run_batch(
                 thread,
                 run,
                 ends_run,
+                key,
                 ..
             } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -238,10 +241,11 @@ fn run_batch(
                 };
                 pipe.cmd("EVALSHA")
                     .arg(&link.publish)
-                    .arg(3)
+                    .arg(4)
                     .arg(&keys.meta)
                     .arg(&keys.stream)
                     .arg(&keys.ended)
+                    .arg(&keys.keys)
                     .arg(&head[..])
                     .arg(&tail[..])
                     .arg(marker)
@@ -252,7 +256,9 @@ fn run_batch(
                     .arg(&keys.channel)
                     .arg(epochs.fresh())
                     .arg(now)
-                    .arg(ENDED_RUNS_KEPT);
+                    .arg(ENDED_RUNS_KEPT)
+                    .arg(key.as_deref().unwrap_or(""))
+                    .arg(crate::registry::KEYS_PER_USER);
             }
             StoreRequest::Open { user, ask, .. } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -308,7 +314,11 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
     let mut parts = parts.into_iter();
     match req {
         StoreRequest::Publish { ticket, .. } => {
-            let seq = int(parts.next()?)?;
+            let first = parts.next()?;
+            if matches!(first, Value::Int(-1)) {
+                return Some(Raw::Event(EngineEvent::Repeat { ticket: *ticket }));
+            }
+            let seq = int(first)?;
             Some(Raw::Event(if seq == 0 {
                 EngineEvent::Refused { ticket: *ticket }
             } else {
