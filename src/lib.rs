@@ -39,7 +39,9 @@
 //! per kind (`ids`). Tokens are checked once at the upgrade
 //! (`auth`); heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the `registry`.
+//! buffer, runs) lives in the `registry`, the memory engine; `engine` is the boundary
+//! the reactor calls, with the Redis engine behind it for several nodes (PROTOCOL.md
+//! section 9, docs/CLUSTER.md).
 //!
 //! # Library use
 //!
