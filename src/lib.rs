@@ -447,6 +447,8 @@ fn start_engine(
         timeout: std::time::Duration::from_millis(config.redis_timeout_ms),
         replay_events: config.replay_events,
         replay_ttl_ms: config.replay_ttl_ms,
+        max_active_runs_per_user: config.max_active_runs_per_user,
+        run_idle_timeout_ms: config.run_idle_timeout_ms,
     };
     let wake = Arc::clone(wake);
     let redis = engine::redis::RedisEngine::start(

@@ -80,6 +80,12 @@ pub(crate) enum EngineEvent {
     Published { ticket: Ticket, seq: u64 },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
+    /// A published event would start a run past `max_active_runs_per_user` (nothing
+    /// stored).
+    TooManyRuns { ticket: Ticket },
+    /// Runs whose `run_idle_timeout_ms` passed, taken by this node (no other node
+    /// takes them): each gets its `run_timeout`.
+    RunsDue(Vec<DueRun>),
     /// A published event repeats an idempotency key stored before (PROTOCOL.md
     /// section 6a, on any node): accepted, not stored again.
     Repeat { ticket: Ticket },
@@ -96,6 +102,8 @@ pub(crate) enum EngineEvent {
         top_seq: u64,
         resume: Resume,
         replay: Vec<Delivered>,
+        /// The user's runs in progress, cluster-wide.
+        runs: Vec<EngineRun>,
     },
     /// An event of `user`, for this node's connections of the user (in seq order,
     /// without gaps and duplicates: the engine checked).
@@ -118,6 +126,26 @@ pub(crate) struct Delivered {
     pub run: Arc<str>,
     /// The complete WebSocket text frame.
     pub frame: Bytes,
+}
+
+/// A run in progress as the Redis engine keeps it (for `connected`'s `active_runs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EngineRun {
+    pub run_id: Arc<str>,
+    pub thread: Option<Arc<str>>,
+    pub agent_name: Arc<str>,
+    pub started_ts: u64,
+    pub last_seq: u64,
+    pub last_type: Arc<str>,
+}
+
+/// A run whose deadline passed (taken by one node for its `run_timeout`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DueRun {
+    pub user: Arc<str>,
+    pub run_id: Arc<str>,
+    pub thread: Option<Arc<str>>,
+    pub agent_name: Arc<str>,
 }
 
 /// A session's place in its user's stream, for engines that answer later.

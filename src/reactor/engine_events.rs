@@ -19,9 +19,12 @@ use std::sync::Arc;
 use super::{live, mark, Reactor};
 use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
-use crate::engine::{Cursor, Delivered, EngineEvent, Ticket, EMIT_TICKET};
-use crate::event::{control_frame, Event};
-use crate::frames::{self, Accepted, Connected, ErrorBody, ErrorCode, ServerFrame};
+use crate::engine::{Cursor, Delivered, DueRun, EngineEvent, EngineRun, Ticket, EMIT_TICKET};
+use crate::event::{control_frame, Event, EventKind, RunKey};
+use crate::frames::{
+    self, Accepted, ActiveRun, AgentErrorData, AgentErrorReason, Connected, ErrorBody, ErrorCode,
+    ServerFrame,
+};
 use crate::http;
 use crate::mode::Mode;
 use crate::registry::{ConnEntry, Resume};
@@ -59,7 +62,20 @@ pub(super) struct PendingPublish {
     cancelled: Vec<String>,
     /// The first event refused (its run had ended), by index in the request.
     refused: Option<usize>,
+    /// The first event refused for starting a run past `max_active_runs_per_user`.
+    too_many: Option<usize>,
     unavailable: bool,
+}
+
+/// What the engine made of one event of a publish request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Stored (or a repeat of a stored idempotency key).
+    Stored,
+    RunEnded,
+    TooManyRuns,
+    /// Unknown: Redis did not answer.
+    Unavailable,
 }
 
 /// The reactor's state for the engine's pending answers.
@@ -113,25 +129,38 @@ impl Reactor {
                 top_seq,
                 resume,
                 replay,
+                runs,
                 ..
-            } => self.opened(ticket, &epoch, top_seq, resume, replay),
+            } => self.opened(ticket, &epoch, top_seq, resume, replay, runs),
             EngineEvent::Published { ticket, seq } => {
                 log::trace!("engine: ticket {ticket} stored as seq {seq}");
-                self.publish_answered(ticket, None);
+                self.publish_answered(ticket, Outcome::Stored);
             }
             EngineEvent::Repeat { ticket } => {
                 self.stats.events_deduplicated += 1;
                 if ticket != EMIT_TICKET {
-                    self.publish_answered(ticket, None);
+                    self.publish_answered(ticket, Outcome::Stored);
                 }
             }
             EngineEvent::Refused { ticket } => {
                 if ticket == EMIT_TICKET {
                     self.stats.dropped(DropReason::RunEnded, 1);
                 } else {
-                    self.publish_answered(ticket, Some(false));
+                    self.publish_answered(ticket, Outcome::RunEnded);
                 }
             }
+            EngineEvent::TooManyRuns { ticket } => {
+                self.registry.counters.runs_refused += 1;
+                if ticket == EMIT_TICKET {
+                    // The run handle is not told (it is under the memory engine): the
+                    // event is counted and logged.
+                    self.stats.dropped(DropReason::Invalid, 1);
+                    log::debug!("engine: an emitted event would start a run past max_active_runs_per_user: dropped");
+                } else {
+                    self.publish_answered(ticket, Outcome::TooManyRuns);
+                }
+            }
+            EngineEvent::RunsDue(due) => self.runs_due(due),
             EngineEvent::Unavailable { ticket } => {
                 if ticket == EMIT_TICKET {
                     self.waits.emits_failed += 1;
@@ -145,7 +174,7 @@ impl Reactor {
                         self.close(open.id, CloseReason::Engine);
                     }
                 } else {
-                    self.publish_answered(ticket, Some(true));
+                    self.publish_answered(ticket, Outcome::Unavailable);
                 }
             }
             EngineEvent::Gap { user } => self.engine_gap(&user),
@@ -234,10 +263,37 @@ impl Reactor {
         top_seq: u64,
         resume: Resume,
         replay: Vec<Delivered>,
+        runs: Vec<EngineRun>,
     ) {
         let Some(open) = self.waits.opens.remove(&ticket) else {
             return;
         };
+        // Runs started by isolated connections are theirs alone: not listed (as
+        // under the memory engine); a thread-filtered connection sees its thread's.
+        let mut listed: Vec<&EngineRun> = if open.mode.is_isolated() {
+            Vec::new()
+        } else {
+            runs.iter()
+                .filter(|r| match (&open.thread, &r.thread) {
+                    (Some(want), Some(got)) => want == got,
+                    _ => true,
+                })
+                .collect()
+        };
+        listed.sort_by_key(|r| r.started_ts);
+        let truncated = listed.len() > super::session::CONNECTED_RUNS_MAX;
+        listed.truncate(super::session::CONNECTED_RUNS_MAX);
+        let active_runs = listed
+            .iter()
+            .map(|r| ActiveRun {
+                run_id: &r.run_id,
+                thread_id: r.thread.as_deref(),
+                agent_name: &r.agent_name,
+                started_ts: r.started_ts,
+                last_seq: r.last_seq,
+                last_type: &r.last_type,
+            })
+            .collect();
         let id = open.id;
         let Some(entry) = self
             .registry
@@ -261,9 +317,8 @@ impl Reactor {
             },
             heartbeat_interval_ms: self.s.config.heartbeat_interval_ms,
             token_exp: open.token_exp,
-            // Runs are not cluster-wide yet (docs/CLUSTER.md, "Status").
-            active_runs: Vec::new(),
-            active_runs_truncated: false,
+            active_runs,
+            active_runs_truncated: truncated,
             node_id: Some(&self.node_id),
         }));
         let owners = self.run_owners(&open.user);
@@ -327,6 +382,55 @@ impl Reactor {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    // ------------------------------------------------------------- watchdog
+
+    /// The cluster's run watchdog, this node's share (each housekeeping tick): ask the
+    /// engine for runs whose deadline passed; whichever node takes one ends it.
+    pub(super) fn engine_watchdog(&mut self) {
+        if let Some(redis) = self.engine.redis() {
+            redis.take_due_runs(super::timers::WATCHDOG_BUDGET);
+        }
+    }
+
+    /// Runs this node took from the deadline set: each gets `agent_error` with
+    /// `{"reason": "run_timeout"}` through the engine, like the memory watchdog's.
+    fn runs_due(&mut self, due: Vec<DueRun>) {
+        if due.is_empty() {
+            return;
+        }
+        self.stats.watchdog_passes += 1;
+        self.stats.runs_timed_out += due.len() as u64;
+        for run in due {
+            log::info!(
+                "user={:?} run={:?} idle for run_idle_timeout_ms: ending it (cluster watchdog)",
+                run.user,
+                run.run_id
+            );
+            let key = match RunKey::new(
+                &run.user,
+                run.thread.as_deref(),
+                &run.run_id,
+                &run.agent_name,
+            ) {
+                Ok(key) => key,
+                Err(e) => {
+                    log::error!("run_timeout of a run with bad ids: {e}");
+                    continue;
+                }
+            };
+            match Event::new(
+                key,
+                EventKind::AgentError,
+                &AgentErrorData {
+                    reason: AgentErrorReason::RunTimeout,
+                },
+            ) {
+                Ok(ev) => self.deliver(ev),
+                Err(e) => log::error!("synthetic run_timeout event failed: {e}"),
+            }
+        }
     }
 
     // -------------------------------------------------------------- delivery
@@ -432,26 +536,26 @@ impl Reactor {
             answered: 0,
             cancelled,
             refused: None,
+            too_many: None,
             unavailable: false,
         };
         self.waits.publishes.insert(request, pending);
     }
 
-    /// One event of a publish request answered: `None` stored, `Some(false)` refused
-    /// (run ended), `Some(true)` unavailable.
-    fn publish_answered(&mut self, ticket: Ticket, failed: Option<bool>) {
+    /// One event of a publish request answered.
+    fn publish_answered(&mut self, ticket: Ticket, outcome: Outcome) {
         let request = ticket >> PUBLISH_INDEX_BITS;
         let index = (ticket & ((1 << PUBLISH_INDEX_BITS) - 1)) as usize;
         let Some(p) = self.waits.publishes.get_mut(&request) else {
             return;
         };
         p.answered += 1;
-        match failed {
-            None => {}
-            Some(false) => {
-                p.refused = Some(p.refused.map_or(index, |r| r.min(index)));
-            }
-            Some(true) => p.unavailable = true,
+        let first = |was: Option<usize>| Some(was.map_or(index, |r| r.min(index)));
+        match outcome {
+            Outcome::Stored => {}
+            Outcome::RunEnded => p.refused = first(p.refused),
+            Outcome::TooManyRuns => p.too_many = first(p.too_many),
+            Outcome::Unavailable => p.unavailable = true,
         }
         if p.answered < p.events {
             return;
@@ -471,6 +575,14 @@ impl Reactor {
                 index: None,
             };
             (503, frames::to_json(&body))
+        } else if let Some(index) = p.too_many {
+            let body = ErrorBody {
+                error: ErrorCode::TooManyRuns,
+                message: "the event would start a run past max_active_runs_per_user (the \
+                          events before it are stored)",
+                index: Some(index),
+            };
+            (429, frames::to_json(&body))
         } else if let Some(index) = p.refused {
             self.stats.dropped(DropReason::RunEnded, 1);
             let body = ErrorBody {

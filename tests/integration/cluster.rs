@@ -438,3 +438,128 @@ fn a_retried_event_with_its_idempotency_key_is_stored_once_whatever_node_it_went
     c.ping_pong(); // nothing else came
     assert_eq!(n1.stats()["events"]["deduplicated"], 2);
 }
+
+#[test]
+fn runs_are_cluster_wide_listed_in_connected_capped_and_refused_once_ended() {
+    let redis = RedisServer::start();
+    let cfg = |name: &str| {
+        let mut c = redis_config(&redis, name);
+        c.max_active_runs_per_user = 2;
+        c
+    };
+    let n0 = TestGateway::start(cfg("n0"), Agent::None);
+    let n1 = TestGateway::start(cfg("n1"), Agent::None);
+    publish_ok(
+        n0.addr,
+        &json!([pub_event(
+            "agent_started",
+            "ru-u1",
+            Some("t1"),
+            "r-1",
+            json!({})
+        )]),
+    );
+    publish_ok(
+        n1.addr,
+        &json!([pub_event("agent_thinking", "ru-u1", None, "r-2", json!({}))]),
+    );
+    let c = n1.connect("ru-u1");
+    let mut runs: Vec<Value> = c.connected["active_runs"].as_array().expect("runs").clone();
+    runs.sort_by_key(|r| r["run_id"].as_str().unwrap_or("").to_owned());
+    assert_eq!(runs.len(), 2, "{}", c.connected);
+    assert_eq!(runs[0]["run_id"], "r-1");
+    assert_eq!(runs[0]["thread_id"], "t1");
+    assert_eq!(runs[0]["agent_name"], "pub_agent");
+    assert_eq!(runs[0]["last_seq"], 1);
+    assert_eq!(runs[0]["last_type"], "agent_started");
+    assert_eq!(
+        (runs[1]["run_id"].as_str(), runs[1]["last_seq"].as_u64()),
+        (Some("r-2"), Some(2))
+    );
+    // A connection on thread t2 sees r-2 (no thread) only.
+    let t2 = connect_path(n0.addr, "ru-u1", "/ws?thread_id=t2");
+    let listed: Vec<&str> = t2.connected["active_runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter_map(|r| r["run_id"].as_str())
+        .collect();
+    assert_eq!(listed, ["r-2"]);
+    // A third run is refused wherever it is published.
+    let r = publish(
+        n0.addr,
+        &json!([pub_event("agent_started", "ru-u1", None, "r-3", json!({}))]),
+    );
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"], "too_many_runs");
+    // An ended run leaves the list, and its events are refused on every node.
+    publish_ok(
+        n0.addr,
+        &json!([pub_event(
+            "agent_completed",
+            "ru-u1",
+            Some("t1"),
+            "r-1",
+            json!({})
+        )]),
+    );
+    let r = publish(
+        n1.addr,
+        &json!([pub_event(
+            "agent_thinking",
+            "ru-u1",
+            Some("t1"),
+            "r-1",
+            json!({})
+        )]),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let again = n0.connect("ru-u1");
+    let listed: Vec<&str> = again.connected["active_runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter_map(|r| r["run_id"].as_str())
+        .collect();
+    assert_eq!(listed, ["r-2"]);
+}
+
+#[test]
+fn a_silent_run_gets_exactly_one_run_timeout_even_after_the_node_that_saw_it_stopped() {
+    let redis = RedisServer::start();
+    let cfg = |name: &str| {
+        let mut c = redis_config(&redis, name);
+        c.run_idle_timeout_ms = 300;
+        c
+    };
+    let mut n0 = TestGateway::start(cfg("n0"), Agent::None);
+    let n1 = TestGateway::start(cfg("n1"), Agent::None);
+    let n2 = TestGateway::start(cfg("n2"), Agent::None);
+    let mut a = n1.connect("wd-u1");
+    let mut b = n2.connect("wd-u1");
+    publish_ok(
+        n0.addr,
+        &json!([pub_event("agent_started", "wd-u1", None, "r-1", json!({}))]),
+    );
+    let (done, _) = n0.shutdown_and_join(WAIT);
+    done.expect("n0 stops");
+    for c in [&mut a, &mut b] {
+        let got = c.recv_events(2);
+        assert_contiguous(&got, 1);
+        assert_eq!(got[1]["type"], "agent_error", "{}", got[1]);
+        assert_eq!(got[1]["data"]["reason"], "run_timeout");
+        assert_eq!(got[1]["run_id"], "r-1");
+    }
+    // Both nodes' watchdogs run every second: two passes each, no second run_timeout.
+    let timed_out = |n: &TestGateway| n.stats()["runs"]["timed_out"].as_u64().unwrap_or(0);
+    match a.next_frame(Duration::from_millis(2500)) {
+        Frame::Timeout => {}
+        other => panic!("expected nothing more, got {other:?}"),
+    }
+    assert_eq!(timed_out(&n1) + timed_out(&n2), 1);
+    let r = publish(
+        n1.addr,
+        &json!([pub_event("agent_thinking", "wd-u1", None, "r-1", json!({}))]),
+    );
+    assert_eq!(r.status, 400, "the timed-out run has ended: {}", r.text());
+}

@@ -14,6 +14,8 @@ pub(crate) struct UserKeys {
     pub ended: String,
     /// Sorted set of the idempotency keys of stored events (scored by their seq).
     pub keys: String,
+    /// Hash of the runs in progress: run id -> JSON (thread, agent, started, last).
+    pub runs: String,
     /// The pub/sub channel every node holding a connection of the user listens on.
     pub channel: String,
 }
@@ -26,9 +28,15 @@ impl UserKeys {
             stream: format!("{tag}:stream"),
             ended: format!("{tag}:ended"),
             keys: format!("{tag}:idem"),
+            runs: format!("{tag}:runs"),
             channel: format!("{tag}:ch"),
         }
     }
+}
+
+/// The run deadlines shared by every user (one key: one Redis, not Redis Cluster).
+pub(crate) fn deadlines(prefix: &str) -> String {
+    format!("{prefix}:deadlines")
 }
 
 /// The user a channel name belongs to (the inverse of [`UserKeys::channel`]).

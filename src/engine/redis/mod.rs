@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{Delivered, EngineEvent, Ticket};
+use super::{Delivered, EngineEvent, EngineRun, Ticket};
 use crate::event::Event;
 use crate::registry::Resume;
 use feed::FeedRequest;
@@ -76,6 +76,10 @@ pub(crate) struct RedisSettings {
     pub replay_events: usize,
     /// `replay_ttl_ms`: the expiry of a user's keys, refreshed by events and opens.
     pub replay_ttl_ms: u64,
+    /// `max_active_runs_per_user`: a run past it is refused, cluster-wide.
+    pub max_active_runs_per_user: usize,
+    /// `run_idle_timeout_ms`: a run with no event for it gets `run_timeout`.
+    pub run_idle_timeout_ms: u64,
 }
 
 /// Why the engine could not start.
@@ -131,6 +135,7 @@ pub(super) enum Raw {
         top_seq: u64,
         resume: Resume,
         replay: Vec<Delivered>,
+        runs: Vec<EngineRun>,
     },
     Delivery {
         user: Arc<str>,
@@ -300,10 +305,20 @@ impl RedisEngine {
             run: ev.key.run_id.clone(),
             ends_run: ev.kind.ends_run(),
             key: ev.idempotency_key.clone(),
+            agent: ev.key.agent_name.clone(),
+            ts: ev.ts_ms,
+            kind: ev.kind.as_str().into(),
         };
         if self.store.try_send(req).is_err() {
             self.ready.push_back(EngineEvent::Unavailable { ticket });
         }
+    }
+
+    /// Take up to `limit` runs whose deadline passed (this node's share of the
+    /// cluster's watchdog); they come back as [`EngineEvent::RunsDue`].
+    pub(crate) fn take_due_runs(&mut self, limit: usize) {
+        // Skipped when the queue is full: the next housekeeping tick asks again.
+        let _ = self.store.try_send(StoreRequest::Due { limit });
     }
 
     /// Open a connection of `user` (resuming after `(last_seq, epoch)` when asked):
@@ -369,6 +384,7 @@ impl RedisEngine {
                     top_seq,
                     resume,
                     replay,
+                    runs,
                 } => self.opened(EngineEvent::Opened {
                     ticket,
                     user,
@@ -376,6 +392,7 @@ impl RedisEngine {
                     top_seq,
                     resume,
                     replay,
+                    runs,
                 }),
                 Raw::Top { user, epoch, top } => {
                     if let Some(local) = self.users.get_mut(&user) {

@@ -22,7 +22,7 @@ use redis::Value;
 
 use super::keys::UserKeys;
 use super::{parse_thread, Out, Raw, Shared};
-use crate::engine::{Delivered, EngineEvent, Ticket};
+use crate::engine::{Delivered, DueRun, EngineEvent, EngineRun, Ticket};
 use crate::event::text_frame;
 use crate::registry::Resume;
 
@@ -39,6 +39,7 @@ pub(super) const ENDED_RUNS_KEPT: usize = 1024;
 const PUBLISH_LUA: &str = include_str!("publish.lua");
 const OPEN_LUA: &str = include_str!("open.lua");
 const TOP_LUA: &str = include_str!("top.lua");
+const DUE_LUA: &str = include_str!("due.lua");
 
 /// What the store thread is asked.
 #[derive(Debug)]
@@ -54,6 +55,11 @@ pub(super) enum StoreRequest {
         ends_run: bool,
         /// The worker's idempotency key (PROTOCOL.md section 6a).
         key: Option<Arc<str>>,
+        agent: Arc<str>,
+        /// The event's `ts` (ms): a new run's `started_ts`.
+        ts: u64,
+        /// The event's type (the run's `last_type`).
+        kind: Arc<str>,
     },
     /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
     Open {
@@ -63,6 +69,8 @@ pub(super) enum StoreRequest {
     },
     /// The user's epoch and top seq (after a pub/sub reconnect).
     Top { user: Arc<str> },
+    /// Take up to `limit` runs whose deadline passed.
+    Due { limit: usize },
 }
 
 /// An open connection with the scripts loaded.
@@ -71,6 +79,7 @@ struct Link {
     publish: String,
     open: String,
     top: String,
+    due: String,
 }
 
 fn connect(shared: &Shared) -> redis::RedisResult<Link> {
@@ -85,11 +94,13 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
     let publish = load(PUBLISH_LUA)?;
     let open = load(OPEN_LUA)?;
     let top = load(TOP_LUA)?;
+    let due = load(DUE_LUA)?;
     Ok(Link {
         con,
         publish,
         open,
         top,
+        due,
     })
 }
 
@@ -186,6 +197,8 @@ fn unavailable(req: &StoreRequest) -> Raw {
         }
         // Unknown top: the node cannot tell what it missed, so the user resumes.
         StoreRequest::Top { user } => Raw::Event(EngineEvent::Gap { user: user.clone() }),
+        // Nothing was taken (or it is unknown): the next tick asks again.
+        StoreRequest::Due { .. } => Raw::Event(EngineEvent::RunsDue(Vec::new())),
     }
 }
 
@@ -220,6 +233,7 @@ fn run_batch(
 ) -> Result<Vec<Raw>, Option<redis::RedisError>> {
     let s = &shared.settings;
     let now = crate::event::now_ms();
+    let deadlines = super::keys::deadlines(&s.prefix);
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for req in batch {
@@ -232,6 +246,9 @@ fn run_batch(
                 run,
                 ends_run,
                 key,
+                agent,
+                ts,
+                kind,
                 ..
             } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -241,11 +258,13 @@ fn run_batch(
                 };
                 pipe.cmd("EVALSHA")
                     .arg(&link.publish)
-                    .arg(4)
+                    .arg(6)
                     .arg(&keys.meta)
                     .arg(&keys.stream)
                     .arg(&keys.ended)
                     .arg(&keys.keys)
+                    .arg(&keys.runs)
+                    .arg(&deadlines)
                     .arg(&head[..])
                     .arg(&tail[..])
                     .arg(marker)
@@ -258,7 +277,13 @@ fn run_batch(
                     .arg(now)
                     .arg(ENDED_RUNS_KEPT)
                     .arg(key.as_deref().unwrap_or(""))
-                    .arg(crate::registry::KEYS_PER_USER);
+                    .arg(crate::registry::KEYS_PER_USER)
+                    .arg(&**agent)
+                    .arg(*ts)
+                    .arg(&**kind)
+                    .arg(s.max_active_runs_per_user)
+                    .arg(s.run_idle_timeout_ms)
+                    .arg(&**user);
             }
             StoreRequest::Open { user, ask, .. } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -268,9 +293,10 @@ fn run_batch(
                 };
                 pipe.cmd("EVALSHA")
                     .arg(&link.open)
-                    .arg(2)
+                    .arg(3)
                     .arg(&keys.meta)
                     .arg(&keys.stream)
+                    .arg(&keys.runs)
                     .arg(epochs.fresh())
                     .arg(s.replay_ttl_ms)
                     .arg(asked)
@@ -282,6 +308,14 @@ fn run_batch(
             StoreRequest::Top { user } => {
                 let keys = UserKeys::new(&s.prefix, user);
                 pipe.cmd("EVALSHA").arg(&link.top).arg(1).arg(&keys.meta);
+            }
+            StoreRequest::Due { limit } => {
+                pipe.cmd("EVALSHA")
+                    .arg(&link.due)
+                    .arg(1)
+                    .arg(&deadlines)
+                    .arg(now)
+                    .arg(*limit);
             }
         }
     }
@@ -318,6 +352,9 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
             if matches!(first, Value::Int(-1)) {
                 return Some(Raw::Event(EngineEvent::Repeat { ticket: *ticket }));
             }
+            if matches!(first, Value::Int(-2)) {
+                return Some(Raw::Event(EngineEvent::TooManyRuns { ticket: *ticket }));
+            }
             let seq = int(first)?;
             Some(Raw::Event(if seq == 0 {
                 EngineEvent::Refused { ticket: *ticket }
@@ -332,20 +369,25 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
             let epoch: Arc<str> = Arc::from(text(parts.next()?)?);
             let top_seq = int(parts.next()?)?;
             let code = text(parts.next()?)?;
+            let Value::Array(entries) = parts.next()? else {
+                return None;
+            };
             let mut replay = Vec::new();
             let resume = match code.as_str() {
                 "n" => Resume::NotAsked,
                 "l" => Resume::Lost,
                 _ => {
-                    let Value::Array(entries) = parts.next()? else {
-                        return None;
-                    };
                     replay.reserve(entries.len());
                     for e in entries {
                         replay.push(entry(e)?);
                     }
                     Resume::Exact
                 }
+            };
+            let runs = match parts.next()? {
+                Value::Array(flat) => runs_of(flat),
+                Value::Map(pairs) => runs_of(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+                _ => return None,
             };
             Some(Raw::Opened {
                 ticket: *ticket,
@@ -354,7 +396,15 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
                 top_seq,
                 resume,
                 replay,
+                runs,
             })
+        }
+        StoreRequest::Due { .. } => {
+            let mut due = Vec::new();
+            for member in parts {
+                due.push(due_run(&text(member)?)?);
+            }
+            Some(Raw::Event(EngineEvent::RunsDue(due)))
         }
         StoreRequest::Top { user } => {
             let epoch = text(parts.next()?)?;
@@ -366,6 +416,53 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
             })
         }
     }
+}
+
+/// The runs hash (`[run_id, json, ...]`) as runs; a record that does not decode is
+/// left out (logged).
+fn runs_of(flat: Vec<Value>) -> Vec<EngineRun> {
+    #[derive(serde::Deserialize)]
+    struct Rec {
+        t: Option<String>,
+        a: String,
+        s: u64,
+        q: u64,
+        y: String,
+    }
+    let mut runs = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(id), Some(json)) = (it.next(), it.next()) {
+        let (Some(id), Some(json)) = (text(id), bytes(json)) else {
+            continue;
+        };
+        match serde_json::from_slice::<Rec>(&json) {
+            Ok(r) => runs.push(EngineRun {
+                run_id: Arc::from(id),
+                thread: r.t.map(Arc::from),
+                agent_name: Arc::from(r.a),
+                started_ts: r.s,
+                last_seq: r.q,
+                last_type: Arc::from(r.y),
+            }),
+            Err(e) => log::error!("redis store: run record of {id:?} unreadable: {e}"),
+        }
+    }
+    runs
+}
+
+/// A deadline member `<user>\n<run>\n<thread marker>\n<agent>` (see `publish.lua`).
+fn due_run(member: &str) -> Option<DueRun> {
+    let mut parts = member.splitn(4, '\n');
+    let user = Arc::from(parts.next()?);
+    let run_id = Arc::from(parts.next()?);
+    let thread = parse_thread(parts.next()?.as_bytes())?;
+    let agent_name = Arc::from(parts.next()?);
+    Some(DueRun {
+        user,
+        run_id,
+        thread,
+        agent_name,
+    })
 }
 
 /// One stream entry `[id, [field, value, ...]]` as a delivered event.

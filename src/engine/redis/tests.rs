@@ -109,6 +109,8 @@ fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
         timeout: Duration::from_millis(timeout_ms),
         replay_events: 100,
         replay_ttl_ms: 600_000,
+        max_active_runs_per_user: 3,
+        run_idle_timeout_ms: 300_000,
     };
     RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
 }
