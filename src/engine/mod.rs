@@ -80,6 +80,11 @@ pub(crate) enum EngineEvent {
     Published { ticket: Ticket, seq: u64 },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
+    /// A client message was appended to the inbound stream (`<prefix>:inbound`).
+    InboundStored { ticket: Ticket },
+    /// Whether the inbound stream has a consumer group (workers read it): asked every
+    /// housekeeping tick.
+    InboundConsumers(bool),
     /// A published event would start a run past `max_active_runs_per_user` (nothing
     /// stored).
     TooManyRuns { ticket: Ticket },

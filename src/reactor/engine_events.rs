@@ -34,6 +34,8 @@ use crate::stats::DropReason;
 pub(super) const ENGINE_BUDGET: usize = 4096;
 /// Open tickets have this bit; publish tickets never reach it.
 const OPEN_TICKET: Ticket = 1 << 63;
+/// Tickets of `user_message`s waiting to be stored in the inbound stream.
+const INBOUND_TICKET: Ticket = 1 << 62;
 /// Bits of a publish ticket that hold the event's index in its request.
 const PUBLISH_INDEX_BITS: u32 = 10;
 /// Deliveries held for a session whose open is not answered yet.
@@ -49,6 +51,17 @@ pub(super) struct PendingOpen {
     /// Deliveries of the user that came before the answer (the answer's top decides
     /// which of them the session still needs).
     early: Vec<Delivered>,
+}
+
+/// A `user_message` whose ack waits until the inbound stream stored it (workers read
+/// the stream; no in-process worker took it).
+pub(super) struct PendingInbound {
+    id: ConnId,
+    user: Arc<str>,
+    run_id: String,
+    thread: Option<Arc<str>>,
+    isolated: bool,
+    reference: serde_json::Value,
 }
 
 /// A publish request waiting for the store's answers.
@@ -82,6 +95,12 @@ enum Outcome {
 #[derive(Default)]
 pub(super) struct EngineWaits {
     opens: HashMap<Ticket, PendingOpen>,
+    /// Bounded by the sessions' input allowance and `max_pending_runs_per_user`: one
+    /// entry per `user_message` in flight to Redis, removed by its answer.
+    inbound: HashMap<Ticket, PendingInbound>,
+    next_inbound: u64,
+    /// The inbound stream has a consumer group (checked every housekeeping tick).
+    pub(super) inbound_groups: bool,
     publishes: HashMap<u64, PendingPublish>,
     next_request: u64,
     /// The engine's store is reachable (`Connected` events); true until told.
@@ -161,9 +180,16 @@ impl Reactor {
                 }
             }
             EngineEvent::RunsDue(due) => self.runs_due(due),
+            EngineEvent::InboundConsumers(any) => self.waits.inbound_groups = any,
+            EngineEvent::InboundStored { ticket } => self.inbound_stored(ticket),
             EngineEvent::Unavailable { ticket } => {
                 if ticket == EMIT_TICKET {
                     self.waits.emits_failed += 1;
+                } else if ticket & INBOUND_TICKET != 0 && ticket & OPEN_TICKET == 0 {
+                    if let Some(p) = self.waits.inbound.remove(&ticket) {
+                        let why = "the engine (Redis) did not store the message; try again";
+                        self.send_error(p.id, ErrorCode::Busy, why, Some(&p.reference));
+                    }
                 } else if ticket & OPEN_TICKET != 0 {
                     if let Some(open) = self.waits.opens.remove(&ticket) {
                         log::info!(
@@ -391,7 +417,94 @@ impl Reactor {
     pub(super) fn engine_watchdog(&mut self) {
         if let Some(redis) = self.engine.redis() {
             redis.take_due_runs(super::timers::WATCHDOG_BUDGET);
+            redis.check_inbound_consumers();
         }
+    }
+
+    // ---------------------------------------------------------------- inbound
+
+    /// The flat string fields of a client message in the inbound stream (PROTOCOL.md
+    /// section 9): a null `thread_id` or a missing `ref` is `""`, a `ref` that is not
+    /// a string is its JSON text, `ts` is milliseconds since the Unix epoch.
+    #[allow(clippy::too_many_arguments)] // the stream's fields, one each
+    pub(super) fn inbound_fields(
+        &self,
+        kind: &'static str,
+        user: &str,
+        thread: Option<&str>,
+        run_id: &str,
+        text: &str,
+        reference: Option<&serde_json::Value>,
+        conn: ConnId,
+    ) -> Vec<(&'static str, String)> {
+        let reference = match reference {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        };
+        vec![
+            ("type", kind.to_owned()),
+            ("user_id", user.to_owned()),
+            ("thread_id", thread.unwrap_or("").to_owned()),
+            ("run_id", run_id.to_owned()),
+            ("text", text.to_owned()),
+            ("ref", reference),
+            ("connection_id", conn.public_id()),
+            ("node_id", self.node_id.to_string()),
+            ("ts", crate::event::now_ms().to_string()),
+        ]
+    }
+
+    /// A `user_message` no in-process worker took, while workers read the inbound
+    /// stream: acked once the stream stored it ([`Reactor::inbound_stored`]).
+    #[allow(clippy::too_many_arguments)] // the message's parts, one each
+    pub(super) fn user_message_to_stream(
+        &mut self,
+        id: ConnId,
+        user: Arc<str>,
+        run_id: String,
+        thread: Option<Arc<str>>,
+        isolated: bool,
+        reference: serde_json::Value,
+        fields: Vec<(&'static str, String)>,
+    ) {
+        self.waits.next_inbound += 1;
+        let ticket = INBOUND_TICKET | self.waits.next_inbound;
+        self.waits.inbound.insert(
+            ticket,
+            PendingInbound {
+                id,
+                user,
+                run_id,
+                thread,
+                isolated,
+                reference,
+            },
+        );
+        if let Some(redis) = self.engine.redis() {
+            redis.append_inbound(Some(ticket), fields);
+        }
+    }
+
+    /// The inbound stream stored a `user_message`: its run is known from now on (a
+    /// `cancel` of it answers `cancel_requested`) and the client gets its ack.
+    fn inbound_stored(&mut self, ticket: Ticket) {
+        let Some(p) = self.waits.inbound.remove(&ticket) else {
+            return;
+        };
+        let now = self.tick();
+        let owner = p.isolated.then_some(p.id);
+        self.registry.entry(&p.user).runs.insert(
+            Arc::from(p.run_id.as_str()),
+            crate::registry::Run::pending(p.thread, owner, now),
+        );
+        self.send(
+            p.id,
+            &ServerFrame::Ack {
+                reference: &p.reference,
+                run_id: &p.run_id,
+            },
+        );
     }
 
     /// Runs this node took from the deadline set: each gets `agent_error` with

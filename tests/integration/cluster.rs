@@ -563,3 +563,142 @@ fn a_silent_run_gets_exactly_one_run_timeout_even_after_the_node_that_saw_it_sto
     );
     assert_eq!(r.status, 400, "the timed-out run has ended: {}", r.text());
 }
+
+/// A plain Redis connection of the test (the `redis` crate, as the gateway uses).
+fn redis_con(redis: &RedisServer) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection")
+}
+
+/// The inbound stream's entries read by consumer group `workers` (flat fields).
+fn read_inbound(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
+    let reply: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("workers")
+        .arg("w1")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg("agentwire:inbound")
+        .arg(">")
+        .query(con)
+        .expect("XREADGROUP");
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        other => panic!("expected a string, got {other:?}"),
+    };
+    let mut out = Vec::new();
+    let redis::Value::Array(streams) = reply else {
+        return out;
+    };
+    for stream in streams {
+        let redis::Value::Array(parts) = stream else {
+            continue;
+        };
+        let Some(redis::Value::Array(entries)) = parts.get(1) else {
+            continue;
+        };
+        for entry in entries {
+            let redis::Value::Array(e) = entry else {
+                continue;
+            };
+            let Some(redis::Value::Array(fields)) = e.get(1) else {
+                continue;
+            };
+            out.push(
+                fields
+                    .chunks(2)
+                    .map(|kv| (text(&kv[0]), text(&kv[1])))
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn user_messages_and_cancels_reach_workers_anywhere_through_the_inbound_stream() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0"); // no in-process worker
+    let n1 = node(&redis, "n1");
+    let mut c = n0.connect("in-u1");
+    // Without a consumer group (and no in-process worker): no_agent.
+    c.send_json(&json!({"type": "user_message", "text": "hi", "ref": "m0"}));
+    let e = c.expect_type("error");
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("no_agent"), Some("m0"))
+    );
+    let mut con = redis_con(&redis);
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("agentwire:inbound")
+        .arg("workers")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(&mut con)
+        .expect("XGROUP CREATE");
+    // The node sees the group within a housekeeping tick or two.
+    let mut ack = Value::Null;
+    wait_until("a user_message acked once workers read the stream", || {
+        c.send_json(
+            &json!({"type": "user_message", "thread_id": "t1", "text": "hello", "ref": "m1"}),
+        );
+        let v = c.recv_json();
+        if v["type"] == "ack" {
+            ack = v;
+            return true;
+        }
+        assert_eq!(v["code"], "no_agent", "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+        false
+    });
+    let run_id = ack["run_id"].as_str().expect("run_id").to_owned();
+    assert_eq!(ack["ref"], "m1");
+    let entries = read_inbound(&mut con);
+    let msg = entries
+        .iter()
+        .find(|e| e["type"] == "user_message" && e["run_id"] == run_id)
+        .unwrap_or_else(|| panic!("no stream entry for {run_id}: {entries:?}"));
+    assert_eq!(msg["user_id"], "in-u1");
+    assert_eq!(msg["thread_id"], "t1");
+    assert_eq!(msg["text"], "hello");
+    assert_eq!(msg["ref"], "m1");
+    assert_eq!(
+        msg["connection_id"],
+        c.connected["connection_id"].as_str().unwrap()
+    );
+    assert_eq!(msg["node_id"], "n0");
+    assert!(msg["ts"].parse::<u64>().is_ok(), "{msg:?}");
+    // The worker answers through any node; the client sees the run.
+    publish_ok(
+        n1.addr,
+        &json!([pub_event(
+            "agent_started",
+            "in-u1",
+            Some("t1"),
+            &run_id,
+            json!({})
+        )]),
+    );
+    let ev = c.recv_events(1);
+    assert_eq!(ev[0]["run_id"], run_id.as_str());
+    // A cancel of it: cancel_requested, and a cancel entry for the workers.
+    c.send_json(&json!({"type": "cancel", "run_id": run_id}));
+    let cr = c.expect_type("cancel_requested");
+    assert_eq!(cr["run_id"], run_id.as_str());
+    let entries = read_inbound(&mut con);
+    let cancel = entries
+        .iter()
+        .find(|e| e["type"] == "cancel")
+        .unwrap_or_else(|| panic!("no cancel entry: {entries:?}"));
+    assert_eq!(
+        (cancel["run_id"].as_str(), cancel["user_id"].as_str()),
+        (run_id.as_str(), "in-u1")
+    );
+    assert_eq!(
+        (cancel["thread_id"].as_str(), cancel["ref"].as_str()),
+        ("", "")
+    );
+}

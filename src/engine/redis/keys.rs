@@ -34,6 +34,12 @@ impl UserKeys {
     }
 }
 
+/// The inbound stream of `user_message` and `cancel` for workers anywhere (one key for
+/// all users, PROTOCOL.md section 9).
+pub(crate) fn inbound(prefix: &str) -> String {
+    format!("{prefix}:inbound")
+}
+
 /// The run deadlines shared by every user (one key: one Redis, not Redis Cluster).
 pub(crate) fn deadlines(prefix: &str) -> String {
     format!("{prefix}:deadlines")

@@ -128,6 +128,8 @@ impl Shared {
 pub(super) enum Raw {
     /// Handed on as is.
     Event(EngineEvent),
+    /// An answer nobody waits for.
+    Nothing,
     Opened {
         ticket: Ticket,
         user: Arc<str>,
@@ -321,6 +323,30 @@ impl RedisEngine {
         let _ = self.store.try_send(StoreRequest::Due { limit });
     }
 
+    /// Append a client message to the inbound stream; with a ticket, the outcome
+    /// comes back ([`EngineEvent::InboundStored`] or `Unavailable`).
+    pub(crate) fn append_inbound(
+        &mut self,
+        ticket: Option<Ticket>,
+        fields: Vec<(&'static str, String)>,
+    ) {
+        if self
+            .store
+            .try_send(StoreRequest::Inbound { ticket, fields })
+            .is_err()
+        {
+            if let Some(ticket) = ticket {
+                self.ready.push_back(EngineEvent::Unavailable { ticket });
+            }
+        }
+    }
+
+    /// Ask whether the inbound stream has a consumer group
+    /// ([`EngineEvent::InboundConsumers`]).
+    pub(crate) fn check_inbound_consumers(&mut self) {
+        let _ = self.store.try_send(StoreRequest::InboundGroups);
+    }
+
     /// Open a connection of `user` (resuming after `(last_seq, epoch)` when asked):
     /// the node listens to the user first, then reads; the answer comes back as
     /// [`EngineEvent::Opened`] (or `Unavailable`). Every open is paired with one
@@ -376,6 +402,7 @@ impl RedisEngine {
             }
             match self.rx.try_recv().ok()? {
                 Raw::Event(ev) => return Some(ev),
+                Raw::Nothing => {}
                 Raw::Delivery { user, event } => self.feed_one(user, event),
                 Raw::Opened {
                     ticket,

@@ -35,6 +35,9 @@ pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const IDLE_PING: Duration = Duration::from_secs(1);
 /// Ended run ids remembered per user (the refusal of events after a run ended).
 pub(super) const ENDED_RUNS_KEPT: usize = 1024;
+/// Entries the inbound stream keeps (`MAXLEN ~`): workers that fall this far behind
+/// lose the oldest messages.
+pub(super) const INBOUND_KEPT: usize = 100_000;
 
 const PUBLISH_LUA: &str = include_str!("publish.lua");
 const OPEN_LUA: &str = include_str!("open.lua");
@@ -71,6 +74,14 @@ pub(super) enum StoreRequest {
     Top { user: Arc<str> },
     /// Take up to `limit` runs whose deadline passed.
     Due { limit: usize },
+    /// Append a client message to the inbound stream (flat string fields); answered
+    /// [`EngineEvent::InboundStored`] when `ticket` is given.
+    Inbound {
+        ticket: Option<Ticket>,
+        fields: Vec<(&'static str, String)>,
+    },
+    /// Whether the inbound stream has a consumer group.
+    InboundGroups,
 }
 
 /// An open connection with the scripts loaded.
@@ -199,6 +210,12 @@ fn unavailable(req: &StoreRequest) -> Raw {
         StoreRequest::Top { user } => Raw::Event(EngineEvent::Gap { user: user.clone() }),
         // Nothing was taken (or it is unknown): the next tick asks again.
         StoreRequest::Due { .. } => Raw::Event(EngineEvent::RunsDue(Vec::new())),
+        StoreRequest::Inbound {
+            ticket: Some(ticket),
+            ..
+        } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
+        StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
+        StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
     }
 }
 
@@ -234,6 +251,7 @@ fn run_batch(
     let s = &shared.settings;
     let now = crate::event::now_ms();
     let deadlines = super::keys::deadlines(&s.prefix);
+    let inbound = super::keys::inbound(&s.prefix);
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for req in batch {
@@ -309,6 +327,21 @@ fn run_batch(
                 let keys = UserKeys::new(&s.prefix, user);
                 pipe.cmd("EVALSHA").arg(&link.top).arg(1).arg(&keys.meta);
             }
+            StoreRequest::Inbound { fields, .. } => {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&inbound)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(INBOUND_KEPT)
+                    .arg("*");
+                for (name, value) in fields {
+                    cmd.arg(*name).arg(value.as_str());
+                }
+            }
+            StoreRequest::InboundGroups => {
+                pipe.cmd("XINFO").arg("GROUPS").arg(&inbound);
+            }
             StoreRequest::Due { limit } => {
                 pipe.cmd("EVALSHA")
                     .arg(&link.due)
@@ -324,6 +357,11 @@ fn run_batch(
     for (req, result) in batch.iter().zip(results) {
         let value = match result {
             Ok(v) => v,
+            // No stream yet: no consumer group either.
+            Err(_) if matches!(req, StoreRequest::InboundGroups) => {
+                events.push(Raw::Event(EngineEvent::InboundConsumers(false)));
+                continue;
+            }
             Err(e) => {
                 // A script error (NOSCRIPT after a `SCRIPT FLUSH`, OOM, ...): this
                 // request failed, the others stand. A reconnect loads the scripts.
@@ -342,6 +380,23 @@ fn run_batch(
 
 /// Decode one script's answer.
 fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
+    match req {
+        StoreRequest::Inbound { ticket, .. } => {
+            // An id: stored. Without a ticket nobody waits.
+            return Some(match ticket {
+                Some(ticket) => Raw::Event(EngineEvent::InboundStored { ticket: *ticket }),
+                None => Raw::Nothing,
+            });
+        }
+        StoreRequest::InboundGroups => {
+            let groups = match value {
+                Value::Array(g) => !g.is_empty(),
+                _ => false,
+            };
+            return Some(Raw::Event(EngineEvent::InboundConsumers(groups)));
+        }
+        _ => {}
+    }
     let Value::Array(parts) = value else {
         return None;
     };
@@ -399,6 +454,7 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
                 runs,
             })
         }
+        StoreRequest::Inbound { .. } | StoreRequest::InboundGroups => None,
         StoreRequest::Due { .. } => {
             let mut due = Vec::new();
             for member in parts {
