@@ -8,6 +8,7 @@ mod support;
 mod chaos;
 mod client_input;
 mod cluster;
+mod cluster_chaos;
 mod conformance_route;
 mod deadlines;
 mod demo_page;

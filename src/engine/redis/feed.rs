@@ -11,7 +11,10 @@
 //! (control replies wait up to `redis_timeout_ms`). When the connection fails it
 //! reconnects with backoff, subscribes to every user again and asks the store thread
 //! for each user's top seq ([`StoreRequest::Top`]), so that what pub/sub lost meanwhile
-//! is found (pub/sub is at most once).
+//! is found (pub/sub is at most once). While it has no connection, requests wait for
+//! up to `redis_timeout_ms`; then opens are answered `Unavailable` (never read before
+//! their user is listened to: a loss at the tail of a user's stream would have no later
+//! event to reveal it).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -23,7 +26,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::keys::{user_of_channel, UserKeys};
 use super::store::{StoreRequest, BACKOFF_MAX, BACKOFF_MIN};
 use super::{parse_thread, Out, Raw, Shared};
-use crate::engine::Delivered;
+use crate::engine::{Delivered, EngineEvent};
 use crate::event::text_frame;
 
 /// How long one read waits for a message before the thread looks at its requests.
@@ -54,6 +57,10 @@ pub(super) fn run(
     let mut users: HashSet<Arc<str>> = HashSet::new();
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
+    // Since when this thread has had no connection: requests wait in the channel
+    // (subscribed and sent on once connected) for up to `redis_timeout_ms`, then
+    // opens are answered Unavailable while the outage lasts.
+    let mut down_since = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
         let con = shared
             .client
@@ -62,12 +69,11 @@ pub(super) fn run(
             Ok(c) => c,
             Err(e) => {
                 log::debug!("redis feed: connect failed: {e}");
-                // Keep the set current meanwhile; opens go on to the store thread,
-                // whose answer decides (the top check after the reconnect finds
-                // anything this node missed).
                 let until = Instant::now() + backoff;
                 while Instant::now() < until {
-                    if !take_requests(&rx, &mut users, &store, None) {
+                    if down_since.elapsed() >= shared.settings.timeout
+                        && !matches!(take_requests(&rx, &mut users, &store, &out, None), Ok(true))
+                    {
                         return;
                     }
                     std::thread::sleep(POLL);
@@ -87,6 +93,7 @@ pub(super) fn run(
             Ok(()) => return,
             Err(e) => log::warn!("redis feed: connection lost: {e}"),
         }
+        down_since = Instant::now();
         first = false;
     }
 }
@@ -126,7 +133,7 @@ fn listen(
         if shared.stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        if !take_requests(rx, users, store, Some((&mut ps, prefix, timeout))) {
+        if !take_requests(rx, users, store, out, Some((&mut ps, prefix, timeout)))? {
             return Ok(());
         }
         match ps.get_message() {
@@ -159,49 +166,68 @@ fn listen(
     }
 }
 
-/// Apply every waiting request; with a connection, (un)subscribe on it too. False when
-/// the engine is gone (the channel closed).
+/// Apply every waiting request; with a connection, (un)subscribe on it too. `Ok(false)`
+/// when the engine is gone (the channel closed); `Err` when a subscribe failed (the
+/// connection is failing: the caller reconnects).
+///
+/// An open goes on to the store thread only once its user is subscribed: without a
+/// connection, or when the subscribe fails, it is answered `Unavailable` here (the
+/// reactor closes that session with 1013 and the client retries), since reading the
+/// user's history before listening could lose what is published in between with no
+/// later event to reveal it.
 fn take_requests(
     rx: &Receiver<FeedRequest>,
     users: &mut HashSet<Arc<str>>,
     store: &Sender<StoreRequest>,
+    out: &Out,
     mut ps: Option<(&mut redis::PubSub<'_>, &str, Duration)>,
-) -> bool {
+) -> redis::RedisResult<bool> {
     loop {
         let req = match rx.try_recv() {
             Ok(r) => r,
-            Err(TryRecvError::Empty) => return true,
-            Err(TryRecvError::Disconnected) => return false,
+            Err(TryRecvError::Empty) => return Ok(true),
+            Err(TryRecvError::Disconnected) => return Ok(false),
         };
         match req {
             FeedRequest::Subscribe { user, then } => {
-                if let Some((ps, prefix, timeout)) = ps.as_mut() {
-                    if !users.contains(&user) {
+                let subscribed = match ps.as_mut() {
+                    None => Err(None),
+                    Some(_) if users.contains(&user) => Ok(()),
+                    Some((ps, prefix, timeout)) => {
                         let channel = UserKeys::new(prefix, &user).channel;
-                        let done = ps
-                            .set_read_timeout(Some(*timeout))
+                        ps.set_read_timeout(Some(*timeout))
                             .and_then(|()| ps.subscribe(&channel))
-                            .and_then(|()| ps.set_read_timeout(Some(POLL)));
-                        if let Err(e) = done {
-                            // The connection is failing: the reconnect subscribes
-                            // again and checks the user's top.
+                            .and_then(|()| ps.set_read_timeout(Some(POLL)))
+                            .map_err(Some)
+                    }
+                };
+                // Listened to from now on (a reconnect subscribes it again) until the
+                // reactor releases it.
+                users.insert(user);
+                match (subscribed, then) {
+                    (Ok(()), Some(req)) => {
+                        let _ = store.send(req);
+                    }
+                    (Ok(()), None) => {}
+                    (Err(e), then) => {
+                        if let Some(StoreRequest::Open { ticket, .. }) = then {
+                            out.send(Raw::Event(EngineEvent::Unavailable { ticket }));
+                            out.wake();
+                        }
+                        if let Some(e) = e {
                             log::warn!("redis feed: subscribe failed: {e}");
+                            return Err(e);
                         }
                     }
-                }
-                users.insert(user);
-                if let Some(req) = then {
-                    let _ = store.send(req);
                 }
             }
             FeedRequest::Unsubscribe { user } => {
                 if users.remove(&user) {
                     if let Some((ps, prefix, timeout)) = ps.as_mut() {
                         let channel = UserKeys::new(prefix, &user).channel;
-                        let _ = ps
-                            .set_read_timeout(Some(*timeout))
+                        ps.set_read_timeout(Some(*timeout))
                             .and_then(|()| ps.unsubscribe(&channel))
-                            .and_then(|()| ps.set_read_timeout(Some(POLL)));
+                            .and_then(|()| ps.set_read_timeout(Some(POLL)))?;
                     }
                 }
             }

@@ -142,7 +142,11 @@ pub struct BinaryNode {
 
 impl BinaryNode {
     pub fn start(redis: &RedisServer, name: &str) -> BinaryNode {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        BinaryNode::start_at(redis, name, SocketAddr::from(([127, 0, 0, 1], free_port())))
+    }
+
+    /// A node on `addr` (a restart on the address of a killed one).
+    pub fn start_at(redis: &RedisServer, name: &str, addr: SocketAddr) -> BinaryNode {
         let child = Command::new(env!("CARGO_BIN_EXE_agentwire"))
             .env_clear()
             .env("AGENTWIRE_LISTEN", addr.to_string())
@@ -153,8 +157,19 @@ impl BinaryNode {
             .env("AGENTWIRE_NODE_ID", name)
             .env("AGENTWIRE_REDIS_TIMEOUT_MS", "500")
             .env("AGENTWIRE_DEMO_AGENT", "false")
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENTWIRE_TEST_NODE_LOG").map_or("off", |_| "info"),
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var("AGENTWIRE_TEST_NODE_LOG") {
+                Ok(dir) => std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(format!("{dir}/{name}.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+                Err(_) => Stdio::null(),
+            })
             .spawn()
             .expect("start the agentwire binary");
         let node = BinaryNode { addr, child };
