@@ -10,11 +10,14 @@
 //!
 //! Bounds: one pending open per connection (removed by its answer; the engine answers
 //! every request, `Unavailable` on failure), deliveries held per pending open at most
-//! [`EARLY_PER_OPEN`] (past it the connection closes 1013 and resumes), one pending
+//! [`EARLY_PER_OPEN`] (past it the connection closes 1013 and resumes), frames owed to a
+//! catching-up session at most `replay_events` + [`EARLY_PER_OPEN`] (same), one pending
 //! publish request per HTTP connection (it is not read meanwhile).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+
+use bytes::Bytes;
 
 use super::{live, mark, Reactor};
 use crate::close::CloseReason;
@@ -95,6 +98,8 @@ enum Outcome {
 #[derive(Default)]
 pub(super) struct EngineWaits {
     opens: HashMap<Ticket, PendingOpen>,
+    /// Frames owed to sessions still catching up (replay, then live), by session.
+    pub(super) replays: HashMap<ConnId, VecDeque<Bytes>>,
     /// Bounded by the sessions' input allowance and `max_pending_runs_per_user`: one
     /// entry per `user_message` in flight to Redis, removed by its answer.
     inbound: HashMap<Ticket, PendingInbound>,
@@ -355,28 +360,33 @@ impl Reactor {
             return;
         };
         conn.out.push(connected);
-        let mut sent = 0u64;
-        for d in &replay {
-            if takes(&entry, d, &owners) {
-                conn.out.push(d.frame.clone());
-                sent += 1;
-            }
-        }
-        // Deliveries that came before the answer: those past its top are owed (the
-        // engine hands them on in order, without gaps).
+        // The replay, then the deliveries that came before the answer and are past its
+        // top (the engine hands them on in order, without gaps): owed frames, queued
+        // on the socket as it drains ([`Reactor::pump_engine_replay`]).
+        let mut owed: VecDeque<Bytes> = replay
+            .iter()
+            .filter(|d| takes(&entry, d, &owners))
+            .map(|d| d.frame.clone())
+            .collect();
+        let sent = owed.len() as u64;
         let mut cursor = top_seq;
         let mut early = open.early;
         early.sort_unstable_by_key(|d| d.seq);
         for d in early.iter().filter(|d| d.seq > top_seq) {
             if takes(&entry, d, &owners) {
-                conn.out.push(d.frame.clone());
-                sent += 1;
+                owed.push_back(d.frame.clone());
             }
             cursor = d.seq;
         }
         session.engine = Cursor::After(cursor);
+        if !owed.is_empty() {
+            // Marks the session as catching up: `flush_conn` pumps it.
+            session.replay_next = Some(cursor);
+            self.waits.replays.insert(id, owed);
+        }
         mark(&mut conn.flush_queued, &mut self.dirty, id);
         self.stats.events_replayed += sent;
+        self.pump_engine_replay(id);
         let conn_id = id.public_id();
         log::info!(
             conn = conn_id.as_str(),
@@ -565,6 +575,7 @@ impl Reactor {
             .collect();
         let mut delivered = 0;
         let mut overflow = Vec::new();
+        let owed_max = self.s.config.replay_events + EARLY_PER_OPEN;
         for (i, target) in self.scratch_targets.iter().copied().enumerate() {
             let Some(conn) = live(&mut self.conns, target) else {
                 continue;
@@ -586,9 +597,21 @@ impl Reactor {
                 Cursor::After(_) | Cursor::Live => {
                     session.engine = Cursor::After(event.seq);
                     if takers.get(i).copied().unwrap_or(false) {
-                        conn.out.push(event.frame.clone());
                         delivered += 1;
-                        mark(&mut conn.flush_queued, &mut self.dirty, target);
+                        match self.waits.replays.get_mut(&target) {
+                            // Still catching up: behind the owed frames, in order.
+                            // At most `replay_events` + EARLY_PER_OPEN: past it the
+                            // session resumes (1013), as a memory-engine session whose
+                            // replay buffer moved past it.
+                            Some(owed) if owed.len() < owed_max => {
+                                owed.push_back(event.frame.clone())
+                            }
+                            Some(_) => overflow.push(target),
+                            None => {
+                                conn.out.push(event.frame.clone());
+                                mark(&mut conn.flush_queued, &mut self.dirty, target);
+                            }
+                        }
                     }
                 }
             }
@@ -597,6 +620,40 @@ impl Reactor {
             self.close(id, CloseReason::Engine);
         }
         self.stats.events_delivered += delivered;
+    }
+
+    /// Queue a catching-up session's owed frames (replay, then what came meanwhile)
+    /// until half of `max_pending_bytes` is queued; called again as its socket drains
+    /// (`flush_conn`). A client that keeps reading is never closed as slow because of
+    /// its replay, as under the memory engine.
+    pub(super) fn pump_engine_replay(&mut self, id: ConnId) {
+        let limit = (self.s.config.max_pending_bytes / 2).max(1);
+        let Some(conn) = live(&mut self.conns, id) else {
+            self.waits.replays.remove(&id);
+            return;
+        };
+        let Phase::Open(session) = &mut conn.phase else {
+            return;
+        };
+        let Some(owed) = self.waits.replays.get_mut(&id) else {
+            session.replay_next = None;
+            return;
+        };
+        let mut queued = false;
+        while conn.out.pending() < limit {
+            let Some(frame) = owed.pop_front() else {
+                break;
+            };
+            conn.out.push(frame);
+            queued = true;
+        }
+        if owed.is_empty() {
+            self.waits.replays.remove(&id);
+            session.replay_next = None;
+        }
+        if queued {
+            mark(&mut conn.flush_queued, &mut self.dirty, id);
+        }
     }
 
     /// The engine lost events of `user` for this node: its connections here resume.

@@ -658,6 +658,7 @@ impl Reactor {
                 self.registry
                     .remove_conn(&session.user, id, linger_at - LINGER_MS);
                 self.engine.release(&session.user);
+                self.waits.replays.remove(&id);
                 self.open_sessions -= 1;
                 self.stats.closed(reason);
                 // `code=-`: no close frame was sent (the peer closed or the socket failed).

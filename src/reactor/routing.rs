@@ -235,6 +235,9 @@ impl Reactor {
     /// is never closed as slow because of its replay. If the buffer dropped events the
     /// cursor has not reached, the connection cannot continue without a gap: 1013.
     pub(super) fn pump_replay(&mut self, id: ConnId) {
+        if self.engine.redis().is_some() {
+            return self.pump_engine_replay(id);
+        }
         let limit = (self.s.config.max_pending_bytes / 2).max(1);
         let Some(conn) = live(&mut self.conns, id) else {
             return;

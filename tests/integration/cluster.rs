@@ -688,11 +688,16 @@ fn user_messages_and_cancels_reach_workers_anywhere_through_the_inbound_stream()
     c.send_json(&json!({"type": "cancel", "run_id": run_id}));
     let cr = c.expect_type("cancel_requested");
     assert_eq!(cr["run_id"], run_id.as_str());
-    let entries = read_inbound(&mut con);
+    // Appended without waiting (the answer does not depend on it): read until it is.
+    let mut entries = Vec::new();
+    wait_until("the cancel in the inbound stream", || {
+        entries.extend(read_inbound(&mut con));
+        entries.iter().any(|e| e["type"] == "cancel")
+    });
     let cancel = entries
         .iter()
         .find(|e| e["type"] == "cancel")
-        .unwrap_or_else(|| panic!("no cancel entry: {entries:?}"));
+        .expect("cancel entry");
     assert_eq!(
         (cancel["run_id"].as_str(), cancel["user_id"].as_str()),
         (run_id.as_str(), "in-u1")
@@ -746,4 +751,39 @@ fn the_python_worker_example_answers_a_user_through_the_inbound_stream() {
     );
     assert!(got.iter().all(|e| e["run_id"] == run.as_str()));
     assert_eq!(got[2]["data"]["answer"], "You said: ping?");
+}
+
+#[test]
+fn a_replay_larger_than_max_pending_bytes_streams_as_the_socket_drains() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let mut cfg = redis_config(&redis, "n1");
+    cfg.max_pending_bytes = 65_536;
+    let n1 = TestGateway::start(cfg, Agent::None);
+    let first = n0.connect("big-u1");
+    let epoch = epoch_of(&first);
+    drop(first);
+    let pad = "x".repeat(4000);
+    for b in 0..10u64 {
+        let batch: Vec<Value> = (0..10)
+            .map(|j| {
+                pub_event(
+                    "text_delta",
+                    "big-u1",
+                    None,
+                    "r-1",
+                    json!({ "i": b * 10 + j, "pad": pad }),
+                )
+            })
+            .collect();
+        publish_ok(n0.addr, &json!(batch));
+    }
+    // 100 events of ~4 KB: six times max_pending_bytes of the resuming node.
+    let mut back = connect_path(n1.addr, "big-u1", &format!("/ws?last_seq=0&epoch={epoch}"));
+    assert_eq!(back.connected["resumed"], true);
+    publish_one(n0.addr, "big-u1", "r-1", 100); // live, during the replay
+    let got = back.recv_events(101);
+    assert_contiguous(&got, 1);
+    assert_eq!(ids(&got, "big-u1"), (0..=100).collect::<Vec<_>>());
+    back.ping_pong();
 }
