@@ -80,6 +80,9 @@ pub(crate) enum EngineEvent {
     Published { ticket: Ticket, seq: u64 },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
+    /// A client (on some node) cancelled this run, which this node publishes: its
+    /// in-process run handle is told.
+    Cancelled { user: Arc<str>, run: Arc<str> },
     /// A client message was appended to the inbound stream (`<prefix>:inbound`).
     InboundStored { ticket: Ticket },
     /// Whether the inbound stream has a consumer group (workers read it): asked every

@@ -98,6 +98,11 @@ enum Outcome {
 #[derive(Default)]
 pub(super) struct EngineWaits {
     opens: HashMap<Ticket, PendingOpen>,
+    /// The cancel flags of in-process runs whose events go through this node, by
+    /// (user, run): set when a client anywhere cancels the run. Bounded by the runs in
+    /// progress (`max_active_runs`): removed when the run's last event goes out, or
+    /// once its handle is gone (housekeeping).
+    pub(super) run_flags: HashMap<(Arc<str>, Arc<str>), Arc<std::sync::atomic::AtomicBool>>,
     /// Frames owed to sessions still catching up (replay, then live), by session.
     pub(super) replays: HashMap<ConnId, VecDeque<Bytes>>,
     /// Bounded by the sessions' input allowance and `max_pending_runs_per_user`: one
@@ -186,6 +191,11 @@ impl Reactor {
             }
             EngineEvent::RunsDue(due) => self.runs_due(due),
             EngineEvent::InboundConsumers(any) => self.waits.inbound_groups = any,
+            EngineEvent::Cancelled { user, run } => {
+                if let Some(flag) = self.waits.run_flags.get(&(user, run)) {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
             EngineEvent::InboundStored { ticket } => self.inbound_stored(ticket),
             EngineEvent::Unavailable { ticket } => {
                 if ticket == EMIT_TICKET {
@@ -425,6 +435,11 @@ impl Reactor {
     /// The cluster's run watchdog, this node's share (each housekeeping tick): ask the
     /// engine for runs whose deadline passed; whichever node takes one ends it.
     pub(super) fn engine_watchdog(&mut self) {
+        // Flags of run handles that are gone (their run ended elsewhere, by another
+        // node's watchdog for instance): nobody reads them any more.
+        self.waits
+            .run_flags
+            .retain(|_, flag| Arc::strong_count(flag) > 1);
         if let Some(redis) = self.engine.redis() {
             redis.take_due_runs(super::timers::WATCHDOG_BUDGET);
             redis.check_inbound_consumers();
@@ -653,6 +668,31 @@ impl Reactor {
         }
         if queued {
             mark(&mut conn.flush_queued, &mut self.dirty, id);
+        }
+    }
+
+    /// Keep (first event of an in-process run) or let go (its last) the run handle's
+    /// cancel flag, so a cancel from any node reaches it ([`EngineEvent::Cancelled`]).
+    pub(super) fn track_run_flag(&mut self, ev: &Event) {
+        let key = (ev.key.user_id.clone(), ev.key.run_id.clone());
+        if ev.kind.ends_run() {
+            self.waits.run_flags.remove(&key);
+        } else if let Some(flag) = &ev.cancel_flag {
+            if self.waits.run_flags.len() < self.s.config.max_active_runs {
+                self.waits.run_flags.insert(key, flag.clone());
+            }
+        }
+    }
+
+    /// A client's `cancel` under the Redis engine: this node's in-process run handle
+    /// at once, the others when they publish the run's next event.
+    pub(super) fn cancel_engine(&mut self, user: &Arc<str>, run_id: &str) {
+        let key = (user.clone(), Arc::from(run_id));
+        if let Some(flag) = self.waits.run_flags.get(&key) {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+        if let Some(redis) = self.engine.redis() {
+            redis.cancel(user, run_id);
         }
     }
 

@@ -294,6 +294,9 @@ impl Reactor {
                 return self.send_error(id, ErrorCode::NotFound, why, None);
             }
         };
+        if self.engine.redis().is_some() {
+            self.cancel_engine(&user, run_id);
+        }
         if first && self.engine.redis().is_some() {
             let fields = self.inbound_fields("cancel", &user, None, run_id, "", None, id);
             if let Some(redis) = self.engine.redis() {

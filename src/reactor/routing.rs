@@ -54,6 +54,9 @@ impl Reactor {
             }
         }
         self.stats.events_emitted += 1;
+        if self.engine.redis().is_some() {
+            self.track_run_flag(&ev);
+        }
         let routed = match self.engine.publish(&mut self.registry, &ev, now, ticket) {
             Step::Done(routed) => routed,
             // Taken by an engine that answers later: its outcome and the frame come

@@ -787,3 +787,30 @@ fn a_replay_larger_than_max_pending_bytes_streams_as_the_socket_drains() {
     assert_eq!(ids(&got, "big-u1"), (0..=100).collect::<Vec<_>>());
     back.ping_pong();
 }
+
+#[test]
+fn a_cancel_on_one_node_reaches_the_in_process_run_handle_on_another() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    let mut c = n1.connect("cn-u1");
+    let mut run = n0
+        .emitter
+        .run("cn-u1", None, "r-cancel", "worker_agent")
+        .expect("run");
+    run.agent_started(&json!({})).expect("emit");
+    assert_eq!(c.recv_events(1)[0]["run_id"], "r-cancel");
+    assert!(!run.is_cancelled());
+    c.send_json(&json!({"type": "cancel", "run_id": "r-cancel"}));
+    assert_eq!(c.expect_type("cancel_requested")["run_id"], "r-cancel");
+    // The node that publishes the run learns it with the answer to the run's next
+    // event: the handle sees it after its next emit.
+    let mut n = 0;
+    wait_until("the handle on n0 sees the cancel", || {
+        n += 1;
+        run.emit("text_delta", &json!({ "n": n })).expect("emit");
+        run.is_cancelled()
+    });
+    run.agent_completed(&json!({"cancelled": true}))
+        .expect("emit");
+}

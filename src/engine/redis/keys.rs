@@ -16,6 +16,8 @@ pub(crate) struct UserKeys {
     pub keys: String,
     /// Hash of the runs in progress: run id -> JSON (thread, agent, started, last).
     pub runs: String,
+    /// Set of the runs in progress a client cancelled.
+    pub cancelled: String,
     /// The pub/sub channel every node holding a connection of the user listens on.
     pub channel: String,
 }
@@ -29,6 +31,7 @@ impl UserKeys {
             ended: format!("{tag}:ended"),
             keys: format!("{tag}:idem"),
             runs: format!("{tag}:runs"),
+            cancelled: format!("{tag}:cancel"),
             channel: format!("{tag}:ch"),
         }
     }

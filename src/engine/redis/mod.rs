@@ -341,6 +341,15 @@ impl RedisEngine {
         }
     }
 
+    /// Mark `user`'s run `run` cancelled in Redis (a client's `cancel`): the node that
+    /// publishes the run's next event hears [`EngineEvent::Cancelled`].
+    pub(crate) fn cancel(&mut self, user: &str, run: &str) {
+        let _ = self.store.try_send(StoreRequest::Cancel {
+            user: Arc::from(user),
+            run: Arc::from(run),
+        });
+    }
+
     /// Ask whether the inbound stream has a consumer group
     /// ([`EngineEvent::InboundConsumers`]).
     pub(crate) fn check_inbound_consumers(&mut self) {

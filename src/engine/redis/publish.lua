@@ -9,6 +9,7 @@
 -- KEYS[6] the run deadlines zset shared by every user ("<user>\n<run>\n<thread
 --         marker>\n<agent>" scored by the time the run times out): not in the user's
 --         slot, so this script needs one Redis (not Redis Cluster)
+-- KEYS[7] the user's cancelled runs set (runs a client cancelled, while in progress)
 -- ARGV[1] JSON before the seq      ARGV[2] JSON after the seq
 -- ARGV[3] thread marker: "-" (null) or "+" .. thread_id
 -- ARGV[4] run_id                   ARGV[5] "1" when the event ends its run
@@ -19,7 +20,8 @@
 -- ARGV[14] agent_name   ARGV[15] the event's ts (ms)   ARGV[16] the event's type
 -- ARGV[17] max_active_runs_per_user   ARGV[18] run_idle_timeout_ms   ARGV[19] user_id
 --
--- Returns {seq, epoch}; {0, ""} when the run has ended (nothing stored); {-1, seq}
+-- Returns {seq, epoch, cancelled} (cancelled 1 when a client cancelled the run, so the
+-- node tells its in-process run handle); {0, ""} when the run has ended (nothing stored); {-1, seq}
 -- when the idempotency key was stored before (a repeat: nothing stored again); {-2, ""}
 -- when the event would start a run past max_active_runs_per_user (nothing stored).
 local meta, stream, ended, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -54,7 +56,9 @@ if keep > 0 then
   redis.call('PEXPIRE', stream, ARGV[7])
 end
 local member = ARGV[19] .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[14]
+local cancelled = redis.call('SISMEMBER', KEYS[7], ARGV[4])
 if ARGV[5] == '1' then
+  redis.call('SREM', KEYS[7], ARGV[4])
   redis.call('HDEL', runs, ARGV[4])
   redis.call('ZREM', deadlines, member)
   redis.call('ZADD', ended, ARGV[10], ARGV[4])
@@ -87,4 +91,4 @@ if key ~= '' then
 end
 redis.call('PEXPIRE', meta, ARGV[7])
 redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. json)
-return {seq, epoch}
+return {seq, epoch, cancelled}

@@ -43,6 +43,7 @@ const PUBLISH_LUA: &str = include_str!("publish.lua");
 const OPEN_LUA: &str = include_str!("open.lua");
 const TOP_LUA: &str = include_str!("top.lua");
 const DUE_LUA: &str = include_str!("due.lua");
+const CANCEL_LUA: &str = include_str!("cancel.lua");
 
 /// What the store thread is asked.
 #[derive(Debug)]
@@ -82,6 +83,8 @@ pub(super) enum StoreRequest {
     },
     /// Whether the inbound stream has a consumer group.
     InboundGroups,
+    /// Mark a run in progress cancelled (a client's `cancel`).
+    Cancel { user: Arc<str>, run: Arc<str> },
 }
 
 /// An open connection with the scripts loaded.
@@ -91,6 +94,7 @@ struct Link {
     open: String,
     top: String,
     due: String,
+    cancel: String,
 }
 
 fn connect(shared: &Shared) -> redis::RedisResult<Link> {
@@ -106,12 +110,14 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
     let open = load(OPEN_LUA)?;
     let top = load(TOP_LUA)?;
     let due = load(DUE_LUA)?;
+    let cancel = load(CANCEL_LUA)?;
     Ok(Link {
         con,
         publish,
         open,
         top,
         due,
+        cancel,
     })
 }
 
@@ -216,6 +222,7 @@ fn unavailable(req: &StoreRequest) -> Raw {
         } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
         StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
         StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
+        StoreRequest::Cancel { .. } => Raw::Nothing,
     }
 }
 
@@ -276,13 +283,14 @@ fn run_batch(
                 };
                 pipe.cmd("EVALSHA")
                     .arg(&link.publish)
-                    .arg(6)
+                    .arg(7)
                     .arg(&keys.meta)
                     .arg(&keys.stream)
                     .arg(&keys.ended)
                     .arg(&keys.keys)
                     .arg(&keys.runs)
                     .arg(&deadlines)
+                    .arg(&keys.cancelled)
                     .arg(&head[..])
                     .arg(&tail[..])
                     .arg(marker)
@@ -342,6 +350,16 @@ fn run_batch(
             StoreRequest::InboundGroups => {
                 pipe.cmd("XINFO").arg("GROUPS").arg(&inbound);
             }
+            StoreRequest::Cancel { user, run } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("EVALSHA")
+                    .arg(&link.cancel)
+                    .arg(2)
+                    .arg(&keys.runs)
+                    .arg(&keys.cancelled)
+                    .arg(&**run)
+                    .arg(s.replay_ttl_ms.max(2 * s.run_idle_timeout_ms));
+            }
             StoreRequest::Due { limit } => {
                 pipe.cmd("EVALSHA")
                     .arg(&link.due)
@@ -370,16 +388,19 @@ fn run_batch(
                 continue;
             }
         };
-        events.push(answer(req, value).unwrap_or_else(|| {
+        let mut told = None;
+        events.push(answer(req, value, &mut told).unwrap_or_else(|| {
             log::error!("redis store: unexpected script answer");
             unavailable(req)
         }));
+        events.extend(told);
     }
     Ok(events)
 }
 
-/// Decode one script's answer.
-fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
+/// Decode one script's answer; `told` gets what the reactor must also hear (a run a
+/// client cancelled, from a publish's answer).
+fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Raw> {
     match req {
         StoreRequest::Inbound { ticket, .. } => {
             // An id: stored. Without a ticket nobody waits.
@@ -388,6 +409,7 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
                 None => Raw::Nothing,
             });
         }
+        StoreRequest::Cancel { .. } => return Some(Raw::Nothing),
         StoreRequest::InboundGroups => {
             let groups = match value {
                 Value::Array(g) => !g.is_empty(),
@@ -402,7 +424,9 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
     };
     let mut parts = parts.into_iter();
     match req {
-        StoreRequest::Publish { ticket, .. } => {
+        StoreRequest::Publish {
+            ticket, user, run, ..
+        } => {
             let first = parts.next()?;
             if matches!(first, Value::Int(-1)) {
                 return Some(Raw::Event(EngineEvent::Repeat { ticket: *ticket }));
@@ -411,6 +435,12 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
                 return Some(Raw::Event(EngineEvent::TooManyRuns { ticket: *ticket }));
             }
             let seq = int(first)?;
+            if matches!(parts.nth(1), Some(Value::Int(1))) {
+                *told = Some(Raw::Event(EngineEvent::Cancelled {
+                    user: user.clone(),
+                    run: run.clone(),
+                }));
+            }
             Some(Raw::Event(if seq == 0 {
                 EngineEvent::Refused { ticket: *ticket }
             } else {
@@ -454,7 +484,9 @@ fn answer(req: &StoreRequest, value: Value) -> Option<Raw> {
                 runs,
             })
         }
-        StoreRequest::Inbound { .. } | StoreRequest::InboundGroups => None,
+        StoreRequest::Inbound { .. }
+        | StoreRequest::InboundGroups
+        | StoreRequest::Cancel { .. } => None,
         StoreRequest::Due { .. } => {
             let mut due = Vec::new();
             for member in parts {
