@@ -418,7 +418,8 @@ impl Reactor {
                 self.respond_json(id, 200, &body, close, head_only);
             }
             Route::Metrics => {
-                let text = self.stats.to_prometheus(&self.gauges());
+                let mut text = self.stats.to_prometheus(&self.gauges());
+                text.push_str(&self.engine_metrics());
                 let resp = http::text_response(
                     200,
                     http::PROMETHEUS_CONTENT_TYPE,

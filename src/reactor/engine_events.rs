@@ -241,6 +241,9 @@ impl Reactor {
             "requests": load(&c.requests),
             "round_trip_us_avg": load(&c.round_trip_us_total).checked_div(round_trips).unwrap_or(0),
             "round_trip_us_max": load(&c.round_trip_us_max),
+            // Upper bounds of power-of-two buckets.
+            "round_trip_us_p50": c.round_trip_us_quantile(0.5),
+            "round_trip_us_p99": c.round_trip_us_quantile(0.99),
             "reconnects": load(&c.reconnects),
             "users_listened": redis.users_listened(),
             "opens_waiting": opens,
@@ -248,6 +251,36 @@ impl Reactor {
             "emits_failed": emits_failed,
             "sessions_closed_for_gaps": gaps,
         }))
+    }
+
+    /// Prometheus lines of the engine (Redis engine only; empty for memory).
+    pub(super) fn engine_metrics(&mut self) -> String {
+        let Some(v) = self.engine_stats() else {
+            return String::new();
+        };
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let up = u64::from(v["connected"] == true);
+        format!(
+            "# HELP agentwire_engine_connected 1 while the Redis engine reaches Redis, 0 while it is unavailable\n\
+             # TYPE agentwire_engine_connected gauge\n\
+             agentwire_engine_connected {up}\n\
+             # HELP agentwire_engine_round_trips_total Pipelines sent to Redis by the store thread\n\
+             # TYPE agentwire_engine_round_trips_total counter\n\
+             agentwire_engine_round_trips_total {}\n\
+             # HELP agentwire_engine_requests_total Requests those pipelines carried\n\
+             # TYPE agentwire_engine_requests_total counter\n\
+             agentwire_engine_requests_total {}\n\
+             # HELP agentwire_engine_reconnects_total Times the connection to Redis came back\n\
+             # TYPE agentwire_engine_reconnects_total counter\n\
+             agentwire_engine_reconnects_total {}\n\
+             # HELP agentwire_engine_gap_closes_total Sessions closed 1013 for events missed\n\
+             # TYPE agentwire_engine_gap_closes_total counter\n\
+             agentwire_engine_gap_closes_total {}\n",
+            n("round_trips"),
+            n("requests"),
+            n("reconnects"),
+            n("sessions_closed_for_gaps"),
+        )
     }
 
     // ------------------------------------------------------------------- open

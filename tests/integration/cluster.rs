@@ -69,6 +69,11 @@ fn an_event_published_through_one_node_reaches_the_users_connections_on_every_no
     assert_eq!(engine["node_id"], "n2");
     assert_eq!(engine["connected"], true);
     assert!(engine["round_trips"].as_u64() >= Some(1), "{engine}");
+    assert!(engine["round_trip_us_p99"].as_u64() >= engine["round_trip_us_p50"].as_u64());
+    assert!(engine["round_trip_us_p50"].as_u64() >= Some(1), "{engine}");
+    let metrics = prometheus(&get(nodes[2].addr, "/metrics").text());
+    assert_eq!(metric(&metrics, "agentwire_engine_connected"), 1.0);
+    assert!(metric(&metrics, "agentwire_engine_round_trips_total") >= 1.0);
     assert_eq!(nodes[0].stats()["engine"]["users_listened"], 1);
 }
 
@@ -241,6 +246,9 @@ fn redis_paused_answers_503_and_degraded_then_everything_recovers_by_itself() {
         let (status, body) = get_json(n1.addr, "/health");
         status == 503 && body["status"] == "degraded"
     });
+    assert_eq!(n1.stats()["engine"]["connected"], false);
+    let metrics = prometheus(&get(n1.addr, "/metrics").text());
+    assert_eq!(metric(&metrics, "agentwire_engine_connected"), 0.0);
     c.ping_pong(); // the client stays connected
                    // An in-process emit fails after its bounded wait.
     let quick = n1.emitter.with_max_wait(Duration::from_millis(300));

@@ -102,6 +102,37 @@ pub(crate) struct EngineCounters {
     pub round_trip_us_max: AtomicU64,
     /// Times the store thread's connection came back after a loss.
     pub reconnects: AtomicU64,
+    /// Pipelines by round-trip time: bucket `i` counts times below `2^i` us (the last
+    /// bucket: anything longer).
+    pub round_trip_buckets: [AtomicU64; ROUND_TRIP_BUCKETS],
+}
+
+/// Buckets of [`EngineCounters::round_trip_buckets`]: up to 2^23 us (8.4 s).
+pub(crate) const ROUND_TRIP_BUCKETS: usize = 24;
+
+impl EngineCounters {
+    /// The round-trip time (us) under which a share `p` (0 to 1) of the pipelines
+    /// took: the upper bound of the power-of-two bucket it falls in (0 before any).
+    pub(crate) fn round_trip_us_quantile(&self, p: f64) -> u64 {
+        let counts: Vec<u64> = self
+            .round_trip_buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = ((total as f64) * p).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return 1u64 << i;
+            }
+        }
+        1u64 << (ROUND_TRIP_BUCKETS - 1)
+    }
 }
 
 /// What the engine's threads share.
@@ -120,6 +151,11 @@ impl Shared {
         c.requests.fetch_add(requests as u64, Ordering::Relaxed);
         c.round_trip_us_total.fetch_add(us, Ordering::Relaxed);
         c.round_trip_us_max.fetch_max(us, Ordering::Relaxed);
+        // Bucket i holds times in [2^(i-1), 2^i): the bit length of `us`.
+        let bucket = ((u64::BITS - us.leading_zeros()) as usize).min(ROUND_TRIP_BUCKETS - 1);
+        if let Some(b) = c.round_trip_buckets.get(bucket) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
