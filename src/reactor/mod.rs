@@ -26,6 +26,9 @@
 //! - [`inbound`]: the client messages (`ping`, `user_message`, `cancel`, `refresh`);
 //! - [`routing`]: draining the channel, delivering events, flushing, replay;
 //! - [`timers`]: timer expiries, housekeeping, the run watchdog and shutdown;
+//! - [`engine_events`]: the answers of an engine that answers later (the Redis engine,
+//!   [`crate::engine`]): `connected` frames after the engine's open answer, deliveries,
+//!   gaps (1013), the publish API's deferred 202/503, the inbound stream;
 //! - `echo` (conformance builds): the Autobahn echo session.
 //!
 //! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
