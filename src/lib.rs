@@ -449,6 +449,9 @@ fn start_engine(
         replay_ttl_ms: config.replay_ttl_ms,
         max_active_runs_per_user: config.max_active_runs_per_user,
         run_idle_timeout_ms: config.run_idle_timeout_ms,
+        node_id: node_id.to_string(),
+        max_connections_per_user: config.max_connections_per_user,
+        evict_oldest: config.per_user_policy == config::PerUserPolicy::EvictOldest,
     };
     let wake = Arc::clone(wake);
     let redis = engine::redis::RedisEngine::start(

@@ -80,6 +80,9 @@ pub(crate) enum EngineEvent {
     Published { ticket: Ticket, seq: u64 },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
+    /// Another node's open evicted this node's connection `(key, serial)`
+    /// (`max_connections_per_user` with `evict_oldest`, cluster-wide): close it 4002.
+    Evict { key: usize, serial: u64 },
     /// A client (on some node) cancelled this run, which this node publishes: its
     /// in-process run handle is told.
     Cancelled { user: Arc<str>, run: Arc<str> },
@@ -214,10 +217,11 @@ impl Engine {
         }
     }
 
-    /// A connection of `user` ended (Redis: the last one here unsubscribes).
-    pub(crate) fn release(&mut self, user: &str) {
+    /// Connection `conn` of `user` ended (Redis: it stops counting cluster-wide; the
+    /// last one here unsubscribes).
+    pub(crate) fn release(&mut self, user: &str, conn: crate::conn::ConnId) {
         if let Engine::Redis(r) = self {
-            r.release(user);
+            r.release(user, Some((conn.key, conn.serial)));
         }
     }
 

@@ -115,6 +115,8 @@ pub(super) struct EngineWaits {
     next_request: u64,
     /// The engine's store is reachable (`Connected` events); true until told.
     pub(super) up: bool,
+    /// Tick (ms) of the last lease renewal.
+    leases_renewed_at: u64,
     /// Emitted events the engine could not store (their outcome is unknown).
     pub(super) emits_failed: u64,
     /// Sessions closed 1013 because the engine reported a gap.
@@ -191,6 +193,16 @@ impl Reactor {
             }
             EngineEvent::RunsDue(due) => self.runs_due(due),
             EngineEvent::InboundConsumers(any) => self.waits.inbound_groups = any,
+            EngineEvent::Evict { key, serial } => {
+                let id = ConnId { key, serial };
+                if self.session(id).is_some() {
+                    log::info!(
+                        "conn={} evicted by a newer connection of its user on another node",
+                        id.public_id()
+                    );
+                    self.close(id, CloseReason::Evicted);
+                }
+            }
             EngineEvent::Cancelled { user, run } => {
                 if let Some(flag) = self.waits.run_flags.get(&(user, run)) {
                     flag.store(true, std::sync::atomic::Ordering::Release);
@@ -323,7 +335,7 @@ impl Reactor {
         );
         let ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
         if let Some(redis) = self.engine.redis() {
-            redis.open(ticket, &user_name, ask);
+            redis.open(ticket, &user_name, ask, (id.key, id.serial));
         }
         self.mark_dirty(id);
     }
@@ -476,6 +488,31 @@ impl Reactor {
         if let Some(redis) = self.engine.redis() {
             redis.take_due_runs(super::timers::WATCHDOG_BUDGET);
             redis.check_inbound_consumers();
+        }
+        self.renew_leases();
+    }
+
+    /// Every `LEASE_RENEW`: this node's open sessions keep counting cluster-wide.
+    fn renew_leases(&mut self) {
+        let now = self.tick();
+        let every = match self.engine.redis() {
+            Some(r) => r.lease_renew_every().as_millis() as u64,
+            None => return,
+        };
+        if now < self.waits.leases_renewed_at + every {
+            return;
+        }
+        self.waits.leases_renewed_at = now;
+        let conns: Vec<(Arc<str>, (usize, u64))> = self
+            .conns
+            .iter()
+            .filter_map(|(key, c)| match &c.phase {
+                Phase::Open(s) => Some((s.user.clone(), (key, c.serial))),
+                _ => None,
+            })
+            .collect();
+        if let Some(redis) = self.engine.redis() {
+            redis.renew_leases(conns);
         }
     }
 

@@ -660,7 +660,7 @@ impl Reactor {
                 }
                 self.registry
                     .remove_conn(&session.user, id, linger_at - LINGER_MS);
-                self.engine.release(&session.user);
+                self.engine.release(&session.user, id);
                 self.waits.replays.remove(&id);
                 self.open_sessions -= 1;
                 self.stats.closed(reason);

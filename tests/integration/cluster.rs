@@ -822,3 +822,38 @@ fn a_cancel_on_one_node_reaches_the_in_process_run_handle_on_another() {
     run.agent_completed(&json!({"cancelled": true}))
         .expect("emit");
 }
+
+#[test]
+fn max_connections_per_user_counts_every_node_and_evicts_the_oldest_wherever_it_is() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    // max_connections_per_user is 3, policy evict_oldest (the defaults).
+    let mut oldest = n0.connect("lim-u1");
+    let mut second = n0.connect("lim-u1");
+    let mut third = n1.connect("lim-u1");
+    let mut fourth = n1.connect("lim-u1");
+    // The fourth, on n1, evicted the oldest, on n0.
+    oldest.expect_close(4002);
+    for c in [&mut second, &mut third, &mut fourth] {
+        c.ping_pong();
+    }
+    publish_one(n1.addr, "lim-u1", "r-1", 0);
+    for c in [&mut second, &mut third, &mut fourth] {
+        assert_eq!(ids(&c.recv_events(1), "lim-u1"), [0]);
+    }
+    // A connection that closed stops counting: a new one evicts nobody.
+    third.close();
+    let mut con = redis_con(&redis);
+    wait_until("the closed connection no longer counts", || {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg("agentwire:{u:lim-u1}:conns")
+            .query(&mut con)
+            .expect("ZCARD");
+        n == 2
+    });
+    let mut fifth = n0.connect("lim-u1");
+    for c in [&mut second, &mut fourth, &mut fifth] {
+        c.ping_pong();
+    }
+}

@@ -112,6 +112,9 @@ fn listen(
     let timeout = shared.settings.timeout;
     let mut ps = con.as_pubsub();
     ps.set_read_timeout(Some(timeout))?;
+    // This node's own channel: evictions of its connections by other nodes.
+    let node_channel = super::keys::node_channel(prefix, &shared.settings.node_id);
+    ps.subscribe(&node_channel)?;
     if !users.is_empty() {
         let channels: Vec<String> = users
             .iter()
@@ -137,6 +140,16 @@ fn listen(
             return Ok(());
         }
         match ps.get_message() {
+            Ok(msg) if msg.get_channel_name() == node_channel => {
+                last_ping = Instant::now();
+                match parse_evict(msg.get_payload_bytes()) {
+                    Some((key, serial)) => {
+                        out.send(Raw::Event(EngineEvent::Evict { key, serial }));
+                        out.wake();
+                    }
+                    None => log::error!("redis feed: malformed message on {node_channel}"),
+                }
+            }
             Ok(msg) => {
                 last_ping = Instant::now();
                 let Some(user) = user_of_channel(prefix, msg.get_channel_name()) else {
@@ -233,6 +246,12 @@ fn take_requests(
             }
         }
     }
+}
+
+/// An eviction `<key>:<serial>` (see `open.lua`).
+fn parse_evict(payload: &[u8]) -> Option<(usize, u64)> {
+    let (key, serial) = std::str::from_utf8(payload).ok()?.split_once(':')?;
+    Some((key.parse().ok()?, serial.parse().ok()?))
 }
 
 /// A message `<seq>\n<thread marker>\n<run_id>\n<json>` (see `publish.lua`; ids

@@ -18,6 +18,10 @@ pub(crate) struct UserKeys {
     pub runs: String,
     /// Set of the runs in progress a client cancelled.
     pub cancelled: String,
+    /// The user's connections on every node (scored by when they opened) and their
+    /// leases (scored by when the lease ends).
+    pub conns: String,
+    pub leases: String,
     /// The pub/sub channel every node holding a connection of the user listens on.
     pub channel: String,
 }
@@ -32,9 +36,16 @@ impl UserKeys {
             keys: format!("{tag}:idem"),
             runs: format!("{tag}:runs"),
             cancelled: format!("{tag}:cancel"),
+            conns: format!("{tag}:conns"),
+            leases: format!("{tag}:leases"),
             channel: format!("{tag}:ch"),
         }
     }
+}
+
+/// The pub/sub channel of one node (evictions of its connections by other nodes).
+pub(crate) fn node_channel(prefix: &str, node_id: &str) -> String {
+    format!("{prefix}:node:{node_id}")
 }
 
 /// The inbound stream of `user_message` and `cancel` for workers anywhere (one key for

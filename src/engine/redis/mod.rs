@@ -80,6 +80,14 @@ pub(crate) struct RedisSettings {
     pub max_active_runs_per_user: usize,
     /// `run_idle_timeout_ms`: a run with no event for it gets `run_timeout`.
     pub run_idle_timeout_ms: u64,
+    /// `node_id`: the name of this node's connections in Redis and of its channel.
+    pub node_id: String,
+    /// `max_connections_per_user`, counted over every node.
+    pub max_connections_per_user: usize,
+    /// `per_user_policy = evict_oldest`: an open past the limit evicts the user's
+    /// oldest connections wherever they are (4002). With `reject` the limit is
+    /// checked per node only (docs/CLUSTER.md).
+    pub evict_oldest: bool,
 }
 
 /// Why the engine could not start.
@@ -352,6 +360,34 @@ impl RedisEngine {
         }
     }
 
+    /// Connection `(key, serial)` of this node as a member of its user's connections
+    /// in Redis (`<node_id>\n<key>:<serial>`; the evicting node publishes the part
+    /// after the newline on this node's channel).
+    fn member(&self, (key, serial): (usize, u64)) -> String {
+        format!("{}\n{key}:{serial}", self.shared.settings.node_id)
+    }
+
+    /// Renew the leases of this node's connections (every `LEASE_RENEW`), so they
+    /// keep counting toward `max_connections_per_user` on every node.
+    pub(crate) fn renew_leases(&mut self, conns: Vec<(Arc<str>, (usize, u64))>) {
+        let mut members: Vec<(Arc<str>, String)> = Vec::new();
+        for (user, conn) in conns {
+            members.push((user, self.member(conn)));
+            if members.len() == store::LEASES_PER_REQUEST {
+                let chunk = std::mem::take(&mut members);
+                let _ = self.store.try_send(StoreRequest::Leases { members: chunk });
+            }
+        }
+        if !members.is_empty() {
+            let _ = self.store.try_send(StoreRequest::Leases { members });
+        }
+    }
+
+    /// How often [`RedisEngine::renew_leases`] is due.
+    pub(crate) fn lease_renew_every(&self) -> std::time::Duration {
+        store::LEASE_RENEW
+    }
+
     /// Take up to `limit` runs whose deadline passed (this node's share of the
     /// cluster's watchdog); they come back as [`EngineEvent::RunsDue`].
     pub(crate) fn take_due_runs(&mut self, limit: usize) {
@@ -396,7 +432,13 @@ impl RedisEngine {
     /// the node listens to the user first, then reads; the answer comes back as
     /// [`EngineEvent::Opened`] (or `Unavailable`). Every open is paired with one
     /// [`RedisEngine::release`] when the connection ends (or its open failed).
-    pub(crate) fn open(&mut self, ticket: Ticket, user: &str, ask: Option<(u64, &str)>) {
+    pub(crate) fn open(
+        &mut self,
+        ticket: Ticket,
+        user: &str,
+        ask: Option<(u64, &str)>,
+        conn: (usize, u64),
+    ) {
         let user: Arc<str> = match self.users.get_key_value(user) {
             Some((name, _)) => name.clone(),
             None => Arc::from(user),
@@ -407,6 +449,7 @@ impl RedisEngine {
                 ticket,
                 user: user.clone(),
                 ask: ask.map(|(seq, epoch)| (seq, epoch.to_owned())),
+                member: self.member(conn),
             }),
         };
         if self.feed.try_send(req).is_err() {
@@ -416,9 +459,17 @@ impl RedisEngine {
         self.users.entry(user).or_default().conns += 1;
     }
 
-    /// A connection of `user` on this node ended (or its open failed): the node stops
-    /// listening to the user with the last one.
-    pub(crate) fn release(&mut self, user: &str) {
+    /// A connection of `user` on this node ended (or its open failed): it stops
+    /// counting cluster-wide (`conn`), and the node stops listening to the user with
+    /// the last one.
+    pub(crate) fn release(&mut self, user: &str, conn: Option<(usize, u64)>) {
+        if let Some(conn) = conn {
+            let member = self.member(conn);
+            let _ = self.store.try_send(StoreRequest::Leave {
+                user: Arc::from(user),
+                member,
+            });
+        }
         let Some(local) = self.users.get_mut(user) else {
             return;
         };

@@ -33,6 +33,14 @@ pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// An idle connection is checked this often.
 const IDLE_PING: Duration = Duration::from_secs(1);
+/// A connection counts cluster-wide until its lease ends, unless its node renews it:
+/// the connections of a node that died stop counting within this.
+pub(super) const LEASE: Duration = Duration::from_secs(15);
+/// How often a node renews its connections' leases.
+pub(super) const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// Connections per lease renewal request.
+pub(super) const LEASES_PER_REQUEST: usize = 500;
+
 /// Ended run ids remembered per user (the refusal of events after a run ended).
 pub(super) const ENDED_RUNS_KEPT: usize = 1024;
 /// Entries the inbound stream keeps (`MAXLEN ~`): workers that fall this far behind
@@ -44,6 +52,7 @@ const OPEN_LUA: &str = include_str!("open.lua");
 const TOP_LUA: &str = include_str!("top.lua");
 const DUE_LUA: &str = include_str!("due.lua");
 const CANCEL_LUA: &str = include_str!("cancel.lua");
+const LEASE_LUA: &str = include_str!("lease.lua");
 
 /// What the store thread is asked.
 #[derive(Debug)]
@@ -70,7 +79,13 @@ pub(super) enum StoreRequest {
         ticket: Ticket,
         user: Arc<str>,
         ask: Option<(u64, String)>,
+        /// The connection as a member of the user's connections: `<node_id>\n<conn>`.
+        member: String,
     },
+    /// Renew the leases of this node's connections (every [`LEASE_RENEW`]).
+    Leases { members: Vec<(Arc<str>, String)> },
+    /// A connection ended: it stops counting.
+    Leave { user: Arc<str>, member: String },
     /// The user's epoch and top seq (after a pub/sub reconnect).
     Top { user: Arc<str> },
     /// Take up to `limit` runs whose deadline passed.
@@ -95,6 +110,7 @@ struct Link {
     top: String,
     due: String,
     cancel: String,
+    lease: String,
 }
 
 fn connect(shared: &Shared) -> redis::RedisResult<Link> {
@@ -111,7 +127,9 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
     let top = load(TOP_LUA)?;
     let due = load(DUE_LUA)?;
     let cancel = load(CANCEL_LUA)?;
+    let lease = load(LEASE_LUA)?;
     Ok(Link {
+        lease,
         con,
         publish,
         open,
@@ -222,7 +240,9 @@ fn unavailable(req: &StoreRequest) -> Raw {
         } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
         StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
         StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
-        StoreRequest::Cancel { .. } => Raw::Nothing,
+        StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
+            Raw::Nothing
+        }
     }
 }
 
@@ -311,7 +331,25 @@ fn run_batch(
                     .arg(s.run_idle_timeout_ms)
                     .arg(&**user);
             }
-            StoreRequest::Open { user, ask, .. } => {
+            StoreRequest::Leases { members } => {
+                let cmd = pipe.cmd("EVALSHA").arg(&link.lease).arg(members.len() * 2);
+                for (user, _) in members {
+                    let keys = UserKeys::new(&s.prefix, user);
+                    cmd.arg(keys.leases).arg(keys.conns);
+                }
+                cmd.arg(now + LEASE.as_millis() as u64).arg(now);
+                for (_, member) in members {
+                    cmd.arg(member.as_str());
+                }
+            }
+            StoreRequest::Leave { user, member } => {
+                // Its lease entry goes when the lease ends (the open script prunes).
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("ZREM").arg(&keys.conns).arg(member.as_str());
+            }
+            StoreRequest::Open {
+                user, ask, member, ..
+            } => {
                 let keys = UserKeys::new(&s.prefix, user);
                 let (asked, their_epoch, after) = match ask {
                     Some((after, epoch)) => ("1", epoch.as_str(), *after),
@@ -319,17 +357,25 @@ fn run_batch(
                 };
                 pipe.cmd("EVALSHA")
                     .arg(&link.open)
-                    .arg(3)
+                    .arg(5)
                     .arg(&keys.meta)
                     .arg(&keys.stream)
                     .arg(&keys.runs)
+                    .arg(&keys.conns)
+                    .arg(&keys.leases)
                     .arg(epochs.fresh())
                     .arg(s.replay_ttl_ms)
                     .arg(asked)
                     .arg(their_epoch)
                     .arg(after)
                     // `MAXLEN ~` may keep up to one stream node (100 entries) more.
-                    .arg(s.replay_events + 256);
+                    .arg(s.replay_events + 256)
+                    .arg(member.as_str())
+                    .arg(now)
+                    .arg(LEASE.as_millis() as u64)
+                    .arg(s.max_connections_per_user)
+                    .arg(if s.evict_oldest { "evict" } else { "" })
+                    .arg(super::keys::node_channel(&s.prefix, ""));
             }
             StoreRequest::Top { user } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -409,7 +455,9 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 None => Raw::Nothing,
             });
         }
-        StoreRequest::Cancel { .. } => return Some(Raw::Nothing),
+        StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
+            return Some(Raw::Nothing)
+        }
         StoreRequest::InboundGroups => {
             let groups = match value {
                 Value::Array(g) => !g.is_empty(),
@@ -486,7 +534,9 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
         }
         StoreRequest::Inbound { .. }
         | StoreRequest::InboundGroups
-        | StoreRequest::Cancel { .. } => None,
+        | StoreRequest::Cancel { .. }
+        | StoreRequest::Leases { .. }
+        | StoreRequest::Leave { .. } => None,
         StoreRequest::Due { .. } => {
             let mut due = Vec::new();
             for member in parts {

@@ -111,6 +111,9 @@ fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
         replay_ttl_ms: 600_000,
         max_active_runs_per_user: 3,
         run_idle_timeout_ms: 300_000,
+        node_id: "test-node".into(),
+        max_connections_per_user: 1000,
+        evict_oldest: true,
     };
     RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
 }
@@ -188,7 +191,7 @@ fn three_nodes_publish_to_one_user_and_every_listener_sees_one_contiguous_order(
     let mut nodes: Vec<RedisEngine> = (0..3).map(|_| node(&redis, 2000)).collect();
     // Nodes 0 and 1 hold a connection of "u"; node 2 only publishes.
     for (i, n) in nodes.iter_mut().take(2).enumerate() {
-        n.open(100 + i as u64, "u", None);
+        n.open(100 + i as u64, "u", None, (0, 100 + i as u64));
         let got = collect(n, |e| opened(e, 100 + i as u64).is_some());
         let (_, top, resume, _) = opened(&got, 100 + i as u64).unwrap();
         assert_eq!((top, resume), (0, &Resume::NotAsked));
@@ -250,16 +253,16 @@ fn resume_on_another_node_gets_exactly_what_was_missed_and_the_epoch_survives_a_
     drop(a);
 
     let mut b = node(&redis, 2000);
-    b.open(1, "v", None);
+    b.open(1, "v", None, (0, 1));
     let got = collect(&mut b, |e| opened(e, 1).is_some());
     let (epoch, top, resume, _) = opened(&got, 1).unwrap();
     assert_eq!((top, resume), (5, &Resume::NotAsked));
     let epoch = epoch.to_owned();
 
-    b.open(2, "v", Some((2, &epoch)));
-    b.open(3, "v", Some((2, "not-the-epoch")));
-    b.open(4, "v", Some((9, &epoch)));
-    b.open(5, "v", Some((5, &epoch)));
+    b.open(2, "v", Some((2, &epoch)), (0, 2));
+    b.open(3, "v", Some((2, "not-the-epoch")), (0, 3));
+    b.open(4, "v", Some((9, &epoch)), (0, 4));
+    b.open(5, "v", Some((5, &epoch)), (0, 5));
     let got = collect(&mut b, |e| (2..=5).all(|t| opened(e, t).is_some()));
     let (_, top, resume, replay) = opened(&got, 2).unwrap();
     assert_eq!((top, resume), (5, &Resume::Exact));
@@ -275,7 +278,7 @@ fn resume_on_another_node_gets_exactly_what_was_missed_and_the_epoch_survives_a_
 
     // A node started anew finds the same epoch and seq.
     let mut c = node(&redis, 2000);
-    c.open(1, "v", Some((4, &epoch)));
+    c.open(1, "v", Some((4, &epoch)), (0, 1));
     let got = collect(&mut c, |e| opened(e, 1).is_some());
     let (epoch_again, top, resume, replay) = opened(&got, 1).unwrap();
     assert_eq!(
@@ -315,7 +318,7 @@ fn events_after_the_run_ended_are_refused_cluster_wide() {
 fn a_paused_redis_answers_unavailable_within_the_timeout_and_the_engine_recovers() {
     let redis = RedisProcess::start();
     let mut a = node(&redis, 300);
-    a.open(1, "x", None);
+    a.open(1, "x", None, (0, 1));
     collect(&mut a, |e| opened(e, 1).is_some());
     a.publish(2, &event("x", None, "r1", EventKind::AgentStarted, 2));
     collect(&mut a, |e| published(e) == [(2, 1)]);
@@ -380,7 +383,7 @@ fn a_paused_redis_answers_unavailable_within_the_timeout_and_the_engine_recovers
 fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
     let mut redis = RedisProcess::start();
     let mut a = node(&redis, 300);
-    a.open(1, "y", None);
+    a.open(1, "y", None, (0, 1));
     let got = collect(&mut a, |e| opened(e, 1).is_some());
     let epoch = opened(&got, 1).unwrap().0.to_owned();
     for k in 0..3 {
@@ -396,8 +399,8 @@ fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
             .any(|e| matches!(e, EngineEvent::Gap { user } if &**user == "y"))
     });
     assert!(deliveries(&got, "y").is_empty());
-    a.release("y");
-    a.open(2, "y", Some((3, &epoch)));
+    a.release("y", None);
+    a.open(2, "y", Some((3, &epoch)), (0, 2));
     let got = collect(&mut a, |e| opened(e, 2).is_some());
     let (new_epoch, top, resume, _) = opened(&got, 2).unwrap();
     assert_ne!(new_epoch, epoch);
