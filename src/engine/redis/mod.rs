@@ -29,7 +29,8 @@
 //! `<= fed` is a duplicate (dropped), `fed + 1` is handed on, anything higher means
 //! pub/sub lost messages: [`EngineEvent::Gap`] (the reactor closes the user's
 //! connections here with 1013; they resume from the stream). After the feed
-//! reconnects, each user's top seq and epoch are compared with `fed` the same way.
+//! reconnects, each user's top seq and epoch are compared with `fed`: another epoch, a
+//! higher top (lost messages) or a lower one (Redis restored an older copy) is a gap.
 //! An open answer whose epoch differs from the one the node knew also reports a gap
 //! first: the user's history was lost (Redis restarted without it).
 //!
@@ -520,7 +521,12 @@ impl RedisEngine {
                 Raw::Top { user, epoch, top } => {
                     if let Some(local) = self.users.get_mut(&user) {
                         if let Some(fed) = local.fed {
-                            if epoch != local.epoch || top > fed {
+                            // Above: pub/sub lost events. Below: Redis came back with
+                            // an older copy of the history (a persisted snapshot) and
+                            // will hand out seqs this node already delivered. (A
+                            // delivery that overtook this answer also reads as below:
+                            // a needless 1013 after a reconnect, never a loss.)
+                            if epoch != local.epoch || top != fed {
                                 local.fed = None;
                                 local.early.clear();
                                 self.ready.push_back(EngineEvent::Gap { user });
