@@ -80,6 +80,9 @@ pub(crate) enum EngineEvent {
     Published { ticket: Ticket, seq: u64 },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
+    /// An open refused: the user already has `max_connections_per_user` connections
+    /// on all nodes (`per_user_policy = reject`); answered 429.
+    OpenRejected { ticket: Ticket },
     /// Another node's open evicted this node's connection `(key, serial)`
     /// (`max_connections_per_user` with `evict_oldest`, cluster-wide): close it 4002.
     Evict { key: usize, serial: u64 },
@@ -165,9 +168,6 @@ pub(crate) enum Cursor {
     /// Takes every event routed to it (the memory engine: routing is synchronous).
     #[default]
     Live,
-    /// Its open is not answered yet: it takes no event and is not read (the
-    /// `connected` frame comes first).
-    Waiting,
     /// Takes deliveries with a seq above this (what its open answer covered).
     After(u64),
 }

@@ -1,5 +1,5 @@
 //! The reactor's side of an engine that answers later (the Redis engine,
-//! [`crate::engine`]): opening a session whose `connected` frame waits for the
+//! [`crate::engine`]): opening a session whose 101 and `connected` frame wait for the
 //! engine's answer, the publish API's answer that waits for the store, and every
 //! [`EngineEvent`] the loop drains after the engine's wake (deliveries to this node's
 //! connections, gaps, outages). Nothing here runs under the memory engine: its calls
@@ -51,8 +51,22 @@ pub(super) struct PendingOpen {
     mode: Mode,
     thread: Option<Arc<str>>,
     token_exp: u64,
+    /// The admitted upgrade and the bytes read past its head: the 101 goes out with
+    /// the engine's answer.
+    up: http::Upgrade,
+    leftover: Vec<u8>,
     /// Deliveries of the user that came before the answer (the answer's top decides
     /// which of them the session still needs).
+    early: Vec<Delivered>,
+}
+
+/// A pending open once its session began (what `opened` still needs of it).
+struct OpenedSession {
+    id: ConnId,
+    user: Arc<str>,
+    mode: Mode,
+    thread: Option<Arc<str>>,
+    token_exp: u64,
     early: Vec<Delivered>,
 }
 
@@ -193,6 +207,12 @@ impl Reactor {
             }
             EngineEvent::RunsDue(due) => self.runs_due(due),
             EngineEvent::InboundConsumers(any) => self.waits.inbound_groups = any,
+            EngineEvent::OpenRejected { ticket } => {
+                let refusal = crate::http::Refusal::too_many(
+                    "per-user connection limit reached (on all nodes)",
+                );
+                self.open_refused(ticket, &refusal);
+            }
             EngineEvent::Evict { key, serial } => {
                 let id = ConnId { key, serial };
                 if self.session(id).is_some() {
@@ -218,14 +238,12 @@ impl Reactor {
                         self.send_error(p.id, ErrorCode::Busy, why, Some(&p.reference));
                     }
                 } else if ticket & OPEN_TICKET != 0 {
-                    if let Some(open) = self.waits.opens.remove(&ticket) {
-                        log::info!(
-                            "conn={} user={:?} open not answered by the engine: 1013",
-                            open.id.public_id(),
-                            open.user
-                        );
-                        self.close(open.id, CloseReason::Engine);
-                    }
+                    let refusal = crate::http::Refusal {
+                        status: 503,
+                        code: ErrorCode::EngineUnavailable,
+                        message: "the engine (Redis) did not answer in time; retry".into(),
+                    };
+                    self.open_refused(ticket, &refusal);
                 } else {
                     self.publish_answered(ticket, Outcome::Unavailable);
                 }
@@ -297,9 +315,13 @@ impl Reactor {
 
     // ------------------------------------------------------------------- open
 
-    /// Open a session under an engine that answers later: the 101 goes out now, the
-    /// session takes no event and is not read until the engine's answer brings its
-    /// `connected` frame ([`Reactor::opened`]).
+    /// Open a session under an engine that answers later: the upgrade is admitted
+    /// (token, origin, limits of this node) and the connection registered, then the
+    /// engine is asked (subscribe, count the user's connections on every node, read
+    /// the history); its answer brings the 101 and the `connected` frame together
+    /// ([`Reactor::opened`]), or a refusal (429 past `max_connections_per_user` with
+    /// `reject`, 503 `engine_unavailable`). Nothing is read from the connection
+    /// meanwhile.
     pub(super) fn open_session_engine(
         &mut self,
         id: ConnId,
@@ -314,14 +336,18 @@ impl Reactor {
             isolated: up.mode.is_isolated(),
         };
         let user_name = self.registry.entry(&claims.sub).name.clone();
+        // Registered now: it counts toward the per-user limit here and deliveries
+        // that come before the answer are held for it.
         self.registry.add_conn(&claims.sub, entry);
-        if !self.begin_session(id, &up, user_name.clone(), claims.exp, None, leftover) {
+        let Some(Phase::Http(st)) = live(&mut self.conns, id).map(|c| &mut c.phase) else {
             return;
-        }
-        if let Some(Phase::Open(s)) = live(&mut self.conns, id).map(|c| &mut c.phase) {
-            s.engine = Cursor::Waiting;
-        }
+        };
+        // Nothing more is read from it until the answer (`process_http` waits).
+        st.engine_wait = true;
         let ticket = OPEN_TICKET | id.serial;
+        let ask = up
+            .last_seq
+            .map(|n| (n, up.epoch.clone().unwrap_or_default()));
         self.waits.opens.insert(
             ticket,
             PendingOpen {
@@ -330,14 +356,39 @@ impl Reactor {
                 mode: up.mode,
                 thread,
                 token_exp: claims.exp,
+                up,
+                leftover,
                 early: Vec::new(),
             },
         );
-        let ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
         if let Some(redis) = self.engine.redis() {
+            let ask = ask.as_ref().map(|(n, e)| (*n, e.as_str()));
             redis.open(ticket, &user_name, ask, (id.key, id.serial));
         }
-        self.mark_dirty(id);
+    }
+
+    /// A connection closed while its open waited for the engine: it leaves the
+    /// registry and stops counting (called by `close` for every connection; a lookup
+    /// in an empty map under the memory engine).
+    pub(super) fn forget_pending_open(&mut self, id: ConnId) {
+        if self.waits.opens.is_empty() {
+            return;
+        }
+        if let Some(open) = self.waits.opens.remove(&(OPEN_TICKET | id.serial)) {
+            self.registry.remove_conn(&open.user, id, self.tick());
+            self.engine.release(&open.user, id);
+        }
+    }
+
+    /// An open the engine did not answer or refused: the upgrade is answered with
+    /// `refusal` instead of 101 (the connection never opened).
+    fn open_refused(&mut self, ticket: Ticket, refusal: &crate::http::Refusal) {
+        let Some(open) = self.waits.opens.get(&ticket) else {
+            return;
+        };
+        let id = open.id;
+        // `close` (through `refuse`) forgets the pending open.
+        self.refuse(id, refusal);
     }
 
     /// The engine's answer to an open: the `connected` frame, the replay, then the
@@ -353,6 +404,37 @@ impl Reactor {
     ) {
         let Some(open) = self.waits.opens.remove(&ticket) else {
             return;
+        };
+        if self.open_sessions >= self.s.config.max_connections {
+            self.waits.opens.insert(ticket, open);
+            let refusal = crate::http::Refusal::too_many("gateway connection limit reached");
+            return self.open_refused(ticket, &refusal);
+        }
+        let Some(Phase::Http(st)) = live(&mut self.conns, open.id).map(|c| &mut c.phase) else {
+            return;
+        };
+        st.engine_wait = false;
+        let id = open.id;
+        let user = open.user.clone();
+        let PendingOpen {
+            mode,
+            thread,
+            token_exp,
+            up,
+            leftover,
+            early,
+            ..
+        } = open;
+        if !self.begin_session(id, &up, user.clone(), token_exp, None, leftover) {
+            return;
+        }
+        let open = OpenedSession {
+            id,
+            user,
+            mode,
+            thread,
+            token_exp,
+            early,
         };
         // Runs started by isolated connections are theirs alone: not listed (as
         // under the memory engine); a thread-filtered connection sees its thread's.
@@ -457,7 +539,7 @@ impl Reactor {
             replay.len(),
             self.node_id
         );
-        // Frames the client sent meanwhile are buffered: read them now.
+        // Frames the client sent with or after its upgrade are buffered: read them now.
         self.read_ws(id);
     }
 
@@ -665,19 +747,19 @@ impl Reactor {
             let Some(conn) = live(&mut self.conns, target) else {
                 continue;
             };
+            // Its open waits for the engine's answer: held for it.
+            if let Some(open) = self.waits.opens.get_mut(&(OPEN_TICKET | target.serial)) {
+                if open.early.len() < EARLY_PER_OPEN {
+                    open.early.push(event.clone());
+                } else {
+                    overflow.push(target);
+                }
+                continue;
+            }
             let Phase::Open(session) = &mut conn.phase else {
                 continue;
             };
             match session.engine {
-                Cursor::Waiting => {
-                    if let Some(open) = self.waits.opens.get_mut(&(OPEN_TICKET | target.serial)) {
-                        if open.early.len() < EARLY_PER_OPEN {
-                            open.early.push(event.clone());
-                        } else {
-                            overflow.push(target);
-                        }
-                    }
-                }
                 Cursor::After(after) if event.seq <= after => {}
                 Cursor::After(_) | Cursor::Live => {
                     session.engine = Cursor::After(event.seq);
@@ -774,10 +856,7 @@ impl Reactor {
         let ids: Vec<ConnId> = u.conns.iter().map(|c| c.id).collect();
         for id in ids {
             // Those still waiting for their open get the engine's newer answer.
-            if self
-                .session(id)
-                .is_some_and(|s| s.engine != Cursor::Waiting)
-            {
+            if self.session(id).is_some() {
                 self.waits.gaps += 1;
                 self.close(id, CloseReason::Engine);
             }

@@ -621,6 +621,7 @@ impl Reactor {
     /// The one close path: unregister the session, queue the close frame, count and
     /// log the reason once, then let the output drain (bounded by a linger timer).
     pub(crate) fn close(&mut self, id: ConnId, reason: CloseReason) {
+        self.forget_pending_open(id);
         let linger_at = self.tick() + LINGER_MS;
         let Some(conn) = live(&mut self.conns, id) else {
             return;

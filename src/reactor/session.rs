@@ -264,13 +264,6 @@ impl Reactor {
         if self.input_exhausted(id) {
             return;
         }
-        // Not read before its `connected` frame (the engine's answer, engine_events.rs).
-        if self
-            .session(id)
-            .is_some_and(|s| s.engine == crate::engine::Cursor::Waiting)
-        {
-            return;
-        }
         let bytes_before = self.conn_mut(id).map_or(0, |c| c.bytes_in);
         let mut texts = Vec::new();
         let Some((ending, more)) = self.read_turn(id, |_, _, msg| match msg {

@@ -247,6 +247,9 @@ fn redis_paused_answers_503_and_degraded_then_everything_recovers_by_itself() {
         status == 503 && body["status"] == "degraded"
     });
     assert_eq!(n1.stats()["engine"]["connected"], false);
+    // A new connection is refused before its 101: its open cannot be answered.
+    let r = upgrade(n1.addr, "/ws", &[bearer(&token("pz-u3"))]);
+    assert_refusal(&r, 503, "engine_unavailable");
     let metrics = prometheus(&get(n1.addr, "/metrics").text());
     assert_eq!(metric(&metrics, "agentwire_engine_connected"), 0.0);
     c.ping_pong(); // the client stays connected
@@ -856,4 +859,37 @@ fn max_connections_per_user_counts_every_node_and_evicts_the_oldest_wherever_it_
     for c in [&mut second, &mut fourth, &mut fifth] {
         c.ping_pong();
     }
+}
+
+#[test]
+fn reject_refuses_a_connection_past_the_limit_counted_on_every_node() {
+    let redis = RedisServer::start();
+    let cfg = |name: &str| {
+        let mut c = redis_config(&redis, name);
+        c.max_connections_per_user = 2;
+        c.per_user_policy = agentwire::PerUserPolicy::Reject;
+        c
+    };
+    let n0 = TestGateway::start(cfg("n0"), Agent::None);
+    let n1 = TestGateway::start(cfg("n1"), Agent::None);
+    let mut a = n0.connect("rj-u1");
+    let mut b = n1.connect("rj-u1");
+    // One connection on n0: under its own limit, over the cluster's.
+    let r = upgrade(n0.addr, "/ws", &[bearer(&token("rj-u1"))]);
+    assert_refusal(&r, 429, "too_many_connections");
+    a.ping_pong();
+    b.ping_pong();
+    // The refused one did not count: after a close there is room again.
+    b.close();
+    let mut con = redis_con(&redis);
+    wait_until("the closed connection no longer counts", || {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg("agentwire:{u:rj-u1}:conns")
+            .query(&mut con)
+            .expect("ZCARD");
+        n == 1
+    });
+    let mut c = n0.connect("rj-u1");
+    c.ping_pong();
+    a.ping_pong();
 }

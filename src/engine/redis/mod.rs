@@ -86,8 +86,8 @@ pub(crate) struct RedisSettings {
     /// `max_connections_per_user`, counted over every node.
     pub max_connections_per_user: usize,
     /// `per_user_policy = evict_oldest`: an open past the limit evicts the user's
-    /// oldest connections wherever they are (4002). With `reject` the limit is
-    /// checked per node only (docs/CLUSTER.md).
+    /// oldest connections wherever they are (4002); else (`reject`) it is refused
+    /// ([`EngineEvent::OpenRejected`], 429).
     pub evict_oldest: bool,
 }
 

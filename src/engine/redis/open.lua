@@ -10,13 +10,14 @@
 -- ARGV[4] the client's epoch       ARGV[5] the client's last_seq
 -- ARGV[6] most entries returned
 -- ARGV[7] this connection's member   ARGV[8] now (ms)   ARGV[9] lease (ms)
--- ARGV[10] max_connections_per_user  ARGV[11] "evict" (evict_oldest) or "" (not here)
+-- ARGV[10] max_connections_per_user  ARGV[11] "evict" (evict_oldest) or "reject"
 -- ARGV[12] the node channels' prefix ("<prefix>:node:"): an evicted connection's node
 --          hears "<conn>" on its channel and closes it with 4002
 --
 -- Returns {epoch, top_seq, answer, entries, runs}: answer "n" (not asked), "e" (exact:
--- entries are every kept event after last_seq, oldest first) or "l" (lost); runs the
--- runs hash as {run_id, json, ...} (at most max_active_runs_per_user).
+-- entries are every kept event after last_seq, oldest first), "l" (lost) or "x"
+-- (refused: past max_connections_per_user with reject); runs the runs hash as
+-- {run_id, json, ...} (at most max_active_runs_per_user).
 local meta, stream = KEYS[1], KEYS[2]
 local runs = redis.call('HGETALL', KEYS[3])
 -- The user's connections on every node: leases that ended are of dead nodes.
@@ -33,6 +34,11 @@ redis.call('PEXPIRE', conns, 3 * lease)
 redis.call('PEXPIRE', leases, 3 * lease)
 local count = redis.call('ZCARD', conns)
 local max = tonumber(ARGV[10])
+if ARGV[11] == 'reject' and count > max then
+  redis.call('ZREM', conns, ARGV[7])
+  redis.call('ZREM', leases, ARGV[7])
+  return {'', 0, 'x', {}, {}}
+end
 if ARGV[11] == 'evict' and count > max then
   for _, m in ipairs(redis.call('ZRANGE', conns, 0, count - max - 1)) do
     if m ~= ARGV[7] then

@@ -374,7 +374,7 @@ fn run_batch(
                     .arg(now)
                     .arg(LEASE.as_millis() as u64)
                     .arg(s.max_connections_per_user)
-                    .arg(if s.evict_oldest { "evict" } else { "" })
+                    .arg(if s.evict_oldest { "evict" } else { "reject" })
                     .arg(super::keys::node_channel(&s.prefix, ""));
             }
             StoreRequest::Top { user } => {
@@ -502,6 +502,9 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
             let epoch: Arc<str> = Arc::from(text(parts.next()?)?);
             let top_seq = int(parts.next()?)?;
             let code = text(parts.next()?)?;
+            if code == "x" {
+                return Some(Raw::Event(EngineEvent::OpenRejected { ticket: *ticket }));
+            }
             let Value::Array(entries) = parts.next()? else {
                 return None;
             };
