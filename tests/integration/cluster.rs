@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -892,4 +892,40 @@ fn reject_refuses_a_connection_past_the_limit_counted_on_every_node() {
     let mut c = n0.connect("rj-u1");
     c.ping_pong();
     a.ping_pong();
+}
+
+#[test]
+fn live_connections_keep_counting_and_a_dead_nodes_stop_within_its_lease() {
+    let redis = RedisServer::start();
+    let limits = [
+        ("AGENTWIRE_MAX_CONNECTIONS_PER_USER", "2"),
+        ("AGENTWIRE_PER_USER_POLICY", "reject"),
+    ];
+    let at = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut a = BinaryNode::start_with(&redis, "ls-a", at(), &limits);
+    let b = BinaryNode::start_with(&redis, "ls-b", at(), &limits);
+    let mut on_a = connect(a.addr, "ls-u1");
+    let mut on_b = connect(b.addr, "ls-u1");
+    // Past one lease (15 s): the nodes renewed them (every 5 s), so they still count.
+    std::thread::sleep(Duration::from_secs(17));
+    on_a.ping_pong();
+    on_b.ping_pong();
+    let r = upgrade(b.addr, "/ws", &[bearer(&token("ls-u1"))]);
+    assert_refusal(&r, 429, "too_many_connections");
+    // Node a dies without a word: its connection stops counting when its lease ends.
+    a.kill9();
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let r = upgrade(b.addr, "/ws", &[bearer(&token("ls-u1"))]);
+        if r.status == 101 {
+            break;
+        }
+        assert_refusal(&r, 429, "too_many_connections");
+        assert!(
+            Instant::now() < deadline,
+            "a dead node's connection still counts"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    on_b.ping_pong();
 }

@@ -169,7 +169,8 @@ fn listen(
             Err(e) if e.is_timeout() => {
                 if last_ping.elapsed() >= PING_EVERY {
                     ps.set_read_timeout(Some(timeout))?;
-                    let _: String = ps.ping()?;
+                    // In subscribed mode the answer is ["pong", ""], not +PONG.
+                    let _: redis::Value = ps.ping()?;
                     ps.set_read_timeout(Some(POLL))?;
                     last_ping = Instant::now();
                 }

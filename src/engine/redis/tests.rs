@@ -406,3 +406,29 @@ fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
     assert_ne!(new_epoch, epoch);
     assert_eq!((top, resume), (0, &Resume::Lost));
 }
+
+#[test]
+fn leases_are_renewed_for_the_connections_given() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "ls", None, (7, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    let mut con = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    let score = |con: &mut redis::Connection| -> Option<f64> {
+        redis::cmd("ZSCORE")
+            .arg("awtest:{u:ls}:leases")
+            .arg("test-node\n7:1")
+            .query(con)
+            .expect("ZSCORE")
+    };
+    let first = score(&mut con).expect("the open leased it");
+    std::thread::sleep(Duration::from_millis(20));
+    a.renew_leases(vec![(Arc::from("ls"), (7, 1))]);
+    let until = Instant::now() + DEADLINE;
+    while score(&mut con) <= Some(first) {
+        assert!(Instant::now() < until, "lease not renewed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -147,8 +147,19 @@ impl BinaryNode {
 
     /// A node on `addr` (a restart on the address of a killed one).
     pub fn start_at(redis: &RedisServer, name: &str, addr: SocketAddr) -> BinaryNode {
+        BinaryNode::start_with(redis, name, addr, &[])
+    }
+
+    /// A node on `addr` with more settings (`AGENTWIRE_*` variables).
+    pub fn start_with(
+        redis: &RedisServer,
+        name: &str,
+        addr: SocketAddr,
+        settings: &[(&str, &str)],
+    ) -> BinaryNode {
         let child = Command::new(env!("CARGO_BIN_EXE_agentwire"))
             .env_clear()
+            .envs(settings.iter().copied())
             .env("AGENTWIRE_LISTEN", addr.to_string())
             .env("AGENTWIRE_JWT_SECRET", SECRET)
             .env("AGENTWIRE_PUBLISH_KEY", PUBLISH_KEY)
