@@ -275,6 +275,7 @@ impl Reactor {
             "round_trip_us_p50": c.round_trip_us_quantile(0.5),
             "round_trip_us_p99": c.round_trip_us_quantile(0.99),
             "reconnects": load(&c.reconnects),
+            "feed_losses": load(&c.feed_losses),
             "users_listened": redis.users_listened(),
             "opens_waiting": opens,
             "publish_requests_waiting": publishes,

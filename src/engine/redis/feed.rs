@@ -91,7 +91,10 @@ pub(super) fn run(
         }
         match listen(&shared, &mut con, &rx, &mut users, &store, &out, first) {
             Ok(()) => return,
-            Err(e) => log::warn!("redis feed: connection lost: {e}"),
+            Err(e) => {
+                shared.counters.feed_losses.fetch_add(1, Ordering::Relaxed);
+                log::warn!("redis feed: connection lost: {e}");
+            }
         }
         down_since = Instant::now();
         first = false;

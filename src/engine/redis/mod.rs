@@ -111,6 +111,8 @@ pub(crate) struct EngineCounters {
     pub round_trip_us_max: AtomicU64,
     /// Times the store thread's connection came back after a loss.
     pub reconnects: AtomicU64,
+    /// Times the feed thread's pub/sub connection was lost.
+    pub feed_losses: AtomicU64,
     /// Pipelines by round-trip time: bucket `i` counts times below `2^i` us (the last
     /// bucket: anything longer).
     pub round_trip_buckets: [AtomicU64; ROUND_TRIP_BUCKETS],

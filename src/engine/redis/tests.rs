@@ -432,3 +432,20 @@ fn leases_are_renewed_for_the_connections_given() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Regression: the feed's idle PING expected `+PONG` while a subscribed connection
+/// answers `["pong", ""]`, and the feed reconnected after every idle second.
+#[test]
+fn an_idle_feed_keeps_its_connection() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "idle", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    // Three idle pings.
+    std::thread::sleep(Duration::from_millis(3500));
+    let losses = a
+        .counters()
+        .feed_losses
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(losses, 0, "the feed lost its connection while idle");
+}
