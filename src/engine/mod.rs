@@ -20,32 +20,37 @@
 //!   the caller gave (a connection id, an HTTP request id).
 //!
 //! The node-local part of a user's state (which of this node's connections belong to the
-//! user, with their thread filter and mode) is the reactor's under both engines: the
-//! [`Registry`] keeps it. Under the Redis engine the registry's kept events and `seq`
-//! become this node's cache of what Redis delivered; under the memory engine they are
-//! the state itself.
+//! user, with their thread filter and mode, and the runs its `user_message`s acked) is
+//! the reactor's under both engines: the [`Registry`] keeps it. Under the memory engine
+//! the registry also holds the shared state itself; under the Redis engine that is in
+//! Redis only (the node keeps no copy of the history).
 //!
 //! The calls:
-//! - `publish(event)`: the event takes the user's next `seq` and is kept for replay, or
-//!   is refused (ended run, too many runs). Memory: `Done` with the routed frame and
-//!   the user (for its targets). Redis: `Pending`; then
-//!   [`EngineEvent::Published`] (stored, with its seq: the publish API answers 202, an
-//!   emit is done) or [`EngineEvent::Unavailable`] (503 `engine_unavailable`). The
-//!   frame itself reaches every node holding a connection of the user as an
-//!   [`EngineEvent::Delivery`] `{user, seq, frame}`, this node included.
-//! - `open(user, resume)`: the epoch, the top seq and what a resuming connection is
-//!   owed. Memory: `Done` from the registry. Redis: `Pending`; the node subscribes to
-//!   the user first, then reads the user's stream after `last_seq`
-//!   ([`EngineEvent::Opened`]); deliveries whose seq was replayed are dropped.
-//! - `release(user)`: the user's last connection on this node left (Redis:
-//!   unsubscribe).
+//! - `publish(event)` ([`Engine::publish`]): the event takes the user's next `seq` and
+//!   is kept for replay, or is refused (ended run, too many runs). Memory: `Done` with
+//!   the routed frame and the user (for its targets). Redis: `Pending`; then
+//!   [`EngineEvent::Published`] (stored, with its seq: the publish API answers 202),
+//!   [`EngineEvent::Refused`] / [`EngineEvent::TooManyRuns`] / [`EngineEvent::Repeat`],
+//!   or [`EngineEvent::Unavailable`] (503 `engine_unavailable`). The frame itself
+//!   reaches every node holding a connection of the user as an
+//!   [`EngineEvent::Delivery`], this node included.
+//! - open: the epoch, the top seq and what a resuming connection is owed. Memory: from
+//!   the registry, at once (`reactor/session.rs`, as before). Redis: the node subscribes
+//!   to the user first, then the store counts the user's connections on every node and
+//!   reads the stream after `last_seq` ([`EngineEvent::Opened`], or
+//!   [`EngineEvent::OpenRejected`] / `Unavailable`); the 101 goes out with that answer.
+//! - `release(user, conn)` ([`Engine::release`]): a connection ended (Redis: it stops
+//!   counting; the user's last one here unsubscribes).
 //!
-//! Gaps: a [`EngineEvent::Delivery`] whose seq is not the next one the node has for
-//! the user means pub/sub lost messages (it is at most once); the engine fills the gap
-//! from the stream or reports [`EngineEvent::Gap`], and the reactor closes the user's
-//! connections here with 1013 so that they resume.
+//! Where the two shapes differ (opening a session, the publish API's answer) the reactor
+//! branches once, on whether the engine answers later ([`Engine::redis`]), into
+//! `reactor/engine_events.rs`; the memory engine's paths are the ones it had.
 //!
-//! The reactor's side of the Redis engine's events is `reactor/engine_events.rs`.
+//! Gaps: a [`EngineEvent::Delivery`] whose seq is not the next one the node has for the
+//! user means pub/sub lost messages (it is at most once); the engine reports
+//! [`EngineEvent::Gap`] and the reactor closes the user's connections here with 1013 so
+//! that they resume from the stream (filling the gap from the stream instead is not
+//! built).
 
 pub(crate) mod memory;
 pub(crate) mod redis;
