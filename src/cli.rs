@@ -397,9 +397,9 @@ mod tests {
                 "listen" => "0.0.0.0:1",
                 "admin_listen" => "127.0.0.1:42",
                 "jwt_algorithm" => "HS256",
-                "jwt_secret" | "publish_key" | "inbound_key" | "jwt_issuer" | "jwt_audience" => {
-                    SECRET
-                }
+                "jwt_secret" | "publish_key" | "inbound_key" | "jwt_issuer" | "jwt_audience"
+                | "redis_url" | "redis_prefix" | "node_id" => SECRET,
+                "engine" => "memory",
                 "inbound_url" => "http://127.0.0.1:9/inbound",
                 // Alone they fail the start (TLS needs both): shown unset.
                 "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => "",
@@ -419,7 +419,7 @@ mod tests {
             };
             let json = c.to_public_json(false);
             match s.name {
-                "jwt_secret" | "publish_key" | "inbound_key" => {
+                "jwt_secret" | "publish_key" | "inbound_key" | "redis_url" => {
                     assert_eq!(json[format!("{}_set", s.name)], true)
                 }
                 "inbound_url" => assert_eq!(json[s.name], value),
@@ -427,7 +427,7 @@ mod tests {
                     assert!(json[s.name].is_null())
                 }
                 "listen" | "admin_listen" | "jwt_algorithm" | "jwt_issuer" | "jwt_audience"
-                | "per_user_policy" | "log_format" => {
+                | "per_user_policy" | "log_format" | "engine" | "redis_prefix" | "node_id" => {
                     assert_eq!(json[s.name], value, "{}", s.name)
                 }
                 "allow_query_token" | "demo_agent" | "dev" => {

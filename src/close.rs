@@ -43,12 +43,16 @@ pub enum CloseReason {
     OverBudget,
     /// The user was revoked: `POST /api/users/{user_id}/disconnect` (4004).
     Revoked,
+    /// The engine cannot vouch for this connection's stream (1013): Redis did not
+    /// answer its open, or events of its user were lost to this node (pub/sub gap,
+    /// history gone); the client resumes and gets them or `resumed:false`.
+    Engine,
 }
 
 impl CloseReason {
     /// Every reason, in counter order (`Stats` indexes its close counters by
     /// discriminant).
-    pub const ALL: [CloseReason; 18] = [
+    pub const ALL: [CloseReason; 19] = [
         CloseReason::ClientClosed,
         CloseReason::ConnectionReset,
         CloseReason::IoError,
@@ -67,6 +71,7 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::OverBudget,
         CloseReason::Revoked,
+        CloseReason::Engine,
     ];
 
     /// The reason for an I/O error of kind `kind`.
@@ -100,6 +105,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::OverBudget => "pending_total_budget",
             CloseReason::Revoked => "revoked",
+            CloseReason::Engine => "engine",
         }
     }
 
@@ -119,6 +125,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => (1013, "slow consumer"),
             CloseReason::OverBudget => (1013, "gateway output budget exceeded"),
             CloseReason::Revoked => (4004, "revoked"),
+            CloseReason::Engine => (1013, "events missed or engine unavailable: resume"),
             _ => return None,
         })
     }

@@ -264,6 +264,9 @@ pub struct HttpState {
     pub again_queued: bool,
     /// The client shut its side down: answer what is complete, then close.
     pub eof: bool,
+    /// A publish request waits for the engine's answer (Redis engine): no other
+    /// request of the connection is answered before it.
+    pub engine_wait: bool,
 }
 
 /// An open WebSocket session of one user.
@@ -299,6 +302,8 @@ pub struct Session {
     /// live or replayed, goes through it); `None` for agentwire JSON, whose frames are
     /// queued as shared.
     pub agui: Option<Box<crate::agui::Stream>>,
+    /// Its place in the user's stream under an engine that answers later (Redis).
+    pub engine: crate::engine::Cursor,
 }
 
 /// One connection in the reactor's slab.

@@ -93,6 +93,10 @@ pub enum EmitError {
     /// happens on the reactor); every later emit of the handle returns this.
     #[error("too many active runs (max_active_runs_per_user / max_active_runs); run refused")]
     TooManyRuns,
+    /// The Redis engine could not reach Redis for the whole retry window
+    /// ([`Emitter::max_wait`]): the event was not sent (PROTOCOL.md section 9).
+    #[error("engine (Redis) unavailable for {0:?}; event not sent")]
+    EngineUnavailable(Duration),
 }
 
 /// Cloneable, thread-safe handle for emitting events into the gateway.
@@ -101,13 +105,21 @@ pub struct Emitter {
     tx: Sender<Command>,
     wake: Arc<WakeSignal>,
     max_wait: Duration,
+    /// Raised by the Redis engine while Redis is unreachable (never under the memory
+    /// engine): events wait for it within `max_wait`, then fail.
+    engine_down: Arc<AtomicBool>,
 }
 
 impl Emitter {
-    pub(crate) fn new(tx: Sender<Command>, wake: Arc<WakeSignal>) -> Emitter {
+    pub(crate) fn new(
+        tx: Sender<Command>,
+        wake: Arc<WakeSignal>,
+        engine_down: Arc<AtomicBool>,
+    ) -> Emitter {
         Emitter {
             tx,
             wake,
+            engine_down,
             max_wait: Duration::from_secs(2),
         }
     }
@@ -158,6 +170,9 @@ impl Emitter {
         let mut cmd = cmd;
         let mut backoff = Duration::from_micros(50);
         let started = Instant::now();
+        if matches!(cmd, Command::Event(_)) {
+            self.wait_for_engine(started)?;
+        }
         loop {
             match self.tx.try_send(cmd) {
                 Ok(()) => {
@@ -178,6 +193,21 @@ impl Emitter {
                 }
             }
         }
+    }
+
+    /// While the engine reports Redis unreachable, wait (backing off) within
+    /// `max_wait` from `started`; then [`EmitError::EngineUnavailable`].
+    fn wait_for_engine(&self, started: Instant) -> Result<(), EmitError> {
+        let mut backoff = Duration::from_millis(1);
+        while self.engine_down.load(Ordering::Acquire) {
+            let waited = started.elapsed();
+            if waited >= self.max_wait {
+                return Err(EmitError::EngineUnavailable(waited));
+            }
+            std::thread::sleep(backoff.min(self.max_wait - waited));
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// Ask the gateway to shut down gracefully (close 1001 to every client, flush

@@ -320,6 +320,13 @@ impl Event {
         frame.freeze()
     }
 
+    /// The JSON body before and after the `seq` digits (the Redis engine's publish
+    /// script puts the seq Redis assigns between them).
+    pub fn around_seq(&self) -> (Bytes, Bytes) {
+        let split = self.split.min(self.body.len());
+        (self.body.slice(..split), self.body.slice(split..))
+    }
+
     /// Length of the JSON body with a seq of `seq_digits` digits (for stats).
     pub fn json_len(&self) -> usize {
         self.body.len()

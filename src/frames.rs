@@ -51,6 +51,8 @@ pub enum ErrorCode {
     /// `max_revoked_users` users are revoked already: a revocation with `until` is
     /// refused, nothing done (503; `POST /api/users/{user_id}/disconnect`).
     TooManyRevocations,
+    /// The engine (Redis) did not answer within `redis_timeout_ms` (503).
+    EngineUnavailable,
 }
 
 impl ErrorCode {
@@ -78,6 +80,7 @@ impl ErrorCode {
             ErrorCode::TooManyRuns => "too_many_runs",
             ErrorCode::Internal => "internal",
             ErrorCode::TooManyRevocations => "too_many_revocations",
+            ErrorCode::EngineUnavailable => "engine_unavailable",
         }
     }
 }
@@ -151,6 +154,9 @@ pub struct Connected<'a> {
     /// Present (`true`) only when `active_runs` was cut to its maximum.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub active_runs_truncated: bool,
+    /// The node's name (Redis engine only, PROTOCOL.md section 9); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<&'a str>,
 }
 
 /// One run in progress listed by `connected`.
@@ -323,6 +329,7 @@ mod tests {
                 last_type: "agent_started",
             }],
             active_runs_truncated,
+            node_id: None,
         }
     }
 

@@ -46,10 +46,11 @@
 //! `admin_listen` the admin endpoints move to a second listener on the same loop
 //! (`http::Port`). Heartbeats, handshake deadlines, token expiry and lingering closes run on
 //! a hashed timer wheel (`timer_wheel`). Per-user state (connections, seq, replay
-//! buffer, runs) lives in the `registry`. With `inbound_url` set, `user_message` and
-//! `cancel` go to the workers as HTTP POSTs from threads of their own (`webhook`,
-//! answered back to the loop through a channel and its waker) instead of the inbound
-//! channel.
+//! buffer, runs) lives in the `registry`, the memory engine; `engine` is the boundary
+//! the reactor calls, with the Redis engine behind it for several nodes (PROTOCOL.md
+//! section 9, docs/CLUSTER.md). With `inbound_url` set, `user_message` and `cancel` go
+//! to the workers as HTTP POSTs from threads of their own (`webhook`, answered back to
+//! the loop through a channel and its waker) instead of the inbound channel.
 //!
 //! # Library use
 //!
@@ -88,6 +89,7 @@ pub(crate) mod conn;
 pub mod demo;
 pub(crate) mod demo_page;
 pub(crate) mod emitter;
+pub(crate) mod engine;
 pub(crate) mod event;
 pub(crate) mod frames;
 pub(crate) mod http;
@@ -333,7 +335,7 @@ impl Gateway {
             config.tls_key_file.as_deref(),
         )?;
         let poll = Poll::new()?;
-        let listener = bind(config.listen).map_err(|source| Error::Bind {
+        let listener = bind(config.listen, config.reuse_port).map_err(|source| Error::Bind {
             addr: config.listen,
             source,
         })?;
@@ -343,7 +345,7 @@ impl Gateway {
         let local_addr = listener.local_addr()?;
         let mut admin_listener = match config.admin_listen {
             Some(addr) => Some(TcpListener::from_std(
-                bind(addr).map_err(|source| Error::Bind { addr, source })?,
+                bind(addr, false).map_err(|source| Error::Bind { addr, source })?,
             )),
             None => None,
         };
@@ -377,6 +379,8 @@ impl Gateway {
             ws_config,
             config_json,
         };
+        let engine_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let engine = start_engine(&settings.config, &wake, &engine_down)?;
         let mut reactor = Reactor::new(
             poll,
             listener,
@@ -390,9 +394,12 @@ impl Gateway {
             epoch.clone(),
         );
         reactor.set_webhook(webhook);
+        if let Some((engine, node_id)) = engine {
+            reactor.use_engine(engine, node_id);
+        }
         Ok(Gateway {
             reactor,
-            emitter: Emitter::new(tx, wake),
+            emitter: Emitter::new(tx, wake, engine_down),
             inbound: Some(in_rx),
             local_addr,
             admin_addr,
@@ -557,11 +564,56 @@ impl GatewayHandle {
     }
 }
 
-/// Bind with a large backlog (mio's `bind` uses 128) and SO_REUSEADDR.
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// The Redis engine and this node's name when `engine = "redis"` (its threads start
+/// here; they connect on their own); `None` for the memory engine.
+fn start_engine(
+    config: &Config,
+    wake: &Arc<WakeSignal>,
+    engine_down: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Option<(engine::Engine, Arc<str>)>, Error> {
+    if config.engine != config::EngineKind::Redis {
+        return Ok(None);
+    }
+    let node_id: Arc<str> = match &config.node_id {
+        Some(id) => Arc::from(id.as_str()),
+        None => Arc::from(format!("n-{}", reactor::new_epoch())),
+    };
+    let settings = engine::redis::RedisSettings {
+        url: config.redis_url.clone().unwrap_or_default(),
+        prefix: config.redis_prefix.clone().unwrap_or_default(),
+        timeout: std::time::Duration::from_millis(config.redis_timeout_ms),
+        replay_events: config.replay_events,
+        replay_ttl_ms: config.replay_ttl_ms,
+        max_active_runs_per_user: config.max_active_runs_per_user,
+        run_idle_timeout_ms: config.run_idle_timeout_ms,
+        node_id: node_id.to_string(),
+        max_connections_per_user: config.max_connections_per_user,
+        evict_oldest: config.per_user_policy == config::PerUserPolicy::EvictOldest,
+    };
+    let wake = Arc::clone(wake);
+    let redis = engine::redis::RedisEngine::start(
+        settings,
+        Arc::new(move || wake.wake()),
+        Arc::clone(engine_down),
+    )
+    .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    log::info!(
+        "engine redis: node_id={node_id} prefix={:?}",
+        config.redis_prefix
+    );
+    Ok(Some((engine::Engine::Redis(Box::new(redis)), node_id)))
+}
+
+/// Bind with a large backlog (mio's `bind` uses 128) and SO_REUSEADDR; with
+/// `reuse_port` also SO_REUSEPORT (several nodes on one machine share the address and
+/// the kernel spreads connections over them).
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;

@@ -10,8 +10,10 @@
 #   1. target/test-venv: a Python venv (python3 -m venv) holding the pinned packages of
 #      tools/requirements-test.txt; reinstalled only when that file changes (also with
 #      --quick: the TLS integration tests drive Python's websockets from it, through
-#      AGENTWIRE_TEST_PYTHON). curl (the TLS integration tests) is installed with
-#      apt-get when missing.
+#      AGENTWIRE_TEST_PYTHON).
+#   1b. Debian packages the tests need, installed with apt-get when missing
+#      (tools/lib/apt.sh): curl (the TLS integration tests, the README's snippets) and
+#      redis-server (the Redis engine's tests).
 #   2. cargo test --all-targets --no-fail-fast (unit, integration, bins, benches in test
 #      mode), then cargo test --doc (--all-targets leaves doc tests out).
 #   3. cargo build --release, then tests/interop/test_interop.py against
@@ -199,16 +201,23 @@ else
     summary+=("python venv: FAILED")
 fi
 
-# curl, for tests/integration/tls.rs (Debian's package, when missing and root).
-if ! command -v curl >/dev/null; then
-    step "installing curl (apt-get)"
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq && apt-get install -y -qq --no-install-recommends curl ca-certificates ||
-            echo "tools/test.sh: apt-get install curl failed; the TLS curl test will fail" >&2
+# 1b. Debian packages (tools/lib/apt.sh: apt-get when missing, one update per run):
+# curl for tests/integration/tls.rs and the README's snippets, redis-server for the Redis
+# engine's tests (src/engine/redis, tests/integration/cluster*.rs, clients/python start
+# their own on free ports). A package that cannot be installed is one failure.
+step "Debian packages: curl, redis-server"
+# shellcheck source=lib/apt.sh
+. "$ROOT/tools/lib/apt.sh"
+for pair in curl:curl redis-server:redis-server; do
+    cmd=${pair%%:*} pkg=${pair#*:}
+    if (fail() { echo "tools/test.sh: $*" >&2; exit 1; }; need_command "$cmd" "$pkg"); then
+        echo "$cmd: $(command -v "$cmd")"
     else
-        echo "tools/test.sh: curl is missing and cannot be installed here (not root or no apt-get)" >&2
+        failed=$((failed + 1))
+        failures+=("$pkg: missing and not installed (apt-get install $pkg)")
+        summary+=("$pkg: missing")
     fi
-fi
+done
 
 # 2. Rust tests: unit, integration, bins, benches in test mode; then doc tests.
 step "cargo test --all-targets --no-fail-fast"

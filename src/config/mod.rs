@@ -72,7 +72,7 @@ mod tests;
 
 pub use load::{ConfigError, Source};
 pub use setting::{Setting, SettingKind};
-pub use value::{LogFormat, PerUserPolicy};
+pub use value::{EngineKind, LogFormat, PerUserPolicy};
 
 use load::invalid_value;
 use setting::{env_name, flag_name};
@@ -88,6 +88,9 @@ pub const ENV_CONFIG_FILE: &str = "AGENTWIRE_CONFIG";
 /// Shortest accepted HS256 `jwt_secret` and `publish_key`, in bytes: shorter ones are
 /// refused by [`Config::validate`]. (`Authenticator` warns below 32 bytes of `jwt_secret`.)
 pub const MIN_ACCEPTED_SECRET_BYTES: usize = 16;
+
+/// `redis_url` unless set.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 const DAY_MS: u64 = 86_400_000;
 const GIB: u64 = 1 << 30;
@@ -259,6 +262,31 @@ settings! {
         /// Allow dev mode (no JWT key) on a listen address that is not loopback. Default false.
         dev: bool = false, Bool,
             "Allow dev mode (no JWT key) on a listen address that is not loopback";
+        /// Where users' seq, epoch, kept events and ended runs live: `memory` (this
+        /// process) or `redis` (shared by every node; PROTOCOL.md section 9). Default memory.
+        engine: EngineKind = EngineKind::Memory, Engine,
+            "Where users' shared state lives: memory (this process) or redis (every node)";
+        /// `redis://[user:password@]host:port[/db]` of the Redis engine (a secret: it may
+        /// hold a password). Default `redis://127.0.0.1:6379`.
+        redis_url: Option<String> = Some(DEFAULT_REDIS_URL.to_owned()), Secret,
+            "Redis of the redis engine: redis://[user:password@]host:port[/db]",
+            shown "redis://127.0.0.1:6379";
+        /// Prefix of every Redis key and channel (several gateways can share one Redis).
+        /// Default `agentwire`.
+        redis_prefix: Option<String> = Some("agentwire".to_owned()), Text,
+            "Prefix of every Redis key and channel";
+        /// This node's name in logs, stats and the `connected` frame. Default none: random
+        /// at start.
+        node_id: Option<String> = None, Text,
+            "This node's name in logs, stats and connected frames", shown "random at start";
+        /// A Redis call not answered within this counts as Redis unavailable, in
+        /// milliseconds. Default 2000.
+        redis_timeout_ms: u64 = 2_000, Integer(1, 600_000),
+            "A Redis call not answered within this means Redis is unavailable, in milliseconds";
+        /// Bind with `SO_REUSEPORT`, so several nodes on one machine share `listen`.
+        /// Default false.
+        reuse_port: bool = false, Bool,
+            "Bind with SO_REUSEPORT (several nodes on one machine share listen)";
     }
 }
 
@@ -455,6 +483,46 @@ impl Config {
                         message: format!("required when jwt_algorithm is {}", alg.as_str()),
                     });
                 }
+            }
+        }
+        if self.engine == EngineKind::Redis {
+            self.validate_redis()?;
+        }
+        Ok(())
+    }
+
+    /// The Redis engine's settings: a `redis://` URL (TLS to Redis is not supported
+    /// yet), a prefix, and a `node_id` of at most 64 printable ASCII bytes.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let bad = |name, message: &str| ConfigError::Inconsistent {
+            name,
+            message: message.to_owned(),
+        };
+        match self.redis_url.as_deref() {
+            None => return Err(bad("redis_url", "required when engine is redis")),
+            Some(url) if url.starts_with("rediss://") => {
+                return Err(bad(
+                    "redis_url",
+                    "rediss:// (TLS to Redis) is not supported yet; use redis://",
+                ))
+            }
+            Some(url) if !url.starts_with("redis://") => {
+                return Err(bad(
+                    "redis_url",
+                    "expected redis://[user:password@]host:port[/db]",
+                ))
+            }
+            Some(_) => {}
+        }
+        if self.redis_prefix.is_none() {
+            return Err(bad("redis_prefix", "required when engine is redis"));
+        }
+        if let Some(node) = self.node_id.as_deref() {
+            if node.len() > 64 || !node.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad(
+                    "node_id",
+                    "expected 1 to 64 printable ASCII characters without spaces",
+                ));
             }
         }
         Ok(())

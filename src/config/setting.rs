@@ -39,6 +39,8 @@ pub enum SettingKind {
     Policy,
     /// `text` or `json`.
     LogFormat,
+    /// `memory` or `redis`.
+    Engine,
     /// A decimal integer within `min..=max`.
     Integer {
         /// Smallest accepted value.
@@ -72,6 +74,7 @@ impl SettingKind {
             }
             Self::Policy => "expected evict_oldest or reject".into(),
             Self::LogFormat => "expected text or json".into(),
+            Self::Engine => "expected memory or redis".into(),
             Self::Integer { min, max } => format!("expected {}", integer_range(*min, *max)),
             Self::OptionalInteger { min, max } => {
                 format!("expected none or {}", integer_range(*min, *max))
@@ -143,6 +146,7 @@ impl Setting {
             SettingKind::Origins => "ORIGINS",
             SettingKind::Policy => "POLICY",
             SettingKind::LogFormat => "FORMAT",
+            SettingKind::Engine => "ENGINE",
             SettingKind::Integer { .. } => "N",
             SettingKind::OptionalInteger { .. } => "N|none",
         }

@@ -44,6 +44,7 @@ fn sample(name: &str) -> String {
         "shutdown_grace_ms" => "0",
         "demo_agent" => "true",
         "inbound_url" => "https://worker.example:8443/agentwire/inbound",
+        "engine" => "redis",
         _ => return generic_sample(name),
     };
     sample.to_owned()
@@ -908,4 +909,46 @@ fn inbound_url_is_checked_at_start() {
         err.contains("inbound_key") && err.contains("16 bytes"),
         "{err}"
     );
+}
+
+#[test]
+fn the_redis_engine_needs_a_redis_url_and_a_prefix_and_a_plain_node_id() {
+    let mut c = Config {
+        jwt_secret: Some(SECRET.into()),
+        ..Config::default()
+    };
+    assert_eq!(c.engine, EngineKind::Memory);
+    c.set("engine", " Redis ").unwrap();
+    assert_eq!(c.engine, EngineKind::Redis);
+    c.validate()
+        .expect("the defaults are valid with engine redis");
+    let fails_on = |c: &Config| match c.validate() {
+        Err(ConfigError::Inconsistent { name, .. }) => name,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    c.set("redis_url", "rediss://h:6380").unwrap();
+    assert_eq!(fails_on(&c), "redis_url");
+    c.set("redis_url", "http://h").unwrap();
+    assert_eq!(fails_on(&c), "redis_url");
+    c.set("redis_url", "").unwrap();
+    assert_eq!(fails_on(&c), "redis_url");
+    c.set("redis_url", "redis://:pw@h:6380/2").unwrap();
+    c.set("redis_prefix", "").unwrap();
+    assert_eq!(fails_on(&c), "redis_prefix");
+    c.set("redis_prefix", "gw1").unwrap();
+    c.set("node_id", "has space").unwrap();
+    assert_eq!(fails_on(&c), "node_id");
+    c.set("node_id", "node-1").unwrap();
+    c.validate().unwrap();
+    assert!(c.set("engine", "etcd").is_err());
+    assert!(c.set("redis_timeout_ms", "0").is_err());
+    // The URL may hold a password: /ws/config says only whether it is set.
+    let public = c.to_public_json(false);
+    assert_eq!(public["redis_url_set"], true);
+    assert!(public.get("redis_url").is_none());
+    assert_eq!(public["engine"], "redis");
+    // The memory engine does not look at the Redis settings.
+    c.set("engine", "memory").unwrap();
+    c.set("node_id", "has space").unwrap();
+    c.validate().unwrap();
 }

@@ -96,6 +96,45 @@ impl FromStr for LogFormat {
     }
 }
 
+/// Where users' shared state lives (`engine`, PROTOCOL.md section 9).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EngineKind {
+    /// This process alone (`memory`, the default).
+    #[default]
+    Memory,
+    /// Redis, shared by every node (`redis`).
+    Redis,
+}
+
+impl EngineKind {
+    /// The configuration spelling: `memory` or `redis`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EngineKind {
+    type Err = String;
+
+    /// Accepts `memory` and `redis`, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "memory" => Ok(Self::Memory),
+            "redis" => Ok(Self::Redis),
+            _ => Err(format!("unknown engine {s:?}")),
+        }
+    }
+}
+
 /// A field of the settings table, seen by the generic code (set, validate, `Debug`,
 /// `--help`, `/ws/config`) through the row's accessors. One implementation per field type;
 /// the row's [`SettingKind`] says how the string form reads where a type serves several
@@ -214,7 +253,12 @@ macro_rules! named_value {
     )*};
 }
 
-named_value!(JwtAlgorithm => Algorithm, PerUserPolicy => Policy, LogFormat => LogFormat);
+named_value!(
+    JwtAlgorithm => Algorithm,
+    PerUserPolicy => Policy,
+    LogFormat => LogFormat,
+    EngineKind => Engine
+);
 
 /// `Secret` (verbatim) or `Text` (trimmed); empty unsets.
 impl Value for Option<String> {

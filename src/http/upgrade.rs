@@ -325,7 +325,7 @@ fn base64_value(c: u8) -> Option<u8> {
 /// of the last symbol zero), or `None` when it is not such base64.
 fn base64_decoded_len(s: &str) -> Option<usize> {
     let b = s.as_bytes();
-    if b.is_empty() || b.len() % 4 != 0 {
+    if b.is_empty() || !b.len().is_multiple_of(4) {
         return None;
     }
     let pad = b.iter().rev().take_while(|&&c| c == b'=').count();

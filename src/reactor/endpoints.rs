@@ -199,6 +199,10 @@ impl Reactor {
             if answered == HTTP_REQUESTS_PER_TURN {
                 break HttpTurn::Budget;
             }
+            if st.engine_wait {
+                // A publish waits for the engine: answers go out in request order.
+                break HttpTurn::Wait;
+            }
             let unread = st.buf.get(st.start..).unwrap_or_default();
             let (req, head_len) = match http::parse_head(unread) {
                 Ok(None) => break HttpTurn::Wait,
@@ -288,13 +292,17 @@ impl Reactor {
                     st.need = 0;
                     st.served += 1;
                     let keep = http::keep_alive(&req) && !last;
-                    let (status, answer) = match route {
+                    let answered = match route {
                         Route::DevToken => {
                             self.stats.http_requests += 1;
-                            self.s.demo.dev_token(&body)
+                            Some(self.s.demo.dev_token(&body))
                         }
-                        Route::Disconnect => self.disconnect(&req.path, &body),
-                        _ => self.publish(&body),
+                        Route::Disconnect => Some(self.disconnect(&req.path, &body)),
+                        _ => self.publish(&body, id, keep),
+                    };
+                    // None: the engine answers later (engine_events.rs).
+                    let Some((status, answer)) = answered else {
+                        break HttpTurn::Wait;
                     };
                     let resp = http::json_response(status, &answer, !keep, false, &[]);
                     self.respond_raw(id, resp, !keep);
@@ -386,7 +394,12 @@ impl Reactor {
         let head_only = req.method == Method::Head;
         match route {
             Route::Health => {
-                let status = if self.draining { 503 } else { 200 };
+                let engine_down = !self.waits.up;
+                let status = if self.draining || engine_down {
+                    503
+                } else {
+                    200
+                };
                 // Degraded (still 200: it serves) while accepts fail at the descriptor
                 // limit, with the reason.
                 let degraded = !self.draining && self.accept_degraded();
@@ -394,7 +407,7 @@ impl Reactor {
                 let body = Health {
                     status: if self.draining {
                         HealthStatus::Draining
-                    } else if degraded {
+                    } else if degraded || engine_down {
                         HealthStatus::Degraded
                     } else {
                         HealthStatus::Healthy
@@ -404,10 +417,14 @@ impl Reactor {
                     connections: self.open_sessions,
                     epoch: &epoch,
                     accept_failures: self.stats.accept_failures,
-                    reason: degraded.then_some(
-                        "accept failed within the last 10 s: file descriptor limit reached \
-                         (see ulimit -n)",
-                    ),
+                    reason: if engine_down {
+                        Some("the engine (Redis) is unavailable: publishing answers 503")
+                    } else {
+                        degraded.then_some(
+                            "accept failed within the last 10 s: file descriptor limit \
+                             reached (see ulimit -n)",
+                        )
+                    },
                 };
                 self.respond_json(id, status, &body, close, head_only);
             }
@@ -417,11 +434,15 @@ impl Reactor {
                 self.respond_raw(id, resp, close);
             }
             Route::Stats => {
-                let body = self.stats.to_json(&self.gauges());
+                let mut body = self.stats.to_json(&self.gauges());
+                if let (Some(engine), Some(obj)) = (self.engine_stats(), body.as_object_mut()) {
+                    obj.insert("engine".into(), engine);
+                }
                 self.respond_json(id, 200, &body, close, head_only);
             }
             Route::Metrics => {
-                let text = self.stats.to_prometheus(&self.gauges());
+                let mut text = self.stats.to_prometheus(&self.gauges());
+                text.push_str(&self.engine_metrics());
                 let resp = http::text_response(
                     200,
                     http::PROMETHEUS_CONTENT_TYPE,
@@ -588,9 +609,15 @@ impl Reactor {
 
     // ---------------------------------------------------------------- publish
 
-    /// Route an authorized publish request's batch (the key was checked on the head):
-    /// the answer's status and JSON body.
-    pub(super) fn publish(&mut self, body: &[u8]) -> (u16, Vec<u8>) {
+    /// Route an authorized publish request's batch (the key was checked on the head)
+    /// from connection `conn`: the answer's status and JSON body, or `None` when the
+    /// engine answers later (Redis: 202 only once stored).
+    pub(super) fn publish(
+        &mut self,
+        body: &[u8],
+        conn: ConnId,
+        keep_alive: bool,
+    ) -> Option<(u16, Vec<u8>)> {
         self.stats.http_requests += 1;
         let refused = |status, error, message: &str, index| {
             let body = ErrorBody {
@@ -604,11 +631,11 @@ impl Reactor {
             Ok(events) => events,
             Err(publish::BatchError::TooMany(n)) => {
                 let why = format!("{n} events; at most {} per request", publish::MAX_BATCH);
-                return refused(413, ErrorCode::PayloadTooLarge, &why, None);
+                return Some(refused(413, ErrorCode::PayloadTooLarge, &why, None));
             }
             Err(publish::BatchError::Bad { index, message }) => {
                 self.stats.dropped(DropReason::Invalid, 1);
-                return refused(400, ErrorCode::BadEvent, &message, Some(index));
+                return Some(refused(400, ErrorCode::BadEvent, &message, Some(index)));
             }
         };
         // Repeats of accepted keys first (section 6a): acknowledged, not checked, not
@@ -633,7 +660,7 @@ impl Reactor {
                 let index = original(index);
                 self.stats.dropped(DropReason::RunEnded, 1);
                 let why = format!("run {run:?} already ended");
-                return refused(400, ErrorCode::BadEvent, &why, Some(index));
+                return Some(refused(400, ErrorCode::BadEvent, &why, Some(index)));
             }
             Err(publish::RunRefusal::TooMany { index, run }) => {
                 let index = original(index);
@@ -644,10 +671,15 @@ impl Reactor {
                      (max_active_runs_per_user) and {} in all (max_active_runs)",
                     limits.max_active_runs_per_user, limits.max_active_runs
                 );
-                return refused(429, ErrorCode::TooManyRuns, &why, Some(index));
+                return Some(refused(429, ErrorCode::TooManyRuns, &why, Some(index)));
             }
         }
         self.stats.events_deduplicated += (n - fresh.len()) as u64;
+        if self.engine.redis().is_some() && !fresh.is_empty() {
+            self.stats.events_published += fresh.len() as u64;
+            self.publish_engine(conn, keep_alive, fresh, &index_of, n, cancelled);
+            return None;
+        }
         for ev in fresh {
             self.stats.events_published += 1;
             self.deliver(ev);
@@ -656,7 +688,7 @@ impl Reactor {
             accepted: n,
             cancelled,
         };
-        (202, frames::to_json(&body))
+        Some((202, frames::to_json(&body)))
     }
 }
 

@@ -164,6 +164,18 @@ impl Reactor {
         let isolated = session.mode.is_isolated();
         let run_id = new_run_id();
         let run: Arc<str> = Arc::from(run_id.as_str());
+        // The Redis engine appends every user_message to the inbound stream too.
+        let fields = self.engine.redis().is_some().then(|| {
+            self.inbound_fields(
+                "user_message",
+                &user,
+                thread.as_deref(),
+                &run_id,
+                &text,
+                Some(&reference),
+                id,
+            )
+        });
         let msg = Inbound::UserMessage {
             user_id: user.to_string(),
             thread_id: thread.as_deref().map(str::to_owned),
@@ -180,6 +192,18 @@ impl Reactor {
             |r| still_pending(registry, &user, r),
             |m| inbox::offer(inbound, m),
         );
+        if let Some(fields) = fields {
+            if matches!(admitted, Admit::NoAgent) && self.waits.inbound_groups {
+                let thread = thread.map(Into::into);
+                self.user_message_to_stream(id, user, run_id, thread, isolated, reference, fields);
+                return true;
+            }
+            if matches!(admitted, Admit::Sent | Admit::Held) {
+                if let Some(redis) = self.engine.redis() {
+                    redis.append_inbound(None, fields);
+                }
+            }
+        }
         let refused = match admitted {
             Admit::Sent | Admit::Held => None,
             Admit::NoAgent => Some((ErrorCode::NoAgent, "no agent is consuming user messages")),
@@ -271,11 +295,23 @@ impl Reactor {
                 }
                 !std::mem::replace(&mut run.cancel_requested, true)
             }
+            // Under the Redis engine the run may have begun through another node: the
+            // cancel goes to the inbound stream's workers all the same.
+            None if self.engine.redis().is_some() => true,
             None => {
                 let why = "no active run with this run_id";
                 return self.send_error(id, ErrorCode::NotFound, why, None);
             }
         };
+        if self.engine.redis().is_some() {
+            self.cancel_engine(&user, run_id);
+        }
+        if first && self.engine.redis().is_some() {
+            let fields = self.inbound_fields("cancel", &user, None, run_id, "", None, id);
+            if let Some(redis) = self.engine.redis() {
+                redis.append_inbound(None, fields);
+            }
+        }
         if first {
             let _ = self.inbound.try_send(Inbound::Cancel {
                 user_id: user.to_string(),

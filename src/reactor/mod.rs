@@ -29,6 +29,9 @@
 //! - [`timers`]: timer expiries, housekeeping, the run watchdog and shutdown;
 //! - [`webhook`]: `user_message` and `cancel` sent to `inbound_url`, and the answers
 //!   (after draining the channel, each iteration);
+//! - [`engine_events`]: the answers of an engine that answers later (the Redis engine,
+//!   [`crate::engine`]): `connected` frames after the engine's open answer, deliveries,
+//!   gaps (1013), the publish API's deferred 202/503, the inbound stream;
 //! - `echo` (conformance builds): the Autobahn echo session.
 //!
 //! Connections that have not upgraded (plain HTTP, handshakes) are bounded as a group
@@ -57,6 +60,7 @@ use crate::close::CloseReason;
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, OutQueue, Phase, Wire};
 use crate::emitter::{Command, Inbound, WakeSignal};
+use crate::engine::Engine;
 use crate::event::now_ms;
 use crate::http::Refusal;
 use crate::inbox::Inbox;
@@ -69,6 +73,7 @@ use crate::tls::{Acceptor, Transport};
 #[cfg(feature = "conformance")]
 mod echo;
 mod endpoints;
+mod engine_events;
 mod inbound;
 mod reload;
 mod revoke;
@@ -160,6 +165,12 @@ pub(crate) struct Reactor {
     registry: Registry,
     /// Users refused until a time (`POST /api/users/{user_id}/disconnect`, `revoke.rs`).
     revocations: crate::revocation::Revocations,
+    /// Where users' shared state lives (seq, epoch, replay, runs): [`crate::engine`].
+    engine: Engine,
+    /// Answers an engine owes (opens, publish requests) and its state.
+    waits: engine_events::EngineWaits,
+    /// This node's name (`node_id`; the Redis engine's `connected` frames carry it).
+    node_id: Arc<str>,
     wheel: TimerWheel<Timer>,
     stats: Stats,
     epoch: Arc<str>,
@@ -273,6 +284,9 @@ impl Reactor {
             conns: Slab::new(),
             registry: Registry::new(epoch.clone(), limits),
             revocations,
+            engine: Engine::default(),
+            waits: engine_events::EngineWaits::new(),
+            node_id: Arc::from(""),
             wheel,
             stats: Stats::new(),
             epoch,
@@ -410,6 +424,7 @@ impl Reactor {
             // After the channel: `drain_channel` reset the wake flag, so an answer that
             // arrives from here on wakes the next poll.
             self.webhook_answers();
+            budget_exhausted |= self.drain_engine();
             let now = self.tick();
             let timers_started = Instant::now();
             self.wheel.advance(now, &mut expired);
@@ -741,6 +756,7 @@ impl Reactor {
     /// The one close path: unregister the session, queue the close frame, count and
     /// log the reason once, then let the output drain (bounded by a linger timer).
     pub(crate) fn close(&mut self, id: ConnId, reason: CloseReason) {
+        self.forget_pending_open(id);
         let linger_at = self.tick() + LINGER_MS;
         let Some(conn) = live(&mut self.conns, id) else {
             return;
@@ -784,6 +800,8 @@ impl Reactor {
                 }
                 self.registry
                     .remove_conn(&session.user, id, linger_at - LINGER_MS);
+                self.engine.release(&session.user, id);
+                self.waits.replays.remove(&id);
                 self.open_sessions -= 1;
                 self.stats.closed(reason);
                 // `code=-`: no close frame was sent (the peer closed or the socket failed).

@@ -13,6 +13,7 @@ use crate::agui::{json_payload, Source, Stream};
 use crate::close::CloseReason;
 use crate::conn::{ConnId, OutQueue, Phase};
 use crate::emitter::Command;
+use crate::engine::{Step, Ticket, EMIT_TICKET};
 use crate::event::Event;
 use crate::registry::{Refused, Routed};
 use crate::stats::DropReason;
@@ -37,6 +38,12 @@ impl Reactor {
     /// Assign the user's next seq, keep the event for replay, queue it on every
     /// connection that takes it.
     pub(super) fn deliver(&mut self, ev: Event) {
+        self.deliver_as(ev, EMIT_TICKET);
+    }
+
+    /// [`Reactor::deliver`] with the ticket an engine that answers later gives back
+    /// with the outcome (`engine_events.rs`).
+    pub(super) fn deliver_as(&mut self, ev: Event, ticket: Ticket) {
         let now = self.tick();
         // A repeat of an accepted idempotency key (section 6a): routed only once.
         if let Some(key) = ev.idempotency_key.as_deref() {
@@ -47,7 +54,16 @@ impl Reactor {
             }
         }
         self.stats.events_emitted += 1;
-        let (Routed { frame, owner, run }, user) = match self.registry.route(&ev, now) {
+        if self.engine.redis().is_some() {
+            self.track_run_flag(&ev);
+        }
+        let routed = match self.engine.publish(&mut self.registry, &ev, now, ticket) {
+            Step::Done(routed) => routed,
+            // Taken by an engine that answers later: its outcome and the frame come
+            // back as engine events.
+            Step::Pending => return,
+        };
+        let (Routed { frame, owner, run }, user) = match routed {
             Ok(routed) => routed,
             Err(refused) => {
                 let (reason, what) = match refused {
@@ -235,6 +251,9 @@ impl Reactor {
     /// is never closed as slow because of its replay. If the buffer dropped events the
     /// cursor has not reached, the connection cannot continue without a gap: 1013.
     pub(super) fn pump_replay(&mut self, id: ConnId) {
+        if self.engine.redis().is_some() {
+            return self.pump_engine_replay(id);
+        }
         let limit = (self.s.config.max_pending_bytes / 2).max(1);
         let Some(conn) = live(&mut self.conns, id) else {
             return;

@@ -117,6 +117,9 @@ impl Reactor {
         claims: crate::auth::Claims,
         leftover: Vec<u8>,
     ) {
+        if self.engine.redis().is_some() {
+            return self.open_session_engine(id, up, claims, leftover);
+        }
         let resume_ask = up.last_seq.map(|n| (n, up.epoch.as_deref().unwrap_or("")));
         let thread: Option<Arc<str>> = up.thread_id.as_deref().map(Arc::from);
         let entry = ConnEntry {
@@ -169,6 +172,7 @@ impl Reactor {
             token_exp: claims.exp,
             active_runs,
             active_runs_truncated: runs_truncated,
+            node_id: None,
         }));
         // AG-UI: the state the connection's stream starts from and the frames that
         // open it (runs in progress), before any replayed or live event.
@@ -286,6 +290,7 @@ impl Reactor {
             opened: Instant::now(),
             replay_next,
             agui: None,
+            engine: crate::engine::Cursor::Live,
         }));
         true
     }

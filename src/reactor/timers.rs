@@ -115,6 +115,7 @@ impl Reactor {
         self.registry.sweep(now, self.s.config.replay_ttl_ms);
         self.webhook_overdue();
         self.revocations.sweep(now_ms() / 1000);
+        self.engine_watchdog();
         if !self.watchdog_armed {
             self.watchdog();
         }
@@ -130,6 +131,17 @@ impl Reactor {
         if stale.len() >= WATCHDOG_BUDGET {
             self.watchdog_armed = true;
             self.wheel.insert(now + WATCHDOG_AGAIN_MS, Timer::Watchdog);
+        }
+        if self.engine.redis().is_some() {
+            // Under the Redis engine the cluster's watchdog ends runs (one node takes
+            // each, `engine_watchdog`); here only this node's record of the runs its
+            // `user_message`s acked is let go.
+            for key in stale {
+                if let Some(user) = self.registry.get_mut(&key.user_id) {
+                    user.runs.remove(&key.run_id);
+                }
+            }
+            return;
         }
         if !stale.is_empty() {
             self.stats.watchdog_passes += 1;

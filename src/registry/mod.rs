@@ -81,7 +81,9 @@ pub struct ConnEntry {
 }
 
 impl ConnEntry {
-    fn takes(&self, thread: Option<&str>, owner: Option<ConnId>) -> bool {
+    /// Whether this connection takes an event of `thread` from a run started by
+    /// `owner` (thread filter, isolated mode).
+    pub fn takes(&self, thread: Option<&str>, owner: Option<ConnId>) -> bool {
         if let (Some(want), Some(got)) = (self.thread.as_deref(), thread) {
             if want != got {
                 return false;

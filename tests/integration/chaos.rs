@@ -310,14 +310,14 @@ fn emit_steadily(gw_emitter: agentwire::Emitter, users: Vec<usize>, until: Insta
             let data = json!({"n": n, "pad": pad});
             let res = if n % EVENTS_PER_RUN == 1 {
                 run.agent_started(&data)
-            } else if n % EVENTS_PER_RUN == 0 {
+            } else if n.is_multiple_of(EVENTS_PER_RUN) {
                 run.agent_completed(&data)
             } else {
                 run.emit("text_delta", &data)
             };
             res.unwrap_or_else(|e| panic!("emit for chaos-{u}: {e}"));
             counts[k] = n;
-            if n % EVENTS_PER_RUN == 0 {
+            if n.is_multiple_of(EVENTS_PER_RUN) {
                 runs[k] = None;
             }
         }

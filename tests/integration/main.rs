@@ -9,6 +9,8 @@ mod admin_listener;
 mod agui;
 mod chaos;
 mod client_input;
+mod cluster;
+mod cluster_chaos;
 mod conformance_route;
 mod deadlines;
 mod demo_page;

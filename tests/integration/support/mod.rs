@@ -53,3 +53,5 @@ pub mod log_capture;
 pub mod tls;
 mod webhook_server;
 pub use webhook_server::*;
+mod redis;
+pub use redis::*;

@@ -1,0 +1,295 @@
+//! The feed thread: this node's pub/sub connection. It subscribes to the channel of
+//! every user with a connection on this node (on the first one) and unsubscribes on
+//! the last one, and hands each message to the reactor as a [`Raw::Delivery`].
+//!
+//! A subscribe that comes with an open request sends that request to the store thread
+//! only once Redis confirmed the subscription: the node reads the user's history
+//! after it listens, so no event published in between is lost.
+//!
+//! The thread reads with a short timeout ([`POLL`]) to take new (un)subscribe requests
+//! between messages, and checks the connection with `PING` every [`PING_EVERY`]
+//! (control replies wait up to `redis_timeout_ms`). When the connection fails it
+//! reconnects with backoff, subscribes to every user again and asks the store thread
+//! for each user's top seq ([`StoreRequest::Top`]), so that what pub/sub lost meanwhile
+//! is found (pub/sub is at most once). While it has no connection, requests wait for
+//! up to `redis_timeout_ms`; then opens are answered `Unavailable` (never read before
+//! their user is listened to: a loss at the tail of a user's stream would have no later
+//! event to reveal it).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::keys::{user_of_channel, UserKeys};
+use super::store::{StoreRequest, BACKOFF_MAX, BACKOFF_MIN};
+use super::{parse_thread, Out, Raw, Shared};
+use crate::engine::{Delivered, EngineEvent};
+use crate::event::text_frame;
+
+/// How long one read waits for a message before the thread looks at its requests.
+const POLL: Duration = Duration::from_millis(20);
+/// An idle pub/sub connection is checked this often.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// What the feed thread is asked.
+#[derive(Debug)]
+pub(super) enum FeedRequest {
+    /// Listen to `user`; then send `then` (an open) to the store thread.
+    Subscribe {
+        user: Arc<str>,
+        then: Option<StoreRequest>,
+    },
+    /// Stop listening to `user`.
+    Unsubscribe { user: Arc<str> },
+}
+
+/// The thread's body: until the engine stops.
+pub(super) fn run(
+    shared: Arc<Shared>,
+    rx: Receiver<FeedRequest>,
+    store: Sender<StoreRequest>,
+    out: Out,
+) {
+    // Bounded by the users with a connection on this node.
+    let mut users: HashSet<Arc<str>> = HashSet::new();
+    let mut backoff = BACKOFF_MIN;
+    let mut first = true;
+    // Since when this thread has had no connection: requests wait in the channel
+    // (subscribed and sent on once connected) for up to `redis_timeout_ms`, then
+    // opens are answered Unavailable while the outage lasts.
+    let mut down_since = Instant::now();
+    while !shared.stop.load(Ordering::Acquire) {
+        let con = shared
+            .client
+            .get_connection_with_timeout(shared.settings.timeout);
+        let mut con = match con {
+            Ok(c) => c,
+            Err(e) => {
+                log::debug!("redis feed: connect failed: {e}");
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if down_since.elapsed() >= shared.settings.timeout
+                        && !matches!(take_requests(&rx, &mut users, &store, &out, None), Ok(true))
+                    {
+                        return;
+                    }
+                    std::thread::sleep(POLL);
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = BACKOFF_MIN;
+        if con
+            .set_write_timeout(Some(shared.settings.timeout))
+            .is_err()
+        {
+            continue;
+        }
+        match listen(&shared, &mut con, &rx, &mut users, &store, &out, first) {
+            Ok(()) => return,
+            Err(e) => {
+                shared.counters.feed_losses.fetch_add(1, Ordering::Relaxed);
+                log::warn!("redis feed: connection lost: {e}");
+            }
+        }
+        down_since = Instant::now();
+        first = false;
+    }
+}
+
+/// Serve one connection until it fails (`Err`) or the engine stops (`Ok`).
+fn listen(
+    shared: &Shared,
+    con: &mut redis::Connection,
+    rx: &Receiver<FeedRequest>,
+    users: &mut HashSet<Arc<str>>,
+    store: &Sender<StoreRequest>,
+    out: &Out,
+    first: bool,
+) -> redis::RedisResult<()> {
+    let prefix = shared.settings.prefix.as_str();
+    let timeout = shared.settings.timeout;
+    let mut ps = con.as_pubsub();
+    ps.set_read_timeout(Some(timeout))?;
+    // This node's own channel: evictions of its connections by other nodes.
+    let node_channel = super::keys::node_channel(prefix, &shared.settings.node_id);
+    ps.subscribe(&node_channel)?;
+    if !users.is_empty() {
+        let channels: Vec<String> = users
+            .iter()
+            .map(|u| UserKeys::new(prefix, u).channel)
+            .collect();
+        for chunk in channels.chunks(512) {
+            ps.subscribe(chunk)?;
+        }
+    }
+    if !first {
+        // What did pub/sub lose while this connection was down?
+        for user in users.iter() {
+            let _ = store.try_send(StoreRequest::Top { user: user.clone() });
+        }
+    }
+    ps.set_read_timeout(Some(POLL))?;
+    let mut last_ping = Instant::now();
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if !take_requests(rx, users, store, out, Some((&mut ps, prefix, timeout)))? {
+            return Ok(());
+        }
+        match ps.get_message() {
+            Ok(msg) if msg.get_channel_name() == node_channel => {
+                last_ping = Instant::now();
+                match parse_evict(msg.get_payload_bytes()) {
+                    Some((key, serial)) => {
+                        out.send(Raw::Event(EngineEvent::Evict { key, serial }));
+                        out.wake();
+                    }
+                    None => log::error!("redis feed: malformed message on {node_channel}"),
+                }
+            }
+            Ok(msg) => {
+                last_ping = Instant::now();
+                let Some(user) = user_of_channel(prefix, msg.get_channel_name()) else {
+                    continue;
+                };
+                match parse_message(msg.get_payload_bytes()) {
+                    Some(event) => {
+                        out.send(Raw::Delivery {
+                            user: Arc::from(user),
+                            event,
+                        });
+                        out.wake();
+                    }
+                    None => log::error!("redis feed: malformed message for user={user:?}"),
+                }
+            }
+            Err(e) if e.is_timeout() => {
+                if last_ping.elapsed() >= PING_EVERY {
+                    ps.set_read_timeout(Some(timeout))?;
+                    // In subscribed mode the answer is ["pong", ""], not +PONG.
+                    let _: redis::Value = ps.ping()?;
+                    ps.set_read_timeout(Some(POLL))?;
+                    last_ping = Instant::now();
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Apply every waiting request; with a connection, (un)subscribe on it too. `Ok(false)`
+/// when the engine is gone (the channel closed); `Err` when a subscribe failed (the
+/// connection is failing: the caller reconnects).
+///
+/// An open goes on to the store thread only once its user is subscribed: without a
+/// connection, or when the subscribe fails, it is answered `Unavailable` here (the
+/// reactor closes that session with 1013 and the client retries), since reading the
+/// user's history before listening could lose what is published in between with no
+/// later event to reveal it.
+fn take_requests(
+    rx: &Receiver<FeedRequest>,
+    users: &mut HashSet<Arc<str>>,
+    store: &Sender<StoreRequest>,
+    out: &Out,
+    mut ps: Option<(&mut redis::PubSub<'_>, &str, Duration)>,
+) -> redis::RedisResult<bool> {
+    loop {
+        let req = match rx.try_recv() {
+            Ok(r) => r,
+            Err(TryRecvError::Empty) => return Ok(true),
+            Err(TryRecvError::Disconnected) => return Ok(false),
+        };
+        match req {
+            FeedRequest::Subscribe { user, then } => {
+                let subscribed = match ps.as_mut() {
+                    None => Err(None),
+                    Some(_) if users.contains(&user) => Ok(()),
+                    Some((ps, prefix, timeout)) => {
+                        let channel = UserKeys::new(prefix, &user).channel;
+                        ps.set_read_timeout(Some(*timeout))
+                            .and_then(|()| ps.subscribe(&channel))
+                            .and_then(|()| ps.set_read_timeout(Some(POLL)))
+                            .map_err(Some)
+                    }
+                };
+                // Listened to from now on (a reconnect subscribes it again) until the
+                // reactor releases it.
+                users.insert(user);
+                match (subscribed, then) {
+                    (Ok(()), Some(req)) => {
+                        let _ = store.send(req);
+                    }
+                    (Ok(()), None) => {}
+                    (Err(e), then) => {
+                        if let Some(StoreRequest::Open { ticket, .. }) = then {
+                            out.send(Raw::Event(EngineEvent::Unavailable { ticket }));
+                            out.wake();
+                        }
+                        if let Some(e) = e {
+                            log::warn!("redis feed: subscribe failed: {e}");
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            FeedRequest::Unsubscribe { user } => {
+                if users.remove(&user) {
+                    if let Some((ps, prefix, timeout)) = ps.as_mut() {
+                        let channel = UserKeys::new(prefix, &user).channel;
+                        ps.set_read_timeout(Some(*timeout))
+                            .and_then(|()| ps.unsubscribe(&channel))
+                            .and_then(|()| ps.set_read_timeout(Some(POLL)))?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An eviction `<key>:<serial>` (see `open.lua`).
+fn parse_evict(payload: &[u8]) -> Option<(usize, u64)> {
+    let (key, serial) = std::str::from_utf8(payload).ok()?.split_once(':')?;
+    Some((key.parse().ok()?, serial.parse().ok()?))
+}
+
+/// A message `<seq>\n<thread marker>\n<run_id>\n<json>` (see `publish.lua`; ids
+/// hold no control characters).
+fn parse_message(payload: &[u8]) -> Option<Delivered> {
+    let mut parts = payload.splitn(4, |&b| b == b'\n');
+    let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let thread = parse_thread(parts.next()?)?;
+    let run = Arc::from(std::str::from_utf8(parts.next()?).ok()?);
+    let json = parts.next()?;
+    Some(Delivered {
+        seq,
+        thread,
+        run,
+        frame: text_frame(json),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_seq_thread_and_json() {
+        let d = parse_message(b"12\n+t1\nr-1\n{\"seq\":12}").unwrap();
+        assert_eq!(d.seq, 12);
+        assert_eq!(d.thread.as_deref(), Some("t1"));
+        assert_eq!(&*d.run, "r-1");
+        assert!(d.frame.ends_with(b"{\"seq\":12}"));
+        let d = parse_message(b"3\n-\nr\n{}").unwrap();
+        assert_eq!(d.thread, None);
+        assert!(parse_message(b"x\n-\nr\n{}").is_none());
+        assert!(parse_message(b"3\n?\nr\n{}").is_none());
+        assert!(parse_message(b"3\n-\n{}").is_none());
+        assert!(parse_message(b"3").is_none());
+    }
+}

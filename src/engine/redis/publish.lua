@@ -1,0 +1,94 @@
+-- agentwire: publish one event of one user (docs/CLUSTER.md, "The scripts").
+-- Runs atomically in Redis, so the order of seqs is the order of publication on every
+-- node. All keys share the user's hash tag {u:<user>}.
+--
+-- KEYS[1] meta hash (epoch, seq)   KEYS[2] stream (kept events)   KEYS[3] ended runs zset
+-- KEYS[4] idempotency keys zset (key -> the seq it was stored as)
+-- KEYS[5] runs in progress hash (run_id -> JSON: t thread, a agent, s started_ts,
+--         q last_seq, y last_type)
+-- KEYS[6] the run deadlines zset shared by every user ("<user>\n<run>\n<thread
+--         marker>\n<agent>" scored by the time the run times out): not in the user's
+--         slot, so this script needs one Redis (not Redis Cluster)
+-- KEYS[7] the user's cancelled runs set (runs a client cancelled, while in progress)
+-- ARGV[1] JSON before the seq      ARGV[2] JSON after the seq
+-- ARGV[3] thread marker: "-" (null) or "+" .. thread_id
+-- ARGV[4] run_id                   ARGV[5] "1" when the event ends its run
+-- ARGV[6] replay_events (0: keep nothing)   ARGV[7] replay_ttl_ms
+-- ARGV[8] the user's pub/sub channel        ARGV[9] a fresh epoch (used if none)
+-- ARGV[10] now (ms)                ARGV[11] ended runs remembered per user
+-- ARGV[12] the worker's idempotency key ("" none)   ARGV[13] keys remembered per user
+-- ARGV[14] agent_name   ARGV[15] the event's ts (ms)   ARGV[16] the event's type
+-- ARGV[17] max_active_runs_per_user   ARGV[18] run_idle_timeout_ms   ARGV[19] user_id
+--
+-- Returns {seq, epoch, cancelled} (cancelled 1 when a client cancelled the run, so the
+-- node tells its in-process run handle); {0, ""} when the run has ended (nothing stored); {-1, seq}
+-- when the idempotency key was stored before (a repeat: nothing stored again); {-2, ""}
+-- when the event would start a run past max_active_runs_per_user (nothing stored).
+local meta, stream, ended, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local runs, deadlines = KEYS[5], KEYS[6]
+local key = ARGV[12]
+if key ~= '' then
+  local prior = redis.call('ZSCORE', keys, key)
+  if prior then
+    return {-1, prior}
+  end
+end
+if redis.call('ZSCORE', ended, ARGV[4]) then
+  return {0, ''}
+end
+local run = redis.call('HGET', runs, ARGV[4])
+if not run and redis.call('HLEN', runs) >= tonumber(ARGV[17]) then
+  return {-2, ''}
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  -- A new history: whatever stream is left belongs to a lost one (its meta expired
+  -- or was evicted), and its ids would be above the new seqs.
+  epoch = ARGV[9]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local json = ARGV[1] .. seq .. ARGV[2]
+local keep = tonumber(ARGV[6])
+if keep > 0 then
+  redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3], 'r', ARGV[4])
+  redis.call('PEXPIRE', stream, ARGV[7])
+end
+local member = ARGV[19] .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[14]
+local cancelled = redis.call('SISMEMBER', KEYS[7], ARGV[4])
+if ARGV[5] == '1' then
+  redis.call('SREM', KEYS[7], ARGV[4])
+  redis.call('HDEL', runs, ARGV[4])
+  redis.call('ZREM', deadlines, member)
+  redis.call('ZADD', ended, ARGV[10], ARGV[4])
+  local cap = tonumber(ARGV[11])
+  if redis.call('ZCARD', ended) > cap then
+    redis.call('ZREMRANGEBYRANK', ended, 0, -cap - 1)
+  end
+  redis.call('PEXPIRE', ended, ARGV[7])
+else
+  local started = ARGV[15]
+  if run then
+    started = cjson.decode(run).s
+  end
+  local rec = {a = ARGV[14], s = tonumber(started), q = seq, y = ARGV[16]}
+  if ARGV[3] ~= '-' then
+    rec.t = string.sub(ARGV[3], 2)
+  end
+  redis.call('HSET', runs, ARGV[4], cjson.encode(rec))
+  redis.call('ZADD', deadlines, tonumber(ARGV[10]) + tonumber(ARGV[18]), member)
+end
+-- Runs outlive idle history: the watchdog ends them first.
+redis.call('PEXPIRE', runs, math.max(tonumber(ARGV[7]), 2 * tonumber(ARGV[18])))
+if key ~= '' then
+  redis.call('ZADD', keys, seq, key)
+  local cap = tonumber(ARGV[13])
+  if redis.call('ZCARD', keys) > cap then
+    redis.call('ZREMRANGEBYRANK', keys, 0, -cap - 1)
+  end
+  redis.call('PEXPIRE', keys, ARGV[7])
+end
+redis.call('PEXPIRE', meta, ARGV[7])
+redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. json)
+return {seq, epoch, cancelled}

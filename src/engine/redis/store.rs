@@ -1,0 +1,657 @@
+//! The store thread: the one connection that runs the scripts (publish, open, top).
+//!
+//! It takes requests from a bounded channel, and everything waiting in it (up to
+//! [`BATCH`]) goes to Redis as one pipeline: one drain of the emitter channel or one
+//! publish API request costs one round trip, however many events it carries. Each
+//! answer goes back to the reactor as a [`Raw`] message, then one wake per batch.
+//!
+//! The connection has read and write timeouts of `redis_timeout_ms`: a pipeline not
+//! answered within it fails, and every request of the batch is answered
+//! [`EngineEvent::Unavailable`] (its outcome is unknown: a publish may still have been
+//! stored). While disconnected, requests are answered `Unavailable` at once and the
+//! thread reconnects with backoff ([`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]); an
+//! idle connection is checked with `PING` every [`IDLE_PING`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use redis::Value;
+
+use super::keys::UserKeys;
+use super::{parse_thread, Out, Raw, Shared};
+use crate::engine::{Delivered, DueRun, EngineEvent, EngineRun, Ticket};
+use crate::event::text_frame;
+use crate::registry::Resume;
+
+/// Requests sent to Redis in one pipeline at most.
+pub(super) const BATCH: usize = 512;
+/// First reconnect delay, doubled after each failure up to [`BACKOFF_MAX`].
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// An idle connection is checked this often.
+const IDLE_PING: Duration = Duration::from_secs(1);
+/// A connection counts cluster-wide until its lease ends, unless its node renews it:
+/// the connections of a node that died stop counting within this.
+pub(super) const LEASE: Duration = Duration::from_secs(15);
+/// How often a node renews its connections' leases.
+pub(super) const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// Connections per lease renewal request.
+pub(super) const LEASES_PER_REQUEST: usize = 500;
+
+/// Ended run ids remembered per user (the refusal of events after a run ended).
+pub(super) const ENDED_RUNS_KEPT: usize = 1024;
+/// Entries the inbound stream keeps (`MAXLEN ~`): workers that fall this far behind
+/// lose the oldest messages.
+pub(super) const INBOUND_KEPT: usize = 100_000;
+
+const PUBLISH_LUA: &str = include_str!("publish.lua");
+const OPEN_LUA: &str = include_str!("open.lua");
+const TOP_LUA: &str = include_str!("top.lua");
+const DUE_LUA: &str = include_str!("due.lua");
+const CANCEL_LUA: &str = include_str!("cancel.lua");
+const LEASE_LUA: &str = include_str!("lease.lua");
+
+/// What the store thread is asked.
+#[derive(Debug)]
+pub(super) enum StoreRequest {
+    /// Publish one event: its JSON around the seq (`head` + seq + `tail`).
+    Publish {
+        ticket: Ticket,
+        user: Arc<str>,
+        head: Bytes,
+        tail: Bytes,
+        thread: Option<Arc<str>>,
+        run: Arc<str>,
+        ends_run: bool,
+        /// The worker's idempotency key (PROTOCOL.md section 6a).
+        key: Option<Arc<str>>,
+        agent: Arc<str>,
+        /// The event's `ts` (ms): a new run's `started_ts`.
+        ts: u64,
+        /// The event's type (the run's `last_type`).
+        kind: Arc<str>,
+    },
+    /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
+    Open {
+        ticket: Ticket,
+        user: Arc<str>,
+        ask: Option<(u64, String)>,
+        /// The connection as a member of the user's connections: `<node_id>\n<conn>`.
+        member: String,
+    },
+    /// Renew the leases of this node's connections (every [`LEASE_RENEW`]).
+    Leases { members: Vec<(Arc<str>, String)> },
+    /// A connection ended: it stops counting.
+    Leave { user: Arc<str>, member: String },
+    /// The user's epoch and top seq (after a pub/sub reconnect).
+    Top { user: Arc<str> },
+    /// Take up to `limit` runs whose deadline passed.
+    Due { limit: usize },
+    /// Append a client message to the inbound stream (flat string fields); answered
+    /// [`EngineEvent::InboundStored`] when `ticket` is given.
+    Inbound {
+        ticket: Option<Ticket>,
+        fields: Vec<(&'static str, String)>,
+    },
+    /// Whether the inbound stream has a consumer group.
+    InboundGroups,
+    /// Mark a run in progress cancelled (a client's `cancel`).
+    Cancel { user: Arc<str>, run: Arc<str> },
+}
+
+/// An open connection with the scripts loaded.
+struct Link {
+    con: redis::Connection,
+    publish: String,
+    open: String,
+    top: String,
+    due: String,
+    cancel: String,
+    lease: String,
+}
+
+fn connect(shared: &Shared) -> redis::RedisResult<Link> {
+    let mut con = shared
+        .client
+        .get_connection_with_timeout(shared.settings.timeout)?;
+    con.set_read_timeout(Some(shared.settings.timeout))?;
+    con.set_write_timeout(Some(shared.settings.timeout))?;
+    let mut load = |text: &str| -> redis::RedisResult<String> {
+        redis::cmd("SCRIPT").arg("LOAD").arg(text).query(&mut con)
+    };
+    let publish = load(PUBLISH_LUA)?;
+    let open = load(OPEN_LUA)?;
+    let top = load(TOP_LUA)?;
+    let due = load(DUE_LUA)?;
+    let cancel = load(CANCEL_LUA)?;
+    let lease = load(LEASE_LUA)?;
+    Ok(Link {
+        lease,
+        con,
+        publish,
+        open,
+        top,
+        due,
+        cancel,
+    })
+}
+
+/// The thread's body: until the engine stops (its request channel closes).
+pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
+    let mut link: Option<Link> = None;
+    let mut backoff = BACKOFF_MIN;
+    let mut retry_at = Instant::now();
+    let mut batch: Vec<StoreRequest> = Vec::with_capacity(BATCH);
+    let mut epochs = EpochSource::new();
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if link.is_none() && Instant::now() >= retry_at {
+            match connect(&shared) {
+                Ok(l) => {
+                    link = Some(l);
+                    backoff = BACKOFF_MIN;
+                    out.connected(true);
+                }
+                Err(e) => {
+                    log::debug!("redis store: connect failed: {e}");
+                    out.connected(false);
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        let wait = match link {
+            Some(_) => IDLE_PING,
+            None => retry_at
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(5)),
+        };
+        match rx.recv_timeout(wait) {
+            Ok(first) => batch.push(first),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(l) = &mut link {
+                    let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut l.con);
+                    if let Err(e) = pong {
+                        log::warn!("redis store: ping failed: {e}");
+                        link = None;
+                        out.connected(false);
+                    }
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let answered = match &mut link {
+            Some(l) => {
+                let started = Instant::now();
+                let result = run_batch(&shared, l, &batch, &mut epochs);
+                shared.record_round_trip(started.elapsed(), batch.len());
+                result
+            }
+            None => Err(None),
+        };
+        match answered {
+            Ok(events) => {
+                for ev in events {
+                    out.send(ev);
+                }
+            }
+            Err(e) => {
+                if let Some(e) = e {
+                    log::warn!("redis store: {} request(s) failed: {e}", batch.len());
+                    link = None;
+                    retry_at = Instant::now();
+                    out.connected(false);
+                }
+                for req in &batch {
+                    out.send(unavailable(req));
+                }
+            }
+        }
+        batch.clear();
+        out.wake();
+    }
+}
+
+/// The answer to a request whose outcome is unknown.
+fn unavailable(req: &StoreRequest) -> Raw {
+    match req {
+        StoreRequest::Publish { ticket, .. } | StoreRequest::Open { ticket, .. } => {
+            Raw::Event(EngineEvent::Unavailable { ticket: *ticket })
+        }
+        // Unknown top: the node cannot tell what it missed, so the user resumes.
+        StoreRequest::Top { user } => Raw::Event(EngineEvent::Gap { user: user.clone() }),
+        // Nothing was taken (or it is unknown): the next tick asks again.
+        StoreRequest::Due { .. } => Raw::Event(EngineEvent::RunsDue(Vec::new())),
+        StoreRequest::Inbound {
+            ticket: Some(ticket),
+            ..
+        } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
+        StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
+        StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
+        StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
+            Raw::Nothing
+        }
+    }
+}
+
+/// Fresh epochs: this thread's random part and a counter (unique per node and call;
+/// a user's epoch only has to differ from its earlier ones).
+struct EpochSource {
+    base: String,
+    next: u64,
+}
+
+impl EpochSource {
+    fn new() -> EpochSource {
+        EpochSource {
+            base: crate::reactor::new_epoch(),
+            next: 0,
+        }
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("{}{:x}", self.base, self.next)
+    }
+}
+
+/// One pipeline for the whole batch; the answers in request order. `Err(Some(e))`
+/// when the pipeline itself failed (connection lost, timeout): the link is dropped.
+fn run_batch(
+    shared: &Shared,
+    link: &mut Link,
+    batch: &[StoreRequest],
+    epochs: &mut EpochSource,
+) -> Result<Vec<Raw>, Option<redis::RedisError>> {
+    let s = &shared.settings;
+    let now = crate::event::now_ms();
+    let deadlines = super::keys::deadlines(&s.prefix);
+    let inbound = super::keys::inbound(&s.prefix);
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for req in batch {
+        match req {
+            StoreRequest::Publish {
+                user,
+                head,
+                tail,
+                thread,
+                run,
+                ends_run,
+                key,
+                agent,
+                ts,
+                kind,
+                ..
+            } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                let marker = match thread {
+                    Some(t) => format!("+{t}"),
+                    None => "-".to_owned(),
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(&link.publish)
+                    .arg(7)
+                    .arg(&keys.meta)
+                    .arg(&keys.stream)
+                    .arg(&keys.ended)
+                    .arg(&keys.keys)
+                    .arg(&keys.runs)
+                    .arg(&deadlines)
+                    .arg(&keys.cancelled)
+                    .arg(&head[..])
+                    .arg(&tail[..])
+                    .arg(marker)
+                    .arg(&**run)
+                    .arg(if *ends_run { "1" } else { "0" })
+                    .arg(s.replay_events)
+                    .arg(s.replay_ttl_ms)
+                    .arg(&keys.channel)
+                    .arg(epochs.fresh())
+                    .arg(now)
+                    .arg(ENDED_RUNS_KEPT)
+                    .arg(key.as_deref().unwrap_or(""))
+                    .arg(crate::registry::KEYS_PER_USER)
+                    .arg(&**agent)
+                    .arg(*ts)
+                    .arg(&**kind)
+                    .arg(s.max_active_runs_per_user)
+                    .arg(s.run_idle_timeout_ms)
+                    .arg(&**user);
+            }
+            StoreRequest::Leases { members } => {
+                let cmd = pipe.cmd("EVALSHA").arg(&link.lease).arg(members.len() * 2);
+                for (user, _) in members {
+                    let keys = UserKeys::new(&s.prefix, user);
+                    cmd.arg(keys.leases).arg(keys.conns);
+                }
+                cmd.arg(now + LEASE.as_millis() as u64).arg(now);
+                for (_, member) in members {
+                    cmd.arg(member.as_str());
+                }
+            }
+            StoreRequest::Leave { user, member } => {
+                // Its lease entry goes when the lease ends (the open script prunes).
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("ZREM").arg(&keys.conns).arg(member.as_str());
+            }
+            StoreRequest::Open {
+                user, ask, member, ..
+            } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                let (asked, their_epoch, after) = match ask {
+                    Some((after, epoch)) => ("1", epoch.as_str(), *after),
+                    None => ("0", "", 0),
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(&link.open)
+                    .arg(5)
+                    .arg(&keys.meta)
+                    .arg(&keys.stream)
+                    .arg(&keys.runs)
+                    .arg(&keys.conns)
+                    .arg(&keys.leases)
+                    .arg(epochs.fresh())
+                    .arg(s.replay_ttl_ms)
+                    .arg(asked)
+                    .arg(their_epoch)
+                    .arg(after)
+                    // `MAXLEN ~` may keep up to one stream node (100 entries) more.
+                    .arg(s.replay_events + 256)
+                    .arg(member.as_str())
+                    .arg(now)
+                    .arg(LEASE.as_millis() as u64)
+                    .arg(s.max_connections_per_user)
+                    .arg(if s.evict_oldest { "evict" } else { "reject" })
+                    .arg(super::keys::node_channel(&s.prefix, ""));
+            }
+            StoreRequest::Top { user } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("EVALSHA").arg(&link.top).arg(1).arg(&keys.meta);
+            }
+            StoreRequest::Inbound { fields, .. } => {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&inbound)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(INBOUND_KEPT)
+                    .arg("*");
+                for (name, value) in fields {
+                    cmd.arg(*name).arg(value.as_str());
+                }
+            }
+            StoreRequest::InboundGroups => {
+                pipe.cmd("XINFO").arg("GROUPS").arg(&inbound);
+            }
+            StoreRequest::Cancel { user, run } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("EVALSHA")
+                    .arg(&link.cancel)
+                    .arg(2)
+                    .arg(&keys.runs)
+                    .arg(&keys.cancelled)
+                    .arg(&**run)
+                    .arg(s.replay_ttl_ms.max(2 * s.run_idle_timeout_ms));
+            }
+            StoreRequest::Due { limit } => {
+                pipe.cmd("EVALSHA")
+                    .arg(&link.due)
+                    .arg(1)
+                    .arg(&deadlines)
+                    .arg(now)
+                    .arg(*limit);
+            }
+        }
+    }
+    let results: Vec<redis::RedisResult<Value>> = pipe.query(&mut link.con).map_err(Some)?;
+    let mut events = Vec::with_capacity(batch.len());
+    for (req, result) in batch.iter().zip(results) {
+        let value = match result {
+            Ok(v) => v,
+            // No stream yet: no consumer group either.
+            Err(_) if matches!(req, StoreRequest::InboundGroups) => {
+                events.push(Raw::Event(EngineEvent::InboundConsumers(false)));
+                continue;
+            }
+            Err(e) => {
+                // A script error (NOSCRIPT after a `SCRIPT FLUSH`, OOM, ...): this
+                // request failed, the others stand. A reconnect loads the scripts.
+                log::warn!("redis store: script failed: {e}");
+                events.push(unavailable(req));
+                continue;
+            }
+        };
+        let mut told = None;
+        events.push(answer(req, value, &mut told).unwrap_or_else(|| {
+            log::error!("redis store: unexpected script answer");
+            unavailable(req)
+        }));
+        events.extend(told);
+    }
+    Ok(events)
+}
+
+/// Decode one script's answer; `told` gets what the reactor must also hear (a run a
+/// client cancelled, from a publish's answer).
+fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Raw> {
+    match req {
+        StoreRequest::Inbound { ticket, .. } => {
+            // An id: stored. Without a ticket nobody waits.
+            return Some(match ticket {
+                Some(ticket) => Raw::Event(EngineEvent::InboundStored { ticket: *ticket }),
+                None => Raw::Nothing,
+            });
+        }
+        StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
+            return Some(Raw::Nothing)
+        }
+        StoreRequest::InboundGroups => {
+            let groups = match value {
+                Value::Array(g) => !g.is_empty(),
+                _ => false,
+            };
+            return Some(Raw::Event(EngineEvent::InboundConsumers(groups)));
+        }
+        _ => {}
+    }
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    match req {
+        StoreRequest::Publish {
+            ticket, user, run, ..
+        } => {
+            let first = parts.next()?;
+            if matches!(first, Value::Int(-1)) {
+                return Some(Raw::Event(EngineEvent::Repeat { ticket: *ticket }));
+            }
+            if matches!(first, Value::Int(-2)) {
+                return Some(Raw::Event(EngineEvent::TooManyRuns { ticket: *ticket }));
+            }
+            let seq = int(first)?;
+            if matches!(parts.nth(1), Some(Value::Int(1))) {
+                *told = Some(Raw::Event(EngineEvent::Cancelled {
+                    user: user.clone(),
+                    run: run.clone(),
+                }));
+            }
+            Some(Raw::Event(if seq == 0 {
+                EngineEvent::Refused { ticket: *ticket }
+            } else {
+                EngineEvent::Published {
+                    ticket: *ticket,
+                    seq,
+                }
+            }))
+        }
+        StoreRequest::Open { ticket, user, .. } => {
+            let epoch: Arc<str> = Arc::from(text(parts.next()?)?);
+            let top_seq = int(parts.next()?)?;
+            let code = text(parts.next()?)?;
+            if code == "x" {
+                return Some(Raw::Event(EngineEvent::OpenRejected { ticket: *ticket }));
+            }
+            let Value::Array(entries) = parts.next()? else {
+                return None;
+            };
+            let mut replay = Vec::new();
+            let resume = match code.as_str() {
+                "n" => Resume::NotAsked,
+                "l" => Resume::Lost,
+                _ => {
+                    replay.reserve(entries.len());
+                    for e in entries {
+                        replay.push(entry(e)?);
+                    }
+                    Resume::Exact
+                }
+            };
+            let runs = match parts.next()? {
+                Value::Array(flat) => runs_of(flat),
+                Value::Map(pairs) => runs_of(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+                _ => return None,
+            };
+            Some(Raw::Opened {
+                ticket: *ticket,
+                user: user.clone(),
+                epoch,
+                top_seq,
+                resume,
+                replay,
+                runs,
+            })
+        }
+        StoreRequest::Inbound { .. }
+        | StoreRequest::InboundGroups
+        | StoreRequest::Cancel { .. }
+        | StoreRequest::Leases { .. }
+        | StoreRequest::Leave { .. } => None,
+        StoreRequest::Due { .. } => {
+            let mut due = Vec::new();
+            for member in parts {
+                due.push(due_run(&text(member)?)?);
+            }
+            Some(Raw::Event(EngineEvent::RunsDue(due)))
+        }
+        StoreRequest::Top { user } => {
+            let epoch = text(parts.next()?)?;
+            let top = int(parts.next()?)?;
+            Some(Raw::Top {
+                user: user.clone(),
+                epoch: (!epoch.is_empty()).then(|| Arc::from(epoch)),
+                top,
+            })
+        }
+    }
+}
+
+/// The runs hash (`[run_id, json, ...]`) as runs; a record that does not decode is
+/// left out (logged).
+fn runs_of(flat: Vec<Value>) -> Vec<EngineRun> {
+    #[derive(serde::Deserialize)]
+    struct Rec {
+        t: Option<String>,
+        a: String,
+        s: u64,
+        q: u64,
+        y: String,
+    }
+    let mut runs = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(id), Some(json)) = (it.next(), it.next()) {
+        let (Some(id), Some(json)) = (text(id), bytes(json)) else {
+            continue;
+        };
+        match serde_json::from_slice::<Rec>(&json) {
+            Ok(r) => runs.push(EngineRun {
+                run_id: Arc::from(id),
+                thread: r.t.map(Arc::from),
+                agent_name: Arc::from(r.a),
+                started_ts: r.s,
+                last_seq: r.q,
+                last_type: Arc::from(r.y),
+            }),
+            Err(e) => log::error!("redis store: run record of {id:?} unreadable: {e}"),
+        }
+    }
+    runs
+}
+
+/// A deadline member `<user>\n<run>\n<thread marker>\n<agent>` (see `publish.lua`).
+fn due_run(member: &str) -> Option<DueRun> {
+    let mut parts = member.splitn(4, '\n');
+    let user = Arc::from(parts.next()?);
+    let run_id = Arc::from(parts.next()?);
+    let thread = parse_thread(parts.next()?.as_bytes())?;
+    let agent_name = Arc::from(parts.next()?);
+    Some(DueRun {
+        user,
+        run_id,
+        thread,
+        agent_name,
+    })
+}
+
+/// One stream entry `[id, [field, value, ...]]` as a delivered event.
+fn entry(value: Value) -> Option<Delivered> {
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    let id = text(parts.next()?)?;
+    let seq = id.split('-').next()?.parse().ok()?;
+    let Value::Array(fields) = parts.next()? else {
+        return None;
+    };
+    let (mut json, mut thread, mut run) = (None, None, None);
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(v)) = (fields.next(), fields.next()) {
+        match text(name)?.as_str() {
+            "j" => json = Some(bytes(v)?),
+            "t" => thread = Some(parse_thread(&bytes(v)?)?),
+            "r" => run = Some(Arc::from(text(v)?)),
+            _ => {}
+        }
+    }
+    Some(Delivered {
+        seq,
+        thread: thread?,
+        run: run?,
+        frame: text_frame(&json?),
+    })
+}
+
+fn int(v: Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: Value) -> Option<String> {
+    String::from_utf8(bytes(v)?).ok()
+}

@@ -1,0 +1,451 @@
+//! The Redis engine against a real `redis-server` (Debian's package; `tools/test.sh`
+//! installs it when missing). Each test starts its own server on a free port with no
+//! persistence, and engines ("nodes") on it; every wait has a deadline.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{RedisEngine, RedisSettings};
+use crate::engine::{Delivered, EngineEvent};
+use crate::event::{Event, EventKind, RunKey};
+use crate::registry::Resume;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A `redis-server` of this test: killed when dropped.
+pub(crate) struct RedisProcess {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisProcess {
+    pub(crate) fn start() -> RedisProcess {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut r = RedisProcess { port, child: None };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (tools/test.sh installs it with apt)");
+        self.child = Some(child);
+        let until = Instant::now() + DEADLINE;
+        while Instant::now() < until {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not answer on port {}", self.port);
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+            return false;
+        };
+        redis::cmd("PING").query::<String>(&mut con).is_ok()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            let pid = i32::try_from(c.id()).expect("pid");
+            assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        }
+    }
+
+    /// `SIGSTOP`: the server holds its connections and answers nothing.
+    pub(crate) fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub(crate) fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// `kill -9`, then a new server on the same port (no persistence: empty).
+    pub(crate) fn restart_empty(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
+    let settings = RedisSettings {
+        url: redis.url(),
+        prefix: "awtest".into(),
+        timeout: Duration::from_millis(timeout_ms),
+        replay_events: 100,
+        replay_ttl_ms: 600_000,
+        max_active_runs_per_user: 3,
+        run_idle_timeout_ms: 300_000,
+        node_id: "test-node".into(),
+        max_connections_per_user: 1000,
+        evict_oldest: true,
+    };
+    RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
+}
+
+fn event(user: &str, thread: Option<&str>, run: &str, kind: EventKind, n: u64) -> Event {
+    let key = RunKey::new(user, thread, run, "agent").unwrap();
+    Event::new(key, kind, &serde_json::json!({ "n": n })).unwrap()
+}
+
+/// Events of `engine` until `done` says so (all of them, in order); panics at the
+/// deadline with what came.
+fn collect(
+    engine: &mut RedisEngine,
+    mut done: impl FnMut(&[EngineEvent]) -> bool,
+) -> Vec<EngineEvent> {
+    let until = Instant::now() + DEADLINE;
+    let mut got = Vec::new();
+    loop {
+        while let Some(ev) = engine.next_event() {
+            got.push(ev);
+        }
+        if done(&got) {
+            return got;
+        }
+        assert!(
+            Instant::now() < until,
+            "deadline passed; events so far: {got:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn opened(events: &[EngineEvent], ticket: u64) -> Option<(&str, u64, &Resume, &[Delivered])> {
+    events.iter().find_map(|e| match e {
+        EngineEvent::Opened {
+            ticket: t,
+            epoch,
+            top_seq,
+            resume,
+            replay,
+            ..
+        } if *t == ticket => Some((&**epoch, *top_seq, resume, &replay[..])),
+        _ => None,
+    })
+}
+
+fn published(events: &[EngineEvent]) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Published { ticket, seq } => Some((*ticket, *seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn deliveries(events: &[EngineEvent], user: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Delivery { user: u, event } if &**u == user => Some(event.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_seq(frame: &[u8], seq: u64) -> bool {
+    let needle = format!("\"seq\":{seq},");
+    frame.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn three_nodes_publish_to_one_user_and_every_listener_sees_one_contiguous_order() {
+    let redis = RedisProcess::start();
+    let mut nodes: Vec<RedisEngine> = (0..3).map(|_| node(&redis, 2000)).collect();
+    // Nodes 0 and 1 hold a connection of "u"; node 2 only publishes.
+    for (i, n) in nodes.iter_mut().take(2).enumerate() {
+        n.open(100 + i as u64, "u", None, (0, 100 + i as u64));
+        let got = collect(n, |e| opened(e, 100 + i as u64).is_some());
+        let (_, top, resume, _) = opened(&got, 100 + i as u64).unwrap();
+        assert_eq!((top, resume), (0, &Resume::NotAsked));
+    }
+    let per_node = 60u64;
+    for k in 0..per_node {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let ticket = i as u64 * 1000 + k;
+            n.publish(
+                ticket,
+                &event("u", None, "r1", EventKind::AgentThinking, ticket),
+            );
+        }
+    }
+    let total = per_node * 3;
+    let mut acked = Vec::new();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let got = collect(n, |e| {
+            published(e).len() as u64 == per_node
+                && (i == 2 || deliveries(e, "u").len() as u64 == total)
+        });
+        acked.extend(published(&got).into_iter().map(|(_, seq)| seq));
+        if i < 2 {
+            let seqs = deliveries(&got, "u");
+            assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "node {i}");
+            for e in &got {
+                if let EngineEvent::Delivery { event, .. } = e {
+                    assert!(has_seq(&event.frame, event.seq));
+                }
+            }
+        } else {
+            assert!(
+                deliveries(&got, "u").is_empty(),
+                "node 2 has no connection of u"
+            );
+        }
+    }
+    acked.sort_unstable();
+    assert_eq!(
+        acked,
+        (1..=total).collect::<Vec<_>>(),
+        "each seq acknowledged once"
+    );
+}
+
+#[test]
+fn resume_on_another_node_gets_exactly_what_was_missed_and_the_epoch_survives_a_restart() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    for k in 1..=5 {
+        let thread = if k % 2 == 0 { Some("t1") } else { None };
+        a.publish(k, &event("v", thread, "r1", EventKind::AgentThinking, k));
+    }
+    let got = collect(&mut a, |e| published(e).len() == 5);
+    assert_eq!(
+        published(&got).iter().map(|p| p.1).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    drop(a);
+
+    let mut b = node(&redis, 2000);
+    b.open(1, "v", None, (0, 1));
+    let got = collect(&mut b, |e| opened(e, 1).is_some());
+    let (epoch, top, resume, _) = opened(&got, 1).unwrap();
+    assert_eq!((top, resume), (5, &Resume::NotAsked));
+    let epoch = epoch.to_owned();
+
+    b.open(2, "v", Some((2, &epoch)), (0, 2));
+    b.open(3, "v", Some((2, "not-the-epoch")), (0, 3));
+    b.open(4, "v", Some((9, &epoch)), (0, 4));
+    b.open(5, "v", Some((5, &epoch)), (0, 5));
+    let got = collect(&mut b, |e| (2..=5).all(|t| opened(e, t).is_some()));
+    let (_, top, resume, replay) = opened(&got, 2).unwrap();
+    assert_eq!((top, resume), (5, &Resume::Exact));
+    assert_eq!(replay.iter().map(|d| d.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert!(replay.iter().all(|d| has_seq(&d.frame, d.seq)));
+    let threads: Vec<_> = replay.iter().map(|d| d.thread.as_deref()).collect();
+    assert_eq!(threads, [None, Some("t1"), None]);
+    assert_eq!(opened(&got, 3).unwrap().2, &Resume::Lost);
+    assert_eq!(opened(&got, 4).unwrap().2, &Resume::Lost);
+    let (_, _, resume, replay) = opened(&got, 5).unwrap();
+    assert_eq!((resume, replay.len()), (&Resume::Exact, 0));
+    drop(b);
+
+    // A node started anew finds the same epoch and seq.
+    let mut c = node(&redis, 2000);
+    c.open(1, "v", Some((4, &epoch)), (0, 1));
+    let got = collect(&mut c, |e| opened(e, 1).is_some());
+    let (epoch_again, top, resume, replay) = opened(&got, 1).unwrap();
+    assert_eq!(
+        (epoch_again, top, resume),
+        (epoch.as_str(), 5, &Resume::Exact)
+    );
+    assert_eq!(replay.iter().map(|d| d.seq).collect::<Vec<_>>(), [5]);
+    c.publish(9, &event("v", None, "r1", EventKind::AgentThinking, 9));
+    let got = collect(&mut c, |e| {
+        !published(e).is_empty() && !deliveries(e, "v").is_empty()
+    });
+    assert_eq!(published(&got), [(9, 6)]);
+    assert_eq!(deliveries(&got, "v"), [6]);
+}
+
+#[test]
+fn events_after_the_run_ended_are_refused_cluster_wide() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    let mut b = node(&redis, 2000);
+    a.publish(1, &event("w", None, "r1", EventKind::AgentStarted, 1));
+    a.publish(2, &event("w", None, "r1", EventKind::AgentCompleted, 2));
+    let got = collect(&mut a, |e| published(e).len() == 2);
+    assert_eq!(published(&got), [(1, 1), (2, 2)]);
+    b.publish(3, &event("w", None, "r1", EventKind::AgentThinking, 3));
+    b.publish(4, &event("w", None, "r2", EventKind::AgentStarted, 4));
+    let got = collect(&mut b, |e| published(e).len() == 1);
+    assert!(
+        got.iter()
+            .any(|e| matches!(e, EngineEvent::Refused { ticket: 3 })),
+        "{got:?}"
+    );
+    assert_eq!(published(&got), [(4, 3)], "a refused event takes no seq");
+}
+
+#[test]
+fn a_paused_redis_answers_unavailable_within_the_timeout_and_the_engine_recovers() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 300);
+    a.open(1, "x", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    a.publish(2, &event("x", None, "r1", EventKind::AgentStarted, 2));
+    collect(&mut a, |e| published(e) == [(2, 1)]);
+
+    redis.pause();
+    a.publish(3, &event("x", None, "r1", EventKind::AgentThinking, 3));
+    let got = collect(&mut a, |e| {
+        e.iter()
+            .any(|e| matches!(e, EngineEvent::Unavailable { ticket: 3 }))
+    });
+    assert!(published(&got).is_empty());
+    assert!(got
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Connected(false))));
+    redis.resume();
+
+    // Recovery by itself: publish until one is stored (the one answered 503 may
+    // have been stored as well: its outcome was unknown).
+    let until = Instant::now() + DEADLINE;
+    let mut ticket = 10;
+    let mut seen = Vec::new();
+    loop {
+        a.publish(
+            ticket,
+            &event("x", None, "r1", EventKind::AgentThinking, ticket),
+        );
+        let got = collect(&mut a, |e| {
+            e.iter().any(|e| {
+                matches!(e, EngineEvent::Published { ticket: t, .. } | EngineEvent::Unavailable { ticket: t } if *t == ticket)
+            })
+        });
+        seen.extend(got);
+        if !published(&seen).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "no recovery: {seen:#?}");
+        ticket += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen
+        .iter()
+        .any(|e| matches!(e, EngineEvent::Connected(true))));
+    // Whatever was stored reaches the listener in order, or a gap is reported.
+    let top = published(&seen)[0].1;
+    let got = collect(&mut a, |e| {
+        let mut all: Vec<u64> = deliveries(&seen, "x");
+        all.extend(deliveries(e, "x"));
+        all.last() == Some(&top) || e.iter().any(|e| matches!(e, EngineEvent::Gap { .. }))
+    });
+    let mut all = deliveries(&seen, "x");
+    all.extend(deliveries(&got, "x"));
+    let gap = seen
+        .iter()
+        .chain(&got)
+        .any(|e| matches!(e, EngineEvent::Gap { .. }));
+    if !gap {
+        assert_eq!(all, (2..=top).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
+    let mut redis = RedisProcess::start();
+    let mut a = node(&redis, 300);
+    a.open(1, "y", None, (0, 1));
+    let got = collect(&mut a, |e| opened(e, 1).is_some());
+    let epoch = opened(&got, 1).unwrap().0.to_owned();
+    for k in 0..3 {
+        a.publish(10 + k, &event("y", None, "r1", EventKind::AgentThinking, k));
+    }
+    collect(&mut a, |e| deliveries(e, "y").len() == 3);
+
+    redis.restart_empty();
+    // The feed reconnects, finds no history for "y": the node's connections of y
+    // must resume (1013), never take seqs of a new history as if nothing happened.
+    let got = collect(&mut a, |e| {
+        e.iter()
+            .any(|e| matches!(e, EngineEvent::Gap { user } if &**user == "y"))
+    });
+    assert!(deliveries(&got, "y").is_empty());
+    a.release("y", None);
+    a.open(2, "y", Some((3, &epoch)), (0, 2));
+    let got = collect(&mut a, |e| opened(e, 2).is_some());
+    let (new_epoch, top, resume, _) = opened(&got, 2).unwrap();
+    assert_ne!(new_epoch, epoch);
+    assert_eq!((top, resume), (0, &Resume::Lost));
+}
+
+#[test]
+fn leases_are_renewed_for_the_connections_given() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "ls", None, (7, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    let mut con = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    let score = |con: &mut redis::Connection| -> Option<f64> {
+        redis::cmd("ZSCORE")
+            .arg("awtest:{u:ls}:leases")
+            .arg("test-node\n7:1")
+            .query(con)
+            .expect("ZSCORE")
+    };
+    let first = score(&mut con).expect("the open leased it");
+    std::thread::sleep(Duration::from_millis(20));
+    a.renew_leases(vec![(Arc::from("ls"), (7, 1))]);
+    let until = Instant::now() + DEADLINE;
+    while score(&mut con) <= Some(first) {
+        assert!(Instant::now() < until, "lease not renewed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Regression: the feed's idle PING expected `+PONG` while a subscribed connection
+/// answers `["pong", ""]`, and the feed reconnected after every idle second.
+#[test]
+fn an_idle_feed_keeps_its_connection() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "idle", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    // Three idle pings.
+    std::thread::sleep(Duration::from_millis(3500));
+    let losses = a
+        .counters()
+        .feed_losses
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(losses, 0, "the feed lost its connection while idle");
+}
