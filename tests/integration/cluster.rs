@@ -720,51 +720,6 @@ fn user_messages_and_cancels_reach_workers_anywhere_through_the_inbound_stream()
 }
 
 #[test]
-fn the_python_worker_example_answers_a_user_through_the_inbound_stream() {
-    let redis = RedisServer::start();
-    let n0 = node(&redis, "n0");
-    let n1 = node(&redis, "n1");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/redis_worker.py");
-    let mut worker = std::process::Command::new("python3")
-        .arg(script)
-        .args(["--redis", &format!("127.0.0.1:{}", redis.port)])
-        .args(["--gateway", &format!("http://{}", n1.addr)])
-        .args(["--publish-key", PUBLISH_KEY])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("python3 examples/redis_worker.py");
-    let mut c = n0.connect("py-u1");
-    let mut ack = Value::Null;
-    wait_until(
-        "the worker's consumer group is seen and the message acked",
-        || {
-            c.send_json(&json!({"type": "user_message", "text": "ping?", "ref": "q1"}));
-            let v = c.recv_json();
-            if v["type"] == "ack" {
-                ack = v;
-                return true;
-            }
-            assert_eq!(v["code"], "no_agent", "{v}");
-            std::thread::sleep(Duration::from_millis(100));
-            false
-        },
-    );
-    let run = ack["run_id"].as_str().expect("run_id").to_owned();
-    let got = c.recv_events(3);
-    let _ = worker.kill();
-    let _ = worker.wait();
-    assert_contiguous(&got, 1);
-    let kinds: Vec<&str> = got.iter().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(
-        kinds,
-        ["agent_started", "agent_thinking", "agent_completed"]
-    );
-    assert!(got.iter().all(|e| e["run_id"] == run.as_str()));
-    assert_eq!(got[2]["data"]["answer"], "You said: ping?");
-}
-
-#[test]
 fn a_replay_larger_than_max_pending_bytes_streams_as_the_socket_drains() {
     let redis = RedisServer::start();
     let n0 = node(&redis, "n0");

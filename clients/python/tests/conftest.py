@@ -108,10 +108,24 @@ class Client:
                           open_timeout=5, max_size=None)
         self.connected = json.loads(self.ws.recv(timeout=5))
         assert self.connected["type"] == "connected", self.connected
+        self.held: list[dict] = []  # events read while waiting for another frame
+
+    def frame(self, kind: str, timeout: float = 20.0) -> dict:
+        """The next frame of type `kind` (ack, pong, ...) or an ``error``, whichever comes
+        first; events read meanwhile are kept for ``events``."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            frame = json.loads(self.ws.recv(timeout=left))
+            if "seq" in frame:
+                self.held.append(frame)
+            elif frame.get("type") in (kind, "error"):
+                return frame
+        raise AssertionError(f"no {kind} frame within {timeout} s")
 
     def events(self, n: int, timeout: float = 20.0) -> list[dict]:
         """The next n events (gateway frames other than events are skipped)."""
-        out: list[dict] = []
+        out: list[dict] = self.held[:n]
+        del self.held[:n]
         deadline = time.monotonic() + timeout
         while len(out) < n:
             left = deadline - time.monotonic()

@@ -8,6 +8,7 @@ its own; the cluster tests of the gateway check that the engine writes exactly t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agentwire_worker import InboundBodyError, InboundStream, parse_entry
-from conftest import PUBLISH_KEY
+from conftest import PUBLISH_KEY, Client
 from redis_support import redis_server  # noqa: F401 - the fixture
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "redis_worker.py"
@@ -144,6 +145,59 @@ def test_example_worker_answers_from_the_stream(gateway, client_factory, redis_s
         while r.xpending("agentwire:inbound", "agents")["pending"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert r.xpending("agentwire:inbound", "agents")["pending"] == 0, "every entry acknowledged"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_golden_path_with_the_agent_outside_a_two_node_cluster(gateway_factory, redis_server):
+    """Issue 11's golden path: two gateway nodes on one Redis (engine = "redis"), the
+    user on node 0 asks; the example worker reads the message from the inbound stream
+    the gateway wrote, answers through node 1's publish API, and the user sees the
+    whole run; a cancel sent to node 0 stops the next run."""
+    cluster = ("--engine", "redis", "--redis-url", redis_server.url, "--redis-prefix", "gw")
+    n0 = gateway_factory(*cluster, "--node-id", "n0")
+    n1 = gateway_factory(*cluster, "--node-id", "n1")
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--gateway", n1.url, "--publish-key", PUBLISH_KEY,
+         "--redis", redis_server.url, "--prefix", "gw", "--step-s", "0.05"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert "reading gw:inbound" in proc.stdout.readline()  # the group exists from here
+        ws = Client(n0, "lena")
+        assert ws.connected["node_id"] == "n0"
+        # A node learns that the stream has a consumer group within a housekeeping tick
+        # (1 s); until then a message with no in-process worker gets no_agent.
+        deadline = time.monotonic() + 10
+        while True:
+            ws.ws.send(json.dumps({"type": "user_message", "thread_id": "t1", "text": "What is a stream?", "ref": "q1"}))
+            ack = ws.frame("ack")
+            if ack["type"] == "ack" or time.monotonic() > deadline:
+                break
+            assert ack["code"] == "no_agent", ack
+            time.sleep(0.1)
+        assert (ack["type"], ack["ref"]) == ("ack", "q1"), ack
+        evs = ws.events(1)
+        while evs[-1]["type"] not in ("agent_completed", "agent_error"):
+            evs += ws.events(1)
+        assert {e["run_id"] for e in evs} == {ack["run_id"]}
+        assert [e["type"] for e in evs[:6]] == ["agent_started", "agent_thinking", "agent_thinking",
+                                                "agent_thinking", "tool_executing", "tool_completed"]
+        assert evs[-1]["type"] == "agent_completed" and "What is a stream?" in evs[-1]["data"]["answer"]
+        assert [e["seq"] for e in evs] == list(range(evs[0]["seq"], evs[0]["seq"] + len(evs)))
+        # Cancel the next run from node 0: the worker hears it through the stream.
+        ws.ws.send(json.dumps({"type": "user_message", "thread_id": "t1", "text": "A long one", "ref": "q2"}))
+        ack = ws.frame("ack")
+        assert ack["type"] == "ack", ack
+        run_id = ack["run_id"]
+        assert ws.events(1)[0]["type"] == "agent_started"
+        ws.ws.send(json.dumps({"type": "cancel", "run_id": run_id}))
+        rest = ws.events(1)
+        while rest[-1]["type"] not in ("agent_completed", "agent_error"):
+            rest += ws.events(1)
+        assert rest[-1]["type"] == "agent_error" and rest[-1]["data"]["reason"] == "cancelled", rest[-1]
+        ws.close()
     finally:
         proc.terminate()
         proc.wait(10)
