@@ -123,6 +123,10 @@ pub(crate) enum EngineEvent {
         replay: Vec<Delivered>,
         /// The user's runs in progress, cluster-wide.
         runs: Vec<EngineRun>,
+        /// When the open asked for it (an AG-UI connection) and runs are in progress:
+        /// the kept events up to the connection's starting point (`last_seq` of an
+        /// exact resume, else `top_seq`), oldest first; else empty.
+        history: Vec<Delivered>,
     },
     /// An event of `user`, for this node's connections of the user (in seq order,
     /// without gaps and duplicates: the engine checked).

@@ -5,6 +5,12 @@
 //! connections, gaps, outages). Nothing here runs under the memory engine: its calls
 //! answer at once on the paths of `session.rs`, `routing.rs` and `endpoints.rs`.
 //!
+//! AG-UI connections (`encoding=agui`, [`crate::agui`]): their open asks the engine
+//! for the kept events up to their starting point too (only read while runs are in
+//! progress), from which the connection's translation state and opening frames are
+//! rebuilt as `session.rs` does under the memory engine; their owed frames (replay,
+//! early deliveries) and live deliveries go through the translation when queued.
+//!
 //! Tickets: an open is `OPEN_TICKET | connection serial`; a publish request's event
 //! `request << PUBLISH_INDEX_BITS | index`; an emitted event [`EMIT_TICKET`].
 //!
@@ -19,7 +25,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::routing::translate;
 use super::{live, mark, Reactor};
+use crate::agui::{json_payload, Encoding, RunInProgress, Source, Stream};
 use crate::close::CloseReason;
 use crate::conn::{ConnId, Phase};
 use crate::engine::{Cursor, Delivered, DueRun, EngineEvent, EngineRun, Ticket, EMIT_TICKET};
@@ -175,8 +183,9 @@ impl Reactor {
                 resume,
                 replay,
                 runs,
+                history,
                 ..
-            } => self.opened(ticket, &epoch, top_seq, resume, replay, runs),
+            } => self.opened(ticket, &epoch, top_seq, resume, replay, runs, history),
             EngineEvent::Published { ticket, seq } => {
                 log::trace!("engine: ticket {ticket} stored as seq {seq}");
                 self.publish_answered(ticket, Outcome::Stored);
@@ -346,6 +355,7 @@ impl Reactor {
         // Nothing more is read from it until the answer (`process_http` waits).
         st.engine_wait = true;
         let ticket = OPEN_TICKET | id.serial;
+        let agui = up.encoding == Encoding::Agui;
         let ask = up
             .last_seq
             .map(|n| (n, up.epoch.clone().unwrap_or_default()));
@@ -364,7 +374,7 @@ impl Reactor {
         );
         if let Some(redis) = self.engine.redis() {
             let ask = ask.as_ref().map(|(n, e)| (*n, e.as_str()));
-            redis.open(ticket, &user_name, ask, (id.key, id.serial));
+            redis.open(ticket, &user_name, ask, (id.key, id.serial), agui);
         }
     }
 
@@ -394,6 +404,7 @@ impl Reactor {
 
     /// The engine's answer to an open: the `connected` frame, the replay, then the
     /// deliveries that came meanwhile and are past the answer's top.
+    #[allow(clippy::too_many_arguments)] // the answer's parts, one each
     fn opened(
         &mut self,
         ticket: Ticket,
@@ -402,6 +413,7 @@ impl Reactor {
         resume: Resume,
         replay: Vec<Delivered>,
         runs: Vec<EngineRun>,
+        history: Vec<Delivered>,
     ) {
         let Some(open) = self.waits.opens.remove(&ticket) else {
             return;
@@ -439,7 +451,7 @@ impl Reactor {
         };
         // Runs started by isolated connections are theirs alone: not listed (as
         // under the memory engine); a thread-filtered connection sees its thread's.
-        let mut listed: Vec<&EngineRun> = if open.mode.is_isolated() {
+        let mut visible: Vec<&EngineRun> = if open.mode.is_isolated() {
             Vec::new()
         } else {
             runs.iter()
@@ -449,9 +461,9 @@ impl Reactor {
                 })
                 .collect()
         };
-        listed.sort_by_key(|r| r.started_ts);
-        let truncated = listed.len() > super::session::CONNECTED_RUNS_MAX;
-        listed.truncate(super::session::CONNECTED_RUNS_MAX);
+        visible.sort_by_key(|r| r.started_ts);
+        let truncated = visible.len() > super::session::CONNECTED_RUNS_MAX;
+        let listed = &visible[..visible.len().min(super::session::CONNECTED_RUNS_MAX)];
         let active_runs = listed
             .iter()
             .map(|r| ActiveRun {
@@ -491,6 +503,38 @@ impl Reactor {
             node_id: Some(&self.node_id),
         }));
         let owners = self.run_owners(&open.user);
+        // AG-UI: the state the connection's stream starts from and the frames that
+        // open it (its runs in progress), before any replayed or live event (as
+        // `session.rs` does under the memory engine).
+        let agui = (up.encoding == Encoding::Agui).then(|| {
+            let point = match resume {
+                Resume::Exact => up.last_seq.unwrap_or(top_seq).min(top_seq),
+                _ => top_seq,
+            };
+            let active: Vec<RunInProgress<'_>> = visible
+                .iter()
+                .map(|r| RunInProgress {
+                    run_id: &r.run_id,
+                    thread: r.thread.as_deref(),
+                    started_ts: r.started_ts,
+                    last_seq: r.last_seq,
+                })
+                .collect();
+            let stream = Stream::rebuild(
+                Arc::from(epoch),
+                self.s.config.max_active_runs_per_user,
+                history
+                    .iter()
+                    .filter(|d| takes(&entry, d, &owners))
+                    .map(|d| &d.frame[..]),
+                &active,
+                point,
+                !matches!(resume, Resume::Exact),
+            );
+            let mut opening = Vec::new();
+            stream.opening_frames(&mut |frame| opening.push(frame));
+            (Box::new(stream), opening)
+        });
         let Some(conn) = live(&mut self.conns, id) else {
             return;
         };
@@ -498,6 +542,12 @@ impl Reactor {
             return;
         };
         conn.out.push(connected);
+        if let Some((stream, opening)) = agui {
+            for frame in opening {
+                conn.out.push(frame);
+            }
+            session.agui = Some(stream);
+        }
         // The replay, then the deliveries that came before the answer and are past its
         // top (the engine hands them on in order, without gaps): owed frames, queued
         // on the socket as it drains ([`Reactor::pump_engine_replay`]).
@@ -744,6 +794,8 @@ impl Reactor {
         let mut delivered = 0;
         let mut overflow = Vec::new();
         let owed_max = self.s.config.replay_events + EARLY_PER_OPEN;
+        // AG-UI connections: the event read back once, at the first of them.
+        let mut agui_source: Option<Option<Source>> = None;
         for (i, target) in self.scratch_targets.iter().copied().enumerate() {
             let Some(conn) = live(&mut self.conns, target) else {
                 continue;
@@ -776,7 +828,20 @@ impl Reactor {
                             }
                             Some(_) => overflow.push(target),
                             None => {
-                                conn.out.push(event.frame.clone());
+                                match session.agui.as_deref_mut() {
+                                    None => conn.out.push(event.frame.clone()),
+                                    Some(stream) => {
+                                        let src = agui_source.get_or_insert_with(|| {
+                                            json_payload(&event.frame).and_then(Source::parse)
+                                        });
+                                        translate(
+                                            stream,
+                                            src.as_ref(),
+                                            &event.frame,
+                                            &mut conn.out,
+                                        );
+                                    }
+                                }
                                 mark(&mut conn.flush_queued, &mut self.dirty, target);
                             }
                         }
@@ -812,7 +877,13 @@ impl Reactor {
             let Some(frame) = owed.pop_front() else {
                 break;
             };
-            conn.out.push(frame);
+            match session.agui.as_deref_mut() {
+                None => conn.out.push(frame),
+                Some(stream) => {
+                    let src = json_payload(&frame).and_then(Source::parse);
+                    translate(stream, src.as_ref(), &frame, &mut conn.out);
+                }
+            }
             queued = true;
         }
         if owed.is_empty() {

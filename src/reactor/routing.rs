@@ -308,7 +308,12 @@ impl Reactor {
 /// Queue an event's AG-UI frames on an `encoding=agui` connection (`src`: the event
 /// read back from `frame`; `None` only for a frame that is not an event, which
 /// cannot happen for a routed one: then nothing is queued).
-fn translate(stream: &mut Stream, src: Option<&Source>, frame: &[u8], out: &mut OutQueue) {
+pub(super) fn translate(
+    stream: &mut Stream,
+    src: Option<&Source>,
+    frame: &[u8],
+    out: &mut OutQueue,
+) {
     match (src, json_payload(frame)) {
         (Some(src), Some(payload)) => stream.translate(src, payload, &mut |f| out.push(f)),
         _ => log::error!("agui: a routed frame is not an agentwire event; not sent"),

@@ -10,6 +10,7 @@ mod agui;
 mod chaos;
 mod client_input;
 mod cluster;
+mod cluster_agui;
 mod cluster_chaos;
 mod conformance_route;
 mod deadlines;

@@ -185,6 +185,7 @@ pub(super) enum Raw {
         resume: Resume,
         replay: Vec<Delivered>,
         runs: Vec<EngineRun>,
+        history: Vec<Delivered>,
     },
     Delivery {
         user: Arc<str>,
@@ -441,6 +442,7 @@ impl RedisEngine {
         user: &str,
         ask: Option<(u64, &str)>,
         conn: (usize, u64),
+        history: bool,
     ) {
         let user: Arc<str> = match self.users.get_key_value(user) {
             Some((name, _)) => name.clone(),
@@ -453,6 +455,7 @@ impl RedisEngine {
                 user: user.clone(),
                 ask: ask.map(|(seq, epoch)| (seq, epoch.to_owned())),
                 member: self.member(conn),
+                history,
             }),
         };
         if self.feed.try_send(req).is_err() {
@@ -511,6 +514,7 @@ impl RedisEngine {
                     resume,
                     replay,
                     runs,
+                    history,
                 } => self.opened(EngineEvent::Opened {
                     ticket,
                     user,
@@ -519,6 +523,7 @@ impl RedisEngine {
                     resume,
                     replay,
                     runs,
+                    history,
                 }),
                 Raw::Top { user, epoch, top } => {
                     if let Some(local) = self.users.get_mut(&user) {

@@ -13,11 +13,16 @@
 -- ARGV[10] max_connections_per_user  ARGV[11] "evict" (evict_oldest) or "reject"
 -- ARGV[12] the node channels' prefix ("<prefix>:node:"): an evicted connection's node
 --          hears "<conn>" on its channel and closes it with 4002
+-- ARGV[13] "1" when the connection wants the history its state starts from (an AG-UI
+--          connection, docs/AGUI.md): the kept events up to its starting point
 --
--- Returns {epoch, top_seq, answer, entries, runs}: answer "n" (not asked), "e" (exact:
--- entries are every kept event after last_seq, oldest first), "l" (lost) or "x"
+-- Returns {epoch, top_seq, answer, entries, runs, history}: answer "n" (not asked), "e"
+-- (exact: entries are every kept event after last_seq, oldest first), "l" (lost) or "x"
 -- (refused: past max_connections_per_user with reject); runs the runs hash as
--- {run_id, json, ...} (at most max_active_runs_per_user).
+-- {run_id, json, ...} (at most max_active_runs_per_user); history, when ARGV[13] asks
+-- for it and runs are in progress (or, for an exact resume, events follow last_seq),
+-- the kept events up to the starting point (last_seq for an exact resume, else
+-- top_seq), oldest first, at most ARGV[6] of them.
 local meta, stream = KEYS[1], KEYS[2]
 local runs = redis.call('HGETALL', KEYS[3])
 -- The user's connections on every node: leases that ended are of dead nodes.
@@ -63,23 +68,32 @@ end
 -- A connection refreshes the user's history (PROTOCOL.md section 9).
 redis.call('PEXPIRE', meta, ARGV[2])
 redis.call('PEXPIRE', stream, ARGV[2])
+-- The kept events up to `point` (seq ids are "<seq>-0"), when asked and runs are in
+-- progress: now, or (`replayed`: an exact resume with events after it) at `point`,
+-- whose runs may have ended in the replay. Nothing to rebuild otherwise.
+local function history(point, replayed)
+  if ARGV[13] ~= '1' or (#runs == 0 and not replayed) or point < 1 then
+    return {}
+  end
+  return redis.call('XRANGE', stream, '-', point .. '-0', 'COUNT', ARGV[6])
+end
 if ARGV[3] ~= '1' then
-  return {epoch, top, 'n', {}, runs}
+  return {epoch, top, 'n', {}, runs, history(top, false)}
 end
 local after = tonumber(ARGV[5])
 if ARGV[4] ~= epoch or after > top then
-  return {epoch, top, 'l', {}, runs}
+  return {epoch, top, 'l', {}, runs, history(top, false)}
 end
 if after == top then
-  return {epoch, top, 'e', {}, runs}
+  return {epoch, top, 'e', {}, runs, history(after, false)}
 end
 local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
 if #first == 0 then
-  return {epoch, top, 'l', {}, runs}
+  return {epoch, top, 'l', {}, runs, history(top, false)}
 end
 local first_seq = tonumber(string.match(first[1][1], '^(%d+)'))
 if first_seq > after + 1 then
-  return {epoch, top, 'l', {}, runs}
+  return {epoch, top, 'l', {}, runs, history(top, false)}
 end
 local entries = redis.call('XRANGE', stream, (after + 1) .. '-0', '+', 'COUNT', ARGV[6])
-return {epoch, top, 'e', entries, runs}
+return {epoch, top, 'e', entries, runs, history(after, true)}

@@ -81,6 +81,9 @@ pub(super) enum StoreRequest {
         ask: Option<(u64, String)>,
         /// The connection as a member of the user's connections: `<node_id>\n<conn>`.
         member: String,
+        /// Also read the kept events up to the connection's starting point (an
+        /// AG-UI connection rebuilds its translation state from them).
+        history: bool,
     },
     /// Renew the leases of this node's connections (every [`LEASE_RENEW`]).
     Leases { members: Vec<(Arc<str>, String)> },
@@ -348,7 +351,11 @@ fn run_batch(
                 pipe.cmd("ZREM").arg(&keys.conns).arg(member.as_str());
             }
             StoreRequest::Open {
-                user, ask, member, ..
+                user,
+                ask,
+                member,
+                history,
+                ..
             } => {
                 let keys = UserKeys::new(&s.prefix, user);
                 let (asked, their_epoch, after) = match ask {
@@ -375,7 +382,8 @@ fn run_batch(
                     .arg(LEASE.as_millis() as u64)
                     .arg(s.max_connections_per_user)
                     .arg(if s.evict_oldest { "evict" } else { "reject" })
-                    .arg(super::keys::node_channel(&s.prefix, ""));
+                    .arg(super::keys::node_channel(&s.prefix, ""))
+                    .arg(if *history { "1" } else { "0" });
             }
             StoreRequest::Top { user } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -525,6 +533,16 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 Value::Map(pairs) => runs_of(pairs.into_iter().flat_map(|(k, v)| [k, v]).collect()),
                 _ => return None,
             };
+            let history = match parts.next() {
+                Some(Value::Array(entries)) => {
+                    let mut kept = Vec::with_capacity(entries.len());
+                    for e in entries {
+                        kept.push(entry(e)?);
+                    }
+                    kept
+                }
+                _ => Vec::new(),
+            };
             Some(Raw::Opened {
                 ticket: *ticket,
                 user: user.clone(),
@@ -533,6 +551,7 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 resume,
                 replay,
                 runs,
+                history,
             })
         }
         StoreRequest::Inbound { .. }
