@@ -203,8 +203,8 @@ fi
 
 # 1b. Debian packages (tools/lib/apt.sh: apt-get when missing, one update per run):
 # curl for tests/integration/tls.rs and the README's snippets, redis-server for the Redis
-# engine's tests (src/engine/redis, tests/integration/cluster*.rs, clients/python start
-# their own on free ports). A package that cannot be installed is one failure.
+# engine's tests (src/engine/redis, tests/integration/cluster*.rs, clients/python and
+# clients/js/test/agui_redis.test.mjs start their own on free ports). A package that cannot be installed is one failure.
 step "Debian packages: curl, redis-server"
 # shellcheck source=lib/apt.sh
 . "$ROOT/tools/lib/apt.sh"

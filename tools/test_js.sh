@@ -14,7 +14,8 @@
 # as failed; a run that reports no summary is one failure). Exit 0 only when M is 0.
 #
 # Environment: AGENTWIRE_BIN (the gateway binary), AGENTWIRE_JS_TEST_TIMEOUT_S (default
-# 600) bounds the whole node run. Needs Node 20 or newer and npm. The log is kept in
+# 600) bounds the whole node run. Needs Node 20 or newer and npm, and `redis-server`
+# (test/agui_redis.test.mjs starts its own; tools/test.sh installs it before this step). The log is kept in
 # target/test-logs/js.log.
 set -euo pipefail
 
