@@ -374,7 +374,7 @@ impl Reactor {
         );
         if let Some(redis) = self.engine.redis() {
             let ask = ask.as_ref().map(|(n, e)| (*n, e.as_str()));
-            redis.open(ticket, &user_name, ask, (id.key, id.serial), agui);
+            redis.open_with(ticket, &user_name, ask, (id.key, id.serial), agui);
         }
     }
 

@@ -432,11 +432,26 @@ impl RedisEngine {
         let _ = self.store.try_send(StoreRequest::InboundGroups);
     }
 
+    /// [`RedisEngine::open_with`] without the history (an agentwire connection).
+    #[cfg(test)]
+    pub(crate) fn open(
+        &mut self,
+        ticket: Ticket,
+        user: &str,
+        ask: Option<(u64, &str)>,
+        conn: (usize, u64),
+    ) {
+        self.open_with(ticket, user, ask, conn, false);
+    }
+
     /// Open a connection of `user` (resuming after `(last_seq, epoch)` when asked):
     /// the node listens to the user first, then reads; the answer comes back as
     /// [`EngineEvent::Opened`] (or `Unavailable`). Every open is paired with one
-    /// [`RedisEngine::release`] when the connection ends (or its open failed).
-    pub(crate) fn open(
+    /// [`RedisEngine::release`] when the connection ends (or its open failed). With
+    /// `history` the answer also holds the kept events up to the connection's starting
+    /// point while the user has runs in progress (an AG-UI connection rebuilds its
+    /// translation state from them: the `history` of [`EngineEvent::Opened`]).
+    pub(crate) fn open_with(
         &mut self,
         ticket: Ticket,
         user: &str,

@@ -191,7 +191,7 @@ fn three_nodes_publish_to_one_user_and_every_listener_sees_one_contiguous_order(
     let mut nodes: Vec<RedisEngine> = (0..3).map(|_| node(&redis, 2000)).collect();
     // Nodes 0 and 1 hold a connection of "u"; node 2 only publishes.
     for (i, n) in nodes.iter_mut().take(2).enumerate() {
-        n.open(100 + i as u64, "u", None, (0, 100 + i as u64), false);
+        n.open(100 + i as u64, "u", None, (0, 100 + i as u64));
         let got = collect(n, |e| opened(e, 100 + i as u64).is_some());
         let (_, top, resume, _) = opened(&got, 100 + i as u64).unwrap();
         assert_eq!((top, resume), (0, &Resume::NotAsked));
@@ -253,16 +253,16 @@ fn resume_on_another_node_gets_exactly_what_was_missed_and_the_epoch_survives_a_
     drop(a);
 
     let mut b = node(&redis, 2000);
-    b.open(1, "v", None, (0, 1), false);
+    b.open(1, "v", None, (0, 1));
     let got = collect(&mut b, |e| opened(e, 1).is_some());
     let (epoch, top, resume, _) = opened(&got, 1).unwrap();
     assert_eq!((top, resume), (5, &Resume::NotAsked));
     let epoch = epoch.to_owned();
 
-    b.open(2, "v", Some((2, &epoch)), (0, 2), false);
-    b.open(3, "v", Some((2, "not-the-epoch")), (0, 3), false);
-    b.open(4, "v", Some((9, &epoch)), (0, 4), false);
-    b.open(5, "v", Some((5, &epoch)), (0, 5), false);
+    b.open(2, "v", Some((2, &epoch)), (0, 2));
+    b.open(3, "v", Some((2, "not-the-epoch")), (0, 3));
+    b.open(4, "v", Some((9, &epoch)), (0, 4));
+    b.open(5, "v", Some((5, &epoch)), (0, 5));
     let got = collect(&mut b, |e| (2..=5).all(|t| opened(e, t).is_some()));
     let (_, top, resume, replay) = opened(&got, 2).unwrap();
     assert_eq!((top, resume), (5, &Resume::Exact));
@@ -278,7 +278,7 @@ fn resume_on_another_node_gets_exactly_what_was_missed_and_the_epoch_survives_a_
 
     // A node started anew finds the same epoch and seq.
     let mut c = node(&redis, 2000);
-    c.open(1, "v", Some((4, &epoch)), (0, 1), false);
+    c.open(1, "v", Some((4, &epoch)), (0, 1));
     let got = collect(&mut c, |e| opened(e, 1).is_some());
     let (epoch_again, top, resume, replay) = opened(&got, 1).unwrap();
     assert_eq!(
@@ -318,7 +318,7 @@ fn events_after_the_run_ended_are_refused_cluster_wide() {
 fn a_paused_redis_answers_unavailable_within_the_timeout_and_the_engine_recovers() {
     let redis = RedisProcess::start();
     let mut a = node(&redis, 300);
-    a.open(1, "x", None, (0, 1), false);
+    a.open(1, "x", None, (0, 1));
     collect(&mut a, |e| opened(e, 1).is_some());
     a.publish(2, &event("x", None, "r1", EventKind::AgentStarted, 2));
     collect(&mut a, |e| published(e) == [(2, 1)]);
@@ -383,7 +383,7 @@ fn a_paused_redis_answers_unavailable_within_the_timeout_and_the_engine_recovers
 fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
     let mut redis = RedisProcess::start();
     let mut a = node(&redis, 300);
-    a.open(1, "y", None, (0, 1), false);
+    a.open(1, "y", None, (0, 1));
     let got = collect(&mut a, |e| opened(e, 1).is_some());
     let epoch = opened(&got, 1).unwrap().0.to_owned();
     for k in 0..3 {
@@ -400,7 +400,7 @@ fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
     });
     assert!(deliveries(&got, "y").is_empty());
     a.release("y", None);
-    a.open(2, "y", Some((3, &epoch)), (0, 2), false);
+    a.open(2, "y", Some((3, &epoch)), (0, 2));
     let got = collect(&mut a, |e| opened(e, 2).is_some());
     let (new_epoch, top, resume, _) = opened(&got, 2).unwrap();
     assert_ne!(new_epoch, epoch);
@@ -411,7 +411,7 @@ fn redis_restarted_empty_reports_a_gap_and_a_new_epoch() {
 fn leases_are_renewed_for_the_connections_given() {
     let redis = RedisProcess::start();
     let mut a = node(&redis, 2000);
-    a.open(1, "ls", None, (7, 1), false);
+    a.open(1, "ls", None, (7, 1));
     collect(&mut a, |e| opened(e, 1).is_some());
     let mut con = redis::Client::open(redis.url())
         .and_then(|c| c.get_connection())
@@ -439,7 +439,7 @@ fn leases_are_renewed_for_the_connections_given() {
 fn an_idle_feed_keeps_its_connection() {
     let redis = RedisProcess::start();
     let mut a = node(&redis, 2000);
-    a.open(1, "idle", None, (0, 1), false);
+    a.open(1, "idle", None, (0, 1));
     collect(&mut a, |e| opened(e, 1).is_some());
     // Three idle pings.
     std::thread::sleep(Duration::from_millis(3500));
@@ -471,8 +471,8 @@ fn an_open_that_asks_for_history_gets_the_kept_events_up_to_its_starting_point()
     }
     let got = collect(&mut a, |e| published(e).len() == 4);
     assert_eq!(published(&got).len(), 4);
-    a.open(10, "h", None, (0, 10), true);
-    a.open(11, "h", None, (0, 11), false);
+    a.open_with(10, "h", None, (0, 10), true);
+    a.open(11, "h", None, (0, 11));
     let got = collect(&mut a, |e| {
         opened(e, 10).is_some() && opened(e, 11).is_some()
     });
@@ -481,9 +481,9 @@ fn an_open_that_asks_for_history_gets_the_kept_events_up_to_its_starting_point()
     assert!(history_of(&got, 11).is_empty());
     let epoch = opened(&got, 10).unwrap().0.to_owned();
     // An exact resume after 2: the replay after it, the history up to it.
-    a.open(12, "h", Some((2, &epoch)), (0, 12), true);
+    a.open_with(12, "h", Some((2, &epoch)), (0, 12), true);
     // A lost resume starts from the top, like a fresh open.
-    a.open(13, "h", Some((2, "other")), (0, 13), true);
+    a.open_with(13, "h", Some((2, "other")), (0, 13), true);
     let got = collect(&mut a, |e| {
         opened(e, 12).is_some() && opened(e, 13).is_some()
     });
@@ -501,12 +501,12 @@ fn an_open_that_asks_for_history_gets_the_kept_events_up_to_its_starting_point()
     a.publish(5, &event("h", None, "r1", EventKind::AgentCompleted, 5));
     let got = collect(&mut a, |e| published(e).len() == 1);
     assert_eq!(published(&got), [(5, 5)]);
-    a.open(14, "h", None, (0, 14), true);
+    a.open_with(14, "h", None, (0, 14), true);
     let got = collect(&mut a, |e| opened(e, 14).is_some());
     assert!(history_of(&got, 14).is_empty());
     // But a resume from within the run (which ended in its replay) still gets it.
-    a.open(15, "h", Some((3, &epoch)), (0, 15), true);
-    a.open(16, "h", Some((5, &epoch)), (0, 16), true);
+    a.open_with(15, "h", Some((3, &epoch)), (0, 15), true);
+    a.open_with(16, "h", Some((5, &epoch)), (0, 16), true);
     let got = collect(&mut a, |e| {
         opened(e, 15).is_some() && opened(e, 16).is_some()
     });
