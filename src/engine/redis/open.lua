@@ -14,15 +14,15 @@
 -- ARGV[12] the node channels' prefix ("<prefix>:node:"): an evicted connection's node
 --          hears "<conn>" on its channel and closes it with 4002
 -- ARGV[13] "1" when the connection wants the history its state starts from (an AG-UI
---          connection, docs/AGUI.md): the kept events up to its starting point
+--          connection, docs/AGUI.md): then every answer but "x" has a sixth element,
+--          history: while runs are in progress (or, for an exact resume, events follow
+--          last_seq) the kept events up to the starting point (last_seq for an exact
+--          resume, else top_seq), oldest first, at most ARGV[6] of them; else {}
 --
--- Returns {epoch, top_seq, answer, entries, runs, history}: answer "n" (not asked), "e"
--- (exact: entries are every kept event after last_seq, oldest first), "l" (lost) or "x"
+-- Returns {epoch, top_seq, answer, entries, runs}: answer "n" (not asked), "e" (exact:
+-- entries are every kept event after last_seq, oldest first), "l" (lost) or "x"
 -- (refused: past max_connections_per_user with reject); runs the runs hash as
--- {run_id, json, ...} (at most max_active_runs_per_user); history, when ARGV[13] asks
--- for it and runs are in progress (or, for an exact resume, events follow last_seq),
--- the kept events up to the starting point (last_seq for an exact resume, else
--- top_seq), oldest first, at most ARGV[6] of them.
+-- {run_id, json, ...} (at most max_active_runs_per_user).
 local meta, stream = KEYS[1], KEYS[2]
 local runs = redis.call('HGETALL', KEYS[3])
 -- The user's connections on every node: leases that ended are of dead nodes.
