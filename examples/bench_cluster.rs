@@ -12,7 +12,9 @@
 //! until every client had every event (delivery through Redis pub/sub to the other
 //! node), events per second end to end, and the store thread's pipelines (round trips)
 //! per event from `/ws/stats`. Every client checks that its events came in seq order
-//! without gap or duplicate and that each belongs to its user.
+//! without gap or duplicate and that each belongs to its user. `--encoding agui`: the
+//! clients take AG-UI events (the node translates each delivery; docs/AGUI.md) and check
+//! the seq order of their text frames (AG-UI frames carry no user id).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -41,6 +43,10 @@ struct Args {
     /// Publishing threads (each its own keep-alive connection to node 1).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
+    /// The clients' `encoding`: `agentwire`, or `agui` (AG-UI events: each client then
+    /// checks its `TEXT_MESSAGE_CONTENT` frames' `metadata.seq` instead).
+    #[arg(long, default_value = "agentwire")]
+    encoding: String,
 }
 
 const SECRET: &str = "bench-cluster-secret-0123456789abcdef";
@@ -149,7 +155,12 @@ fn main() {
     let mut readers = Vec::new();
     for u in 0..args.users {
         let user = format!("bench-u{u}");
-        let url = format!("ws://{n0}/ws?token={}", token(&user));
+        let url = format!(
+            "ws://{n0}/ws?token={}&encoding={}",
+            token(&user),
+            args.encoding
+        );
+        let agui = args.encoding == "agui";
         let (mut ws, _) = tungstenite::connect(url).expect("ws connect");
         let connected = ws.read().expect("connected");
         assert!(connected.to_text().unwrap_or("").contains("\"connected\""));
@@ -160,8 +171,18 @@ fn main() {
                 match ws.read().expect("read") {
                     Message::Text(t) => {
                         let v: Value = serde_json::from_str(t.as_str()).expect("json");
-                        assert_eq!(v["user_id"], user.as_str(), "cross-user delivery");
-                        assert_eq!(v["seq"].as_u64(), Some(next), "order, gap or duplicate");
+                        if agui {
+                            // RUN_STARTED and TEXT_MESSAGE_START come with the first.
+                            if v["type"] != "TEXT_MESSAGE_CONTENT" {
+                                continue;
+                            }
+                            assert_eq!(v["runId"], "r-1");
+                            let seq = v["metadata"]["seq"].as_u64();
+                            assert_eq!(seq, Some(next), "order, gap or duplicate");
+                        } else {
+                            assert_eq!(v["user_id"], user.as_str(), "cross-user delivery");
+                            assert_eq!(v["seq"].as_u64(), Some(next), "order, gap or duplicate");
+                        }
                         next += 1;
                         received.fetch_add(1, Ordering::Relaxed);
                     }
@@ -213,8 +234,8 @@ fn main() {
     let round_trips = rt(&stats) - rt(&stats_before);
     let sent = (times.len() * args.batch) as f64;
     println!(
-        "events={} users={} batch={} publishers={}",
-        sent, args.users, args.batch, args.publishers
+        "events={} users={} batch={} publishers={} encoding={}",
+        sent, args.users, args.batch, args.publishers, args.encoding
     );
     println!(
         "publish answer (202, stored) us: p50={} p99={} max={}",
@@ -236,7 +257,12 @@ fn main() {
         stats["engine"]["round_trip_us_max"]
     );
     println!(
-        "every client: seq 1..={per_user} in order, own user only: ok ({} events)",
+        "every client: seq 1..={per_user} in order{}: ok ({} events)",
+        if args.encoding == "agui" {
+            ""
+        } else {
+            ", own user only"
+        },
         received.load(Ordering::Relaxed)
     );
 }
