@@ -284,4 +284,3 @@ fn failure_text(failure: Failure, timeout_ms: u64) -> String {
         Failure::Io => "no agent: the connection to the worker endpoint failed".to_owned(),
     }
 }
-

@@ -898,7 +898,10 @@ fn the_webhook_works_across_nodes_its_cancel_reaching_the_node_that_publishes() 
     c.send_json(&json!({"type": "user_message", "text": "hi", "ref": "m1"}));
     let msg = server.next_request();
     assert_eq!(msg.body["type"], "user_message");
-    assert_eq!(msg.body["node_id"], "n0", "the node of the client's connected frame");
+    assert_eq!(
+        msg.body["node_id"], "n0",
+        "the node of the client's connected frame"
+    );
     let run = msg.body["run_id"].as_str().expect("run_id").to_owned();
     assert_eq!(c.expect_type("ack")["run_id"], run.as_str());
     // The worker answers through the other node.
@@ -921,7 +924,13 @@ fn the_webhook_works_across_nodes_its_cancel_reaching_the_node_that_publishes() 
         i += 1;
         let r = publish(
             n1.addr,
-            &json!([pub_event("text_delta", "wh-u1", None, &run, json!({ "i": i }))]),
+            &json!([pub_event(
+                "text_delta",
+                "wh-u1",
+                None,
+                &run,
+                json!({ "i": i })
+            )]),
         );
         assert_eq!(r.status, 202, "{}", r.text());
         r.json()["cancelled"] == json!([run])
