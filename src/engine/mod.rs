@@ -92,8 +92,13 @@ pub(crate) enum EngineEvent {
     /// (`max_connections_per_user` with `evict_oldest`, cluster-wide): close it 4002.
     Evict { key: usize, serial: u64 },
     /// A client (on some node) cancelled this run, which this node publishes: its
-    /// in-process run handle is told.
-    Cancelled { user: Arc<str>, run: Arc<str> },
+    /// in-process run handle is told, and the publish request of `ticket` (when the
+    /// event came through the publish API) lists the run in its `cancelled` answer.
+    Cancelled {
+        user: Arc<str>,
+        run: Arc<str>,
+        ticket: Ticket,
+    },
     /// A client message was appended to the inbound stream (`<prefix>:inbound`).
     InboundStored { ticket: Ticket },
     /// Whether the inbound stream has a consumer group (workers read it): asked every

@@ -232,7 +232,17 @@ impl Reactor {
                     self.close(id, CloseReason::Evicted);
                 }
             }
-            EngineEvent::Cancelled { user, run } => {
+            EngineEvent::Cancelled { user, run, ticket } => {
+                // Section 6b: the 202 of the request that carried the event lists it.
+                let request = ticket >> PUBLISH_INDEX_BITS;
+                if let Some(p) = (ticket != EMIT_TICKET)
+                    .then(|| self.waits.publishes.get_mut(&request))
+                    .flatten()
+                {
+                    if !p.cancelled.iter().any(|r| **r == *run) {
+                        p.cancelled.push(run.to_string());
+                    }
+                }
                 if let Some(flag) = self.waits.run_flags.get(&(user, run)) {
                     flag.store(true, std::sync::atomic::Ordering::Release);
                 }

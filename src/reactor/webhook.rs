@@ -38,6 +38,12 @@ use crate::webhook::{
 const FAILURE_LOG_MS: u64 = 10_000;
 
 impl Reactor {
+    /// The `node_id` a webhook request carries: this node's under the Redis engine (as
+    /// in the client's `connected` frame), none on a memory-engine node.
+    fn cluster_node_id(&mut self) -> Option<String> {
+        self.engine.redis().map(|_| self.node_id.to_string())
+    }
+
     /// `user_message` with the webhook on (see the module docs). Always true: nothing
     /// here is the client's fault.
     pub(super) fn webhook_user_message(
@@ -63,6 +69,7 @@ impl Reactor {
             self.send_error(id, ErrorCode::Busy, why, Some(&reference));
             return true;
         }
+        let node_id = self.cluster_node_id();
         let Some(webhook) = self.webhook.as_mut() else {
             return true;
         };
@@ -75,7 +82,7 @@ impl Reactor {
             text: Some(text),
             reference: ref_text(&reference),
             connection_id: id.public_id(),
-            node_id: None,
+            node_id,
             ts: now_ms(),
         };
         if let Err(refused) = webhook.submit_user_message(request, id, reference.clone()) {
@@ -105,6 +112,9 @@ impl Reactor {
         let user = session.user.clone();
         let (thread, taken) = match self.registry.get(&user).and_then(|u| u.runs.get(run_id)) {
             Some(run) => (run.thread.clone(), run.cancel_requested),
+            // Under the Redis engine the run may have begun through another node: the
+            // worker hears the cancel all the same (and the run is marked in Redis).
+            None if self.engine.redis().is_some() => (None, false),
             None => {
                 let why = "no active run with this run_id";
                 return self.send_error(id, ErrorCode::NotFound, why, None);
@@ -113,6 +123,7 @@ impl Reactor {
         if taken {
             return self.send(id, &ServerFrame::CancelRequested { run_id });
         }
+        let node_id = self.cluster_node_id();
         let Some(webhook) = self.webhook.as_mut() else {
             return;
         };
@@ -124,7 +135,7 @@ impl Reactor {
             text: None,
             reference: None,
             connection_id: id.public_id(),
-            node_id: None,
+            node_id,
             ts: now_ms(),
         };
         match webhook.submit_cancel(request, id) {
@@ -215,6 +226,11 @@ impl Reactor {
                     if let Some(flag) = &run.cancel {
                         flag.store(true, Ordering::Release);
                     }
+                }
+                // Cluster-wide: the node that publishes the run's next event learns it
+                // (its run handle, the `cancelled` list of its publish answers).
+                if self.engine.redis().is_some() {
+                    self.cancel_engine(&user, &run_id);
                 }
                 for conn in conns {
                     self.send(conn, &ServerFrame::CancelRequested { run_id: &run_id });

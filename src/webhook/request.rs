@@ -11,8 +11,8 @@
 //!   value (a number, say) as its compact JSON text (`7` becomes `"7"`), `null` when the
 //!   client sent none or `null`. Always `null` for a `cancel` (it has no `ref`).
 //! - `connection_id`: the client's connection, as in its `connected` frame.
-//! - `node_id`: `null`: the memory engine has no node name (section 9 gives one to
-//!   nodes of the Redis engine).
+//! - `node_id`: the node's `node_id` under the Redis engine (as in the client's
+//!   `connected` frame); `null` on the memory engine, which has no node name.
 //! - `ts`: milliseconds since the Unix epoch when the gateway read the message.
 
 use serde::Serialize;

@@ -884,3 +884,55 @@ fn live_connections_keep_counting_and_a_dead_nodes_stop_within_its_lease() {
     }
     on_b.ping_pong();
 }
+
+#[test]
+fn the_webhook_works_across_nodes_its_cancel_reaching_the_node_that_publishes() {
+    let redis = RedisServer::start();
+    let server = WebhookServer::start(Behaviour::Answer(200));
+    let mut cfg = redis_config(&redis, "n0");
+    cfg.inbound_url = Some(server.url());
+    cfg.inbound_key = Some("cluster-inbound-key-0123".into());
+    let n0 = TestGateway::start(cfg, Agent::None);
+    let n1 = node(&redis, "n1");
+    let mut c = n0.connect("wh-u1");
+    c.send_json(&json!({"type": "user_message", "text": "hi", "ref": "m1"}));
+    let msg = server.next_request();
+    assert_eq!(msg.body["type"], "user_message");
+    assert_eq!(
+        msg.body["node_id"], "n0",
+        "the node of the client's connected frame"
+    );
+    let run = msg.body["run_id"].as_str().expect("run_id").to_owned();
+    assert_eq!(c.expect_type("ack")["run_id"], run.as_str());
+    // The worker answers through the other node.
+    publish_ok(
+        n1.addr,
+        &json!([pub_event("agent_started", "wh-u1", None, &run, json!({}))]),
+    );
+    assert_eq!(c.recv_events(1)[0]["run_id"], run.as_str());
+    // A cancel on n0 goes to the webhook (a run n0 never saw begin: it began through
+    // n1), and after its 2xx the node publishing the run's next event learns it.
+    c.send_json(&json!({"type": "cancel", "run_id": run}));
+    let cancel = server.next_request();
+    assert_eq!(
+        (cancel.body["type"].as_str(), cancel.body["run_id"].as_str()),
+        (Some("cancel"), Some(run.as_str()))
+    );
+    assert_eq!(c.expect_type("cancel_requested")["run_id"], run.as_str());
+    let mut i = 0;
+    wait_until("n1's publish answer lists the run as cancelled", || {
+        i += 1;
+        let r = publish(
+            n1.addr,
+            &json!([pub_event(
+                "text_delta",
+                "wh-u1",
+                None,
+                &run,
+                json!({ "i": i })
+            )]),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["cancelled"] == json!([run])
+    });
+}

@@ -443,11 +443,14 @@ fn run_batch(
             }
         };
         let mut told = None;
-        events.push(answer(req, value, &mut told).unwrap_or_else(|| {
+        let answered = answer(req, value, &mut told).unwrap_or_else(|| {
             log::error!("redis store: unexpected script answer");
             unavailable(req)
-        }));
+        });
+        // What the reactor must also hear goes first: a cancel it learns from this
+        // event's answer belongs in the publish request's answer, written with the last.
         events.extend(told);
+        events.push(answered);
     }
     Ok(events)
 }
@@ -495,6 +498,7 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 *told = Some(Raw::Event(EngineEvent::Cancelled {
                     user: user.clone(),
                     run: run.clone(),
+                    ticket: *ticket,
                 }));
             }
             Some(Raw::Event(if seq == 0 {
