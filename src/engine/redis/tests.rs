@@ -103,7 +103,16 @@ impl Drop for RedisProcess {
 }
 
 fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
-    let settings = RedisSettings {
+    node_with(redis, timeout_ms, |_| {})
+}
+
+/// A node whose settings `change` adjusts first.
+fn node_with(
+    redis: &RedisProcess,
+    timeout_ms: u64,
+    change: impl FnOnce(&mut RedisSettings),
+) -> RedisEngine {
+    let mut settings = RedisSettings {
         url: redis.url(),
         prefix: "awtest".into(),
         timeout: Duration::from_millis(timeout_ms),
@@ -115,11 +124,23 @@ fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
         max_connections_per_user: 1000,
         evict_oldest: true,
     };
+    change(&mut settings);
     RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
 }
 
 fn event(user: &str, thread: Option<&str>, run: &str, kind: EventKind, n: u64) -> Event {
-    let key = RunKey::new(user, thread, run, "agent").unwrap();
+    event_of(user, thread, run, "agent", kind, n)
+}
+
+fn event_of(
+    user: &str,
+    thread: Option<&str>,
+    run: &str,
+    agent: &str,
+    kind: EventKind,
+    n: u64,
+) -> Event {
+    let key = RunKey::new(user, thread, run, agent).unwrap();
     Event::new(key, kind, &serde_json::json!({ "n": n })).unwrap()
 }
 
@@ -448,4 +469,206 @@ fn an_idle_feed_keeps_its_connection() {
         .feed_losses
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(losses, 0, "the feed lost its connection while idle");
+}
+
+/// The JSON of a delivered frame (past the WebSocket header), parsed.
+fn frame_json(frame: &[u8]) -> serde_json::Value {
+    let start = frame
+        .iter()
+        .position(|&b| b == b'{')
+        .expect("a JSON object");
+    serde_json::from_slice(&frame[start..]).expect("the frame's JSON parses")
+}
+
+/// Run ids may hold any UTF-8, newlines too (src/ids.rs): pub/sub messages must carry
+/// them, and the frame after them, intact (they were split at the first newline).
+#[test]
+fn a_run_id_with_newlines_is_delivered_intact() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "nl", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    let run = "r\n1\n+t\n{\"x\":1}";
+    a.publish(
+        2,
+        &event("nl", Some("t1"), run, EventKind::AgentThinking, 2),
+    );
+    let got = collect(&mut a, |e| !deliveries(e, "nl").is_empty());
+    let delivered: Vec<_> = got
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Delivery { event, .. } => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered.len(), 1);
+    let d = delivered[0];
+    assert_eq!((d.seq, &*d.run, d.thread.as_deref()), (1, run, Some("t1")));
+    let json = frame_json(&d.frame);
+    assert_eq!(json["run_id"], run);
+    assert_eq!(json["seq"], 1);
+}
+
+/// One pass of the watchdog: the runs `take_due_runs` takes.
+fn due_pass(engine: &mut RedisEngine) -> Vec<crate::engine::DueRun> {
+    engine.take_due_runs(100);
+    let got = collect(engine, |e| {
+        e.iter().any(|e| matches!(e, EngineEvent::RunsDue(_)))
+    });
+    got.into_iter()
+        .flat_map(|e| match e {
+            EngineEvent::RunsDue(d) => d,
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// Passes of the watchdog until `enough` runs were taken.
+fn due_runs(engine: &mut RedisEngine, enough: usize) -> Vec<crate::engine::DueRun> {
+    let until = Instant::now() + DEADLINE;
+    let mut due = Vec::new();
+    while due.len() < enough {
+        assert!(Instant::now() < until, "runs not due: {due:?}");
+        due.extend(due_pass(engine));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    due
+}
+
+/// User and run ids may hold newlines: the watchdog must end the run of the user that
+/// owns it, never read a crafted id as another user's run (the deadline member was
+/// `<user>\n<run>\n...`, split at newlines).
+#[test]
+fn the_watchdog_ends_runs_of_users_with_newlines_in_their_ids_and_nobody_else() {
+    let redis = RedisProcess::start();
+    let mut a = node_with(&redis, 2000, |s| s.run_idle_timeout_ms = 100);
+    let crafted = "bob\nr9\n-\nagent";
+    a.publish(1, &event("bob", None, "r9", EventKind::AgentStarted, 1));
+    a.publish(2, &event(crafted, None, "rz", EventKind::AgentStarted, 2));
+    collect(&mut a, |e| published(e).len() == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut due: Vec<(String, String)> = due_runs(&mut a, 2)
+        .into_iter()
+        .map(|d| (d.user.to_string(), d.run_id.to_string()))
+        .collect();
+    due.sort();
+    assert_eq!(
+        due,
+        [
+            ("bob".to_owned(), "r9".to_owned()),
+            (crafted.to_owned(), "rz".to_owned())
+        ]
+    );
+}
+
+/// A run's events may change thread or agent (the memory engine then shows the latest):
+/// the run still has one deadline, so one `run_timeout` (a second deadline was left
+/// under the first thread and ended the run a second time, or while it was active),
+/// and an ending event removes it whatever thread it names.
+#[test]
+fn a_run_that_changes_thread_or_agent_keeps_one_deadline() {
+    let redis = RedisProcess::start();
+    let mut a = node_with(&redis, 2000, |s| s.run_idle_timeout_ms = 100);
+    let ev = |t, run, agent, kind| event_of("ch", Some(t), run, agent, kind, 0);
+    a.publish(1, &ev("t1", "r1", "planner", EventKind::AgentStarted));
+    a.publish(2, &ev("t2", "r1", "planner", EventKind::AgentThinking));
+    a.publish(3, &ev("t2", "r1", "coder", EventKind::AgentThinking));
+    a.publish(4, &ev("t1", "r2", "planner", EventKind::AgentStarted));
+    a.publish(5, &ev("t2", "r2", "coder", EventKind::AgentCompleted));
+    collect(&mut a, |e| published(e).len() == 5);
+    std::thread::sleep(Duration::from_millis(300));
+    let due = due_runs(&mut a, 1);
+    // Anything else due was due by now too, so this pass takes it.
+    let due: Vec<_> = due.into_iter().chain(due_pass(&mut a)).collect();
+    let due: Vec<_> = due
+        .iter()
+        .map(|d| (&*d.run_id, d.thread.as_deref(), &*d.agent_name))
+        .collect();
+    assert_eq!(due, [("r1", Some("t2"), "coder")]);
+}
+
+/// `SCRIPT FLUSH` (an operator, or a failover to a server that never loaded them) must
+/// not leave the node answering every publish and open `Unavailable` while it still
+/// looks connected: the request that met `NOSCRIPT` fails (its script did not run),
+/// the scripts are loaded again, the next request is served.
+#[test]
+fn the_scripts_are_loaded_again_after_a_script_flush() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.publish(1, &event("fl", None, "r1", EventKind::AgentStarted, 1));
+    collect(&mut a, |e| published(e) == [(1, 1)]);
+    let mut con = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut con)
+        .expect("SCRIPT FLUSH");
+    a.publish(2, &event("fl", None, "r1", EventKind::AgentThinking, 2));
+    let got = collect(&mut a, |e| {
+        e.iter().any(|e| {
+            matches!(
+                e,
+                EngineEvent::Published { ticket: 2, .. } | EngineEvent::Unavailable { ticket: 2 }
+            )
+        })
+    });
+    assert!(
+        got.iter()
+            .any(|e| matches!(e, EngineEvent::Unavailable { ticket: 2 })),
+        "NOSCRIPT: not run, so not stored: {got:?}"
+    );
+    a.publish(3, &event("fl", None, "r1", EventKind::AgentThinking, 3));
+    a.open(4, "fl", None, (0, 4));
+    let got = collect(&mut a, |e| {
+        e.iter().any(|e| {
+            matches!(
+                e,
+                EngineEvent::Published { ticket: 3, .. } | EngineEvent::Unavailable { ticket: 3 }
+            )
+        }) && e.iter().any(|e| {
+            matches!(
+                e,
+                EngineEvent::Opened { ticket: 4, .. } | EngineEvent::Unavailable { ticket: 4 }
+            )
+        })
+    });
+    assert_eq!(published(&got), [(3, 2)], "{got:?}");
+    assert_eq!(opened(&got, 4).map(|o| o.1), Some(2), "{got:?}");
+}
+
+/// An event that ends its run starts none, so `max_active_runs_per_user` does not
+/// refuse it, even for a run never seen before (a one-event run), as under the memory
+/// engine (`publish::check_runs`).
+#[test]
+fn an_ending_event_is_not_refused_for_too_many_runs() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    for (ticket, run) in [(1, "r1"), (2, "r2"), (3, "r3")] {
+        a.publish(
+            ticket,
+            &event("mx", None, run, EventKind::AgentStarted, ticket),
+        );
+    }
+    collect(&mut a, |e| published(e).len() == 3);
+    a.publish(4, &event("mx", None, "r4", EventKind::AgentStarted, 4));
+    a.publish(5, &event("mx", None, "r5", EventKind::AgentCompleted, 5));
+    a.publish(6, &event("mx", None, "r1", EventKind::AgentCompleted, 6));
+    let got = collect(&mut a, |e| {
+        e.iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    EngineEvent::Published { .. } | EngineEvent::TooManyRuns { .. }
+                )
+            })
+            .count()
+            == 3
+    });
+    assert!(
+        got.iter()
+            .any(|e| matches!(e, EngineEvent::TooManyRuns { ticket: 4 })),
+        "a fourth run starting is refused: {got:?}"
+    );
+    assert_eq!(published(&got), [(5, 4), (6, 5)], "{got:?}");
 }
