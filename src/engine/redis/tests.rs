@@ -672,3 +672,34 @@ fn an_ending_event_is_not_refused_for_too_many_runs() {
     );
     assert_eq!(published(&got), [(5, 4), (6, 5)], "{got:?}");
 }
+
+/// The stream may keep more than one node's read cap (`replay_events` + 256 entries):
+/// nodes with different `replay_events` (a rolling change of the setting), or a Redis
+/// whose `stream-node-max-entries` lets `MAXLEN ~` keep more. A resume answered from a
+/// capped read must not be "exact" with the events past the cap silently skipped.
+#[test]
+fn a_resume_past_the_read_cap_is_not_exact_with_a_hole() {
+    let redis = RedisProcess::start();
+    let mut big = node_with(&redis, 2000, |s| s.replay_events = 1000);
+    let total = 300u64;
+    for k in 1..=total {
+        big.publish(k, &event("cap", None, "r1", EventKind::AgentThinking, k));
+    }
+    collect(&mut big, |e| published(e).len() as u64 == total);
+    big.open(1, "cap", None, (0, 1));
+    let got = collect(&mut big, |e| opened(e, 1).is_some());
+    let epoch = opened(&got, 1).unwrap().0.to_owned();
+
+    let mut small = node_with(&redis, 2000, |s| s.replay_events = 10);
+    small.open(2, "cap", Some((0, &epoch)), (0, 2));
+    let got = collect(&mut small, |e| opened(e, 2).is_some());
+    let (_, top, resume, replay) = opened(&got, 2).unwrap();
+    assert_eq!(top, total);
+    let seqs: Vec<u64> = replay.iter().map(|d| d.seq).collect();
+    match resume {
+        Resume::Exact => assert_eq!(seqs, (1..=total).collect::<Vec<_>>()),
+        Resume::Lost => assert!(seqs.is_empty()),
+        Resume::NotAsked => panic!("a resume was asked"),
+    }
+    assert_eq!(resume, &Resume::Lost, "266 of 300 entries were read");
+}
