@@ -35,7 +35,12 @@ if key ~= '' then
     return {-1, prior}
   end
 end
+local member = cjson.encode({ARGV[19], ARGV[4], ARGV[3], ARGV[14]})
 if redis.call('ZSCORE', ended, ARGV[4]) then
+  if ARGV[5] == '1' then
+    -- A second run_timeout (the watchdog took the run again): no deadline is left.
+    redis.call('ZREM', deadlines, member)
+  end
   return {0, ''}
 end
 local run = redis.call('HGET', runs, ARGV[4])
@@ -58,7 +63,6 @@ if keep > 0 then
   redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3], 'r', ARGV[4])
   redis.call('PEXPIRE', stream, ARGV[7])
 end
-local member = cjson.encode({ARGV[19], ARGV[4], ARGV[3], ARGV[14]})
 if run then
   -- The run's deadline was set under its last thread and agent: an event that names
   -- others moves it (one deadline per run, so one run_timeout).

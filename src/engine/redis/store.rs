@@ -423,7 +423,9 @@ fn run_batch(
                     .arg(1)
                     .arg(&deadlines)
                     .arg(now)
-                    .arg(*limit);
+                    .arg(*limit)
+                    // Taken again if its run_timeout was not stored by then.
+                    .arg(s.run_idle_timeout_ms);
             }
         }
     }

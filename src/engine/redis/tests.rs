@@ -703,3 +703,40 @@ fn a_resume_past_the_read_cap_is_not_exact_with_a_hole() {
     }
     assert_eq!(resume, &Resume::Lost, "266 of 300 entries were read");
 }
+
+/// A node that took a due run and never stored its `run_timeout` (it died, or Redis
+/// failed that publish) must not leave the run without one: the run is taken again one
+/// `run_idle_timeout_ms` later, by any node, until its timeout (or another ending
+/// event) is stored; after that it is never taken again.
+#[test]
+fn a_due_run_whose_timeout_was_not_stored_is_taken_again() {
+    let redis = RedisProcess::start();
+    let set = |s: &mut RedisSettings| s.run_idle_timeout_ms = 100;
+    let mut a = node_with(&redis, 2000, set);
+    let mut b = node_with(&redis, 2000, set);
+    a.publish(
+        1,
+        &event("rt", Some("t1"), "r1", EventKind::AgentStarted, 1),
+    );
+    collect(&mut a, |e| published(e).len() == 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let taken = due_runs(&mut a, 1);
+    assert_eq!(taken.len(), 1);
+    // `a` publishes nothing (it "died"); `b` takes the run again later.
+    let again = due_runs(&mut b, 1);
+    assert_eq!(again, taken);
+    let t = &again[0];
+    let key = RunKey::new(&t.user, t.thread.as_deref(), &t.run_id, &t.agent_name).unwrap();
+    let timeout = Event::new(
+        key,
+        EventKind::AgentError,
+        &serde_json::json!({"reason": "run_timeout"}),
+    )
+    .unwrap();
+    b.publish(2, &timeout);
+    collect(&mut b, |e| published(e) == [(2, 2)]);
+    // Stored: never taken again (two idle periods later).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(due_pass(&mut a).is_empty());
+    assert!(due_pass(&mut b).is_empty());
+}
