@@ -41,8 +41,12 @@ if ARGV[11] == 'reject' and count > max then
   return {'', 0, 'x', {}, {}}
 end
 if ARGV[11] == 'evict' and count > max then
-  for _, m in ipairs(redis.call('ZRANGE', conns, 0, count - max - 1)) do
-    if m ~= ARGV[7] then
+  -- The oldest `over`, this one left out: one more is read, since this one may score
+  -- among the oldest (another node's clock may be ahead).
+  local over = count - max
+  for _, m in ipairs(redis.call('ZRANGE', conns, 0, over)) do
+    if over > 0 and m ~= ARGV[7] then
+      over = over - 1
       redis.call('ZREM', conns, m)
       redis.call('ZREM', leases, m)
       local node, conn = string.match(m, '^(.-)\n(.*)$')

@@ -740,3 +740,36 @@ fn a_due_run_whose_timeout_was_not_stored_is_taken_again() {
     assert!(due_pass(&mut a).is_empty());
     assert!(due_pass(&mut b).is_empty());
 }
+
+/// Nodes' clocks differ: a new connection may score older than another node's (its
+/// `opened` time is that node's clock). `evict_oldest` must still bring the user back to
+/// `max_connections_per_user` (it evicted one too few when the new one was among the
+/// oldest: it skips itself).
+#[test]
+fn evict_oldest_keeps_the_limit_when_the_new_connection_scores_oldest() {
+    let redis = RedisProcess::start();
+    let mut a = node_with(&redis, 2000, |s| s.max_connections_per_user = 1);
+    let mut con = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    // A connection of "sk" on a node whose clock is an hour ahead, its lease live.
+    let later = crate::event::now_ms() + 3_600_000;
+    let other = "ahead-node\n1:1";
+    for key in ["awtest:{u:sk}:conns", "awtest:{u:sk}:leases"] {
+        let _: () = redis::cmd("ZADD")
+            .arg(key)
+            .arg(later)
+            .arg(other)
+            .query(&mut con)
+            .expect("ZADD");
+    }
+    a.open(1, "sk", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("awtest:{u:sk}:conns")
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .expect("ZRANGE");
+    assert_eq!(members, ["test-node\n0:1"], "one connection at most");
+}
