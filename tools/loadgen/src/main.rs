@@ -881,6 +881,17 @@ impl Run {
                 // The reactor is agentwire's main thread.
                 sys::set_fifo(pid as i32, p).map_err(io_err("SCHED_FIFO for the gateway"))?;
             }
+            if let (Some(p), Some(c)) = (common.rt_prio, &cluster) {
+                // In a cluster the nodes' Redis threads (aw-redis-store, aw-redis-feed)
+                // and redis-server are on every event's path too: every thread of
+                // every node and of redis-server.
+                for pid in c.pids.iter().flatten().copied().chain(c.redis.pid()) {
+                    for tid in sys::threads(pid) {
+                        sys::set_fifo(tid as i32, p)
+                            .map_err(io_err("SCHED_FIFO for the cluster"))?;
+                    }
+                }
+            }
             (gw, None::<Publisher>)
         };
         let publisher = match (driver, publisher) {
@@ -1052,6 +1063,9 @@ impl Run {
             None => pinning,
         };
         let pinning = match self.common.rt_prio {
+            Some(p) if self.cluster.is_some() => format!(
+                "{pinning}; every thread of the nodes and redis-server, and the load threads, SCHED_FIFO {p}"
+            ),
             Some(p) => format!("{pinning}; reactor and load threads SCHED_FIFO {p}"),
             None => pinning,
         };
