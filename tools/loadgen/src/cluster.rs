@@ -206,7 +206,9 @@ impl Cluster {
             "nodes_cpu_us_per_event": per(nodes_total, sent),
             "redis_cpu_us_per_event": per(redis_us, sent),
             "round_trips": trips,
-            "round_trips_per_event": per(trips.map(|t| t as f64), sent).map(|v| (v * 1e4).round() / 1e4),
+            "round_trips_per_event": trips
+                .filter(|_| sent > 0)
+                .map(|t| (t as f64 / sent as f64 * 1e4).round() / 1e4),
         })
     }
 
@@ -336,5 +338,8 @@ mod tests {
         assert_eq!(v["redis_cpu_pct"], 100.0);
         let line = phase_line("step 1", &v);
         assert!(line.contains("round trips per event 0.02"), "{line}");
+        // Pipelines carry many events: kept to 4 decimals, not rounded away.
+        let v2 = c.phase(&a, &b, 200_000, 600_000);
+        assert_eq!(v2["round_trips_per_event"], 0.0001);
     }
 }
