@@ -923,7 +923,18 @@ impl Run {
             (Some(_), None) => None,
             (None, None) => gateway.pid,
         };
-        let monitor = Monitor::start(gateway.pid, reactor_tid);
+        let mut monitor = Monitor::start(gateway.pid, reactor_tid);
+        if let Some(c) = &cluster {
+            monitor.also_count(
+                c.pids
+                    .iter()
+                    .skip(1)
+                    .flatten()
+                    .copied()
+                    .chain(c.redis.pid())
+                    .collect(),
+            );
+        }
         let target = Arc::new(ClientTarget {
             addr: gateway.addr,
             nodes: cluster
@@ -1552,6 +1563,9 @@ fn gateway_lines(
     run.put("gateway_process_cpu_pct", json!(proc_pct.map(round)));
     run.put("loadgen_cpu_pct", json!(round(own)));
     run.put("other_cpu_pct", json!(round(cpu.other)));
+    if run.cluster.is_some() {
+        run.put("cluster_rest_cpu_pct", json!(round(cpu.cluster_rest)));
+    }
     run.put("loadavg_end", json!(sys::loadavg()));
     run.put(
         "reactor_runq_wait_ms",
@@ -1586,6 +1600,14 @@ fn gateway_lines(
         }
         (Some(p), _) => format!("{p:.0}%"),
         _ => "n/a".into(),
+    };
+    let cpu_txt = if run.cluster.is_some() {
+        format!(
+            "node 0 {cpu_txt}, the other nodes and redis-server {:.0}%",
+            cpu.cluster_rest
+        )
+    } else {
+        cpu_txt
     };
     lines.push(format!(
         "  cpu        gateway {cpu_txt}; loadgen {own:.0}%; everything else on the machine {:.0}% (100% = one core; load average {})",
