@@ -259,10 +259,11 @@ fn round_trips(addr: SocketAddr) -> Option<u64> {
 
 /// The human line of one phase's cluster figures.
 pub fn phase_line(label: &str, v: &Value) -> String {
-    let f = |k: &str| {
+    // A figure with its unit, or "n/a" (Redis not ours: its CPU is not sampled).
+    let f = |k: &str, unit: &str| {
         v.get(k)
             .and_then(Value::as_f64)
-            .map_or("n/a".to_owned(), |x| format!("{x}"))
+            .map_or("n/a".to_owned(), |x| format!("{x}{unit}"))
     };
     let nodes = v
         .get("node_cpu_pct")
@@ -275,11 +276,11 @@ pub fn phase_line(label: &str, v: &Value) -> String {
         })
         .unwrap_or_default();
     format!(
-        "  cluster    {label}: nodes CPU {nodes}, redis-server {}%; per delivered frame: nodes {} us, redis {} us; Redis round trips per event {}",
-        f("redis_cpu_pct"),
-        f("nodes_cpu_us_per_frame"),
-        f("redis_cpu_us_per_frame"),
-        f("round_trips_per_event"),
+        "  cluster    {label}: nodes CPU {nodes}, redis-server {}; per delivered frame: nodes {}, redis {}; Redis round trips per event {}",
+        f("redis_cpu_pct", "%"),
+        f("nodes_cpu_us_per_frame", " us"),
+        f("redis_cpu_us_per_frame", " us"),
+        f("round_trips_per_event", ""),
     )
 }
 

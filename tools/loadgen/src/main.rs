@@ -216,7 +216,8 @@ struct Common {
     peers_dir: PathBuf,
     /// `--server redis1|redis2`: the Redis server the nodes share (default: a
     /// `redis-server` started for the run on a free port, in memory only, pinned with
-    /// the gateway, its CPU sampled).
+    /// the gateway, its CPU sampled). Ignored by the other servers, so `compare` can
+    /// pass it to all of them.
     #[arg(long)]
     redis_url: Option<String>,
     /// `redis-server` started for `--server redis1|redis2` without --redis-url.
