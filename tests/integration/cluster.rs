@@ -31,6 +31,23 @@ fn ids(events: &[Value], user: &str) -> Vec<u64> {
         .collect()
 }
 
+/// User and run ids may hold newlines (src/ids.rs): such events cross nodes intact
+/// (the pub/sub message was split at newlines: the client got a broken frame).
+#[test]
+fn ids_with_newlines_cross_nodes_intact() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestGateway> = (0..2).map(|i| node(&redis, &format!("n{i}"))).collect();
+    let (user, run) = ("cx\nnl", "r\n1\n{}");
+    let mut a = nodes[0].connect(user);
+    for i in 0..3 {
+        publish_one(nodes[1].addr, user, run, i);
+    }
+    let got = a.recv_events(3);
+    assert_contiguous(&got, 1);
+    assert_eq!(ids(&got, user), [0, 1, 2]);
+    assert!(got.iter().all(|e| e["run_id"] == run), "{got:?}");
+}
+
 #[test]
 fn an_event_published_through_one_node_reaches_the_users_connections_on_every_node() {
     let redis = RedisServer::start();

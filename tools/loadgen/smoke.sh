@@ -69,6 +69,10 @@ run burst burst --users 4 --conns-per-user 1 --events 20000
 run burst-publish burst --driver publish --users 4 --conns-per-user 1 --events 20000
 run storm storm --conns 150 --rate 300 --duration-s 2 --concurrency 8 --churn-users 200
 run ramp ramp --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 1200 --step-s 1 --bound 60s
+# The Redis engine (needs redis-server: tools/test.sh installs it): two nodes on one
+# redis-server started for the run, connections spread over both, publishes through both.
+run fanout-redis2 fanout --server redis2 --users 67 --conns-per-user 3 --rate 600 --duration-s 2
+run ramp-redis1 ramp --server redis1 --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 600 --step-s 1 --bound 60s
 # A short soak: replay_ttl_ms=10000 so the kept events reach their steady amount within
 # the two warm-up cycles.
 SMOKE_TIMEOUT=150 run soak soak --duration 60s --cycle-s 10 --warmup-cycles 2 --conns 150 \

@@ -258,18 +258,20 @@ fn parse_evict(payload: &[u8]) -> Option<(usize, u64)> {
     Some((key.parse().ok()?, serial.parse().ok()?))
 }
 
-/// A message `<seq>\n<thread marker>\n<run_id>\n<json>` (see `publish.lua`; ids
-/// hold no control characters).
+/// A message `<seq>\n<thread marker>\n<run_id length>\n<run_id><json>` (see
+/// `publish.lua`): a thread id holds no control characters, a run id may hold any
+/// (newlines too), so its length in bytes comes first.
 fn parse_message(payload: &[u8]) -> Option<Delivered> {
     let mut parts = payload.splitn(4, |&b| b == b'\n');
     let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
     let thread = parse_thread(parts.next()?)?;
-    let run = Arc::from(std::str::from_utf8(parts.next()?).ok()?);
-    let json = parts.next()?;
+    let run_len: usize = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let rest = parts.next()?;
+    let (run, json) = (rest.get(..run_len)?, rest.get(run_len..)?);
     Some(Delivered {
         seq,
         thread,
-        run,
+        run: Arc::from(std::str::from_utf8(run).ok()?),
         frame: text_frame(json),
     })
 }
@@ -280,16 +282,26 @@ mod tests {
 
     #[test]
     fn messages_carry_seq_thread_and_json() {
-        let d = parse_message(b"12\n+t1\nr-1\n{\"seq\":12}").unwrap();
+        let d = parse_message(b"12\n+t1\n3\nr-1{\"seq\":12}").unwrap();
         assert_eq!(d.seq, 12);
         assert_eq!(d.thread.as_deref(), Some("t1"));
         assert_eq!(&*d.run, "r-1");
         assert!(d.frame.ends_with(b"{\"seq\":12}"));
-        let d = parse_message(b"3\n-\nr\n{}").unwrap();
+        let d = parse_message(b"3\n-\n1\nr{}").unwrap();
         assert_eq!(d.thread, None);
-        assert!(parse_message(b"x\n-\nr\n{}").is_none());
-        assert!(parse_message(b"3\n?\nr\n{}").is_none());
-        assert!(parse_message(b"3\n-\n{}").is_none());
+        // A run id with newlines (any UTF-8 is a run id).
+        let d = parse_message(b"4\n-\n5\nr\n1\n2{\"a\":1}").unwrap();
+        assert_eq!(&*d.run, "r\n1\n2");
+        assert!(d.frame.ends_with(b"{\"a\":1}"));
+        assert!(parse_message(b"x\n-\n1\nr{}").is_none());
+        assert!(parse_message(b"3\n?\n1\nr{}").is_none());
+        assert!(
+            parse_message(b"3\n-\n9\nr{}").is_none(),
+            "length past the end"
+        );
+        assert!(parse_message(b"3\n-\nr\n{}").is_none(), "no length");
+        // The length must end on a character boundary.
+        assert!(parse_message("3\n-\n1\n\u{e9}{}".as_bytes()).is_none());
         assert!(parse_message(b"3").is_none());
     }
 }

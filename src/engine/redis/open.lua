@@ -20,7 +20,8 @@
 --          resume, else top_seq), oldest first, at most ARGV[6] of them; else {}
 --
 -- Returns {epoch, top_seq, answer, entries, runs}: answer "n" (not asked), "e" (exact:
--- entries are every kept event after last_seq, oldest first), "l" (lost) or "x"
+-- entries are every event after last_seq up to the top, oldest first), "l" (lost: also
+-- when more are kept than ARGV[6]) or "x"
 -- (refused: past max_connections_per_user with reject); runs the runs hash as
 -- {run_id, json, ...} (at most max_active_runs_per_user).
 local meta, stream = KEYS[1], KEYS[2]
@@ -45,8 +46,12 @@ if ARGV[11] == 'reject' and count > max then
   return {'', 0, 'x', {}, {}}
 end
 if ARGV[11] == 'evict' and count > max then
-  for _, m in ipairs(redis.call('ZRANGE', conns, 0, count - max - 1)) do
-    if m ~= ARGV[7] then
+  -- The oldest `over`, this one left out: one more is read, since this one may score
+  -- among the oldest (another node's clock may be ahead).
+  local over = count - max
+  for _, m in ipairs(redis.call('ZRANGE', conns, 0, over)) do
+    if over > 0 and m ~= ARGV[7] then
+      over = over - 1
       redis.call('ZREM', conns, m)
       redis.call('ZREM', leases, m)
       local node, conn = string.match(m, '^(.-)\n(.*)$')
@@ -96,4 +101,10 @@ if first_seq > after + 1 then
   return {epoch, top, 'l', {}, runs, history(top, false)}
 end
 local entries = redis.call('XRANGE', stream, (after + 1) .. '-0', '+', 'COUNT', ARGV[6])
+-- More kept than this node reads (another node's larger replay_events, or a
+-- stream-node-max-entries that lets MAXLEN ~ keep more): not exact, never a hole.
+local last = entries[#entries]
+if not last or tonumber(string.match(last[1], '^(%d+)')) ~= top then
+  return {epoch, top, 'l', {}, runs, history(top, false)}
+end
 return {epoch, top, 'e', entries, runs, history(after, true)}

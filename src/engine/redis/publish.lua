@@ -6,9 +6,10 @@
 -- KEYS[4] idempotency keys zset (key -> the seq it was stored as)
 -- KEYS[5] runs in progress hash (run_id -> JSON: t thread, a agent, s started_ts,
 --         q last_seq, y last_type)
--- KEYS[6] the run deadlines zset shared by every user ("<user>\n<run>\n<thread
---         marker>\n<agent>" scored by the time the run times out): not in the user's
---         slot, so this script needs one Redis (not Redis Cluster)
+-- KEYS[6] the run deadlines zset shared by every user (members: the JSON array
+--         [user, run, thread marker, agent], scored by the time the run times out; JSON
+--         because user, run and agent may hold any character, newlines too): not in
+--         the user's slot, so this script needs one Redis (not Redis Cluster)
 -- KEYS[7] the user's cancelled runs set (runs a client cancelled, while in progress)
 -- ARGV[1] JSON before the seq      ARGV[2] JSON after the seq
 -- ARGV[3] thread marker: "-" (null) or "+" .. thread_id
@@ -23,7 +24,8 @@
 -- Returns {seq, epoch, cancelled} (cancelled 1 when a client cancelled the run, so the
 -- node tells its in-process run handle); {0, ""} when the run has ended (nothing stored); {-1, seq}
 -- when the idempotency key was stored before (a repeat: nothing stored again); {-2, ""}
--- when the event would start a run past max_active_runs_per_user (nothing stored).
+-- when the event would start a run past max_active_runs_per_user (nothing stored; an
+-- event that ends its run starts none).
 local meta, stream, ended, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local runs, deadlines = KEYS[5], KEYS[6]
 local key = ARGV[12]
@@ -33,11 +35,17 @@ if key ~= '' then
     return {-1, prior}
   end
 end
+local member = cjson.encode({ARGV[19], ARGV[4], ARGV[3], ARGV[14]})
 if redis.call('ZSCORE', ended, ARGV[4]) then
+  if ARGV[5] == '1' then
+    -- A second run_timeout (the watchdog took the run again): no deadline is left.
+    redis.call('ZREM', deadlines, member)
+  end
   return {0, ''}
 end
 local run = redis.call('HGET', runs, ARGV[4])
-if not run and redis.call('HLEN', runs) >= tonumber(ARGV[17]) then
+-- An event that ends its run starts none: never refused for the cap.
+if not run and ARGV[5] ~= '1' and redis.call('HLEN', runs) >= tonumber(ARGV[17]) then
   return {-2, ''}
 end
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -55,7 +63,19 @@ if keep > 0 then
   redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3], 'r', ARGV[4])
   redis.call('PEXPIRE', stream, ARGV[7])
 end
-local member = ARGV[19] .. '\n' .. ARGV[4] .. '\n' .. ARGV[3] .. '\n' .. ARGV[14]
+if run then
+  -- The run's deadline was set under its last thread and agent: an event that names
+  -- others moves it (one deadline per run, so one run_timeout).
+  local was = cjson.decode(run)
+  local marker = '-'
+  if was.t then
+    marker = '+' .. was.t
+  end
+  local before = cjson.encode({ARGV[19], ARGV[4], marker, was.a})
+  if before ~= member then
+    redis.call('ZREM', deadlines, before)
+  end
+end
 local cancelled = redis.call('SISMEMBER', KEYS[7], ARGV[4])
 if ARGV[5] == '1' then
   redis.call('SREM', KEYS[7], ARGV[4])
@@ -90,5 +110,6 @@ if key ~= '' then
   redis.call('PEXPIRE', keys, ARGV[7])
 end
 redis.call('PEXPIRE', meta, ARGV[7])
-redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. json)
+-- The run id may hold newlines: its length in bytes comes first.
+redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. #ARGV[4] .. '\n' .. ARGV[4] .. json)
 return {seq, epoch, cancelled}

@@ -53,6 +53,15 @@ const TOP_LUA: &str = include_str!("top.lua");
 const DUE_LUA: &str = include_str!("due.lua");
 const CANCEL_LUA: &str = include_str!("cancel.lua");
 const LEASE_LUA: &str = include_str!("lease.lua");
+/// Every script, in the order [`load_scripts`] answers.
+const SCRIPTS: [&str; 6] = [
+    PUBLISH_LUA,
+    OPEN_LUA,
+    TOP_LUA,
+    DUE_LUA,
+    CANCEL_LUA,
+    LEASE_LUA,
+];
 
 /// What the store thread is asked.
 #[derive(Debug)]
@@ -122,15 +131,7 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
         .get_connection_with_timeout(shared.settings.timeout)?;
     con.set_read_timeout(Some(shared.settings.timeout))?;
     con.set_write_timeout(Some(shared.settings.timeout))?;
-    let mut load = |text: &str| -> redis::RedisResult<String> {
-        redis::cmd("SCRIPT").arg("LOAD").arg(text).query(&mut con)
-    };
-    let publish = load(PUBLISH_LUA)?;
-    let open = load(OPEN_LUA)?;
-    let top = load(TOP_LUA)?;
-    let due = load(DUE_LUA)?;
-    let cancel = load(CANCEL_LUA)?;
-    let lease = load(LEASE_LUA)?;
+    let [publish, open, top, due, cancel, lease] = load_scripts(&mut con)?;
     Ok(Link {
         lease,
         con,
@@ -140,6 +141,16 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
         due,
         cancel,
     })
+}
+
+/// Load every script (`SCRIPT LOAD`); their SHA1s in the order of [`SCRIPTS`]. Loading
+/// again gives the same SHA1s (they hash the text).
+fn load_scripts(con: &mut redis::Connection) -> redis::RedisResult<[String; 6]> {
+    let mut shas: [String; 6] = Default::default();
+    for (sha, text) in shas.iter_mut().zip(SCRIPTS) {
+        *sha = redis::cmd("SCRIPT").arg("LOAD").arg(text).query(con)?;
+    }
+    Ok(shas)
 }
 
 /// The thread's body: until the engine stops (its request channel closes).
@@ -420,12 +431,17 @@ fn run_batch(
                     .arg(1)
                     .arg(&deadlines)
                     .arg(now)
-                    .arg(*limit);
+                    .arg(*limit)
+                    // Taken again if its run_timeout was not stored by then.
+                    .arg(s.run_idle_timeout_ms);
             }
         }
     }
     let results: Vec<redis::RedisResult<Value>> = pipe.query(&mut link.con).map_err(Some)?;
     let mut events = Vec::with_capacity(batch.len());
+    // Redis forgot the scripts (`SCRIPT FLUSH`, a failover to a server that never
+    // loaded them): without loading them again every later request would fail too.
+    let mut forgotten = false;
     for (req, result) in batch.iter().zip(results) {
         let value = match result {
             Ok(v) => v,
@@ -435,8 +451,10 @@ fn run_batch(
                 continue;
             }
             Err(e) => {
-                // A script error (NOSCRIPT after a `SCRIPT FLUSH`, OOM, ...): this
-                // request failed, the others stand. A reconnect loads the scripts.
+                // A script error (NOSCRIPT, OOM, ...): this request failed, the others
+                // stand. After NOSCRIPT (the script did not run) the scripts are loaded
+                // again below, for the next batch.
+                forgotten |= e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
                 log::warn!("redis store: script failed: {e}");
                 events.push(unavailable(req));
                 continue;
@@ -451,6 +469,15 @@ fn run_batch(
         // event's answer belongs in the publish request's answer, written with the last.
         events.extend(told);
         events.push(answered);
+    }
+    if forgotten {
+        // Same text, same SHA1s: the link's names stay right. A failure here is the
+        // connection's: the answers above stand; the next batch fails on it
+        // and reconnects (loading them).
+        match load_scripts(&mut link.con) {
+            Ok(_) => log::warn!("redis store: Redis had forgotten the scripts: loaded again"),
+            Err(e) => log::warn!("redis store: loading the scripts again failed: {e}"),
+        }
     }
     Ok(events)
 }
@@ -564,10 +591,17 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
         | StoreRequest::Leases { .. }
         | StoreRequest::Leave { .. } => None,
         StoreRequest::Due { .. } => {
-            let mut due = Vec::new();
-            for member in parts {
-                due.push(due_run(&text(member)?)?);
-            }
+            // The members were taken out of the set: one that does not read is left
+            // out (logged), the others still get their run_timeout.
+            let due = parts
+                .filter_map(|member| {
+                    let run = text(member).as_deref().and_then(due_run);
+                    if run.is_none() {
+                        log::error!("redis store: a run deadline member did not read: left out");
+                    }
+                    run
+                })
+                .collect();
             Some(Raw::Event(EngineEvent::RunsDue(due)))
         }
         StoreRequest::Top { user } => {
@@ -614,18 +648,16 @@ fn runs_of(flat: Vec<Value>) -> Vec<EngineRun> {
     runs
 }
 
-/// A deadline member `<user>\n<run>\n<thread marker>\n<agent>` (see `publish.lua`).
+/// A deadline member, the JSON array `[user, run, thread marker, agent]` (see
+/// `publish.lua`; JSON since user, run and agent may hold newlines).
 fn due_run(member: &str) -> Option<DueRun> {
-    let mut parts = member.splitn(4, '\n');
-    let user = Arc::from(parts.next()?);
-    let run_id = Arc::from(parts.next()?);
-    let thread = parse_thread(parts.next()?.as_bytes())?;
-    let agent_name = Arc::from(parts.next()?);
+    let (user, run_id, marker, agent_name): (String, String, String, String) =
+        serde_json::from_str(member).ok()?;
     Some(DueRun {
-        user,
-        run_id,
-        thread,
-        agent_name,
+        user: Arc::from(user),
+        run_id: Arc::from(run_id),
+        thread: parse_thread(marker.as_bytes())?,
+        agent_name: Arc::from(agent_name),
     })
 }
 

@@ -106,7 +106,16 @@ impl Drop for RedisProcess {
 }
 
 fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
-    let settings = RedisSettings {
+    node_with(redis, timeout_ms, |_| {})
+}
+
+/// A node whose settings `change` adjusts first.
+fn node_with(
+    redis: &RedisProcess,
+    timeout_ms: u64,
+    change: impl FnOnce(&mut RedisSettings),
+) -> RedisEngine {
+    let mut settings = RedisSettings {
         url: redis.url(),
         prefix: "awtest".into(),
         timeout: Duration::from_millis(timeout_ms),
@@ -118,11 +127,23 @@ fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
         max_connections_per_user: 1000,
         evict_oldest: true,
     };
+    change(&mut settings);
     RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
 }
 
 fn event(user: &str, thread: Option<&str>, run: &str, kind: EventKind, n: u64) -> Event {
-    let key = RunKey::new(user, thread, run, "agent").unwrap();
+    event_of(user, thread, run, "agent", kind, n)
+}
+
+fn event_of(
+    user: &str,
+    thread: Option<&str>,
+    run: &str,
+    agent: &str,
+    kind: EventKind,
+    n: u64,
+) -> Event {
+    let key = RunKey::new(user, thread, run, agent).unwrap();
     Event::new(key, kind, &serde_json::json!({ "n": n })).unwrap()
 }
 
@@ -451,4 +472,307 @@ fn an_idle_feed_keeps_its_connection() {
         .feed_losses
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(losses, 0, "the feed lost its connection while idle");
+}
+
+/// The JSON of a delivered frame (past the WebSocket header), parsed.
+fn frame_json(frame: &[u8]) -> serde_json::Value {
+    let start = frame
+        .iter()
+        .position(|&b| b == b'{')
+        .expect("a JSON object");
+    serde_json::from_slice(&frame[start..]).expect("the frame's JSON parses")
+}
+
+/// Run ids may hold any UTF-8, newlines too (src/ids.rs): pub/sub messages must carry
+/// them, and the frame after them, intact (they were split at the first newline).
+#[test]
+fn a_run_id_with_newlines_is_delivered_intact() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "nl", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    let run = "r\n1\n+t\n{\"x\":1}";
+    a.publish(
+        2,
+        &event("nl", Some("t1"), run, EventKind::AgentThinking, 2),
+    );
+    let got = collect(&mut a, |e| !deliveries(e, "nl").is_empty());
+    let delivered: Vec<_> = got
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Delivery { event, .. } => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered.len(), 1);
+    let d = delivered[0];
+    assert_eq!((d.seq, &*d.run, d.thread.as_deref()), (1, run, Some("t1")));
+    let json = frame_json(&d.frame);
+    assert_eq!(json["run_id"], run);
+    assert_eq!(json["seq"], 1);
+}
+
+/// One pass of the watchdog: the runs `take_due_runs` takes.
+fn due_pass(engine: &mut RedisEngine) -> Vec<crate::engine::DueRun> {
+    engine.take_due_runs(100);
+    let got = collect(engine, |e| {
+        e.iter().any(|e| matches!(e, EngineEvent::RunsDue(_)))
+    });
+    got.into_iter()
+        .flat_map(|e| match e {
+            EngineEvent::RunsDue(d) => d,
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// Passes of the watchdog until `enough` runs were taken.
+fn due_runs(engine: &mut RedisEngine, enough: usize) -> Vec<crate::engine::DueRun> {
+    let until = Instant::now() + DEADLINE;
+    let mut due = Vec::new();
+    while due.len() < enough {
+        assert!(Instant::now() < until, "runs not due: {due:?}");
+        due.extend(due_pass(engine));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    due
+}
+
+/// User and run ids may hold newlines: the watchdog must end the run of the user that
+/// owns it, never read a crafted id as another user's run (the deadline member was
+/// `<user>\n<run>\n...`, split at newlines).
+#[test]
+fn the_watchdog_ends_runs_of_users_with_newlines_in_their_ids_and_nobody_else() {
+    let redis = RedisProcess::start();
+    let mut a = node_with(&redis, 2000, |s| s.run_idle_timeout_ms = 100);
+    let crafted = "bob\nr9\n-\nagent";
+    a.publish(1, &event("bob", None, "r9", EventKind::AgentStarted, 1));
+    a.publish(2, &event(crafted, None, "rz", EventKind::AgentStarted, 2));
+    collect(&mut a, |e| published(e).len() == 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut due: Vec<(String, String)> = due_runs(&mut a, 2)
+        .into_iter()
+        .map(|d| (d.user.to_string(), d.run_id.to_string()))
+        .collect();
+    due.sort();
+    assert_eq!(
+        due,
+        [
+            ("bob".to_owned(), "r9".to_owned()),
+            (crafted.to_owned(), "rz".to_owned())
+        ]
+    );
+}
+
+/// A run's events may change thread or agent (the memory engine then shows the latest):
+/// the run still has one deadline, so one `run_timeout` (a second deadline was left
+/// under the first thread and ended the run a second time, or while it was active),
+/// and an ending event removes it whatever thread it names.
+#[test]
+fn a_run_that_changes_thread_or_agent_keeps_one_deadline() {
+    let redis = RedisProcess::start();
+    let mut a = node_with(&redis, 2000, |s| s.run_idle_timeout_ms = 100);
+    let ev = |t, run, agent, kind| event_of("ch", Some(t), run, agent, kind, 0);
+    a.publish(1, &ev("t1", "r1", "planner", EventKind::AgentStarted));
+    a.publish(2, &ev("t2", "r1", "planner", EventKind::AgentThinking));
+    a.publish(3, &ev("t2", "r1", "coder", EventKind::AgentThinking));
+    a.publish(4, &ev("t1", "r2", "planner", EventKind::AgentStarted));
+    a.publish(5, &ev("t2", "r2", "coder", EventKind::AgentCompleted));
+    collect(&mut a, |e| published(e).len() == 5);
+    std::thread::sleep(Duration::from_millis(300));
+    // Every deadline set above has passed: one pass takes them all (a second pass
+    // could take r1 again, `run_idle_timeout_ms` after the first: no timeout was stored).
+    let due = due_pass(&mut a);
+    let due: Vec<_> = due
+        .iter()
+        .map(|d| (&*d.run_id, d.thread.as_deref(), &*d.agent_name))
+        .collect();
+    assert_eq!(due, [("r1", Some("t2"), "coder")]);
+}
+
+/// `SCRIPT FLUSH` (an operator, or a failover to a server that never loaded them) must
+/// not leave the node answering every publish and open `Unavailable` while it still
+/// looks connected: the request that met `NOSCRIPT` fails (its script did not run),
+/// the scripts are loaded again, the next request is served.
+#[test]
+fn the_scripts_are_loaded_again_after_a_script_flush() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.publish(1, &event("fl", None, "r1", EventKind::AgentStarted, 1));
+    collect(&mut a, |e| published(e) == [(1, 1)]);
+    let mut con = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut con)
+        .expect("SCRIPT FLUSH");
+    a.publish(2, &event("fl", None, "r1", EventKind::AgentThinking, 2));
+    let got = collect(&mut a, |e| {
+        e.iter().any(|e| {
+            matches!(
+                e,
+                EngineEvent::Published { ticket: 2, .. } | EngineEvent::Unavailable { ticket: 2 }
+            )
+        })
+    });
+    assert!(
+        got.iter()
+            .any(|e| matches!(e, EngineEvent::Unavailable { ticket: 2 })),
+        "NOSCRIPT: not run, so not stored: {got:?}"
+    );
+    a.publish(3, &event("fl", None, "r1", EventKind::AgentThinking, 3));
+    a.open(4, "fl", None, (0, 4));
+    let got = collect(&mut a, |e| {
+        e.iter().any(|e| {
+            matches!(
+                e,
+                EngineEvent::Published { ticket: 3, .. } | EngineEvent::Unavailable { ticket: 3 }
+            )
+        }) && e.iter().any(|e| {
+            matches!(
+                e,
+                EngineEvent::Opened { ticket: 4, .. } | EngineEvent::Unavailable { ticket: 4 }
+            )
+        })
+    });
+    assert_eq!(published(&got), [(3, 2)], "{got:?}");
+    assert_eq!(opened(&got, 4).map(|o| o.1), Some(2), "{got:?}");
+}
+
+/// An event that ends its run starts none, so `max_active_runs_per_user` does not
+/// refuse it, even for a run never seen before (a one-event run), as under the memory
+/// engine (`publish::check_runs`).
+#[test]
+fn an_ending_event_is_not_refused_for_too_many_runs() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    for (ticket, run) in [(1, "r1"), (2, "r2"), (3, "r3")] {
+        a.publish(
+            ticket,
+            &event("mx", None, run, EventKind::AgentStarted, ticket),
+        );
+    }
+    collect(&mut a, |e| published(e).len() == 3);
+    a.publish(4, &event("mx", None, "r4", EventKind::AgentStarted, 4));
+    a.publish(5, &event("mx", None, "r5", EventKind::AgentCompleted, 5));
+    a.publish(6, &event("mx", None, "r1", EventKind::AgentCompleted, 6));
+    let got = collect(&mut a, |e| {
+        e.iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    EngineEvent::Published { .. } | EngineEvent::TooManyRuns { .. }
+                )
+            })
+            .count()
+            == 3
+    });
+    assert!(
+        got.iter()
+            .any(|e| matches!(e, EngineEvent::TooManyRuns { ticket: 4 })),
+        "a fourth run starting is refused: {got:?}"
+    );
+    assert_eq!(published(&got), [(5, 4), (6, 5)], "{got:?}");
+}
+
+/// The stream may keep more than one node's read cap (`replay_events` + 256 entries):
+/// nodes with different `replay_events` (a rolling change of the setting), or a Redis
+/// whose `stream-node-max-entries` lets `MAXLEN ~` keep more. A resume answered from a
+/// capped read must not be "exact" with the events past the cap silently skipped.
+#[test]
+fn a_resume_past_the_read_cap_is_not_exact_with_a_hole() {
+    let redis = RedisProcess::start();
+    let mut big = node_with(&redis, 2000, |s| s.replay_events = 1000);
+    let total = 300u64;
+    for k in 1..=total {
+        big.publish(k, &event("cap", None, "r1", EventKind::AgentThinking, k));
+    }
+    collect(&mut big, |e| published(e).len() as u64 == total);
+    big.open(1, "cap", None, (0, 1));
+    let got = collect(&mut big, |e| opened(e, 1).is_some());
+    let epoch = opened(&got, 1).unwrap().0.to_owned();
+
+    let mut small = node_with(&redis, 2000, |s| s.replay_events = 10);
+    small.open(2, "cap", Some((0, &epoch)), (0, 2));
+    let got = collect(&mut small, |e| opened(e, 2).is_some());
+    let (_, top, resume, replay) = opened(&got, 2).unwrap();
+    assert_eq!(top, total);
+    let seqs: Vec<u64> = replay.iter().map(|d| d.seq).collect();
+    match resume {
+        Resume::Exact => assert_eq!(seqs, (1..=total).collect::<Vec<_>>()),
+        Resume::Lost => assert!(seqs.is_empty()),
+        Resume::NotAsked => panic!("a resume was asked"),
+    }
+    assert_eq!(resume, &Resume::Lost, "266 of 300 entries were read");
+}
+
+/// A node that took a due run and never stored its `run_timeout` (it died, or Redis
+/// failed that publish) must not leave the run without one: the run is taken again one
+/// `run_idle_timeout_ms` later, by any node, until its timeout (or another ending
+/// event) is stored; after that it is never taken again.
+#[test]
+fn a_due_run_whose_timeout_was_not_stored_is_taken_again() {
+    let redis = RedisProcess::start();
+    let set = |s: &mut RedisSettings| s.run_idle_timeout_ms = 100;
+    let mut a = node_with(&redis, 2000, set);
+    let mut b = node_with(&redis, 2000, set);
+    a.publish(
+        1,
+        &event("rt", Some("t1"), "r1", EventKind::AgentStarted, 1),
+    );
+    collect(&mut a, |e| published(e).len() == 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let taken = due_runs(&mut a, 1);
+    assert_eq!(taken.len(), 1);
+    // `a` publishes nothing (it "died"); `b` takes the run again later.
+    let again = due_runs(&mut b, 1);
+    assert_eq!(again, taken);
+    let t = &again[0];
+    let key = RunKey::new(&t.user, t.thread.as_deref(), &t.run_id, &t.agent_name).unwrap();
+    let timeout = Event::new(
+        key,
+        EventKind::AgentError,
+        &serde_json::json!({"reason": "run_timeout"}),
+    )
+    .unwrap();
+    b.publish(2, &timeout);
+    collect(&mut b, |e| published(e) == [(2, 2)]);
+    // Stored: never taken again (two idle periods later).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(due_pass(&mut a).is_empty());
+    assert!(due_pass(&mut b).is_empty());
+}
+
+/// Nodes' clocks differ: a new connection may score older than another node's (its
+/// `opened` time is that node's clock). `evict_oldest` must still bring the user back to
+/// `max_connections_per_user` (it evicted one too few when the new one was among the
+/// oldest: it skips itself).
+#[test]
+fn evict_oldest_keeps_the_limit_when_the_new_connection_scores_oldest() {
+    let redis = RedisProcess::start();
+    let mut a = node_with(&redis, 2000, |s| s.max_connections_per_user = 1);
+    let mut con = redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("connection");
+    // A connection of "sk" on a node whose clock is an hour ahead, its lease live.
+    let later = crate::event::now_ms() + 3_600_000;
+    let other = "ahead-node\n1:1";
+    for key in ["awtest:{u:sk}:conns", "awtest:{u:sk}:leases"] {
+        let _: () = redis::cmd("ZADD")
+            .arg(key)
+            .arg(later)
+            .arg(other)
+            .query(&mut con)
+            .expect("ZADD");
+    }
+    a.open(1, "sk", None, (0, 1));
+    collect(&mut a, |e| opened(e, 1).is_some());
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("awtest:{u:sk}:conns")
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .expect("ZRANGE");
+    assert_eq!(members, ["test-node\n0:1"], "one connection at most");
 }

@@ -44,6 +44,9 @@ const WS_KEY: &str = "bG9hZGdlbi1hZ2VudHdpcg==";
 /// Where and how to connect.
 pub struct Target {
     pub addr: SocketAddr,
+    /// Several nodes (a cluster run): each thread opens its connections on them in
+    /// turn, so a user's connections sit on different nodes. Empty: `addr` only.
+    pub nodes: Vec<SocketAddr>,
     /// Path and query of the upgrade request, e.g. `/ws`.
     pub path: String,
     /// One token per user index.
@@ -427,6 +430,8 @@ enum Outcome {
 struct Worker {
     poll: Poll,
     target: Arc<Target>,
+    /// The node of the last connection opened (cluster runs: `target.nodes`).
+    next_node: usize,
     counters: Arc<Counters>,
     conns: Slab<Conn>,
     pending: VecDeque<OpenPlan>,
@@ -467,6 +472,7 @@ impl Worker {
             churn_in_flight: 0,
             churn_next: 0,
             churn_seq: 0,
+            next_node: seed as usize,
             latency: Vec::new(),
             handshake: new_histogram(),
             churn_handshake: new_histogram(),
@@ -579,7 +585,14 @@ impl Worker {
         if kind == Kind::Tracked {
             self.in_flight += 1;
         }
-        match open_socket(self.target.addr, src) {
+        let addr = match self.target.nodes.len() {
+            0 => self.target.addr,
+            n => {
+                self.next_node = self.next_node.wrapping_add(1);
+                self.target.nodes[self.next_node % n]
+            }
+        };
+        match open_socket(addr, src) {
             Ok(stream) => {
                 let entry = self.conns.vacant_entry();
                 let key = entry.key();

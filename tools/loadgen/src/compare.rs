@@ -51,6 +51,17 @@ fn num(v: &Value, ptr: &str) -> Option<f64> {
     v.pointer(ptr).and_then(Value::as_f64)
 }
 
+/// A cluster run's CPU (`--server redis1|redis2`): every node plus redis-server, in %
+/// of one core, from one phase's figures (src/cluster.rs); None when not sampled.
+fn cluster_cpu(phase: &Value) -> Option<f64> {
+    let nodes = phase.get("node_cpu_pct")?.as_array()?;
+    let mut sum = num(phase, "/redis_cpu_pct")?;
+    for n in nodes {
+        sum += n.as_f64()?;
+    }
+    Some(sum)
+}
+
 impl Row {
     fn from_record(scenario: &str, r: &Value) -> Row {
         let mut row = Row {
@@ -64,7 +75,11 @@ impl Row {
             max: num(r, "/latency_us/max"),
             rss_kib: num(r, "/rss_kib/peak"),
             bytes_per_conn: num(r, "/bytes_per_conn"),
-            cpu: num(r, "/gateway_cpu_pct"),
+            // A cluster's CPU is all of it: every node and Redis.
+            cpu: r
+                .pointer("/cluster/phases/0")
+                .and_then(cluster_cpu)
+                .or_else(|| num(r, "/gateway_cpu_pct")),
             sustainable: None,
             steps: Vec::new(),
         };
@@ -79,7 +94,10 @@ impl Row {
                             (
                                 num(st, "/rate_offered").unwrap_or(0.0),
                                 num(st, "/latency_us/p99").unwrap_or(f64::NAN),
-                                num(st, "/gateway_cpu_pct").unwrap_or(f64::NAN),
+                                st.get("cluster")
+                                    .and_then(cluster_cpu)
+                                    .or_else(|| num(st, "/gateway_cpu_pct"))
+                                    .unwrap_or(f64::NAN),
                                 st.get("pass").and_then(Value::as_bool) == Some(true),
                             )
                         })
@@ -97,7 +115,10 @@ impl Row {
                 row.p99 = num(st, "/latency_us/p99");
                 row.p999 = num(st, "/latency_us/p999");
                 row.max = num(st, "/latency_us/max");
-                row.cpu = num(st, "/gateway_cpu_pct");
+                row.cpu = st
+                    .get("cluster")
+                    .and_then(cluster_cpu)
+                    .or_else(|| num(st, "/gateway_cpu_pct"));
             } else {
                 row.offered = None;
                 row.delivered = None;

@@ -222,6 +222,9 @@ pub struct Publisher {
 #[derive(Clone)]
 pub struct PublishConfig {
     pub addr: SocketAddr,
+    /// Several nodes (a cluster run): publisher connection `i` posts to node
+    /// `i % nodes`. Empty: `addr` only.
+    pub nodes: Vec<SocketAddr>,
     pub key: String,
     pub user_ids: Arc<Vec<String>>,
     /// Users (indices) that get events.
@@ -246,11 +249,15 @@ impl Publisher {
         for t in 0..conns {
             let (tx, rx) = crossbeam_channel::unbounded::<PhaseSpec>();
             let mine: Vec<usize> = (0..cfg.users).filter(|u| u % conns == t).collect();
+            let mut cfg_t = cfg.clone();
+            if let Some(a) = cfg.nodes.get(t % cfg.nodes.len().max(1)) {
+                cfg_t.addr = *a;
+            }
             let mut worker = PubThread {
                 share: mine.len() as f64 / cfg.users.max(1) as f64,
                 counts: vec![0; mine.len()],
                 users: mine,
-                cfg: cfg.clone(),
+                cfg: cfg_t,
                 stream: None,
                 sent: phase_sent.clone(),
                 next_user: 0,

@@ -230,6 +230,8 @@ impl Gateway {
 pub struct Mark {
     pub at: Instant,
     pub proc_ticks: u64,
+    /// The processes of `Monitor::also_count`, together.
+    pub also_ticks: u64,
     pub reactor_ticks: Option<u64>,
     pub own_cpu_us: u64,
     /// Busy ticks of the whole machine.
@@ -248,6 +250,9 @@ pub struct CpuUse {
     pub loadgen: f64,
     /// Everything else on the machine (other processes, kernel threads): noise.
     pub other: f64,
+    /// A cluster run: the nodes after node 0 and redis-server (0 otherwise); not in
+    /// `other`.
+    pub cluster_rest: f64,
     /// Time the reactor thread was runnable but waited for a CPU, in ms.
     pub reactor_wait_ms: Option<f64>,
     /// Times the reactor thread was preempted.
@@ -257,6 +262,9 @@ pub struct CpuUse {
 /// Samples the gateway's RSS every 100 ms (latest and peak) on its own thread.
 pub struct Monitor {
     pid: Option<u32>,
+    /// Processes of the run besides the gateway (a cluster's other nodes and Redis):
+    /// their CPU is kept out of "everything else".
+    also: Vec<u32>,
     reactor_tid: Option<u32>,
     latest_rss: Arc<AtomicU64>,
     peak_rss: Arc<AtomicU64>,
@@ -287,6 +295,7 @@ impl Monitor {
         });
         Monitor {
             pid,
+            also: Vec::new(),
             reactor_tid,
             latest_rss,
             peak_rss,
@@ -294,6 +303,11 @@ impl Monitor {
             thread,
             tck: sys::clk_tck(),
         }
+    }
+
+    /// Count these processes as part of the run (a cluster's other nodes and Redis).
+    pub fn also_count(&mut self, pids: Vec<u32>) {
+        self.also = pids;
     }
 
     /// Current RSS in KiB (read now).
@@ -313,6 +327,11 @@ impl Monitor {
         Mark {
             at: Instant::now(),
             proc_ticks: self.pid.and_then(|p| sys::cpu_ticks(p, None)).unwrap_or(0),
+            also_ticks: self
+                .also
+                .iter()
+                .filter_map(|p| sys::cpu_ticks(*p, None))
+                .sum(),
             reactor_ticks: self
                 .pid
                 .zip(self.reactor_tid)
@@ -339,13 +358,15 @@ impl Monitor {
             .map(|(x, y)| pct(y.saturating_sub(x)));
         let loadgen = b.own_cpu_us.saturating_sub(a.own_cpu_us) as f64 / 1e6 / wall * 100.0;
         let machine = pct(b.machine_busy.saturating_sub(a.machine_busy));
-        let other = (machine - gateway_proc.unwrap_or(0.0) - loadgen).max(0.0);
+        let cluster_rest = pct(b.also_ticks.saturating_sub(a.also_ticks));
+        let other = (machine - gateway_proc.unwrap_or(0.0) - loadgen - cluster_rest).max(0.0);
         let sched = a.reactor_sched.zip(b.reactor_sched);
         CpuUse {
             gateway_proc,
             reactor,
             loadgen,
             other,
+            cluster_rest,
             reactor_wait_ms: sched.map(|(x, y)| y.0.saturating_sub(x.0) as f64 / 1e6),
             reactor_preempted: sched.map(|(x, y)| y.1.saturating_sub(x.1)),
         }

@@ -16,7 +16,11 @@
 //!   one after another; a table side by side and agentwire's ratios (src/compare.rs).
 //!
 //! `--server tokio|node|python` runs any scenario against a comparison peer instead of
-//! agentwire (started, pinned and sampled the same way).
+//! agentwire (started, pinned and sampled the same way). `--server redis1|redis2` runs
+//! agentwire on the Redis engine with one or two nodes on one `redis-server`:
+//! connections spread over the nodes, publishes through every node, and the record
+//! gets the nodes' and Redis's CPU per delivered frame and Redis round trips per event
+//! (src/cluster.rs).
 //!
 //! Every run checks per-connection order and completeness (seq strictly increasing,
 //! every event of the connection's user received exactly once), records emit-to-receive
@@ -31,6 +35,7 @@
 //! gateway that falls behind shows as latency, never as a slower offered rate.
 
 mod client;
+mod cluster;
 mod compare;
 mod driver;
 mod gateway;
@@ -91,7 +96,8 @@ enum Scenario {
 
 #[derive(Args, Debug)]
 struct CompareArgs {
-    /// Servers to run, comma-separated, in this order: agentwire, tokio, node, python.
+    /// Servers to run, comma-separated, in this order: agentwire, tokio, node, python,
+    /// redis1, redis2 (agentwire on the Redis engine with 1 or 2 nodes).
     #[arg(long, default_value = "agentwire,tokio,node,python")]
     servers: String,
     /// Runs per server; the servers take turns, and each one's median run (by the
@@ -121,7 +127,9 @@ fn compare_cmd(a: CompareArgs) -> RunResult<bool> {
     let mut servers = Vec::new();
     for s in a.servers.split(',').filter(|s| !s.trim().is_empty()) {
         servers.push(ServerKind::parse(s).ok_or_else(|| {
-            format!("--servers: unknown server {s:?} (agentwire, tokio, node, python)")
+            format!(
+                "--servers: unknown server {s:?} (agentwire, tokio, node, python, redis1, redis2)"
+            )
         })?);
     }
     let code = compare::run(compare::CompareSpec {
@@ -153,6 +161,12 @@ enum ServerKind {
     Node,
     /// tools/peers/python: Python asyncio + websockets (publish driver only).
     Python,
+    /// agentwire on the Redis engine, one node (`agentwire serve --engine redis`; a
+    /// `redis-server` started for the run unless --redis-url; publish driver only).
+    Redis1,
+    /// agentwire on the Redis engine, two nodes on one Redis: connections spread over
+    /// both, publishes through both (publish driver only).
+    Redis2,
 }
 
 impl ServerKind {
@@ -162,6 +176,17 @@ impl ServerKind {
             ServerKind::Tokio => "tokio",
             ServerKind::Node => "node",
             ServerKind::Python => "python",
+            ServerKind::Redis1 => "redis1",
+            ServerKind::Redis2 => "redis2",
+        }
+    }
+
+    /// Nodes of a Redis-engine cluster run (None: one gateway, no Redis).
+    fn cluster_nodes(self) -> Option<usize> {
+        match self {
+            ServerKind::Redis1 => Some(1),
+            ServerKind::Redis2 => Some(2),
+            _ => None,
         }
     }
 
@@ -189,6 +214,15 @@ struct Common {
     /// Where the peers' sources are.
     #[arg(long, default_value = "tools/peers")]
     peers_dir: PathBuf,
+    /// `--server redis1|redis2`: the Redis server the nodes share (default: a
+    /// `redis-server` started for the run on a free port, in memory only, pinned with
+    /// the gateway, its CPU sampled). Ignored by the other servers, so `compare` can
+    /// pass it to all of them.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// `redis-server` started for `--server redis1|redis2` without --redis-url.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
     /// `agentwire` binary started for `--driver publish` and `idle`.
     #[arg(long, default_value = "target/release/agentwire")]
     gateway_bin: PathBuf,
@@ -411,7 +445,7 @@ impl Common {
     fn peer(&self) -> Option<gateway::PeerCommand> {
         let script = |rel: &str| self.peers_dir.join(rel).display().to_string();
         match self.server {
-            ServerKind::Agentwire => None,
+            ServerKind::Agentwire | ServerKind::Redis1 | ServerKind::Redis2 => None,
             ServerKind::Tokio => Some(gateway::PeerCommand {
                 name: "tokio",
                 program: self.peer_tokio_bin.clone(),
@@ -479,6 +513,10 @@ struct Run {
     driver: Option<DriverKind>,
     user_ids: Arc<Vec<String>>,
     gateway: Option<Gateway>,
+    /// `--server redis1|redis2`: the other nodes and Redis (src/cluster.rs).
+    cluster: Option<cluster::Cluster>,
+    /// Each phase's cluster figures (the record's `cluster.phases`).
+    cluster_phases: Vec<Value>,
     publisher: Option<Publisher>,
     pool: Option<Pool>,
     monitor: Monitor,
@@ -601,6 +639,21 @@ impl Run {
         // The tokio peer has an in-process emitter mode (`peer-tokio --bench`, the
         // bench_gateway line protocol); node and python take published events only.
         let bench_peer = common.server == ServerKind::Tokio && driver == Some(DriverKind::Emitter);
+        if let Some(n) = common.server.cluster_nodes() {
+            if driver == Some(DriverKind::Emitter) {
+                return Err(format!(
+                    "--server {} publishes through the nodes: use --driver publish",
+                    common.server.name()
+                ));
+            }
+            if common.connect.is_some() {
+                return Err(format!(
+                    "--server {} starts its {n} node(s) itself: leave out --connect",
+                    common.server.name()
+                ));
+            }
+        }
+        let mut cluster: Option<cluster::Cluster> = None;
         let (gateway, publisher) = if let (Some(peer), false) = (&peer, bench_peer) {
             if driver == Some(DriverKind::Emitter) {
                 return Err(format!(
@@ -745,18 +798,100 @@ impl Run {
                 args.push(format!("--{}", k.trim().replace('_', "-")));
                 args.push(v.to_owned());
             }
-            let log = gateway::log_file(scenario, "agentwire").map_err(io_err("log file"))?;
+            // A Redis-engine cluster: its Redis first, then node 0 (the gateway sampled
+            // by the monitor) and the other nodes (src/cluster.rs).
+            let redis = match common.server.cluster_nodes() {
+                None => None,
+                Some(_) => Some(match &common.redis_url {
+                    Some(url) => cluster::Redis::external(url.clone()),
+                    None => cluster::Redis::start(
+                        &common.redis_server,
+                        child_cpus.clone(),
+                        common.nice,
+                        scenario,
+                        deadline,
+                    )
+                    .map_err(io_err("starting redis-server"))?,
+                }),
+            };
+            let redis_prefix = format!("lg{}", &random()?[..8]);
+            let redis_url = redis.as_ref().map(|r| r.url.clone());
+            let node_args = |k: usize| {
+                let mut a = args.clone();
+                if let Some(url) = &redis_url {
+                    a.extend(cluster::node_args(url, &redis_prefix, k));
+                }
+                a
+            };
+            let log = gateway::log_file(
+                scenario,
+                if redis.is_some() {
+                    "agentwire-node0"
+                } else {
+                    "agentwire"
+                },
+            )
+            .map_err(io_err("log file"))?;
             // Secrets through the environment (PROTOCOL.md section 8): out of `ps`.
             let env = [
                 ("AGENTWIRE_JWT_SECRET", secret.as_str()),
                 ("AGENTWIRE_PUBLISH_KEY", publish_key.as_str()),
             ];
-            let gw =
-                gateway::start_binary(bin, &args, &env, child_cpus, common.nice, log, deadline)
-                    .map_err(io_err("starting the gateway"))?;
+            let gw = gateway::start_binary(
+                bin,
+                &node_args(0),
+                &env,
+                child_cpus.clone(),
+                common.nice,
+                log,
+                deadline,
+            )
+            .map_err(io_err("starting the gateway"))?;
+            if let (Some(redis), Some(n)) = (redis, common.server.cluster_nodes()) {
+                let mut more = Vec::new();
+                for k in 1..n {
+                    let log = gateway::log_file(scenario, &format!("agentwire-node{k}"))
+                        .map_err(io_err("log file"))?;
+                    more.push(
+                        gateway::start_binary(
+                            bin,
+                            &node_args(k),
+                            &env,
+                            child_cpus.clone(),
+                            common.nice,
+                            log,
+                            deadline,
+                        )
+                        .map_err(io_err("starting a node"))?,
+                    );
+                }
+                let addrs = std::iter::once(gw.addr)
+                    .chain(more.iter().map(|g| g.addr))
+                    .collect();
+                let pids = std::iter::once(gw.pid)
+                    .chain(more.iter().map(|g| g.pid))
+                    .collect();
+                cluster = Some(cluster::Cluster {
+                    redis,
+                    more,
+                    addrs,
+                    pids,
+                });
+            }
             if let (Some(p), Some(pid)) = (common.rt_prio, gw.pid) {
                 // The reactor is agentwire's main thread.
                 sys::set_fifo(pid as i32, p).map_err(io_err("SCHED_FIFO for the gateway"))?;
+            }
+            if let (Some(p), Some(c)) = (common.rt_prio, &cluster) {
+                // In a cluster the nodes' Redis threads (aw-redis-store, aw-redis-feed)
+                // and redis-server are on every event's path too: every thread of
+                // every node and of redis-server.
+                for pid in c.pids.iter().flatten().copied().chain(c.redis.pid()) {
+                    for tid in sys::threads(pid) {
+                        sys::set_fifo(tid as i32, p)
+                            .map_err(io_err("SCHED_FIFO for the cluster"))?;
+                    }
+                }
             }
             (gw, None::<Publisher>)
         };
@@ -764,6 +899,10 @@ impl Run {
             (Some(DriverKind::Publish), _) => Some(
                 Publisher::start(PublishConfig {
                     addr: gateway.addr,
+                    nodes: cluster
+                        .as_ref()
+                        .map(|c| c.addrs.clone())
+                        .unwrap_or_default(),
                     key: publish_key.clone(),
                     user_ids: user_ids.clone(),
                     users: event_users,
@@ -785,9 +924,24 @@ impl Run {
             (Some(_), None) => None,
             (None, None) => gateway.pid,
         };
-        let monitor = Monitor::start(gateway.pid, reactor_tid);
+        let mut monitor = Monitor::start(gateway.pid, reactor_tid);
+        if let Some(c) = &cluster {
+            monitor.also_count(
+                c.pids
+                    .iter()
+                    .skip(1)
+                    .flatten()
+                    .copied()
+                    .chain(c.redis.pid())
+                    .collect(),
+            );
+        }
         let target = Arc::new(ClientTarget {
             addr: gateway.addr,
+            nodes: cluster
+                .as_ref()
+                .map(|c| c.addrs.clone())
+                .unwrap_or_default(),
             path: common.path.clone(),
             tokens: Arc::new(tokens),
         });
@@ -811,6 +965,8 @@ impl Run {
             driver,
             user_ids,
             gateway: Some(gateway),
+            cluster,
+            cluster_phases: Vec::new(),
             publisher,
             pool: Some(pool),
             monitor,
@@ -855,7 +1011,23 @@ impl Run {
                     },
                     c.id()
                 ),
-                None => format!("agentwire serve, pid {}", c.id()),
+                None => match &self.cluster {
+                    Some(cl) => format!(
+                        "agentwire serve --engine redis, {} node(s) (pids {}) on {} ({}); connections spread over the nodes, publishes through every node",
+                        cl.nodes(),
+                        cl.pids
+                            .iter()
+                            .map(|p| p.map_or("?".into(), |p| p.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        cl.redis.url,
+                        match cl.redis.pid() {
+                            Some(p) => format!("redis-server pid {p}, started for the run"),
+                            None => "external Redis, its CPU not sampled".into(),
+                        }
+                    ),
+                    None => format!("agentwire serve, pid {}", c.id()),
+                },
             },
             Some(Process::External) => format!(
                 "external gateway at {}{}",
@@ -903,6 +1075,9 @@ impl Run {
             None => pinning,
         };
         let pinning = match self.common.rt_prio {
+            Some(p) if self.cluster.is_some() => format!(
+                "{pinning}; every thread of the nodes and redis-server, and the load threads, SCHED_FIFO {p}"
+            ),
             Some(p) => format!("{pinning}; reactor and load threads SCHED_FIFO {p}"),
             None => pinning,
         };
@@ -1051,6 +1226,7 @@ impl Run {
     /// Run one phase of the driver to its end.
     fn phase(&mut self, spec: &PhaseSpec) -> RunResult<PhaseDone> {
         let deadline = Instant::now() + spec.duration + Duration::from_secs(90);
+        let cluster_mark = self.cluster.as_ref().map(cluster::Cluster::mark);
         match self.driver {
             Some(DriverKind::Emitter) => {
                 let b = self
@@ -1083,6 +1259,17 @@ impl Run {
                     .map_err(io_err("publisher"))?,
             };
             if let Some(done) = polled {
+                if let (Some(c), Some(m0)) = (&self.cluster, &cluster_mark) {
+                    // Frames of this phase that arrived by its end (the rest are still
+                    // on their way: a bound on the CPU per frame from above).
+                    let delivered = self.pool()?.phase_frames(spec.id as usize);
+                    let mut v = c.phase(m0, &c.mark(), done.sent, delivered);
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("phase".into(), json!(spec.id));
+                        o.insert("rate".into(), json!(spec.rate));
+                    }
+                    self.cluster_phases.push(v);
+                }
                 self.sent_before += done.sent;
                 self.reset_phase_sent();
                 for e in &done.errors {
@@ -1158,6 +1345,29 @@ impl Run {
     fn conclude(mut self, human: Vec<String>) -> RunResult<bool> {
         if let Some(p) = self.publisher.take() {
             p.stop();
+        }
+        let mut human = human;
+        if let Some(c) = self.cluster.take() {
+            for v in &self.cluster_phases {
+                let label = match v.get("phase").and_then(Value::as_u64) {
+                    Some(p) if self.cluster_phases.len() > 1 => format!(
+                        "phase {p} ({} events/s)",
+                        v.get("rate").and_then(Value::as_f64).unwrap_or(0.0)
+                    ),
+                    _ => "the run".to_owned(),
+                };
+                human.push(cluster::phase_line(&label, v));
+            }
+            let mut v = json!({
+                "nodes": c.nodes(),
+                "redis_url": c.redis.url,
+                "redis_log": c.redis.log.as_ref().map(|p| p.display().to_string()),
+                "node_logs": c.more.iter().filter_map(|g| g.log.as_ref().map(|p| p.display().to_string())).collect::<Vec<_>>(),
+                "phases": self.cluster_phases,
+                "engine_stats": c.engine_stats(),
+            });
+            v["stopped"] = json!(c.stop(Duration::from_secs(15)));
+            self.record.insert("cluster".into(), v);
         }
         let stopped = self.gateway.take().map(|g| {
             let log = g.log.clone();
@@ -1354,6 +1564,9 @@ fn gateway_lines(
     run.put("gateway_process_cpu_pct", json!(proc_pct.map(round)));
     run.put("loadgen_cpu_pct", json!(round(own)));
     run.put("other_cpu_pct", json!(round(cpu.other)));
+    if run.cluster.is_some() {
+        run.put("cluster_rest_cpu_pct", json!(round(cpu.cluster_rest)));
+    }
     run.put("loadavg_end", json!(sys::loadavg()));
     run.put(
         "reactor_runq_wait_ms",
@@ -1388,6 +1601,14 @@ fn gateway_lines(
         }
         (Some(p), _) => format!("{p:.0}%"),
         _ => "n/a".into(),
+    };
+    let cpu_txt = if run.cluster.is_some() {
+        format!(
+            "node 0 {cpu_txt}, the other nodes and redis-server {:.0}%",
+            cpu.cluster_rest
+        )
+    } else {
+        cpu_txt
     };
     lines.push(format!(
         "  cpu        gateway {cpu_txt}; loadgen {own:.0}%; everything else on the machine {:.0}% (100% = one core; load average {})",
@@ -1812,7 +2033,7 @@ fn ramp(a: RampArgs) -> RunResult<bool> {
                 if pass { "ok" } else { "over the bound" }
             );
         }
-        steps.push(json!({
+        let mut st = json!({
             "step": step,
             "rate_offered": rate.round(),
             "events_sent": done.sent,
@@ -1829,7 +2050,12 @@ fn ramp(a: RampArgs) -> RunResult<bool> {
             "reactor_preempted": cpu.reactor_preempted,
             "send_lag_max_us": done.lag_max_us,
             "pass": pass,
-        }));
+        });
+        if let (Some(_), Some(c)) = (&run.cluster, run.cluster_phases.last()) {
+            // The step's nodes and Redis: CPU per frame, round trips per event.
+            st["cluster"] = c.clone();
+        }
+        steps.push(st);
         counts = done.counts;
         if pass {
             sustainable = Some(rate);
