@@ -147,16 +147,22 @@ on_signal() {
 }
 trap on_signal INT TERM
 
+# A step that could not run for want of `needs`: counted as failed, named in the summary.
+not_run() {
+    local name=$1 needs=$2 broken=$3
+    echo "skipped: needs $needs"
+    failed=$((failed + 1))
+    failures+=("$name: not run ($broken failed)")
+    summary+=("$name: not run")
+}
+
 # client_suite NAME WHAT SCRIPT LOGNAME: run SCRIPT against the release build (needs it),
 # its output in target/test-logs/LOGNAME-step.log, its counts added to the summary.
 client_suite() {
     local name=$1 what=$2 script=$3 logname=$4
     step "$name: $what against target/release/agentwire"
     if [ "$build_rc" -ne 0 ]; then
-        echo "skipped: needs the release build"
-        failed=$((failed + 1))
-        failures+=("$name: not run (release build failed)")
-        summary+=("$name: not run")
+        not_run "$name" "the release build" "release build"
         return
     fi
     run_logged "$LOGDIR/$logname-step.log" "$CLIENTS_TIMEOUT_S" \
@@ -170,10 +176,7 @@ interop_suite() {
     local name=$1 script=$2
     step "$name: $script against target/release/agentwire"
     if [ "$build_rc" -ne 0 ] || [ "$venv_ok" -ne 1 ]; then
-        echo "skipped: needs the release build and the venv"
-        failed=$((failed + 1))
-        failures+=("$name: not run (release build or venv failed)")
-        summary+=("$name: not run")
+        not_run "$name" "the release build and the venv" "release build or venv"
         return
     fi
     run_logged "$LOGDIR/$name.log" "$INTEROP_TIMEOUT_S" \
