@@ -20,15 +20,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 
-fn key() -> RunKey {
-    RunKey::new(
-        "user-7f3a2c91",
-        Some("thread-2026-11-30-a81f"),
-        "run-4b1e9d0c7a",
-        "data_agent",
-    )
-    .expect("valid run key")
-}
+mod common;
+use common::key;
 
 fn frame(kind: &str, data: serde_json::Value, seq: u64) -> Bytes {
     let kind = EventKind::parse(kind).expect("kind");

@@ -10,21 +10,13 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use agentwire::__internal::event::{Event, RunKey};
+use agentwire::__internal::event::Event;
 use agentwire::EventKind;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
 
-/// The run of every benchmarked event: a realistic set of identifiers.
-fn key() -> RunKey {
-    RunKey::new(
-        "user-7f3a2c91",
-        Some("thread-2026-11-30-a81f"),
-        "run-4b1e9d0c7a",
-        "data_agent",
-    )
-    .expect("valid run key")
-}
+mod common;
+use common::key;
 
 /// About 100 bytes of JSON: a tool call.
 fn small_data() -> Value {

@@ -910,9 +910,10 @@ impl Stats {
             }
         };
         let one = |v: f64| vec![(String::new(), v)];
-        let by_reason = |counts: &mut dyn Iterator<Item = (&'static str, u64)>| {
+        // One sample per (value, count), the value under the label `label`.
+        let labelled = |label: &str, counts: &mut dyn Iterator<Item = (&'static str, u64)>| {
             counts
-                .map(|(name, n)| (format!("{{reason=\"{name}\"}}"), n as f64))
+                .map(|(value, n)| (format!("{{{label}=\"{value}\"}}"), n as f64))
                 .collect::<Vec<(String, f64)>>()
         };
         for (name, kind, help, v) in [
@@ -1001,13 +1002,13 @@ impl Stats {
             "connections_closed_total",
             "counter",
             "WebSocket connections closed, by reason.",
-            &by_reason(&mut self.closed_seen()),
+            &labelled("reason", &mut self.closed_seen()),
         );
         metric(
             "connections_refused_total",
             "counter",
             "Upgrades refused before the handshake, by reason.",
-            &by_reason(&mut self.refused_by_reason()),
+            &labelled("reason", &mut self.refused_by_reason()),
         );
         for (name, kind, help, v) in [
             (
@@ -1071,7 +1072,7 @@ impl Stats {
             "events_dropped_total",
             "counter",
             "Events not delivered, by reason.",
-            &by_reason(&mut self.dropped_by_reason()),
+            &labelled("reason", &mut self.dropped_by_reason()),
         );
         for (name, kind, help, v) in [
             ("client_messages_total", "counter", "Text messages received from clients.", self.client_messages as f64),
@@ -1124,16 +1125,11 @@ impl Stats {
             ] {
                 metric(name, kind, help, &one(v));
             }
-            let failed: Vec<(String, f64)> = w
-                .failed()
-                .iter()
-                .map(|(cause, n)| (format!("{{cause=\"{cause}\"}}"), *n as f64))
-                .collect();
             metric(
                 "webhook_failed_total",
                 "counter",
                 "Client messages for inbound_url answered no_agent, by cause (status: non-2xx, connect, timeout, tls, io; full: inbound_max_in_flight reached, not sent).",
-                &failed,
+                &labelled("cause", &mut w.failed().into_iter()),
             );
         }
         let budgets = g.budgets();
@@ -1173,15 +1169,11 @@ impl Stats {
             "Agent runs begun (their first event routed).",
             &one(self.runs_started as f64),
         );
-        let by_outcome: Vec<(String, f64)> = self
-            .runs_ended_by_outcome()
-            .map(|(name, n)| (format!("{{outcome=\"{name}\"}}"), n as f64))
-            .collect();
         metric(
             "runs_ended_total",
             "counter",
             "Agent runs ended, by outcome (completed, error, run_timeout, worker_dropped, cancelled).",
-            &by_outcome,
+            &labelled("outcome", &mut self.runs_ended_by_outcome()),
         );
         metric(
             "runs_in_flight",

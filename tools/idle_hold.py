@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import resource
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import urllib.request
 import jwt
 from websockets.asyncio.client import connect
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from gateway_proc import free_port, stop, wait_healthy  # noqa: E402  (tools/lib/gateway_proc.py)
+
 
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
@@ -42,12 +44,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def open_one(url: str, token: str, sem: asyncio.Semaphore, held: list, failures: list,
@@ -100,16 +96,9 @@ async def main() -> int:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=tls).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    print("gateway did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
+        if not wait_healthy(f"{scheme}://127.0.0.1:{port}", tls):
+            print("gateway did not start", file=sys.stderr)
+            return 1
         gw_pid = proc.pid
         if args.time_v:  # the gateway is /usr/bin/time's child
             with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
@@ -162,14 +151,7 @@ async def main() -> int:
             ws.transport.abort()
         return 0 if not failures else 1
     finally:
-        if args.time_v:
-            os.kill(gw_pid, 15)
-        else:
-            proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 10, pid=gw_pid if args.time_v else None)
         if args.time_v:
             log.flush()
             for line in open("/tmp/agentwire-idle-hold.log"):

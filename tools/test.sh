@@ -147,21 +147,42 @@ on_signal() {
 }
 trap on_signal INT TERM
 
+# A step that could not run for want of `needs`: counted as failed, named in the summary.
+not_run() {
+    local name=$1 needs=$2 broken=$3
+    echo "skipped: needs $needs"
+    failed=$((failed + 1))
+    failures+=("$name: not run ($broken failed)")
+    summary+=("$name: not run")
+}
+
 # client_suite NAME WHAT SCRIPT LOGNAME: run SCRIPT against the release build (needs it),
 # its output in target/test-logs/LOGNAME-step.log, its counts added to the summary.
 client_suite() {
     local name=$1 what=$2 script=$3 logname=$4
     step "$name: $what against target/release/agentwire"
     if [ "$build_rc" -ne 0 ]; then
-        echo "skipped: needs the release build"
-        failed=$((failed + 1))
-        failures+=("$name: not run (release build failed)")
-        summary+=("$name: not run")
+        not_run "$name" "the release build" "release build"
         return
     fi
     run_logged "$LOGDIR/$logname-step.log" "$CLIENTS_TIMEOUT_S" \
         env AGENTWIRE_BIN="$ROOT/target/release/agentwire" bash "$script"
     count_summary "$name" "$LOGDIR/$logname-step.log" "$rc" "see $LOGDIR/$logname.log"
+}
+
+# A Python suite of tests/interop/ against the release build, in the venv: it prints a
+# `FAIL ...` line for each failed check and ends with its counts.
+interop_suite() {
+    local name=$1 script=$2
+    step "$name: $script against target/release/agentwire"
+    if [ "$build_rc" -ne 0 ] || [ "$venv_ok" -ne 1 ]; then
+        not_run "$name" "the release build and the venv" "release build or venv"
+        return
+    fi
+    run_logged "$LOGDIR/$name.log" "$INTEROP_TIMEOUT_S" \
+        "$VENV/bin/python" "$script" --bin "$ROOT/target/release/agentwire"
+    count_summary "$name" "$LOGDIR/$name.log" "$rc" \
+        "$(grep -c '^FAIL ' "$LOGDIR/$name.log" || true) FAIL line(s) above"
 }
 
 # 1. Python venv for the interop checks and the TLS integration tests.
@@ -239,31 +260,8 @@ if [ "$quick" -eq 0 ]; then
         summary+=("cargo build --release: FAILED")
     fi
 
-    step "interop: tests/interop/test_interop.py against target/release/agentwire"
-    if [ "$build_rc" -ne 0 ] || [ "$venv_ok" -ne 1 ]; then
-        echo "skipped: needs the release build and the venv"
-        failed=$((failed + 1))
-        failures+=("interop: not run (release build or venv failed)")
-        summary+=("interop: not run")
-    else
-        run_logged "$LOGDIR/interop.log" "$INTEROP_TIMEOUT_S" \
-            "$VENV/bin/python" tests/interop/test_interop.py --bin "$ROOT/target/release/agentwire"
-        count_summary interop "$LOGDIR/interop.log" "$rc" \
-            "$(grep -c '^FAIL ' "$LOGDIR/interop.log" || true) FAIL line(s) above"
-    fi
-
-    step "metrics: tests/interop/test_metrics.py against target/release/agentwire"
-    if [ "$build_rc" -ne 0 ] || [ "$venv_ok" -ne 1 ]; then
-        echo "skipped: needs the release build and the venv"
-        failed=$((failed + 1))
-        failures+=("metrics: not run (release build or venv failed)")
-        summary+=("metrics: not run")
-    else
-        run_logged "$LOGDIR/metrics.log" "$INTEROP_TIMEOUT_S" \
-            "$VENV/bin/python" tests/interop/test_metrics.py --bin "$ROOT/target/release/agentwire"
-        count_summary metrics "$LOGDIR/metrics.log" "$rc" \
-            "$(grep -c '^FAIL ' "$LOGDIR/metrics.log" || true) FAIL line(s) above"
-    fi
+    interop_suite interop tests/interop/test_interop.py
+    interop_suite metrics tests/interop/test_metrics.py
 
     # The client suites: each script ends with `N passed, M failed` and keeps its own log.
     client_suite "clients/js" "node --test (tools/test_js.sh)" tools/test_js.sh js

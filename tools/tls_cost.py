@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,18 +30,16 @@ import urllib.request
 import jwt
 from websockets.asyncio.client import connect
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from gateway_proc import free_port, stop, wait_healthy  # noqa: E402  (tools/lib/gateway_proc.py)
+
+
 
 def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def receive(ws, want: int, got: list, i: int) -> None:
@@ -86,16 +83,9 @@ async def main() -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RUST_LOG": "warn"})
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1, context=ctx).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    print("gateway did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.05)
+        if not wait_healthy(base, ctx):
+            print("gateway did not start", file=sys.stderr)
+            return 1
         users = [f"cost-{i}" for i in range(args.conns)]
         socks = []
         for u in users:
@@ -133,11 +123,7 @@ async def main() -> int:
             ws.transport.abort()
         return 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 10)
 
 
 if __name__ == "__main__":

@@ -131,34 +131,33 @@ pub enum Body<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn names_and_optional_fields() {
+    /// `body` in a frame of run `r`, timestamp 5, seq 3, epoch `e`, as JSON text.
+    fn json_of(body: Body<'_>) -> String {
         let f = Frame {
-            body: Body::ToolCallStart {
-                tool_call_id: "c1",
-                tool_call_name: "sql",
-            },
+            body,
             run_id: "r",
             timestamp: 5,
             metadata: Meta { seq: 3, epoch: "e" },
         };
+        String::from_utf8(crate::frames::to_json(&f)).unwrap()
+    }
+
+    #[test]
+    fn names_and_optional_fields() {
         assert_eq!(
-            String::from_utf8(crate::frames::to_json(&f)).unwrap(),
+            json_of(Body::ToolCallStart {
+                tool_call_id: "c1",
+                tool_call_name: "sql",
+            }),
             r#"{"type":"TOOL_CALL_START","toolCallId":"c1","toolCallName":"sql","runId":"r","timestamp":5,"metadata":{"seq":3,"epoch":"e"}}"#
         );
-        let f = Frame {
-            body: Body::RunError {
+        assert_eq!(
+            json_of(Body::RunError {
                 thread_id: "t",
                 message: "boom".into(),
                 code: None,
                 raw_event: None,
-            },
-            run_id: "r",
-            timestamp: 5,
-            metadata: Meta { seq: 3, epoch: "e" },
-        };
-        assert_eq!(
-            String::from_utf8(crate::frames::to_json(&f)).unwrap(),
+            }),
             r#"{"type":"RUN_ERROR","threadId":"t","message":"boom","runId":"r","timestamp":5,"metadata":{"seq":3,"epoch":"e"}}"#
         );
     }

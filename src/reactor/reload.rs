@@ -42,14 +42,7 @@ impl Reactor {
         let fresh = match self.reload_source.as_mut() {
             Some(source) => match source() {
                 Ok(config) => config,
-                Err(e) => {
-                    log::warn!(
-                        "SIGHUP reload failed: {e}; the JWT keys, jwt_secret and \
-                         allowed_origins in force are kept"
-                    );
-                    self.stats.reloads_failed += 1;
-                    return;
-                }
+                Err(e) => return self.reload_failed(e),
             },
             None => self.s.config.clone(),
         };
@@ -70,14 +63,7 @@ impl Reactor {
             .and_then(|()| crate::authenticator(&next));
         let auth = match built {
             Ok(auth) => auth,
-            Err(e) => {
-                log::warn!(
-                    "SIGHUP reload failed: {e}; the JWT keys, jwt_secret and \
-                     allowed_origins in force are kept"
-                );
-                self.stats.reloads_failed += 1;
-                return;
-            }
+            Err(e) => return self.reload_failed(e),
         };
         let keys = auth.key_names();
         let origins = if next.allowed_origins.is_empty() {
@@ -99,6 +85,15 @@ impl Reactor {
             self.auth.algorithm(),
             self.open_sessions
         );
+    }
+
+    /// A reload that could not be applied: logged and counted, the values in force kept.
+    fn reload_failed(&mut self, e: impl std::fmt::Display) {
+        log::warn!(
+            "SIGHUP reload failed: {e}; the JWT keys, jwt_secret and \
+             allowed_origins in force are kept"
+        );
+        self.stats.reloads_failed += 1;
     }
 }
 

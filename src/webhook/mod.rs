@@ -174,27 +174,41 @@ impl Webhook {
             return Err(std::io::Error::other("inbound_url set without a key"));
         };
         let max = config.inbound_max_in_flight;
-        let (jobs, job_rx) = crossbeam_channel::bounded(max);
-        let (answer_tx, answers) = crossbeam_channel::bounded(max);
+        let timeout = Duration::from_millis(config.inbound_timeout_ms);
+        let (webhook, job_rx, answer_tx) = Webhook::unstarted(max, timeout);
         worker::spawn(url, key, job_rx, answer_tx, wake)?;
         log::info!(
             "inbound webhook on: user_message and cancel go to inbound_url ({} threads, at most {max} in flight, {} ms timeout)",
             WORKERS,
             config.inbound_timeout_ms
         );
-        Ok(Some(Webhook {
+        Ok(Some(webhook))
+    }
+
+    /// A webhook with nothing in flight and its channels' thread ends: the sending
+    /// threads take jobs from the `Receiver` and answer on the `Sender` (both channels
+    /// bounded at `max`). [`Webhook::start`] hands them to the threads; the unit tests
+    /// keep them to play the threads' part.
+    fn unstarted(
+        max: usize,
+        timeout: Duration,
+    ) -> (Webhook, Receiver<worker::Job>, Sender<worker::Answer>) {
+        let (jobs, job_rx) = crossbeam_channel::bounded(max);
+        let (answer_tx, answers) = crossbeam_channel::bounded(max);
+        let webhook = Webhook {
             jobs,
             answers,
             waiting: HashMap::new(),
             cancels: HashMap::new(),
             next_id: 0,
             max_in_flight: max,
-            timeout: Duration::from_millis(config.inbound_timeout_ms),
+            timeout,
             counts: WebhookCounts {
                 max_in_flight: max,
                 ..WebhookCounts::default()
             },
-        }))
+        };
+        (webhook, job_rx, answer_tx)
     }
 
     pub fn counts(&self) -> WebhookCounts {
@@ -341,21 +355,7 @@ mod tests {
 
     /// A webhook whose sending threads never run: requests stay out.
     fn stalled(max: usize) -> (Webhook, Receiver<worker::Job>) {
-        let (jobs, job_rx) = crossbeam_channel::bounded(max);
-        let (_answer_tx, answers) = crossbeam_channel::bounded(max);
-        let w = Webhook {
-            jobs,
-            answers,
-            waiting: HashMap::new(),
-            cancels: HashMap::new(),
-            next_id: 0,
-            max_in_flight: max,
-            timeout: Duration::from_millis(100),
-            counts: WebhookCounts {
-                max_in_flight: max,
-                ..WebhookCounts::default()
-            },
-        };
+        let (w, job_rx, _answer_tx) = Webhook::unstarted(max, Duration::from_millis(100));
         (w, job_rx)
     }
 

@@ -40,6 +40,15 @@ fn webhook_stats(gw: &TestGateway) -> Value {
     gw.stats()["webhook"].clone()
 }
 
+/// The `run_id` of the next request the endpoint receives (the run a message starts).
+fn next_run_id(server: &WebhookServer) -> String {
+    let req = server.next_request();
+    req.body["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a string run_id: {}", req.body))
+        .to_owned()
+}
+
 #[test]
 fn webhook_request_has_every_field_and_the_key_and_ack_waits_for_the_2xx() {
     let server = WebhookServer::start(Behaviour::Hold);
@@ -165,10 +174,7 @@ fn webhook_5xx_gives_no_agent_with_the_ref_and_drops_the_run() {
     let gw = gateway_for(&server.url(), |_| {});
     let mut c = gw.connect("hook-5xx");
     send_message(&mut c, None, "hello", "m5");
-    let run_id = server.next_request().body["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = next_run_id(&server);
     let e = expect_no_agent(&mut c, Some("m5"));
     assert!(e["message"].as_str().unwrap().contains("503"), "{e}");
     // The run was never started: a cancel of it is not_found.
@@ -282,10 +288,7 @@ fn webhook_cancel_is_delivered_and_cancel_requested_waits_for_the_2xx() {
     let gw = gateway_for(&server.url(), |_| {});
     let mut c = gw.connect("hook-cancel");
     send_message(&mut c, Some("t9"), "long job", "m1");
-    let run_id = server.next_request().body["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = next_run_id(&server);
     c.expect_type("ack");
     publish_ok(
         gw.addr,
@@ -298,6 +301,19 @@ fn webhook_cancel_is_delivered_and_cancel_requested_waits_for_the_2xx() {
         ),
     );
     c.recv_events(1);
+    // The worker's next event of the run: its answer lists the runs cancelled so far.
+    let publish_thinking = || {
+        publish(
+            gw.addr,
+            &pub_event(
+                "agent_thinking",
+                "hook-cancel",
+                Some("t9"),
+                &run_id,
+                json!({}),
+            ),
+        )
+    };
 
     // A cancel of a run the user does not have: not_found, nothing sent.
     c.send_json(&json!({"type": "cancel", "run_id": "r-not-there"}));
@@ -320,16 +336,7 @@ fn webhook_cancel_is_delivered_and_cancel_requested_waits_for_the_2xx() {
     assert_eq!(b["connection_id"], c.connected["connection_id"]);
     assert!(b["ts"].is_u64());
     // Not marked cancelled before the worker took it.
-    let r = publish(
-        gw.addr,
-        &pub_event(
-            "agent_thinking",
-            "hook-cancel",
-            Some("t9"),
-            &run_id,
-            json!({}),
-        ),
-    );
+    let r = publish_thinking();
     assert_eq!(
         r.json()["cancelled"],
         json!([]),
@@ -350,16 +357,7 @@ fn webhook_cancel_is_delivered_and_cancel_requested_waits_for_the_2xx() {
         "one request for the two cancels"
     );
     // The worker learns it at its next publish too.
-    let r = publish(
-        gw.addr,
-        &pub_event(
-            "agent_thinking",
-            "hook-cancel",
-            Some("t9"),
-            &run_id,
-            json!({}),
-        ),
-    );
+    let r = publish_thinking();
     assert_eq!(r.json()["cancelled"], json!([run_id]));
     c.recv_events(1);
     // Taken already: a later cancel is answered at once, without a request.
@@ -376,10 +374,7 @@ fn webhook_cancel_failure_gives_no_agent_and_leaves_the_run_unmarked() {
     let gw = gateway_for(&server.url(), |_| {});
     let mut c = gw.connect("hook-cancel-fail");
     send_message(&mut c, None, "job", "m1");
-    let run_id = server.next_request().body["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = next_run_id(&server);
     c.expect_type("ack");
     server.set(Behaviour::Answer(500));
     c.send_json(&json!({"type": "cancel", "run_id": run_id}));

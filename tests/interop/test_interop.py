@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 try:
     import jwt  # PyJWT
@@ -658,11 +658,48 @@ def run_one(fn: Callable[[Ctx], str], ctx: Ctx, timeout: float) -> tuple[bool, s
     return bool(result.get("ok")), short(str(result.get("detail") or "ok"), 800)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# What both suites' main() do (this one and test_metrics.py): the command line, a failed
+# setup, the totals line that tools/test.sh counts.
+
+def suite_args(doc: str) -> argparse.Namespace:
+    """`--bin` and the check-name filters; a missing binary is a failed setup (exit 1)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--bin", default=os.environ.get("AGENTWIRE_BIN") or os.path.join(REPO, "target", "release", "agentwire"))
     ap.add_argument("filters", nargs="*", help="run only checks whose name contains one of these")
     args = ap.parse_args()
+    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
+        print(f"FAIL setup: gateway binary {args.bin} not found (run `cargo build --release`)")
+        print("0 passed, 1 failed")
+        sys.exit(1)
+    return args
+
+
+def setup_failed(e: BaseException) -> NoReturn:
+    """A gateway did not start (the caller has stopped the gateways): one FAIL, exit 1."""
+    print(f"FAIL setup: {short(str(e), 1000)}")
+    print("0 passed, 1 failed")
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def finish(passed: int, failed: int, gateways: list[Gateway], note: str | None = None) -> NoReturn:
+    """The totals line and the exit code; on a failure, each gateway's last log lines
+    first (on stderr, with `note` after them)."""
+    if failed:
+        for g in gateways:
+            tail = g.log_text().splitlines()[-25:]
+            diag(f"last lines of {g.log_path}:")
+            for line in tail:
+                print(f"    {short(line, 400)}", file=sys.stderr)
+    if note is not None:
+        diag(note)
+    sys.stderr.flush()
+    print(f"{passed} passed, {failed} failed", flush=True)
+    os._exit(0 if failed == 0 else 1)
+
+
+def main() -> None:
+    args = suite_args(__doc__)
     t_start = time.monotonic()
 
     def name_of(fn: Callable) -> str:
@@ -670,10 +707,6 @@ def main() -> None:
 
     selected = [(fn, t) for fn, t in CHECKS
                 if not args.filters or any(f in name_of(fn) for f in args.filters)]
-    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
-        print(f"FAIL setup: gateway binary {args.bin} not found (run `cargo build --release`)")
-        print("0 passed, 1 failed")
-        sys.exit(1)
 
     log_dir = tempfile.mkdtemp(prefix="agentwire-interop-")
     diag(f"binary {args.bin}; gateway logs in {log_dir}")
@@ -697,10 +730,7 @@ def main() -> None:
         term_gw.start()
     except (RuntimeError, OSError) as e:
         stop_all()
-        print(f"FAIL setup: {short(str(e), 1000)}")
-        print("0 passed, 1 failed")
-        sys.stdout.flush()
-        os._exit(1)
+        setup_failed(e)
 
     ctx = Ctx(gw, term_gw)
     budget = Deadline(CHECKS_BUDGET_S)
@@ -719,16 +749,7 @@ def main() -> None:
         passed += ok
         failed += not ok
     stop_all()
-    if failed:
-        for g in (gw, term_gw):
-            tail = g.log_text().splitlines()[-25:]
-            diag(f"last lines of {g.log_path}:")
-            for line in tail:
-                print(f"    {short(line, 400)}", file=sys.stderr)
-    diag(f"finished in {time.monotonic() - t_start:.1f}s")
-    sys.stderr.flush()
-    print(f"{passed} passed, {failed} failed", flush=True)
-    os._exit(0 if failed == 0 else 1)
+    finish(passed, failed, [gw, term_gw], f"finished in {time.monotonic() - t_start:.1f}s")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ the last line; exits 1 on any failure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -56,7 +55,8 @@ except ImportError as e:  # pragma: no cover - environment problem, not a check
     sys.exit(1)
 
 from test_interop import (  # noqa: E402 - after the path set-up
-    REPO, CheckFailed, Deadline, Gateway, diag, expect, mint, recv_json, run_one, short,
+    REPO, CheckFailed, Deadline, Gateway, diag, expect, finish, mint, recv_json, run_one, setup_failed,
+    short, suite_args,
 )
 
 RUN_IDLE_TIMEOUT_MS = 1500
@@ -280,14 +280,7 @@ CHECKS: list[tuple[Callable[[Ctx], str], float]] = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bin", default=os.environ.get("AGENTWIRE_BIN") or os.path.join(REPO, "target", "release", "agentwire"))
-    ap.add_argument("filters", nargs="*", help="run only checks whose name contains one of these")
-    args = ap.parse_args()
-    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
-        print(f"FAIL setup: gateway binary {args.bin} not found (run `cargo build --release`)")
-        print("0 passed, 1 failed")
-        sys.exit(1)
+    args = suite_args(__doc__)
     log_dir = tempfile.mkdtemp(prefix="agentwire-metrics-")
     diag(f"binary {args.bin}; gateway log in {log_dir}")
     # Gateway.start passes this process's environment on: the short watchdog.
@@ -304,10 +297,7 @@ def main() -> None:
         gw.start()
     except (RuntimeError, OSError) as e:
         gw.stop(3.0)
-        print(f"FAIL setup: {short(str(e), 1000)}")
-        print("0 passed, 1 failed")
-        sys.stdout.flush()
-        os._exit(1)
+        setup_failed(e)
     ctx = Ctx(gw)
     passed = failed = 0
     for fn, timeout in CHECKS:
@@ -319,13 +309,7 @@ def main() -> None:
         passed += ok
         failed += not ok
     gw.stop(5.0)
-    if failed:
-        diag(f"last lines of {gw.log_path}:")
-        for line in gw.log_text().splitlines()[-25:]:
-            print(f"    {short(line, 400)}", file=sys.stderr)
-    sys.stderr.flush()
-    print(f"{passed} passed, {failed} failed", flush=True)
-    os._exit(0 if failed == 0 else 1)
+    finish(passed, failed, [gw])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ PUBLISH_KEY = "redteam-publish-key-0123456789"
 
 
 from common import b64url as b64, hs256, rss_kib  # noqa: E402  (tools/redteam/common.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from gateway_proc import stop as stop_gateway  # noqa: E402  (tools/lib/gateway_proc.py)
 
 
 class Gateway:
@@ -58,11 +60,7 @@ class Gateway:
         return self.proc.pid
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_gateway(self.proc, 10)
 
 
 def request(port, raw, timeout=10.0):

@@ -35,6 +35,8 @@ KEY = "redteam-memory-publish-key-0123456789"
 
 
 from common import hs256  # noqa: E402  (tools/redteam/common.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from gateway_proc import stop as stop_gateway  # noqa: E402  (tools/lib/gateway_proc.py)
 
 
 def token(sub):
@@ -60,11 +62,7 @@ class Gateway:
         raise SystemExit("gateway did not start")
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_gateway(self.proc, 10)
 
     def rss_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:

@@ -54,6 +54,8 @@ PUBLISH_KEY = "redteam-session-publish-key-0123456789"
 
 from common import b64url, rss_kib  # noqa: E402  (tools/redteam/common.py)
 from common import hs256 as _hs256  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from gateway_proc import stop as stop_gateway  # noqa: E402  (tools/lib/gateway_proc.py)
 
 
 def hs256(claims: dict, secret: str = SECRET) -> str:
@@ -479,11 +481,7 @@ def main() -> None:
             except OSError:
                 pass
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_gateway(proc, 5)
     print(json.dumps(result, indent=1))
 
 

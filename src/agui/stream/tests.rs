@@ -71,6 +71,25 @@ fn verify(frames: &[Value]) -> Result<(), String> {
                 .map(str::to_owned)
                 .ok_or(format!("{t}: no {k}"))
         };
+        // What a message, reasoning message or tool call is open under: the type's first
+        // four letters and its id; `REASONING_START`/`_END` open and close the span
+        // around the reasoning messages, kept apart as `span/...`.
+        let open_key = || -> Result<String, String> {
+            let key = format!(
+                "{}/{}",
+                &t[..4],
+                id(if t.starts_with("TOOL") {
+                    "toolCallId"
+                } else {
+                    "messageId"
+                })?
+            );
+            Ok(if t == "REASONING_START" || t == "REASONING_END" {
+                format!("span/{key}")
+            } else {
+                key
+            })
+        };
         match t {
             "RUN_STARTED" => {
                 if r.started && !r.ended {
@@ -98,34 +117,13 @@ fn verify(frames: &[Value]) -> Result<(), String> {
             | "REASONING_START"
             | "REASONING_MESSAGE_START"
             | "TOOL_CALL_START" => {
-                let key = format!(
-                    "{}/{}",
-                    &t[..4],
-                    id(if t.starts_with("TOOL") {
-                        "toolCallId"
-                    } else {
-                        "messageId"
-                    })?
-                );
-                let key = if t == "REASONING_START" {
-                    format!("span/{key}")
-                } else {
-                    key
-                };
+                let key = open_key()?;
                 if !r.open.insert(key) {
                     return Err(format!("{t}: already open"));
                 }
             }
             "TEXT_MESSAGE_CONTENT" | "REASONING_MESSAGE_CONTENT" | "TOOL_CALL_ARGS" => {
-                let key = format!(
-                    "{}/{}",
-                    &t[..4],
-                    id(if t.starts_with("TOOL") {
-                        "toolCallId"
-                    } else {
-                        "messageId"
-                    })?
-                );
+                let key = open_key()?;
                 if !r.open.contains(&key) {
                     return Err(format!("{t}: {key} not open"));
                 }
@@ -134,20 +132,7 @@ fn verify(frames: &[Value]) -> Result<(), String> {
                 }
             }
             "TEXT_MESSAGE_END" | "REASONING_END" | "REASONING_MESSAGE_END" | "TOOL_CALL_END" => {
-                let key = format!(
-                    "{}/{}",
-                    &t[..4],
-                    id(if t.starts_with("TOOL") {
-                        "toolCallId"
-                    } else {
-                        "messageId"
-                    })?
-                );
-                let key = if t == "REASONING_END" {
-                    format!("span/{key}")
-                } else {
-                    key
-                };
+                let key = open_key()?;
                 if !r.open.remove(&key) {
                     return Err(format!("{t}: {key} not open"));
                 }

@@ -212,15 +212,10 @@ pub fn wss_connect(
     headers: &[(&str, &str)],
 ) -> Result<(WebSocket<TlsStream>, Value), String> {
     let stream = tls_stream(addr, cfg)?;
-    let mut request = format!("wss://localhost:{}{path_and_query}", addr.port())
-        .into_client_request()
-        .map_err(|e| format!("request: {e}"))?;
-    for (name, value) in headers {
-        request.headers_mut().append(
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
-            HeaderValue::from_str(value).map_err(|e| e.to_string())?,
-        );
-    }
+    let request = upgrade_request(
+        &format!("wss://localhost:{}{path_and_query}", addr.port()),
+        headers,
+    )?;
     let (mut ws, _) = tungstenite::client::client_with_config(request, stream, None)
         .map_err(|e| format!("handshake: {e}"))?;
     let connected = next_json(&mut ws)?;

@@ -64,15 +64,7 @@ pub fn connect_with(
     stream
         .set_write_timeout(Some(WAIT))
         .map_err(|e| e.to_string())?;
-    let mut request = format!("ws://{addr}{path_and_query}")
-        .into_client_request()
-        .map_err(|e| format!("request: {e}"))?;
-    for (name, value) in headers {
-        request.headers_mut().append(
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
-            HeaderValue::from_str(value).map_err(|e| e.to_string())?,
-        );
-    }
+    let request = upgrade_request(&format!("ws://{addr}{path_and_query}"), headers)?;
     let (ws, response) = tungstenite::client::client_with_config(request, stream, None)
         .map_err(|e| format!("handshake: {e}"))?;
     let headers = response
@@ -309,4 +301,22 @@ pub fn assert_contiguous(events: &[Value], first: u64) {
             first + i as u64
         );
     }
+}
+
+/// The client's upgrade request to `url` (`ws://` or `wss://`) with `headers` added
+/// (a header may repeat). `Err` names a bad URL, header name or value.
+pub fn upgrade_request(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<tungstenite::handshake::client::Request, String> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| format!("request: {e}"))?;
+    for (name, value) in headers {
+        request.headers_mut().append(
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
+            HeaderValue::from_str(value).map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(request)
 }
