@@ -91,6 +91,12 @@ pub(crate) enum EngineEvent {
     /// Another node's open evicted this node's connection `(key, serial)`
     /// (`max_connections_per_user` with `evict_oldest`, cluster-wide): close it 4002.
     Evict { key: usize, serial: u64 },
+    /// A user revoked through another node (PROTOCOL.md section 12): close the user's
+    /// connections here with 4004 and, with `until` (epoch s), refuse new ones.
+    Revoked { user: Arc<str>, until: Option<u64> },
+    /// The revocations in force in Redis `(user, until)`, read when the store
+    /// connected or the feed reconnected: each as [`EngineEvent::Revoked`].
+    Revocations(Vec<(Arc<str>, u64)>),
     /// A client (on some node) cancelled this run, which this node publishes: its
     /// in-process run handle is told, and the publish request of `ticket` (when the
     /// event came through the publish API) lists the run in its `cancelled` answer.

@@ -953,3 +953,70 @@ fn the_webhook_works_across_nodes_its_cancel_reaching_the_node_that_publishes() 
         r.json()["cancelled"] == json!([run])
     });
 }
+
+/// `POST /api/users/{user}/disconnect` through `addr` with the publish key.
+fn disconnect(addr: SocketAddr, user: &str, body: Option<&str>) -> HttpResponse {
+    let body = body.unwrap_or("");
+    let req = format!(
+        "POST /api/users/{user}/disconnect HTTP/1.1\r\nHost: {addr}\r\nAuthorization: \
+         Bearer {PUBLISH_KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http_request(addr, req.as_bytes())
+}
+
+/// Require `addr` to refuse `user`'s upgrade with 401 "user revoked".
+fn assert_revoked(addr: SocketAddr, user: &str) {
+    let refused = upgrade(addr, "/ws", &[bearer(&token(user))]);
+    assert_refusal(&refused, 401, "invalid_token");
+    assert_eq!(refused.json()["message"], "user revoked");
+}
+
+#[test]
+fn revoking_through_one_node_closes_the_users_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    let mut u0 = n0.connect("rv-u");
+    let mut u1 = n1.connect("rv-u");
+    let mut other0 = n0.connect("rv-other");
+    let mut other1 = n1.connect("rv-other");
+    // Without `until`: closed everywhere; `closed` counts the node that got it.
+    let r = disconnect(n1.addr, "rv-u", None);
+    assert_eq!((r.status, r.json()), (200, json!({"closed": 1})));
+    u0.expect_close(4004);
+    u1.expect_close(4004);
+    // ... and the user may come back at once, on either node.
+    let mut again0 = n0.connect("rv-u");
+    let mut again1 = n1.connect("rv-u");
+    again0.ping_pong();
+    // With `until`: closed everywhere, and refused on every node, also one started
+    // afterwards (it reads the revocation from Redis).
+    let until = now_s() + 300;
+    let r = disconnect(n1.addr, "rv-u", Some(&format!("{{\"until\": {until}}}")));
+    assert_eq!((r.status, r.json()), (200, json!({"closed": 1})));
+    again0.expect_close(4004);
+    again1.expect_close(4004);
+    assert_revoked(n1.addr, "rv-u");
+    // n0 learnt it from the channel: its close above came after it stored the until.
+    assert_revoked(n0.addr, "rv-u");
+    let n2 = node(&redis, "n2");
+    assert_revoked(n2.addr, "rv-u");
+    // Another user is untouched, old connections and new ones, on every node.
+    other0.ping_pong();
+    other1.ping_pong();
+    let mut other2 = n2.connect("rv-other");
+    other2.ping_pong();
+    publish_one(n2.addr, "rv-other", "r-1", 0);
+    for c in [&mut other0, &mut other1, &mut other2] {
+        assert_eq!(ids(&c.recv_events(1), "rv-other"), [0]);
+    }
+    // Redis holds it, expiring at `until`.
+    let mut con = redis_con(&redis);
+    let score: Option<u64> = redis::cmd("ZSCORE")
+        .arg("agentwire:revoked")
+        .arg("rv-u")
+        .query(&mut con)
+        .expect("ZSCORE");
+    assert_eq!(score, Some(until));
+}

@@ -123,6 +123,7 @@ fn node_with(
         node_id: "test-node".into(),
         max_connections_per_user: 1000,
         evict_oldest: true,
+        max_revoked_users: 100,
     };
     change(&mut settings);
     RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
