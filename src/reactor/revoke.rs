@@ -4,6 +4,11 @@
 //! refuses the user's new upgrades (401 `invalid_token`, "user revoked") until then,
 //! kept in [`crate::revocation::Revocations`] (bounded by `max_revoked_users`).
 //!
+//! Under the Redis engine the revocation also goes to every other node
+//! ([`crate::engine::EngineEvent::Revoked`], handled by `revoked_elsewhere`) and is kept
+//! in Redis for nodes started later (docs/CLUSTER.md, "Revocation"); `closed` counts
+//! the connections closed on this node.
+//!
 //! The head (publish key, `Content-Length`) is checked in `endpoints.rs` like the
 //! publish API's; here the user id (the path segment, percent-decoded strictly) and
 //! the body are checked, all before anything is done: a bad request changes nothing.

@@ -1,6 +1,8 @@
 //! The feed thread: this node's pub/sub connection. It subscribes to the channel of
 //! every user with a connection on this node (on the first one) and unsubscribes on
-//! the last one, and hands each message to the reactor as a [`Raw::Delivery`].
+//! the last one, and hands each message to the reactor as a [`Raw::Delivery`]. It also
+//! listens to this node's channel (evictions by other nodes) and to the revocation
+//! channel every node shares (`POST /api/users/{user_id}/disconnect` on another node).
 //!
 //! A subscribe that comes with an open request sends that request to the store thread
 //! only once Redis confirmed the subscription: the node reads the user's history
