@@ -82,7 +82,14 @@ pub(crate) type Ticket = u64;
 #[derive(Debug)]
 pub(crate) enum EngineEvent {
     /// A published event is stored with this seq (the 202 of the publish API).
-    Published { ticket: Ticket, seq: u64 },
+    Published {
+        ticket: Ticket,
+        seq: u64,
+        /// What the event did to its run (Redis engine: begun or ended by this
+        /// publish, counted once in the cluster, on this node; no tool or
+        /// `user_message` durations).
+        run: crate::stats::RunTransition,
+    },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
     /// An open refused: the user already has `max_connections_per_user` connections

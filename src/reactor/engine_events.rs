@@ -182,7 +182,8 @@ impl Reactor {
                 runs,
                 ..
             } => self.opened(ticket, &epoch, top_seq, resume, replay, runs),
-            EngineEvent::Published { ticket, seq } => {
+            EngineEvent::Published { ticket, seq, run } => {
+                self.stats.record_run(&run);
                 log::trace!("engine: ticket {ticket} stored as seq {seq}");
                 self.publish_answered(ticket, Outcome::Stored);
             }

@@ -1020,3 +1020,66 @@ fn revoking_through_one_node_closes_the_users_connections_on_every_node() {
         .expect("ZSCORE");
     assert_eq!(score, Some(until));
 }
+
+/// The run metrics of one node's `/metrics`: started, in flight, ended by outcome.
+fn run_metrics(addr: SocketAddr) -> (f64, f64, HashMap<&'static str, f64>) {
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200);
+    let m = prometheus(&r.text());
+    let ended = [
+        "completed",
+        "error",
+        "run_timeout",
+        "worker_dropped",
+        "cancelled",
+    ]
+    .into_iter()
+    .map(|o| {
+        let name = format!("agentwire_runs_ended_total{{outcome=\"{o}\"}}");
+        (o, metric(&m, &name))
+    })
+    .collect();
+    (
+        metric(&m, "agentwire_runs_started_total"),
+        metric(&m, "agentwire_runs_in_flight"),
+        ended,
+    )
+}
+
+#[test]
+fn each_run_counts_once_on_the_node_whose_publish_began_or_ended_it() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    // Connections on both nodes: every node sees every event, but counts only its own.
+    let mut c0 = n0.connect("rm-u");
+    let mut c1 = n1.connect("rm-u");
+    let ev = |kind: &str, run: &str, data: Value| json!([pub_event(kind, "rm-u", None, run, data)]);
+    // r-a: begun through n0, ended (completed) through n1.
+    publish_ok(n0.addr, &ev("agent_started", "r-a", json!({})));
+    publish_ok(n1.addr, &ev("text_delta", "r-a", json!({"i": 1})));
+    publish_ok(n1.addr, &ev("agent_completed", "r-a", json!({})));
+    // r-b: begun and ended (error) through n1.
+    publish_ok(n1.addr, &ev("agent_started", "r-b", json!({})));
+    publish_ok(
+        n1.addr,
+        &ev("agent_error", "r-b", json!({"message": "out of tokens"})),
+    );
+    // r-c: begun through n1, still in flight.
+    publish_ok(n1.addr, &ev("agent_started", "r-c", json!({})));
+    c0.recv_events(6);
+    c1.recv_events(6);
+    let (s0, f0, e0) = run_metrics(n0.addr);
+    let (s1, f1, e1) = run_metrics(n1.addr);
+    assert_eq!((s0, s1), (1.0, 2.0), "started per node");
+    assert_eq!(e0["completed"] + e1["completed"], 1.0);
+    assert_eq!((e0["completed"], e1["completed"]), (0.0, 1.0));
+    assert_eq!(e0["error"] + e1["error"], 1.0);
+    for o in ["run_timeout", "worker_dropped", "cancelled"] {
+        assert_eq!(e0[o] + e1[o], 0.0, "{o}");
+    }
+    // Cluster-wide: 3 started, 2 ended, 1 in flight (the sum over nodes; one node's
+    // own figure may be off, as n0 began a run that n1 ended).
+    assert_eq!(s0 + s1, 3.0);
+    assert_eq!(f0 + f1, 1.0);
+}

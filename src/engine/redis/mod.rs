@@ -52,6 +52,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use super::{Delivered, EngineEvent, EngineRun, Ticket};
 use crate::event::Event;
 use crate::registry::Resume;
+use crate::stats::RunOutcome;
 use feed::FeedRequest;
 use store::StoreRequest;
 
@@ -359,6 +360,14 @@ impl RedisEngine {
             agent: ev.key.agent_name.clone(),
             ts: ev.ts_ms,
             kind: ev.kind.as_str().into(),
+            outcome: match ev.kind {
+                crate::event::EventKind::AgentCompleted => Some(RunOutcome::Completed),
+                crate::event::EventKind::AgentError => Some(RunOutcome::of_error(
+                    ev.data_markers().reason.as_deref(),
+                    false,
+                )),
+                _ => None,
+            },
         };
         if self.store.try_send(req).is_err() {
             self.ready.push_back(EngineEvent::Unavailable { ticket });

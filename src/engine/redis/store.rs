@@ -82,6 +82,9 @@ pub(super) enum StoreRequest {
         ts: u64,
         /// The event's type (the run's `last_type`).
         kind: Arc<str>,
+        /// How the event ends its run (None: it does not); a plain `agent_error` of a
+        /// run a client cancelled counts as `cancelled` (the script says so).
+        outcome: Option<crate::stats::RunOutcome>,
     },
     /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
     Open {
@@ -569,7 +572,11 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
     let mut parts = parts.into_iter();
     match req {
         StoreRequest::Publish {
-            ticket, user, run, ..
+            ticket,
+            user,
+            run,
+            outcome,
+            ..
         } => {
             let first = parts.next()?;
             if matches!(first, Value::Int(-1)) {
@@ -579,7 +586,25 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 return Some(Raw::Event(EngineEvent::TooManyRuns { ticket: *ticket }));
             }
             let seq = int(first)?;
-            if matches!(parts.nth(1), Some(Value::Int(1))) {
+            let cancelled = matches!(parts.nth(1), Some(Value::Int(1)));
+            // This publish began and/or ended its run: counted here only, so the
+            // nodes' run metrics sum to the cluster's.
+            let began = matches!(parts.next(), Some(Value::Int(1)));
+            let age_ms = parts.next().and_then(int).unwrap_or(0);
+            let transition = crate::stats::RunTransition {
+                began,
+                ended: outcome.map(|o| {
+                    let o = match o {
+                        crate::stats::RunOutcome::Error if cancelled => {
+                            crate::stats::RunOutcome::Cancelled
+                        }
+                        o => o,
+                    };
+                    (o, Duration::from_millis(age_ms))
+                }),
+                ..crate::stats::RunTransition::default()
+            };
+            if cancelled {
                 *told = Some(Raw::Event(EngineEvent::Cancelled {
                     user: user.clone(),
                     run: run.clone(),
@@ -592,6 +617,7 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 EngineEvent::Published {
                     ticket: *ticket,
                     seq,
+                    run: transition,
                 }
             }))
         }

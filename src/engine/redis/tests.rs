@@ -186,7 +186,7 @@ fn published(events: &[EngineEvent]) -> Vec<(u64, u64)> {
     events
         .iter()
         .filter_map(|e| match e {
-            EngineEvent::Published { ticket, seq } => Some((*ticket, *seq)),
+            EngineEvent::Published { ticket, seq, .. } => Some((*ticket, *seq)),
             _ => None,
         })
         .collect()
