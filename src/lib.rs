@@ -589,6 +589,7 @@ fn start_engine(
         node_id: node_id.to_string(),
         max_connections_per_user: config.max_connections_per_user,
         evict_oldest: config.per_user_policy == config::PerUserPolicy::EvictOldest,
+        max_revoked_users: config.max_revoked_users,
     };
     let wake = Arc::clone(wake);
     let redis = engine::redis::RedisEngine::start(

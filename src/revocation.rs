@@ -2,8 +2,8 @@
 //! (PROTOCOL.md section 12, `POST /api/users/{user_id}/disconnect` with `"until"`).
 //!
 //! A pure store, no I/O and no clock of its own (the caller passes the wall-clock
-//! second), so the endpoint on the event loop (`reactor/revoke.rs`) and, later, an
-//! engine that carries revocations to every node can share it. Bounded: at most
+//! second), so the endpoint on the event loop (`reactor/revoke.rs`) and the
+//! revocations the Redis engine carries from other nodes share it. Bounded: at most
 //! `max_revoked_users` users at once; expired entries go first (from an index ordered
 //! by expiry, so a sweep costs O(log n) per entry it removes), and past the cap a new
 //! revocation is refused ([`Full`]) rather than dropping one in force: a revocation is

@@ -82,7 +82,14 @@ pub(crate) type Ticket = u64;
 #[derive(Debug)]
 pub(crate) enum EngineEvent {
     /// A published event is stored with this seq (the 202 of the publish API).
-    Published { ticket: Ticket, seq: u64 },
+    Published {
+        ticket: Ticket,
+        seq: u64,
+        /// What the event did to its run (Redis engine: begun or ended by this
+        /// publish, counted once in the cluster, on this node; no tool or
+        /// `user_message` durations).
+        run: crate::stats::RunTransition,
+    },
     /// A published event was refused: its run has ended (nothing stored).
     Refused { ticket: Ticket },
     /// An open refused: the user already has `max_connections_per_user` connections
@@ -91,6 +98,12 @@ pub(crate) enum EngineEvent {
     /// Another node's open evicted this node's connection `(key, serial)`
     /// (`max_connections_per_user` with `evict_oldest`, cluster-wide): close it 4002.
     Evict { key: usize, serial: u64 },
+    /// A user revoked through another node (PROTOCOL.md section 12): close the user's
+    /// connections here with 4004 and, with `until` (epoch s), refuse new ones.
+    Revoked { user: Arc<str>, until: Option<u64> },
+    /// The revocations in force in Redis `(user, until)`, read when the store
+    /// connected or the feed reconnected: each as [`EngineEvent::Revoked`].
+    Revocations(Vec<(Arc<str>, u64)>),
     /// A client (on some node) cancelled this run, which this node publishes: its
     /// in-process run handle is told, and the publish request of `ticket` (when the
     /// event came through the publish API) lists the run in its `cancelled` answer.

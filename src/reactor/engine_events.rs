@@ -54,7 +54,7 @@ pub(super) const EARLY_PER_OPEN: usize = 4096;
 
 /// A session opened on the node whose `connected` frame waits for the engine.
 pub(super) struct PendingOpen {
-    id: ConnId,
+    pub(super) id: ConnId,
     user: Arc<str>,
     mode: Mode,
     thread: Option<Arc<str>>,
@@ -119,7 +119,7 @@ enum Outcome {
 /// The reactor's state for the engine's pending answers.
 #[derive(Default)]
 pub(super) struct EngineWaits {
-    opens: HashMap<Ticket, PendingOpen>,
+    pub(super) opens: HashMap<Ticket, PendingOpen>,
     /// The cancel flags of in-process runs whose events go through this node, by
     /// (user, run): set when a client anywhere cancels the run. Bounded by the runs in
     /// progress (`max_active_runs`): removed when the run's last event goes out, or
@@ -176,6 +176,11 @@ impl Reactor {
     fn on_engine_event(&mut self, ev: EngineEvent) {
         match ev {
             EngineEvent::Delivery { user, event } => self.deliver_engine(&user, event),
+            // Revoked while its open was under way (or before this node had read the
+            // revocations in Redis, just after it started): refused as at the upgrade.
+            EngineEvent::Opened { ticket, user, .. } if self.revoked_until(&user).is_some() => {
+                self.open_refused(ticket, &crate::http::Refusal::unauthorized("user revoked"));
+            }
             EngineEvent::Opened {
                 ticket,
                 epoch,
@@ -186,7 +191,8 @@ impl Reactor {
                 history,
                 ..
             } => self.opened(ticket, &epoch, top_seq, resume, replay, runs, history),
-            EngineEvent::Published { ticket, seq } => {
+            EngineEvent::Published { ticket, seq, run } => {
+                self.stats.record_run(&run);
                 log::trace!("engine: ticket {ticket} stored as seq {seq}");
                 self.publish_answered(ticket, Outcome::Stored);
             }
@@ -230,6 +236,12 @@ impl Reactor {
                         id.public_id()
                     );
                     self.close(id, CloseReason::Evicted);
+                }
+            }
+            EngineEvent::Revoked { user, until } => self.revoked_elsewhere(&user, until),
+            EngineEvent::Revocations(list) => {
+                for (user, until) in list {
+                    self.revoked_elsewhere(&user, Some(until));
                 }
             }
             EngineEvent::Cancelled { user, run, ticket } => {

@@ -4,6 +4,11 @@
 //! refuses the user's new upgrades (401 `invalid_token`, "user revoked") until then,
 //! kept in [`crate::revocation::Revocations`] (bounded by `max_revoked_users`).
 //!
+//! Under the Redis engine the revocation also goes to every other node
+//! ([`crate::engine::EngineEvent::Revoked`], handled by `revoked_elsewhere`) and is kept
+//! in Redis for nodes started later (docs/CLUSTER.md, "Revocation"); `closed` counts
+//! the connections closed on this node.
+//!
 //! The head (publish key, `Content-Length`) is checked in `endpoints.rs` like the
 //! publish API's; here the user id (the path segment, percent-decoded strictly) and
 //! the body are checked, all before anything is done: a bad request changes nothing.
@@ -57,30 +62,80 @@ impl Reactor {
                 return refused(503, ErrorCode::TooManyRevocations, &full.to_string());
             }
         }
-        let ids: Vec<ConnId> = self
-            .registry
-            .get(&user)
-            .map(|u| u.conns.iter().map(|c| c.id).collect())
-            .unwrap_or_default();
-        for &id in &ids {
-            self.close(id, CloseReason::Revoked);
+        let closed = self.close_revoked(&user);
+        // Every other node closes the user's connections too (docs/CLUSTER.md).
+        if let Some(redis) = self.engine.redis() {
+            redis.revoke(&user, until);
         }
         self.stats.user_disconnects += 1;
         match until {
             Some(until) => log::info!(
                 user:% = user;
-                "user={user:?} revoked: {} connection(s) closed (4004), new connections \
-                 refused until {until} (epoch s)",
-                ids.len()
+                "user={user:?} revoked: {closed} connection(s) closed (4004), new connections \
+                 refused until {until} (epoch s)"
             ),
             None => log::info!(
                 user:% = user;
-                "user={user:?} disconnected: {} connection(s) closed (4004)",
-                ids.len()
+                "user={user:?} disconnected: {closed} connection(s) closed (4004)"
             ),
         }
-        let answer = Disconnected { closed: ids.len() };
+        let answer = Disconnected { closed };
         (200, frames::to_json(&answer))
+    }
+
+    /// Close every connection of `user` on this node with 4004; how many.
+    fn close_revoked(&mut self, user: &str) -> usize {
+        let ids: Vec<ConnId> = self
+            .registry
+            .get(user)
+            .map(|u| u.conns.iter().map(|c| c.id).collect())
+            .unwrap_or_default();
+        // Under the Redis engine a session waiting for its open's answer has had no
+        // 101 yet: its upgrade is refused as a revoked user's would be.
+        let pending: Vec<ConnId> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.waits.opens.values().map(|o| o.id).collect()
+        };
+        for &id in &ids {
+            if pending.contains(&id) {
+                self.refuse(id, &crate::http::Refusal::unauthorized("user revoked"));
+            } else {
+                self.close(id, CloseReason::Revoked);
+            }
+        }
+        ids.len()
+    }
+
+    /// A revocation made through another node (the Redis engine's
+    /// [`crate::engine::EngineEvent::Revoked`], or one read from Redis): close the
+    /// user's connections here and, with `until`, refuse new ones. When this node's
+    /// store is full the user is still disconnected, and the refusal is logged as lost
+    /// here (Redis keeps it for the nodes with room).
+    pub(super) fn revoked_elsewhere(&mut self, user: &str, until: Option<u64>) {
+        let now_s = now_ms() / 1000;
+        let Ok(user) = UserId::try_from(user.to_owned()) else {
+            log::error!("engine: a revocation of a user id that is not one: ignored");
+            return;
+        };
+        if let Some(until) = until.filter(|&t| t > now_s) {
+            if self.revocations.revoked_until(&user, now_s) == Some(until) {
+                // Known already (read again after a reconnect): nothing new.
+                return;
+            }
+            if let Err(full) = self.revocations.revoke(&user, until, now_s) {
+                log::error!(
+                    user:% = user;
+                    "user={user:?} revoked on another node, but not refused here: {full}"
+                );
+            }
+        }
+        let closed = self.close_revoked(&user);
+        log::info!(
+            user:% = user;
+            "user={user:?} revoked on another node: {closed} connection(s) closed (4004){}",
+            until.map(|t| format!(", new connections refused until {t} (epoch s)")).unwrap_or_default()
+        );
     }
 
     /// Until when `user` is revoked, if they are now (checked at each upgrade).

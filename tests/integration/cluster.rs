@@ -953,3 +953,133 @@ fn the_webhook_works_across_nodes_its_cancel_reaching_the_node_that_publishes() 
         r.json()["cancelled"] == json!([run])
     });
 }
+
+/// `POST /api/users/{user}/disconnect` through `addr` with the publish key.
+fn disconnect(addr: SocketAddr, user: &str, body: Option<&str>) -> HttpResponse {
+    let body = body.unwrap_or("");
+    let req = format!(
+        "POST /api/users/{user}/disconnect HTTP/1.1\r\nHost: {addr}\r\nAuthorization: \
+         Bearer {PUBLISH_KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    http_request(addr, req.as_bytes())
+}
+
+/// Require `addr` to refuse `user`'s upgrade with 401 "user revoked".
+fn assert_revoked(addr: SocketAddr, user: &str) {
+    let refused = upgrade(addr, "/ws", &[bearer(&token(user))]);
+    assert_refusal(&refused, 401, "invalid_token");
+    assert_eq!(refused.json()["message"], "user revoked");
+}
+
+#[test]
+fn revoking_through_one_node_closes_the_users_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    let mut u0 = n0.connect("rv-u");
+    let mut u1 = n1.connect("rv-u");
+    let mut other0 = n0.connect("rv-other");
+    let mut other1 = n1.connect("rv-other");
+    // Without `until`: closed everywhere; `closed` counts the node that got it.
+    let r = disconnect(n1.addr, "rv-u", None);
+    assert_eq!((r.status, r.json()), (200, json!({"closed": 1})));
+    u0.expect_close(4004);
+    u1.expect_close(4004);
+    // ... and the user may come back at once, on either node.
+    let mut again0 = n0.connect("rv-u");
+    let mut again1 = n1.connect("rv-u");
+    again0.ping_pong();
+    // With `until`: closed everywhere, and refused on every node, also one started
+    // afterwards (it reads the revocation from Redis).
+    let until = now_s() + 300;
+    let r = disconnect(n1.addr, "rv-u", Some(&format!("{{\"until\": {until}}}")));
+    assert_eq!((r.status, r.json()), (200, json!({"closed": 1})));
+    again0.expect_close(4004);
+    again1.expect_close(4004);
+    assert_revoked(n1.addr, "rv-u");
+    // n0 learnt it from the channel: its close above came after it stored the until.
+    assert_revoked(n0.addr, "rv-u");
+    let n2 = node(&redis, "n2");
+    assert_revoked(n2.addr, "rv-u");
+    // Another user is untouched, old connections and new ones, on every node.
+    other0.ping_pong();
+    other1.ping_pong();
+    let mut other2 = n2.connect("rv-other");
+    other2.ping_pong();
+    publish_one(n2.addr, "rv-other", "r-1", 0);
+    for c in [&mut other0, &mut other1, &mut other2] {
+        assert_eq!(ids(&c.recv_events(1), "rv-other"), [0]);
+    }
+    // Redis holds it, expiring at `until`.
+    let mut con = redis_con(&redis);
+    let score: Option<u64> = redis::cmd("ZSCORE")
+        .arg("agentwire:revoked")
+        .arg("rv-u")
+        .query(&mut con)
+        .expect("ZSCORE");
+    assert_eq!(score, Some(until));
+}
+
+/// The run metrics of one node's `/metrics`: started, in flight, ended by outcome.
+fn run_metrics(addr: SocketAddr) -> (f64, f64, HashMap<&'static str, f64>) {
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200);
+    let m = prometheus(&r.text());
+    let ended = [
+        "completed",
+        "error",
+        "run_timeout",
+        "worker_dropped",
+        "cancelled",
+    ]
+    .into_iter()
+    .map(|o| {
+        let name = format!("agentwire_runs_ended_total{{outcome=\"{o}\"}}");
+        (o, metric(&m, &name))
+    })
+    .collect();
+    (
+        metric(&m, "agentwire_runs_started_total"),
+        metric(&m, "agentwire_runs_in_flight"),
+        ended,
+    )
+}
+
+#[test]
+fn each_run_counts_once_on_the_node_whose_publish_began_or_ended_it() {
+    let redis = RedisServer::start();
+    let n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    // Connections on both nodes: every node sees every event, but counts only its own.
+    let mut c0 = n0.connect("rm-u");
+    let mut c1 = n1.connect("rm-u");
+    let ev = |kind: &str, run: &str, data: Value| json!([pub_event(kind, "rm-u", None, run, data)]);
+    // r-a: begun through n0, ended (completed) through n1.
+    publish_ok(n0.addr, &ev("agent_started", "r-a", json!({})));
+    publish_ok(n1.addr, &ev("text_delta", "r-a", json!({"i": 1})));
+    publish_ok(n1.addr, &ev("agent_completed", "r-a", json!({})));
+    // r-b: begun and ended (error) through n1.
+    publish_ok(n1.addr, &ev("agent_started", "r-b", json!({})));
+    publish_ok(
+        n1.addr,
+        &ev("agent_error", "r-b", json!({"message": "out of tokens"})),
+    );
+    // r-c: begun through n1, still in flight.
+    publish_ok(n1.addr, &ev("agent_started", "r-c", json!({})));
+    c0.recv_events(6);
+    c1.recv_events(6);
+    let (s0, f0, e0) = run_metrics(n0.addr);
+    let (s1, f1, e1) = run_metrics(n1.addr);
+    assert_eq!((s0, s1), (1.0, 2.0), "started per node");
+    assert_eq!(e0["completed"] + e1["completed"], 1.0);
+    assert_eq!((e0["completed"], e1["completed"]), (0.0, 1.0));
+    assert_eq!(e0["error"] + e1["error"], 1.0);
+    for o in ["run_timeout", "worker_dropped", "cancelled"] {
+        assert_eq!(e0[o] + e1[o], 0.0, "{o}");
+    }
+    // Cluster-wide: 3 started, 2 ended, 1 in flight (the sum over nodes; one node's
+    // own figure may be off, as n0 began a run that n1 ended).
+    assert_eq!(s0 + s1, 3.0);
+    assert_eq!(f0 + f1, 1.0);
+}

@@ -1,6 +1,8 @@
 //! The feed thread: this node's pub/sub connection. It subscribes to the channel of
 //! every user with a connection on this node (on the first one) and unsubscribes on
-//! the last one, and hands each message to the reactor as a [`Raw::Delivery`].
+//! the last one, and hands each message to the reactor as a [`Raw::Delivery`]. It also
+//! listens to this node's channel (evictions by other nodes) and to the revocation
+//! channel every node shares (`POST /api/users/{user_id}/disconnect` on another node).
 //!
 //! A subscribe that comes with an open request sends that request to the store thread
 //! only once Redis confirmed the subscription: the node reads the user's history
@@ -118,6 +120,9 @@ fn listen(
     // This node's own channel: evictions of its connections by other nodes.
     let node_channel = super::keys::node_channel(prefix, &shared.settings.node_id);
     ps.subscribe(&node_channel)?;
+    // Every node's channel: revocations (PROTOCOL.md section 12).
+    let revoke_channel = super::keys::revoke_channel(prefix);
+    ps.subscribe(&revoke_channel)?;
     if !users.is_empty() {
         let channels: Vec<String> = users
             .iter()
@@ -132,6 +137,8 @@ fn listen(
         for user in users.iter() {
             let _ = store.try_send(StoreRequest::Top { user: user.clone() });
         }
+        // And which revocations did it lose?
+        let _ = store.try_send(StoreRequest::Revocations);
     }
     ps.set_read_timeout(Some(POLL))?;
     let mut last_ping = Instant::now();
@@ -151,6 +158,21 @@ fn listen(
                         out.wake();
                     }
                     None => log::error!("redis feed: malformed message on {node_channel}"),
+                }
+            }
+            Ok(msg) if msg.get_channel_name() == revoke_channel => {
+                last_ping = Instant::now();
+                match parse_revoke(msg.get_payload_bytes()) {
+                    // This node applied its own revocation already.
+                    Some((_, origin, _)) if origin == shared.settings.node_id => {}
+                    Some((until, _, user)) => {
+                        out.send(Raw::Event(EngineEvent::Revoked {
+                            user: Arc::from(user),
+                            until,
+                        }));
+                        out.wake();
+                    }
+                    None => log::error!("redis feed: malformed message on {revoke_channel}"),
                 }
             }
             Ok(msg) => {
@@ -258,6 +280,16 @@ fn parse_evict(payload: &[u8]) -> Option<(usize, u64)> {
     Some((key.parse().ok()?, serial.parse().ok()?))
 }
 
+/// A revocation `<until>\n<origin node>\n<user>` (see `revoke.lua`; until 0: none).
+/// A node id holds no newline; the user id is the rest, whatever it holds.
+fn parse_revoke(payload: &[u8]) -> Option<(Option<u64>, &str, &str)> {
+    let mut parts = std::str::from_utf8(payload).ok()?.splitn(3, '\n');
+    let until: u64 = parts.next()?.parse().ok()?;
+    let origin = parts.next()?;
+    let user = parts.next()?;
+    Some(((until > 0).then_some(until), origin, user))
+}
+
 /// A message `<seq>\n<thread marker>\n<run_id length>\n<run_id><json>` (see
 /// `publish.lua`): a thread id holds no control characters, a run id may hold any
 /// (newlines too), so its length in bytes comes first.
@@ -279,6 +311,17 @@ fn parse_message(payload: &[u8]) -> Option<Delivered> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revocations_carry_until_origin_and_user() {
+        assert_eq!(
+            parse_revoke(b"1800000000\nn1\nal\nice"),
+            Some((Some(1_800_000_000), "n1", "al\nice"))
+        );
+        assert_eq!(parse_revoke(b"0\nn1\nbob"), Some((None, "n1", "bob")));
+        assert_eq!(parse_revoke(b"x\nn1\nbob"), None);
+        assert_eq!(parse_revoke(b"5\nn1"), None);
+    }
 
     #[test]
     fn messages_carry_seq_thread_and_json() {

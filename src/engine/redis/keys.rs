@@ -48,6 +48,19 @@ pub(crate) fn node_channel(prefix: &str, node_id: &str) -> String {
     format!("{prefix}:node:{node_id}")
 }
 
+/// The revocations in force, cluster-wide (PROTOCOL.md section 12): a sorted set of
+/// user ids scored by their `until` (epoch seconds); expired members are removed by
+/// each revocation, and it holds at most `max_revoked_users` members in force.
+pub(crate) fn revoked(prefix: &str) -> String {
+    format!("{prefix}:revoked")
+}
+
+/// The pub/sub channel every node listens on for revocations (`<until>\n<origin
+/// node>\n<user>`, until 0: none).
+pub(crate) fn revoke_channel(prefix: &str) -> String {
+    format!("{prefix}:revoke")
+}
+
 /// The inbound stream of `user_message` and `cancel` for workers anywhere (one key for
 /// all users, PROTOCOL.md section 9).
 pub(crate) fn inbound(prefix: &str) -> String {

@@ -52,6 +52,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use super::{Delivered, EngineEvent, EngineRun, Ticket};
 use crate::event::Event;
 use crate::registry::Resume;
+use crate::stats::RunOutcome;
 use feed::FeedRequest;
 use store::StoreRequest;
 
@@ -89,6 +90,8 @@ pub(crate) struct RedisSettings {
     /// oldest connections wherever they are (4002); else (`reject`) it is refused
     /// ([`EngineEvent::OpenRejected`], 429).
     pub evict_oldest: bool,
+    /// `max_revoked_users`: the revocations in force kept in Redis at most.
+    pub max_revoked_users: usize,
 }
 
 /// Why the engine could not start.
@@ -358,6 +361,14 @@ impl RedisEngine {
             agent: ev.key.agent_name.clone(),
             ts: ev.ts_ms,
             kind: ev.kind.as_str().into(),
+            outcome: match ev.kind {
+                crate::event::EventKind::AgentCompleted => Some(RunOutcome::Completed),
+                crate::event::EventKind::AgentError => Some(RunOutcome::of_error(
+                    ev.data_markers().reason.as_deref(),
+                    false,
+                )),
+                _ => None,
+            },
         };
         if self.store.try_send(req).is_err() {
             self.ready.push_back(EngineEvent::Unavailable { ticket });
@@ -414,6 +425,22 @@ impl RedisEngine {
             if let Some(ticket) = ticket {
                 self.ready.push_back(EngineEvent::Unavailable { ticket });
             }
+        }
+    }
+
+    /// Revoke `user` on every node: the others close the user's connections (and,
+    /// with `until`, refuse new ones); Redis keeps `(user, until)` for nodes started
+    /// later. Fire and forget: a failure is logged (this node applied it already).
+    pub(crate) fn revoke(&mut self, user: &str, until: Option<u64>) {
+        let req = StoreRequest::Revoke {
+            user: Arc::from(user),
+            until,
+        };
+        if self.store.try_send(req).is_err() {
+            log::error!(
+                "redis: the revocation of user={user:?} was not sent (engine busy): only \
+                 this node applied it"
+            );
         }
     }
 

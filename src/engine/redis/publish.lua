@@ -21,7 +21,8 @@
 -- ARGV[14] agent_name   ARGV[15] the event's ts (ms)   ARGV[16] the event's type
 -- ARGV[17] max_active_runs_per_user   ARGV[18] run_idle_timeout_ms   ARGV[19] user_id
 --
--- Returns {seq, epoch, cancelled} (cancelled 1 when a client cancelled the run, so the
+-- Returns {seq, epoch, cancelled, began, age} (began 1 when this event is its run's
+-- first, age: ms from the run's first event's ts to now, for the run metrics; cancelled 1 when a client cancelled the run, so the
 -- node tells its in-process run handle); {0, ""} when the run has ended (nothing stored); {-1, seq}
 -- when the idempotency key was stored before (a repeat: nothing stored again); {-2, ""}
 -- when the event would start a run past max_active_runs_per_user (nothing stored; an
@@ -112,4 +113,8 @@ end
 redis.call('PEXPIRE', meta, ARGV[7])
 -- The run id may hold newlines: its length in bytes comes first.
 redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. #ARGV[4] .. '\n' .. ARGV[4] .. json)
-return {seq, epoch, cancelled}
+local began, first_ts = 1, tonumber(ARGV[15])
+if run then
+  began, first_ts = 0, tonumber(cjson.decode(run).s)
+end
+return {seq, epoch, cancelled, began, math.max(0, tonumber(ARGV[10]) - first_ts)}

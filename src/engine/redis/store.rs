@@ -82,6 +82,9 @@ pub(super) enum StoreRequest {
         ts: u64,
         /// The event's type (the run's `last_type`).
         kind: Arc<str>,
+        /// How the event ends its run (None: it does not); a plain `agent_error` of a
+        /// run a client cancelled counts as `cancelled` (the script says so).
+        outcome: Option<crate::stats::RunOutcome>,
     },
     /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
     Open {
@@ -112,7 +115,16 @@ pub(super) enum StoreRequest {
     InboundGroups,
     /// Mark a run in progress cancelled (a client's `cancel`).
     Cancel { user: Arc<str>, run: Arc<str> },
+    /// Revoke `user` on every node (`revoke.lua`): store `(user, until)` when `until`
+    /// is given (epoch s) and publish it on the revocation channel.
+    Revoke { user: Arc<str>, until: Option<u64> },
+    /// Read the revocations in force ([`EngineEvent::Revocations`]): after the store
+    /// connects and after the feed reconnects (what pub/sub lost meanwhile).
+    Revocations,
 }
+
+/// The revocation script (rare: sent with `EVAL`, Redis caches it).
+const REVOKE_LUA: &str = include_str!("revoke.lua");
 
 /// An open connection with the scripts loaded.
 struct Link {
@@ -169,6 +181,9 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
                 Ok(l) => {
                     link = Some(l);
                     backoff = BACKOFF_MIN;
+                    // A node started later (or back from an outage) learns the
+                    // revocations in force before it serves a request.
+                    batch.push(StoreRequest::Revocations);
                     out.connected(true);
                 }
                 Err(e) => {
@@ -185,8 +200,15 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(5)),
         };
-        match rx.recv_timeout(wait) {
-            Ok(first) => batch.push(first),
+        // A batch already started (the revocations read on connecting) goes at once.
+        let received = if batch.is_empty() {
+            rx.recv_timeout(wait).map(Some)
+        } else {
+            Ok(None)
+        };
+        match received {
+            Ok(Some(first)) => batch.push(first),
+            Ok(None) => {}
             Err(RecvTimeoutError::Timeout) => {
                 if let Some(l) = &mut link {
                     let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut l.con);
@@ -255,6 +277,17 @@ fn unavailable(req: &StoreRequest) -> Raw {
         StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
         StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
         StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
+            Raw::Nothing
+        }
+        StoreRequest::Revoke { user, .. } => {
+            log::error!(
+                "redis store: the revocation of user={user:?} did not reach Redis: only \
+                 this node applied it"
+            );
+            Raw::Nothing
+        }
+        StoreRequest::Revocations => {
+            log::warn!("redis store: could not read the revocations in force");
             Raw::Nothing
         }
     }
@@ -425,6 +458,30 @@ fn run_batch(
                     .arg(&**run)
                     .arg(s.replay_ttl_ms.max(2 * s.run_idle_timeout_ms));
             }
+            StoreRequest::Revoke { user, until } => {
+                pipe.cmd("EVAL")
+                    .arg(REVOKE_LUA)
+                    .arg(2)
+                    .arg(super::keys::revoked(&s.prefix))
+                    .arg(super::keys::revoke_channel(&s.prefix))
+                    .arg(&**user)
+                    .arg(until.unwrap_or(0))
+                    .arg(now / 1000)
+                    .arg(s.max_revoked_users)
+                    .arg(&s.node_id);
+            }
+            StoreRequest::Revocations => {
+                // Bounded: the script keeps at most max_revoked_users in force.
+                pipe.cmd("ZRANGE")
+                    .arg(super::keys::revoked(&s.prefix))
+                    .arg(format!("({}", now / 1000))
+                    .arg("+inf")
+                    .arg("BYSCORE")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(s.max_revoked_users)
+                    .arg("WITHSCORES");
+            }
             StoreRequest::Due { limit } => {
                 pipe.cmd("EVALSHA")
                     .arg(&link.due)
@@ -496,6 +553,18 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
         StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
             return Some(Raw::Nothing)
         }
+        StoreRequest::Revoke { user, .. } => {
+            if matches!(value, Value::Int(-1)) {
+                log::error!(
+                    "redis store: user={user:?} revoked on every node now, but not kept for \
+                     nodes started later: max_revoked_users revocations are in force in Redis"
+                );
+            }
+            return Some(Raw::Nothing);
+        }
+        StoreRequest::Revocations => {
+            return revocations_of(value).map(|list| Raw::Event(EngineEvent::Revocations(list)))
+        }
         StoreRequest::InboundGroups => {
             let groups = match value {
                 Value::Array(g) => !g.is_empty(),
@@ -511,7 +580,11 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
     let mut parts = parts.into_iter();
     match req {
         StoreRequest::Publish {
-            ticket, user, run, ..
+            ticket,
+            user,
+            run,
+            outcome,
+            ..
         } => {
             let first = parts.next()?;
             if matches!(first, Value::Int(-1)) {
@@ -521,7 +594,25 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 return Some(Raw::Event(EngineEvent::TooManyRuns { ticket: *ticket }));
             }
             let seq = int(first)?;
-            if matches!(parts.nth(1), Some(Value::Int(1))) {
+            let cancelled = matches!(parts.nth(1), Some(Value::Int(1)));
+            // This publish began and/or ended its run: counted here only, so the
+            // nodes' run metrics sum to the cluster's.
+            let began = matches!(parts.next(), Some(Value::Int(1)));
+            let age_ms = parts.next().and_then(int).unwrap_or(0);
+            let transition = crate::stats::RunTransition {
+                began,
+                ended: outcome.map(|o| {
+                    let o = match o {
+                        crate::stats::RunOutcome::Error if cancelled => {
+                            crate::stats::RunOutcome::Cancelled
+                        }
+                        o => o,
+                    };
+                    (o, Duration::from_millis(age_ms))
+                }),
+                ..crate::stats::RunTransition::default()
+            };
+            if cancelled {
                 *told = Some(Raw::Event(EngineEvent::Cancelled {
                     user: user.clone(),
                     run: run.clone(),
@@ -534,6 +625,7 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 EngineEvent::Published {
                     ticket: *ticket,
                     seq,
+                    run: transition,
                 }
             }))
         }
@@ -589,7 +681,9 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
         | StoreRequest::InboundGroups
         | StoreRequest::Cancel { .. }
         | StoreRequest::Leases { .. }
-        | StoreRequest::Leave { .. } => None,
+        | StoreRequest::Leave { .. }
+        | StoreRequest::Revoke { .. }
+        | StoreRequest::Revocations => None,
         StoreRequest::Due { .. } => {
             // The members were taken out of the set: one that does not read is left
             // out (logged), the others still get their run_timeout.
@@ -688,6 +782,31 @@ fn entry(value: Value) -> Option<Delivered> {
         run: run?,
         frame: text_frame(&json?),
     })
+}
+
+/// `ZRANGE ... WITHSCORES`: `[user, until, ...]` (RESP2) or `[[user, until], ...]`
+/// (RESP3) as `(user, until)` pairs.
+fn revocations_of(value: Value) -> Option<Vec<(Arc<str>, u64)>> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let mut flat = Vec::with_capacity(items.len() * 2);
+    for item in items {
+        match item {
+            Value::Array(pair) => flat.extend(pair),
+            other => flat.push(other),
+        }
+    }
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(user), Some(score)) = (it.next(), it.next()) {
+        let until = match score {
+            Value::Double(d) => d as u64,
+            other => int(other)?,
+        };
+        out.push((Arc::from(text(user)?), until));
+    }
+    Some(out)
 }
 
 fn int(v: Value) -> Option<u64> {

@@ -126,6 +126,7 @@ fn node_with(
         node_id: "test-node".into(),
         max_connections_per_user: 1000,
         evict_oldest: true,
+        max_revoked_users: 100,
     };
     change(&mut settings);
     RedisEngine::start(settings, Arc::new(|| {}), Arc::default()).expect("engine starts")
@@ -188,7 +189,7 @@ fn published(events: &[EngineEvent]) -> Vec<(u64, u64)> {
     events
         .iter()
         .filter_map(|e| match e {
-            EngineEvent::Published { ticket, seq } => Some((*ticket, *seq)),
+            EngineEvent::Published { ticket, seq, .. } => Some((*ticket, *seq)),
             _ => None,
         })
         .collect()
