@@ -5,46 +5,10 @@
 //! node continues exactly what a connection that never left received. The same
 //! checks as `agui.rs` (memory engine), with a real `redis-server` and several nodes.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
+use crate::support::agui::{assert_quiet, recv_until, seq, types};
 use crate::support::*;
-
-fn types(frames: &[Value]) -> Vec<&str> {
-    frames
-        .iter()
-        .map(|f| f["type"].as_str().unwrap_or("?"))
-        .collect()
-}
-
-fn seq(f: &Value) -> u64 {
-    f["metadata"]["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no metadata.seq: {f}"))
-}
-
-/// AG-UI frames until (and with) the one of `last_type` for `run`.
-fn recv_until(c: &mut Client, run: &str, last_type: &str) -> Vec<Value> {
-    let mut got = Vec::new();
-    loop {
-        let f = c.recv_json();
-        let done = f["type"] == last_type && f["runId"] == run;
-        got.push(f);
-        if done {
-            return got;
-        }
-        assert!(got.len() < 500, "no {last_type} for {run}: {got:?}");
-    }
-}
-
-/// Nothing more arrives for a moment (the node sent exactly what was read).
-fn assert_quiet(c: &mut Client) {
-    match c.next_frame(Duration::from_millis(200)) {
-        Frame::Timeout => {}
-        other => panic!("unexpected frame {other:?}"),
-    }
-}
 
 /// Publish `(type, data)` events of one run of `user` through `addr` (202 required).
 fn publish_run(

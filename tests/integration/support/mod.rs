@@ -55,3 +55,4 @@ mod webhook_server;
 pub use webhook_server::*;
 mod redis;
 pub use redis::*;
+pub mod agui;
