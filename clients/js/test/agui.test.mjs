@@ -7,82 +7,15 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { EventSchema } from "@ag-ui/core/schemas";
-import { verifyEvents } from "@ag-ui/client";
-import { from, lastValueFrom, toArray } from "rxjs";
 import { AgentwireClient } from "../agentwire.js";
 import { Gateway, WebSocket, waitFor, uniqueUser, runEvents, killSocket } from "../test-support/gateway.js";
+import { connectAgui, closeSocket, aguiFrames, ended, typesOf, validate, verifyRuns } from "../test-support/agui.js";
 
 const gw = new Gateway();
 before(() => gw.start());
 after(() => gw.stop());
 
-/** A raw `encoding=agui` socket for `user`: `frames` (after `connected`), `connected`. */
-function connect(user, query = "") {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${gw.wsUrl}?token=${gw.token(user)}&encoding=agui${query}`);
-    ws.frames = [];
-    ws.on("message", (data) => {
-      const f = JSON.parse(String(data));
-      if (f.type === "connected") {
-        ws.connected = f;
-        resolve(ws);
-      } else {
-        ws.frames.push(f);
-      }
-    });
-    ws.on("close", (code) => reject(new Error(`closed ${code} before connected`)));
-    ws.on("error", reject);
-  });
-}
-
-function closeSocket(ws) {
-  return new Promise((resolve) => {
-    if (ws.readyState === WebSocket.CLOSED) return resolve();
-    ws.once("close", resolve);
-    ws.close();
-  });
-}
-
-/** Frames of the gateway itself (answers to client messages), not AG-UI events. */
-const CONTROL = new Set(["ack", "pong", "error", "refreshed", "cancel_requested"]);
-const aguiFrames = (frames) => frames.filter((f) => !CONTROL.has(f.type));
-
-/** Every frame against AG-UI's schema, plus what section 11 adds. */
-function validate(frames) {
-  assert.ok(frames.length > 0, "frames to validate");
-  for (const f of frames) {
-    const r = EventSchema.safeParse(f);
-    assert.ok(r.success, `schema: ${JSON.stringify(f)}: ${r.error?.message}`);
-    assert.equal(typeof f.runId, "string", `runId on every frame: ${JSON.stringify(f)}`);
-    assert.ok(Number.isInteger(f.timestamp), `integer timestamp: ${JSON.stringify(f)}`);
-    assert.ok(Number.isInteger(f.metadata?.seq) && typeof f.metadata?.epoch === "string", `metadata: ${JSON.stringify(f)}`);
-    assert.deepEqual(Object.keys(f.metadata).sort(), ["epoch", "seq"]);
-    for (const [k, v] of Object.entries(f)) {
-      if (!(f.type === "CUSTOM" && k === "value")) assert.notEqual(v, null, `null ${k} in ${JSON.stringify(f)}`);
-    }
-    if (f.type === "RUN_ERROR") assert.equal(typeof f.threadId, "string", "RUN_ERROR carries threadId");
-  }
-}
-
-/** Split by runId; each run's frames through verifyEvents (which throws on a violation). */
-async function verifyRuns(frames) {
-  const runs = new Map();
-  for (const f of frames) {
-    if (!runs.has(f.runId)) runs.set(f.runId, []);
-    runs.get(f.runId).push(f);
-  }
-  for (const [runId, events] of runs) {
-    const out = await lastValueFrom(from(events).pipe(verifyEvents(), toArray())).catch((e) => {
-      throw new Error(`verifyEvents on run ${runId}: ${e.message}\n${events.map((f) => f.type).join(" ")}`);
-    });
-    assert.equal(out.length, events.length);
-  }
-  return runs;
-}
-
-const ended = (frames, runId) => frames.some((f) => f.runId === runId && (f.type === "RUN_FINISHED" || f.type === "RUN_ERROR"));
-const typesOf = (frames, runId) => frames.filter((f) => f.runId === runId).map((f) => f.type);
+const connect = (user, query = "") => connectAgui(gw, user, query);
 
 test("the demo agent's runs: every frame valid, each run verified", { timeout: 30000 }, async () => {
   const user = uniqueUser("agui-demo");

@@ -10,10 +10,8 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import net from "node:net";
-import { EventSchema } from "@ag-ui/core/schemas";
-import { verifyEvents } from "@ag-ui/client";
-import { from, lastValueFrom, toArray } from "rxjs";
 import { Gateway, WebSocket, waitFor, uniqueUser, runEvents } from "../test-support/gateway.js";
+import { connectAgui, closeSocket, aguiFrames, ended, typesOf, validate, verifyRuns } from "../test-support/agui.js";
 
 let redis = null;
 let redisPort = 0;
@@ -68,65 +66,7 @@ after(async () => {
   }
 });
 
-/** A raw `encoding=agui` socket for `user` on node `gw`: `frames` (after `connected`). */
-function connect(gw, user, query = "") {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${gw.wsUrl}?token=${gw.token(user)}&encoding=agui${query}`);
-    ws.frames = [];
-    ws.on("message", (data) => {
-      const f = JSON.parse(String(data));
-      if (f.type === "connected") {
-        ws.connected = f;
-        resolve(ws);
-      } else {
-        ws.frames.push(f);
-      }
-    });
-    ws.on("close", (code) => reject(new Error(`closed ${code} before connected`)));
-    ws.on("error", reject);
-  });
-}
-
-function closeSocket(ws) {
-  return new Promise((resolve) => {
-    if (ws.readyState === WebSocket.CLOSED) return resolve();
-    ws.once("close", resolve);
-    ws.close();
-  });
-}
-
-const CONTROL = new Set(["ack", "pong", "error", "refreshed", "cancel_requested"]);
-const aguiFrames = (frames) => frames.filter((f) => !CONTROL.has(f.type));
-const ended = (frames, runId) => frames.some((f) => f.runId === runId && (f.type === "RUN_FINISHED" || f.type === "RUN_ERROR"));
-const typesOf = (frames, runId) => frames.filter((f) => f.runId === runId).map((f) => f.type);
-
-function validate(frames) {
-  assert.ok(frames.length > 0, "frames to validate");
-  for (const f of frames) {
-    const r = EventSchema.safeParse(f);
-    assert.ok(r.success, `schema: ${JSON.stringify(f)}: ${r.error?.message}`);
-    assert.ok(Number.isInteger(f.timestamp), `integer timestamp: ${JSON.stringify(f)}`);
-    assert.deepEqual(Object.keys(f.metadata).sort(), ["epoch", "seq"]);
-    for (const [k, v] of Object.entries(f)) {
-      if (!(f.type === "CUSTOM" && k === "value")) assert.notEqual(v, null, `null ${k} in ${JSON.stringify(f)}`);
-    }
-  }
-}
-
-async function verifyRuns(frames) {
-  const runs = new Map();
-  for (const f of frames) {
-    if (!runs.has(f.runId)) runs.set(f.runId, []);
-    runs.get(f.runId).push(f);
-  }
-  for (const [runId, events] of runs) {
-    const out = await lastValueFrom(from(events).pipe(verifyEvents(), toArray())).catch((e) => {
-      throw new Error(`verifyEvents on run ${runId}: ${e.message}\n${events.map((f) => f.type).join(" ")}`);
-    });
-    assert.equal(out.length, events.length);
-  }
-  return runs;
-}
+const connect = connectAgui;
 
 test("redis: the demo agent's run on one node, seen on both: valid and verified", { timeout: 30000 }, async () => {
   const user = uniqueUser("agui-r-demo");
