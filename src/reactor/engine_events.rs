@@ -294,6 +294,7 @@ impl Reactor {
         let c = redis.counters();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         let round_trips = load(&c.round_trips);
+        let fills = redis.gap_fills();
         Some(serde_json::json!({
             "name": "redis",
             "node_id": &*node_id,
@@ -312,6 +313,11 @@ impl Reactor {
             "publish_requests_waiting": publishes,
             "emits_failed": emits_failed,
             "sessions_closed_for_gaps": gaps,
+            // Gaps in pub/sub filled from the stream instead (no 1013), the events
+            // they handed on, and fills that could not be exact (then gaps above).
+            "gap_fills": fills.filled,
+            "gap_fill_events": fills.events,
+            "gap_fills_failed": fills.failed,
         }))
     }
 
@@ -337,11 +343,23 @@ impl Reactor {
              agentwire_engine_reconnects_total {}\n\
              # HELP agentwire_engine_gap_closes_total Sessions closed 1013 for events missed\n\
              # TYPE agentwire_engine_gap_closes_total counter\n\
-             agentwire_engine_gap_closes_total {}\n",
+             agentwire_engine_gap_closes_total {}\n\
+             # HELP agentwire_engine_gap_fills_total Gaps in pub/sub filled from the stream (no 1013)\n\
+             # TYPE agentwire_engine_gap_fills_total counter\n\
+             agentwire_engine_gap_fills_total {}\n\
+             # HELP agentwire_engine_gap_fill_events_total Events handed on by gap fills\n\
+             # TYPE agentwire_engine_gap_fill_events_total counter\n\
+             agentwire_engine_gap_fill_events_total {}\n\
+             # HELP agentwire_engine_gap_fills_failed_total Gap fills that could not be exact (then 1013)\n\
+             # TYPE agentwire_engine_gap_fills_failed_total counter\n\
+             agentwire_engine_gap_fills_failed_total {}\n",
             n("round_trips"),
             n("requests"),
             n("reconnects"),
             n("sessions_closed_for_gaps"),
+            n("gap_fills"),
+            n("gap_fill_events"),
+            n("gap_fills_failed"),
         )
     }
 

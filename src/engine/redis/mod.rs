@@ -27,10 +27,14 @@
 //! (`fed`). It is set by the user's first open answer (its top seq); deliveries that
 //! arrive before that answer wait (at most [`EARLY_MAX`]). Then a delivery with seq
 //! `<= fed` is a duplicate (dropped), `fed + 1` is handed on, anything higher means
-//! pub/sub lost messages: [`EngineEvent::Gap`] (the reactor closes the user's
-//! connections here with 1013; they resume from the stream). After the feed
-//! reconnects, each user's top seq and epoch are compared with `fed`: another epoch, a
-//! higher top (lost messages) or a lower one (Redis restored an older copy) is a gap.
+//! pub/sub lost messages: the node fills the gap from the user's stream (`gaps`,
+//! `fill.lua`), holding the user's later deliveries meanwhile, and hands everything on
+//! in order; only when the fill cannot be exact (events trimmed or expired, the epoch
+//! changed, the fill failed, too much held) does it report [`EngineEvent::Gap`] (the
+//! reactor closes the user's connections here with 1013; they resume from the
+//! stream). After the feed reconnects, each user's top seq and epoch are compared
+//! with `fed`: a higher top (lost messages) is filled the same way; another epoch or a
+//! lower top (Redis restored an older copy) is a gap.
 //! An open answer whose epoch differs from the one the node knew also reports a gap
 //! first: the user's history was lost (Redis restarted without it).
 //!
@@ -38,6 +42,7 @@
 //! connection's open answer (they came in its replay).
 
 mod feed;
+mod gaps;
 mod keys;
 mod store;
 
@@ -200,6 +205,13 @@ pub(super) enum Raw {
         epoch: Option<Arc<str>>,
         top: u64,
     },
+    /// The answer to a gap fill `id` (`StoreRequest::Fill`): the kept events asked
+    /// for (None: the epoch changed, or the read failed).
+    Filled {
+        id: u64,
+        user: Arc<str>,
+        entries: Option<Vec<Delivered>>,
+    },
 }
 
 /// The engine threads' way back to the reactor: the channel, then a wake.
@@ -268,6 +280,8 @@ struct Local {
     fed: Option<u64>,
     /// Deliveries that came before the first open answer (at most [`EARLY_MAX`]).
     early: Vec<Delivered>,
+    /// A gap being filled from the stream, with the deliveries held meanwhile.
+    fill: Option<gaps::Fill>,
 }
 
 /// The reactor's side of the Redis engine (see the module doc).
@@ -280,6 +294,8 @@ pub(crate) struct RedisEngine {
     users: HashMap<Arc<str>, Local>,
     ready: VecDeque<EngineEvent>,
     threads: Vec<JoinHandle<()>>,
+    /// Gap fills: the last id given, and what they did (`/ws/stats`).
+    fills: gaps::FillCounts,
 }
 
 impl RedisEngine {
@@ -331,6 +347,7 @@ impl RedisEngine {
             users: HashMap::new(),
             ready: VecDeque::new(),
             threads,
+            fills: gaps::FillCounts::default(),
         })
     }
 
@@ -567,22 +584,8 @@ impl RedisEngine {
                     runs,
                     history,
                 }),
-                Raw::Top { user, epoch, top } => {
-                    if let Some(local) = self.users.get_mut(&user) {
-                        if let Some(fed) = local.fed {
-                            // Above: pub/sub lost events. Below: Redis came back with
-                            // an older copy of the history (a persisted snapshot) and
-                            // will hand out seqs this node already delivered. (A
-                            // delivery that overtook this answer also reads as below:
-                            // a needless 1013 after a reconnect, never a loss.)
-                            if epoch != local.epoch || top != fed {
-                                local.fed = None;
-                                local.early.clear();
-                                self.ready.push_back(EngineEvent::Gap { user });
-                            }
-                        }
-                    }
-                }
+                Raw::Top { user, epoch, top } => self.top_answered(user, epoch, top),
+                Raw::Filled { id, user, entries } => self.filled(id, user, entries),
             }
         }
     }
@@ -607,6 +610,7 @@ impl RedisEngine {
         };
         if local.epoch.as_ref().is_some_and(|known| *known != epoch) {
             local.fed = None;
+            local.fill = None;
             self.ready
                 .push_back(EngineEvent::Gap { user: user.clone() });
         }
@@ -637,6 +641,10 @@ impl RedisEngine {
             }
             return;
         };
+        if local.fill.is_some() {
+            self.hold(user, event);
+            return;
+        }
         if event.seq <= fed {
             return;
         }
@@ -645,14 +653,9 @@ impl RedisEngine {
             self.ready.push_back(EngineEvent::Delivery { user, event });
             return;
         }
-        log::warn!(
-            "redis engine: user={user:?} missed seqs {}..{}: gap",
-            fed + 1,
-            event.seq - 1
-        );
-        local.fed = None;
-        local.early.clear();
-        self.ready.push_back(EngineEvent::Gap { user });
+        // Pub/sub lost fed+1..seq-1: read them from the stream.
+        let to = event.seq - 1;
+        self.fill_gap(user, to, vec![event], 0);
     }
 }
 

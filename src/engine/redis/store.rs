@@ -103,6 +103,15 @@ pub(super) enum StoreRequest {
     Leave { user: Arc<str>, member: String },
     /// The user's epoch and top seq (after a pub/sub reconnect).
     Top { user: Arc<str> },
+    /// The kept events `from..=to` of `user` while its epoch is still `epoch` (a gap
+    /// in what pub/sub brought; `fill.lua`), answered [`Raw::Filled`] with `id`.
+    Fill {
+        id: u64,
+        user: Arc<str>,
+        epoch: Arc<str>,
+        from: u64,
+        to: u64,
+    },
     /// Take up to `limit` runs whose deadline passed.
     Due { limit: usize },
     /// Append a client message to the inbound stream (flat string fields); answered
@@ -125,6 +134,8 @@ pub(super) enum StoreRequest {
 
 /// The revocation script (rare: sent with `EVAL`, Redis caches it).
 const REVOKE_LUA: &str = include_str!("revoke.lua");
+/// The gap-filling script (rare: sent with `EVAL`, Redis caches it).
+const FILL_LUA: &str = include_str!("fill.lua");
 
 /// An open connection with the scripts loaded.
 struct Link {
@@ -268,6 +279,12 @@ fn unavailable(req: &StoreRequest) -> Raw {
         }
         // Unknown top: the node cannot tell what it missed, so the user resumes.
         StoreRequest::Top { user } => Raw::Event(EngineEvent::Gap { user: user.clone() }),
+        // The gap cannot be filled: reported (the user's connections here resume).
+        StoreRequest::Fill { id, user, .. } => Raw::Filled {
+            id: *id,
+            user: user.clone(),
+            entries: None,
+        },
         // Nothing was taken (or it is unknown): the next tick asks again.
         StoreRequest::Due { .. } => Raw::Event(EngineEvent::RunsDue(Vec::new())),
         StoreRequest::Inbound {
@@ -432,6 +449,24 @@ fn run_batch(
             StoreRequest::Top { user } => {
                 let keys = UserKeys::new(&s.prefix, user);
                 pipe.cmd("EVALSHA").arg(&link.top).arg(1).arg(&keys.meta);
+            }
+            StoreRequest::Fill {
+                user,
+                epoch,
+                from,
+                to,
+                ..
+            } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                pipe.cmd("EVAL")
+                    .arg(FILL_LUA)
+                    .arg(2)
+                    .arg(&keys.meta)
+                    .arg(&keys.stream)
+                    .arg(&**epoch)
+                    .arg(*from)
+                    .arg(*to)
+                    .arg(to.saturating_sub(*from) + 1);
             }
             StoreRequest::Inbound { fields, .. } => {
                 let cmd = pipe
@@ -697,6 +732,27 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 })
                 .collect();
             Some(Raw::Event(EngineEvent::RunsDue(due)))
+        }
+        StoreRequest::Fill { id, user, epoch, .. } => {
+            let now = text(parts.next()?)?;
+            let Value::Array(list) = parts.next()? else {
+                return None;
+            };
+            // Another epoch: the history the gap belongs to is gone.
+            let entries = if now == **epoch {
+                let mut kept = Vec::with_capacity(list.len());
+                for e in list {
+                    kept.push(entry(e)?);
+                }
+                Some(kept)
+            } else {
+                None
+            };
+            Some(Raw::Filled {
+                id: *id,
+                user: user.clone(),
+                entries,
+            })
         }
         StoreRequest::Top { user } => {
             let epoch = text(parts.next()?)?;
