@@ -733,7 +733,9 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 .collect();
             Some(Raw::Event(EngineEvent::RunsDue(due)))
         }
-        StoreRequest::Fill { id, user, epoch, .. } => {
+        StoreRequest::Fill {
+            id, user, epoch, ..
+        } => {
             let now = text(parts.next()?)?;
             let Value::Array(list) = parts.next()? else {
                 return None;

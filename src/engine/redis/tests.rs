@@ -14,10 +14,10 @@ use crate::registry::Resume;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Opens that ask for the history an AG-UI connection rebuilds its state from.
-mod history;
 /// Gaps in pub/sub filled from the stream (or reported when they cannot be).
 mod gaps;
+/// Opens that ask for the history an AG-UI connection rebuilds its state from.
+mod history;
 
 /// A `redis-server` of this test: killed when dropped.
 pub(crate) struct RedisProcess {

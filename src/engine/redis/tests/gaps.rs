@@ -201,7 +201,12 @@ fn events_published_while_the_feed_was_down_are_filled_after_it_reconnects() {
     assert_eq!(gaps(&got, "g5"), 0, "{got:#?}");
     assert_eq!(deliveries(&got, "g5"), [1, 2, 3, 4, 5, 6]);
     assert!(a.gap_fills().filled >= 1, "{:?}", a.gap_fills());
-    assert!(a.counters().feed_losses.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        a.counters()
+            .feed_losses
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
 }
 
 /// Kill every pub/sub connection and keep new connections out (`maxclients` at the
