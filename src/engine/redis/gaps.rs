@@ -20,8 +20,13 @@
 //! failed or timed out (`redis_timeout_ms`, the store's answer `Unavailable`), more
 //! than [`HELD_MAX`] deliveries held meanwhile, or the request queue full.
 //!
-//! One fill per user at a time; the users are bounded by the connections on this node.
+//! One fill per user at a time (the users are bounded by the connections on this
+//! node), and at most [`IN_FLIGHT_MAX`] fills asked of Redis at once: after a long
+//! feed outage every user of the node may need one, and each answer holds up to
+//! `replay_events` + 256 events. The others wait their turn (their deliveries held,
+//! as above) in a queue of at most [`WAITING_MAX`] users; past it: a gap.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::store::StoreRequest;
@@ -30,12 +35,17 @@ use crate::engine::{Delivered, EngineEvent};
 
 /// Deliveries of one user held while its gap is being filled; past it: a gap (1013).
 pub(crate) const HELD_MAX: usize = 4096;
+/// Fills asked of Redis and not answered yet, at most.
+pub(crate) const IN_FLIGHT_MAX: usize = 64;
+/// Users whose fill waits for one of those, at most; past it: a gap (1013).
+pub(crate) const WAITING_MAX: usize = 65_536;
 
 /// A gap of one user being filled.
 #[derive(Debug)]
 pub(super) struct Fill {
     /// The request's id: an answer to an older fill (the user was released and came
-    /// back, or the gap was reported meanwhile) is ignored.
+    /// back, or the gap was reported meanwhile) is ignored. 0: not asked yet (waiting
+    /// for room among [`IN_FLIGHT_MAX`]).
     id: u64,
     /// The last seq asked for (the first is `fed + 1`).
     to: u64,
@@ -46,11 +56,23 @@ pub(super) struct Fill {
     held: Vec<Delivered>,
 }
 
+/// The gap fills of this node: ids, the ones under way, the users waiting.
+#[derive(Debug, Default)]
+pub(super) struct Fills {
+    /// Ids given so far.
+    last_id: u64,
+    /// Fills sent to the store thread and not answered yet (each request is answered
+    /// once: its result or `Unavailable`).
+    in_flight: usize,
+    /// Users whose fill waits for room (at most [`WAITING_MAX`]; a user released or
+    /// whose gap was reported meanwhile is skipped when its turn comes).
+    waiting: VecDeque<Arc<str>>,
+    counts: FillCounts,
+}
+
 /// What gap fills did on this node (`/ws/stats` `engine`, `/metrics`).
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct FillCounts {
-    /// Ids given so far.
-    last_id: u64,
     /// Gaps filled exactly from the stream.
     pub filled: u64,
     /// Events those fills handed on.
@@ -62,7 +84,7 @@ pub(crate) struct FillCounts {
 impl RedisEngine {
     /// What gap fills did on this node so far.
     pub(crate) fn gap_fills(&self) -> FillCounts {
-        self.fills
+        self.fills.counts
     }
 
     /// `user`'s deliveries lost seqs `fed + 1 ..= to`: ask the stream for them, holding
@@ -82,9 +104,34 @@ impl RedisEngine {
                  from the stream ({cap}): gap",
                 fed + 1
             );
-            self.fills.failed += 1;
+            self.fills.counts.failed += 1;
             return self.report_gap(user, "too many missed");
         }
+        log::info!(
+            "redis engine: user={user:?} missed seqs {}..{to} on pub/sub: filling from the stream",
+            fed + 1
+        );
+        local.fill = Some(Fill {
+            id: 0,
+            to,
+            top,
+            held,
+        });
+        if self.fills.in_flight < IN_FLIGHT_MAX {
+            self.ask_fill(user, fed, epoch);
+        } else if self.fills.waiting.len() < WAITING_MAX {
+            self.fills.waiting.push_back(user);
+        } else {
+            self.fills.counts.failed += 1;
+            self.report_gap(user, "too many fills waiting");
+        }
+    }
+
+    /// Send `user`'s fill (`fed + 1 ..= fill.to`) to the store thread.
+    fn ask_fill(&mut self, user: Arc<str>, fed: u64, epoch: Arc<str>) {
+        let Some(fill) = self.users.get_mut(&user).and_then(|l| l.fill.as_mut()) else {
+            return;
+        };
         self.fills.last_id += 1;
         let id = self.fills.last_id;
         let req = StoreRequest::Fill {
@@ -92,17 +139,32 @@ impl RedisEngine {
             user: user.clone(),
             epoch,
             from: fed + 1,
-            to,
+            to: fill.to,
         };
+        fill.id = id;
         if self.store.try_send(req).is_err() {
-            self.fills.failed += 1;
+            self.fills.counts.failed += 1;
             return self.report_gap(user, "request queue full");
         }
-        log::info!(
-            "redis engine: user={user:?} missed seqs {}..{to} on pub/sub: filling from the stream",
-            fed + 1
-        );
-        local.fill = Some(Fill { id, to, top, held });
+        self.fills.in_flight += 1;
+    }
+
+    /// Ask the waiting fills while there is room.
+    fn ask_waiting(&mut self) {
+        while self.fills.in_flight < IN_FLIGHT_MAX {
+            let Some(user) = self.fills.waiting.pop_front() else {
+                return;
+            };
+            let Some(local) = self.users.get(&user) else {
+                continue; // released meanwhile
+            };
+            let (Some(fed), Some(epoch)) = (local.fed, local.epoch.clone()) else {
+                continue;
+            };
+            if local.fill.as_ref().is_some_and(|f| f.id == 0) {
+                self.ask_fill(user, fed, epoch);
+            }
+        }
     }
 
     /// A delivery that came while `user`'s gap is being filled.
@@ -114,13 +176,19 @@ impl RedisEngine {
             fill.held.push(event);
             return;
         }
-        self.fills.failed += 1;
+        self.fills.counts.failed += 1;
         self.report_gap(user, "too many deliveries held while filling");
     }
 
     /// The answer to fill `id`: hand on the filled events and the held ones in order,
     /// or report the gap when the answer is not exactly the seqs asked for.
     pub(super) fn filled(&mut self, id: u64, user: Arc<str>, entries: Option<Vec<Delivered>>) {
+        self.fills.in_flight = self.fills.in_flight.saturating_sub(1);
+        self.fill_answered(id, user, entries);
+        self.ask_waiting();
+    }
+
+    fn fill_answered(&mut self, id: u64, user: Arc<str>, entries: Option<Vec<Delivered>>) {
         let Some(local) = self.users.get_mut(&user) else {
             return; // no connection here any more
         };
@@ -141,12 +209,12 @@ impl RedisEngine {
                 fed + 1,
                 fill.to
             );
-            self.fills.failed += 1;
+            self.fills.counts.failed += 1;
             return self.report_gap(user, "fill not exact");
         };
         local.fed = Some(fill.to);
-        self.fills.filled += 1;
-        self.fills.events += want;
+        self.fills.counts.filled += 1;
+        self.fills.counts.events += want;
         for event in entries {
             self.ready.push_back(EngineEvent::Delivery {
                 user: user.clone(),

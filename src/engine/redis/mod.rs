@@ -294,8 +294,8 @@ pub(crate) struct RedisEngine {
     users: HashMap<Arc<str>, Local>,
     ready: VecDeque<EngineEvent>,
     threads: Vec<JoinHandle<()>>,
-    /// Gap fills: the last id given, and what they did (`/ws/stats`).
-    fills: gaps::FillCounts,
+    /// Gap fills: ids, those under way and waiting, and what they did (`/ws/stats`).
+    fills: gaps::Fills,
 }
 
 impl RedisEngine {
@@ -347,7 +347,7 @@ impl RedisEngine {
             users: HashMap::new(),
             ready: VecDeque::new(),
             threads,
-            fills: gaps::FillCounts::default(),
+            fills: gaps::Fills::default(),
         })
     }
 

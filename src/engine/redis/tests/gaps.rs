@@ -232,3 +232,36 @@ pub(crate) fn cut_feeds(control: &mut redis::Connection) {
         .query(control)
         .unwrap();
 }
+
+/// More users with a gap at once than fills asked of Redis at once
+/// (`gaps::IN_FLIGHT_MAX`): the others wait their turn and are filled too.
+#[test]
+fn many_users_with_gaps_at_once_are_all_filled() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    let mut b = node(&redis, 2000);
+    let users: Vec<String> = (0..100).map(|i| format!("gm{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        a.open(i as u64 + 1, u, None, (0, i as u64 + 1));
+    }
+    collect(&mut a, |e| {
+        (1..=users.len() as u64).all(|t| opened(e, t).is_some())
+    });
+    for u in &users {
+        store_silently(&redis, u, 2, 100);
+    }
+    for (i, u) in users.iter().enumerate() {
+        b.publish(i as u64, &event(u, None, "r1", EventKind::AgentThinking, 3));
+    }
+    let got = collect(&mut a, |e| {
+        users
+            .iter()
+            .all(|u| deliveries(e, u).len() == 3 || gaps(e, u) > 0)
+    });
+    for u in &users {
+        assert_eq!(gaps(&got, u), 0, "{u}");
+        assert_eq!(deliveries(&got, u), [1, 2, 3], "{u}");
+    }
+    let fills = a.gap_fills();
+    assert_eq!((fills.filled, fills.events, fills.failed), (100, 200, 0));
+}
