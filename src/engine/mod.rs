@@ -46,11 +46,12 @@
 //! branches once, on whether the engine answers later ([`Engine::redis`]), into
 //! `reactor/engine_events.rs`; the memory engine's paths are the ones it had.
 //!
-//! Gaps: a [`EngineEvent::Delivery`] whose seq is not the next one the node has for the
-//! user means pub/sub lost messages (it is at most once); the engine reports
-//! [`EngineEvent::Gap`] and the reactor closes the user's connections here with 1013 so
-//! that they resume from the stream (filling the gap from the stream instead is not
-//! built).
+//! Gaps: a delivery whose seq is past the next one the node has for the user means
+//! pub/sub lost messages (it is at most once); the Redis engine fills them from the
+//! user's stream and hands everything on in order (`redis/gaps.rs`), and reports
+//! [`EngineEvent::Gap`] only when it cannot (events no longer kept, the history
+//! changed, Redis did not answer): the reactor then closes the user's connections here
+//! with 1013 so that they resume from the stream.
 
 pub(crate) mod memory;
 pub(crate) mod redis;
