@@ -232,10 +232,12 @@ impl RedisEngine {
     }
 
     /// The user's epoch and top seq after a feed reconnect: a higher top than what was
-    /// handed on is filled; another epoch, or a lower top (Redis came back with an
-    /// older copy of the history, and will hand out seqs this node already delivered),
-    /// is a gap. (A delivery that overtook this answer also reads as below: a needless
-    /// 1013 after a reconnect, never a loss.)
+    /// handed on is filled; another epoch is a gap. A lower top is either a delivery
+    /// that overtook this answer (published after the read, it came through the feed
+    /// first: common while events flow, and more so since a gap it reveals is filled
+    /// rather than reported) or Redis back with an older copy of the history (it will
+    /// hand out seqs this node already delivered): the top is asked once more, now that
+    /// the node has seen those deliveries; below what was handed on by then, it is a gap.
     pub(super) fn top_answered(&mut self, user: Arc<str>, epoch: Option<Arc<str>>, top: u64) {
         let Some(local) = self.users.get_mut(&user) else {
             return;
@@ -243,8 +245,25 @@ impl RedisEngine {
         let Some(fed) = local.fed else {
             return; // the first open answer is still to come: it sets `fed`
         };
-        if epoch != local.epoch || top < fed {
+        let floor = local.recheck.take();
+        if epoch != local.epoch {
             return self.report_gap(user, "history changed");
+        }
+        if top < fed {
+            match floor {
+                // Redis held everything handed on when it was asked again: nothing
+                // was missed (every seq up to `fed` was handed on).
+                Some(floor) if top >= floor => {}
+                Some(_) => return self.report_gap(user, "history behind what was handed on"),
+                None => {
+                    let ask = StoreRequest::Top { user: user.clone() };
+                    if self.store.try_send(ask).is_err() {
+                        return self.report_gap(user, "request queue full");
+                    }
+                    local.recheck = Some(fed);
+                }
+            }
+            return;
         }
         self.reach_top(user, top);
     }

@@ -282,6 +282,8 @@ struct Local {
     early: Vec<Delivered>,
     /// A gap being filled from the stream, with the deliveries held meanwhile.
     fill: Option<gaps::Fill>,
+    /// A top seq asked again (`gaps`): `fed` when it was asked.
+    recheck: Option<u64>,
 }
 
 /// The reactor's side of the Redis engine (see the module doc).

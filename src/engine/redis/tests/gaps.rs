@@ -265,3 +265,48 @@ fn many_users_with_gaps_at_once_are_all_filled() {
     let fills = a.gap_fills();
     assert_eq!((fills.filled, fills.events, fills.failed), (100, 200, 0));
 }
+
+/// After a feed reconnect, a top seq below what the node handed on is asked once
+/// more: a delivery that overtook the first answer (published after its read) is no
+/// gap; Redis still behind on the second read (an older copy of the history) is one.
+#[test]
+fn a_top_below_what_was_handed_on_is_asked_again_before_it_is_a_gap() {
+    let redis = RedisProcess::start();
+    let mut a = node(&redis, 2000);
+    a.open(1, "g6", None, (0, 1));
+    let got = collect(&mut a, |e| opened(e, 1).is_some());
+    let epoch: Arc<str> = Arc::from(opened(&got, 1).unwrap().0);
+    for k in 1..=3 {
+        a.publish(k, &event("g6", None, "r1", EventKind::AgentThinking, k));
+    }
+    collect(&mut a, |e| deliveries(e, "g6").len() == 3);
+    // An answer read before seq 3 was published (overtaken): asked again, Redis has 3.
+    a.top_answered(Arc::from("g6"), Some(epoch.clone()), 2);
+    assert_eq!(a.users["g6"].recheck, Some(3), "asked again");
+    // Until the second answer is taken (it clears the recheck): no gap.
+    let mut got = Vec::new();
+    let until = Instant::now() + DEADLINE;
+    while a.users["g6"].recheck.is_some() {
+        got.extend(std::iter::from_fn(|| a.next_event()));
+        assert!(Instant::now() < until, "no second answer");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        gaps(&got, "g6"),
+        0,
+        "the second read found every seq: {got:#?}"
+    );
+    a.publish(4, &event("g6", None, "r1", EventKind::AgentThinking, 4));
+    let got = collect(&mut a, |e| deliveries(e, "g6") == [4] || gaps(e, "g6") > 0);
+    assert_eq!(gaps(&got, "g6"), 0, "{got:#?}");
+    // Redis back with an older copy (top 1, same epoch): still behind when asked again.
+    let keys = crate::engine::redis::keys::UserKeys::new("awtest", "g6");
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.meta)
+        .arg("seq")
+        .arg(1)
+        .query(&mut con(&redis))
+        .unwrap();
+    a.top_answered(Arc::from("g6"), Some(epoch), 1);
+    collect(&mut a, |e| gaps(e, "g6") > 0);
+}
