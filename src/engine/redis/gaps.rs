@@ -288,7 +288,7 @@ impl RedisEngine {
 
     /// Report a gap of `user`: its connections here resume (1013); its order starts
     /// again with the next open answer.
-    fn report_gap(&mut self, user: Arc<str>, why: &str) {
+    pub(super) fn report_gap(&mut self, user: Arc<str>, why: &str) {
         log::debug!("redis engine: user={user:?}: gap reported ({why})");
         if let Some(local) = self.users.get_mut(&user) {
             local.fed = None;

@@ -564,6 +564,9 @@ impl RedisEngine {
                 return Some(ev);
             }
             match self.rx.try_recv().ok()? {
+                // A top seq the store could not read (after a feed reconnect): the
+                // user's order starts again with the next open answer, as for any gap.
+                Raw::Event(EngineEvent::Gap { user }) => self.report_gap(user, "top not read"),
                 Raw::Event(ev) => return Some(ev),
                 Raw::Nothing => {}
                 Raw::Delivery { user, event } => self.feed_one(user, event),
