@@ -20,6 +20,8 @@
 //! - `feed` (thread `aw-redis-feed`): the pub/sub connection, one channel per user
 //!   with a connection on this node.
 //! - `keys`: the key layout; `publish.lua`, `open.lua`, `top.lua`: the scripts.
+//! - `gaps`: filling a gap in what pub/sub brought from the user's stream
+//!   (`fill.lua`), reporting it only when that cannot be exact.
 //!
 //! # Order and gaps, per user on this node
 //!
