@@ -107,7 +107,9 @@ impl RedisEngine {
             self.fills.counts.failed += 1;
             return self.report_gap(user, "too many missed");
         }
-        log::info!(
+        // Debug: after a feed outage every user of the node may need one (counted in
+        // /ws/stats); the fills that fail are logged as warnings.
+        log::debug!(
             "redis engine: user={user:?} missed seqs {}..{to} on pub/sub: filling from the stream",
             fed + 1
         );
