@@ -212,10 +212,10 @@ impl Reactor {
             EngineEvent::TooManyRuns { ticket } => {
                 self.registry.counters.runs_refused += 1;
                 if ticket == EMIT_TICKET {
-                    // The run handle is not told (it is under the memory engine): the
-                    // event is counted and logged.
+                    // Counted and logged as under the memory engine; the store thread
+                    // raised the run handle's refused flag with the answer.
                     self.stats.dropped(DropReason::Invalid, 1);
-                    log::debug!("engine: an emitted event would start a run past max_active_runs_per_user: dropped");
+                    log::debug!("engine: an emitted event would start a run past max_active_runs_per_user or max_active_runs: run refused");
                 } else {
                     self.publish_answered(ticket, Outcome::TooManyRuns);
                 }
@@ -720,6 +720,9 @@ impl Reactor {
     ) {
         self.waits.next_inbound += 1;
         let ticket = INBOUND_TICKET | self.waits.next_inbound;
+        // Its deadline first: once the ack is out, any node gives the run its
+        // run_timeout should it never begin.
+        self.pending_run_engine(&user, &run_id, thread.clone());
         self.waits.inbound.insert(
             ticket,
             PendingInbound {
@@ -755,6 +758,21 @@ impl Reactor {
                 run_id: &p.run_id,
             },
         );
+    }
+
+    /// A run acked by a `user_message` on this node (Redis engine): registered in Redis
+    /// as pending, so it gets its `run_timeout` from any node should it never begin
+    /// (the memory engine's watchdog ends such a run too) and a `cancel` of it through
+    /// any node is marked for its first event.
+    pub(super) fn pending_run_engine(
+        &mut self,
+        user: &str,
+        run_id: &str,
+        thread: Option<Arc<str>>,
+    ) {
+        if let Some(redis) = self.engine.redis() {
+            redis.pending(user, run_id, thread);
+        }
     }
 
     /// Runs this node took from the deadline set: each gets `agent_error` with
@@ -1031,8 +1049,9 @@ impl Reactor {
         } else if let Some(index) = p.too_many {
             let body = ErrorBody {
                 error: ErrorCode::TooManyRuns,
-                message: "the event would start a run past max_active_runs_per_user (the \
-                          events before it are stored)",
+                message: "the event would start a run past max_active_runs_per_user or \
+                          max_active_runs, counted on every node (the events before it are \
+                          stored)",
                 index: Some(index),
             };
             (429, frames::to_json(&body))

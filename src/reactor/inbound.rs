@@ -221,7 +221,11 @@ impl Reactor {
             return true;
         }
         let now = self.tick();
-        let mut pending = Run::pending(thread.map(Into::into), isolated.then_some(id), now);
+        let thread: Option<Arc<str>> = thread.map(Into::into);
+        if self.engine.redis().is_some() {
+            self.pending_run_engine(&user, &run_id, thread.clone());
+        }
+        let mut pending = Run::pending(thread, isolated.then_some(id), now);
         // The time to the run's first event counts from here (the run metrics).
         pending.asked = Some(Instant::now());
         self.registry.entry(&user).runs.insert(run, pending);

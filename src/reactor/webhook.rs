@@ -97,10 +97,14 @@ impl Reactor {
         let run: Arc<str> = Arc::from(run_id.as_str());
         self.inbox.note_pending(&user, &run);
         let now = self.tick();
-        self.registry.entry(&user).runs.insert(
-            run,
-            Run::pending(thread.map(Into::into), isolated.then_some(id), now),
-        );
+        let thread: Option<Arc<str>> = thread.map(Into::into);
+        if self.engine.redis().is_some() {
+            self.pending_run_engine(&user, &run_id, thread.clone());
+        }
+        self.registry
+            .entry(&user)
+            .runs
+            .insert(run, Run::pending(thread, isolated.then_some(id), now));
         true
     }
 
