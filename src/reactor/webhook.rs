@@ -234,7 +234,7 @@ impl Reactor {
                 // Cluster-wide: the node that publishes the run's next event learns it
                 // (its run handle, the `cancelled` list of its publish answers).
                 if self.engine.redis().is_some() {
-                    self.cancel_engine(&user, &run_id);
+                    self.mark_cancelled_engine(&user, &run_id);
                 }
                 for conn in conns {
                     self.send(conn, &ServerFrame::CancelRequested { run_id: &run_id });

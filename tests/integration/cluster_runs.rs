@@ -188,6 +188,16 @@ fn a_cancel_before_the_first_event_reaches_the_run_handle_on_the_node_that_begin
         .expect("emit");
     let got = asker.recv_events(2);
     assert_eq!(got[1]["type"], "agent_error");
+    // Ended (through n2): a cancel of it is not_found on every node, the node that
+    // acked it included, as under the memory engine; so is a run nobody knows.
+    other.recv_events(2);
+    for c in [&mut asker, &mut other] {
+        c.send_json(&json!({"type": "cancel", "run_id": run_id}));
+        let e = c.expect_type("error");
+        assert_eq!(e["code"], "not_found", "{e}");
+        c.send_json(&json!({"type": "cancel", "run_id": "r-nobody"}));
+        assert_eq!(c.expect_type("error")["code"], "not_found");
+    }
     // Ended as cancelled, counted once (on n2, whose publish ended it).
     let cancelled = |addr| {
         metric(

@@ -485,13 +485,21 @@ impl RedisEngine {
         }
     }
 
-    /// Mark `user`'s run `run` cancelled in Redis (a client's `cancel`): the node that
-    /// publishes the run's next event hears [`EngineEvent::Cancelled`].
-    pub(crate) fn cancel(&mut self, user: &str, run: &str) {
-        let _ = self.store.try_send(StoreRequest::Cancel {
+    /// Mark `user`'s run `run` cancelled in Redis (a client's `cancel`), when it is in
+    /// progress or pending (acked, not begun): the node that publishes the run's next
+    /// (or first) event hears [`EngineEvent::Cancelled`]. With a ticket, whether it was
+    /// comes back as [`EngineEvent::CancelAnswered`] (or `Unavailable`).
+    pub(crate) fn cancel(&mut self, user: &str, run: &str, ticket: Option<Ticket>) {
+        let req = StoreRequest::Cancel {
             user: Arc::from(user),
             run: Arc::from(run),
-        });
+            ticket,
+        };
+        if self.store.try_send(req).is_err() {
+            if let Some(ticket) = ticket {
+                self.ready.push_back(EngineEvent::Unavailable { ticket });
+            }
+        }
     }
 
     /// Ask whether the inbound stream has a consumer group

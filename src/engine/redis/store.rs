@@ -144,8 +144,13 @@ pub(super) enum StoreRequest {
     },
     /// Whether the inbound stream has a consumer group.
     InboundGroups,
-    /// Mark a run in progress cancelled (a client's `cancel`).
-    Cancel { user: Arc<str>, run: Arc<str> },
+    /// Mark a run in progress (or pending) cancelled (a client's `cancel`); with a
+    /// ticket, answered [`EngineEvent::CancelAnswered`] (whether the run was).
+    Cancel {
+        user: Arc<str>,
+        run: Arc<str>,
+        ticket: Option<Ticket>,
+    },
     /// Revoke `user` on every node (`revoke.lua`): store `(user, until)` when `until`
     /// is given (epoch s) and publish it on the revocation channel.
     Revoke { user: Arc<str>, until: Option<u64> },
@@ -309,6 +314,10 @@ fn unavailable(req: &StoreRequest) -> Raw {
         } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
         StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
         StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
+        StoreRequest::Cancel {
+            ticket: Some(ticket),
+            ..
+        } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
         StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
             Raw::Nothing
         }
@@ -518,7 +527,7 @@ fn run_batch(
             StoreRequest::InboundGroups => {
                 pipe.cmd("XINFO").arg("GROUPS").arg(&inbound);
             }
-            StoreRequest::Cancel { user, run } => {
+            StoreRequest::Cancel { user, run, .. } => {
                 let keys = UserKeys::new(&s.prefix, user);
                 pipe.cmd("EVALSHA")
                     .arg(&link.cancel)
@@ -620,6 +629,15 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 Some(ticket) => Raw::Event(EngineEvent::InboundStored { ticket: *ticket }),
                 None => Raw::Nothing,
             });
+        }
+        StoreRequest::Cancel {
+            ticket: Some(ticket),
+            ..
+        } => {
+            return Some(Raw::Event(EngineEvent::CancelAnswered {
+                ticket: *ticket,
+                known: matches!(value, Value::Int(1)),
+            }))
         }
         StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
             return Some(Raw::Nothing)

@@ -34,6 +34,16 @@ fn answered(events: &[EngineEvent], ticket: u64) -> bool {
     })
 }
 
+/// The answer to the cancel of `ticket`: whether the run was in progress or pending.
+fn cancel_answer(engine: &mut super::RedisEngine, ticket: u64) -> Option<bool> {
+    let known = |e: &EngineEvent| match e {
+        EngineEvent::CancelAnswered { ticket: t, known } if *t == ticket => Some(*known),
+        _ => None,
+    };
+    let got = collect(engine, |e| e.iter().any(|e| known(e).is_some()));
+    got.iter().find_map(known)
+}
+
 fn deadline_members(redis: &RedisProcess) -> Vec<String> {
     let mut con = redis::Client::open(redis.url())
         .and_then(|c| c.get_connection())
@@ -170,10 +180,12 @@ fn a_pending_runs_first_event_replaces_its_deadline_and_brings_an_earlier_cancel
     acker.open(1, "pc", None, (0, 1));
     collect(&mut acker, |e| super::opened(e, 1).is_some());
     assert_eq!(deadline_members(&redis).len(), 2);
-    canceller.cancel("pc", "r-c");
-    canceller.open(2, "pc", None, (0, 2));
-    collect(&mut canceller, |e| super::opened(e, 2).is_some());
-    std::thread::sleep(Duration::from_millis(20));
+    canceller.cancel("pc", "r-c", Some(2));
+    assert_eq!(
+        cancel_answer(&mut canceller, 2),
+        Some(true),
+        "a pending run"
+    );
     worker.publish(3, &event("pc", None, "r-c", EventKind::AgentStarted, 3));
     worker.publish(4, &event("pc", None, "r-n", EventKind::AgentStarted, 4));
     let got = collect(&mut worker, |e| answered(e, 3) && answered(e, 4));
@@ -204,8 +216,10 @@ fn a_pending_runs_first_event_replaces_its_deadline_and_brings_an_earlier_cancel
     acker.open(5, "pc", None, (0, 5));
     collect(&mut acker, |e| super::opened(e, 5).is_some());
     assert_eq!(deadline_members(&redis).len(), 2);
-    // A run never begun and not pending is not marked: its first event is not cancelled.
-    canceller.cancel("pc", "r-unknown");
+    // A run never begun and not pending is not marked (the client gets not_found):
+    // its first event is not cancelled.
+    canceller.cancel("pc", "r-unknown", Some(7));
+    assert_eq!(cancel_answer(&mut canceller, 7), Some(false));
     worker.publish(
         6,
         &event("pc", None, "r-unknown", EventKind::AgentStarted, 6),
