@@ -97,14 +97,10 @@ impl Reactor {
         let run: Arc<str> = Arc::from(run_id.as_str());
         self.inbox.note_pending(&user, &run);
         let now = self.tick();
-        let thread: Option<Arc<str>> = thread.map(Into::into);
-        if self.engine.redis().is_some() {
-            self.pending_run_engine(&user, &run_id, thread.clone());
-        }
-        self.registry
-            .entry(&user)
-            .runs
-            .insert(run, Run::pending(thread, isolated.then_some(id), now));
+        self.registry.entry(&user).runs.insert(
+            run,
+            Run::pending(thread.map(Into::into), isolated.then_some(id), now),
+        );
         true
     }
 
@@ -182,18 +178,32 @@ impl Reactor {
             (
                 Waiting::UserMessage {
                     conn,
+                    user,
                     run_id,
                     reference,
-                    ..
                 },
                 Outcome::Delivered(_),
-            ) => self.send(
-                conn,
-                &ServerFrame::Ack {
-                    reference: &reference,
-                    run_id: &run_id,
-                },
-            ),
+            ) => {
+                // Under the Redis engine the run is pending cluster-wide from its ack
+                // (its run_timeout from any node, a cancel through any node marked).
+                if self.engine.redis().is_some() {
+                    let thread = self
+                        .registry
+                        .get(&user)
+                        .and_then(|u| u.runs.get(&*run_id))
+                        .map(|r| r.thread.clone());
+                    if let Some(thread) = thread {
+                        self.pending_run_engine(&user, &run_id, thread);
+                    }
+                }
+                self.send(
+                    conn,
+                    &ServerFrame::Ack {
+                        reference: &reference,
+                        run_id: &run_id,
+                    },
+                )
+            }
             (
                 Waiting::UserMessage {
                     conn,
