@@ -266,3 +266,40 @@ fn time_to_first_event_and_tool_durations_count_once_on_the_node_that_saw_them_e
     c.recv_events(1);
     assert_eq!(counts(n1.addr), (1.0, 1.0));
 }
+
+#[test]
+fn a_run_acked_through_the_webhook_and_never_begun_gets_one_run_timeout() {
+    let redis = RedisServer::start();
+    let server = WebhookServer::start(Behaviour::Answer(200));
+    let mut cfg = redis_config(&redis, "n0");
+    cfg.inbound_url = Some(server.url());
+    cfg.inbound_key = Some("cluster-inbound-key-0123".into());
+    cfg.run_idle_timeout_ms = 500;
+    let n0 = TestGateway::start(cfg, Agent::None);
+    let mut cfg = redis_config(&redis, "n1");
+    cfg.run_idle_timeout_ms = 500;
+    let n1 = TestGateway::start(cfg, Agent::None);
+    let mut watcher = n1.connect("wp-u1");
+    let mut c = n0.connect("wp-u1");
+    c.send_json(&json!({"type": "user_message", "thread_id": "t9", "text": "hi", "ref": "m1"}));
+    let run = server.next_request().body["run_id"]
+        .as_str()
+        .expect("run_id")
+        .to_owned();
+    assert_eq!(c.expect_type("ack")["run_id"], run.as_str());
+    let got = watcher.recv_events(1);
+    assert_eq!(
+        (got[0]["type"].as_str(), got[0]["data"]["reason"].as_str()),
+        (Some("agent_error"), Some("run_timeout")),
+        "{}",
+        got[0]
+    );
+    assert_eq!(got[0]["run_id"], run.as_str());
+    assert_eq!(got[0]["thread_id"], "t9");
+    match watcher.next_frame(Duration::from_millis(2500)) {
+        Frame::Timeout => {}
+        other => panic!("expected nothing more, got {other:?}"),
+    }
+    let timed_out = |n: &TestGateway| n.stats()["runs"]["timed_out"].as_u64().unwrap_or(0);
+    assert_eq!(timed_out(&n0) + timed_out(&n1), 1);
+}
