@@ -12,7 +12,9 @@
 //! early deliveries) and live deliveries go through the translation when queued.
 //!
 //! Tickets: an open is `OPEN_TICKET | connection serial`; a publish request's event
-//! `request << PUBLISH_INDEX_BITS | index`; an emitted event [`EMIT_TICKET`].
+//! `request << PUBLISH_INDEX_BITS | index`; an emitted event [`EMIT_TICKET`]; a
+//! client's `cancel` (answered once Redis said whether the run is in progress or
+//! pending anywhere) `CANCEL_TICKET | n`.
 //!
 //! Bounds: one pending open per connection (removed by its answer; the engine answers
 //! every request, `Unavailable` on failure), deliveries held per pending open at most
@@ -47,7 +49,7 @@ pub(super) const ENGINE_BUDGET: usize = 4096;
 const OPEN_TICKET: Ticket = 1 << 63;
 /// Tickets of `user_message`s waiting to be stored in the inbound stream.
 const INBOUND_TICKET: Ticket = 1 << 62;
-/// Tickets of `cancel`s of runs this node does not know, waiting for Redis's answer.
+/// Tickets of clients' `cancel`s waiting for Redis's answer.
 const CANCEL_TICKET: Ticket = 1 << 61;
 /// Bits of a publish ticket that hold the event's index in its request.
 const PUBLISH_INDEX_BITS: u32 = 10;
@@ -91,8 +93,8 @@ pub(super) struct PendingInbound {
     reference: serde_json::Value,
 }
 
-/// A `cancel` of a run this node does not know, waiting for Redis to say whether the
-/// run is in progress or pending anywhere (`cancel_requested`) or not (`not_found`).
+/// A client's `cancel` waiting for Redis to say whether the run is in progress or
+/// pending anywhere (`cancel_requested`) or not (`not_found`).
 pub(super) struct PendingCancel {
     id: ConnId,
     user: Arc<str>,
@@ -143,8 +145,9 @@ pub(super) struct EngineWaits {
     /// entry per `user_message` in flight to Redis, removed by its answer.
     inbound: HashMap<Ticket, PendingInbound>,
     next_inbound: u64,
-    /// Bounded like `inbound` (the sessions' input allowance): one entry per `cancel`
-    /// of a run unknown here in flight to Redis, removed by its answer.
+    /// Bounded like `inbound` (the sessions' input allowance): one entry per client
+    /// `cancel` in flight to Redis, removed by its answer (the engine answers every
+    /// request, `Unavailable` on failure).
     cancels: HashMap<Ticket, PendingCancel>,
     next_cancel: u64,
     /// The inbound stream has a consumer group (checked every housekeeping tick).
