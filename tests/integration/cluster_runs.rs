@@ -303,3 +303,34 @@ fn a_run_acked_through_the_webhook_and_never_begun_gets_one_run_timeout() {
     let timed_out = |n: &TestGateway| n.stats()["runs"]["timed_out"].as_u64().unwrap_or(0);
     assert_eq!(timed_out(&n0) + timed_out(&n1), 1);
 }
+
+#[test]
+fn a_run_acked_by_a_node_that_drains_stays_open_for_a_worker_on_another_node() {
+    let redis = RedisServer::start();
+    workers_read_the_stream(&redis);
+    let mut n0 = node(&redis, "n0");
+    let n1 = node(&redis, "n1");
+    let mut watcher = n1.connect("dr-u1");
+    let mut c = n0.connect("dr-u1");
+    let run_id = ask(&mut c, None);
+    let (done, _) = n0.shutdown_and_join(WAIT);
+    done.expect("n0 stops");
+    // Not ended with `shutdown`: the worker (reading the stream) answers through n1.
+    publish_ok(
+        n1.addr,
+        &json!([pub_event(
+            "agent_started",
+            "dr-u1",
+            None,
+            &run_id,
+            json!({})
+        )]),
+    );
+    let got = watcher.recv_events(1);
+    assert_eq!(
+        (got[0]["type"].as_str(), got[0]["run_id"].as_str()),
+        (Some("agent_started"), Some(run_id.as_str())),
+        "{}",
+        got[0]
+    );
+}
