@@ -585,6 +585,7 @@ fn start_engine(
         replay_events: config.replay_events,
         replay_ttl_ms: config.replay_ttl_ms,
         max_active_runs_per_user: config.max_active_runs_per_user,
+        max_active_runs: config.max_active_runs,
         run_idle_timeout_ms: config.run_idle_timeout_ms,
         node_id: node_id.to_string(),
         max_connections_per_user: config.max_connections_per_user,

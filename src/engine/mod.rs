@@ -113,6 +113,9 @@ pub(crate) enum EngineEvent {
         run: Arc<str>,
         ticket: Ticket,
     },
+    /// A `cancel` asked of Redis: whether the run was in progress or pending (acked
+    /// and not begun) somewhere in the cluster, and is now marked cancelled.
+    CancelAnswered { ticket: Ticket, known: bool },
     /// A client message was appended to the inbound stream (`<prefix>:inbound`).
     InboundStored { ticket: Ticket },
     /// Whether the inbound stream has a consumer group (workers read it): asked every

@@ -12,7 +12,9 @@
 //! early deliveries) and live deliveries go through the translation when queued.
 //!
 //! Tickets: an open is `OPEN_TICKET | connection serial`; a publish request's event
-//! `request << PUBLISH_INDEX_BITS | index`; an emitted event [`EMIT_TICKET`].
+//! `request << PUBLISH_INDEX_BITS | index`; an emitted event [`EMIT_TICKET`]; a
+//! client's `cancel` (answered once Redis said whether the run is in progress or
+//! pending anywhere) `CANCEL_TICKET | n`.
 //!
 //! Bounds: one pending open per connection (removed by its answer; the engine answers
 //! every request, `Unavailable` on failure), deliveries held per pending open at most
@@ -47,6 +49,8 @@ pub(super) const ENGINE_BUDGET: usize = 4096;
 const OPEN_TICKET: Ticket = 1 << 63;
 /// Tickets of `user_message`s waiting to be stored in the inbound stream.
 const INBOUND_TICKET: Ticket = 1 << 62;
+/// Tickets of clients' `cancel`s waiting for Redis's answer.
+const CANCEL_TICKET: Ticket = 1 << 61;
 /// Bits of a publish ticket that hold the event's index in its request.
 const PUBLISH_INDEX_BITS: u32 = 10;
 /// Deliveries held for a session whose open is not answered yet.
@@ -87,6 +91,16 @@ pub(super) struct PendingInbound {
     thread: Option<Arc<str>>,
     isolated: bool,
     reference: serde_json::Value,
+}
+
+/// A client's `cancel` waiting for Redis to say whether the run is in progress or
+/// pending anywhere (`cancel_requested`) or not (`not_found`).
+pub(super) struct PendingCancel {
+    id: ConnId,
+    user: Arc<str>,
+    run_id: String,
+    /// The first cancel of the run on this node: the workers are told (once).
+    first: bool,
 }
 
 /// A publish request waiting for the store's answers.
@@ -131,6 +145,11 @@ pub(super) struct EngineWaits {
     /// entry per `user_message` in flight to Redis, removed by its answer.
     inbound: HashMap<Ticket, PendingInbound>,
     next_inbound: u64,
+    /// Bounded like `inbound` (the sessions' input allowance): one entry per client
+    /// `cancel` in flight to Redis, removed by its answer (the engine answers every
+    /// request, `Unavailable` on failure).
+    cancels: HashMap<Ticket, PendingCancel>,
+    next_cancel: u64,
     /// The inbound stream has a consumer group (checked every housekeeping tick).
     pub(super) inbound_groups: bool,
     publishes: HashMap<u64, PendingPublish>,
@@ -212,10 +231,10 @@ impl Reactor {
             EngineEvent::TooManyRuns { ticket } => {
                 self.registry.counters.runs_refused += 1;
                 if ticket == EMIT_TICKET {
-                    // The run handle is not told (it is under the memory engine): the
-                    // event is counted and logged.
+                    // Counted and logged as under the memory engine; the store thread
+                    // raised the run handle's refused flag with the answer.
                     self.stats.dropped(DropReason::Invalid, 1);
-                    log::debug!("engine: an emitted event would start a run past max_active_runs_per_user: dropped");
+                    log::debug!("engine: an emitted event would start a run past max_active_runs_per_user or max_active_runs: run refused");
                 } else {
                     self.publish_answered(ticket, Outcome::TooManyRuns);
                 }
@@ -260,9 +279,17 @@ impl Reactor {
                 }
             }
             EngineEvent::InboundStored { ticket } => self.inbound_stored(ticket),
+            EngineEvent::CancelAnswered { ticket, known } => self.cancel_answered(ticket, known),
             EngineEvent::Unavailable { ticket } => {
                 if ticket == EMIT_TICKET {
                     self.waits.emits_failed += 1;
+                } else if ticket & CANCEL_TICKET != 0
+                    && ticket & (OPEN_TICKET | INBOUND_TICKET) == 0
+                {
+                    if let Some(p) = self.waits.cancels.remove(&ticket) {
+                        let why = "the engine (Redis) did not answer; try again";
+                        self.send_error(p.id, ErrorCode::Busy, why, None);
+                    }
                 } else if ticket & INBOUND_TICKET != 0 && ticket & OPEN_TICKET == 0 {
                     if let Some(p) = self.waits.inbound.remove(&ticket) {
                         let why = "the engine (Redis) did not store the message; try again";
@@ -738,6 +765,9 @@ impl Reactor {
     ) {
         self.waits.next_inbound += 1;
         let ticket = INBOUND_TICKET | self.waits.next_inbound;
+        // Its deadline first: once the ack is out, any node gives the run its
+        // run_timeout should it never begin.
+        self.pending_run_engine(&user, &run_id, thread.clone());
         self.waits.inbound.insert(
             ticket,
             PendingInbound {
@@ -773,6 +803,21 @@ impl Reactor {
                 run_id: &p.run_id,
             },
         );
+    }
+
+    /// A run acked by a `user_message` on this node (Redis engine): registered in Redis
+    /// as pending, so it gets its `run_timeout` from any node should it never begin
+    /// (the memory engine's watchdog ends such a run too) and a `cancel` of it through
+    /// any node is marked for its first event.
+    pub(super) fn pending_run_engine(
+        &mut self,
+        user: &str,
+        run_id: &str,
+        thread: Option<Arc<str>>,
+    ) {
+        if let Some(redis) = self.engine.redis() {
+            redis.pending(user, run_id, thread);
+        }
     }
 
     /// Runs this node took from the deadline set: each gets `agent_error` with
@@ -948,16 +993,69 @@ impl Reactor {
         }
     }
 
-    /// A client's `cancel` under the Redis engine: this node's in-process run handle
-    /// at once, the others when they publish the run's next event.
-    pub(super) fn cancel_engine(&mut self, user: &Arc<str>, run_id: &str) {
+    /// A cancel under the Redis engine that nobody waits for (the webhook's, once its
+    /// worker answered): this node's in-process run handle at once, the others when
+    /// they publish the run's next (or first) event.
+    pub(super) fn mark_cancelled_engine(&mut self, user: &Arc<str>, run_id: &str) {
+        self.cancel_engine_asking(user, run_id, None);
+    }
+
+    /// Mark a run cancelled: this node's in-process run handle at once, the others
+    /// when they publish the run's next (or first) event; with a ticket, Redis says
+    /// whether the run was in progress or pending ([`EngineEvent::CancelAnswered`]).
+    fn cancel_engine_asking(&mut self, user: &Arc<str>, run_id: &str, ticket: Option<Ticket>) {
         let key = (user.clone(), Arc::from(run_id));
         if let Some(flag) = self.waits.run_flags.get(&key) {
             flag.store(true, std::sync::atomic::Ordering::Release);
         }
         if let Some(redis) = self.engine.redis() {
-            redis.cancel(user, run_id);
+            redis.cancel(user, run_id, ticket);
         }
+    }
+
+    /// A client's `cancel` under the Redis engine (the run may be in progress or
+    /// pending through any node, or have ended through another): Redis marks it when
+    /// it is in progress or pending anywhere, and the answer follows as under the
+    /// memory engine ([`Reactor::cancel_answered`]); `first`: the first cancel of the
+    /// run on this node (the workers are told once).
+    pub(super) fn cancel_engine(&mut self, id: ConnId, user: &Arc<str>, run_id: &str, first: bool) {
+        self.waits.next_cancel += 1;
+        let ticket = CANCEL_TICKET | self.waits.next_cancel;
+        self.waits.cancels.insert(
+            ticket,
+            PendingCancel {
+                id,
+                user: user.clone(),
+                run_id: run_id.to_owned(),
+                first,
+            },
+        );
+        self.cancel_engine_asking(user, run_id, Some(ticket));
+    }
+
+    /// Redis's answer to a client's `cancel`: `not_found` when the run is neither in
+    /// progress nor pending (never was, or ended), as under the memory engine; else
+    /// the workers are told (inbound stream, in-process channel; the first time on
+    /// this node) and the client gets `cancel_requested`.
+    fn cancel_answered(&mut self, ticket: Ticket, known: bool) {
+        let Some(p) = self.waits.cancels.remove(&ticket) else {
+            return;
+        };
+        if !known {
+            let why = "no active run with this run_id";
+            return self.send_error(p.id, ErrorCode::NotFound, why, None);
+        }
+        if p.first {
+            let fields = self.inbound_fields("cancel", &p.user, None, &p.run_id, "", None, p.id);
+            if let Some(redis) = self.engine.redis() {
+                redis.append_inbound(None, fields);
+            }
+            let _ = self.inbound.try_send(crate::emitter::Inbound::Cancel {
+                user_id: p.user.to_string(),
+                run_id: p.run_id.clone(),
+            });
+        }
+        self.send(p.id, &ServerFrame::CancelRequested { run_id: &p.run_id });
     }
 
     /// The engine lost events of `user` for this node: its connections here resume.
@@ -1049,8 +1147,9 @@ impl Reactor {
         } else if let Some(index) = p.too_many {
             let body = ErrorBody {
                 error: ErrorCode::TooManyRuns,
-                message: "the event would start a run past max_active_runs_per_user (the \
-                          events before it are stored)",
+                message: "the event would start a run past max_active_runs_per_user or \
+                          max_active_runs, counted on every node (the events before it are \
+                          stored)",
                 index: Some(index),
             };
             (429, frames::to_json(&body))

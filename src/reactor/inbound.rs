@@ -221,7 +221,11 @@ impl Reactor {
             return true;
         }
         let now = self.tick();
-        let mut pending = Run::pending(thread.map(Into::into), isolated.then_some(id), now);
+        let thread: Option<Arc<str>> = thread.map(Into::into);
+        if self.engine.redis().is_some() {
+            self.pending_run_engine(&user, &run_id, thread.clone());
+        }
+        let mut pending = Run::pending(thread, isolated.then_some(id), now);
         // The time to the run's first event counts from here (the run metrics).
         pending.asked = Some(Instant::now());
         self.registry.entry(&user).runs.insert(run, pending);
@@ -295,8 +299,8 @@ impl Reactor {
                 }
                 !std::mem::replace(&mut run.cancel_requested, true)
             }
-            // Under the Redis engine the run may have begun through another node: the
-            // cancel goes to the inbound stream's workers all the same.
+            // Under the Redis engine the run may be in progress or pending through
+            // another node.
             None if self.engine.redis().is_some() => true,
             None => {
                 let why = "no active run with this run_id";
@@ -304,13 +308,10 @@ impl Reactor {
             }
         };
         if self.engine.redis().is_some() {
-            self.cancel_engine(&user, run_id);
-        }
-        if first && self.engine.redis().is_some() {
-            let fields = self.inbound_fields("cancel", &user, None, run_id, "", None, id);
-            if let Some(redis) = self.engine.redis() {
-                redis.append_inbound(None, fields);
-            }
+            // Redis knows the runs of every node: it answers whether the run is in
+            // progress or pending (`cancel_requested`, the workers told once per run
+            // here) or not (`not_found`), as the memory engine does.
+            return self.cancel_engine(id, &user, run_id, first);
         }
         if first {
             let _ = self.inbound.try_send(Inbound::Cancel {

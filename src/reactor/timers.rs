@@ -214,6 +214,13 @@ impl Reactor {
     /// `agent_error {"reason":"shutdown"}`, routed like any event, so it is queued
     /// before the 1001 close frame and its users learn why the run stopped.
     pub(super) fn end_runs_for_shutdown(&mut self) {
+        if self.engine.redis().is_some() {
+            // Under the Redis engine runs are the cluster's: the ones this node knows
+            // are those its `user_message`s acked, pending in Redis, which workers
+            // elsewhere may still begin through another node; any that never begins
+            // gets its run_timeout from another node's watchdog.
+            return;
+        }
         let mut active: Vec<RunKey> = Vec::new();
         for (name, user) in self.registry.users() {
             for (run_id, run) in user.runs.iter() {

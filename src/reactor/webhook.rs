@@ -178,18 +178,32 @@ impl Reactor {
             (
                 Waiting::UserMessage {
                     conn,
+                    user,
                     run_id,
                     reference,
-                    ..
                 },
                 Outcome::Delivered(_),
-            ) => self.send(
-                conn,
-                &ServerFrame::Ack {
-                    reference: &reference,
-                    run_id: &run_id,
-                },
-            ),
+            ) => {
+                // Under the Redis engine the run is pending cluster-wide from its ack
+                // (its run_timeout from any node, a cancel through any node marked).
+                if self.engine.redis().is_some() {
+                    let thread = self
+                        .registry
+                        .get(&user)
+                        .and_then(|u| u.runs.get(&*run_id))
+                        .map(|r| r.thread.clone());
+                    if let Some(thread) = thread {
+                        self.pending_run_engine(&user, &run_id, thread);
+                    }
+                }
+                self.send(
+                    conn,
+                    &ServerFrame::Ack {
+                        reference: &reference,
+                        run_id: &run_id,
+                    },
+                )
+            }
             (
                 Waiting::UserMessage {
                     conn,
@@ -230,7 +244,7 @@ impl Reactor {
                 // Cluster-wide: the node that publishes the run's next event learns it
                 // (its run handle, the `cancelled` list of its publish answers).
                 if self.engine.redis().is_some() {
-                    self.cancel_engine(&user, &run_id);
+                    self.mark_cancelled_engine(&user, &run_id);
                 }
                 for conn in conns {
                     self.send(conn, &ServerFrame::CancelRequested { run_id: &run_id });

@@ -68,6 +68,7 @@ use runs::EndedRuns;
 
 pub use idempotency::{KEYS_PER_USER, KEY_OVERHEAD_BYTES};
 pub use replay::{Replayed, Resume, KEPT_OVERHEAD_BYTES, USER_OVERHEAD_BYTES};
+pub(crate) use runs::is_synthetic_end;
 pub use runs::Run;
 
 /// One open connection as routing sees it.

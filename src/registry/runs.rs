@@ -45,6 +45,12 @@ pub struct Run {
 /// the time to first event, which is then not measured.
 const SYNTHETIC_ENDS: [&str; 4] = ["run_timeout", "no_agent", "shutdown", "worker_dropped"];
 
+/// Whether an `agent_error` with `reason` is an end the gateway or the emitter made up
+/// ([`SYNTHETIC_ENDS`]; the Redis engine asks it too).
+pub(crate) fn is_synthetic_end(reason: Option<&str>) -> bool {
+    reason.is_some_and(|r| SYNTHETIC_ENDS.contains(&r))
+}
+
 /// Most tool calls of one run awaiting their `tool_completed`; past it the oldest is
 /// forgotten (its duration goes unmeasured). With ids of at most
 /// [`crate::event::MAX_TOOL_CALL_ID_BYTES`], a run's open calls cost under 1 KiB.
@@ -125,7 +131,7 @@ impl Run {
                 let reason = ev.data_markers().reason;
                 let outcome = RunOutcome::of_error(reason.as_deref(), self.cancel_requested);
                 transition.ended = Some((outcome, self.age(at)));
-                return reason.is_some_and(|r| SYNTHETIC_ENDS.contains(&&*r));
+                return is_synthetic_end(reason.as_deref());
             }
             _ => {}
         }

@@ -13,6 +13,7 @@ mod cluster;
 mod cluster_agui;
 mod cluster_chaos;
 mod cluster_gaps;
+mod cluster_runs;
 mod conformance_route;
 mod deadlines;
 mod demo_page;

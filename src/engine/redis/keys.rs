@@ -18,6 +18,9 @@ pub(crate) struct UserKeys {
     pub runs: String,
     /// Set of the runs in progress a client cancelled.
     pub cancelled: String,
+    /// Hash of the runs acked by a `user_message` and not begun yet: run id -> JSON
+    /// (`m` its deadline member, `w` when it was acked).
+    pub pending: String,
     /// The user's connections on every node (scored by when they opened) and their
     /// leases (scored by when the lease ends).
     pub conns: String,
@@ -36,6 +39,7 @@ impl UserKeys {
             keys: format!("{tag}:idem"),
             runs: format!("{tag}:runs"),
             cancelled: format!("{tag}:cancel"),
+            pending: format!("{tag}:pending"),
             conns: format!("{tag}:conns"),
             leases: format!("{tag}:leases"),
             channel: format!("{tag}:ch"),

@@ -87,6 +87,9 @@ pub(crate) struct RedisSettings {
     pub replay_ttl_ms: u64,
     /// `max_active_runs_per_user`: a run past it is refused, cluster-wide.
     pub max_active_runs_per_user: usize,
+    /// `max_active_runs`: runs in progress over all users, cluster-wide (the size of
+    /// the shared deadline set); a run past it is refused.
+    pub max_active_runs: usize,
     /// `run_idle_timeout_ms`: a run with no event for it gets `run_timeout`.
     pub run_idle_timeout_ms: u64,
     /// `node_id`: the name of this node's connections in Redis and of its channel.
@@ -271,6 +274,25 @@ fn parse_thread(marker: &[u8]) -> Option<Option<Arc<str>>> {
     }
 }
 
+/// The parts of `ev`'s publish request only some events have (None for most).
+fn publish_extras(ev: &Event) -> Option<Box<store::PublishExtras>> {
+    use crate::event::EventKind;
+    let tool_call = match ev.kind {
+        EventKind::ToolExecuting | EventKind::ToolCompleted => ev.tool_call_id(),
+        _ => None,
+    };
+    let synthetic = ev.kind == EventKind::AgentError
+        && crate::registry::is_synthetic_end(ev.data_markers().reason.as_deref());
+    if ev.refused_flag.is_none() && tool_call.is_none() && !synthetic {
+        return None;
+    }
+    Some(Box::new(store::PublishExtras {
+        refused_flag: ev.refused_flag.clone(),
+        tool_call,
+        synthetic,
+    }))
+}
+
 /// One user with connections on this node.
 #[derive(Debug, Default)]
 struct Local {
@@ -390,9 +412,28 @@ impl RedisEngine {
                 )),
                 _ => None,
             },
+            extras: publish_extras(ev),
         };
         if self.store.try_send(req).is_err() {
             self.ready.push_back(EngineEvent::Unavailable { ticket });
+        }
+    }
+
+    /// A run acked by a `user_message` on this node and not begun: it gets a deadline
+    /// in Redis, so any node's watchdog gives it its `run_timeout` when no event comes
+    /// (also when this node died), and a `cancel` of it from any node is marked. Fire
+    /// and forget (a failure is logged).
+    pub(crate) fn pending(&mut self, user: &str, run: &str, thread: Option<Arc<str>>) {
+        let req = StoreRequest::Pending {
+            user: Arc::from(user),
+            run: Arc::from(run),
+            thread,
+        };
+        if self.store.try_send(req).is_err() {
+            log::warn!(
+                "redis engine: request queue full: the pending run user={user:?} run={run:?} \
+                 gets no cluster-wide run_timeout if it never begins"
+            );
         }
     }
 
@@ -465,13 +506,21 @@ impl RedisEngine {
         }
     }
 
-    /// Mark `user`'s run `run` cancelled in Redis (a client's `cancel`): the node that
-    /// publishes the run's next event hears [`EngineEvent::Cancelled`].
-    pub(crate) fn cancel(&mut self, user: &str, run: &str) {
-        let _ = self.store.try_send(StoreRequest::Cancel {
+    /// Mark `user`'s run `run` cancelled in Redis (a client's `cancel`), when it is in
+    /// progress or pending (acked, not begun): the node that publishes the run's next
+    /// (or first) event hears [`EngineEvent::Cancelled`]. With a ticket, whether it was
+    /// comes back as [`EngineEvent::CancelAnswered`] (or `Unavailable`).
+    pub(crate) fn cancel(&mut self, user: &str, run: &str, ticket: Option<Ticket>) {
+        let req = StoreRequest::Cancel {
             user: Arc::from(user),
             run: Arc::from(run),
-        });
+            ticket,
+        };
+        if self.store.try_send(req).is_err() {
+            if let Some(ticket) = ticket {
+                self.ready.push_back(EngineEvent::Unavailable { ticket });
+            }
+        }
     }
 
     /// Ask whether the inbound stream has a consumer group

@@ -20,13 +20,21 @@
 -- ARGV[12] the worker's idempotency key ("" none)   ARGV[13] keys remembered per user
 -- ARGV[14] agent_name   ARGV[15] the event's ts (ms)   ARGV[16] the event's type
 -- ARGV[17] max_active_runs_per_user   ARGV[18] run_idle_timeout_ms   ARGV[19] user_id
+-- KEYS[8] the user's pending runs hash (pending.lua: run_id -> {m: its deadline member,
+--         w: when its user_message was acked, ms})
+-- ARGV[20] max_active_runs (runs in progress over all users: the deadline set's size)
+-- ARGV[21] the event's tool_call_id ("" none; read for tool_executing/tool_completed)
 --
--- Returns {seq, epoch, cancelled, began, age} (began 1 when this event is its run's
--- first, age: ms from the run's first event's ts to now, for the run metrics; cancelled 1 when a client cancelled the run, so the
--- node tells its in-process run handle); {0, ""} when the run has ended (nothing stored); {-1, seq}
+-- Returns {seq, epoch, cancelled, began, age, since, tool} (began 1 when this event is
+-- its run's first, age: ms from the run's first event's ts to now, for the run metrics;
+-- cancelled 1 when a client cancelled the run, so the node tells its in-process run
+-- handle; since: ms from the user_message's ack to this first event, -1 when the run
+-- was not acked by one; tool: ms a tool call took, when this tool_completed finishes
+-- one, else -1); {0, ""} when the run has ended (nothing stored); {-1, seq}
 -- when the idempotency key was stored before (a repeat: nothing stored again); {-2, ""}
--- when the event would start a run past max_active_runs_per_user (nothing stored; an
--- event that ends its run starts none).
+-- when the event would start a run past max_active_runs_per_user or max_active_runs
+-- (nothing stored; an event that ends its run starts none; a run acked by a
+-- user_message, pending, has its place already).
 local meta, stream, ended, keys = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local runs, deadlines = KEYS[5], KEYS[6]
 local key = ARGV[12]
@@ -45,8 +53,14 @@ if redis.call('ZSCORE', ended, ARGV[4]) then
   return {0, ''}
 end
 local run = redis.call('HGET', runs, ARGV[4])
+-- [runs cluster-wide] A pending run (acked, not begun: pending.lua) counts among the
+-- user's runs and in the deadline set (one member per run in progress or pending, over
+-- all users: ZCARD is O(1)), as the memory engine counts pre-registered runs.
+local pend = redis.call('HGET', KEYS[8], ARGV[4])
 -- An event that ends its run starts none: never refused for the cap.
-if not run and ARGV[5] ~= '1' and redis.call('HLEN', runs) >= tonumber(ARGV[17]) then
+if not run and not pend and ARGV[5] ~= '1' and
+    (redis.call('HLEN', runs) + redis.call('HLEN', KEYS[8]) >= tonumber(ARGV[17]) or
+     redis.call('ZCARD', deadlines) >= tonumber(ARGV[20])) then
   return {-2, ''}
 end
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -78,6 +92,18 @@ if run then
   end
 end
 local cancelled = redis.call('SISMEMBER', KEYS[7], ARGV[4])
+-- [runs cluster-wide] The first event of a pending run: its pending deadline goes (the
+-- run's own is set below), and the wait since the ack is measured.
+local since = -1
+if pend then
+  local p = cjson.decode(pend)
+  redis.call('ZREM', deadlines, p.m)
+  redis.call('HDEL', KEYS[8], ARGV[4])
+  since = math.max(0, tonumber(ARGV[10]) - p.w)
+end
+-- [tool durations] A run's open tool calls (at most 8, oldest forgotten) are kept in
+-- its record as o = {{tool_call_id or false, start ms}, ...}.
+local tool = -1
 if ARGV[5] == '1' then
   redis.call('SREM', KEYS[7], ARGV[4])
   redis.call('HDEL', runs, ARGV[4])
@@ -96,6 +122,37 @@ else
   local rec = {a = ARGV[14], s = tonumber(started), q = seq, y = ARGV[16]}
   if ARGV[3] ~= '-' then
     rec.t = string.sub(ARGV[3], 2)
+  end
+  -- [tool durations]
+  local open = {}
+  if run then
+    open = cjson.decode(run).o or {}
+  end
+  local id = ARGV[21]
+  if ARGV[16] == 'tool_executing' then
+    if #open >= 8 then
+      table.remove(open, 1)
+    end
+    table.insert(open, {id ~= '' and id, tonumber(ARGV[10])})
+  elseif ARGV[16] == 'tool_completed' and #open > 0 then
+    local at = nil
+    if id == '' then
+      at = 1
+    else
+      for i, o in ipairs(open) do
+        if o[1] == id then
+          at = i
+          break
+        end
+      end
+    end
+    if at then
+      tool = math.max(0, tonumber(ARGV[10]) - open[at][2])
+      table.remove(open, at)
+    end
+  end
+  if #open > 0 then
+    rec.o = open
   end
   redis.call('HSET', runs, ARGV[4], cjson.encode(rec))
   redis.call('ZADD', deadlines, tonumber(ARGV[10]) + tonumber(ARGV[18]), member)
@@ -117,4 +174,4 @@ local began, first_ts = 1, tonumber(ARGV[15])
 if run then
   began, first_ts = 0, tonumber(cjson.decode(run).s)
 end
-return {seq, epoch, cancelled, began, math.max(0, tonumber(ARGV[10]) - first_ts)}
+return {seq, epoch, cancelled, began, math.max(0, tonumber(ARGV[10]) - first_ts), since, tool}

@@ -53,15 +53,37 @@ const TOP_LUA: &str = include_str!("top.lua");
 const DUE_LUA: &str = include_str!("due.lua");
 const CANCEL_LUA: &str = include_str!("cancel.lua");
 const LEASE_LUA: &str = include_str!("lease.lua");
+const PENDING_LUA: &str = include_str!("pending.lua");
 /// Every script, in the order [`load_scripts`] answers.
-const SCRIPTS: [&str; 6] = [
+const SCRIPTS: [&str; 7] = [
     PUBLISH_LUA,
     OPEN_LUA,
     TOP_LUA,
     DUE_LUA,
     CANCEL_LUA,
     LEASE_LUA,
+    PENDING_LUA,
 ];
+/// Runs acked by a `user_message` and not begun kept per user in Redis at most
+/// (`pending.lua`; each leaves at its first event or its `run_timeout`). Past it a
+/// new one gets no cluster-wide deadline (logged): each node's own
+/// `max_pending_runs_per_user` normally keeps far below.
+pub(super) const PENDING_RUNS_KEPT: usize = 1024;
+
+/// The parts of a publish request only some events have: a run handle's first event,
+/// tool events, ends the gateway or the emitter made up.
+#[derive(Debug, Default)]
+pub(super) struct PublishExtras {
+    /// The run handle's refused flag (an emitted run's first event): raised when the
+    /// event would start a run past the caps, as the memory engine does.
+    pub refused_flag: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The event's `tool_call_id` (tool events only): pairs a `tool_completed` with
+    /// its `tool_executing` for the tool-duration histogram.
+    pub tool_call: Option<Box<str>>,
+    /// An end the gateway or the emitter made up (`run_timeout`, `no_agent`, ...): as
+    /// a run's first event it says nothing of the time to first event.
+    pub synthetic: bool,
+}
 
 /// What the store thread is asked.
 #[derive(Debug)]
@@ -85,6 +107,15 @@ pub(super) enum StoreRequest {
         /// How the event ends its run (None: it does not); a plain `agent_error` of a
         /// run a client cancelled counts as `cancelled` (the script says so).
         outcome: Option<crate::stats::RunOutcome>,
+        /// What few events need besides (boxed: the request stays small).
+        extras: Option<Box<PublishExtras>>,
+    },
+    /// A run acked by a `user_message` and not begun (`pending.lua`): it takes a
+    /// deadline in the shared set, so it gets its `run_timeout` from any node.
+    Pending {
+        user: Arc<str>,
+        run: Arc<str>,
+        thread: Option<Arc<str>>,
     },
     /// Open a connection of `user`, resuming after `(last_seq, epoch)` when asked.
     Open {
@@ -122,8 +153,13 @@ pub(super) enum StoreRequest {
     },
     /// Whether the inbound stream has a consumer group.
     InboundGroups,
-    /// Mark a run in progress cancelled (a client's `cancel`).
-    Cancel { user: Arc<str>, run: Arc<str> },
+    /// Mark a run in progress (or pending) cancelled (a client's `cancel`); with a
+    /// ticket, answered [`EngineEvent::CancelAnswered`] (whether the run was).
+    Cancel {
+        user: Arc<str>,
+        run: Arc<str>,
+        ticket: Option<Ticket>,
+    },
     /// Revoke `user` on every node (`revoke.lua`): store `(user, until)` when `until`
     /// is given (epoch s) and publish it on the revocation channel.
     Revoke { user: Arc<str>, until: Option<u64> },
@@ -146,6 +182,7 @@ struct Link {
     due: String,
     cancel: String,
     lease: String,
+    pending: String,
 }
 
 fn connect(shared: &Shared) -> redis::RedisResult<Link> {
@@ -154,9 +191,10 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
         .get_connection_with_timeout(shared.settings.timeout)?;
     con.set_read_timeout(Some(shared.settings.timeout))?;
     con.set_write_timeout(Some(shared.settings.timeout))?;
-    let [publish, open, top, due, cancel, lease] = load_scripts(&mut con)?;
+    let [publish, open, top, due, cancel, lease, pending] = load_scripts(&mut con)?;
     Ok(Link {
         lease,
+        pending,
         con,
         publish,
         open,
@@ -168,8 +206,8 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
 
 /// Load every script (`SCRIPT LOAD`); their SHA1s in the order of [`SCRIPTS`]. Loading
 /// again gives the same SHA1s (they hash the text).
-fn load_scripts(con: &mut redis::Connection) -> redis::RedisResult<[String; 6]> {
-    let mut shas: [String; 6] = Default::default();
+fn load_scripts(con: &mut redis::Connection) -> redis::RedisResult<[String; 7]> {
+    let mut shas: [String; 7] = Default::default();
     for (sha, text) in shas.iter_mut().zip(SCRIPTS) {
         *sha = redis::cmd("SCRIPT").arg("LOAD").arg(text).query(con)?;
     }
@@ -293,7 +331,18 @@ fn unavailable(req: &StoreRequest) -> Raw {
         } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
         StoreRequest::Inbound { ticket: None, .. } => Raw::Nothing,
         StoreRequest::InboundGroups => Raw::Event(EngineEvent::InboundConsumers(false)),
+        StoreRequest::Cancel {
+            ticket: Some(ticket),
+            ..
+        } => Raw::Event(EngineEvent::Unavailable { ticket: *ticket }),
         StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
+            Raw::Nothing
+        }
+        StoreRequest::Pending { user, run, .. } => {
+            log::warn!(
+                "redis store: the pending run user={user:?} run={run:?} did not reach Redis: \
+                 no run_timeout if it never begins"
+            );
             Raw::Nothing
         }
         StoreRequest::Revoke { user, .. } => {
@@ -358,6 +407,7 @@ fn run_batch(
                 agent,
                 ts,
                 kind,
+                extras,
                 ..
             } => {
                 let keys = UserKeys::new(&s.prefix, user);
@@ -367,7 +417,7 @@ fn run_batch(
                 };
                 pipe.cmd("EVALSHA")
                     .arg(&link.publish)
-                    .arg(7)
+                    .arg(8)
                     .arg(&keys.meta)
                     .arg(&keys.stream)
                     .arg(&keys.ended)
@@ -375,6 +425,7 @@ fn run_batch(
                     .arg(&keys.runs)
                     .arg(&deadlines)
                     .arg(&keys.cancelled)
+                    .arg(&keys.pending)
                     .arg(&head[..])
                     .arg(&tail[..])
                     .arg(marker)
@@ -393,7 +444,35 @@ fn run_batch(
                     .arg(&**kind)
                     .arg(s.max_active_runs_per_user)
                     .arg(s.run_idle_timeout_ms)
-                    .arg(&**user);
+                    .arg(&**user)
+                    .arg(s.max_active_runs)
+                    .arg(
+                        extras
+                            .as_ref()
+                            .and_then(|x| x.tool_call.as_deref())
+                            .unwrap_or(""),
+                    );
+            }
+            StoreRequest::Pending { user, run, thread } => {
+                let keys = UserKeys::new(&s.prefix, user);
+                let marker = match thread {
+                    Some(t) => format!("+{t}"),
+                    None => "-".to_owned(),
+                };
+                pipe.cmd("EVALSHA")
+                    .arg(&link.pending)
+                    .arg(4)
+                    .arg(&keys.runs)
+                    .arg(&keys.ended)
+                    .arg(&keys.pending)
+                    .arg(&deadlines)
+                    .arg(&**run)
+                    .arg(&**user)
+                    .arg(now)
+                    .arg(s.run_idle_timeout_ms)
+                    .arg(s.replay_ttl_ms.max(2 * s.run_idle_timeout_ms))
+                    .arg(PENDING_RUNS_KEPT)
+                    .arg(marker);
             }
             StoreRequest::Leases { members } => {
                 let cmd = pipe.cmd("EVALSHA").arg(&link.lease).arg(members.len() * 2);
@@ -483,13 +562,14 @@ fn run_batch(
             StoreRequest::InboundGroups => {
                 pipe.cmd("XINFO").arg("GROUPS").arg(&inbound);
             }
-            StoreRequest::Cancel { user, run } => {
+            StoreRequest::Cancel { user, run, .. } => {
                 let keys = UserKeys::new(&s.prefix, user);
                 pipe.cmd("EVALSHA")
                     .arg(&link.cancel)
-                    .arg(2)
+                    .arg(3)
                     .arg(&keys.runs)
                     .arg(&keys.cancelled)
+                    .arg(&keys.pending)
                     .arg(&**run)
                     .arg(s.replay_ttl_ms.max(2 * s.run_idle_timeout_ms));
             }
@@ -585,8 +665,27 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 None => Raw::Nothing,
             });
         }
+        StoreRequest::Cancel {
+            ticket: Some(ticket),
+            ..
+        } => {
+            return Some(Raw::Event(EngineEvent::CancelAnswered {
+                ticket: *ticket,
+                known: matches!(value, Value::Int(1)),
+            }))
+        }
         StoreRequest::Cancel { .. } | StoreRequest::Leases { .. } | StoreRequest::Leave { .. } => {
             return Some(Raw::Nothing)
+        }
+        StoreRequest::Pending { user, run, .. } => {
+            if matches!(value, Value::Int(-1)) {
+                log::error!(
+                    "redis store: user={user:?} has {PENDING_RUNS_KEPT} runs acked and not \
+                     begun in Redis: run={run:?} gets no cluster-wide run_timeout if it never \
+                     begins"
+                );
+            }
+            return Some(Raw::Nothing);
         }
         StoreRequest::Revoke { user, .. } => {
             if matches!(value, Value::Int(-1)) {
@@ -619,6 +718,7 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
             user,
             run,
             outcome,
+            extras,
             ..
         } => {
             let first = parts.next()?;
@@ -626,6 +726,11 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                 return Some(Raw::Event(EngineEvent::Repeat { ticket: *ticket }));
             }
             if matches!(first, Value::Int(-2)) {
+                // As under the memory engine: the run handle is refused (its emits
+                // return `TooManyRuns`).
+                if let Some(flag) = extras.as_ref().and_then(|x| x.refused_flag.as_ref()) {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
                 return Some(Raw::Event(EngineEvent::TooManyRuns { ticket: *ticket }));
             }
             let seq = int(first)?;
@@ -634,8 +739,15 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
             // nodes' run metrics sum to the cluster's.
             let began = matches!(parts.next(), Some(Value::Int(1)));
             let age_ms = parts.next().and_then(int).unwrap_or(0);
+            // -1 (none) reads as None.
+            let since_ms = parts.next().and_then(int);
+            let tool_ms = parts.next().and_then(int);
             let transition = crate::stats::RunTransition {
                 began,
+                since_message: since_ms
+                    .filter(|_| began && !extras.as_ref().is_some_and(|x| x.synthetic))
+                    .map(Duration::from_millis),
+                tool: tool_ms.map(Duration::from_millis),
                 ended: outcome.map(|o| {
                     let o = match o {
                         crate::stats::RunOutcome::Error if cancelled => {
@@ -645,7 +757,6 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
                     };
                     (o, Duration::from_millis(age_ms))
                 }),
-                ..crate::stats::RunTransition::default()
             };
             if cancelled {
                 *told = Some(Raw::Event(EngineEvent::Cancelled {
@@ -714,6 +825,7 @@ fn answer(req: &StoreRequest, value: Value, told: &mut Option<Raw>) -> Option<Ra
         }
         StoreRequest::Inbound { .. }
         | StoreRequest::InboundGroups
+        | StoreRequest::Pending { .. }
         | StoreRequest::Cancel { .. }
         | StoreRequest::Leases { .. }
         | StoreRequest::Leave { .. }

@@ -18,6 +18,9 @@ const DEADLINE: Duration = Duration::from_secs(20);
 mod gaps;
 /// Opens that ask for the history an AG-UI connection rebuilds its state from.
 mod history;
+/// Runs cluster-wide: `max_active_runs`, pending runs, cancels before the first event,
+/// the refused flag, the run metrics of the first event and of tools.
+mod runs;
 
 /// A `redis-server` of this test: killed when dropped.
 pub(crate) struct RedisProcess {
@@ -124,6 +127,7 @@ fn node_with(
         replay_events: 100,
         replay_ttl_ms: 600_000,
         max_active_runs_per_user: 3,
+        max_active_runs: 100_000,
         run_idle_timeout_ms: 300_000,
         node_id: "test-node".into(),
         max_connections_per_user: 1000,
