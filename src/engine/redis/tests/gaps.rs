@@ -26,7 +26,7 @@ fn store_silently(redis: &RedisProcess, user: &str, n: u64, replay_events: usize
         let (head, tail) = ev.around_seq();
         let answer: Vec<redis::Value> = redis::cmd("EVAL")
             .arg(include_str!("../publish.lua"))
-            .arg(7)
+            .arg(8)
             .arg(&keys.meta)
             .arg(&keys.stream)
             .arg(&keys.ended)
@@ -34,6 +34,7 @@ fn store_silently(redis: &RedisProcess, user: &str, n: u64, replay_events: usize
             .arg(&keys.runs)
             .arg(&deadlines)
             .arg(&keys.cancelled)
+            .arg(&keys.pending)
             .arg(&head[..])
             .arg(&tail[..])
             .arg("-")
@@ -53,6 +54,8 @@ fn store_silently(redis: &RedisProcess, user: &str, n: u64, replay_events: usize
             .arg(100)
             .arg(300_000)
             .arg(user)
+            .arg(100_000)
+            .arg("")
             .query(&mut c)
             .expect("publish.lua");
         match answer.first() {
