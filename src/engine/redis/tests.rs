@@ -16,6 +16,8 @@ const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Opens that ask for the history an AG-UI connection rebuilds its state from.
 mod history;
+/// The publish script's shortcuts keep its behaviour.
+mod script;
 
 /// A `redis-server` of this test: killed when dropped.
 pub(crate) struct RedisProcess {
