@@ -39,7 +39,8 @@ end
 local member = cjson.encode({ARGV[19], ARGV[4], ARGV[3], ARGV[14]})
 local run = redis.call('HGET', runs, ARGV[4])
 -- A run in progress has not ended (ending it removes it from the runs hash in the same
--- script): the ended runs are looked up only for a run not in progress.
+-- script): the ended runs are looked up only for a run not in progress. So any script
+-- that adds a run to `ended` must also remove it from the runs hash.
 if not run and redis.call('ZSCORE', ended, ARGV[4]) then
   if ARGV[5] == '1' then
     -- A second run_timeout (the watchdog took the run again): no deadline is left.
