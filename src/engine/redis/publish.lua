@@ -25,7 +25,7 @@
 -- ARGV[20] max_active_runs (runs in progress over all users: the deadline set's size)
 -- ARGV[21] the event's tool_call_id ("" none; read for tool_executing/tool_completed)
 --
--- Returns {seq, epoch, cancelled, began, age, since, tool} (began 1 when this event is
+-- Returns {seq, epoch ("" unless seq is 1), cancelled, began, age, since, tool} (began 1 when this event is
 -- its run's first, age: ms from the run's first event's ts to now, for the run metrics;
 -- cancelled 1 when a client cancelled the run, so the node tells its in-process run
 -- handle; since: ms from the user_message's ack to this first event, -1 when the run
@@ -45,50 +45,62 @@ if key ~= '' then
   end
 end
 local member = cjson.encode({ARGV[19], ARGV[4], ARGV[3], ARGV[14]})
-if redis.call('ZSCORE', ended, ARGV[4]) then
+local run = redis.call('HGET', runs, ARGV[4])
+-- A run in progress has not ended (ending it removes it from the runs hash in the same
+-- script): the ended runs are looked up only for a run not in progress. So any script
+-- that adds a run to `ended` must also remove it from the runs hash.
+if not run and redis.call('ZSCORE', ended, ARGV[4]) then
   if ARGV[5] == '1' then
     -- A second run_timeout (the watchdog took the run again): no deadline is left.
     redis.call('ZREM', deadlines, member)
   end
   return {0, ''}
 end
-local run = redis.call('HGET', runs, ARGV[4])
+-- The run's record, decoded once.
+local was = run and cjson.decode(run)
 -- [runs cluster-wide] A pending run (acked, not begun: pending.lua) counts among the
 -- user's runs and in the deadline set (one member per run in progress or pending, over
--- all users: ZCARD is O(1)), as the memory engine counts pre-registered runs.
-local pend = redis.call('HGET', KEYS[8], ARGV[4])
+-- all users: ZCARD is O(1)), as the memory engine counts pre-registered runs. A run in
+-- progress is never pending (pending.lua refuses it; its first event removes the
+-- record), so the pending hash is read only for a run not in progress.
+local pend = not run and redis.call('HGET', KEYS[8], ARGV[4])
 -- An event that ends its run starts none: never refused for the cap.
 if not run and not pend and ARGV[5] ~= '1' and
     (redis.call('HLEN', runs) + redis.call('HLEN', KEYS[8]) >= tonumber(ARGV[17]) or
      redis.call('ZCARD', deadlines) >= tonumber(ARGV[20])) then
   return {-2, ''}
 end
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  -- A new history: whatever stream is left belongs to a lost one (its meta expired
-  -- or was evicted), and its ids would be above the new seqs.
-  epoch = ARGV[9]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+local seq = redis.call('HINCRBY', meta, 'seq', '1')
+-- The seq as text once (each `..` of a number formats it anew).
+local sseq = tostring(seq)
+-- The epoch is looked up only for a user's first seq (the node does not read it back
+-- otherwise: answered "" then).
+local epoch = ''
+if seq == 1 then
+  epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    -- A new history: whatever stream is left belongs to a lost one (its meta expired
+    -- or was evicted), and its ids would be above the new seqs.
+    epoch = ARGV[9]
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch)
+  end
 end
-local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local json = ARGV[1] .. seq .. ARGV[2]
-local keep = tonumber(ARGV[6])
-if keep > 0 then
-  redis.call('XADD', stream, 'MAXLEN', '~', keep, seq .. '-0', 'j', json, 't', ARGV[3], 'r', ARGV[4])
+local json = ARGV[1] .. sseq .. ARGV[2]
+if tonumber(ARGV[6]) > 0 then
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[6], sseq .. '-0', 'j', json, 't', ARGV[3], 'r', ARGV[4])
   redis.call('PEXPIRE', stream, ARGV[7])
 end
 if run then
   -- The run's deadline was set under its last thread and agent: an event that names
   -- others moves it (one deadline per run, so one run_timeout).
-  local was = cjson.decode(run)
   local marker = '-'
   if was.t then
     marker = '+' .. was.t
   end
-  local before = cjson.encode({ARGV[19], ARGV[4], marker, was.a})
-  if before ~= member then
-    redis.call('ZREM', deadlines, before)
+  -- Same thread and agent: the same member (encoded only when they differ).
+  if marker ~= ARGV[3] or was.a ~= ARGV[14] then
+    redis.call('ZREM', deadlines, cjson.encode({ARGV[19], ARGV[4], marker, was.a}))
   end
 end
 local cancelled = redis.call('SISMEMBER', KEYS[7], ARGV[4])
@@ -117,7 +129,7 @@ if ARGV[5] == '1' then
 else
   local started = ARGV[15]
   if run then
-    started = cjson.decode(run).s
+    started = was.s
   end
   local rec = {a = ARGV[14], s = tonumber(started), q = seq, y = ARGV[16]}
   if ARGV[3] ~= '-' then
@@ -126,7 +138,7 @@ else
   -- [tool durations]
   local open = {}
   if run then
-    open = cjson.decode(run).o or {}
+    open = was.o or {}
   end
   local id = ARGV[21]
   if ARGV[16] == 'tool_executing' then
@@ -160,7 +172,7 @@ end
 -- Runs outlive idle history: the watchdog ends them first.
 redis.call('PEXPIRE', runs, math.max(tonumber(ARGV[7]), 2 * tonumber(ARGV[18])))
 if key ~= '' then
-  redis.call('ZADD', keys, seq, key)
+  redis.call('ZADD', keys, sseq, key)
   local cap = tonumber(ARGV[13])
   if redis.call('ZCARD', keys) > cap then
     redis.call('ZREMRANGEBYRANK', keys, 0, -cap - 1)
@@ -169,9 +181,9 @@ if key ~= '' then
 end
 redis.call('PEXPIRE', meta, ARGV[7])
 -- The run id may hold newlines: its length in bytes comes first.
-redis.call('PUBLISH', ARGV[8], seq .. '\n' .. ARGV[3] .. '\n' .. #ARGV[4] .. '\n' .. ARGV[4] .. json)
+redis.call('PUBLISH', ARGV[8], sseq .. '\n' .. ARGV[3] .. '\n' .. #ARGV[4] .. '\n' .. ARGV[4] .. json)
 local began, first_ts = 1, tonumber(ARGV[15])
 if run then
-  began, first_ts = 0, tonumber(cjson.decode(run).s)
+  began, first_ts = 0, tonumber(was.s)
 end
 return {seq, epoch, cancelled, began, math.max(0, tonumber(ARGV[10]) - first_ts), since, tool}

@@ -21,6 +21,8 @@ mod history;
 /// Runs cluster-wide: `max_active_runs`, pending runs, cancels before the first event,
 /// the refused flag, the run metrics of the first event and of tools.
 mod runs;
+/// The publish script's shortcuts keep its behaviour.
+mod script;
 
 /// A `redis-server` of this test: killed when dropped.
 pub(crate) struct RedisProcess {
