@@ -40,6 +40,8 @@ mod compare;
 mod driver;
 mod gateway;
 mod report;
+mod resume;
+mod resume_storm;
 mod soak;
 mod sys;
 
@@ -92,6 +94,13 @@ enum Scenario {
     /// `loadgen compare --servers agentwire,tokio ramp --users 1000 --pin-gateway 0 --pin-load 1`.
     /// Events come from the publish driver (the peers have no in-process emitters).
     Compare(CompareArgs),
+    /// Resume cost: a client away while N events were published comes back with
+    /// last_seq + epoch; time to `connected` and to the last missed event (src/resume.rs).
+    Resume(resume::ResumeArgs),
+    /// Resume storm: kill -9 a Redis-engine node holding thousands of connections; its
+    /// clients reconnect to the survivors and resume; time to catch up, failed
+    /// handshakes, survivors' latency (src/resume_storm.rs).
+    ResumeStorm(resume_storm::StormArgs),
 }
 
 #[derive(Args, Debug)]
@@ -479,6 +488,8 @@ fn main() -> ExitCode {
         Scenario::Soak(a) => soak::soak(a),
         Scenario::Startup(a) => soak::startup(a),
         Scenario::Compare(a) => compare_cmd(a),
+        Scenario::Resume(a) => resume::resume(a),
+        Scenario::ResumeStorm(a) => resume_storm::storm(a),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
