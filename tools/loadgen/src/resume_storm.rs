@@ -130,8 +130,10 @@ struct Shared {
     reconnected: AtomicU64,
     caught_up: AtomicU64,
     gave_up: AtomicU64,
-    /// Handshakes that failed (every attempt counts).
+    /// Handshakes after the kill that failed (every attempt counts).
     failed_attempts: AtomicU64,
+    /// Handshakes of the first connections (before the kill) that failed.
+    initial_failed: AtomicU64,
     /// Frames that broke the order/once check.
     bad_frames: AtomicU64,
     frames: AtomicU64,
@@ -176,8 +178,6 @@ struct Client {
     reconnected: bool,
     caught_up: bool,
     gave_up: bool,
-    /// Times this client's connection was lost (any cause).
-    losses: u32,
 }
 
 /// A client thread's findings.
@@ -298,8 +298,13 @@ impl Worker {
 
     /// A handshake failed: retry after a full-jitter exponential backoff.
     fn attempt_failed(&mut self, i: usize, why: String) {
-        self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
-        *self.out.failures.entry(why).or_insert(0) += 1;
+        if self.shared.killed_at.get().is_some() {
+            self.shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            *self.out.failures.entry(why).or_insert(0) += 1;
+        } else {
+            self.shared.initial_failed.fetch_add(1, Ordering::Relaxed);
+            *self.out.failures.entry(format!("before the kill: {why}")).or_insert(0) += 1;
+        }
         let r = self.rand();
         let (backoff, max) = (self.args.backoff_ms, self.args.max_attempts);
         let survivors = self.nodes.len().saturating_sub(1).max(1);
@@ -344,7 +349,6 @@ impl Worker {
         if let Some(mut s) = c.sock.take() {
             let _ = self.poll.registry().deregister(&mut s.stream);
         }
-        c.losses += 1;
         let what = format!(
             "{} {} the kill: {why}",
             if c.storm { "storm" } else { "other" },
@@ -448,28 +452,24 @@ impl Worker {
         let Some(s) = c.sock.as_mut() else {
             return Ok(());
         };
-        let mut input = std::mem::take(&mut s.input);
         let mut pos = 0;
-        let r = (|| {
-            if s.state == SockState::Handshake {
-                let Some(end) = find(&input, b"\r\n\r\n") else {
-                    return if input.len() > 16 * 1024 {
-                        Err("response head too large".to_owned())
-                    } else {
-                        Ok(())
-                    };
+        if s.state == SockState::Handshake {
+            let Some(end) = find(&s.input, b"\r\n\r\n") else {
+                return if s.input.len() > 16 * 1024 {
+                    Err("response head too large".to_owned())
+                } else {
+                    Ok(())
                 };
-                check_upgrade(
-                    input.get(..end).unwrap_or(&[]),
-                    input.get(end + 4..).unwrap_or(&[]),
-                    &self.accept_key,
-                )?;
-                s.state = SockState::Open;
-                pos = end + 4;
-            }
-            Ok(())
-        })();
-        r?;
+            };
+            check_upgrade(
+                s.input.get(..end).unwrap_or(&[]),
+                s.input.get(end + 4..).unwrap_or(&[]),
+                &self.accept_key,
+            )?;
+            s.state = SockState::Open;
+            pos = end + 4;
+        }
+        let mut input = std::mem::take(&mut s.input);
         let now_us = sys::realtime_us();
         loop {
             let rest = input.get(pos..).unwrap_or(&[]);
@@ -510,12 +510,7 @@ impl Worker {
         let Some(c) = self.clients.get_mut(i) else {
             return Ok(());
         };
-        let Some(s) = c.sock.as_mut() else {
-            return Ok(());
-        };
         if let Some(conn) = parse_connected(payload) {
-            let took = s.started.elapsed();
-            let _ = took;
             match &c.epoch {
                 None => {
                     c.epoch = Some(conn.epoch);
@@ -821,6 +816,7 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
         caught_up: AtomicU64::new(0),
         gave_up: AtomicU64::new(0),
         failed_attempts: AtomicU64::new(0),
+        initial_failed: AtomicU64::new(0),
         bad_frames: AtomicU64::new(0),
         frames: AtomicU64::new(0),
         draining: AtomicBool::new(false),
@@ -847,7 +843,6 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
             reconnected: false,
             caught_up: false,
             gave_up: false,
-            losses: 0,
         };
         if let Some(t) = per_thread.get_mut(u % a.threads) {
             t.push(client);
@@ -1040,6 +1035,7 @@ fn report(
         (get(&shared.reconnected), get(&shared.caught_up), get(&shared.gave_up));
     let bad_frames = get(&shared.bad_frames);
     let failed_attempts = get(&shared.failed_attempts);
+    let initial_failed = get(&shared.initial_failed);
     let conns = a.conns as u64;
     let ok = converged
         && drained
@@ -1075,7 +1071,7 @@ fn report(
         attempts.max()
     );
     println!(
-        "  handshakes      failed before retries: {failed_attempts} {failures:?}"
+        "  handshakes      failed before retries: {failed_attempts} after the kill ({initial_failed} at the start) {failures:?}"
     );
     println!(
         "{} after retries   clients that never got back: {gave_up}",
@@ -1123,6 +1119,7 @@ fn report(
         "catch_up_us": percentiles(&catch_up),
         "attempts": {"p50": attempts.value_at_quantile(0.5), "p99": attempts.value_at_quantile(0.99), "max": attempts.max()},
         "failed_handshakes_before_retries": failed_attempts,
+        "failed_handshakes_at_start": initial_failed,
         "failed_handshakes_by_reason": failures,
         "gave_up_after_retries": gave_up,
         "frames": get(&shared.frames),
