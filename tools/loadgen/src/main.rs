@@ -14,6 +14,12 @@
 //!   runs and the median (src/soak.rs).
 //! - `compare`: one scenario against agentwire and the comparison peers of tools/peers,
 //!   one after another; a table side by side and agentwire's ratios (src/compare.rs).
+//! - `resume`: resume cost: a client away while 1,000 events were published comes back
+//!   with `last_seq` + `epoch`; time to `connected` and to the last missed event, on the
+//!   memory engine, one Redis node, two (src/resume.rs).
+//! - `resume-storm`: kill -9 a Redis-engine node holding 5,000 connections; its clients
+//!   resume on the survivors: time to catch up, failed handshakes, the survivors' other
+//!   users' latency before / during / after (src/resume_storm.rs).
 //!
 //! `--server tokio|node|python` runs any scenario against a comparison peer instead of
 //! agentwire (started, pinned and sampled the same way). `--server redis1|redis2` runs

@@ -161,7 +161,7 @@ impl Nodes {
             redis,
             nodes: Vec::new(),
             addrs: Vec::new(),
-            publish_key,
+            publish_key: publish_key.clone(),
             auth,
             prefix,
         };

@@ -349,6 +349,9 @@ impl Worker {
         if let Some(mut s) = c.sock.take() {
             let _ = self.poll.registry().deregister(&mut s.stream);
         }
+        if c.gave_up {
+            return;
+        }
         let what = format!(
             "{} {} the kill: {why}",
             if c.storm { "storm" } else { "other" },
@@ -526,6 +529,7 @@ impl Worker {
                         );
                         self.out.bad.push(why.clone());
                         c.gave_up = true;
+                        shared.gave_up.fetch_add(1, Ordering::Relaxed);
                         return Err(why);
                     }
                     let killed = shared.killed_at.get().copied();
