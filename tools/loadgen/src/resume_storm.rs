@@ -935,10 +935,11 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
     }
     wait_for(&shared, "before", t0, Duration::from_secs_f64(a.before_s), a.quiet, || false);
     // The kill.
-    let killed_pid = nodes.kill(0);
+    // Marked first, so that every connection end from here on counts as the storm's.
     let kill_at = Instant::now();
     let _ = shared.killed_at.set(kill_at);
     shared.phase.store(1, Ordering::Relaxed);
+    let killed_pid = nodes.kill(0);
     if !a.quiet {
         eprintln!("loadgen resume-storm: node 0 (pid {killed_pid:?}) killed with SIGKILL");
     }
