@@ -658,6 +658,8 @@ struct PubThread {
 
 #[derive(Default)]
 struct PubOut {
+    /// POST to 202 answer, us, per phase the request was sent in.
+    rtt: Vec<Histogram<u64>>,
     sent: u64,
     failed: u64,
     errors: Vec<String>,
@@ -666,7 +668,10 @@ struct PubOut {
 
 impl PubThread {
     fn run(self) -> PubOut {
-        let mut out = PubOut::default();
+        let mut out = PubOut {
+            rtt: PHASES.iter().map(|_| new_histogram()).collect(),
+            ..PubOut::default()
+        };
         if self.users.is_empty() || self.rate <= 0.0 {
             return out;
         }
@@ -709,7 +714,12 @@ impl PubThread {
             let (Some(addr), Some(conn)) = (self.nodes.get(node), conns.get_mut(node)) else {
                 break;
             };
-            match publish(conn, *addr, &self.key, &body) {
+            let sent_at = Instant::now();
+            let answer = publish(conn, *addr, &self.key, &body);
+            if let Some(h) = out.rtt.get_mut(usize::from(p).min(PHASES.len() - 1)) {
+                h.saturating_record((sent_at.elapsed().as_micros() as u64).max(1));
+            }
+            match answer {
                 Ok(202) => {
                     for slot in &took {
                         if let Some((u, _)) = self.users.get(*slot) {
@@ -960,9 +970,15 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
     shared.phase.store(2, Ordering::Relaxed);
     wait_for(&shared, "after", t0, Duration::from_secs_f64(a.after_s), a.quiet, || false);
     pub_stop.store(true, Ordering::Relaxed);
-    let mut pub_out = PubOut::default();
+    let mut pub_out = PubOut {
+        rtt: PHASES.iter().map(|_| new_histogram()).collect(),
+        ..PubOut::default()
+    };
     for h in pubs {
         if let Ok(o) = h.join() {
+            for (acc, h) in pub_out.rtt.iter_mut().zip(&o.rtt) {
+                let _ = acc.add(h);
+            }
             pub_out.sent += o.sent;
             pub_out.failed += o.failed;
             pub_out.errors.extend(o.errors);
@@ -1102,6 +1118,9 @@ fn report(
     for (name, h) in PHASES.iter().zip(&lat) {
         println!("  others {name:<7} {}", lat_line(&percentiles(h)));
     }
+    for (name, h) in PHASES.iter().zip(&pub_out.rtt) {
+        println!("  publish {name:<6} POST -> 202: {}", lat_line(&percentiles(h)));
+    }
     let record = json!({
         "scenario": "resume-storm",
         "nodes": a.nodes,
@@ -1136,6 +1155,7 @@ fn report(
         "published": pub_out.sent,
         "publish_failed": pub_out.failed,
         "publish_errors": pub_out.errors,
+        "publish_rtt_us": PHASES.iter().zip(&pub_out.rtt).map(|(n, h)| (n.to_string(), percentiles(h))).collect::<serde_json::Map<_, _>>(),
         "others_latency_us": PHASES.iter().zip(&lat).map(|(n, h)| (n.to_string(), percentiles(h))).collect::<serde_json::Map<_, _>>(),
         "survivors": node_stats,
         "pass": ok,
