@@ -171,9 +171,18 @@ impl Nodes {
             if let Some(r) = &out.redis {
                 args.extend(cluster::node_args(&r.url, &prefix_key, i));
             }
-            let log = gateway::log_file(scenario, &format!("node{i}")).map_err(|e| e.to_string())?;
-            let g = gateway::start_binary(&a.gateway_bin, &args, &env, cpus.clone(), None, log, deadline)
-                .map_err(|e| format!("starting node {i}: {e}"))?;
+            let log =
+                gateway::log_file(scenario, &format!("node{i}")).map_err(|e| e.to_string())?;
+            let g = gateway::start_binary(
+                &a.gateway_bin,
+                &args,
+                &env,
+                cpus.clone(),
+                None,
+                log,
+                deadline,
+            )
+            .map_err(|e| format!("starting node {i}: {e}"))?;
             out.addrs.push(g.addr);
             out.nodes.push(Some(g));
         }
@@ -570,7 +579,11 @@ fn measure(a: &ResumeArgs, server: &str) -> Result<ServerResult, String> {
         "memory" => (false, 1),
         "redis1" => (true, 1),
         "redis2" => (true, 2),
-        other => return Err(format!("--servers: unknown server {other:?} (memory, redis1, redis2)")),
+        other => {
+            return Err(format!(
+                "--servers: unknown server {other:?} (memory, redis1, redis2)"
+            ))
+        }
     };
     let replay = a.events.max(1024);
     let extra = [
@@ -626,14 +639,28 @@ pub fn resume(a: ResumeArgs) -> Result<bool, String> {
     if a.events == 0 {
         return Err("--events must be at least 1".into());
     }
-    if let Some(cpus) = a.nodes.pin_load.as_deref().map(sys::parse_cpus).transpose()? {
+    if let Some(cpus) = a
+        .nodes
+        .pin_load
+        .as_deref()
+        .map(sys::parse_cpus)
+        .transpose()?
+    {
         sys::set_affinity(0, &cpus).map_err(|e| format!("pinning the load: {e}"))?;
     }
     let mut results = Vec::new();
     let mut failures = Vec::new();
-    for s in a.servers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for s in a
+        .servers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         if !a.quiet {
-            eprintln!("loadgen resume: {s}: {} rounds of {} missed events", a.repeat, a.events);
+            eprintln!(
+                "loadgen resume: {s}: {} rounds of {} missed events",
+                a.repeat, a.events
+            );
         }
         match measure(&a, s) {
             Ok(r) => results.push(r),
@@ -646,7 +673,13 @@ pub fn resume(a: ResumeArgs) -> Result<bool, String> {
     );
     println!(
         "  {:<8} {:>12} {:>12} {:>14} {:>14} {:>16} {:>16}",
-        "server", "conn p50", "conn p99", "caught-up p50", "caught-up p99", "per event p50", "per event p99"
+        "server",
+        "conn p50",
+        "conn p99",
+        "caught-up p50",
+        "caught-up p99",
+        "per event p50",
+        "per event p99"
     );
     let mut out = Vec::new();
     for r in &results {
@@ -696,7 +729,10 @@ mod tests {
     fn frames_parse_whole_or_not_at_all() {
         let f = [0x81, 0x03, b'a', b'b', b'c', 0x89];
         let (fr, used) = parse_frame(&f).unwrap().unwrap();
-        assert_eq!((fr.fin, fr.opcode, fr.payload, used), (true, 1, &b"abc"[..], 5));
+        assert_eq!(
+            (fr.fin, fr.opcode, fr.payload, used),
+            (true, 1, &b"abc"[..], 5)
+        );
         assert!(parse_frame(&f[..4]).unwrap().is_none());
         assert!(parse_frame(&[0x81, 0x83, 0, 0]).is_err());
         let mut long = vec![0x81, 126, 0x01, 0x00];
@@ -706,11 +742,13 @@ mod tests {
 
     #[test]
     fn connected_frames_give_epoch_and_seq() {
-        let c = parse_connected(
-            br#"{"type":"connected","epoch":"9f/2","last_seq":42,"resumed":true}"#,
-        )
-        .unwrap();
-        assert_eq!((c.epoch.as_str(), c.last_seq, c.resumed), ("9f/2", 42, Some(true)));
+        let c =
+            parse_connected(br#"{"type":"connected","epoch":"9f/2","last_seq":42,"resumed":true}"#)
+                .unwrap();
+        assert_eq!(
+            (c.epoch.as_str(), c.last_seq, c.resumed),
+            ("9f/2", 42, Some(true))
+        );
         assert!(parse_connected(br#"{"type":"text_delta","seq":1}"#).is_none());
         assert_eq!(ws_path(Some((3, "a/b"))), "/ws?last_seq=3&epoch=a%2Fb");
     }

@@ -303,7 +303,11 @@ impl Worker {
             *self.out.failures.entry(why).or_insert(0) += 1;
         } else {
             self.shared.initial_failed.fetch_add(1, Ordering::Relaxed);
-            *self.out.failures.entry(format!("before the kill: {why}")).or_insert(0) += 1;
+            *self
+                .out
+                .failures
+                .entry(format!("before the kill: {why}"))
+                .or_insert(0) += 1;
         }
         let r = self.rand();
         let (backoff, max) = (self.args.backoff_ms, self.args.max_attempts);
@@ -389,7 +393,10 @@ impl Worker {
             let acked = &self.shared.acked;
             let done = self.clients.iter().all(|c| {
                 c.gave_up
-                    || c.next_n >= acked.get(c.user as usize).map_or(0, |a| a.load(Ordering::Relaxed))
+                    || c.next_n
+                        >= acked
+                            .get(c.user as usize)
+                            .map_or(0, |a| a.load(Ordering::Relaxed))
             });
             if done {
                 self.reported_complete = true;
@@ -518,7 +525,11 @@ impl Worker {
                 None => {
                     c.epoch = Some(conn.epoch);
                     c.last_seq = conn.last_seq;
-                    let n = if c.storm { &shared.opened } else { &shared.others_opened };
+                    let n = if c.storm {
+                        &shared.opened
+                    } else {
+                        &shared.others_opened
+                    };
                     n.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(e) => {
@@ -578,7 +589,13 @@ impl Worker {
                     c.user,
                     c.last_seq + 1,
                     c.next_n,
-                    if n < c.next_n { "duplicate" } else if n > c.next_n { "gap: lost" } else { "seq gap" }
+                    if n < c.next_n {
+                        "duplicate"
+                    } else if n > c.next_n {
+                        "gap: lost"
+                    } else {
+                        "seq gap"
+                    }
                 ));
             }
         }
@@ -733,7 +750,8 @@ impl PubThread {
                 other => {
                     out.failed += took.len() as u64;
                     if out.errors.len() < 10 {
-                        out.errors.push(format!("POST /api/events to {addr}: {other:?}"));
+                        out.errors
+                            .push(format!("POST /api/events to {addr}: {other:?}"));
                     }
                     // The events may or may not be stored: their n are used up, so the
                     // check would see a gap; stop this publisher (the run fails).
@@ -795,7 +813,13 @@ pub fn storm(a: StormArgs) -> Result<bool, String> {
     if a.conns == 0 || a.threads == 0 || a.publishers == 0 {
         return Err("--conns, --threads and --publishers must be at least 1".into());
     }
-    if let Some(cpus) = a.node.pin_load.as_deref().map(sys::parse_cpus).transpose()? {
+    if let Some(cpus) = a
+        .node
+        .pin_load
+        .as_deref()
+        .map(sys::parse_cpus)
+        .transpose()?
+    {
         sys::set_affinity(0, &cpus).map_err(|e| format!("pinning the load: {e}"))?;
     }
     let total = a.conns + a.others;
@@ -888,10 +912,17 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
                 .map_err(|e| format!("spawn: {e}"))?,
         );
     }
-    let opened_all = wait_for(&shared, "connecting", t0, Duration::from_secs(120), a.quiet, || {
-        shared.opened.load(Ordering::Relaxed) == a.conns as u64
-            && shared.others_opened.load(Ordering::Relaxed) == a.others as u64
-    });
+    let opened_all = wait_for(
+        &shared,
+        "connecting",
+        t0,
+        Duration::from_secs(120),
+        a.quiet,
+        || {
+            shared.opened.load(Ordering::Relaxed) == a.conns as u64
+                && shared.others_opened.load(Ordering::Relaxed) == a.others as u64
+        },
+    );
     let open_s = t0.elapsed().as_secs_f64();
     if !opened_all {
         shared.stop.store(true, Ordering::Relaxed);
@@ -943,7 +974,14 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
             a.conns, a.others, a.before_s
         );
     }
-    wait_for(&shared, "before", t0, Duration::from_secs_f64(a.before_s), a.quiet, || false);
+    wait_for(
+        &shared,
+        "before",
+        t0,
+        Duration::from_secs_f64(a.before_s),
+        a.quiet,
+        || false,
+    );
     // The kill.
     // Marked first, so that every connection end from here on counts as the storm's.
     let kill_at = Instant::now();
@@ -968,7 +1006,14 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
     );
     let converge_us = kill_at.elapsed().as_micros() as u64;
     shared.phase.store(2, Ordering::Relaxed);
-    wait_for(&shared, "after", t0, Duration::from_secs_f64(a.after_s), a.quiet, || false);
+    wait_for(
+        &shared,
+        "after",
+        t0,
+        Duration::from_secs_f64(a.after_s),
+        a.quiet,
+        || false,
+    );
     pub_stop.store(true, Ordering::Relaxed);
     let mut pub_out = PubOut {
         rtt: PHASES.iter().map(|_| new_histogram()).collect(),
@@ -987,9 +1032,14 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
     }
     shared.draining.store(true, Ordering::Relaxed);
     let threads = a.threads as u64;
-    let drained = wait_for(&shared, "drain", t0, Duration::from_secs(15), a.quiet, || {
-        shared.complete.load(Ordering::Relaxed) == threads
-    });
+    let drained = wait_for(
+        &shared,
+        "drain",
+        t0,
+        Duration::from_secs(15),
+        a.quiet,
+        || shared.complete.load(Ordering::Relaxed) == threads,
+    );
     // Survivors' view (before the clients go).
     let mut node_stats = Vec::new();
     for addr in &survivors_addrs {
@@ -1005,9 +1055,22 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
     shared.stop.store(true, Ordering::Relaxed);
     let mut outs = Vec::new();
     for h in handles {
-        outs.push(h.join().map_err(|_| "a client thread panicked".to_owned())?);
+        outs.push(
+            h.join()
+                .map_err(|_| "a client thread panicked".to_owned())?,
+        );
     }
-    report(a, &shared, outs, pub_out, node_stats, converged, converge_us, drained, open_s)
+    report(
+        a,
+        &shared,
+        outs,
+        pub_out,
+        node_stats,
+        converged,
+        converge_us,
+        drained,
+        open_s,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1052,8 +1115,11 @@ fn report(
         unexpected += o.unexpected_resets;
     }
     let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
-    let (reconnected, caught_up, gave_up) =
-        (get(&shared.reconnected), get(&shared.caught_up), get(&shared.gave_up));
+    let (reconnected, caught_up, gave_up) = (
+        get(&shared.reconnected),
+        get(&shared.caught_up),
+        get(&shared.gave_up),
+    );
     let bad_frames = get(&shared.bad_frames);
     let failed_attempts = get(&shared.failed_attempts);
     let initial_failed = get(&shared.initial_failed);
@@ -1071,7 +1137,10 @@ fn report(
         "resume-storm: {} nodes on one redis-server; node 0 held {} clients (one user each), {} other users on the survivors; {} ev/s to the storm users, {} ev/s to the others, through the survivors",
         a.nodes, a.conns, a.others, a.storm_rate, a.other_rate
     );
-    println!("  connected       all {} in {open_s:.1} s", a.conns + a.others);
+    println!(
+        "  connected       all {} in {open_s:.1} s",
+        a.conns + a.others
+    );
     println!(
         "{} converged     every storm client reconnected and caught up {} after the kill ({caught_up}/{conns} caught up)",
         flag(converged && caught_up == conns),
@@ -1119,7 +1188,10 @@ fn report(
         println!("  others {name:<7} {}", lat_line(&percentiles(h)));
     }
     for (name, h) in PHASES.iter().zip(&pub_out.rtt) {
-        println!("  publish {name:<6} POST -> 202: {}", lat_line(&percentiles(h)));
+        println!(
+            "  publish {name:<6} POST -> 202: {}",
+            lat_line(&percentiles(h))
+        );
     }
     let record = json!({
         "scenario": "resume-storm",
