@@ -1040,17 +1040,14 @@ fn run(a: &StormArgs, nodes: &mut Nodes, t0: Instant) -> Result<bool, String> {
         a.quiet,
         || shared.complete.load(Ordering::Relaxed) == threads,
     );
-    // Survivors' view (before the clients go).
+    // Survivors' `/ws/stats` (before the clients go): loop iterations, engine figures.
     let mut node_stats = Vec::new();
     for addr in &survivors_addrs {
         let v = match crate::driver::http_get(*addr, "/ws/stats") {
             Ok((200, body)) => serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
             _ => Value::Null,
         };
-        node_stats.push(json!({
-            "events": v.get("events").cloned().unwrap_or(Value::Null),
-            "connections": v.get("connections").cloned().unwrap_or(Value::Null),
-        }));
+        node_stats.push(v);
     }
     shared.stop.store(true, Ordering::Relaxed);
     let mut outs = Vec::new();
