@@ -1139,7 +1139,7 @@ fn report(
         a.conns + a.others
     );
     println!(
-        "{} converged     every storm client reconnected and caught up {} after the kill ({caught_up}/{conns} caught up)",
+        "{} converged     kill -> every storm client reconnected and caught up: {} ({caught_up}/{conns} caught up)",
         flag(converged && caught_up == conns),
         us(converge_us)
     );
@@ -1161,7 +1161,7 @@ fn report(
         "  handshakes      failed before retries: {failed_attempts} after the kill ({initial_failed} at the start) {failures:?}"
     );
     println!(
-        "{} after retries   clients that never got back: {gave_up}",
+        "{} after retries   clients that never got back (retries spent, or resumed:false): {gave_up}",
         flag(gave_up == 0)
     );
     println!(
