@@ -232,11 +232,14 @@ impl Worker {
         let mut last_sweep = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {
             // Start what is due, a few hundred at a time (the listen backlogs).
-            let mut in_flight = self
-                .clients
-                .iter()
-                .filter(|c| c.sock.as_ref().is_some_and(|s| s.state != SockState::Open))
-                .count();
+            let mut in_flight = if self.queue.is_empty() {
+                0
+            } else {
+                self.clients
+                    .iter()
+                    .filter(|c| c.sock.as_ref().is_some_and(|s| s.state != SockState::Open))
+                    .count()
+            };
             while in_flight < 256 {
                 let Some(i) = self.queue.pop_front() else {
                     break;
