@@ -53,6 +53,10 @@ pub struct ResumeArgs {
     /// Padding bytes in every event's data.
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
+    /// Wait this long after the last publish before coming back (0: at once; the
+    /// nodes may still be busy with the events just published).
+    #[arg(long, default_value_t = 0)]
+    pub away_ms: u64,
     #[command(flatten)]
     pub nodes: NodeArgs,
     /// Also write the JSON record to this file.
@@ -523,6 +527,7 @@ fn round(
     away_on: SocketAddr,
     back_on: SocketAddr,
     pad: &str,
+    away_ms: u64,
     conn: &mut Option<TcpStream>,
 ) -> Result<(u64, u64), String> {
     let user = nodes.user(user_index);
@@ -543,6 +548,9 @@ fn round(
             return Err(format!("POST /api/events answered {status}"));
         }
         n += k;
+    }
+    if away_ms > 0 {
+        std::thread::sleep(Duration::from_millis(away_ms));
     }
     let path = ws_path(Some((first.last_seq, &first.epoch)));
     let t0 = Instant::now();
@@ -604,7 +612,9 @@ fn measure(a: &ResumeArgs, server: &str) -> Result<ServerResult, String> {
     let mut conn = None;
     let mut err = None;
     for i in 0..a.repeat.max(1) {
-        match round(&nodes, i, a.events, away_on, back_on, &pad, &mut conn) {
+        match round(
+            &nodes, i, a.events, away_on, back_on, &pad, a.away_ms, &mut conn,
+        ) {
             Ok((tc, tl)) => {
                 res.connected.saturating_record(tc.max(1));
                 res.caught_up.saturating_record(tl.max(1));
@@ -709,6 +719,7 @@ pub fn resume(a: ResumeArgs) -> Result<bool, String> {
         "events": a.events,
         "repeat": a.repeat,
         "payload_bytes": a.payload_bytes,
+        "away_ms": a.away_ms,
         "pin_gateway": a.nodes.pin_gateway,
         "pin_load": a.nodes.pin_load,
         "servers": out,
