@@ -523,13 +523,12 @@ fn pct(h: &hdrhistogram::Histogram<u64>, q: f64) -> u64 {
 fn round(
     nodes: &Nodes,
     user_index: usize,
-    events: u64,
-    away_on: SocketAddr,
-    back_on: SocketAddr,
+    a: &ResumeArgs,
+    (away_on, back_on): (SocketAddr, SocketAddr),
     pad: &str,
-    away_ms: u64,
     conn: &mut Option<TcpStream>,
 ) -> Result<(u64, u64), String> {
+    let (events, away_ms) = (a.events, a.away_ms);
     let user = nodes.user(user_index);
     let token = nodes.token(&user)?;
     let mut msg = Vec::new();
@@ -612,9 +611,7 @@ fn measure(a: &ResumeArgs, server: &str) -> Result<ServerResult, String> {
     let mut conn = None;
     let mut err = None;
     for i in 0..a.repeat.max(1) {
-        match round(
-            &nodes, i, a.events, away_on, back_on, &pad, a.away_ms, &mut conn,
-        ) {
+        match round(&nodes, i, a, (away_on, back_on), &pad, &mut conn) {
             Ok((tc, tl)) => {
                 res.connected.saturating_record(tc.max(1));
                 res.caught_up.saturating_record(tl.max(1));
