@@ -11,7 +11,9 @@
 //! reconnects to a survivor (spread by user) after a random delay below
 //! `--reconnect-jitter-ms`, with `last_seq` + `epoch`; a failed attempt is retried after
 //! a full-jitter exponential backoff (`--backoff-ms` doubling, at most 5 s, at most
-//! `--max-attempts`), as the JS client does. A client has caught up when its
+//! `--max-attempts`): the shape of clients/js, with shorter defaults (clients/js: first
+//! attempt within 1 s, base 1 s, at most 30 s; `--reconnect-jitter-ms 1000
+//! --backoff-ms 1000` for its first steps). A client has caught up when its
 //! connection says `"resumed":true` and it holds every event acknowledged (202) for its
 //! user by the time its `connected` frame arrived. When every storm client has caught
 //! up (or `--converge-timeout-s` passed) the run goes on for `--after-s`, the
