@@ -78,6 +78,50 @@ run ramp-redis1 ramp --server redis1 --users 67 --conns-per-user 3 --start-rate 
 SMOKE_TIMEOUT=150 run soak soak --duration 60s --cycle-s 10 --warmup-cycles 2 --conns 150 \
     --rate 300 --concurrency 8 --churn-users 500 --gateway-set replay_ttl_ms=10000
 
+# Resume cost and the resume storm (src/resume.rs, src/resume_storm.rs; both check
+# every seq once and in order themselves and exit 1 otherwise; they take no --strict).
+run_own() {
+    local name=$1 pattern=$2
+    shift 2
+    local log="$LOGDIR/$name.log"
+    local t0=$SECONDS
+    if timeout "${SMOKE_TIMEOUT:-90}" "$LOADGEN" "$@" --quiet >"$log" 2>&1; then
+        passed=$((passed + 1))
+        echo "ok   $name ($((SECONDS - t0)) s): $(grep -m1 -E "$pattern" "$log" | sed 's/^ *//')"
+    else
+        local rc=$?
+        failed=$((failed + 1))
+        failures+=("$name")
+        echo "FAIL $name (exit $rc after $((SECONDS - t0)) s): $LOADGEN $*"
+        sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -40
+    fi
+}
+# 200 missed events, 5 rounds each on the memory engine, one Redis node, two nodes
+# (away from node 0, back on node 1).
+run_own resume '^  redis2 ' resume --events 200 --repeat 5
+# 3 nodes; node 0 holds 300 clients and is killed; 60 others on the survivors.
+run_own resume-storm 'converged' resume-storm --conns 300 --others 60 --storm-rate 300 \
+    --other-rate 200 --before-s 2 --after-s 2 --converge-timeout-s 20
+# The storm's checker: with replay_events=1 Redis keeps about one stream node (~100
+# events) per user; the killed node's 10 clients (200 events/s each) stay away for up to
+# 3 s, their resume answers resumed:false, and the run must exit 1.
+log="$LOGDIR/resume-storm-detects-loss.log"
+set +e
+timeout 90 "$LOADGEN" resume-storm --conns 10 --others 10 --storm-rate 2000 --other-rate 50 \
+    --before-s 1 --after-s 1 --converge-timeout-s 10 --reconnect-jitter-ms 3000 \
+    --gateway-set replay_events=1 --quiet >"$log" 2>&1
+rc=$?
+set -e
+if [[ $rc -eq 1 ]] && grep -q 'resumed=Some(false)' "$log"; then
+    passed=$((passed + 1))
+    echo "ok   resume-storm-detects-loss: resumed:false reported, exit 1"
+else
+    failed=$((failed + 1))
+    failures+=("resume-storm-detects-loss")
+    echo "FAIL resume-storm-detects-loss: expected exit 1 with resumed=Some(false), got exit $rc"
+    sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -20
+fi
+
 log="$LOGDIR/startup.log"
 if timeout 90 "$LOADGEN" startup --runs 5 >"$log" 2>&1; then
     passed=$((passed + 1))

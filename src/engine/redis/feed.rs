@@ -32,7 +32,10 @@ use crate::engine::{Delivered, EngineEvent};
 use crate::event::text_frame;
 
 /// How long one read waits for a message before the thread looks at its requests.
-const POLL: Duration = Duration::from_millis(20);
+/// An open (connect or resume) waits for its subscribe behind this read when the node
+/// is quiet: 20 ms made a resume take 10-25 ms on an idle node (`loadgen resume`,
+/// docs/CLUSTER.md "Figures"); 2 ms costs a timed-out read 500 times a second.
+const POLL: Duration = Duration::from_millis(2);
 /// An idle pub/sub connection is checked this often.
 const PING_EVERY: Duration = Duration::from_secs(1);
 

@@ -1111,7 +1111,7 @@ fn flush(conn: &mut Conn) -> io::Result<()> {
 }
 
 /// Queue one masked client frame.
-fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(0x80 | opcode);
     let len = payload.len().min(125); // control frames only
     out.push(0x80 | len as u8);
@@ -1122,7 +1122,7 @@ fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
 }
 
 /// A non-blocking socket connecting to `addr`, from `src` when given.
-fn open_socket(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStream> {
+pub fn open_socket(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
@@ -1162,7 +1162,7 @@ fn set_bind_no_port(socket: &socket2::Socket) -> io::Result<()> {
 
 /// Check a response head: 101 with the right accept key; else the reason, with the
 /// gateway's error code when the body carries one.
-fn check_upgrade(head: &[u8], body: &[u8], accept_key: &str) -> Result<(), String> {
+pub fn check_upgrade(head: &[u8], body: &[u8], accept_key: &str) -> Result<(), String> {
     let text = String::from_utf8_lossy(head);
     let mut lines = text.split("\r\n");
     let status = lines.next().unwrap_or("");

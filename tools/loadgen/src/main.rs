@@ -14,6 +14,12 @@
 //!   runs and the median (src/soak.rs).
 //! - `compare`: one scenario against agentwire and the comparison peers of tools/peers,
 //!   one after another; a table side by side and agentwire's ratios (src/compare.rs).
+//! - `resume`: resume cost: a client away while 1,000 events were published comes back
+//!   with `last_seq` + `epoch`; time to `connected` and to the last missed event, on the
+//!   memory engine, one Redis node, two (src/resume.rs).
+//! - `resume-storm`: kill -9 a Redis-engine node holding 5,000 connections; its clients
+//!   resume on the survivors: time to catch up, failed handshakes, the survivors' other
+//!   users' latency before / during / after (src/resume_storm.rs).
 //!
 //! `--server tokio|node|python` runs any scenario against a comparison peer instead of
 //! agentwire (started, pinned and sampled the same way). `--server redis1|redis2` runs
@@ -40,6 +46,8 @@ mod compare;
 mod driver;
 mod gateway;
 mod report;
+mod resume;
+mod resume_storm;
 mod soak;
 mod sys;
 
@@ -92,6 +100,13 @@ enum Scenario {
     /// `loadgen compare --servers agentwire,tokio ramp --users 1000 --pin-gateway 0 --pin-load 1`.
     /// Events come from the publish driver (the peers have no in-process emitters).
     Compare(CompareArgs),
+    /// Resume cost: a client away while N events were published comes back with
+    /// last_seq + epoch; time to `connected` and to the last missed event (src/resume.rs).
+    Resume(resume::ResumeArgs),
+    /// Resume storm: kill -9 a Redis-engine node holding thousands of connections; its
+    /// clients reconnect to the survivors and resume; time to catch up, failed
+    /// handshakes, survivors' latency (src/resume_storm.rs).
+    ResumeStorm(resume_storm::StormArgs),
 }
 
 #[derive(Args, Debug)]
@@ -479,6 +494,8 @@ fn main() -> ExitCode {
         Scenario::Soak(a) => soak::soak(a),
         Scenario::Startup(a) => soak::startup(a),
         Scenario::Compare(a) => compare_cmd(a),
+        Scenario::Resume(a) => resume::resume(a),
+        Scenario::ResumeStorm(a) => resume_storm::storm(a),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
