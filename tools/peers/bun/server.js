@@ -19,7 +19,8 @@
 // Not implemented: resume/replay, runs, client messages, limits. Slow consumers: a
 // socket with more than 1 MiB unsent is closed by Bun itself (`backpressureLimit` with
 // `closeOnBackpressureLimit`), the same bound as agentwire's and the node peer's
-// 1013 rule (the close is Bun's, not a 1013 frame). Bun pings idle sockets and closes
+// 1013 rule, except that Bun ends the connection without a close frame (checked: a
+// client that stopped reading got 3.8 MiB, then EOF). Bun pings idle sockets and closes
 // those silent for 120 s (its default; the load clients answer pings).
 //
 // Settings: --listen HOST:PORT (default 127.0.0.1:8080), AGENTWIRE_JWT_SECRET (or
