@@ -156,43 +156,64 @@ impl Floor {
         }
     }
 
-    /// Read everything there is (edge-triggered), then handle it.
+    /// Read everything there is (edge-triggered), then handle it. Reading stops at
+    /// [`MAX_REQUEST`] + [`MAX_HEAD`] buffered bytes; after handling, it goes on while
+    /// the handling made room (a pass that made none closes the connection: nothing
+    /// there is complete or small enough to handle).
     fn readable(&mut self, key: usize) {
-        let mut scratch = [0u8; 64 * 1024];
-        let mut eof = false;
-        {
-            let Some(c) = self.conns.get_mut(key) else {
-                return;
-            };
-            loop {
-                match c.stream.read(&mut scratch) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        c.inbuf.extend_from_slice(&scratch[..n]);
-                        if c.inbuf.len() > MAX_REQUEST + MAX_HEAD {
+        let mut scratch = vec![0u8; 64 * 1024];
+        loop {
+            let mut eof = false;
+            let mut capped = false;
+            let before;
+            {
+                let Some(c) = self.conns.get_mut(key) else {
+                    return;
+                };
+                loop {
+                    match c.stream.read(&mut scratch) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            c.inbuf.extend_from_slice(&scratch[..n]);
+                            if c.inbuf.len() > MAX_REQUEST + MAX_HEAD {
+                                capped = true;
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            eof = true;
                             break;
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        eof = true;
-                        break;
-                    }
                 }
+                before = c.inbuf.len();
             }
-        }
-        let is_ws = matches!(self.conns.get(key).map(|c| &c.kind), Some(Kind::Ws { .. }));
-        if is_ws {
-            self.ws_input(key);
-        } else {
-            self.http_input(key);
-        }
-        if eof {
-            self.drop_conn(key);
+            let is_ws = matches!(self.conns.get(key).map(|c| &c.kind), Some(Kind::Ws { .. }));
+            if is_ws {
+                self.ws_input(key);
+            } else {
+                self.http_input(key);
+            }
+            if eof {
+                self.drop_conn(key);
+                return;
+            }
+            if !capped {
+                return;
+            }
+            match self.conns.get(key) {
+                Some(c) if c.inbuf.len() < before && !c.closing => {}
+                Some(_) => {
+                    self.drop_conn(key);
+                    return;
+                }
+                None => return,
+            }
         }
     }
 
@@ -417,10 +438,16 @@ impl Floor {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        let batch = std::mem::take(&mut c.batch);
+        let mut batch = std::mem::take(&mut c.batch);
+        if c.closing {
+            // Closing (a close frame queued): nothing more goes after it.
+            batch.clear();
+            c.batch = batch;
+            return;
+        }
         let mut from = 0; // first range not fully written
         let mut skip = 0; // bytes of it already written
-        if c.out.is_empty() && !c.closing {
+        if c.out.is_empty() {
             'write: while from < batch.len() {
                 let upto = (from + MAX_IOV).min(batch.len());
                 let iov: Vec<IoSlice<'_>> = batch[from..upto]
@@ -466,7 +493,6 @@ impl Floor {
             let s = if i == from { s + skip } else { s };
             c.out.extend_from_slice(&self.arena[s..e]);
         }
-        let mut batch = batch;
         batch.clear();
         c.batch = batch;
         if c.out.len() > MAX_PENDING {
