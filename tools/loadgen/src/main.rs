@@ -107,7 +107,7 @@ struct CompareArgs {
     /// python, redis1, redis2 (agentwire on the Redis engine with 1 or 2 nodes), floor
     /// (the kernel floor: with it every server's rate and CPU per event are also given
     /// as a ratio to the floor's).
-    #[arg(long, default_value = "agentwire,tokio,node,python")]
+    #[arg(long, default_value = "agentwire,tokio,node,bun,python,floor")]
     servers: String,
     /// Runs per server; the servers take turns, and each one's median run (by the
     /// scenario's headline figure) is reported with the range.
