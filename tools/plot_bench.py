@@ -7,7 +7,7 @@ comparison peer, from the step records of `loadgen ramp` runs, into a PNG.
     target/peers-venv/bin/python tools/plot_bench.py cmp-ramp.json -o docs/bench-latency-vs-rate.png
 
     # or let it run the sweep (loadgen compare ... ramp) first:
-    target/peers-venv/bin/python tools/plot_bench.py --sweep --servers agentwire,tokio,node,python \\
+    target/peers-venv/bin/python tools/plot_bench.py --sweep --servers agentwire,tokio,node,bun,python,floor \\
         --sweep-args "--users 1000 --start-rate 1000 --factor 1.5 --step-s 3 --bound 1s --max-steps 9 --pin-gateway 0 --pin-load 1" \\
         --save-json target/sweep.json -o docs/bench-latency-vs-rate.png
 
@@ -26,13 +26,16 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ["agentwire", "tokio", "node", "python"]
-COLORS = {"agentwire": "#d62728", "tokio": "#1f77b4", "node": "#2ca02c", "python": "#9467bd"}
+ORDER = ["agentwire", "tokio", "node", "bun", "python", "floor"]
+COLORS = {"agentwire": "#d62728", "tokio": "#1f77b4", "node": "#2ca02c", "bun": "#ff7f0e",
+          "python": "#9467bd", "floor": "#7f7f7f"}
 LABELS = {
     "agentwire": "agentwire (mio, one reactor thread)",
     "tokio": "tokio + tokio-tungstenite",
     "node": "Node 20 + ws",
+    "bun": "Bun.serve (uWebSockets)",
     "python": "Python asyncio + websockets",
+    "floor": "kernel floor (one writev per connection per request)",
 }
 
 
@@ -146,7 +149,7 @@ def main():
     ap.add_argument("--title", default=None, help="plot title (\\n for a line break)")
     ap.add_argument("--sweep", action="store_true", help="run `loadgen compare ... ramp` first")
     ap.add_argument("--loadgen", default="target/release/loadgen")
-    ap.add_argument("--servers", default="agentwire,tokio,node,python")
+    ap.add_argument("--servers", default="agentwire,tokio,node,bun,python,floor")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument(
         "--sweep-args",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load-generator smoke test for CI: every loadgen scenario at small scale (about 200
-# connections, 1-2 s, low rates), asserting delivery only: no handshake failure, no
+# connections, 1-2 s, low rates; also against the kernel floor), asserting delivery only: no handshake failure, no
 # connection closed early, lost=0, duplicates=0, out-of-order=0 (`--strict`). Timings
 # are printed, never asserted (CI machines are noisy). A last run checks the checker:
 # evictions must be reported as losses.
@@ -73,6 +73,33 @@ run ramp ramp --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-ra
 # redis-server started for the run, connections spread over both, publishes through both.
 run fanout-redis2 fanout --server redis2 --users 67 --conns-per-user 3 --rate 600 --duration-s 2
 run ramp-redis1 ramp --server redis1 --users 67 --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 600 --step-s 1 --bound 60s
+# The kernel floor (src/floor.rs): the same frames with no gateway logic, checked the
+# same way (every frame, in order), then a tiny ramp comparison with agentwire that must
+# give agentwire's rate and CPU per event as a ratio to the floor.
+run fanout-floor fanout --server floor --users 67 --conns-per-user 3 --rate 600 --duration-s 2
+run burst-floor burst --server floor --users 4 --conns-per-user 1 --events 20000
+log="$LOGDIR/compare-floor.log"
+json="$LOGDIR/compare-floor.json"
+t0=$SECONDS
+rm -f "$json"
+if timeout 120 "$LOADGEN" compare --servers agentwire,floor --json "$json" ramp --users 67 \
+    --conns-per-user 3 --start-rate 300 --factor 2 --max-rate 1200 --step-s 1 --bound 60s \
+    --strict >"$log" 2>&1 && python3 - "$json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+assert [r["exit"] for r in c["runs"]] == [0, 0], c["runs"]
+r = c["floor_ratios"]["agentwire"]
+assert isinstance(r["rate"], float) and r["common_rate"] is not None, r
+PY
+then
+    passed=$((passed + 1))
+    echo "ok   compare-floor ($((SECONDS - t0)) s): $(grep -m1 -A1 'against the kernel floor' "$log" | tail -1 | sed 's/^ *//')"
+else
+    failed=$((failed + 1))
+    failures+=("compare-floor")
+    echo "FAIL compare-floor: $LOADGEN compare --servers agentwire,floor ramp ..."
+    sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -30
+fi
 # A short soak: replay_ttl_ms=10000 so the kept events reach their steady amount within
 # the two warm-up cycles.
 SMOKE_TIMEOUT=150 run soak soak --duration 60s --cycle-s 10 --warmup-cycles 2 --conns 150 \

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Comparison-peer smoke test for CI: sets up the peers (tools/peers/setup.sh: pinned
-# builds and installs), then for agentwire and each peer (tokio, node, python):
+# builds and installs), then for agentwire and each peer (tokio, node, bun, python):
 # - tools/peers/check_protocol.py: the protocol subset the comparison relies on (401s,
 #   connected frame, publish answers, per-user routing and seq, envelope);
 # - one tiny fanout through the publish driver (20 users x 3, 200 events/s, 2 s),
 #   asserting completeness and order (`--strict`); the same through the tokio peer's
 #   in-process emitter mode;
-# and one tiny `loadgen compare` over all four, which must produce a ratio for every
-# peer. Timings are printed, never asserted.
+# and one tiny `loadgen compare` over all of them and the kernel floor (loadgen's
+# `--server floor`), which must produce a ratio for every peer and a ratio to the floor
+# for every server. Timings are printed, never asserted.
 #
 #   bash tools/peers/smoke.sh              set up (build/install) and run
 #   SMOKE_NO_BUILD=1 bash ...              use what is already built and installed
@@ -80,9 +81,10 @@ run_check() {
 run_check agentwire target/release/agentwire serve --demo-agent false
 run_check tokio target/release/peer-tokio
 run_check node node tools/peers/node/server.js
+run_check bun target/peer-bun tools/peers/bun/server.js
 run_check python target/peers-venv/bin/python tools/peers/python/server.py
 
-for server in tokio node python; do
+for server in tokio node bun python; do
     log="$LOGDIR/fanout-$server.log"
     t0=$SECONDS
     if timeout 90 "$LOADGEN" fanout --server "$server" --users 20 --conns-per-user 3 --rate 200 \
@@ -107,18 +109,22 @@ log="$LOGDIR/compare.log"
 json="$LOGDIR/compare.json"
 t0=$SECONDS
 rm -f "$json"
-if timeout 150 "$LOADGEN" compare --servers agentwire,tokio,node,python --json "$json" \
+if timeout 150 "$LOADGEN" compare --servers agentwire,tokio,node,bun,python,floor --json "$json" \
     fanout --users 20 --conns-per-user 3 --rate 200 --duration-s 1 --strict >"$log" 2>&1 \
     && python3 - "$json" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))
-assert [r["exit"] for r in c["runs"]] == [0, 0, 0, 0], c["runs"]
-for peer in ("tokio", "node", "python"):
+assert [r["exit"] for r in c["runs"]] == [0] * 6, c["runs"]
+for peer in ("tokio", "node", "bun", "python"):
     r = c["ratios"][peer]
     assert isinstance(r["p99"], float) and isinstance(r["bytes_per_conn"], float), (peer, r)
+for server in ("agentwire", "tokio", "node", "bun", "python"):
+    r = c["floor_ratios"][server]
+    # CPU per event may be n/a at this tiny rate (a 10 ms tick of CPU time or none).
+    assert isinstance(r["rate"], float) and "cpu_per_event" in r, (server, r)
 PY
 then
-    ok "compare ($((SECONDS - t0)) s): 4 servers, ratios for every peer"
+    ok "compare ($((SECONDS - t0)) s): 5 servers and the floor, ratios for every peer and to the floor"
     sed -n '/^loadgen compare: fanout/,/^JSON/p' "$log" | grep -v '^JSON'
 else
     fail "compare" "$log"

@@ -10,6 +10,11 @@
 //! Ratios are agentwire's advantage (above 1: agentwire better): for throughput
 //! agentwire / peer (the sustainable rate of `ramp`, events/s delivered), for costs
 //! peer / agentwire (p99, CPU per delivered event, memory per connection).
+//!
+//! With `floor` among the servers (the kernel floor, src/floor.rs) every other server's
+//! rate and CPU per delivered event are also given as a ratio to the floor's: the rate
+//! as server / floor (1 = all the kernel allows), CPU per event as server / floor (how
+//! many times the bare writes' cost).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -448,6 +453,11 @@ fn report(rep: &Report<'_>) -> Result<(), String> {
     }
     record.insert("median".into(), Value::Object(med));
     record.insert("ratios".into(), ratios);
+    let floor = floor_ratios(&scenario, &medians);
+    for line in floor_lines(&medians, &floor) {
+        println!("{line}");
+    }
+    record.insert("floor_ratios".into(), floor);
     let text = Value::Object(record).to_string();
     println!("JSON {text}");
     if let Some(path) = json {
@@ -596,7 +606,7 @@ fn ratios(scenario: &str, medians: &[Median]) -> Value {
     };
     let mut out = Map::new();
     for (server, chosen, _) in medians {
-        if *server == ServerKind::Agentwire {
+        if matches!(server, ServerKind::Agentwire | ServerKind::Floor) {
             continue;
         }
         let Some((p, _)) = chosen else { continue };
@@ -696,6 +706,112 @@ fn ratio_lines(medians: &[Median], ratios: &Value) -> Vec<String> {
     lines
 }
 
+/// Per figure and per row: (offered rate, p99 us, CPU %, within the bound) of ramp steps.
+type Step = (f64, f64, f64, bool);
+
+/// The highest offered rate both `a` and `b` passed: their steps there.
+fn common_step(a: &[Step], b: &[Step]) -> Option<(Step, Step)> {
+    a.iter()
+        .filter(|x| x.3)
+        .filter_map(|x| {
+            b.iter()
+                .find(|y| y.3 && (y.0 - x.0).abs() < 1.0)
+                .map(|y| (*x, *y))
+        })
+        .max_by(|x, y| x.0 .0.total_cmp(&y.0 .0))
+}
+
+/// Every server's figures as a ratio to the kernel floor's (`{}` without a floor run):
+/// `rate` server / floor (the sustainable rate of ramp, events/s delivered otherwise;
+/// 1 = all the kernel allows), `cpu_per_event` and `p99` server / floor (ramp: at the
+/// highest offered rate both passed).
+fn floor_ratios(scenario: &str, medians: &[Median]) -> Value {
+    let Some(fl) = medians
+        .iter()
+        .find(|m| m.0 == ServerKind::Floor)
+        .and_then(|m| m.1.as_ref().map(|c| c.0.clone()))
+    else {
+        return json!({});
+    };
+    if scenario == "idle" {
+        return json!({});
+    }
+    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => {
+            Some((a / b * 100.0).round() / 100.0)
+        }
+        _ => None,
+    };
+    let per_event = |r: &Row| match (r.cpu, r.delivered) {
+        (Some(c), Some(d)) if d > 0.0 => Some(c / d),
+        _ => None,
+    };
+    let mut out = Map::new();
+    for (server, chosen, _) in medians {
+        if *server == ServerKind::Floor {
+            continue;
+        }
+        let Some((p, _)) = chosen else { continue };
+        let mut m = Map::new();
+        if scenario == "ramp" {
+            m.insert("rate".into(), json!(div(p.sustainable, fl.sustainable)));
+            let common = common_step(&p.steps, &fl.steps);
+            m.insert("common_rate".into(), json!(common.map(|c| c.0 .0)));
+            // Same offered rate, so CPU % is CPU per event.
+            m.insert(
+                "cpu_per_event".into(),
+                json!(common.and_then(|(a, b)| div(Some(a.2), Some(b.2)))),
+            );
+            m.insert(
+                "p99".into(),
+                json!(common.and_then(|(a, b)| div(Some(a.1), Some(b.1)))),
+            );
+        } else {
+            m.insert("rate".into(), json!(div(p.delivered, fl.delivered)));
+            m.insert(
+                "cpu_per_event".into(),
+                json!(div(per_event(p), per_event(&fl))),
+            );
+            m.insert("p99".into(), json!(div(p.p99, fl.p99)));
+        }
+        out.insert(server.name().into(), Value::Object(m));
+    }
+    Value::Object(out)
+}
+
+fn floor_lines(medians: &[Median], ratios: &Value) -> Vec<String> {
+    let Some(obj) = ratios.as_object().filter(|o| !o.is_empty()) else {
+        return Vec::new();
+    };
+    let mut lines = vec![
+        "  against the kernel floor (server / floor; rate 1 = all the kernel allows, CPU per event: times the bare writes' cost):"
+            .to_owned(),
+    ];
+    for (server, _, _) in medians {
+        let Some(m) = obj.get(server.name()) else {
+            continue;
+        };
+        let f = |k: &str| {
+            m.get(k)
+                .and_then(Value::as_f64)
+                .map_or("n/a".to_owned(), |x| format!("x{x:.2}"))
+        };
+        let at = m
+            .get("common_rate")
+            .and_then(Value::as_f64)
+            .map(|r| format!(" (CPU and p99 at {r:.0} events/s, the highest step both passed)"))
+            .unwrap_or_default();
+        lines.push(format!(
+            "    {:<9} rate {}; CPU per delivered event {}; p99 {}{at}",
+            server.name(),
+            f("rate"),
+            f("cpu_per_event"),
+            f("p99")
+        ));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -770,6 +886,44 @@ mod tests {
         assert_eq!(t["p99"], json!(2.0));
         assert_eq!(t["cpu_per_event"], json!(1.5));
         assert_eq!(t["bytes_per_conn"], json!(1.0));
+    }
+
+    #[test]
+    fn floor_ratios_give_each_server_against_the_floor() {
+        let aw = ramp_record(
+            Some(2000.0),
+            &[(1000.0, 500, 10.0, true), (2000.0, 600, 20.0, true)],
+        );
+        let fl = ramp_record(
+            Some(4000.0),
+            &[
+                (1000.0, 250, 4.0, true),
+                (2000.0, 300, 8.0, true),
+                (4000.0, 400, 16.0, true),
+            ],
+        );
+        let medians: Vec<Median> = vec![
+            (
+                ServerKind::Agentwire,
+                Some((Row::from_record("ramp", &aw), aw)),
+                vec![2000.0],
+            ),
+            (
+                ServerKind::Floor,
+                Some((Row::from_record("ramp", &fl), fl)),
+                vec![4000.0],
+            ),
+        ];
+        let r = floor_ratios("ramp", &medians);
+        let a = &r["agentwire"];
+        assert_eq!(a["rate"], json!(0.5));
+        assert_eq!(a["common_rate"], json!(2000.0));
+        assert_eq!(a["cpu_per_event"], json!(2.5));
+        assert_eq!(a["p99"], json!(2.0));
+        assert!(r.get("floor").is_none());
+        // The floor is no peer of agentwire's ratios.
+        assert_eq!(ratios("ramp", &medians), json!({}));
+        assert_eq!(floor_ratios("ramp", &medians[..1]), json!({}));
     }
 
     #[test]

@@ -237,6 +237,10 @@ pub struct PublishConfig {
     pub pad: String,
     /// Run the publisher threads in SCHED_FIFO at this priority.
     pub rt_prio: Option<i32>,
+    /// The kernel floor (src/floor.rs) is the server: the body is one line per event,
+    /// `USER_ID SP FRAME`, the frame rendered here as agentwire would write it (the
+    /// envelope with `seq` = this user's count + 1: each user has one publisher thread).
+    pub floor: bool,
 }
 
 impl Publisher {
@@ -432,6 +436,21 @@ impl PubThread {
             return;
         };
         let user = self.cfg.user_ids.get(u).map_or("", String::as_str);
+        if self.cfg.floor {
+            let seq = *n + 1;
+            let ts = t_us / 1000;
+            let _ = write!(
+                body,
+                r#"{user} {{"type":"text_delta","seq":{seq},"user_id":"{user}","thread_id":null,"run_id":"r-{user}","agent_name":"loadgen","ts":{ts},"data":{{"t_us":{t_us},"n":{n},"p":{phase}"#
+            );
+            if !self.cfg.pad.is_empty() {
+                let _ = write!(body, r#","pad":"{}""#, self.cfg.pad);
+            }
+            body.extend_from_slice(b"}}\n");
+            *n += 1;
+            *in_body += 1;
+            return;
+        }
         body.push(if *in_body == 0 { b'[' } else { b',' });
         // User ids are generated as [a-z0-9-]: no JSON escaping needed.
         let _ = write!(
@@ -447,7 +466,9 @@ impl PubThread {
     }
 
     fn post(&mut self, body: &mut Vec<u8>, in_body: &mut usize, done: &mut PhaseDone) {
-        body.push(b']');
+        if !self.cfg.floor {
+            body.push(b']');
+        }
         let n = *in_body as u64;
         match self.request(body) {
             Ok(202) => {

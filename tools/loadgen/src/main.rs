@@ -21,8 +21,11 @@
 //!   resume on the survivors: time to catch up, failed handshakes, the survivors' other
 //!   users' latency before / during / after (src/resume_storm.rs).
 //!
-//! `--server tokio|node|python` runs any scenario against a comparison peer instead of
-//! agentwire (started, pinned and sampled the same way). `--server redis1|redis2` runs
+//! `--server tokio|node|bun|python` runs any scenario against a comparison peer instead
+//! of agentwire (started, pinned and sampled the same way). `--server floor` runs it
+//! against the kernel floor (src/floor.rs: the same frames written to the same sockets
+//! with one `writev` per connection per request, no gateway logic), the bound every
+//! figure is also given as a ratio to. `--server redis1|redis2` runs
 //! agentwire on the Redis engine with one or two nodes on one `redis-server`:
 //! connections spread over the nodes, publishes through every node, and the record
 //! gets the nodes' and Redis's CPU per delivered frame and Redis round trips per event
@@ -44,6 +47,7 @@ mod client;
 mod cluster;
 mod compare;
 mod driver;
+mod floor;
 mod gateway;
 mod report;
 mod resume;
@@ -107,13 +111,18 @@ enum Scenario {
     /// clients reconnect to the survivors and resume; time to catch up, failed
     /// handshakes, survivors' latency (src/resume_storm.rs).
     ResumeStorm(resume_storm::StormArgs),
+    /// The kernel floor's server (src/floor.rs), started by loadgen for `--server floor`.
+    #[command(hide = true)]
+    FloorServer(floor::FloorArgs),
 }
 
 #[derive(Args, Debug)]
 struct CompareArgs {
-    /// Servers to run, comma-separated, in this order: agentwire, tokio, node, python,
-    /// redis1, redis2 (agentwire on the Redis engine with 1 or 2 nodes).
-    #[arg(long, default_value = "agentwire,tokio,node,python")]
+    /// Servers to run, comma-separated, in this order: agentwire, tokio, node, bun,
+    /// python, redis1, redis2 (agentwire on the Redis engine with 1 or 2 nodes), floor
+    /// (the kernel floor: with it every server's rate and CPU per event are also given
+    /// as a ratio to the floor's).
+    #[arg(long, default_value = "agentwire,tokio,node,bun,python,floor")]
     servers: String,
     /// Runs per server; the servers take turns, and each one's median run (by the
     /// scenario's headline figure) is reported with the range.
@@ -143,7 +152,7 @@ fn compare_cmd(a: CompareArgs) -> RunResult<bool> {
     for s in a.servers.split(',').filter(|s| !s.trim().is_empty()) {
         servers.push(ServerKind::parse(s).ok_or_else(|| {
             format!(
-                "--servers: unknown server {s:?} (agentwire, tokio, node, python, redis1, redis2)"
+                "--servers: unknown server {s:?} (agentwire, tokio, node, bun, python, redis1, redis2, floor)"
             )
         })?);
     }
@@ -174,6 +183,8 @@ enum ServerKind {
     Tokio,
     /// tools/peers/node: Node + ws (publish driver only).
     Node,
+    /// tools/peers/bun: Bun.serve, uWebSockets inside (publish driver only).
+    Bun,
     /// tools/peers/python: Python asyncio + websockets (publish driver only).
     Python,
     /// agentwire on the Redis engine, one node (`agentwire serve --engine redis`; a
@@ -182,6 +193,10 @@ enum ServerKind {
     /// agentwire on the Redis engine, two nodes on one Redis: connections spread over
     /// both, publishes through both (publish driver only).
     Redis2,
+    /// The kernel floor (src/floor.rs: `loadgen floor-server`): the publish driver's
+    /// frames, already rendered, written to the users' sockets with one `writev` per
+    /// connection per request; no gateway logic (publish driver only).
+    Floor,
 }
 
 impl ServerKind {
@@ -190,7 +205,9 @@ impl ServerKind {
             ServerKind::Agentwire => "agentwire",
             ServerKind::Tokio => "tokio",
             ServerKind::Node => "node",
+            ServerKind::Bun => "bun",
             ServerKind::Python => "python",
+            ServerKind::Floor => "floor",
             ServerKind::Redis1 => "redis1",
             ServerKind::Redis2 => "redis2",
         }
@@ -223,6 +240,10 @@ struct Common {
     /// Node for `--server node` (runs tools/peers/node/server.js).
     #[arg(long, default_value = "node")]
     peer_node: PathBuf,
+    /// Bun for `--server bun` (runs tools/peers/bun/server.js; the binary from the npm
+    /// package, linked by `bash tools/peers/setup.sh --only bun`).
+    #[arg(long, default_value = "target/peer-bun")]
+    peer_bun: PathBuf,
     /// Python for `--server python` (runs tools/peers/python/server.py).
     #[arg(long, default_value = "target/peers-venv/bin/python")]
     peer_python: PathBuf,
@@ -473,11 +494,23 @@ impl Common {
                 args: vec![script("node/server.js")],
                 setup_hint: "bash tools/peers/setup.sh --only node",
             }),
+            ServerKind::Bun => Some(gateway::PeerCommand {
+                name: "bun",
+                program: self.peer_bun.clone(),
+                args: vec![script("bun/server.js")],
+                setup_hint: "bash tools/peers/setup.sh --only bun",
+            }),
             ServerKind::Python => Some(gateway::PeerCommand {
                 name: "python",
                 program: self.peer_python.clone(),
                 args: vec![script("python/server.py")],
                 setup_hint: "bash tools/peers/setup.sh --only python",
+            }),
+            ServerKind::Floor => Some(gateway::PeerCommand {
+                name: "floor",
+                program: std::env::current_exe().unwrap_or_else(|_| "loadgen".into()),
+                args: vec!["floor-server".into()],
+                setup_hint: "cargo build --release -p loadgen",
             }),
         }
     }
@@ -493,6 +526,15 @@ fn main() -> ExitCode {
         Scenario::Ramp(a) => ramp(a),
         Scenario::Soak(a) => soak::soak(a),
         Scenario::Startup(a) => soak::startup(a),
+        Scenario::FloorServer(a) => {
+            return match floor::serve(a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("loadgen floor-server: {e}");
+                    ExitCode::from(3)
+                }
+            };
+        }
         Scenario::Compare(a) => compare_cmd(a),
         Scenario::Resume(a) => resume::resume(a),
         Scenario::ResumeStorm(a) => resume_storm::storm(a),
@@ -928,6 +970,7 @@ impl Run {
                     burst_batch: 200,
                     pad: "x".repeat(common.payload_bytes),
                     rt_prio: common.rt_prio,
+                    floor: common.server == ServerKind::Floor,
                 })
                 .map_err(io_err("starting the publishers"))?,
             ),
@@ -1016,6 +1059,10 @@ impl Run {
                 b.emitter_tids.len(),
                 b.pid
             ),
+            Some(Process::Binary(c)) if self.common.server == ServerKind::Floor => format!(
+                "the kernel floor (loadgen floor-server, src/floor.rs: the driver's frames written with one writev per connection per request, no gateway logic), pid {}",
+                c.id()
+            ),
             Some(Process::Binary(c)) => match self.common.peer() {
                 Some(p) => format!(
                     "peer {} (tools/peers/{}: {}), pid {}",
@@ -1024,6 +1071,7 @@ impl Run {
                     match self.common.server {
                         ServerKind::Tokio => "tokio + tokio-tungstenite",
                         ServerKind::Node => "Node + ws",
+                        ServerKind::Bun => "Bun.serve, uWebSockets inside",
                         _ => "Python asyncio + websockets",
                     },
                     c.id()
