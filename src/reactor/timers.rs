@@ -73,6 +73,14 @@ impl Reactor {
         };
         conn.timer = None;
         let session = match &mut conn.phase {
+            // A request waiting for the engine's answer (Redis engine: a publish or an
+            // upgrade's open) is not cut off: the engine answers every request within a
+            // few `redis_timeout_ms` (503 `engine_unavailable` at worst), and the
+            // answer re-arms the deadline.
+            Phase::Http(st) if st.engine_wait => {
+                let wait = self.s.config.handshake_timeout_ms;
+                return self.rearm_phase(id, wait);
+            }
             Phase::Http(_) => return self.close(id, CloseReason::HandshakeTimeout),
             Phase::Closing => return self.finish(id),
             Phase::Open(session) => session,

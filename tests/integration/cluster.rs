@@ -1083,3 +1083,35 @@ fn each_run_counts_once_on_the_node_whose_publish_began_or_ended_it() {
     assert_eq!(s0 + s1, 3.0);
     assert_eq!(f0 + f1, 1.0);
 }
+
+/// A request waiting for the engine is answered, not cut off by the connection's
+/// handshake / keep-alive deadline: with `handshake_timeout_ms` shorter than
+/// `redis_timeout_ms` and Redis paused, a publish gets 503 `engine_unavailable` and an
+/// upgrade its 503 refusal (before, the deadline closed both with no answer).
+#[test]
+fn a_request_waiting_for_redis_outlives_the_handshake_deadline_and_is_answered() {
+    let redis = RedisServer::start();
+    let mut cfg = redis_config(&redis, "n0");
+    cfg.set("handshake_timeout_ms", "150").expect("handshake");
+    cfg.set("redis_timeout_ms", "800")
+        .expect("redis_timeout_ms");
+    let n0 = TestGateway::start(cfg, Agent::None);
+    publish_one(n0.addr, "hd-u1", "r-1", 0);
+
+    redis.pause();
+    let r = publish(
+        n0.addr,
+        &json!([pub_event(
+            "text_delta",
+            "hd-u1",
+            None,
+            "r-1",
+            json!({ "i": 1 })
+        )]),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "engine_unavailable");
+    let r = upgrade(n0.addr, "/ws", &[bearer(&token("hd-u2"))]);
+    assert_refusal(&r, 503, "engine_unavailable");
+    redis.resume();
+}
