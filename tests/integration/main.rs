@@ -12,6 +12,7 @@ mod client_input;
 mod cluster;
 mod cluster_agui;
 mod cluster_chaos;
+mod cluster_sentinel;
 mod conformance_route;
 mod deadlines;
 mod demo_page;

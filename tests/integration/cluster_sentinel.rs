@@ -1,0 +1,242 @@
+//! The Redis engine behind Sentinel and over TLS (PROTOCOL.md section 9, docs/CLUSTER.md
+//! "Sentinel and TLS"), against real processes: a master, a replica and three sentinels
+//! (`support/sentinel.rs`), `kill -9` of the master, and a TLS-only `redis-server` with
+//! a private CA (and with the wrong one). Every check is per event (seq and data).
+
+use serde_json::{json, Value};
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Publish event `i` of `user` through `addr` with an idempotency key (a retry of a
+/// 503 whose outcome is unknown is stored once), retrying until 202 for up to `within`.
+fn publish_until_accepted(addr: SocketAddr, user: &str, i: u64, within: Duration) {
+    let mut ev = pub_event("text_delta", user, None, "r-1", json!({ "i": i }));
+    ev["idempotency_key"] = json!(format!("{user}-{i}"));
+    let body = json!([ev]);
+    let mut last = String::new();
+    wait_long(
+        &format!("event {i} accepted (last answer: {last})"),
+        within,
+        || {
+            let r = publish(addr, &body);
+            last = format!("{} {}", r.status, r.text());
+            match r.status {
+                202 => true,
+                503 => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    false
+                }
+                _ => panic!("publish of event {i}: {last}"),
+            }
+        },
+    );
+}
+
+/// The `data.i` of each event, checking they all belong to `user`.
+fn ids(events: &[Value], user: &str) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["user_id"], user, "cross-user delivery: {e}");
+            e["data"]["i"].as_u64().expect("data.i")
+        })
+        .collect()
+}
+
+/// A node on `url` whose engine is connected (`/health` 200).
+fn ready_node(url: &str, name: &str, more: &[(&str, &str)]) -> TestGateway {
+    let mut cfg = engine_config(url, name);
+    for (k, v) in more {
+        cfg.set(k, v).expect("setting");
+    }
+    let node = TestGateway::start(cfg, Agent::None);
+    wait_long("the node's engine connects", FAILOVER_WAIT, || {
+        get_json(node.addr, "/health").0 == 200
+    });
+    node
+}
+
+/// After a failover: the client's next frame is the event `seq` (pub/sub delivered it)
+/// or a 1013 close (the node saw it may have missed some: resume).
+fn next_event_or_1013(c: &mut Client, seq: u64) {
+    match c.next_frame(FAILOVER_WAIT) {
+        Frame::Json(v) => assert_eq!(v["seq"], seq, "{v}"),
+        Frame::Close(Some((1013, _))) => {}
+        other => panic!("expected event {seq} or 1013 after the failover, got {other:?}"),
+    }
+}
+
+#[test]
+fn nodes_follow_a_sentinel_failover_after_kill_9_of_the_master_and_clients_resume_exactly() {
+    let mut set = SentinelSet::start();
+    let url = set.url();
+    let n0 = ready_node(&url, "s0", &[]);
+    let n1 = ready_node(&url, "s1", &[]);
+    let user = "fo-u1";
+    let mut c = n0.connect(user);
+    for i in 0..3 {
+        publish_until_accepted(n1.addr, user, i, WAIT);
+    }
+    let seen = c.recv_events(3);
+    assert_contiguous(&seen, 1);
+    assert_eq!(ids(&seen, user), [0, 1, 2]);
+    let epoch = epoch_of(&c);
+    // Replication is asynchronous: what the replica has is what survives. Here it has
+    // everything (WAIT); docs/CLUSTER.md says what happens to writes it lacks.
+    set.sync_replica();
+
+    set.master.kill();
+    wait_long("the sentinels promote the replica", FAILOVER_WAIT, || {
+        set.master_port() == Some(set.replica.port)
+    });
+    // The nodes follow by themselves: publishing through either works again.
+    publish_until_accepted(n1.addr, user, 3, FAILOVER_WAIT);
+    next_event_or_1013(&mut c, 4);
+    // The history survived: same epoch, exact resume on the other node.
+    let mut back = connect_path(n1.addr, user, &format!("/ws?last_seq=3&epoch={epoch}"));
+    assert_eq!(back.connected["resumed"], true, "{}", back.connected);
+    assert_eq!(back.connected["epoch"], epoch.as_str());
+    assert_eq!(back.last_seq(), 4);
+    let missed = back.recv_events(1);
+    assert_contiguous(&missed, 4);
+    assert_eq!(ids(&missed, user), [3]);
+    // Delivery goes on through both nodes, to connections on both.
+    let mut fresh = n0.connect(user);
+    assert_eq!(fresh.last_seq(), 4);
+    publish_until_accepted(n0.addr, user, 4, FAILOVER_WAIT);
+    for cl in [&mut back, &mut fresh] {
+        let got = cl.recv_events(1);
+        assert_contiguous(&got, 5);
+        assert_eq!(ids(&got, user), [4]);
+    }
+    for n in [&n0, &n1] {
+        let engine = &n.stats()["engine"];
+        assert_eq!(engine["connected"], true, "{engine}");
+        assert!(engine["reconnects"].as_u64() >= Some(1), "{engine}");
+    }
+}
+
+#[test]
+fn nodes_follow_a_graceful_sentinel_failover_away_from_a_master_that_stays_up() {
+    let set = SentinelSet::start();
+    let url = set.url();
+    let n0 = ready_node(&url, "g0", &[]);
+    let n1 = ready_node(&url, "g1", &[]);
+    let user = "gf-u1";
+    let mut c = n0.connect(user);
+    publish_until_accepted(n1.addr, user, 0, WAIT);
+    assert_contiguous(&c.recv_events(1), 1);
+    let epoch = epoch_of(&c);
+
+    // The old master becomes a replica of the new one: writes to it are READONLY.
+    let mut s = plain_con(set.sentinels[0].port).expect("sentinel");
+    let _: String = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(MASTER_NAME)
+        .query(&mut s)
+        .expect("SENTINEL FAILOVER");
+    wait_long("the replica is the master", FAILOVER_WAIT, || {
+        set.master_port() == Some(set.replica.port)
+    });
+    wait_long("the old master is a replica", FAILOVER_WAIT, || {
+        plain_con(set.master.port)
+            .and_then(|mut c| redis::cmd("ROLE").query::<Vec<redis::Value>>(&mut c))
+            .is_ok_and(|r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"slave"))
+    });
+    publish_until_accepted(n1.addr, user, 1, FAILOVER_WAIT);
+    next_event_or_1013(&mut c, 2);
+    // A graceful failover loses nothing: the resume is exact.
+    let mut back = connect_path(n0.addr, user, &format!("/ws?last_seq=1&epoch={epoch}"));
+    assert_eq!(back.connected["resumed"], true, "{}", back.connected);
+    assert_eq!(ids(&back.recv_events(1), user), [1]);
+    // The new master holds it (the nodes write there, not to the old one).
+    let mut m = plain_con(set.replica.port).expect("new master");
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut m).expect("ROLE");
+    assert!(
+        matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
+        "{role:?}"
+    );
+}
+
+#[test]
+fn rediss_with_a_private_ca_carries_everything_and_a_wrong_ca_is_degraded_not_a_crash() {
+    let cert = tls::TestCert::new();
+    let files = tls::CertFiles::new("redis", &cert);
+    let server = TlsRedis::start(&files);
+    let url = server.url();
+    let ca = files.cert.to_str().expect("utf-8").to_owned();
+    let n0 = ready_node(&url, "t0", &[("redis_tls_ca_file", &ca)]);
+    let n1 = ready_node(&url, "t1", &[("redis_tls_ca_file", &ca)]);
+    let user = "tls-u1";
+    let mut c = n0.connect(user);
+    for i in 0..3 {
+        publish_until_accepted(n1.addr, user, i, WAIT);
+    }
+    let got = c.recv_events(3);
+    assert_contiguous(&got, 1);
+    assert_eq!(ids(&got, user), [0, 1, 2]);
+    let epoch = epoch_of(&c);
+    let mut back = connect_path(n1.addr, user, &format!("/ws?last_seq=1&epoch={epoch}"));
+    assert_eq!(back.connected["resumed"], true, "{}", back.connected);
+    assert_eq!(ids(&back.recv_events(2), user), [1, 2]);
+
+    // A CA that did not sign the server's certificate: the node starts, says Redis is
+    // unavailable (degraded, 503 on publish), and the reason is in its log.
+    let other = tls::TestCert::new();
+    let other_files = tls::CertFiles::new("redis-wrong", &other);
+    let wrong = other_files.cert.to_str().expect("utf-8").to_owned();
+    let mut cfg = engine_config(&url, "t2");
+    cfg.set("redis_tls_ca_file", &wrong).expect("setting");
+    let n2 = TestGateway::start(cfg, Agent::None);
+    wait_until("/health degraded with the wrong CA", || {
+        let (status, body) = get_json(n2.addr, "/health");
+        status == 503 && body["status"] == "degraded"
+    });
+    let r = publish(
+        n2.addr,
+        &json!([pub_event(
+            "text_delta",
+            user,
+            None,
+            "r-1",
+            json!({ "i": 9 })
+        )]),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "engine_unavailable");
+    assert_eq!(n2.stats()["engine"]["connected"], false);
+    // The other nodes are unharmed.
+    publish_until_accepted(n0.addr, user, 3, WAIT);
+    assert_eq!(ids(&c.recv_events(1), user), [3]);
+}
+
+#[test]
+fn a_missing_or_empty_ca_file_and_a_bad_url_refuse_to_start_with_a_clear_error() {
+    let dir = Scratch::new("redis-ca");
+    let empty = dir.0.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").expect("write");
+    let missing = dir.0.join("missing.pem");
+    for (url, ca, says) in [
+        (
+            "rediss://127.0.0.1:1",
+            missing.to_str(),
+            "redis_tls_ca_file: cannot read",
+        ),
+        ("rediss://127.0.0.1:1", empty.to_str(), "no certificate"),
+        ("redis+sentinel://127.0.0.1:1", None, "/<master_name>"),
+        ("redis://127.0.0.1:1", empty.to_str(), "does not use TLS"),
+    ] {
+        let mut cfg = engine_config(url, "bad");
+        if let Some(ca) = ca {
+            cfg.set("redis_tls_ca_file", ca).expect("setting");
+        }
+        let err = match agentwire::Gateway::new(cfg) {
+            Ok(_) => panic!("{url} with {ca:?} started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(says), "{url} {ca:?}: {err}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Redis behind Sentinel and Redis over TLS, as real processes (Debian's `redis-server`,
+//! which is also the sentinel: `redis-server <conf> --sentinel`): a master, a replica
+//! (`--replicaof`) and three sentinels watching them ([`SentinelSet`], a small
+//! `down-after-milliseconds` so a failover takes seconds), and a TLS-only server
+//! ([`TlsRedis`], `--tls-port`). Everything is killed and its files removed on drop.
+
+#![allow(dead_code)] // each test module uses its own subset
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use super::*;
+
+/// The name the sentinels know the master by.
+pub const MASTER_NAME: &str = "awmaster";
+/// How long a failover may take here at most (detection, election, promotion, the
+/// nodes' reconnect backoff), on a loaded machine.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// A scratch directory of one test; removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("agentwire-it-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `redis-server` process (a server or a sentinel); killed on drop.
+pub struct Proc {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(port: u16, args: &[String]) -> Proc {
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (bash tools/test.sh installs it with apt)");
+        Proc {
+            port,
+            child: Some(child),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain connection to `127.0.0.1:port` (the redis crate, as the gateway uses).
+pub fn plain_con(port: u16) -> ::redis::RedisResult<::redis::Connection> {
+    let c = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let con = c.get_connection_with_timeout(Duration::from_secs(2))?;
+    con.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(con)
+}
+
+/// Wait until `f` holds, for up to `within`.
+pub fn wait_long(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A master, its replica and three sentinels (quorum 2).
+pub struct SentinelSet {
+    pub master: Proc,
+    pub replica: Proc,
+    pub sentinels: Vec<Proc>,
+    _dir: Scratch,
+}
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let dir = Scratch::new("sentinel");
+        let server = |port: u16, extra: &[&str]| {
+            let mut args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.0.to_str().expect("utf-8 dir"),
+                "--dbfilename",
+                &format!("dump-{port}.rdb"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            Proc::spawn(port, &args)
+        };
+        let master = server(free_port(), &[]);
+        wait_until("the master answers", || plain_con(master.port).is_ok());
+        let mport = master.port.to_string();
+        let replica = server(free_port(), &["--replicaof", "127.0.0.1", &mport]);
+        wait_until("the replica is in sync", || {
+            plain_con(replica.port)
+                .and_then(|mut c| {
+                    ::redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut c)
+                })
+                .is_ok_and(|info| info.contains("master_link_status:up"))
+        });
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = dir.0.join(format!("sentinel-{i}.conf"));
+                // Sentinel rewrites its file (what it learnt): one per sentinel.
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                         sentinel monitor {MASTER_NAME} 127.0.0.1 {mport} 2\n\
+                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                         sentinel failover-timeout {MASTER_NAME} 10000\n\
+                         sentinel parallel-syncs {MASTER_NAME} 1\n",
+                        dir = dir.0.display()
+                    ),
+                )
+                .expect("write sentinel.conf");
+                Proc::spawn(
+                    port,
+                    &[
+                        conf.to_str().expect("utf-8 path").to_owned(),
+                        "--sentinel".to_owned(),
+                    ],
+                )
+            })
+            .collect::<Vec<_>>();
+        let set = SentinelSet {
+            master,
+            replica,
+            sentinels,
+            _dir: dir,
+        };
+        // Every sentinel sees the replica and the two others (they find each other
+        // through the master's hello channel, every 2 s): a failover can be agreed.
+        for s in &set.sentinels {
+            wait_long("the sentinels know each other", FAILOVER_WAIT, || {
+                plain_con(s.port)
+                    .and_then(|mut c| {
+                        ::redis::cmd("SENTINEL")
+                            .arg("CKQUORUM")
+                            .arg(MASTER_NAME)
+                            .query::<String>(&mut c)
+                    })
+                    .is_ok_and(|ok| ok.contains("3 usable"))
+                    && plain_con(s.port)
+                        .and_then(|mut c| {
+                            ::redis::cmd("SENTINEL")
+                                .arg("REPLICAS")
+                                .arg(MASTER_NAME)
+                                .query::<Vec<::redis::Value>>(&mut c)
+                        })
+                        .is_ok_and(|r| r.len() == 1)
+            });
+        }
+        set
+    }
+
+    /// `redis_url` naming the three sentinels.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+    }
+
+    /// The port of the master the first answering sentinel names now.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let mut c = plain_con(s.port).ok()?;
+            let (_, port): (String, u16) = ::redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME)
+                .query(&mut c)
+                .ok()?;
+            Some(port)
+        })
+    }
+
+    /// Block until the replica has every write the master took so far (`WAIT`).
+    pub fn sync_replica(&self) {
+        let mut c = plain_con(self.master.port).expect("master connection");
+        let acked: i64 = ::redis::cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query(&mut c)
+            .expect("WAIT");
+        assert_eq!(acked, 1, "the replica acknowledged the writes");
+    }
+}
+
+/// [`config`] with the Redis engine on `url`, as node `name`.
+pub fn engine_config(url: &str, name: &str) -> Config {
+    let mut cfg = config();
+    cfg.set("engine", "redis").expect("engine");
+    cfg.set("redis_url", url).expect("redis_url");
+    cfg.set("node_id", name).expect("node_id");
+    cfg.set("redis_timeout_ms", "500")
+        .expect("redis_timeout_ms");
+    cfg
+}
+
+/// A `redis-server` that speaks only TLS (`--port 0 --tls-port`), with the certificate
+/// and key in `files` (no client certificates asked).
+pub struct TlsRedis {
+    pub proc: Proc,
+}
+
+impl TlsRedis {
+    pub fn start(files: &tls::CertFiles) -> TlsRedis {
+        let port = free_port();
+        let args: Vec<String> = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            files.cert.to_str().expect("utf-8"),
+            "--tls-key-file",
+            files.key.to_str().expect("utf-8"),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::spawn(port, &args);
+        wait_until("the TLS redis-server listens", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        TlsRedis { proc }
+    }
+
+    /// `rediss://` for it (the certificate names localhost and 127.0.0.1).
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.proc.port)
+    }
+}
