@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -16,23 +16,22 @@ fn publish_until_accepted(addr: SocketAddr, user: &str, i: u64, within: Duration
     let mut ev = pub_event("text_delta", user, None, "r-1", json!({ "i": i }));
     ev["idempotency_key"] = json!(format!("{user}-{i}"));
     let body = json!([ev]);
-    let mut last = String::new();
-    wait_long(
-        &format!("event {i} accepted (last answer: {last})"),
-        within,
-        || {
-            let r = publish(addr, &body);
-            last = format!("{} {}", r.status, r.text());
-            match r.status {
-                202 => true,
-                503 => {
-                    std::thread::sleep(Duration::from_millis(100));
-                    false
-                }
-                _ => panic!("publish of event {i}: {last}"),
+    let deadline = Instant::now() + within;
+    loop {
+        let r = publish(addr, &body);
+        match r.status {
+            202 => return,
+            503 => {
+                let last = r.text();
+                assert!(
+                    Instant::now() < deadline,
+                    "event {i} not accepted within {within:?}; last answer: 503 {last}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
             }
-        },
-    );
+            other => panic!("publish of event {i}: {other} {}", r.text()),
+        }
+    }
 }
 
 /// The `data.i` of each event, checking they all belong to `user`.
@@ -159,6 +158,81 @@ fn nodes_follow_a_graceful_sentinel_failover_away_from_a_master_that_stays_up() 
         matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master"),
         "{role:?}"
     );
+}
+
+#[test]
+fn a_master_demoted_under_a_nodes_feet_answers_readonly_and_the_node_asks_sentinel_again() {
+    let set = SentinelSet::start();
+    let url = set.url();
+    let n0 = ready_node(&url, "ro0", &[]);
+    let n1 = ready_node(&url, "ro1", &[]);
+    let user = "ro-u1";
+    let mut c = n0.connect(user);
+    publish_until_accepted(n1.addr, user, 0, WAIT);
+    assert_contiguous(&c.recv_events(1), 1);
+    let epoch = epoch_of(&c);
+    set.sync_replica();
+
+    // A switch Sentinel did not make itself, so nobody closes the nodes' connections
+    // to the old master: the replica becomes master, the sentinels are pointed at it,
+    // then the old master becomes its replica. The nodes' connections to it stay up
+    // (PING answers), only writes fail: READONLY.
+    let (old, new) = (set.master.port, set.replica.port);
+    let mut r = plain_con(new).expect("replica");
+    let _: String = ::redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut r)
+        .expect("REPLICAOF NO ONE");
+    for s in &set.sentinels {
+        let mut con = plain_con(s.port).expect("sentinel");
+        let _: String = ::redis::cmd("SENTINEL")
+            .arg("REMOVE")
+            .arg(MASTER_NAME)
+            .query(&mut con)
+            .expect("SENTINEL REMOVE");
+        let _: String = ::redis::cmd("SENTINEL")
+            .arg("MONITOR")
+            .arg(MASTER_NAME)
+            .arg("127.0.0.1")
+            .arg(new)
+            .arg(2)
+            .query(&mut con)
+            .expect("SENTINEL MONITOR");
+    }
+    assert_eq!(set.master_port(), Some(new));
+    let mut m = plain_con(old).expect("old master");
+    let _: String = ::redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(new)
+        .query(&mut m)
+        .expect("REPLICAOF");
+    let readonly = ::redis::cmd("SET")
+        .arg("probe")
+        .arg(1)
+        .query::<()>(&mut m)
+        .expect_err("the old master refuses writes");
+    assert!(readonly.to_string().contains("read only"), "{readonly}");
+
+    // The publishing node's store connection meets READONLY, drops it and finds the
+    // new master through the sentinels; so does the other node on its next write.
+    publish_until_accepted(n1.addr, user, 1, FAILOVER_WAIT);
+    publish_until_accepted(n0.addr, user, 2, FAILOVER_WAIT);
+    let mut back = connect_path(n1.addr, user, &format!("/ws?last_seq=1&epoch={epoch}"));
+    assert_eq!(back.connected["resumed"], true, "{}", back.connected);
+    assert_eq!(back.last_seq(), 3);
+    let missed = back.recv_events(2);
+    assert_contiguous(&missed, 2);
+    assert_eq!(ids(&missed, user), [1, 2]);
+    // Both were written to the new master.
+    let mut nm = plain_con(new).expect("new master");
+    let top: String = ::redis::cmd("HGET")
+        .arg(format!("agentwire:{{u:{user}}}:meta"))
+        .arg("seq")
+        .query(&mut nm)
+        .expect("the user's top seq on the new master");
+    assert_eq!(top, "3");
+    drop(c);
 }
 
 #[test]
