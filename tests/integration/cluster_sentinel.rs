@@ -282,6 +282,11 @@ fn rediss_with_a_private_ca_carries_everything_and_a_wrong_ca_is_degraded_not_a_
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"], "engine_unavailable");
     assert_eq!(n2.stats()["engine"]["connected"], false);
+    wait_until("the reason in the log", || {
+        log_capture::lines()
+            .iter()
+            .any(|l| l.contains("redis store: connect failed: invalid peer certificate"))
+    });
     // The other nodes are unharmed.
     publish_until_accepted(n0.addr, user, 3, WAIT);
     assert_eq!(ids(&c.recv_events(1), user), [3]);
