@@ -80,6 +80,23 @@ pub fn plain_con(port: u16) -> ::redis::RedisResult<::redis::Connection> {
     Ok(con)
 }
 
+/// A connection to `127.0.0.1:port`: plain, or TLS checked against the PEM `ca`.
+pub fn con_to(port: u16, ca: Option<&str>) -> ::redis::RedisResult<::redis::Connection> {
+    let Some(ca) = ca else {
+        return plain_con(port);
+    };
+    let c = ::redis::Client::build_with_tls(
+        format!("rediss://127.0.0.1:{port}"),
+        ::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.as_bytes().to_vec()),
+        },
+    )?;
+    let con = c.get_connection_with_timeout(Duration::from_secs(2))?;
+    con.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(con)
+}
+
 /// Wait until `f` holds, for up to `within`.
 pub fn wait_long(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -89,44 +106,82 @@ pub fn wait_long(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A master, its replica and three sentinels (quorum 2).
+/// A master, its replica and three sentinels (quorum 2); with TLS, every one of them
+/// speaks only TLS (replication and the sentinels' links too).
 pub struct SentinelSet {
     pub master: Proc,
     pub replica: Proc,
     pub sentinels: Vec<Proc>,
+    /// The PEM of the certificate every process presents (its own CA), with TLS.
+    pub ca: Option<String>,
     _dir: Scratch,
+}
+
+/// The TLS lines of a server's or sentinel's config (`--name value` or file lines).
+fn tls_lines(files: &tls::CertFiles) -> Vec<(String, String)> {
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
+    vec![
+        ("tls-cert-file".into(), path(&files.cert)),
+        ("tls-key-file".into(), path(&files.key)),
+        ("tls-ca-cert-file".into(), path(&files.cert)),
+        ("tls-auth-clients".into(), "no".into()),
+        ("tls-replication".into(), "yes".into()),
+    ]
 }
 
 impl SentinelSet {
     pub fn start() -> SentinelSet {
+        SentinelSet::start_with(None)
+    }
+
+    /// With `tls`: every process on TLS only, presenting that certificate.
+    pub fn start_with(tls: Option<&tls::CertFiles>) -> SentinelSet {
         let dir = Scratch::new("sentinel");
+        let ca = tls.map(|f| std::fs::read_to_string(&f.cert).expect("read cert"));
+        let ca_ref = ca.as_deref();
         let server = |port: u16, extra: &[&str]| {
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                dir.0.to_str().expect("utf-8 dir"),
-                "--dbfilename",
-                &format!("dump-{port}.rdb"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let port_args: Vec<String> = match tls {
+                None => vec!["--port".into(), port.to_string()],
+                Some(files) => {
+                    let mut a = vec![
+                        "--port".into(),
+                        "0".into(),
+                        "--tls-port".into(),
+                        port.to_string(),
+                    ];
+                    for (k, v) in tls_lines(files) {
+                        a.push(format!("--{k}"));
+                        a.push(v);
+                    }
+                    a
+                }
+            };
+            let mut args: Vec<String> = port_args;
+            args.extend(
+                [
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    dir.0.to_str().expect("utf-8 dir"),
+                    "--dbfilename",
+                    &format!("dump-{port}.rdb"),
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
             args.extend(extra.iter().map(|s| s.to_string()));
             Proc::spawn(port, &args)
         };
         let master = server(free_port(), &[]);
-        wait_until("the master answers", || plain_con(master.port).is_ok());
+        wait_until("the master answers", || con_to(master.port, ca_ref).is_ok());
         let mport = master.port.to_string();
         let replica = server(free_port(), &["--replicaof", "127.0.0.1", &mport]);
         wait_until("the replica is in sync", || {
-            plain_con(replica.port)
+            con_to(replica.port, ca_ref)
                 .and_then(|mut c| {
                     ::redis::cmd("INFO")
                         .arg("replication")
@@ -139,10 +194,20 @@ impl SentinelSet {
                 let port = free_port();
                 let conf = dir.0.join(format!("sentinel-{i}.conf"));
                 // Sentinel rewrites its file (what it learnt): one per sentinel.
+                let listen = match tls {
+                    None => format!("port {port}\n"),
+                    Some(files) => {
+                        let mut l = format!("port 0\ntls-port {port}\n");
+                        for (k, v) in tls_lines(files) {
+                            l.push_str(&format!("{k} {v}\n"));
+                        }
+                        l
+                    }
+                };
                 std::fs::write(
                     &conf,
                     format!(
-                        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                        "{listen}bind 127.0.0.1\ndir {dir}\n\
                          sentinel monitor {MASTER_NAME} 127.0.0.1 {mport} 2\n\
                          sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
                          sentinel failover-timeout {MASTER_NAME} 10000\n\
@@ -164,13 +229,14 @@ impl SentinelSet {
             master,
             replica,
             sentinels,
+            ca,
             _dir: dir,
         };
         // Every sentinel sees the replica and the two others (they find each other
         // through the master's hello channel, every 2 s): a failover can be agreed.
         for s in &set.sentinels {
             wait_long("the sentinels know each other", FAILOVER_WAIT, || {
-                plain_con(s.port)
+                set.con(s.port)
                     .and_then(|mut c| {
                         ::redis::cmd("SENTINEL")
                             .arg("CKQUORUM")
@@ -178,7 +244,8 @@ impl SentinelSet {
                             .query::<String>(&mut c)
                     })
                     .is_ok_and(|ok| ok.contains("3 usable"))
-                    && plain_con(s.port)
+                    && set
+                        .con(s.port)
                         .and_then(|mut c| {
                             ::redis::cmd("SENTINEL")
                                 .arg("REPLICAS")
@@ -191,6 +258,11 @@ impl SentinelSet {
         set
     }
 
+    /// A connection to one of its processes (TLS when the set is).
+    pub fn con(&self, port: u16) -> ::redis::RedisResult<::redis::Connection> {
+        con_to(port, self.ca.as_deref())
+    }
+
     /// `redis_url` naming the three sentinels.
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
@@ -198,13 +270,18 @@ impl SentinelSet {
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
-        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+        let scheme = if self.ca.is_some() {
+            "rediss+sentinel"
+        } else {
+            "redis+sentinel"
+        };
+        format!("{scheme}://{}/{MASTER_NAME}", hosts.join(","))
     }
 
     /// The port of the master the first answering sentinel names now.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|s| {
-            let mut c = plain_con(s.port).ok()?;
+            let mut c = self.con(s.port).ok()?;
             let (_, port): (String, u16) = ::redis::cmd("SENTINEL")
                 .arg("GET-MASTER-ADDR-BY-NAME")
                 .arg(MASTER_NAME)
@@ -216,7 +293,7 @@ impl SentinelSet {
 
     /// Block until the replica has every write the master took so far (`WAIT`).
     pub fn sync_replica(&self) {
-        let mut c = plain_con(self.master.port).expect("master connection");
+        let mut c = self.con(self.master.port).expect("master connection");
         let acked: i64 = ::redis::cmd("WAIT")
             .arg(1)
             .arg(10_000)
