@@ -31,6 +31,9 @@ use tungstenite::Message;
 struct Args {
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// `redis_tls_ca_file` for a `rediss://` URL (docs/CLUSTER.md, "Sentinel and TLS").
+    #[arg(long)]
+    redis_tls_ca_file: Option<String>,
     /// Users (one WebSocket client each, on node 0).
     #[arg(long, default_value_t = 200)]
     users: usize,
@@ -68,6 +71,9 @@ fn node(args: &Args, name: &str, prefix: &str) -> SocketAddr {
         ("node_id", name),
     ] {
         c.set(k, v).expect("setting");
+    }
+    if let Some(ca) = &args.redis_tls_ca_file {
+        c.set("redis_tls_ca_file", ca).expect("redis_tls_ca_file");
     }
     let gw = Gateway::new(c).expect("gateway");
     let addr = gw.local_addr();
