@@ -108,12 +108,21 @@ fn follow_a_kill_9(mut set: SentinelSet, more: &[(&str, &str)], user: &str) {
     // everything (WAIT); docs/CLUSTER.md says what happens to writes it lacks.
     set.sync_replica();
 
+    let killed = Instant::now();
     set.master.kill();
     wait_long("the sentinels promote the replica", FAILOVER_WAIT, || {
         set.master_port() == Some(set.replica.port)
     });
+    let promoted = killed.elapsed();
     // The nodes follow by themselves: publishing through either works again.
     publish_until_accepted(n1.addr, user, 3, FAILOVER_WAIT);
+    // A figure, not a check (`--nocapture` shows it).
+    eprintln!(
+        "failover ({user}): the sentinels named the replica {:.1} s after kill -9, a \
+         publish was accepted again after {:.1} s",
+        promoted.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
     next_event_or_1013(&mut c, 4);
     // The history survived: same epoch, exact resume on the other node.
     let mut back = connect_path(n1.addr, user, &format!("/ws?last_seq=3&epoch={epoch}"));
