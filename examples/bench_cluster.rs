@@ -154,6 +154,16 @@ fn main() {
     let prefix = format!("bench{}", std::process::id());
     let n0 = node(&args, "bench-n0", &prefix);
     let n1 = node(&args, "bench-n1", &prefix);
+    // Ready once node 0 takes connections (its feed thread connected: a TLS connect
+    // takes a moment after start).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tungstenite::connect(format!("ws://{n0}/ws?token={}", token("bench-probe"))).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 0 never took a connection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let per_user = args.events / args.users;
     let total = per_user * args.users;
     // Clients on node 0, each counting its user's events.
