@@ -279,6 +279,10 @@ settings! {
         /// `rediss+sentinel://`); unset: the system's trust store. Default none.
         redis_tls_ca_file: Option<PathBuf> = None, Path,
             "PEM CA of the Redis servers' TLS certificates (rediss://); unset: system store";
+        /// The sentinels' password (their `requirepass`), with a `redis+sentinel://` URL
+        /// (a secret). Default none: the sentinels are asked without AUTH.
+        redis_sentinel_password: Option<String> = None, Secret,
+            "Password of the sentinels (their requirepass), with redis+sentinel://";
         /// Prefix of every Redis key and channel (several gateways can share one Redis).
         /// Default `agentwire`.
         redis_prefix: Option<String> = Some("agentwire".to_owned()), Text,
@@ -511,10 +515,16 @@ impl Config {
             Some(url) => {
                 let form =
                     crate::engine::redis::parse_url(url).map_err(|e| bad("redis_url", &e))?;
-                let tls = match form {
-                    crate::engine::redis::UrlForm::Single { tls } => tls,
-                    crate::engine::redis::UrlForm::Sentinel(s) => s.tls,
+                let (tls, sentinel) = match form {
+                    crate::engine::redis::UrlForm::Single { tls } => (tls, false),
+                    crate::engine::redis::UrlForm::Sentinel(s) => (s.tls, true),
                 };
+                if self.redis_sentinel_password.is_some() && !sentinel {
+                    return Err(bad(
+                        "redis_sentinel_password",
+                        "set, but redis_url does not name sentinels (redis+sentinel://)",
+                    ));
+                }
                 if self.redis_tls_ca_file.is_some() && !tls {
                     return Err(bad(
                         "redis_tls_ca_file",

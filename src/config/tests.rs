@@ -938,6 +938,12 @@ fn the_redis_engine_needs_a_redis_url_and_a_prefix_and_a_plain_node_id() {
         .unwrap();
     c.validate().unwrap();
     c.set("redis_tls_ca_file", "").unwrap();
+    // The sentinels' password only with sentinels.
+    c.set("redis_sentinel_password", "pw").unwrap();
+    c.validate().unwrap();
+    c.set("redis_url", "redis://h:6379").unwrap();
+    assert_eq!(fails_on(&c), "redis_sentinel_password");
+    c.set("redis_sentinel_password", "").unwrap();
     for bad in [
         "redis+sentinel://s1",
         "redis+sentinel://s1/",

@@ -90,6 +90,48 @@ fn over_tls_too_nodes_follow_a_sentinel_failover_after_kill_9_of_the_master() {
     follow_a_kill_9(set, &[("redis_tls_ca_file", &ca)], "fot-u1");
 }
 
+/// Sentinels with `requirepass`: `redis_sentinel_password` gets the nodes through; a
+/// node without it (or with a wrong one) is degraded, not crashed.
+#[test]
+fn sentinels_with_a_password_are_asked_with_redis_sentinel_password() {
+    let set = SentinelSet::start_opts(None, Some("s3ntinel-secret"));
+    let url = set.url();
+    let n0 = ready_node(
+        &url,
+        "sp0",
+        &[("redis_sentinel_password", "s3ntinel-secret")],
+    );
+    let user = "sp-u1";
+    let mut c = n0.connect(user);
+    publish_until_accepted(n0.addr, user, 0, WAIT);
+    assert_eq!(ids(&c.recv_events(1), user), [0]);
+    for (wrong, says) in [
+        (None, "NOAUTH"),
+        (Some("not-it-either"), "Password authentication failed"),
+    ] {
+        let mut cfg = engine_config(&url, "sp1");
+        if let Some(pw) = wrong {
+            cfg.set("redis_sentinel_password", pw).expect("setting");
+        }
+        let n1 = TestGateway::start(cfg, Agent::None);
+        wait_until("/health degraded without the sentinels' password", || {
+            let (status, body) = get_json(n1.addr, "/health");
+            status == 503 && body["status"] == "degraded"
+        });
+        assert_eq!(n1.stats()["engine"]["connected"], false);
+        wait_until("the reason in the log", || {
+            log_capture::lines().iter().any(|l| {
+                l.contains("redis store: connect failed: no sentinel named a reachable master")
+                    && l.contains(says)
+            })
+        });
+    }
+    // A secret: never in a log line.
+    assert!(!log_capture::lines()
+        .iter()
+        .any(|l| l.contains("s3ntinel-secret")));
+}
+
 /// Two nodes on `set`; events delivered; `kill -9` of the master; the sentinels promote
 /// the replica; both nodes publish and deliver again, the client resumes exactly.
 fn follow_a_kill_9(mut set: SentinelSet, more: &[(&str, &str)], user: &str) {

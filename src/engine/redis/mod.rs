@@ -76,6 +76,8 @@ pub(crate) struct RedisSettings {
     /// `redis_tls_ca_file`: the PEM of a private CA that signs the server's certificate
     /// (`rediss://`); None: the system's trust store.
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `redis_sentinel_password`: the sentinels' `requirepass` (Sentinel URLs only).
+    pub sentinel_password: Option<String>,
     /// `redis_prefix`
     pub prefix: String,
     /// `redis_timeout_ms`, as the read, write and connect timeout of every connection.
@@ -305,8 +307,13 @@ impl RedisEngine {
             Some(path) => Some(target::read_ca_file(path).map_err(StartError::TlsCa)?),
             None => None,
         };
-        let target =
-            target::Target::new(&settings.url, ca, settings.timeout).map_err(StartError::Url)?;
+        let target = target::Target::new(
+            &settings.url,
+            ca,
+            settings.sentinel_password.as_deref(),
+            settings.timeout,
+        )
+        .map_err(StartError::Url)?;
         let shared = Arc::new(Shared {
             target,
             settings,

@@ -9,7 +9,8 @@
 //! - `redis+sentinel://[user:password@]host[:port][,host[:port]...]/<master_name>[/db]`:
 //!   Sentinel (port 26379 unless given). `rediss+sentinel://` speaks TLS to the sentinels
 //!   and to the master (same CA). The credentials are the master's; the sentinels are
-//!   asked without AUTH.
+//!   asked with `redis_sentinel_password` when set (their `requirepass`), else without
+//!   AUTH.
 //!
 //! Every engine thread calls [`Target::connect`] on its own whenever it (re)connects:
 //! with Sentinel that asks the sentinels in turn `SENTINEL GET-MASTER-ADDR-BY-NAME`,
@@ -24,7 +25,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::{Client, Connection, ErrorKind, RedisError, RedisResult, TlsCertificates};
+use redis::{
+    Client, Connection, ErrorKind, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates,
+};
 
 /// The default port of a sentinel.
 pub(crate) const SENTINEL_PORT: u16 = 26379;
@@ -183,22 +186,31 @@ enum Kind {
 }
 
 /// A client for `url`, with the private CA for `rediss://`.
-fn client(url: &str, ca: Option<&[u8]>) -> RedisResult<Client> {
+fn client(url: impl IntoConnectionInfo, ca: Option<&[u8]>) -> RedisResult<Client> {
+    let info = url.into_connection_info()?;
     match ca {
-        Some(ca) if url.starts_with("rediss://") => Client::build_with_tls(
-            url,
-            TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.to_vec()),
-            },
-        ),
-        _ => Client::open(url),
+        Some(ca) if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
+            Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.to_vec()),
+                },
+            )
+        }
+        _ => Client::open(info),
     }
 }
 
 impl Target {
     /// Check `url` and build its clients; `ca` is the PEM of `redis_tls_ca_file`.
-    pub(crate) fn new(url: &str, ca: Option<Vec<u8>>, timeout: Duration) -> Result<Target, String> {
+    /// `sentinel_password` (`redis_sentinel_password`): the sentinels' `requirepass`.
+    pub(crate) fn new(
+        url: &str,
+        ca: Option<Vec<u8>>,
+        sentinel_password: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Target, String> {
         let kind = match parse_url(url)? {
             UrlForm::Single { .. } => {
                 Kind::Single(client(url, ca.as_deref()).map_err(|e| e.to_string())?)
@@ -208,7 +220,16 @@ impl Target {
                 let sentinels = s
                     .sentinels
                     .iter()
-                    .map(|(h, p)| client(&format!("{scheme}://{}:{p}", url_host(h)), ca.as_deref()))
+                    .map(|(h, p)| {
+                        let mut info =
+                            format!("{scheme}://{}:{p}", url_host(h)).into_connection_info()?;
+                        if let Some(pw) = sentinel_password {
+                            info = info.set_redis_settings(
+                                redis::RedisConnectionInfo::default().set_password(pw),
+                            );
+                        }
+                        client(info, ca.as_deref())
+                    })
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(|e| e.to_string())?;
                 Kind::Sentinel {
@@ -294,7 +315,7 @@ impl Target {
             .map(|u| format!("{u}@"))
             .unwrap_or_default();
         let master = client(
-            &format!("{scheme}://{auth}{}:{port}/{}", url_host(&host), url.db),
+            format!("{scheme}://{auth}{}:{port}/{}", url_host(&host), url.db),
             ca,
         )?;
         let mut con = master.get_connection_with_timeout(self.timeout)?;

@@ -114,6 +114,8 @@ pub struct SentinelSet {
     pub sentinels: Vec<Proc>,
     /// The PEM of the certificate every process presents (its own CA), with TLS.
     pub ca: Option<String>,
+    /// The sentinels' `requirepass`, if any.
+    pub sentinel_password: Option<String>,
     _dir: Scratch,
 }
 
@@ -136,6 +138,15 @@ impl SentinelSet {
 
     /// With `tls`: every process on TLS only, presenting that certificate.
     pub fn start_with(tls: Option<&tls::CertFiles>) -> SentinelSet {
+        SentinelSet::start_opts(tls, None)
+    }
+
+    /// With `sentinel_password`: the sentinels ask it (`requirepass`) of clients and of
+    /// each other (`sentinel sentinel-pass`).
+    pub fn start_opts(
+        tls: Option<&tls::CertFiles>,
+        sentinel_password: Option<&str>,
+    ) -> SentinelSet {
         let dir = Scratch::new("sentinel");
         let ca = tls.map(|f| std::fs::read_to_string(&f.cert).expect("read cert"));
         let ca_ref = ca.as_deref();
@@ -204,6 +215,10 @@ impl SentinelSet {
                         l
                     }
                 };
+                let listen = match sentinel_password {
+                    None => listen,
+                    Some(pw) => format!("{listen}requirepass {pw}\nsentinel sentinel-pass {pw}\n"),
+                };
                 std::fs::write(
                     &conf,
                     format!(
@@ -230,13 +245,14 @@ impl SentinelSet {
             replica,
             sentinels,
             ca,
+            sentinel_password: sentinel_password.map(str::to_owned),
             _dir: dir,
         };
         // Every sentinel sees the replica and the two others (they find each other
         // through the master's hello channel, every 2 s): a failover can be agreed.
         for s in &set.sentinels {
             wait_long("the sentinels know each other", FAILOVER_WAIT, || {
-                set.con(s.port)
+                set.sentinel_con(s.port)
                     .and_then(|mut c| {
                         ::redis::cmd("SENTINEL")
                             .arg("CKQUORUM")
@@ -245,7 +261,7 @@ impl SentinelSet {
                     })
                     .is_ok_and(|ok| ok.contains("3 usable"))
                     && set
-                        .con(s.port)
+                        .sentinel_con(s.port)
                         .and_then(|mut c| {
                             ::redis::cmd("SENTINEL")
                                 .arg("REPLICAS")
@@ -261,6 +277,15 @@ impl SentinelSet {
     /// A connection to one of its processes (TLS when the set is).
     pub fn con(&self, port: u16) -> ::redis::RedisResult<::redis::Connection> {
         con_to(port, self.ca.as_deref())
+    }
+
+    /// A connection to one of its sentinels (authenticated when they ask it).
+    pub fn sentinel_con(&self, port: u16) -> ::redis::RedisResult<::redis::Connection> {
+        let mut c = self.con(port)?;
+        if let Some(pw) = &self.sentinel_password {
+            let _: String = ::redis::cmd("AUTH").arg(pw).query(&mut c)?;
+        }
+        Ok(c)
     }
 
     /// `redis_url` naming the three sentinels.
@@ -281,7 +306,7 @@ impl SentinelSet {
     /// The port of the master the first answering sentinel names now.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|s| {
-            let mut c = self.con(s.port).ok()?;
+            let mut c = self.sentinel_con(s.port).ok()?;
             let (_, port): (String, u16) = ::redis::cmd("SENTINEL")
                 .arg("GET-MASTER-ADDR-BY-NAME")
                 .arg(MASTER_NAME)
