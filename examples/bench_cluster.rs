@@ -31,6 +31,9 @@ use tungstenite::Message;
 struct Args {
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// `redis_tls_ca_file` for a `rediss://` URL (docs/CLUSTER.md, "Sentinel and TLS").
+    #[arg(long)]
+    redis_tls_ca_file: Option<String>,
     /// Users (one WebSocket client each, on node 0).
     #[arg(long, default_value_t = 200)]
     users: usize,
@@ -68,6 +71,9 @@ fn node(args: &Args, name: &str, prefix: &str) -> SocketAddr {
         ("node_id", name),
     ] {
         c.set(k, v).expect("setting");
+    }
+    if let Some(ca) = &args.redis_tls_ca_file {
+        c.set("redis_tls_ca_file", ca).expect("redis_tls_ca_file");
     }
     let gw = Gateway::new(c).expect("gateway");
     let addr = gw.local_addr();
@@ -148,6 +154,16 @@ fn main() {
     let prefix = format!("bench{}", std::process::id());
     let n0 = node(&args, "bench-n0", &prefix);
     let n1 = node(&args, "bench-n1", &prefix);
+    // Ready once node 0 takes connections (its feed thread connected: a TLS connect
+    // takes a moment after start).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tungstenite::connect(format!("ws://{n0}/ws?token={}", token("bench-probe"))).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 0 never took a connection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let per_user = args.events / args.users;
     let total = per_user * args.users;
     // Clients on node 0, each counting its user's events.

@@ -397,10 +397,19 @@ mod tests {
                 "listen" => "0.0.0.0:1",
                 "admin_listen" => "127.0.0.1:42",
                 "jwt_algorithm" => "HS256",
-                "jwt_secret" | "publish_key" | "inbound_key" | "jwt_issuer" | "jwt_audience"
-                | "redis_url" | "redis_prefix" | "node_id" => SECRET,
+                "jwt_secret"
+                | "publish_key"
+                | "inbound_key"
+                | "jwt_issuer"
+                | "jwt_audience"
+                | "redis_url"
+                | "redis_sentinel_password"
+                | "redis_prefix"
+                | "node_id" => SECRET,
                 "engine" => "memory",
                 "inbound_url" => "http://127.0.0.1:9/inbound",
+                // Checked only with engine = "redis" and a rediss:// URL.
+                "redis_tls_ca_file" => "/etc/redis/ca.pem",
                 // Alone they fail the start (TLS needs both): shown unset.
                 "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => "",
                 "allow_query_token" | "demo_agent" | "dev" => "false",
@@ -419,10 +428,14 @@ mod tests {
             };
             let json = c.to_public_json(false);
             match s.name {
-                "jwt_secret" | "publish_key" | "inbound_key" | "redis_url" => {
+                "jwt_secret"
+                | "publish_key"
+                | "inbound_key"
+                | "redis_url"
+                | "redis_sentinel_password" => {
                     assert_eq!(json[format!("{}_set", s.name)], true)
                 }
-                "inbound_url" => assert_eq!(json[s.name], value),
+                "inbound_url" | "redis_tls_ca_file" => assert_eq!(json[s.name], value),
                 "jwt_public_key_file" | "tls_cert_file" | "tls_key_file" => {
                     assert!(json[s.name].is_null())
                 }

@@ -580,6 +580,8 @@ fn start_engine(
     };
     let settings = engine::redis::RedisSettings {
         url: config.redis_url.clone().unwrap_or_default(),
+        tls_ca_file: config.redis_tls_ca_file.clone(),
+        sentinel_password: config.redis_sentinel_password.clone(),
         prefix: config.redis_prefix.clone().unwrap_or_default(),
         timeout: std::time::Duration::from_millis(config.redis_timeout_ms),
         replay_events: config.replay_events,

@@ -266,11 +266,23 @@ settings! {
         /// process) or `redis` (shared by every node; PROTOCOL.md section 9). Default memory.
         engine: EngineKind = EngineKind::Memory, Engine,
             "Where users' shared state lives: memory (this process) or redis (every node)";
-        /// `redis://[user:password@]host:port[/db]` of the Redis engine (a secret: it may
-        /// hold a password). Default `redis://127.0.0.1:6379`.
+        /// The Redis of the Redis engine (a secret: it may hold a password):
+        /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS) or
+        /// `redis+sentinel://[user:password@]host[:port][,host[:port]...]/<master_name>[/db]`
+        /// (`rediss+sentinel://` with TLS; docs/CLUSTER.md, "Sentinel and TLS").
+        /// Default `redis://127.0.0.1:6379`.
         redis_url: Option<String> = Some(DEFAULT_REDIS_URL.to_owned()), Secret,
-            "Redis of the redis engine: redis://[user:password@]host:port[/db]",
+            "Redis of the redis engine: redis://[user:password@]host:port[/db], rediss:// \
+             (TLS) or redis+sentinel://host[:port][,host[:port]...]/<master_name>[/db]",
             shown "redis://127.0.0.1:6379";
+        /// PEM file of the CA that signs the Redis servers' certificates (`rediss://`,
+        /// `rediss+sentinel://`); unset: the system's trust store. Default none.
+        redis_tls_ca_file: Option<PathBuf> = None, Path,
+            "PEM CA of the Redis servers' TLS certificates (rediss://); unset: system store";
+        /// The sentinels' password (their `requirepass`), with a `redis+sentinel://` URL
+        /// (a secret). Default none: the sentinels are asked without AUTH.
+        redis_sentinel_password: Option<String> = None, Secret,
+            "Password of the sentinels (their requirepass), with redis+sentinel://";
         /// Prefix of every Redis key and channel (several gateways can share one Redis).
         /// Default `agentwire`.
         redis_prefix: Option<String> = Some("agentwire".to_owned()), Text,
@@ -491,8 +503,8 @@ impl Config {
         Ok(())
     }
 
-    /// The Redis engine's settings: a `redis://` URL (TLS to Redis is not supported
-    /// yet), a prefix, and a `node_id` of at most 64 printable ASCII bytes.
+    /// The Redis engine's settings: a `redis_url` of one of its forms (a CA file only
+    /// with TLS), a prefix, and a `node_id` of at most 64 printable ASCII bytes.
     fn validate_redis(&self) -> Result<(), ConfigError> {
         let bad = |name, message: &str| ConfigError::Inconsistent {
             name,
@@ -500,19 +512,26 @@ impl Config {
         };
         match self.redis_url.as_deref() {
             None => return Err(bad("redis_url", "required when engine is redis")),
-            Some(url) if url.starts_with("rediss://") => {
-                return Err(bad(
-                    "redis_url",
-                    "rediss:// (TLS to Redis) is not supported yet; use redis://",
-                ))
+            Some(url) => {
+                let form =
+                    crate::engine::redis::parse_url(url).map_err(|e| bad("redis_url", &e))?;
+                let (tls, sentinel) = match form {
+                    crate::engine::redis::UrlForm::Single { tls } => (tls, false),
+                    crate::engine::redis::UrlForm::Sentinel(s) => (s.tls, true),
+                };
+                if self.redis_sentinel_password.is_some() && !sentinel {
+                    return Err(bad(
+                        "redis_sentinel_password",
+                        "set, but redis_url does not name sentinels (redis+sentinel://)",
+                    ));
+                }
+                if self.redis_tls_ca_file.is_some() && !tls {
+                    return Err(bad(
+                        "redis_tls_ca_file",
+                        "set, but redis_url does not use TLS (rediss:// or rediss+sentinel://)",
+                    ));
+                }
             }
-            Some(url) if !url.starts_with("redis://") => {
-                return Err(bad(
-                    "redis_url",
-                    "expected redis://[user:password@]host:port[/db]",
-                ))
-            }
-            Some(_) => {}
         }
         if self.redis_prefix.is_none() {
             return Err(bad("redis_prefix", "required when engine is redis"));

@@ -926,8 +926,34 @@ fn the_redis_engine_needs_a_redis_url_and_a_prefix_and_a_plain_node_id() {
         Err(ConfigError::Inconsistent { name, .. }) => name,
         other => panic!("expected a refusal, got {other:?}"),
     };
+    // TLS (rediss://) and Sentinel are accepted; a CA file only with TLS.
     c.set("redis_url", "rediss://h:6380").unwrap();
-    assert_eq!(fails_on(&c), "redis_url");
+    c.validate().unwrap();
+    c.set("redis_tls_ca_file", "/etc/redis/ca.pem").unwrap();
+    c.validate().unwrap();
+    c.set("redis_url", "redis+sentinel://s1,s2:26380,[::1]/mymaster/1")
+        .unwrap();
+    assert_eq!(fails_on(&c), "redis_tls_ca_file");
+    c.set("redis_url", "rediss+sentinel://s1,s2:26380/mymaster")
+        .unwrap();
+    c.validate().unwrap();
+    c.set("redis_tls_ca_file", "").unwrap();
+    // The sentinels' password only with sentinels.
+    c.set("redis_sentinel_password", "pw").unwrap();
+    c.validate().unwrap();
+    c.set("redis_url", "redis://h:6379").unwrap();
+    assert_eq!(fails_on(&c), "redis_sentinel_password");
+    c.set("redis_sentinel_password", "").unwrap();
+    for bad in [
+        "redis+sentinel://s1",
+        "redis+sentinel://s1/",
+        "redis+sentinel://s1:x/m",
+        "rediss://h:6380/#insecure",
+    ] {
+        c.set("redis_url", bad).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("redis_url"), "{bad}: {err}");
+    }
     c.set("redis_url", "http://h").unwrap();
     assert_eq!(fails_on(&c), "redis_url");
     c.set("redis_url", "").unwrap();

@@ -14,6 +14,7 @@ mod cluster_agui;
 mod cluster_chaos;
 mod cluster_gaps;
 mod cluster_runs;
+mod cluster_sentinel;
 mod conformance_route;
 mod deadlines;
 mod demo_page;

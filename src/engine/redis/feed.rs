@@ -67,9 +67,7 @@ pub(super) fn run(
     // opens are answered Unavailable while the outage lasts.
     let mut down_since = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
-        let con = shared
-            .client
-            .get_connection_with_timeout(shared.settings.timeout);
+        let con = shared.target.connect();
         let mut con = match con {
             Ok(c) => c,
             Err(e) => {

@@ -47,6 +47,9 @@ mod feed;
 mod gaps;
 mod keys;
 mod store;
+mod target;
+
+pub(crate) use target::{parse_url, UrlForm};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -75,8 +78,13 @@ pub(crate) const EARLY_MAX: usize = 1024;
 /// What the Redis engine needs from the settings (PROTOCOL.md sections 5 and 9).
 #[derive(Debug, Clone)]
 pub(crate) struct RedisSettings {
-    /// `redis_url`
+    /// `redis_url` (forms: [`target`]'s doc)
     pub url: String,
+    /// `redis_tls_ca_file`: the PEM of a private CA that signs the server's certificate
+    /// (`rediss://`); None: the system's trust store.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `redis_sentinel_password`: the sentinels' `requirepass` (Sentinel URLs only).
+    pub sentinel_password: Option<String>,
     /// `redis_prefix`
     pub prefix: String,
     /// `redis_timeout_ms`, as the read, write and connect timeout of every connection.
@@ -109,6 +117,8 @@ pub(crate) struct RedisSettings {
 pub(crate) enum StartError {
     #[error("redis_url: {0}")]
     Url(String),
+    #[error("redis_tls_ca_file: {0}")]
+    TlsCa(String),
     #[error("cannot start the Redis engine's threads: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -161,7 +171,8 @@ impl EngineCounters {
 
 /// What the engine's threads share.
 pub(super) struct Shared {
-    client: redis::Client,
+    /// Where connections go: one server or the master Sentinel names.
+    target: target::Target,
     settings: RedisSettings,
     stop: AtomicBool,
     counters: EngineCounters,
@@ -334,10 +345,19 @@ impl RedisEngine {
         wake: Arc<dyn Fn() + Send + Sync>,
         down: Arc<AtomicBool>,
     ) -> Result<RedisEngine, StartError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| StartError::Url(e.to_string()))?;
+        let ca = match &settings.tls_ca_file {
+            Some(path) => Some(target::read_ca_file(path).map_err(StartError::TlsCa)?),
+            None => None,
+        };
+        let target = target::Target::new(
+            &settings.url,
+            ca,
+            settings.sentinel_password.as_deref(),
+            settings.timeout,
+        )
+        .map_err(StartError::Url)?;
         let shared = Arc::new(Shared {
-            client,
+            target,
             settings,
             stop: AtomicBool::new(false),
             counters: EngineCounters::default(),

@@ -186,9 +186,7 @@ struct Link {
 }
 
 fn connect(shared: &Shared) -> redis::RedisResult<Link> {
-    let mut con = shared
-        .client
-        .get_connection_with_timeout(shared.settings.timeout)?;
+    let mut con = shared.target.connect()?;
     con.set_read_timeout(Some(shared.settings.timeout))?;
     con.set_write_timeout(Some(shared.settings.timeout))?;
     let [publish, open, top, due, cancel, lease, pending] = load_scripts(&mut con)?;
@@ -221,6 +219,7 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
     let mut retry_at = Instant::now();
     let mut batch: Vec<StoreRequest> = Vec::with_capacity(BATCH);
     let mut epochs = EpochSource::new();
+    let mut last_failure = String::new();
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
@@ -229,6 +228,7 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
             match connect(&shared) {
                 Ok(l) => {
                     link = Some(l);
+                    last_failure.clear();
                     backoff = BACKOFF_MIN;
                     // A node started later (or back from an outage) learns the
                     // revocations in force before it serves a request.
@@ -236,7 +236,15 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<StoreRequest>, out: Out) {
                     out.connected(true);
                 }
                 Err(e) => {
-                    log::debug!("redis store: connect failed: {e}");
+                    // The reason (a refused certificate, no master named by Sentinel,
+                    // ...) at warn once per kind of failure, not at every retry.
+                    let why = e.to_string();
+                    if why != last_failure {
+                        log::warn!("redis store: connect failed: {why}");
+                        last_failure = why;
+                    } else {
+                        log::debug!("redis store: connect failed: {e}");
+                    }
                     out.connected(false);
                     retry_at = Instant::now() + backoff;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -622,6 +630,9 @@ fn run_batch(
                 events.push(Raw::Event(EngineEvent::InboundConsumers(false)));
                 continue;
             }
+            // A demoted master (a Sentinel failover): drop the link, every request of
+            // the batch is answered Unavailable, the reconnect asks Sentinel again.
+            Err(e) if super::target::is_readonly(&e) => return Err(Some(e)),
             Err(e) => {
                 // A script error (NOSCRIPT, OOM, ...): this request failed, the others
                 // stand. After NOSCRIPT (the script did not run) the scripts are loaded

@@ -124,6 +124,8 @@ fn node_with(
 ) -> RedisEngine {
     let mut settings = RedisSettings {
         url: redis.url(),
+        tls_ca_file: None,
+        sentinel_password: None,
         prefix: "awtest".into(),
         timeout: Duration::from_millis(timeout_ms),
         replay_events: 100,

@@ -55,4 +55,6 @@ mod webhook_server;
 pub use webhook_server::*;
 mod redis;
 pub use redis::*;
+mod sentinel;
+pub use sentinel::*;
 pub mod agui;
