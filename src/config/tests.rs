@@ -978,3 +978,26 @@ fn the_redis_engine_needs_a_redis_url_and_a_prefix_and_a_plain_node_id() {
     c.set("node_id", "has space").unwrap();
     c.validate().unwrap();
 }
+
+/// Every setting has its row in the README's settings table (the reference of every
+/// setting), so a new setting cannot land undocumented.
+#[test]
+fn every_setting_is_documented_in_the_readme() {
+    let readme = include_str!("../../README.md");
+    let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+    let missing: Vec<&str> = Config::SETTINGS
+        .iter()
+        .map(|s| s.name)
+        .filter(|name| {
+            let cell = format!("`{name}`");
+            // A row names its setting(s) in its first cell: "| `a` |" or "| `a`, `b` |".
+            !table
+                .iter()
+                .any(|row| row.split('|').nth(1).is_some_and(|c| c.contains(&cell)))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "settings missing from README.md's table: {missing:?}"
+    );
+}
