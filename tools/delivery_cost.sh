@@ -51,9 +51,9 @@ if [ -n "${RECORD:-}" ]; then
 fi
 perf stat --per-thread -e 'syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_futex,sched:sched_wakeup,context-switches' \
     -p "$GW" -o "$OUT/perfstat.txt" -- sleep "$SAMPLE_S" >/dev/null 2>&1
+[ -n "${RECORD:-}" ] && wait "$REC"
 T1=$(awk '{print $14+$15}' "/proc/$GW/stat")
 threads >"$OUT/threads1.txt"
-[ -n "${RECORD:-}" ] && wait "$REC"
 stats >"$OUT/stats1.json"
 W1=$(date +%s.%N)
 wait "$LG" || true
