@@ -79,7 +79,7 @@ tot = collections.Counter()
 for c in threads.values(): tot.update(c)
 lg = open(f"{out}/loadgen.txt").read()
 for l in lg.splitlines():
-    if re.match(r"^  (offered|delivered|latency|cpu|cluster)", l): print(l)
+    if re.match(r"^  (offered|delivered|checks|latency|cpu|cluster)", l): print(l)
 print(f"window {secs:.1f} s: frames delivered {ev/secs:,.0f}/s, loop iterations {it/secs:,.0f}/s, node CPU {ticks/hz/secs*100:.0f} %")
 if ev:
     ev3 = ev / 3  # 3 connections per user: events = frames / 3
