@@ -202,6 +202,74 @@ fn connect(shared: &Shared) -> redis::RedisResult<Link> {
     })
 }
 
+/// One call of `publish.lua`: its keys and arguments, in the script's order (see its
+/// header). The store thread builds one per published event; the engine tests call
+/// the script with it too, so both stay in step with the script.
+pub(super) struct PublishCall<'a> {
+    pub keys: &'a UserKeys,
+    pub deadlines: &'a str,
+    pub head: &'a [u8],
+    pub tail: &'a [u8],
+    /// `-` (no thread) or `+` and the thread id.
+    pub marker: &'a str,
+    pub run: &'a str,
+    pub ends_run: bool,
+    pub replay_events: usize,
+    pub replay_ttl_ms: u64,
+    /// The pub/sub channel the event goes out on (the user's).
+    pub channel: &'a str,
+    /// The epoch a user without one gets.
+    pub fresh_epoch: &'a str,
+    pub now: u64,
+    /// The worker's idempotency key, "" for none.
+    pub key: &'a str,
+    pub agent: &'a str,
+    pub ts: u64,
+    pub kind: &'a str,
+    pub max_active_runs_per_user: usize,
+    pub run_idle_timeout_ms: u64,
+    pub user: &'a str,
+    pub max_active_runs: usize,
+    /// The event's `tool_call_id`, "" for none.
+    pub tool_call: &'a str,
+}
+
+impl PublishCall<'_> {
+    /// Append the keys and arguments to `cmd` (an `EVALSHA sha` or `EVAL script`).
+    pub fn args(&self, cmd: &mut redis::Cmd) {
+        cmd.arg(8)
+            .arg(&self.keys.meta)
+            .arg(&self.keys.stream)
+            .arg(&self.keys.ended)
+            .arg(&self.keys.keys)
+            .arg(&self.keys.runs)
+            .arg(self.deadlines)
+            .arg(&self.keys.cancelled)
+            .arg(&self.keys.pending)
+            .arg(self.head)
+            .arg(self.tail)
+            .arg(self.marker)
+            .arg(self.run)
+            .arg(if self.ends_run { "1" } else { "0" })
+            .arg(self.replay_events)
+            .arg(self.replay_ttl_ms)
+            .arg(self.channel)
+            .arg(self.fresh_epoch)
+            .arg(self.now)
+            .arg(ENDED_RUNS_KEPT)
+            .arg(self.key)
+            .arg(crate::registry::KEYS_PER_USER)
+            .arg(self.agent)
+            .arg(self.ts)
+            .arg(self.kind)
+            .arg(self.max_active_runs_per_user)
+            .arg(self.run_idle_timeout_ms)
+            .arg(self.user)
+            .arg(self.max_active_runs)
+            .arg(self.tool_call);
+    }
+}
+
 /// Load every script (`SCRIPT LOAD`); their SHA1s in the order of [`SCRIPTS`]. Loading
 /// again gives the same SHA1s (they hash the text).
 fn load_scripts(con: &mut redis::Connection) -> redis::RedisResult<[String; 7]> {
@@ -423,43 +491,36 @@ fn run_batch(
                     Some(t) => format!("+{t}"),
                     None => "-".to_owned(),
                 };
-                pipe.cmd("EVALSHA")
-                    .arg(&link.publish)
-                    .arg(8)
-                    .arg(&keys.meta)
-                    .arg(&keys.stream)
-                    .arg(&keys.ended)
-                    .arg(&keys.keys)
-                    .arg(&keys.runs)
-                    .arg(&deadlines)
-                    .arg(&keys.cancelled)
-                    .arg(&keys.pending)
-                    .arg(&head[..])
-                    .arg(&tail[..])
-                    .arg(marker)
-                    .arg(&**run)
-                    .arg(if *ends_run { "1" } else { "0" })
-                    .arg(s.replay_events)
-                    .arg(s.replay_ttl_ms)
-                    .arg(&keys.channel)
-                    .arg(epochs.fresh())
-                    .arg(now)
-                    .arg(ENDED_RUNS_KEPT)
-                    .arg(key.as_deref().unwrap_or(""))
-                    .arg(crate::registry::KEYS_PER_USER)
-                    .arg(&**agent)
-                    .arg(*ts)
-                    .arg(&**kind)
-                    .arg(s.max_active_runs_per_user)
-                    .arg(s.run_idle_timeout_ms)
-                    .arg(&**user)
-                    .arg(s.max_active_runs)
-                    .arg(
-                        extras
-                            .as_ref()
-                            .and_then(|x| x.tool_call.as_deref())
-                            .unwrap_or(""),
-                    );
+                let call = PublishCall {
+                    keys: &keys,
+                    deadlines: &deadlines,
+                    head,
+                    tail,
+                    marker: &marker,
+                    run,
+                    ends_run: *ends_run,
+                    replay_events: s.replay_events,
+                    replay_ttl_ms: s.replay_ttl_ms,
+                    channel: &keys.channel,
+                    fresh_epoch: &epochs.fresh(),
+                    now,
+                    key: key.as_deref().unwrap_or(""),
+                    agent,
+                    ts: *ts,
+                    kind,
+                    max_active_runs_per_user: s.max_active_runs_per_user,
+                    run_idle_timeout_ms: s.run_idle_timeout_ms,
+                    user,
+                    max_active_runs: s.max_active_runs,
+                    tool_call: extras
+                        .as_ref()
+                        .and_then(|x| x.tool_call.as_deref())
+                        .unwrap_or(""),
+                };
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&link.publish);
+                call.args(&mut cmd);
+                pipe.add_command(cmd);
             }
             StoreRequest::Pending { user, run, thread } => {
                 let keys = UserKeys::new(&s.prefix, user);

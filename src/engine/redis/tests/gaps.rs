@@ -24,40 +24,33 @@ fn store_silently(redis: &RedisProcess, user: &str, n: u64, replay_events: usize
     for k in 0..n {
         let ev = event(user, None, "r-silent", EventKind::AgentThinking, 1000 + k);
         let (head, tail) = ev.around_seq();
-        let answer: Vec<redis::Value> = redis::cmd("EVAL")
-            .arg(include_str!("../publish.lua"))
-            .arg(8)
-            .arg(&keys.meta)
-            .arg(&keys.stream)
-            .arg(&keys.ended)
-            .arg(&keys.keys)
-            .arg(&keys.runs)
-            .arg(&deadlines)
-            .arg(&keys.cancelled)
-            .arg(&keys.pending)
-            .arg(&head[..])
-            .arg(&tail[..])
-            .arg("-")
-            .arg("r-silent")
-            .arg("0")
-            .arg(replay_events)
-            .arg(600_000)
-            .arg("awtest:nobody-listens")
-            .arg("silent-epoch")
-            .arg(crate::event::now_ms())
-            .arg(1024)
-            .arg("")
-            .arg(4096)
-            .arg("agent")
-            .arg(ev.ts_ms)
-            .arg("agent_thinking")
-            .arg(100)
-            .arg(300_000)
-            .arg(user)
-            .arg(100_000)
-            .arg("")
-            .query(&mut c)
-            .expect("publish.lua");
+        let call = crate::engine::redis::store::PublishCall {
+            keys: &keys,
+            deadlines: &deadlines,
+            head: &head,
+            tail: &tail,
+            marker: "-",
+            run: "r-silent",
+            ends_run: false,
+            replay_events,
+            replay_ttl_ms: 600_000,
+            channel: "awtest:nobody-listens",
+            fresh_epoch: "silent-epoch",
+            now: crate::event::now_ms(),
+            key: "",
+            agent: "agent",
+            ts: ev.ts_ms,
+            kind: "agent_thinking",
+            max_active_runs_per_user: 100,
+            run_idle_timeout_ms: 300_000,
+            user,
+            max_active_runs: 100_000,
+            tool_call: "",
+        };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(include_str!("../publish.lua"));
+        call.args(&mut cmd);
+        let answer: Vec<redis::Value> = cmd.query(&mut c).expect("publish.lua");
         match answer.first() {
             Some(redis::Value::Int(seq)) if *seq > 0 => seqs.push(*seq as u64),
             other => panic!("not stored: {other:?}"),
