@@ -47,7 +47,7 @@ fn cancel_answer(engine: &mut super::RedisEngine, ticket: u64) -> Option<bool> {
 }
 
 fn deadline_members(redis: &RedisProcess) -> Vec<String> {
-    let mut con = con(&redis);
+    let mut con = con(redis);
     redis::cmd("ZRANGE")
         .arg("awtest:deadlines")
         .arg(0)
