@@ -562,13 +562,6 @@ fn a_silent_run_gets_exactly_one_run_timeout_even_after_the_node_that_saw_it_sto
     assert_eq!(r.status, 400, "the timed-out run has ended: {}", r.text());
 }
 
-/// A plain Redis connection of the test (the `redis` crate, as the gateway uses).
-fn redis_con(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
-}
-
 /// The inbound stream's entries read by consumer group `workers` (flat fields).
 fn read_inbound(con: &mut redis::Connection) -> Vec<HashMap<String, String>> {
     let reply: redis::Value = redis::cmd("XREADGROUP")
@@ -628,16 +621,8 @@ fn user_messages_and_cancels_reach_workers_anywhere_through_the_inbound_stream()
         (e["code"].as_str(), e["ref"].as_str()),
         (Some("no_agent"), Some("m0"))
     );
+    workers_read_the_stream(&redis);
     let mut con = redis_con(&redis);
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("agentwire:inbound")
-        .arg("workers")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .expect("XGROUP CREATE");
-    // The node sees the group within a housekeeping tick or two.
     let mut ack = Value::Null;
     wait_until("a user_message acked once workers read the stream", || {
         c.send_json(

@@ -11,13 +11,6 @@ use serde_json::{json, Value};
 use crate::support::agui::{seq, types};
 use crate::support::*;
 
-/// A plain Redis connection of the test.
-fn redis_con(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
-}
-
 /// Kill every pub/sub connection (the nodes' feeds) and keep new connections out:
 /// `maxclients` at the count of the others, in one transaction.
 fn cut_feeds(control: &mut redis::Connection) {

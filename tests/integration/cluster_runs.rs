@@ -12,26 +12,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// A plain Redis connection of the test.
-fn redis_con(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
-}
-
-/// Workers read the inbound stream: a consumer group exists (nodes see it within a
-/// housekeeping tick or two).
-fn workers_read_the_stream(redis: &RedisServer) {
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("agentwire:inbound")
-        .arg("workers")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut redis_con(redis))
-        .expect("XGROUP CREATE");
-}
-
 /// Send `user_message`s on `c` until one is acked (the node learns of the consumer
 /// group within a second): the ack's run id.
 fn ask(c: &mut Client, thread: Option<&str>) -> String {

@@ -110,6 +110,26 @@ impl Drop for RedisServer {
     }
 }
 
+/// A plain Redis connection of the test (the `redis` crate, as the gateway uses).
+pub fn redis_con(redis: &RedisServer) -> ::redis::Connection {
+    ::redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection")
+}
+
+/// Workers read the inbound stream: a consumer group exists (nodes see it within a
+/// housekeeping tick or two).
+pub fn workers_read_the_stream(redis: &RedisServer) {
+    let _: () = ::redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("agentwire:inbound")
+        .arg("workers")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(&mut redis_con(redis))
+        .expect("XGROUP CREATE");
+}
+
 /// The test config with the Redis engine on `redis`, as node `name`.
 pub fn redis_config(redis: &RedisServer, name: &str) -> Config {
     let mut cfg = config();
