@@ -20,17 +20,6 @@ fn publish_one(addr: SocketAddr, user: &str, run: &str, i: u64) {
     );
 }
 
-/// The `data.i` of each event, checking they all belong to `user`.
-fn ids(events: &[Value], user: &str) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| {
-            assert_eq!(e["user_id"], user, "cross-user delivery: {e}");
-            e["data"]["i"].as_u64().expect("data.i")
-        })
-        .collect()
-}
-
 /// User and run ids may hold newlines (src/ids.rs): such events cross nodes intact
 /// (the pub/sub message was split at newlines: the client got a broken frame).
 #[test]
@@ -247,18 +236,7 @@ fn redis_paused_answers_503_and_degraded_then_everything_recovers_by_itself() {
     assert_contiguous(&c.recv_events(1), 1);
 
     redis.pause();
-    let r = publish(
-        n1.addr,
-        &json!([pub_event(
-            "text_delta",
-            "pz-u1",
-            None,
-            "r-1",
-            json!({ "i": 1 })
-        )]),
-    );
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.json()["error"], "engine_unavailable");
+    assert_publish_unavailable(n1.addr, "pz-u1", 1);
     wait_until("/health degraded on the publishing node", || {
         let (status, body) = get_json(n1.addr, "/health");
         status == 503 && body["status"] == "degraded"
@@ -470,13 +448,9 @@ fn a_retried_event_with_its_idempotency_key_is_stored_once_whatever_node_it_went
 #[test]
 fn runs_are_cluster_wide_listed_in_connected_capped_and_refused_once_ended() {
     let redis = RedisServer::start();
-    let cfg = |name: &str| {
-        let mut c = redis_config(&redis, name);
-        c.max_active_runs_per_user = 2;
-        c
-    };
-    let n0 = TestGateway::start(cfg("n0"), Agent::None);
-    let n1 = TestGateway::start(cfg("n1"), Agent::None);
+    let tweak = |c: &mut agentwire::Config| c.max_active_runs_per_user = 2;
+    let n0 = node_with(&redis, "n0", tweak);
+    let n1 = node_with(&redis, "n1", tweak);
     publish_ok(
         n0.addr,
         &json!([pub_event(
@@ -555,14 +529,10 @@ fn runs_are_cluster_wide_listed_in_connected_capped_and_refused_once_ended() {
 #[test]
 fn a_silent_run_gets_exactly_one_run_timeout_even_after_the_node_that_saw_it_stopped() {
     let redis = RedisServer::start();
-    let cfg = |name: &str| {
-        let mut c = redis_config(&redis, name);
-        c.run_idle_timeout_ms = 300;
-        c
-    };
-    let mut n0 = TestGateway::start(cfg("n0"), Agent::None);
-    let n1 = TestGateway::start(cfg("n1"), Agent::None);
-    let n2 = TestGateway::start(cfg("n2"), Agent::None);
+    let tweak = |c: &mut agentwire::Config| c.run_idle_timeout_ms = 300;
+    let mut n0 = node_with(&redis, "n0", tweak);
+    let n1 = node_with(&redis, "n1", tweak);
+    let n2 = node_with(&redis, "n2", tweak);
     let mut a = n1.connect("wd-u1");
     let mut b = n2.connect("wd-u1");
     publish_ok(
@@ -590,13 +560,6 @@ fn a_silent_run_gets_exactly_one_run_timeout_even_after_the_node_that_saw_it_sto
         &json!([pub_event("agent_thinking", "wd-u1", None, "r-1", json!({}))]),
     );
     assert_eq!(r.status, 400, "the timed-out run has ended: {}", r.text());
-}
-
-/// A plain Redis connection of the test (the `redis` crate, as the gateway uses).
-fn redis_con(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
 }
 
 /// The inbound stream's entries read by consumer group `workers` (flat fields).
@@ -658,16 +621,8 @@ fn user_messages_and_cancels_reach_workers_anywhere_through_the_inbound_stream()
         (e["code"].as_str(), e["ref"].as_str()),
         (Some("no_agent"), Some("m0"))
     );
+    workers_read_the_stream(&redis);
     let mut con = redis_con(&redis);
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("agentwire:inbound")
-        .arg("workers")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut con)
-        .expect("XGROUP CREATE");
-    // The node sees the group within a housekeeping tick or two.
     let mut ack = Value::Null;
     wait_until("a user_message acked once workers read the stream", || {
         c.send_json(
@@ -836,14 +791,12 @@ fn max_connections_per_user_counts_every_node_and_evicts_the_oldest_wherever_it_
 #[test]
 fn reject_refuses_a_connection_past_the_limit_counted_on_every_node() {
     let redis = RedisServer::start();
-    let cfg = |name: &str| {
-        let mut c = redis_config(&redis, name);
+    let tweak = |c: &mut agentwire::Config| {
         c.max_connections_per_user = 2;
         c.per_user_policy = agentwire::PerUserPolicy::Reject;
-        c
     };
-    let n0 = TestGateway::start(cfg("n0"), Agent::None);
-    let n1 = TestGateway::start(cfg("n1"), Agent::None);
+    let n0 = node_with(&redis, "n0", tweak);
+    let n1 = node_with(&redis, "n1", tweak);
     let mut a = n0.connect("rj-u1");
     let mut b = n1.connect("rj-u1");
     // One connection on n0: under its own limit, over the cluster's.
@@ -906,10 +859,7 @@ fn live_connections_keep_counting_and_a_dead_nodes_stop_within_its_lease() {
 fn the_webhook_works_across_nodes_its_cancel_reaching_the_node_that_publishes() {
     let redis = RedisServer::start();
     let server = WebhookServer::start(Behaviour::Answer(200));
-    let mut cfg = redis_config(&redis, "n0");
-    cfg.inbound_url = Some(server.url());
-    cfg.inbound_key = Some("cluster-inbound-key-0123".into());
-    let n0 = TestGateway::start(cfg, Agent::None);
+    let n0 = TestGateway::start(webhook_config(&redis, "n0", &server), Agent::None);
     let n1 = node(&redis, "n1");
     let mut c = n0.connect("wh-u1");
     c.send_json(&json!({"type": "user_message", "text": "hi", "ref": "m1"}));
@@ -1099,18 +1049,7 @@ fn a_request_waiting_for_redis_outlives_the_handshake_deadline_and_is_answered()
     publish_one(n0.addr, "hd-u1", "r-1", 0);
 
     redis.pause();
-    let r = publish(
-        n0.addr,
-        &json!([pub_event(
-            "text_delta",
-            "hd-u1",
-            None,
-            "r-1",
-            json!({ "i": 1 })
-        )]),
-    );
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.json()["error"], "engine_unavailable");
+    assert_publish_unavailable(n0.addr, "hd-u1", 1);
     let r = upgrade(n0.addr, "/ws", &[bearer(&token("hd-u2"))]);
     assert_refusal(&r, 503, "engine_unavailable");
     redis.resume();

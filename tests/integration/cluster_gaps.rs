@@ -11,13 +11,6 @@ use serde_json::{json, Value};
 use crate::support::agui::{seq, types};
 use crate::support::*;
 
-/// A plain Redis connection of the test.
-fn redis_con(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
-}
-
 /// Kill every pub/sub connection (the nodes' feeds) and keep new connections out:
 /// `maxclients` at the count of the others, in one transaction.
 fn cut_feeds(control: &mut redis::Connection) {
@@ -73,13 +66,9 @@ fn engine_stat(node: &TestGateway, name: &str) -> u64 {
 fn events_pubsub_lost_are_filled_from_the_stream_for_every_connection_without_1013() {
     let redis = RedisServer::start();
     // Five connections of the user (the default limit is 3, counted on every node).
-    let roomy = |name: &str| {
-        let mut cfg = redis_config(&redis, name);
-        cfg.set("max_connections_per_user", "10").expect("limit");
-        TestGateway::start(cfg, Agent::None)
-    };
-    let n0 = roomy("n0");
-    let n1 = roomy("n1");
+    let roomy = |c: &mut agentwire::Config| c.set("max_connections_per_user", "10").expect("limit");
+    let n0 = node_with(&redis, "n0", roomy);
+    let n1 = node_with(&redis, "n1", roomy);
     let user = "gf-u1";
     let mut a = n0.connect(user);
     let mut t1 = connect_path(n0.addr, user, "/ws?thread_id=t1");
@@ -221,13 +210,9 @@ fn events_pubsub_lost_are_filled_from_the_stream_for_every_connection_without_10
 #[test]
 fn a_gap_past_the_kept_events_still_closes_1013_and_the_resume_says_resumed_false() {
     let redis = RedisServer::start();
-    let small = |name: &str| {
-        let mut cfg = redis_config(&redis, name);
-        cfg.set("replay_events", "5").expect("replay_events");
-        TestGateway::start(cfg, Agent::None)
-    };
-    let n0 = small("n0");
-    let n1 = small("n1");
+    let small = |c: &mut agentwire::Config| c.set("replay_events", "5").expect("replay_events");
+    let n0 = node_with(&redis, "n0", small);
+    let n1 = node_with(&redis, "n1", small);
     let user = "gf-u2";
     let mut a = n0.connect(user);
     let epoch = epoch_of(&a);

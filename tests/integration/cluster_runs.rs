@@ -12,26 +12,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// A plain Redis connection of the test.
-fn redis_con(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
-}
-
-/// Workers read the inbound stream: a consumer group exists (nodes see it within a
-/// housekeeping tick or two).
-fn workers_read_the_stream(redis: &RedisServer) {
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("agentwire:inbound")
-        .arg("workers")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query(&mut redis_con(redis))
-        .expect("XGROUP CREATE");
-}
-
 /// Send `user_message`s on `c` until one is acked (the node learns of the consumer
 /// group within a second): the ack's run id.
 fn ask(c: &mut Client, thread: Option<&str>) -> String {
@@ -59,13 +39,9 @@ fn started(user: &str, run: &str) -> Value {
 #[test]
 fn max_active_runs_holds_over_all_nodes_and_a_refused_run_handle_is_told() {
     let redis = RedisServer::start();
-    let cfg = |name: &str| {
-        let mut c = redis_config(&redis, name);
-        c.max_active_runs = 2;
-        c
-    };
-    let n0 = TestGateway::start(cfg("n0"), Agent::None);
-    let n1 = TestGateway::start(cfg("n1"), Agent::None);
+    let tweak = |c: &mut agentwire::Config| c.max_active_runs = 2;
+    let n0 = node_with(&redis, "n0", tweak);
+    let n1 = node_with(&redis, "n1", tweak);
     publish_ok(n0.addr, &started("ma-u1", "r-1"));
     publish_ok(n1.addr, &started("ma-u2", "r-1"));
     // A third run, of a third user, through either node: 429 too_many_runs as under
@@ -110,13 +86,9 @@ fn a_run_acked_and_never_begun_gets_one_run_timeout_after_its_node_was_killed() 
     let idle = [("AGENTWIRE_RUN_IDLE_TIMEOUT_MS", "500")];
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut acker = BinaryNode::start_with(&redis, "bin-a", addr, &idle);
-    let cfg = |name: &str| {
-        let mut c = redis_config(&redis, name);
-        c.run_idle_timeout_ms = 500;
-        c
-    };
-    let n1 = TestGateway::start(cfg("n1"), Agent::None);
-    let n2 = TestGateway::start(cfg("n2"), Agent::None);
+    let tweak = |c: &mut agentwire::Config| c.run_idle_timeout_ms = 500;
+    let n1 = node_with(&redis, "n1", tweak);
+    let n2 = node_with(&redis, "n2", tweak);
     let mut watcher = n1.connect("pa-u1");
     let mut c = connect(acker.addr, "pa-u1");
     let run_id = ask(&mut c, Some("t1"));
@@ -271,14 +243,10 @@ fn time_to_first_event_and_tool_durations_count_once_on_the_node_that_saw_them_e
 fn a_run_acked_through_the_webhook_and_never_begun_gets_one_run_timeout() {
     let redis = RedisServer::start();
     let server = WebhookServer::start(Behaviour::Answer(200));
-    let mut cfg = redis_config(&redis, "n0");
-    cfg.inbound_url = Some(server.url());
-    cfg.inbound_key = Some("cluster-inbound-key-0123".into());
+    let mut cfg = webhook_config(&redis, "n0", &server);
     cfg.run_idle_timeout_ms = 500;
     let n0 = TestGateway::start(cfg, Agent::None);
-    let mut cfg = redis_config(&redis, "n1");
-    cfg.run_idle_timeout_ms = 500;
-    let n1 = TestGateway::start(cfg, Agent::None);
+    let n1 = node_with(&redis, "n1", |c| c.run_idle_timeout_ms = 500);
     let mut watcher = n1.connect("wp-u1");
     let mut c = n0.connect("wp-u1");
     c.send_json(&json!({"type": "user_message", "thread_id": "t9", "text": "hi", "ref": "m1"}));

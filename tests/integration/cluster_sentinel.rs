@@ -3,7 +3,7 @@
 //! (`support/sentinel.rs`), `kill -9` of the master, and a TLS-only `redis-server` with
 //! a private CA (and with the wrong one). Every check is per event (seq and data).
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,17 +34,6 @@ fn publish_until_accepted(addr: SocketAddr, user: &str, i: u64, within: Duration
     }
 }
 
-/// The `data.i` of each event, checking they all belong to `user`.
-fn ids(events: &[Value], user: &str) -> Vec<u64> {
-    events
-        .iter()
-        .map(|e| {
-            assert_eq!(e["user_id"], user, "cross-user delivery: {e}");
-            e["data"]["i"].as_u64().expect("data.i")
-        })
-        .collect()
-}
-
 /// A node on `url` whose engine is connected (`/health` 200).
 fn ready_node(url: &str, name: &str, more: &[(&str, &str)]) -> TestGateway {
     let mut cfg = engine_config(url, name);
@@ -62,6 +51,29 @@ fn ready_node(url: &str, name: &str, more: &[(&str, &str)]) -> TestGateway {
         connect_with(node.addr, "/ws", &[("Authorization", &auth)]).is_ok()
     });
     node
+}
+
+/// Two ready nodes on `url` (`{tag}0`, `{tag}1`, with `more` settings), a client of
+/// `user` on the first and events `0..n` published through the second, received in
+/// order: the nodes, the client and its epoch.
+fn delivering(
+    url: &str,
+    tag: &str,
+    more: &[(&str, &str)],
+    user: &str,
+    n: u64,
+) -> (TestGateway, TestGateway, Client, String) {
+    let n0 = ready_node(url, &format!("{tag}0"), more);
+    let n1 = ready_node(url, &format!("{tag}1"), more);
+    let mut c = n0.connect(user);
+    for i in 0..n {
+        publish_until_accepted(n1.addr, user, i, WAIT);
+    }
+    let seen = c.recv_events(n as usize);
+    assert_contiguous(&seen, 1);
+    assert_eq!(ids(&seen, user), (0..n).collect::<Vec<_>>());
+    let epoch = epoch_of(&c);
+    (n0, n1, c, epoch)
 }
 
 /// After a failover: the client's next frame is the event `seq` (pub/sub delivered it)
@@ -135,17 +147,7 @@ fn sentinels_with_a_password_are_asked_with_redis_sentinel_password() {
 /// Two nodes on `set`; events delivered; `kill -9` of the master; the sentinels promote
 /// the replica; both nodes publish and deliver again, the client resumes exactly.
 fn follow_a_kill_9(mut set: SentinelSet, more: &[(&str, &str)], user: &str) {
-    let url = set.url();
-    let n0 = ready_node(&url, "s0", more);
-    let n1 = ready_node(&url, "s1", more);
-    let mut c = n0.connect(user);
-    for i in 0..3 {
-        publish_until_accepted(n1.addr, user, i, WAIT);
-    }
-    let seen = c.recv_events(3);
-    assert_contiguous(&seen, 1);
-    assert_eq!(ids(&seen, user), [0, 1, 2]);
-    let epoch = epoch_of(&c);
+    let (n0, n1, mut c, epoch) = delivering(&set.url(), "s", more, user, 3);
     // Replication is asynchronous: what the replica has is what survives. Here it has
     // everything (WAIT); docs/CLUSTER.md says what happens to writes it lacks.
     set.sync_replica();
@@ -193,14 +195,8 @@ fn follow_a_kill_9(mut set: SentinelSet, more: &[(&str, &str)], user: &str) {
 #[test]
 fn nodes_follow_a_graceful_sentinel_failover_away_from_a_master_that_stays_up() {
     let set = SentinelSet::start();
-    let url = set.url();
-    let n0 = ready_node(&url, "g0", &[]);
-    let n1 = ready_node(&url, "g1", &[]);
     let user = "gf-u1";
-    let mut c = n0.connect(user);
-    publish_until_accepted(n1.addr, user, 0, WAIT);
-    assert_contiguous(&c.recv_events(1), 1);
-    let epoch = epoch_of(&c);
+    let (n0, n1, mut c, epoch) = delivering(&set.url(), "g", &[], user, 1);
 
     // The old master becomes a replica of the new one: writes to it are READONLY.
     let mut s = plain_con(set.sentinels[0].port).expect("sentinel");
@@ -235,14 +231,8 @@ fn nodes_follow_a_graceful_sentinel_failover_away_from_a_master_that_stays_up() 
 #[test]
 fn a_master_demoted_under_a_nodes_feet_answers_readonly_and_the_node_asks_sentinel_again() {
     let set = SentinelSet::start();
-    let url = set.url();
-    let n0 = ready_node(&url, "ro0", &[]);
-    let n1 = ready_node(&url, "ro1", &[]);
     let user = "ro-u1";
-    let mut c = n0.connect(user);
-    publish_until_accepted(n1.addr, user, 0, WAIT);
-    assert_contiguous(&c.recv_events(1), 1);
-    let epoch = epoch_of(&c);
+    let (n0, n1, c, epoch) = delivering(&set.url(), "ro", &[], user, 1);
     set.sync_replica();
 
     // A switch Sentinel did not make itself, so nobody closes the nodes' connections
@@ -314,17 +304,8 @@ fn rediss_with_a_private_ca_carries_everything_and_a_wrong_ca_is_degraded_not_a_
     let server = TlsRedis::start(&files);
     let url = server.url();
     let ca = files.cert.to_str().expect("utf-8").to_owned();
-    let n0 = ready_node(&url, "t0", &[("redis_tls_ca_file", &ca)]);
-    let n1 = ready_node(&url, "t1", &[("redis_tls_ca_file", &ca)]);
     let user = "tls-u1";
-    let mut c = n0.connect(user);
-    for i in 0..3 {
-        publish_until_accepted(n1.addr, user, i, WAIT);
-    }
-    let got = c.recv_events(3);
-    assert_contiguous(&got, 1);
-    assert_eq!(ids(&got, user), [0, 1, 2]);
-    let epoch = epoch_of(&c);
+    let (n0, n1, mut c, epoch) = delivering(&url, "t", &[("redis_tls_ca_file", &ca)], user, 3);
     let mut back = connect_path(n1.addr, user, &format!("/ws?last_seq=1&epoch={epoch}"));
     assert_eq!(back.connected["resumed"], true, "{}", back.connected);
     assert_eq!(ids(&back.recv_events(2), user), [1, 2]);
@@ -341,18 +322,7 @@ fn rediss_with_a_private_ca_carries_everything_and_a_wrong_ca_is_degraded_not_a_
         let (status, body) = get_json(n2.addr, "/health");
         status == 503 && body["status"] == "degraded"
     });
-    let r = publish(
-        n2.addr,
-        &json!([pub_event(
-            "text_delta",
-            user,
-            None,
-            "r-1",
-            json!({ "i": 9 })
-        )]),
-    );
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(r.json()["error"], "engine_unavailable");
+    assert_publish_unavailable(n2.addr, user, 9);
     assert_eq!(n2.stats()["engine"]["connected"], false);
     wait_until("the reason in the log", || {
         log_capture::lines()

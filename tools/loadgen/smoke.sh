@@ -33,16 +33,25 @@ passed=0
 failed=0
 failures=()
 
+# One check's verdict: `pass NAME WHAT` counts and prints it; `fail NAME WHAT LOG LINES`
+# counts it, prints why and the last LINES lines of its LOG (the JSON report left out).
+pass() {
+    passed=$((passed + 1))
+    echo "ok   $1: $2"
+}
+fail() {
+    failed=$((failed + 1))
+    failures+=("$1")
+    echo "FAIL $1: $2"
+    sed 's/^/    | /' "$3" | grep -v '^    | JSON' | tail -"$4"
+}
+
 # loadgen's own unit tests (the soak's verdicts, duration parsing, reports).
 log="$LOGDIR/unit.log"
 if cargo test --release --locked -p loadgen >"$log" 2>&1; then
-    passed=$((passed + 1))
-    echo "ok   unit: $(grep -m1 '^test result' "$log")"
+    pass unit "$(grep -m1 '^test result' "$log")"
 else
-    failed=$((failed + 1))
-    failures+=("unit")
-    echo "FAIL unit: cargo test --release -p loadgen"
-    tail -30 "$log" | sed 's/^/    | /'
+    fail unit "cargo test --release -p loadgen" "$log" 30
 fi
 
 run() {
@@ -51,14 +60,10 @@ run() {
     local log="$LOGDIR/$name.log"
     local t0=$SECONDS
     if timeout "${SMOKE_TIMEOUT:-90}" "$LOADGEN" "$@" --strict --quiet >"$log" 2>&1; then
-        passed=$((passed + 1))
-        echo "ok   $name ($((SECONDS - t0)) s): $(grep -m1 -E '^  (checks|delivered)' "$log" | sed 's/^ *//')"
+        pass "$name ($((SECONDS - t0)) s)" "$(grep -m1 -E '^  (checks|delivered)' "$log" | sed 's/^ *//')"
     else
         local rc=$?
-        failed=$((failed + 1))
-        failures+=("$name")
-        echo "FAIL $name (exit $rc after $((SECONDS - t0)) s): $LOADGEN $* --strict"
-        sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -40
+        fail "$name" "exit $rc after $((SECONDS - t0)) s: $LOADGEN $* --strict" "$log" 40
     fi
 }
 
@@ -92,13 +97,9 @@ r = c["floor_ratios"]["agentwire"]
 assert isinstance(r["rate"], float) and r["common_rate"] is not None, r
 PY
 then
-    passed=$((passed + 1))
-    echo "ok   compare-floor ($((SECONDS - t0)) s): $(grep -m1 -A1 'against the kernel floor' "$log" | tail -1 | sed 's/^ *//')"
+    pass "compare-floor ($((SECONDS - t0)) s)" "$(grep -m1 -A1 'against the kernel floor' "$log" | tail -1 | sed 's/^ *//')"
 else
-    failed=$((failed + 1))
-    failures+=("compare-floor")
-    echo "FAIL compare-floor: $LOADGEN compare --servers agentwire,floor ramp ..."
-    sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -30
+    fail compare-floor "$LOADGEN compare --servers agentwire,floor ramp ..." "$log" 30
 fi
 # A short soak: replay_ttl_ms=10000 so the kept events reach their steady amount within
 # the two warm-up cycles.
@@ -113,14 +114,10 @@ run_own() {
     local log="$LOGDIR/$name.log"
     local t0=$SECONDS
     if timeout "${SMOKE_TIMEOUT:-90}" "$LOADGEN" "$@" --quiet >"$log" 2>&1; then
-        passed=$((passed + 1))
-        echo "ok   $name ($((SECONDS - t0)) s): $(grep -m1 -E "$pattern" "$log" | sed 's/^ *//')"
+        pass "$name ($((SECONDS - t0)) s)" "$(grep -m1 -E "$pattern" "$log" | sed 's/^ *//')"
     else
         local rc=$?
-        failed=$((failed + 1))
-        failures+=("$name")
-        echo "FAIL $name (exit $rc after $((SECONDS - t0)) s): $LOADGEN $*"
-        sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -40
+        fail "$name" "exit $rc after $((SECONDS - t0)) s: $LOADGEN $*" "$log" 40
     fi
 }
 # 200 missed events, 5 rounds each on the memory engine, one Redis node, two nodes
@@ -140,24 +137,16 @@ timeout 90 "$LOADGEN" resume-storm --conns 10 --others 10 --storm-rate 2000 --ot
 rc=$?
 set -e
 if [[ $rc -eq 1 ]] && grep -q 'resumed=Some(false)' "$log"; then
-    passed=$((passed + 1))
-    echo "ok   resume-storm-detects-loss: resumed:false reported, exit 1"
+    pass resume-storm-detects-loss "resumed:false reported, exit 1"
 else
-    failed=$((failed + 1))
-    failures+=("resume-storm-detects-loss")
-    echo "FAIL resume-storm-detects-loss: expected exit 1 with resumed=Some(false), got exit $rc"
-    sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -20
+    fail resume-storm-detects-loss "expected exit 1 with resumed=Some(false), got exit $rc" "$log" 20
 fi
 
 log="$LOGDIR/startup.log"
 if timeout 90 "$LOADGEN" startup --runs 5 >"$log" 2>&1; then
-    passed=$((passed + 1))
-    echo "ok   startup: $(grep -m1 '^  median' "$log" | sed 's/^ *//')"
+    pass startup "$(grep -m1 '^  median' "$log" | sed 's/^ *//')"
 else
-    failed=$((failed + 1))
-    failures+=("startup")
-    echo "FAIL startup: $LOADGEN startup --runs 5"
-    sed 's/^/    | /' "$log" | tail -20
+    fail startup "$LOADGEN startup --runs 5" "$log" 20
 fi
 
 # The checker itself: with a per-user limit of 2 and 3 connections per user, every
@@ -170,13 +159,9 @@ timeout 90 "$LOADGEN" fanout --users 20 --conns-per-user 3 --rate 200 --duration
 rc=$?
 set -e
 if [[ $rc -eq 1 ]] && grep -q '^FAIL closed' "$log" && grep -q '^FAIL lost' "$log"; then
-    passed=$((passed + 1))
-    echo "ok   checker-detects-loss: evictions reported as closed and lost, exit 1"
+    pass checker-detects-loss "evictions reported as closed and lost, exit 1"
 else
-    failed=$((failed + 1))
-    failures+=("checker-detects-loss")
-    echo "FAIL checker-detects-loss: expected exit 1 with FAIL closed and FAIL lost, got exit $rc"
-    sed 's/^/    | /' "$log" | grep -v '^    | JSON' | tail -20
+    fail checker-detects-loss "expected exit 1 with FAIL closed and FAIL lost, got exit $rc" "$log" 20
 fi
 
 echo "loadgen smoke: $passed passed, $failed failed ($((SECONDS - start)) s)"

@@ -112,6 +112,24 @@ impl Drop for RedisProcess {
     }
 }
 
+/// A plain connection of the test to `redis`.
+fn con(redis: &RedisProcess) -> redis::Connection {
+    redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection")
+}
+
+/// The `run_timeout` a node stores for the due run `d` (the watchdog's `agent_error`).
+fn run_timeout(d: &crate::engine::DueRun) -> Event {
+    let key = RunKey::new(&d.user, d.thread.as_deref(), &d.run_id, &d.agent_name).unwrap();
+    Event::new(
+        key,
+        EventKind::AgentError,
+        &serde_json::json!({"reason": "run_timeout"}),
+    )
+    .unwrap()
+}
+
 fn node(redis: &RedisProcess, timeout_ms: u64) -> RedisEngine {
     node_with(redis, timeout_ms, |_| {})
 }
@@ -448,9 +466,7 @@ fn leases_are_renewed_for_the_connections_given() {
     let mut a = node(&redis, 2000);
     a.open(1, "ls", None, (7, 1));
     collect(&mut a, |e| opened(e, 1).is_some());
-    let mut con = redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("connection");
+    let mut con = con(&redis);
     let score = |con: &mut redis::Connection| -> Option<f64> {
         redis::cmd("ZSCORE")
             .arg("awtest:{u:ls}:leases")
@@ -611,9 +627,7 @@ fn the_scripts_are_loaded_again_after_a_script_flush() {
     let mut a = node(&redis, 2000);
     a.publish(1, &event("fl", None, "r1", EventKind::AgentStarted, 1));
     collect(&mut a, |e| published(e) == [(1, 1)]);
-    let mut con = redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("connection");
+    let mut con = con(&redis);
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query(&mut con)
@@ -740,13 +754,7 @@ fn a_due_run_whose_timeout_was_not_stored_is_taken_again() {
     let again = due_runs(&mut b, 1);
     assert_eq!(again, taken);
     let t = &again[0];
-    let key = RunKey::new(&t.user, t.thread.as_deref(), &t.run_id, &t.agent_name).unwrap();
-    let timeout = Event::new(
-        key,
-        EventKind::AgentError,
-        &serde_json::json!({"reason": "run_timeout"}),
-    )
-    .unwrap();
+    let timeout = run_timeout(t);
     b.publish(2, &timeout);
     collect(&mut b, |e| published(e) == [(2, 2)]);
     // Stored: never taken again (two idle periods later).
@@ -763,9 +771,7 @@ fn a_due_run_whose_timeout_was_not_stored_is_taken_again() {
 fn evict_oldest_keeps_the_limit_when_the_new_connection_scores_oldest() {
     let redis = RedisProcess::start();
     let mut a = node_with(&redis, 2000, |s| s.max_connections_per_user = 1);
-    let mut con = redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("connection");
+    let mut con = con(&redis);
     // A connection of "sk" on a node whose clock is an hour ahead, its lease live.
     let later = crate::event::now_ms() + 3_600_000;
     let other = "ahead-node\n1:1";

@@ -110,6 +110,26 @@ impl Drop for RedisServer {
     }
 }
 
+/// A plain Redis connection of the test (the `redis` crate, as the gateway uses).
+pub fn redis_con(redis: &RedisServer) -> ::redis::Connection {
+    ::redis::Client::open(redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection")
+}
+
+/// Workers read the inbound stream: a consumer group exists (nodes see it within a
+/// housekeeping tick or two).
+pub fn workers_read_the_stream(redis: &RedisServer) {
+    let _: () = ::redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("agentwire:inbound")
+        .arg("workers")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query(&mut redis_con(redis))
+        .expect("XGROUP CREATE");
+}
+
 /// The test config with the Redis engine on `redis`, as node `name`.
 pub fn redis_config(redis: &RedisServer, name: &str) -> Config {
     let mut cfg = config();
@@ -121,9 +141,45 @@ pub fn redis_config(redis: &RedisServer, name: &str) -> Config {
     cfg
 }
 
+/// The config of node `name` on `redis` whose users' messages go to the webhook
+/// `server` (`inbound_url`, `inbound_key`).
+pub fn webhook_config(redis: &RedisServer, name: &str, server: &WebhookServer) -> Config {
+    let mut cfg = redis_config(redis, name);
+    cfg.inbound_url = Some(server.url());
+    cfg.inbound_key = Some("cluster-inbound-key-0123".into());
+    cfg
+}
+
 /// An in-process node on `redis`, with no agent.
 pub fn node(redis: &RedisServer, name: &str) -> TestGateway {
     TestGateway::start(redis_config(redis, name), Agent::None)
+}
+
+/// An in-process node on `redis`, with no agent, its config changed by `tweak` first.
+pub fn node_with(redis: &RedisServer, name: &str, tweak: impl Fn(&mut Config)) -> TestGateway {
+    let mut cfg = redis_config(redis, name);
+    tweak(&mut cfg);
+    TestGateway::start(cfg, Agent::None)
+}
+
+/// Publish event `i` (`text_delta`, run `r-1`) of `user` through `addr` and require
+/// 503 `engine_unavailable` (the node cannot reach Redis).
+pub fn assert_publish_unavailable(addr: SocketAddr, user: &str, i: u64) {
+    let ev = pub_event("text_delta", user, None, "r-1", json!({ "i": i }));
+    let r = publish(addr, &json!([ev]));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "engine_unavailable");
+}
+
+/// The `data.i` of each event, checking they all belong to `user`.
+pub fn ids(events: &[Value], user: &str) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["user_id"], user, "cross-user delivery: {e}");
+            e["data"]["i"].as_u64().expect("data.i")
+        })
+        .collect()
 }
 
 /// `connected`'s epoch.

@@ -832,6 +832,17 @@ mod tests {
         })
     }
 
+    /// One server's ramp median: its record (of `sustainable` and `steps`), its row,
+    /// and the sustainable rate as the one rate seen.
+    fn ramp_median(kind: ServerKind, sustainable: f64, steps: &[(f64, u64, f64, bool)]) -> Median {
+        let rec = ramp_record(Some(sustainable), steps);
+        (
+            kind,
+            Some((Row::from_record("ramp", &rec), rec)),
+            vec![sustainable],
+        )
+    }
+
     #[test]
     fn ramp_row_takes_the_last_step_within_the_bound() {
         let r = ramp_record(
@@ -851,32 +862,24 @@ mod tests {
 
     #[test]
     fn ramp_ratios_compare_latency_and_cpu_at_the_highest_common_passed_step() {
-        let aw = ramp_record(
-            Some(4000.0),
-            &[
-                (1000.0, 500, 10.0, true),
-                (2000.0, 600, 20.0, true),
-                (4000.0, 800, 40.0, true),
-            ],
-        );
-        let peer = ramp_record(
-            Some(2000.0),
-            &[
-                (1000.0, 700, 15.0, true),
-                (2000.0, 1200, 30.0, true),
-                (4000.0, 9000, 90.0, false),
-            ],
-        );
         let medians: Vec<Median> = vec![
-            (
+            ramp_median(
                 ServerKind::Agentwire,
-                Some((Row::from_record("ramp", &aw), aw)),
-                vec![4000.0],
+                4000.0,
+                &[
+                    (1000.0, 500, 10.0, true),
+                    (2000.0, 600, 20.0, true),
+                    (4000.0, 800, 40.0, true),
+                ],
             ),
-            (
+            ramp_median(
                 ServerKind::Tokio,
-                Some((Row::from_record("ramp", &peer), peer)),
-                vec![2000.0],
+                2000.0,
+                &[
+                    (1000.0, 700, 15.0, true),
+                    (2000.0, 1200, 30.0, true),
+                    (4000.0, 9000, 90.0, false),
+                ],
             ),
         ];
         let r = ratios("ramp", &medians);
@@ -890,28 +893,20 @@ mod tests {
 
     #[test]
     fn floor_ratios_give_each_server_against_the_floor() {
-        let aw = ramp_record(
-            Some(2000.0),
-            &[(1000.0, 500, 10.0, true), (2000.0, 600, 20.0, true)],
-        );
-        let fl = ramp_record(
-            Some(4000.0),
-            &[
-                (1000.0, 250, 4.0, true),
-                (2000.0, 300, 8.0, true),
-                (4000.0, 400, 16.0, true),
-            ],
-        );
         let medians: Vec<Median> = vec![
-            (
+            ramp_median(
                 ServerKind::Agentwire,
-                Some((Row::from_record("ramp", &aw), aw)),
-                vec![2000.0],
+                2000.0,
+                &[(1000.0, 500, 10.0, true), (2000.0, 600, 20.0, true)],
             ),
-            (
+            ramp_median(
                 ServerKind::Floor,
-                Some((Row::from_record("ramp", &fl), fl)),
-                vec![4000.0],
+                4000.0,
+                &[
+                    (1000.0, 250, 4.0, true),
+                    (2000.0, 300, 8.0, true),
+                    (4000.0, 400, 16.0, true),
+                ],
             ),
         ];
         let r = floor_ratios("ramp", &medians);
@@ -928,11 +923,10 @@ mod tests {
 
     #[test]
     fn no_ratios_without_agentwire() {
-        let peer = ramp_record(Some(2000.0), &[(2000.0, 900, 20.0, true)]);
-        let medians: Vec<Median> = vec![(
+        let medians: Vec<Median> = vec![ramp_median(
             ServerKind::Node,
-            Some((Row::from_record("ramp", &peer), peer)),
-            vec![2000.0],
+            2000.0,
+            &[(2000.0, 900, 20.0, true)],
         )];
         assert_eq!(ratios("ramp", &medians), json!({}));
     }

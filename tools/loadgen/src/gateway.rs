@@ -66,6 +66,39 @@ pub fn pin_child(cmd: &mut Command, cpus: Vec<usize>, nice: Option<i32>) {
     }
 }
 
+/// A random secret (for the gateway's JWT secret, publish key and user prefix).
+pub fn random_secret() -> Result<String, String> {
+    agentwire::__internal::auth::try_generate_secret()
+        .map_err(|e| format!("cannot draw a random secret: {e}"))
+}
+
+/// The HS256 token minter for the gateway's `secret` (the gateway checks with the same).
+pub fn hs256_minter(secret: &str) -> Result<agentwire::Authenticator, String> {
+    agentwire::Authenticator::new(&agentwire::AuthSettings {
+        algorithm: agentwire::JwtAlgorithm::Hs256,
+        secret: Some(secret.to_string()),
+        public_key_pem: None,
+        issuer: None,
+        audience: None,
+        leeway_s: 5,
+    })
+    .map_err(|e| format!("cannot build the token minter: {e}"))
+}
+
+/// `--gateway-set NAME=VALUE` settings as flags of `agentwire serve` (`--name VALUE`,
+/// the name's `_` written `-`).
+pub fn gateway_set_args(sets: &[String]) -> Result<Vec<String>, String> {
+    let mut args = Vec::with_capacity(sets.len() * 2);
+    for s in sets {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--gateway-set {s:?}: expected NAME=VALUE"))?;
+        args.push(format!("--{}", k.trim().replace('_', "-")));
+        args.push(v.to_owned());
+    }
+    Ok(args)
+}
+
 /// A free loopback port (bound and released; the child binds it right after).
 pub fn free_port() -> io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -379,5 +412,24 @@ impl Drop for Monitor {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_set_becomes_serve_flags_and_a_setting_without_a_value_is_refused() {
+        let sets = [
+            "replay_events=5".to_owned(),
+            " redis_url =redis://h:1".to_owned(),
+        ];
+        assert_eq!(
+            gateway_set_args(&sets).unwrap(),
+            ["--replay-events", "5", "--redis-url", "redis://h:1"]
+        );
+        let err = gateway_set_args(&["replay_events".to_owned()]).unwrap_err();
+        assert!(err.contains("expected NAME=VALUE"), "{err}");
     }
 }

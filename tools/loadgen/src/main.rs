@@ -651,10 +651,7 @@ impl Run {
             sys::set_own_nice(n).map_err(io_err("setting the nice value"))?;
         }
 
-        let random = || {
-            agentwire::__internal::auth::try_generate_secret()
-                .map_err(|e| format!("cannot draw a random secret: {e}"))
-        };
+        let random = gateway::random_secret;
         let secret = match (&common.jwt_secret, common.connect) {
             (Some(s), _) => s.clone(),
             (None, Some(_)) => return Err("--connect needs --jwt-secret (the gateway's)".into()),
@@ -671,15 +668,7 @@ impl Run {
         let total_users = event_users + churn_users;
         let user_ids: Arc<Vec<String>> =
             Arc::new((0..total_users).map(|i| format!("{prefix}{i}")).collect());
-        let auth = agentwire::Authenticator::new(&agentwire::AuthSettings {
-            algorithm: agentwire::JwtAlgorithm::Hs256,
-            secret: Some(secret.clone()),
-            public_key_pem: None,
-            issuer: None,
-            audience: None,
-            leeway_s: 5,
-        })
-        .map_err(|e| format!("cannot build the token minter: {e}"))?;
+        let auth = gateway::hs256_minter(&secret)?;
         let mut tokens = Vec::with_capacity(total_users);
         for u in user_ids.iter() {
             tokens.push(
@@ -850,13 +839,7 @@ impl Run {
                 "--demo-agent".into(),
                 "false".into(),
             ];
-            for s in &common.gateway_set {
-                let (k, v) = s
-                    .split_once('=')
-                    .ok_or_else(|| format!("--gateway-set {s:?}: expected NAME=VALUE"))?;
-                args.push(format!("--{}", k.trim().replace('_', "-")));
-                args.push(v.to_owned());
-            }
+            args.extend(gateway::gateway_set_args(&common.gateway_set)?);
             // A Redis-engine cluster: its Redis first, then node 0 (the gateway sampled
             // by the monitor) and the other nodes (src/cluster.rs).
             let redis = match common.server.cluster_nodes() {

@@ -120,22 +120,11 @@ impl Nodes {
             .map(sys::parse_cpus)
             .transpose()?
             .unwrap_or_else(gateway::all_cpus);
-        let random = || {
-            agentwire::__internal::auth::try_generate_secret()
-                .map_err(|e| format!("cannot draw a random secret: {e}"))
-        };
+        let random = gateway::random_secret;
         let secret = format!("lg-{}", random()?);
         let publish_key = format!("pk-lg-{}", &random()?[..24]);
         let prefix = format!("lg{}-", &random()?[..6]);
-        let auth = agentwire::Authenticator::new(&agentwire::AuthSettings {
-            algorithm: agentwire::JwtAlgorithm::Hs256,
-            secret: Some(secret.clone()),
-            public_key_pem: None,
-            issuer: None,
-            audience: None,
-            leeway_s: 5,
-        })
-        .map_err(|e| format!("cannot build the token minter: {e}"))?;
+        let auth = gateway::hs256_minter(&secret)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let redis = if redis {
             Some(
@@ -150,13 +139,7 @@ impl Nodes {
             common.push(format!("--{}", k.replace('_', "-")));
             common.push(v.clone());
         }
-        for s in &a.gateway_set {
-            let (k, v) = s
-                .split_once('=')
-                .ok_or_else(|| format!("--gateway-set {s:?}: expected NAME=VALUE"))?;
-            common.push(format!("--{}", k.trim().replace('_', "-")));
-            common.push(v.to_owned());
-        }
+        common.extend(gateway::gateway_set_args(&a.gateway_set)?);
         let env = [
             ("AGENTWIRE_JWT_SECRET", secret.as_str()),
             ("AGENTWIRE_PUBLISH_KEY", publish_key.as_str()),
@@ -646,15 +629,7 @@ pub fn resume(a: ResumeArgs) -> Result<bool, String> {
     if a.events == 0 {
         return Err("--events must be at least 1".into());
     }
-    if let Some(cpus) = a
-        .nodes
-        .pin_load
-        .as_deref()
-        .map(sys::parse_cpus)
-        .transpose()?
-    {
-        sys::set_affinity(0, &cpus).map_err(|e| format!("pinning the load: {e}"))?;
-    }
+    sys::pin_load(a.nodes.pin_load.as_deref())?;
     let mut results = Vec::new();
     let mut failures = Vec::new();
     for s in a

@@ -818,15 +818,7 @@ pub fn storm(a: StormArgs) -> Result<bool, String> {
     if a.conns == 0 || a.threads == 0 || a.publishers == 0 {
         return Err("--conns, --threads and --publishers must be at least 1".into());
     }
-    if let Some(cpus) = a
-        .node
-        .pin_load
-        .as_deref()
-        .map(sys::parse_cpus)
-        .transpose()?
-    {
-        sys::set_affinity(0, &cpus).map_err(|e| format!("pinning the load: {e}"))?;
-    }
+    sys::pin_load(a.node.pin_load.as_deref())?;
     let total = a.conns + a.others;
     let (soft, hard) = sys::raise_nofile().map_err(|e| format!("open-files limit: {e}"))?;
     if soft < total as u64 + 256 {

@@ -61,6 +61,14 @@ pub fn set_fifo(tid: i32, prio: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Pin this process (every thread started from now on) to `--pin-load`'s CPUs, if given.
+pub fn pin_load(spec: Option<&str>) -> Result<(), String> {
+    if let Some(cpus) = spec.map(parse_cpus).transpose()? {
+        set_affinity(0, &cpus).map_err(|e| format!("pinning the load: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Parse a CPU list such as `1`, `0-1` or `0,2-3`.
 pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();

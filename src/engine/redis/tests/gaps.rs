@@ -6,13 +6,6 @@
 
 use super::*;
 
-/// A plain connection of the test.
-fn con(redis: &RedisProcess) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("redis connection")
-}
-
 /// Store `n` events of `user` with the real `publish.lua` (the arguments the store
 /// thread gives it, `prefix` "awtest", `replay_events`), published on a channel
 /// nobody listens to: stored in the stream, never delivered. Their seqs.

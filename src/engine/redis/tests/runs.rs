@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{collect, due_pass, due_runs, event, node_with, published, RedisProcess};
+use super::{
+    collect, con, due_pass, due_runs, event, node_with, published, run_timeout, RedisProcess,
+};
 use crate::engine::EngineEvent;
 use crate::event::{Event, EventKind, RunKey};
 use crate::stats::{RunOutcome, RunTransition};
@@ -45,9 +47,7 @@ fn cancel_answer(engine: &mut super::RedisEngine, ticket: u64) -> Option<bool> {
 }
 
 fn deadline_members(redis: &RedisProcess) -> Vec<String> {
-    let mut con = redis::Client::open(redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("connection");
+    let mut con = con(redis);
     redis::cmd("ZRANGE")
         .arg("awtest:deadlines")
         .arg(0)
@@ -144,13 +144,7 @@ fn a_pending_run_never_begun_gets_one_run_timeout_from_any_node() {
     );
     // Another node does not take it meanwhile.
     assert!(due_pass(&mut c).is_empty());
-    let key = RunKey::new(&d.user, d.thread.as_deref(), &d.run_id, &d.agent_name).unwrap();
-    let timeout = Event::new(
-        key,
-        EventKind::AgentError,
-        &serde_json::json!({"reason": "run_timeout"}),
-    )
-    .unwrap();
+    let timeout = run_timeout(d);
     b.publish(2, &timeout);
     let got = collect(&mut b, |e| answered(e, 2));
     let t = transitions(&got);

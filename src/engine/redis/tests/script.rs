@@ -4,7 +4,7 @@
 //! stream left behind) starts a new epoch without the stale events, and a run that
 //! ended stays refused, whatever was published in between.
 
-use super::{collect, event, node, opened, published, RedisProcess};
+use super::{collect, con, event, node, opened, published, RedisProcess};
 use crate::engine::EngineEvent;
 use crate::event::EventKind;
 use crate::registry::Resume;
@@ -30,8 +30,7 @@ fn a_lost_meta_starts_a_new_epoch_without_the_stale_stream() {
     let epoch = opened(&got, 10).unwrap().0.to_owned();
 
     // The meta goes (evicted, expired); the stream of the lost history stays.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut con = client.get_connection().unwrap();
+    let mut con = con(&redis);
     let gone: i64 = redis::cmd("DEL")
         .arg("awtest:{u:m}:meta")
         .query(&mut con)
