@@ -53,6 +53,19 @@ fn ready_node(url: &str, name: &str, more: &[(&str, &str)]) -> TestGateway {
     node
 }
 
+/// A connection of `user` to `path` on a node that is following a failover: its store
+/// connection may be back (a publish accepted) before its pub/sub connection (an upgrade
+/// is 503 `engine_unavailable` until then, longer over TLS), so upgrades are retried.
+fn connect_when_taken(addr: std::net::SocketAddr, user: &str, path: &str) -> Client {
+    let auth = format!("Bearer {}", token(user));
+    let mut client = None;
+    wait_long("the node takes the connection", FAILOVER_WAIT, || {
+        client = connect_with(addr, path, &[("Authorization", &auth)]).ok();
+        client.is_some()
+    });
+    client.expect("connected")
+}
+
 /// Two ready nodes on `url` (`{tag}0`, `{tag}1`, with `more` settings), a client of
 /// `user` on the first and events `0..n` published through the second, received in
 /// order: the nodes, the client and its epoch.
@@ -169,7 +182,7 @@ fn follow_a_kill_9(mut set: SentinelSet, more: &[(&str, &str)], user: &str) {
     );
     next_event_or_1013(&mut c, 4);
     // The history survived: same epoch, exact resume on the other node.
-    let mut back = connect_path(n1.addr, user, &format!("/ws?last_seq=3&epoch={epoch}"));
+    let mut back = connect_when_taken(n1.addr, user, &format!("/ws?last_seq=3&epoch={epoch}"));
     assert_eq!(back.connected["resumed"], true, "{}", back.connected);
     assert_eq!(back.connected["epoch"], epoch.as_str());
     assert_eq!(back.last_seq(), 4);
@@ -177,7 +190,7 @@ fn follow_a_kill_9(mut set: SentinelSet, more: &[(&str, &str)], user: &str) {
     assert_contiguous(&missed, 4);
     assert_eq!(ids(&missed, user), [3]);
     // Delivery goes on through both nodes, to connections on both.
-    let mut fresh = n0.connect(user);
+    let mut fresh = connect_when_taken(n0.addr, user, "/ws");
     assert_eq!(fresh.last_seq(), 4);
     publish_until_accepted(n0.addr, user, 4, FAILOVER_WAIT);
     for cl in [&mut back, &mut fresh] {
