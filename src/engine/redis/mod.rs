@@ -47,6 +47,7 @@ mod feed;
 mod gaps;
 mod keys;
 mod store;
+mod subs;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
