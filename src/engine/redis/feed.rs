@@ -8,15 +8,26 @@
 //! only once Redis confirmed the subscription: the node reads the user's history
 //! after it listens, so no event published in between is lost.
 //!
+//! The connection speaks RESP3, so every value read on it is a push: a message, or the
+//! confirmation of a SUBSCRIBE / UNSUBSCRIBE sent earlier. The thread never waits for a
+//! confirmation: it gathers every (un)subscribe request waiting in its channel into
+//! commands of up to 512 channels, sends them, and goes on reading; the confirmations
+//! are counted against the commands sent ([`subs`](super::subs)), and an open goes on
+//! when the command that subscribed its user is confirmed. A storm of reconnecting
+//! clients (a node died) thus costs a few round trips, not one per user, and the
+//! messages of the node's other users keep flowing meanwhile.
+//!
 //! The thread reads with a short timeout ([`POLL`]) to take new (un)subscribe requests
-//! between messages, and checks the connection with `PING` every [`PING_EVERY`]
-//! (control replies wait up to `redis_timeout_ms`). When the connection fails it
-//! reconnects with backoff, subscribes to every user again and asks the store thread
-//! for each user's top seq ([`StoreRequest::Top`]), so that what pub/sub lost meanwhile
-//! is found (pub/sub is at most once). While it has no connection, requests wait for
-//! up to `redis_timeout_ms`; then opens are answered `Unavailable` (never read before
-//! their user is listened to: a loss at the tail of a user's stream would have no later
-//! event to reveal it).
+//! between messages, and checks an idle connection every [`PING_EVERY`] by subscribing
+//! to this node's channel again (a PING's reply is no push). A command not confirmed
+//! within `redis_timeout_ms` means the connection is lost. When the connection fails
+//! it reconnects with backoff, subscribes to every user again and, once Redis confirmed
+//! that, asks the store thread for each user's top seq ([`StoreRequest::Top`]), so
+//! that what pub/sub lost meanwhile is found (pub/sub is at most once). While it has no
+//! connection, requests wait for up to `redis_timeout_ms`; then opens are answered
+//! `Unavailable` (never read before their user is listened to: a loss at the tail of a
+//! user's stream would have no later event to reveal it); so are the opens whose
+//! command was not confirmed when the connection failed.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -37,7 +48,8 @@ use crate::event::text_frame;
 /// is quiet: 20 ms made a resume take 10-25 ms on an idle node (`loadgen resume`,
 /// docs/CLUSTER.md "Figures"); 2 ms costs a timed-out read 500 times a second.
 const POLL: Duration = Duration::from_millis(2);
-/// An idle pub/sub connection is checked this often.
+/// An idle pub/sub connection is checked this often (a SUBSCRIBE of this node's
+/// channel, confirmed like any other).
 const PING_EVERY: Duration = Duration::from_secs(1);
 
 /// What the feed thread is asked.
