@@ -220,7 +220,9 @@ fn serve(
             Ok(redis::Value::Push { kind, data }) => (kind, data),
             Ok(other) => {
                 // An error reply (or anything but a push) on a subscribed connection:
-                // some command was refused; this connection cannot be trusted.
+                // some command was refused; this connection cannot be trusted. (The
+                // crate may skip such a reply after a read timeout: then the refused
+                // command is never confirmed and `overdue` ends the connection.)
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::Client,
                     "unexpected reply on the pub/sub connection",
