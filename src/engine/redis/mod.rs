@@ -50,6 +50,7 @@ mod store;
 mod target;
 
 pub(crate) use target::{parse_url, UrlForm};
+mod subs;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};

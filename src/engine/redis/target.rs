@@ -26,7 +26,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::{
-    Client, Connection, ErrorKind, IntoConnectionInfo, RedisError, RedisResult, TlsCertificates,
+    Client, Connection, ErrorKind, IntoConnectionInfo, ProtocolVersion, RedisError, RedisResult,
+    TlsCertificates,
 };
 
 /// The default port of a sentinel.
@@ -175,7 +176,8 @@ pub(crate) struct Target {
 }
 
 enum Kind {
-    Single(Client),
+    /// One server: its client speaking RESP2 (the store thread) and RESP3 (the feed).
+    Single(Box<(Client, Client)>),
     Sentinel {
         url: SentinelUrl,
         sentinels: Vec<Client>,
@@ -185,9 +187,15 @@ enum Kind {
     },
 }
 
-/// A client for `url`, with the private CA for `rediss://`.
-fn client(url: impl IntoConnectionInfo, ca: Option<&[u8]>) -> RedisResult<Client> {
+/// A client for `url`, with the private CA for `rediss://`, speaking `protocol`.
+fn client(
+    url: impl IntoConnectionInfo,
+    ca: Option<&[u8]>,
+    protocol: ProtocolVersion,
+) -> RedisResult<Client> {
     let info = url.into_connection_info()?;
+    let settings = info.redis_settings().clone().set_protocol(protocol);
+    let info = info.set_redis_settings(settings);
     match ca {
         Some(ca) if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
             Client::build_with_tls(
@@ -213,7 +221,11 @@ impl Target {
     ) -> Result<Target, String> {
         let kind = match parse_url(url)? {
             UrlForm::Single { .. } => {
-                Kind::Single(client(url, ca.as_deref()).map_err(|e| e.to_string())?)
+                let of = |protocol| client(url, ca.as_deref(), protocol).map_err(|e| e.to_string());
+                Kind::Single(Box::new((
+                    of(ProtocolVersion::RESP2)?,
+                    of(ProtocolVersion::RESP3)?,
+                )))
             }
             UrlForm::Sentinel(s) => {
                 let scheme = if s.tls { "rediss" } else { "redis" };
@@ -228,7 +240,7 @@ impl Target {
                                 redis::RedisConnectionInfo::default().set_password(pw),
                             );
                         }
-                        client(info, ca.as_deref())
+                        client(info, ca.as_deref(), ProtocolVersion::RESP2)
                     })
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(|e| e.to_string())?;
@@ -246,8 +258,22 @@ impl Target {
     /// A new connection to the server (with Sentinel: to the master the sentinels name
     /// now), connected within the timeout; the caller sets its read/write timeouts.
     pub(crate) fn connect(&self) -> RedisResult<Connection> {
+        self.connect_speaking(ProtocolVersion::RESP2)
+    }
+
+    /// [`Target::connect`], the connection speaking RESP3 (Redis 6 or later): the feed
+    /// thread's pub/sub connection, on which every value read is then a push.
+    pub(crate) fn connect_resp3(&self) -> RedisResult<Connection> {
+        self.connect_speaking(ProtocolVersion::RESP3)
+    }
+
+    fn connect_speaking(&self, protocol: ProtocolVersion) -> RedisResult<Connection> {
         match &self.kind {
-            Kind::Single(c) => c.get_connection_with_timeout(self.timeout),
+            Kind::Single(clients) => match protocol {
+                ProtocolVersion::RESP2 => &clients.0,
+                _ => &clients.1,
+            }
+            .get_connection_with_timeout(self.timeout),
             Kind::Sentinel {
                 url,
                 sentinels,
@@ -256,7 +282,7 @@ impl Target {
             } => {
                 let mut why: Option<RedisError> = None;
                 for (sentinel, (host, port)) in sentinels.iter().zip(&url.sentinels) {
-                    match self.via(sentinel, url, ca.as_deref()) {
+                    match self.via(sentinel, url, ca.as_deref(), protocol) {
                         Ok((con, addr)) => {
                             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
                             if last.as_ref() != Some(&addr) {
@@ -292,6 +318,7 @@ impl Target {
         sentinel: &Client,
         url: &SentinelUrl,
         ca: Option<&[u8]>,
+        protocol: ProtocolVersion,
     ) -> RedisResult<(Connection, (String, u16))> {
         let mut con = sentinel.get_connection_with_timeout(self.timeout)?;
         con.set_read_timeout(Some(self.timeout))?;
@@ -317,6 +344,7 @@ impl Target {
         let master = client(
             format!("{scheme}://{auth}{}:{port}/{}", url_host(&host), url.db),
             ca,
+            protocol,
         )?;
         let mut con = master.get_connection_with_timeout(self.timeout)?;
         con.set_read_timeout(Some(self.timeout))?;

@@ -14,6 +14,8 @@ use crate::registry::Resume;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// The feed's batched subscriptions under a storm of opens, and after a reconnect.
+mod feed;
 /// Gaps in pub/sub filled from the stream (or reported when they cannot be).
 mod gaps;
 /// Opens that ask for the history an AG-UI connection rebuilds its state from.
